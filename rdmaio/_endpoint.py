@@ -1,0 +1,392 @@
+"""Endpoints: the initiator's handle on one peer.
+
+An endpoint owns one control connection (msgpack requests such as
+:meth:`Endpoint.remote_key`) and N queue pairs, one per worker thread, each
+owned by exactly one worker (``Engine(qp_per_worker=False)`` instead shares one
+queue pair between all workers, for comparison).
+
+How operations are spread over queue pairs: each call goes to the next queue
+pair in round-robin order; a batch travels as one request on one queue pair
+(split into chunks of at most :data:`~rdmaio._wire.MAX_BATCH` entries spread the
+same way); a single read or write of at least ``Engine(stripe_bytes=...)``
+bytes is striped in equal chunks over all queue pairs and completes when every
+chunk has.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import secrets
+import socket
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from ._errors import (
+    ClosedError,
+    EndpointBrokenError,
+    ProtocolError,
+    RegionNotFoundError,
+    TimeoutError,
+    UsageError,
+)
+from ._keys import RemoteKey
+from ._region import MemoryRegion
+from ._tcp import TcpQueuePair
+from ._wire import MAX_BATCH, MAX_OP_BYTES, ControlCodec, Op
+
+if TYPE_CHECKING:
+    from ._engine import Engine
+
+__all__ = ["Endpoint", "open_endpoint"]
+
+_U64 = (1 << 64) - 1
+
+
+async def _recv_message(loop: asyncio.AbstractEventLoop, sock: socket.socket, codec: ControlCodec) -> dict[str, Any]:
+    while (msg := codec.next_event()) is None:
+        data = await loop.sock_recv(sock, 65536)
+        if not data:
+            raise EndpointBrokenError("peer closed the connection during the handshake")
+        codec.receive_data(data)
+    if msg["t"] == "error":
+        raise ProtocolError(f"peer refused: {msg.get('message')}")
+    return msg
+
+
+async def _dial(loop: asyncio.AbstractEventLoop, host: str, port: int, first: dict[str, Any],
+                expect: str) -> tuple[socket.socket, ControlCodec, dict[str, Any]]:
+    infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    family, type_, proto, _, addr = infos[0]
+    sock = socket.socket(family, type_, proto)
+    try:
+        sock.setblocking(False)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        await loop.sock_connect(sock, addr)
+        codec = ControlCodec()
+        await loop.sock_sendall(sock, codec.encode(first))
+        msg = await _recv_message(loop, sock, codec)
+        if msg["t"] != expect:
+            raise ProtocolError(f"expected {expect!r} from the peer, got {msg['t']!r}")
+        return sock, codec, msg
+    except BaseException:
+        sock.close()
+        raise
+
+
+async def open_endpoint(engine: Engine, host: str, port: int, timeout: float) -> Endpoint:
+    """Handshake: one control connection, then one data connection per queue pair."""
+    loop = asyncio.get_running_loop()
+    nqp = engine._nqp
+    socks: list[socket.socket] = []
+
+    async def handshake() -> Endpoint:
+        ctl, codec, welcome = await _dial(loop, host, port, {"t": "hello", "v": 1, "transport": "tcp", "nqp": nqp},
+                                          "welcome")
+        socks.append(ctl)
+        session = welcome["session"]
+        for i in range(nqp):
+            s, c, _ = await _dial(loop, host, port, {"t": "attach", "session": session, "qp": i}, "attached")
+            if c.buffered():
+                s.close()
+                raise ProtocolError("peer sent data before the queue pair was attached")
+            socks.append(s)
+        return Endpoint(engine, (host, port), ctl, codec, socks[1:])
+
+    try:
+        return await asyncio.wait_for(handshake(), timeout)
+    except asyncio.TimeoutError:
+        for s in socks:
+            s.close()
+        raise TimeoutError(f"connecting to {host}:{port} took longer than {timeout} s") from None
+    except OSError as exc:
+        for s in socks:
+            s.close()
+        raise EndpointBrokenError(f"cannot connect to {host}:{port}: {exc}") from exc
+    except BaseException:
+        for s in socks:
+            s.close()
+        raise
+
+
+def _as_u64(name: str, a: Any) -> np.ndarray:
+    arr = np.asarray(a)
+    if arr.ndim != 1:
+        raise UsageError(f"{name} must be a 1-D integer array, got shape {arr.shape}")
+    if arr.dtype.kind not in "iu":
+        raise UsageError(f"{name} must have an integer dtype, got {arr.dtype}")
+    if arr.dtype.kind == "i" and arr.size and int(arr.min()) < 0:
+        raise UsageError(f"{name} has negative values")
+    return np.ascontiguousarray(arr, dtype=np.uint64)
+
+
+class Endpoint:
+    """A connection to one peer engine, for one-sided operations on its memory.
+
+    Obtain with :meth:`Engine.connect`; close with :meth:`aclose` (or use
+    ``async with``)::
+
+        ep = await engine.connect("127.0.0.1", port)
+        key = await ep.remote_key("table0")
+        await ep.read(local_mr, 0, key, 4096, 64)     # 64 bytes from remote offset 4096
+    """
+
+    def __init__(self, engine: Engine, peer: tuple[str, int], ctl: socket.socket, codec: ControlCodec,
+                 data_socks: list[socket.socket]) -> None:
+        self._engine = engine
+        self._loop = engine._loop
+        self.peer = peer
+        self._ctl = ctl
+        self._codec = codec
+        self._qps: list[TcpQueuePair] = []
+        self._rr = itertools.cycle(range(len(data_socks)))
+        self._requests: dict[int, asyncio.Future[dict[str, Any]]] = {}
+        self._req_ids = itertools.count(1)
+        self._closed = False
+        self.broken: BaseException | None = None
+        workers = engine._workers
+        for i, s in enumerate(data_socks):
+            conn_id = engine._new_conn_id()
+            attach = workers if not engine._qp_per_worker else [workers[i % len(workers)]]
+            qp = TcpQueuePair(self._loop, s, conn_id, attach, engine._sq_depth, engine._op_timeout, self._on_broken)
+            engine._conns[conn_id] = qp
+            self._qps.append(qp)
+        self._reader = self._loop.create_task(self._read_control())
+        engine._endpoints.add(self)
+
+    def __repr__(self) -> str:
+        state = "closed" if self._closed else "broken" if self.broken else "open"
+        return f"<Endpoint {self.peer[0]}:{self.peer[1]} qps={len(self._qps)} {state}>"
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    @property
+    def num_queue_pairs(self) -> int:
+        return len(self._qps)
+
+    # -- control ----------------------------------------------------------------
+    async def _read_control(self) -> None:
+        try:
+            while True:
+                data = await self._loop.sock_recv(self._ctl, 65536)
+                if not data:
+                    raise EndpointBrokenError("peer closed the control connection")
+                self._codec.receive_data(data)
+                for msg in self._codec.next_events():
+                    fut = self._requests.pop(msg.get("id", -1), None)
+                    if fut is not None and not fut.done():
+                        fut.set_result(msg)
+        except asyncio.CancelledError:
+            raise
+        except (OSError, ProtocolError, EndpointBrokenError) as exc:
+            self._on_broken(exc if isinstance(exc, EndpointBrokenError) else EndpointBrokenError(str(exc)))
+
+    async def _request(self, msg: dict[str, Any]) -> dict[str, Any]:
+        self._check()
+        rid = next(self._req_ids)
+        msg["id"] = rid
+        fut = self._loop.create_future()
+        self._requests[rid] = fut
+        try:
+            await self._loop.sock_sendall(self._ctl, self._codec.encode(msg))
+            return await fut
+        finally:
+            self._requests.pop(rid, None)
+
+    async def remote_key(self, name: str) -> RemoteKey:
+        """The key of the region the peer exposed as ``name`` (:class:`RegionNotFoundError` if none)."""
+        reply = await self._request({"t": "get_key", "name": name})
+        if reply["t"] == "error":
+            raise RegionNotFoundError(f"peer exposes no region named {name!r}")
+        try:
+            return RemoteKey.from_bytes(reply["key"])
+        except (UsageError, TypeError) as exc:
+            raise ProtocolError(f"peer sent a malformed key: {exc}") from None
+
+    # -- lifecycle -------------------------------------------------------------
+    def _check(self) -> None:
+        if self._closed:
+            raise ClosedError("endpoint is closed")
+        if self.broken is not None:
+            raise EndpointBrokenError(f"endpoint is broken: {self.broken}") from self.broken
+
+    def _on_broken(self, exc: BaseException) -> None:
+        if self.broken is not None or self._closed:
+            return
+        self.broken = exc
+        for qp in self._qps:
+            qp._die(exc)
+        for fut in self._requests.values():
+            if not fut.done():
+                fut.set_exception(EndpointBrokenError(str(exc)))
+
+    async def aclose(self, drain_timeout: float = 1.0) -> None:
+        """Let in-flight operations finish (up to ``drain_timeout`` s), then close. Idempotent."""
+        if self._closed:
+            return
+        try:
+            if self.broken is None:
+                deadline = self._loop.time() + drain_timeout
+                while any(qp.in_flight for qp in self._qps) and self._loop.time() < deadline:
+                    await asyncio.sleep(0.001)
+                try:
+                    self._ctl.send(self._codec.encode({"t": "bye"}))
+                except OSError:
+                    pass
+        finally:
+            self.abort()
+
+    def abort(self) -> None:
+        """Close now: operations still in flight fail with :class:`ClosedError`. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        self._reader.cancel()
+        for qp in self._qps:
+            self._engine._conns.pop(qp.conn_id, None)
+            qp.close()
+        for fut in self._requests.values():
+            if not fut.done():
+                fut.set_exception(ClosedError("endpoint closed"))
+        self._ctl.close()
+        self._engine._endpoints.discard(self)
+
+    async def __aenter__(self) -> Endpoint:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    # -- one-sided operations ----------------------------------------------------
+    def _qp(self) -> TcpQueuePair:
+        return self._qps[next(self._rr)]
+
+    @staticmethod
+    def _key(key: RemoteKey) -> int:
+        if not isinstance(key, RemoteKey):
+            raise UsageError(f"expected a RemoteKey, got {type(key).__name__}")
+        if key.transport != "tcp":
+            raise UsageError(f"a {key.transport} key cannot be used on a tcp endpoint")
+        return key.rkey
+
+    async def _single(self, op: Op, what: str, mr: MemoryRegion, local_offset: int, key: RemoteKey,
+                      remote_offset: int, length: int) -> None:
+        self._check()
+        rkey = self._key(key)
+        if not isinstance(mr, MemoryRegion):
+            raise UsageError(f"expected a MemoryRegion, got {type(mr).__name__}")
+        mr._check_local(local_offset, length)
+        if remote_offset < 0:
+            raise UsageError("remote offset must be >= 0")
+        stripe = self._engine._stripe_bytes
+        if stripe and length >= stripe and len(self._qps) > 1:
+            n = len(self._qps)
+            bounds = [length * i // n for i in range(n + 1)]
+            futs = []
+            for i in range(n):
+                lo, hi = bounds[i], bounds[i + 1]
+                futs.append(self._post_single(op, what, mr, local_offset + lo, rkey, remote_offset + lo, hi - lo))
+            results = await asyncio.gather(*futs, return_exceptions=True)
+            for r in results:
+                if isinstance(r, BaseException):
+                    raise r
+            return
+        await self._post_single(op, what, mr, local_offset, rkey, remote_offset, length)
+
+    async def _post_single(self, op: Op, what: str, mr: MemoryRegion, local_offset: int, rkey: int,
+                           remote_offset: int, length: int) -> int:
+        if length > MAX_OP_BYTES:
+            raise UsageError(f"one operation moves at most {MAX_OP_BYTES} bytes")
+        qp = self._qp()
+        if not qp._free:
+            await qp.wait_slot()
+        return await qp.post(op, rkey, remote_offset, length, 0, mr.addr + local_offset, mr, what)
+
+    async def read(self, local_mr: MemoryRegion, local_offset: int, key: RemoteKey, remote_offset: int,
+                   length: int) -> None:
+        """RDMA READ: copy ``length`` bytes at ``remote_offset`` of ``key``'s region into ``local_mr``."""
+        await self._single(Op.READ, "read", local_mr, local_offset, key, remote_offset, length)
+
+    async def write(self, local_mr: MemoryRegion, local_offset: int, key: RemoteKey, remote_offset: int,
+                    length: int) -> None:
+        """RDMA WRITE: copy ``length`` bytes of ``local_mr`` to ``remote_offset`` of ``key``'s region."""
+        await self._single(Op.WRITE, "write", local_mr, local_offset, key, remote_offset, length)
+
+    async def _batch(self, op: Op, what: str, mr: MemoryRegion, local_offsets: Any, key: RemoteKey,
+                     remote_offsets: Any, lengths: Any) -> None:
+        self._check()
+        rkey = self._key(key)
+        if not isinstance(mr, MemoryRegion):
+            raise UsageError(f"expected a MemoryRegion, got {type(mr).__name__}")
+        lo = _as_u64("local_offsets", local_offsets)
+        ro = _as_u64("remote_offsets", remote_offsets)
+        ln = _as_u64("lengths", lengths)
+        if not lo.shape == ro.shape == ln.shape:
+            raise UsageError(f"offset/length arrays differ in length: {lo.size}, {ro.size}, {ln.size}")
+        if mr.closed:
+            raise ClosedError("local memory region is closed")
+        if lo.size == 0:
+            return
+        if int((lo + ln).max()) > mr.length or np.any(lo + ln < lo):
+            raise UsageError(f"a local range lies outside the {mr.length}-byte region")
+        local = lo + np.uint64(mr.addr)
+        futs = []
+        for start in range(0, lo.size, MAX_BATCH):
+            end = min(start + MAX_BATCH, lo.size)
+            if int(ln[start:end].sum()) > MAX_OP_BYTES:
+                raise UsageError(f"one batch request moves at most {MAX_OP_BYTES} bytes")
+            qp = self._qp()
+            if not qp._free:
+                await qp.wait_slot()
+            futs.append(qp.post_batch(op, rkey, ro[start:end], ln[start:end], local[start:end], mr, what))
+        if len(futs) == 1:
+            await futs[0]
+            return
+        results = await asyncio.gather(*futs, return_exceptions=True)
+        for r in results:
+            if isinstance(r, BaseException):
+                raise r
+
+    async def read_batch(self, local_mr: MemoryRegion, local_offsets: Any, key: RemoteKey, remote_offsets: Any,
+                         lengths: Any) -> None:
+        """Many reads from one region in one request (integer arrays of equal length).
+
+        >>> # await ep.read_batch(mr, np.arange(256) * 64, key, rows * 64, np.full(256, 64))
+        """
+        await self._batch(Op.READ_BATCH, "read_batch", local_mr, local_offsets, key, remote_offsets, lengths)
+
+    async def write_batch(self, local_mr: MemoryRegion, local_offsets: Any, key: RemoteKey, remote_offsets: Any,
+                          lengths: Any) -> None:
+        """Many writes to one region in one request; all-or-nothing bounds checking."""
+        await self._batch(Op.WRITE_BATCH, "write_batch", local_mr, local_offsets, key, remote_offsets, lengths)
+
+    async def _atomic(self, op: Op, what: str, key: RemoteKey, offset: int, a: int, b: int) -> int:
+        self._check()
+        rkey = self._key(key)
+        if offset < 0:
+            raise UsageError("remote offset must be >= 0")
+        if not (-(1 << 63) <= a <= _U64 and -(1 << 63) <= b <= _U64):
+            raise UsageError("atomic operands must fit in 64 bits")
+        qp = self._qp()
+        if not qp._free:
+            await qp.wait_slot()
+        return await qp.post(op, rkey, offset, a & _U64, b & _U64, 0, None, what)
+
+    async def fetch_add(self, key: RemoteKey, offset: int, value: int) -> int:
+        """Atomically add ``value`` (mod 2**64) to the 8-byte aligned word; returns the old value."""
+        return await self._atomic(Op.FETCH_ADD, "fetch_add", key, offset, value, 0)
+
+    async def compare_swap(self, key: RemoteKey, offset: int, expected: int, desired: int) -> int:
+        """Atomically replace the word with ``desired`` if it equals ``expected``; returns the old value."""
+        return await self._atomic(Op.CMP_SWAP, "compare_swap", key, offset, expected, desired)
+
+    async def ping(self) -> None:
+        """A round trip through one queue pair's responder (no memory touched)."""
+        self._check()
+        qp = self._qp()
+        if not qp._free:
+            await qp.wait_slot()
+        await qp.post(Op.NOP, 0, 0, secrets.randbits(32), 0, 0, None, "ping")

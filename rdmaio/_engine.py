@@ -1,0 +1,505 @@
+"""The engine: transport choice, registration, workers, listeners and endpoints.
+
+An :class:`Engine` is bound to one running event loop.  It owns
+
+* the native region table (what remote peers may touch),
+* ``workers`` progress contexts (:mod:`rdmaio._progress`), each with its own
+  epoll set and completion queue, driven by a thread or by the loop,
+* the listeners and endpoints it created; closing the engine closes them, joins
+  the threads and releases every native object: nothing outlives it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import secrets
+import socket
+import weakref
+from typing import TYPE_CHECKING, Any, Literal
+
+from ._errors import ClosedError, ProtocolError, TransportUnavailableError, UsageError
+from ._keys import Access, RemoteKey
+from ._native._rdmaio_native import ffi, lib
+from ._progress import Batch, Worker
+from ._region import MemoryRegion
+from ._tcp import TcpResponder, describe_death
+from ._wire import ControlCodec
+
+if TYPE_CHECKING:
+    from ._endpoint import Endpoint
+
+__all__ = ["Engine", "Listener", "available_transports"]
+
+log = logging.getLogger(__name__)
+
+TransportName = Literal["tcp", "verbs", "auto"]
+ProgressMode = Literal["thread", "loop"]
+
+
+def available_transports() -> dict[str, str | None]:
+    """Each transport's availability: ``None`` if usable here, else the reason it is not."""
+    return {
+        "tcp": None,
+        "verbs": "the verbs transport is not part of this build of rdmaio (use transport='tcp')",
+    }
+
+
+def _resolve_transport(name: str) -> str:
+    avail = available_transports()
+    if name == "auto":
+        return "verbs" if avail["verbs"] is None else "tcp"
+    if name not in avail:
+        raise UsageError(f"unknown transport {name!r}; choose 'tcp', 'verbs' or 'auto'")
+    if avail[name] is not None:
+        raise TransportUnavailableError(f"transport {name!r} unavailable: {avail[name]}")
+    return name
+
+
+class Engine:
+    """An asyncio RDMA engine.
+
+    >>> import asyncio, numpy as np, rdmaio
+    >>> async def main():
+    ...     async with rdmaio.Engine(transport="tcp", workers=2) as engine:
+    ...         table = np.arange(1024, dtype=np.uint8)
+    ...         engine.expose("t", engine.register(table, access=rdmaio.Access.READ))
+    ...         listener = await engine.listen("127.0.0.1", 0)
+    ...         async with await engine.connect("127.0.0.1", listener.port) as ep:
+    ...             key = await ep.remote_key("t")
+    ...             out = engine.register(np.zeros(16, dtype=np.uint8))
+    ...             await ep.read(out, 0, key, 100, 16)
+    ...             return out.buffer.tolist()[:3]
+    >>> rdmaio.run(main())
+    [100, 101, 102]
+
+    Parameters
+    ----------
+    transport:
+        ``"tcp"`` (software transport, any machine), ``"verbs"`` (RDMA NICs) or
+        ``"auto"`` (verbs when an active device exists, else tcp).
+    workers:
+        Progress contexts; every endpoint gets one queue pair per worker.
+    progress:
+        ``"thread"``: each worker is a thread blocked on its epoll fd.
+        ``"loop"``: no threads; workers are polled from the event loop via ``add_reader``.
+    qp_per_worker:
+        ``False`` gives each endpoint a single queue pair shared (under a lock) by all
+        workers — the contended design the per-thread layout replaces; for benchmarks.
+    sq_depth:
+        Operations in flight per queue pair; more wait for a free slot (backpressure).
+    op_timeout:
+        If set, an operation not completed after this many seconds fails with
+        :class:`~rdmaio.TimeoutError` (its memory stays pinned until the transfer ends).
+    stripe_bytes:
+        Single reads/writes at least this large are split over all queue pairs (0: never).
+    """
+
+    def __init__(self, transport: TransportName = "auto", workers: int = 2, progress: ProgressMode = "thread", *,
+                 qp_per_worker: bool = True, sq_depth: int = 1024, max_regions: int = 4096,
+                 op_timeout: float | None = None, connect_timeout: float = 10.0,
+                 handshake_timeout: float = 5.0, stripe_bytes: int = 512 * 1024) -> None:
+        if not isinstance(workers, int) or not 1 <= workers <= 64:
+            raise UsageError("workers must be an int in 1..64")
+        if progress not in ("thread", "loop"):
+            raise UsageError(f"progress must be 'thread' or 'loop', not {progress!r}")
+        if not 1 <= sq_depth <= 65536:
+            raise UsageError("sq_depth must be in 1..65536")
+        if not qp_per_worker and workers > 8:
+            raise UsageError("a shared queue pair can be polled by at most 8 workers")
+        self.transport = _resolve_transport(transport)
+        self.progress = progress
+        self.num_workers = workers
+        self._qp_per_worker = qp_per_worker
+        self._nqp = workers if qp_per_worker else 1
+        self._sq_depth = sq_depth
+        self._op_timeout = op_timeout
+        self._connect_timeout = connect_timeout
+        self._handshake_timeout = handshake_timeout
+        self._stripe_bytes = stripe_bytes
+        self._rt = lib.rio_rtable_new(max_regions)
+        if self._rt == ffi.NULL:
+            raise MemoryError("could not allocate the region table")
+        self._max_regions = max_regions
+        self._regions: weakref.WeakSet[MemoryRegion] = weakref.WeakSet()
+        self._zombies: set[MemoryRegion] = set()
+        self._exposed: dict[str, MemoryRegion] = {}
+        self._workers: list[Worker] = []
+        self._conns: dict[int, Any] = {}
+        self._conn_ids = itertools.count(1)
+        self._endpoints: set[Endpoint] = set()
+        self._listeners: set[Listener] = set()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._started = False
+        self._closed = False
+
+    def __repr__(self) -> str:
+        return (f"<Engine transport={self.transport} workers={self.num_workers} progress={self.progress}"
+                f"{' closed' if self._closed else ''}>")
+
+    # -- lifecycle --------------------------------------------------------------
+    async def start(self) -> Engine:
+        """Bind to the running loop and start the workers (``async with`` does this)."""
+        self._check_open()
+        if self._started:
+            return self
+        self._loop = asyncio.get_running_loop()
+        try:
+            for i in range(self.num_workers):
+                w = Worker(i, self, self.progress, self._loop)
+                self._workers.append(w)
+                w.start()
+        except BaseException:
+            self.abort()
+            raise
+        self._started = True
+        return self
+
+    async def __aenter__(self) -> Engine:
+        return await self.start()
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise ClosedError("engine is closed")
+
+    def _check_started(self) -> asyncio.AbstractEventLoop:
+        self._check_open()
+        if not self._started or self._loop is None:
+            raise UsageError("engine not started: use 'async with Engine(...)' or 'await engine.start()'")
+        return self._loop
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    async def aclose(self) -> None:
+        """Close listeners and endpoints (letting in-flight operations drain briefly), then abort. Idempotent."""
+        if self._closed:
+            return
+        try:
+            for lst in list(self._listeners):
+                await lst.aclose()
+            for ep in list(self._endpoints):
+                await ep.aclose()
+        finally:
+            self.abort()
+
+    def abort(self) -> None:
+        """Close everything now; pending operations fail with :class:`ClosedError`. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        for lst in list(self._listeners):
+            lst._abort()
+        for ep in list(self._endpoints):
+            ep.abort()
+        for w in self._workers:
+            w.stop()
+        for owner in list(self._conns.values()):
+            owner.close()
+        self._conns.clear()
+        for w in self._workers:
+            w.free()
+        self._workers.clear()
+        for mr in list(self._regions):
+            if not mr.closed:
+                mr._closed = True
+            mr._release()
+        self._zombies.clear()
+        self._exposed.clear()
+        lib.rio_rtable_free(self._rt)
+        self._rt = None
+
+    # -- memory -----------------------------------------------------------------
+    def register(self, buf: Any, access: Access = Access.READ | Access.WRITE) -> MemoryRegion:
+        """Register a writable, C-contiguous buffer; ``access`` is what peers may do to it.
+
+        Registering ``Access.NONE`` gives a region usable only as the local side of
+        operations.  The engine keeps a reference to the buffer until the region is
+        closed and every operation on it has completed.
+        """
+        self._check_open()
+        try:
+            mv = memoryview(buf)
+        except TypeError:
+            raise UsageError(f"cannot register {type(buf).__name__}: it does not support the buffer protocol") from None
+        if mv.readonly:
+            raise UsageError("cannot register a read-only buffer")
+        if not mv.c_contiguous:
+            raise UsageError("cannot register a non-contiguous buffer")
+        if mv.nbytes == 0:
+            raise UsageError("cannot register an empty buffer")
+        mv = mv.cast("B") if mv.format != "B" or mv.ndim != 1 else mv
+        access = Access(access)
+        cdata = ffi.from_buffer(mv, require_writable=True)
+        addr = int(ffi.cast("uintptr_t", cdata))
+        key = 0
+        index = -1
+        if access:
+            while key == 0:
+                key = secrets.randbits(64)
+            index = lib.rio_rtable_insert(self._rt, key, addr, mv.nbytes, int(access))
+            if index < 0:
+                raise UsageError(f"region table full ({self._max_regions} regions): close unused regions")
+        mr = MemoryRegion(self, mv, access, cdata, addr, key, index)
+        self._regions.add(mr)
+        return mr
+
+    def _transport_key(self, mr: MemoryRegion) -> RemoteKey:
+        return RemoteKey("tcp", 0, mr._key, mr.length, mr.access, mr._index)
+
+    def _remote_busy(self, mr: MemoryRegion) -> int:
+        if mr._index < 0 or self._rt is None:
+            return 0
+        return int(lib.rio_rtable_busy(self._rt, mr._index))
+
+    def _deregister(self, mr: MemoryRegion) -> None:
+        for name in [n for n, r in self._exposed.items() if r is mr]:
+            del self._exposed[name]
+        if self._rt is not None and mr._index >= 0:
+            lib.rio_rtable_invalidate(self._rt, mr._index)
+        if mr._in_use():
+            self._zombies.add(mr)  # released by _reap once nothing touches it
+            if self._loop is not None and not self._closed:
+                self._loop.call_later(0.01, self._reap_zombies)
+        else:
+            mr._release()
+
+    def _reap(self, mr: MemoryRegion) -> None:
+        if not mr._in_use():
+            self._zombies.discard(mr)
+            mr._release()
+
+    def _reap_zombies(self) -> None:
+        for mr in list(self._zombies):
+            self._reap(mr)
+        if self._zombies and not self._closed and self._loop is not None:
+            self._loop.call_later(0.01, self._reap_zombies)
+
+    def expose(self, name: str, mr: MemoryRegion) -> None:
+        """Serve ``mr``'s key to peers that ask for ``name`` (:meth:`Endpoint.remote_key`)."""
+        self._check_open()
+        if not isinstance(name, str) or not name:
+            raise UsageError("region names are non-empty strings")
+        if mr.closed or mr._engine is not self:
+            raise UsageError("expose a live region registered with this engine")
+        if not mr.access:
+            raise UsageError("a region registered with Access.NONE cannot be exposed")
+        self._exposed[name] = mr
+
+    def unexpose(self, name: str) -> None:
+        self._exposed.pop(name, None)
+
+    # -- connections ------------------------------------------------------------
+    def _new_conn_id(self) -> int:
+        return next(self._conn_ids) & 0xFFFFFFFF
+
+    def _on_batch(self, batch: Batch) -> None:
+        conns, wrs, statuses, values, ev_conns, ev_codes = batch
+        get = self._conns.get
+        for i in range(len(wrs)):
+            owner = get(conns[i])
+            if owner is not None:
+                owner._complete(wrs[i], statuses[i], values[i])
+        for c, code in zip(ev_conns, ev_codes):
+            owner = get(c)
+            if owner is not None:
+                owner._on_dead(code)
+
+    async def listen(self, host: str = "127.0.0.1", port: int = 0, *, backlog: int = 128) -> Listener:
+        """Accept peers on ``host:port`` (port 0 picks a free one: see ``listener.port``)."""
+        loop = self._check_started()
+        lst = Listener(self, loop, host, port, backlog)
+        self._listeners.add(lst)
+        return lst
+
+    async def connect(self, host: str, port: int, *, timeout: float | None = None) -> Endpoint:
+        """Open an :class:`Endpoint` to a peer engine's listener."""
+        from ._endpoint import open_endpoint
+
+        self._check_started()
+        return await open_endpoint(self, host, port, timeout if timeout is not None else self._connect_timeout)
+
+
+class _Session:
+    __slots__ = ("token", "nqp", "ctl", "responders", "attached")
+
+    def __init__(self, token: bytes, nqp: int, ctl: socket.socket) -> None:
+        self.token = token
+        self.nqp = nqp
+        self.ctl = ctl
+        self.responders: list[TcpResponder] = []
+        self.attached: set[int] = set()
+
+
+class Listener:
+    """Accepts peers for an engine: answers handshakes, serves exposed keys, attaches queue pairs.
+
+    Each accepted connection is handled on its own; a peer that sends garbage
+    gets a protocol error and is disconnected, and the listener keeps serving.
+    """
+
+    def __init__(self, engine: Engine, loop: asyncio.AbstractEventLoop, host: str, port: int, backlog: int) -> None:
+        self._engine = engine
+        self._loop = loop
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+        family, type_, proto, _, addr = infos[0]
+        self._sock = socket.socket(family, type_, proto)
+        try:
+            self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            self._sock.bind(addr)
+            self._sock.listen(backlog)
+            self._sock.setblocking(False)
+        except BaseException:
+            self._sock.close()
+            raise
+        self.host, self.port = self._sock.getsockname()[:2]
+        self._sessions: dict[bytes, _Session] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._closed = False
+        self._accepter = loop.create_task(self._accept_loop())
+
+    def __repr__(self) -> str:
+        return f"<Listener {self.host}:{self.port}{' closed' if self._closed else ''}>"
+
+    async def _accept_loop(self) -> None:
+        while True:
+            try:
+                sock, _ = await self._loop.sock_accept(self._sock)
+            except asyncio.CancelledError:
+                raise
+            except OSError as exc:
+                if self._closed:
+                    return
+                log.warning("accept failed: %s", exc)
+                await asyncio.sleep(0.05)
+                continue
+            sock.setblocking(False)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            t = self._loop.create_task(self._serve(sock))
+            self._tasks.add(t)
+            t.add_done_callback(self._tasks.discard)
+
+    async def _recv(self, sock: socket.socket, codec: ControlCodec) -> dict[str, Any] | None:
+        while (msg := codec.next_event()) is None:
+            data = await self._loop.sock_recv(sock, 65536)
+            if not data:
+                return None
+            codec.receive_data(data)
+        return msg
+
+    async def _serve(self, sock: socket.socket) -> None:
+        codec = ControlCodec()
+        handed_off = False
+        try:
+            try:
+                first = await asyncio.wait_for(self._recv(sock, codec), self._engine._handshake_timeout)
+            except asyncio.TimeoutError:
+                return
+            if first is None:
+                return
+            if first["t"] == "hello":
+                await self._serve_control(sock, codec, first)
+            elif first["t"] == "attach":
+                handed_off = self._attach(sock, codec, first)
+            else:
+                raise ProtocolError(f"unexpected first message {first['t']!r}")
+        except ProtocolError as exc:
+            try:
+                sock.send(codec.encode({"t": "error", "code": "protocol", "message": str(exc)}))
+            except (OSError, ProtocolError):
+                pass
+        except (OSError, asyncio.CancelledError):
+            pass
+        finally:
+            if not handed_off:
+                sock.close()
+
+    async def _serve_control(self, sock: socket.socket, codec: ControlCodec, hello: dict[str, Any]) -> None:
+        engine = self._engine
+        if hello["v"] != 1 or hello["transport"] != engine.transport:
+            raise ProtocolError(f"peer wants protocol {hello['v']!r} on {hello['transport']!r}; "
+                                f"this listener speaks 1 on {engine.transport!r}")
+        nqp = hello["nqp"]
+        if not isinstance(nqp, int) or not 1 <= nqp <= 64:
+            raise ProtocolError("nqp must be an int in 1..64")
+        token = secrets.token_bytes(16)
+        session = _Session(token, nqp, sock)
+        self._sessions[token] = session
+        try:
+            await self._loop.sock_sendall(sock, codec.encode({"t": "welcome", "v": 1, "session": token, "nqp": nqp}))
+            while True:
+                msg = await self._recv(sock, codec)
+                if msg is None or msg["t"] == "bye":
+                    return
+                if msg["t"] == "get_key":
+                    mr = engine._exposed.get(msg["name"]) if isinstance(msg["name"], str) else None
+                    if mr is None or mr.closed:
+                        reply = {"t": "error", "id": msg["id"], "code": "not_found", "message": "no such region"}
+                    else:
+                        reply = {"t": "key", "id": msg["id"], "key": mr.remote_key().to_bytes()}
+                    await self._loop.sock_sendall(sock, codec.encode(reply))
+                else:
+                    raise ProtocolError(f"unexpected control message {msg['t']!r}")
+        finally:
+            self._end_session(session)
+
+    def _attach(self, sock: socket.socket, codec: ControlCodec, msg: dict[str, Any]) -> bool:
+        token, qp = msg["session"], msg["qp"]
+        session = self._sessions.get(token) if isinstance(token, bytes) else None
+        if session is None:
+            raise ProtocolError("attach names no live session")
+        if not isinstance(qp, int) or not 0 <= qp < session.nqp or qp in session.attached:
+            raise ProtocolError(f"bad or duplicate queue pair index {qp!r}")
+        if codec.buffered():
+            raise ProtocolError("data sent before the queue pair was attached")
+        engine = self._engine
+        sock.send(codec.encode({"t": "attached", "qp": qp}))
+        conn_id = engine._new_conn_id()
+        worker = engine._workers[qp % len(engine._workers)]
+        responder = TcpResponder(sock, conn_id, engine._rt, worker, self._responder_dead)
+        engine._conns[conn_id] = responder
+        session.attached.add(qp)
+        session.responders.append(responder)
+        return True
+
+    def _responder_dead(self, responder: TcpResponder, code: int) -> None:
+        if code != 0:
+            log.info("queue pair %d closed: %s", responder.conn_id, describe_death(code))
+        self._engine._conns.pop(responder.conn_id, None)
+        responder.close()
+
+    def _end_session(self, session: _Session) -> None:
+        self._sessions.pop(session.token, None)
+        for r in session.responders:
+            self._engine._conns.pop(r.conn_id, None)
+            r.close()
+        session.responders.clear()
+
+    async def aclose(self) -> None:
+        """Stop accepting and close the sessions this listener serves. Idempotent."""
+        if self._closed:
+            return
+        self._abort()
+        tasks = [self._accepter, *self._tasks]
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    def _abort(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self._accepter.cancel()
+        for t in list(self._tasks):
+            t.cancel()
+        for s in list(self._sessions.values()):
+            self._end_session(s)
+        self._sock.close()
+        self._engine._listeners.discard(self)
+
+    @property
+    def closed(self) -> bool:
+        return self._closed

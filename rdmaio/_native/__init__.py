@@ -1,0 +1,1 @@
+"""Native (cffi) data path of the software transport."""

@@ -1,0 +1,139 @@
+"""Progress: turning native completions into resolved futures.
+
+Each worker owns one native epoll set and completion queue
+(``rio_worker``).  A *round* (:func:`rio_worker_poll`) waits for readiness,
+services every ready connection in C and collects completions into arrays.
+
+``progress="thread"``
+    A thread per worker blocks in the round (GIL released, no spinning),
+    copies the batch out and hands it to the event loop with at most one
+    ``call_soon_threadsafe`` per batch (batches that arrive while one is
+    queued ride along: one loop wake-up per poll round at most).
+``progress="loop"``
+    No thread: the worker's epoll fd is registered with ``loop.add_reader``
+    and rounds run on the loop thread with a zero timeout.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import threading
+from typing import TYPE_CHECKING, Protocol
+
+from ._native._rdmaio_native import ffi, lib
+
+if TYPE_CHECKING:
+    pass
+
+__all__ = ["CompletionSink", "Worker"]
+
+log = logging.getLogger(__name__)
+
+Batch = tuple[list[int], list[int], list[int], list[int], list[int], list[int]]
+
+
+class CompletionSink(Protocol):
+    def _on_batch(self, batch: Batch) -> None: ...
+
+
+class Worker:
+    """One progress context: a native worker plus its driver (thread or loop reader)."""
+
+    def __init__(self, index: int, sink: CompletionSink, mode: str, loop: asyncio.AbstractEventLoop,
+                 cq_depth: int = 4096) -> None:
+        self.index = index
+        self._sink = sink
+        self._mode = mode
+        self._loop = loop
+        self.c = lib.rio_worker_new(cq_depth)
+        if self.c == ffi.NULL:
+            raise MemoryError("could not create a native worker (epoll/eventfd/memory)")
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+        self._queue: collections.deque[Batch] = collections.deque()
+        self._scheduled = False
+        self._qlock = threading.Lock()
+        self._reader = False
+
+    def start(self) -> None:
+        if self._mode == "thread":
+            self._thread = threading.Thread(target=self._run, name=f"rdmaio-worker-{self.index}", daemon=True)
+            self._thread.start()
+        else:
+            self._loop.add_reader(self.c.epfd, self._poll_on_loop)
+            self._reader = True
+
+    # -- both modes -----------------------------------------------------------
+    def _collect(self) -> Batch:
+        w = self.c
+        ncq, nev = w.ncq, w.nev
+        return (
+            ffi.unpack(w.cq_conn, ncq) if ncq else [],
+            ffi.unpack(w.cq_wr, ncq) if ncq else [],
+            ffi.unpack(w.cq_status, ncq) if ncq else [],
+            ffi.unpack(w.cq_value, ncq) if ncq else [],
+            ffi.unpack(w.ev_conn, nev) if nev else [],
+            ffi.unpack(w.ev_code, nev) if nev else [],
+        )
+
+    # -- loop mode ------------------------------------------------------------
+    def _poll_on_loop(self) -> None:
+        if self._stopping:
+            return
+        n = lib.rio_worker_poll(self.c, 0)
+        if n > 0:
+            self._sink._on_batch(self._collect())
+        if lib.rio_worker_backlog(self.c):
+            self._loop.call_soon(self._poll_on_loop)
+
+    # -- thread mode ----------------------------------------------------------
+    def _run(self) -> None:
+        c = self.c
+        while not self._stopping:
+            n = lib.rio_worker_poll(c, -1)
+            if n > 0 and not self._stopping:
+                batch = self._collect()
+                with self._qlock:
+                    self._queue.append(batch)
+                    if self._scheduled:
+                        continue
+                    self._scheduled = True
+                try:
+                    self._loop.call_soon_threadsafe(self._drain)
+                except RuntimeError:  # loop closed under us: nobody is left to deliver to
+                    return
+            elif n < 0:
+                log.error("worker %d: poll failed with errno %d", self.index, -n)
+                return
+
+    def _drain(self) -> None:
+        with self._qlock:
+            batches = list(self._queue)
+            self._queue.clear()
+            self._scheduled = False
+        for batch in batches:
+            self._sink._on_batch(batch)
+
+    def wake(self) -> None:
+        lib.rio_worker_wake(self.c)
+
+    def stop(self) -> None:
+        """Stop the driver (joins the thread); the native worker stays until :meth:`free`."""
+        self._stopping = True
+        if self._thread is not None:
+            lib.rio_worker_wake(self.c)
+            self._thread.join()
+            self._thread = None
+        if self._reader:
+            try:
+                self._loop.remove_reader(self.c.epfd)
+            except Exception:  # loop already closed
+                pass
+            self._reader = False
+
+    def free(self) -> None:
+        if self.c is not None:
+            lib.rio_worker_free(self.c)
+            self.c = None
