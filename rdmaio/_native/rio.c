@@ -271,6 +271,7 @@ struct rio_conn {
     seg_t *segs;
     uint32_t nseg, seg_head, seg_cap;
     uint64_t seg_off; /* bytes of segs[seg_head] already sent */
+    uint32_t nregion_segs; /* queued segments that reference region memory */
     /* initiator slots */
     slot_t *slots;
 };
@@ -339,6 +340,7 @@ static void mark_dead(rio_worker *w, rio_conn *c, int code) {
         c->seg_head = c->nseg = 0;
         c->ob_len = 0;
         c->out_pending = 0;
+        c->nregion_segs = 0;
     }
     region_release(c->p_region);
     c->p_region = NULL;
@@ -473,6 +475,7 @@ static int seg_push(rio_conn *c, uint64_t base, uint64_t len, rio_region *region
     c->segs[c->nseg].region = region;
     c->segs[c->nseg].is_buf = is_buf;
     c->nseg++;
+    if (region) c->nregion_segs++;
     c->out_pending += len;
     return 0;
 }
@@ -523,6 +526,7 @@ static int out_flush(rio_conn *c) {
             uint64_t rem = s->len - c->seg_off;
             if (left >= rem) {
                 left -= rem;
+                if (s->region) c->nregion_segs--;
                 region_release(s->region);
                 s->region = NULL;
                 c->seg_head++;
@@ -553,6 +557,7 @@ uint64_t rio_take_output(rio_conn *c, uint8_t *out, uint64_t cap) {
         done += n;
         c->out_pending -= n;
         if (n == rem) {
+            if (s->region) c->nregion_segs--;
             region_release(s->region);
             s->region = NULL;
             c->seg_head++;
@@ -672,6 +677,27 @@ static void start_payload(rio_conn *c, uint64_t total, rio_region *r, int status
     c->in_state = IN_PAYLOAD;
 }
 
+/* Requests on one queue pair execute in order: a read's payload is the memory
+ * as it was when the read executed.  Zero-copy read segments still queued are
+ * therefore copied into the output buffer before a write or atomic changes
+ * memory (only when both are in the queue at once: rare, and then cheap). */
+static int materialize_reads(rio_conn *c) {
+    if (c->nregion_segs == 0) return 0;
+    for (uint32_t i = c->seg_head; i < c->nseg; i++) {
+        seg_t *s = &c->segs[i];
+        if (!s->region) continue;
+        if (ob_reserve(c, s->len)) return -RIO_PE_NOMEM;
+        memcpy(c->obuf + c->ob_len, (void *)(uintptr_t)s->base, s->len);
+        s->base = c->ob_len;
+        s->is_buf = 1;
+        c->ob_len += s->len;
+        region_release(s->region);
+        s->region = NULL;
+        c->nregion_segs--;
+    }
+    return 0;
+}
+
 /* called once a request's header (and entries) are complete */
 static int responder_dispatch(rio_conn *c) {
     rio_region *r = NULL;
@@ -694,6 +720,7 @@ static int responder_dispatch(rio_conn *c) {
     case RIO_OP_FETCH_ADD:
     case RIO_OP_CMP_SWAP:
         c->in_state = IN_HDR;
+        if (materialize_reads(c)) return -RIO_PE_NOMEM;
         st = validate(c, RIO_ACC_ATOMIC, &r);
         if (st != RIO_ST_OK) return respond(c, c->r_op, st, c->r_wr, 0);
         {
@@ -704,6 +731,7 @@ static int responder_dispatch(rio_conn *c) {
     case RIO_OP_WRITE:
     case RIO_OP_WRITE_BATCH: {
         uint64_t total = c->r_op == RIO_OP_WRITE ? c->r_arg0 : batch_total(c);
+        if (materialize_reads(c)) return -RIO_PE_NOMEM;
         st = validate(c, RIO_ACC_WRITE, &r);
         if (total == 0) {
             region_release(r);

@@ -1,0 +1,402 @@
+"""One conformance suite for every transport (and both progress modes).
+
+Each test gets a ``pair``: a target engine exposing a 16 MiB region ``table``
+filled with a known pattern, and an initiator engine with an endpoint to it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import sys
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import rdmaio
+from tests.rdmaio.transports import config_params
+
+TABLE = 16 << 20
+MiB = 1 << 20
+
+
+def pattern(n: int, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, n, dtype=np.uint8)
+
+
+@dataclass
+class Pair:
+    server: rdmaio.Engine
+    client: rdmaio.Engine
+    listener: rdmaio.Listener
+    ep: rdmaio.Endpoint
+    table: np.ndarray
+    table_mr: rdmaio.MemoryRegion
+    key: rdmaio.RemoteKey
+    local: np.ndarray
+    local_mr: rdmaio.MemoryRegion
+
+
+@pytest.fixture(params=config_params())
+async def pair(request: pytest.FixtureRequest) -> AsyncIterator[Pair]:
+    transport, progress = request.param
+    async with rdmaio.Engine(transport=transport, workers=2, progress=progress) as server, \
+            rdmaio.Engine(transport=transport, workers=2, progress=progress) as client:
+        table = pattern(TABLE, seed=1)
+        table_mr = server.register(table, access=rdmaio.Access.ALL)
+        server.expose("table", table_mr)
+        listener = await server.listen("127.0.0.1", 0)
+        ep = await client.connect("127.0.0.1", listener.port)
+        key = await ep.remote_key("table")
+        local = np.zeros(TABLE, dtype=np.uint8)
+        local_mr = client.register(local, access=rdmaio.Access.NONE)
+        yield Pair(server, client, listener, ep, table, table_mr, key, local, local_mr)
+
+
+def random_sizes(rng: np.random.Generator, n: int) -> list[int]:
+    """Log-uniform sizes from 1 B to 8 MiB, always including both ends."""
+    sizes = [1, 8 * MiB] + [int(2 ** rng.uniform(0, 23)) for _ in range(n - 2)]
+    return [max(1, min(s, 8 * MiB)) for s in sizes]
+
+
+# -- correctness -------------------------------------------------------------------
+
+async def test_read_random_offsets_and_sizes(pair: Pair) -> None:
+    rng = np.random.default_rng(2)
+    for size in random_sizes(rng, 24):
+        roff = int(rng.integers(0, TABLE - size + 1))
+        loff = int(rng.integers(0, TABLE - size + 1))
+        await pair.ep.read(pair.local_mr, loff, pair.key, roff, size)
+        assert np.array_equal(pair.local[loff:loff + size], pair.table[roff:roff + size]), (size, roff, loff)
+
+
+async def test_write_random_offsets_and_sizes(pair: Pair) -> None:
+    rng = np.random.default_rng(3)
+    pair.local[:] = pattern(TABLE, seed=4)
+    expected = pair.table.copy()
+    for size in random_sizes(rng, 24):
+        roff = int(rng.integers(0, TABLE - size + 1))
+        loff = int(rng.integers(0, TABLE - size + 1))
+        await pair.ep.write(pair.local_mr, loff, pair.key, roff, size)
+        expected[roff:roff + size] = pair.local[loff:loff + size]
+        assert np.array_equal(pair.table, expected), (size, roff, loff)
+
+
+@pytest.mark.parametrize("row", [64, 256, 4096])
+async def test_read_batch_gathers_rows(pair: Pair, row: int) -> None:
+    rng = np.random.default_rng(row)
+    n = 1000
+    rows = rng.integers(0, TABLE // row, n)
+    await pair.ep.read_batch(pair.local_mr, np.arange(n) * row, pair.key, rows * row, np.full(n, row))
+    got = pair.local[: n * row].reshape(n, row)
+    want = pair.table.reshape(-1, row)[rows]
+    assert np.array_equal(got, want)
+
+
+async def test_batches_with_mixed_lengths_and_empty_entries(pair: Pair) -> None:
+    rng = np.random.default_rng(5)
+    lengths = rng.integers(0, 5000, 300)
+    lengths[::7] = 0
+    local_off = np.concatenate([[0], np.cumsum(lengths)[:-1]])
+    remote_off = rng.integers(0, TABLE - 5000, 300)
+    await pair.ep.read_batch(pair.local_mr, local_off, pair.key, remote_off, lengths)
+    for lo, ro, n in zip(local_off, remote_off, lengths):
+        assert np.array_equal(pair.local[lo:lo + n], pair.table[ro:ro + n])
+    # and back: write those bytes (changed) to disjoint places
+    pair.local[: int(lengths.sum())] ^= 0xFF
+    dest = np.arange(300) * 5000
+    expected = pair.table.copy()
+    for lo, d, n in zip(local_off, dest, lengths):
+        expected[d:d + n] = pair.local[lo:lo + n]
+    await pair.ep.write_batch(pair.local_mr, local_off, pair.key, dest, lengths)
+    assert np.array_equal(pair.table, expected)
+
+
+async def test_large_batch_spans_several_requests(pair: Pair) -> None:
+    n = 70_000  # more than one request's MAX_BATCH entries
+    rows = np.random.default_rng(6).integers(0, TABLE // 64, n)
+    await pair.ep.read_batch(pair.local_mr, np.arange(n) * 64, pair.key, rows * 64, np.full(n, 64))
+    assert np.array_equal(pair.local[: n * 64].reshape(n, 64), pair.table.reshape(-1, 64)[rows])
+
+
+async def test_atomics(pair: Pair) -> None:
+    words = pair.table[:4096].view(np.uint64)
+    words[:] = 0
+    assert await pair.ep.fetch_add(pair.key, 8, 5) == 0
+    assert await pair.ep.fetch_add(pair.key, 8, 7) == 5
+    assert int(words[1]) == 12
+    assert await pair.ep.fetch_add(pair.key, 16, -1) == 0  # wraps modulo 2**64
+    assert int(words[2]) == 2**64 - 1
+    assert await pair.ep.compare_swap(pair.key, 24, 0, 99) == 0
+    assert await pair.ep.compare_swap(pair.key, 24, 0, 5) == 99  # expected mismatch: no swap
+    assert int(words[3]) == 99
+    # concurrent increments from many tasks are atomic
+    await asyncio.gather(*(pair.ep.fetch_add(pair.key, 32, 1) for _ in range(2000)))
+    assert int(words[4]) == 2000
+
+
+async def test_ten_thousand_concurrent_ops(pair: Pair) -> None:
+    rng = np.random.default_rng(7)
+    offs = rng.integers(0, TABLE - 64, 10_000)
+
+    async def one(i: int) -> None:
+        await pair.ep.read(pair.local_mr, i * 64, pair.key, int(offs[i]), 64)
+
+    await asyncio.gather(*(one(i) for i in range(10_000)))
+    got = pair.local[: 10_000 * 64].reshape(-1, 64)
+    want = np.stack([pair.table[o:o + 64] for o in offs])
+    assert np.array_equal(got, want)
+
+
+async def test_more_ops_than_queue_slots_wait_for_credit() -> None:
+    async with rdmaio.Engine(transport="tcp", workers=1, sq_depth=4) as server, \
+            rdmaio.Engine(transport="tcp", workers=1, sq_depth=4) as client:
+        table = pattern(1 << 16)
+        server.expose("t", server.register(table))
+        lst = await server.listen()
+        ep = await client.connect("127.0.0.1", lst.port)
+        key = await ep.remote_key("t")
+        out = np.zeros(1 << 16, dtype=np.uint8)
+        mr = client.register(out)
+        await asyncio.gather(*(ep.read(mr, i * 64, key, i * 64, 64) for i in range(1024)))
+        assert np.array_equal(out, table)
+
+
+async def test_ping(pair: Pair) -> None:
+    await pair.ep.ping()
+
+
+# -- protection ----------------------------------------------------------------------
+
+async def test_out_of_bounds_is_refused_and_memory_untouched(pair: Pair) -> None:
+    before = pair.table.copy()
+    pair.local[:] = 0xAB
+    with pytest.raises(rdmaio.OutOfBoundsError):
+        await pair.ep.write(pair.local_mr, 0, pair.key, TABLE - 10, 11)
+    with pytest.raises(rdmaio.OutOfBoundsError):
+        await pair.ep.read(pair.local_mr, 0, pair.key, TABLE, 1)
+    with pytest.raises(rdmaio.OutOfBoundsError):
+        await pair.ep.read(pair.local_mr, 0, pair.key, 2**63, 8)
+    with pytest.raises(rdmaio.OutOfBoundsError):  # one bad entry fails the whole batch
+        await pair.ep.write_batch(pair.local_mr, [0, 100], pair.key, [0, TABLE - 5], [100, 10])
+    with pytest.raises(rdmaio.OutOfBoundsError):
+        await pair.ep.fetch_add(pair.key, TABLE, 1)
+    assert np.array_equal(pair.table, before)
+    assert (pair.local == 0xAB).all()  # failed reads wrote nothing locally either
+    await pair.ep.read(pair.local_mr, 0, pair.key, 0, 16)  # the endpoint stays usable
+    assert np.array_equal(pair.local[:16], pair.table[:16])
+
+
+async def test_invalid_key_is_refused(pair: Pair) -> None:
+    forged = rdmaio.RemoteKey(pair.key.transport, pair.key.addr, pair.key.rkey ^ 0x5A5A, pair.key.length,
+                              pair.key.access, pair.key.region_id)
+    with pytest.raises(rdmaio.InvalidKeyError):
+        await pair.ep.read(pair.local_mr, 0, forged, 0, 8)
+    with pytest.raises(rdmaio.InvalidKeyError):
+        await pair.ep.write(pair.local_mr, 0, forged, 0, 8)
+
+
+async def test_access_rights_are_enforced(pair: Pair) -> None:
+    ro = np.full(4096, 3, dtype=np.uint8)
+    wo = np.full(4096, 4, dtype=np.uint8)
+    pair.server.expose("ro", pair.server.register(ro, access=rdmaio.Access.READ))
+    pair.server.expose("wo", pair.server.register(wo, access=rdmaio.Access.WRITE))
+    kro, kwo = await pair.ep.remote_key("ro"), await pair.ep.remote_key("wo")
+    pair.local[:4096] = 9
+    with pytest.raises(rdmaio.AccessDeniedError):
+        await pair.ep.write(pair.local_mr, 0, kro, 0, 16)
+    with pytest.raises(rdmaio.AccessDeniedError):
+        await pair.ep.read(pair.local_mr, 0, kwo, 0, 16)
+    with pytest.raises(rdmaio.AccessDeniedError):
+        await pair.ep.fetch_add(kro, 0, 1)
+    assert (ro == 3).all() and (wo == 4).all()
+    await pair.ep.write(pair.local_mr, 0, kwo, 0, 16)
+    assert (wo[:16] == 9).all()
+
+
+async def test_misaligned_atomic(pair: Pair) -> None:
+    with pytest.raises(rdmaio.AlignmentError):
+        await pair.ep.fetch_add(pair.key, 3, 1)
+
+
+async def test_deregistered_region_rejects_access(pair: Pair) -> None:
+    extra = np.ones(4096, dtype=np.uint8)
+    mr = pair.server.register(extra)
+    pair.server.expose("extra", mr)
+    key = await pair.ep.remote_key("extra")
+    await pair.ep.read(pair.local_mr, 0, key, 0, 16)
+    mr.close()
+    with pytest.raises(rdmaio.InvalidKeyError):
+        await pair.ep.read(pair.local_mr, 0, key, 0, 16)
+    with pytest.raises(rdmaio.RegionNotFoundError):
+        await pair.ep.remote_key("extra")
+
+
+async def test_local_misuse_is_a_usage_error(pair: Pair) -> None:
+    with pytest.raises(rdmaio.UsageError):
+        await pair.ep.read(pair.local_mr, TABLE - 4, pair.key, 0, 8)
+    with pytest.raises(rdmaio.UsageError):
+        await pair.ep.read(pair.local_mr, -1, pair.key, 0, 8)
+    with pytest.raises(rdmaio.UsageError):
+        await pair.ep.read_batch(pair.local_mr, [0, 1], pair.key, [0], [8, 8])
+    with pytest.raises(rdmaio.UsageError):
+        await pair.ep.read_batch(pair.local_mr, np.zeros((2, 2), dtype=np.int64), pair.key, [0, 1], [1, 1])
+    with pytest.raises(rdmaio.UsageError):
+        await pair.ep.read_batch(pair.local_mr, [0.5], pair.key, [0], [1])
+    with pytest.raises(rdmaio.UsageError):
+        await pair.ep.read_batch(pair.local_mr, [-8], pair.key, [0], [1])
+    with pytest.raises(rdmaio.UsageError):
+        await pair.ep.read(pair.local_mr, 0, b"not a key", 0, 8)  # type: ignore[arg-type]
+    with pytest.raises(rdmaio.RegionNotFoundError):
+        await pair.ep.remote_key("no-such-region")
+    with pytest.raises(rdmaio.UsageError):
+        pair.client.register(b"read-only bytes")
+    with pytest.raises(rdmaio.UsageError):
+        pair.client.register(np.zeros((4, 4))[:, 0])
+
+
+# -- lifecycle -------------------------------------------------------------------------
+
+async def test_close_twice_and_use_after_close(pair: Pair) -> None:
+    await pair.ep.aclose()
+    await pair.ep.aclose()
+    pair.ep.abort()
+    with pytest.raises(rdmaio.ClosedError):
+        await pair.ep.read(pair.local_mr, 0, pair.key, 0, 8)
+    with pytest.raises(rdmaio.ClosedError):
+        await pair.ep.remote_key("table")
+    await pair.listener.aclose()
+    await pair.listener.aclose()
+    await pair.client.aclose()
+    await pair.client.aclose()
+    pair.client.abort()
+    with pytest.raises(rdmaio.ClosedError):
+        pair.client.register(bytearray(8))
+    with pytest.raises(rdmaio.ClosedError):
+        await pair.client.connect("127.0.0.1", 1)
+    pair.local_mr.close()
+    pair.local_mr.close()
+    with pytest.raises(rdmaio.ClosedError):
+        pair.local_mr.remote_key()
+
+
+async def test_cancelled_read_keeps_its_memory_until_the_transfer_ends(pair: Pair) -> None:
+    """Cancel reads in flight, then close their region at once: it is released only later."""
+    buf = np.zeros(8 * MiB, dtype=np.uint8)
+    mr = pair.client.register(buf)
+    tasks = [asyncio.create_task(pair.ep.read(mr, 0, pair.key, 0, 8 * MiB)) for _ in range(8)]
+    for _ in range(5):  # let every task (and its stripes) post
+        await asyncio.sleep(0)
+    assert mr._pins > 0
+    for t in tasks:
+        t.cancel()
+    mr.close()
+    assert mr._view is not None, "region memory released while transfers could still write into it"
+    results = await asyncio.gather(*tasks, return_exceptions=True)
+    assert all(isinstance(r, (asyncio.CancelledError, type(None))) for r in results)
+    for _ in range(500):  # all transfers land, then the engine releases the buffer
+        if mr._view is None:
+            break
+        await asyncio.sleep(0.01)
+    assert mr._view is None
+    assert np.array_equal(buf, pair.table[: 8 * MiB])  # every in-flight transfer completed into the pinned buffer
+    await pair.ep.read(pair.local_mr, 0, pair.key, 0, 64)  # the endpoint is healthy
+
+
+async def test_endpoint_context_manager_and_engine_close_with_ops_in_flight(pair: Pair) -> None:
+    async with await pair.client.connect("127.0.0.1", pair.listener.port) as ep2:
+        await ep2.read(pair.local_mr, 0, pair.key, 0, 8)
+    assert ep2.closed
+    tasks = [asyncio.create_task(pair.ep.read(pair.local_mr, 0, pair.key, 0, MiB)) for _ in range(32)]
+    await asyncio.sleep(0)
+    pair.client.abort()
+    results = await asyncio.gather(*tasks, return_exceptions=True)
+    for r in results:
+        assert r is None or isinstance(r, (rdmaio.ClosedError, rdmaio.EndpointBrokenError))
+
+
+async def test_listener_survives_a_closing_client(pair: Pair) -> None:
+    for _ in range(3):
+        ep = await pair.client.connect("127.0.0.1", pair.listener.port)
+        ep.abort()
+    ep = await pair.client.connect("127.0.0.1", pair.listener.port)
+    await ep.read(pair.local_mr, 0, pair.key, 0, 8)
+    assert np.array_equal(pair.local[:8], pair.table[:8])
+
+
+@pytest.mark.parametrize("config", config_params())
+async def test_peer_killed_mid_flight_fails_every_pending_op(config: tuple[str, str]) -> None:
+    transport, progress = config
+    here = Path(__file__).parent
+    proc = subprocess.Popen([sys.executable, str(here / "peer_server.py"), transport, progress, str(64 * MiB)],
+                            stdout=subprocess.PIPE, env={**os.environ, "PYTHONPATH": str(here.parent.parent)})
+    try:
+        assert proc.stdout is not None
+        port = int(proc.stdout.readline())
+        async with rdmaio.Engine(transport=transport, workers=2, progress=progress) as client:
+            ep = await client.connect("127.0.0.1", port)
+            key = await ep.remote_key("table")
+            out = np.zeros(64 * MiB, dtype=np.uint8)
+            mr = client.register(out)
+            await ep.read(mr, 0, key, 0, 1000)
+            assert np.array_equal(out[:1000], np.arange(1000) % 251)
+            tasks = [asyncio.create_task(ep.read(mr, 0, key, 0, 64 * MiB)) for _ in range(16)]
+            tasks += [asyncio.create_task(ep.read(mr, 0, key, i, 64)) for i in range(500)]
+            await asyncio.sleep(0.01)
+            proc.kill()
+            done, pending = await asyncio.wait(tasks, timeout=5)
+            assert not pending, f"{len(pending)} operations hung after the peer died"
+            failures = [t.exception() for t in done if t.exception() is not None]
+            assert failures, "the peer died mid-flight but no operation failed"
+            assert all(isinstance(e, rdmaio.EndpointBrokenError) for e in failures), failures
+            with pytest.raises(rdmaio.EndpointBrokenError):
+                await ep.read(mr, 0, key, 0, 8)
+            await ep.aclose()
+    finally:
+        proc.kill()
+        proc.wait()
+        if proc.stdout:
+            proc.stdout.close()
+
+
+async def test_connect_to_nothing_fails_cleanly() -> None:
+    async with rdmaio.Engine(transport="tcp") as engine:
+        import socket
+
+        s = socket.socket()
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+        s.close()
+        with pytest.raises(rdmaio.EndpointBrokenError):
+            await engine.connect("127.0.0.1", port)
+
+
+def test_engine_rejects_bad_configuration() -> None:
+    with pytest.raises(rdmaio.UsageError):
+        rdmaio.Engine(transport="carrier-pigeon")  # type: ignore[arg-type]
+    with pytest.raises(rdmaio.UsageError):
+        rdmaio.Engine(transport="tcp", progress="spin")  # type: ignore[arg-type]
+    with pytest.raises(rdmaio.UsageError):
+        rdmaio.Engine(transport="tcp", workers=0)
+
+
+async def test_stdlib_asyncio_loop_works_too() -> None:
+    def body() -> bytes:
+        async def main() -> bytes:
+            async with rdmaio.Engine(transport="tcp", workers=1, progress="loop") as a, \
+                    rdmaio.Engine(transport="tcp", workers=1) as b:
+                data = bytearray(b"hello rdmaio....")
+                a.expose("d", a.register(data))
+                lst = await a.listen()
+                async with await b.connect("127.0.0.1", lst.port) as ep:
+                    out = bytearray(16)
+                    await ep.read(b.register(out), 0, await ep.remote_key("d"), 0, 16)
+                    return bytes(out)
+
+        return rdmaio.run(main(), use_uvloop=False)
+
+    assert await asyncio.to_thread(body) == b"hello rdmaio...."
