@@ -1,0 +1,515 @@
+"""Lookup splitting, read coalescing and reassembly.
+
+:func:`split_lookup` turns one table lookup (a batch of row ids) into one
+:class:`SubRequest` per touched shard.  Each sub-request is exactly the
+arguments of an RDMA batch read on the shard's region::
+
+    await ep.read_batch(staging_mr, sub.local_offsets, key_of[sub.region_name],
+                        sub.remote_offsets, sub.lengths)
+
+Algorithm (all numpy, no per-id Python loop):
+
+1. validate ids (:func:`flexemr._plan.validate_ids`), then
+   ``uniq, inverse = np.unique(ids, return_inverse=True)``;
+2. route ``uniq`` to row bands with one ``searchsorted`` on the range table;
+   since ``uniq`` is sorted each band owns a contiguous slice of it;
+3. cut ``uniq`` into *runs* of consecutive ids inside one band; each run is a
+   single ``(remote_offset, length)`` read per column shard of the band.
+
+Staging layout contract (``SplitLookup.staging_bytes`` bytes in total): one
+block per (touched band, column shard), in band order then column order; the
+block of shard ``s`` holding ``k`` unique ids is a row-major
+``[k, s.num_cols]`` array of the table dtype.  Hence for tables without a
+column split (row-wise, table-wise) the whole staging buffer *is* the
+row-major ``[n_unique, dim]`` array of the sorted unique rows, and for a
+column-wise table each shard has its own ``[n_unique, shard_cols]`` block.
+
+>>> from flexemr._spec import TableSpec
+>>> from flexemr._plan import ShardingPlan
+>>> plan = ShardingPlan.row_wise([TableSpec("t", 10, 2)], ["s0", "s1"])
+>>> split = split_lookup(plan, "t", np.array([7, 1, 2, 3, 7, 5]))
+>>> [(s.server, s.remote_offsets.tolist(), s.lengths.tolist()) for s in split.subrequests]
+[('s0', [8], [24]), ('s1', [0, 16], [8, 8])]
+>>> split.num_ids, split.num_unique, split.num_reads, split.bytes
+(6, 5, 3, 40)
+>>> model = {"t": np.arange(20, dtype=np.float32).reshape(10, 2)}
+>>> split.assemble(execute_locally(plan, model, split))[:, 0].tolist()
+[14.0, 2.0, 4.0, 6.0, 14.0, 10.0]
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from ._errors import FlexEMRError, InputError
+from ._plan import Shard, ShardingPlan, validate_ids
+from ._spec import TableSpec
+
+__all__ = [
+    "MergedLookups",
+    "ShardBlock",
+    "SplitLookup",
+    "SubRequest",
+    "execute_locally",
+    "execute_subrequests",
+    "lookup_locally",
+    "merge_lookups",
+    "merge_subrequests",
+    "shard_region_array",
+    "split_lookup",
+]
+
+IntArray = npt.NDArray[np.int64]
+ByteBuffer = npt.NDArray[np.uint8] | memoryview | bytes | bytearray
+
+
+def _i64(values: object, what: str) -> IntArray:
+    arr = np.asarray(values)
+    if arr.ndim != 1 or (arr.size and arr.dtype.kind not in "iu"):
+        raise InputError(f"{what} must be a 1-D integer array, got shape {arr.shape} dtype {arr.dtype}")
+    return arr.astype(np.int64, copy=False)
+
+
+@dataclass(frozen=True, eq=False)
+class SubRequest:
+    """The reads of one lookup (or of merged lookups) on one shard region.
+
+    ``local_offsets`` index the caller's staging buffer, ``remote_offsets`` the
+    shard's registered region, ``lengths`` are byte counts; all ``int64`` and of
+    equal length (one entry per coalesced read).
+    """
+
+    server: str
+    shard_index: int
+    region_name: str
+    local_offsets: IntArray
+    remote_offsets: IntArray
+    lengths: IntArray
+
+    def __post_init__(self) -> None:
+        lo = _i64(self.local_offsets, "local_offsets")
+        ro = _i64(self.remote_offsets, "remote_offsets")
+        ln = _i64(self.lengths, "lengths")
+        if not lo.size == ro.size == ln.size:
+            raise InputError(
+                f"region {self.region_name!r}: offset/length arrays differ in size "
+                f"({lo.size}, {ro.size}, {ln.size})"
+            )
+        object.__setattr__(self, "local_offsets", lo)
+        object.__setattr__(self, "remote_offsets", ro)
+        object.__setattr__(self, "lengths", ln)
+
+    @property
+    def num_reads(self) -> int:
+        """Number of (coalesced) reads."""
+        return int(self.lengths.size)
+
+    @property
+    def bytes(self) -> int:
+        """Total bytes read."""
+        return int(self.lengths.sum())
+
+    def __repr__(self) -> str:
+        return (
+            f"SubRequest(server={self.server!r}, region={self.region_name!r}, "
+            f"reads={self.num_reads}, bytes={self.bytes})"
+        )
+
+
+@dataclass(frozen=True)
+class ShardBlock:
+    """Where one shard's rows land in the staging buffer.
+
+    Bytes ``[local_base, local_base + count * (col_end - col_start) * itemsize)``
+    hold the row-major ``[count, col_end - col_start]`` array of sorted unique
+    rows ``first .. first + count - 1`` (positions in ``SplitLookup.unique_ids``),
+    columns ``[col_start, col_end)``.
+    """
+
+    shard_index: int
+    local_base: int
+    first: int
+    count: int
+    col_start: int
+    col_end: int
+
+
+@dataclass(frozen=True, eq=False)
+class SplitLookup:
+    """A lookup split into per-shard sub-requests plus what reassembly needs.
+
+    Build with :func:`split_lookup`; fill a staging buffer of at least
+    :attr:`staging_bytes` bytes by executing :attr:`subrequests`, then call
+    :meth:`assemble`.
+    """
+
+    table: str
+    spec: TableSpec
+    ids: IntArray
+    unique_ids: IntArray
+    inverse: IntArray
+    subrequests: tuple[SubRequest, ...]
+    blocks: tuple[ShardBlock, ...]
+    staging_bytes: int
+    full_width: bool
+
+    @property
+    def num_ids(self) -> int:
+        """Ids in the lookup, duplicates included."""
+        return int(self.ids.size)
+
+    @property
+    def num_unique(self) -> int:
+        """Distinct ids."""
+        return int(self.unique_ids.size)
+
+    @property
+    def num_reads(self) -> int:
+        """Coalesced reads over all sub-requests."""
+        return sum(s.num_reads for s in self.subrequests)
+
+    @property
+    def bytes(self) -> int:
+        """Bytes read over all sub-requests (equals :attr:`staging_bytes`)."""
+        return sum(s.bytes for s in self.subrequests)
+
+    @property
+    def servers(self) -> tuple[str, ...]:
+        """Distinct servers touched, in sub-request order."""
+        return tuple(dict.fromkeys(s.server for s in self.subrequests))
+
+    def assemble(self, staging: ByteBuffer) -> npt.NDArray[Any]:
+        """Rows ``[num_ids, dim]`` in the lookup's original order (duplicates repeated).
+
+        ``staging`` is the filled staging buffer (any C-contiguous buffer; only
+        its first :attr:`staging_bytes` bytes are read).  Returns a new array.
+
+        >>> from flexemr._plan import ShardingPlan
+        >>> plan = ShardingPlan.column_wise([TableSpec("t", 3, 4)], ["a", "b"])
+        >>> split = split_lookup(plan, "t", [2, 0, 2])
+        >>> model = {"t": np.arange(12, dtype=np.float32).reshape(3, 4)}
+        >>> split.assemble(execute_locally(plan, model, split)).tolist()
+        [[8.0, 9.0, 10.0, 11.0], [0.0, 1.0, 2.0, 3.0], [8.0, 9.0, 10.0, 11.0]]
+        """
+        buf = _as_bytes(staging)
+        if buf.size < self.staging_bytes:
+            raise InputError(
+                f"table {self.table!r}: staging buffer has {buf.size} bytes, lookup needs {self.staging_bytes}"
+            )
+        dtype = self.spec.np_dtype
+        n, dim = self.num_unique, self.spec.dim
+        if self.full_width:
+            rows = buf[: self.staging_bytes].view(dtype).reshape(n, dim)
+        else:
+            rows = np.empty((n, dim), dtype=dtype)
+            isz = dtype.itemsize
+            for blk in self.blocks:
+                cols = blk.col_end - blk.col_start
+                end = blk.local_base + blk.count * cols * isz
+                rows[blk.first : blk.first + blk.count, blk.col_start : blk.col_end] = (
+                    buf[blk.local_base : end].view(dtype).reshape(blk.count, cols)
+                )
+        return rows[self.inverse]
+
+    def __repr__(self) -> str:
+        return (
+            f"SplitLookup(table={self.table!r}, ids={self.num_ids}, unique={self.num_unique}, "
+            f"subrequests={len(self.subrequests)}, reads={self.num_reads}, bytes={self.staging_bytes})"
+        )
+
+
+def _as_bytes(staging: ByteBuffer) -> npt.NDArray[np.uint8]:
+    if isinstance(staging, np.ndarray):
+        if not staging.flags.c_contiguous:
+            raise InputError("staging buffer must be C-contiguous")
+        return staging.reshape(-1).view(np.uint8)
+    try:
+        return np.frombuffer(staging, dtype=np.uint8)
+    except (TypeError, ValueError) as exc:
+        raise InputError(f"staging buffer is not a contiguous byte buffer: {exc}") from exc
+
+
+def _chunk_runs(
+    local: IntArray, remote: IntArray, rows: IntArray, row_bytes: int, max_rows: int
+) -> tuple[IntArray, IntArray, IntArray]:
+    """Split runs longer than ``max_rows`` rows into several reads."""
+    nchunks = -(-rows // max_rows)
+    run = np.repeat(np.arange(rows.size), nchunks)
+    k = np.arange(run.size) - np.repeat(np.cumsum(nchunks) - nchunks, nchunks)
+    skip = k * max_rows * row_bytes
+    length = np.minimum(max_rows, rows[run] - k * max_rows) * row_bytes
+    return local[run] + skip, remote[run] + skip, length
+
+
+def split_lookup(
+    plan: ShardingPlan,
+    table: str,
+    ids: object,
+    *,
+    max_read_bytes: int | None = None,
+) -> SplitLookup:
+    """Split a lookup of ``ids`` in ``table`` into coalesced per-shard reads.
+
+    ``ids`` must be a 1-D integer array in ``[0, num_rows)``
+    (:class:`~flexemr._errors.InputError` /
+    :class:`~flexemr._errors.LookupIdError` otherwise; an unknown table raises
+    :class:`~flexemr._errors.UnknownTableError`).  Runs of consecutive unique
+    ids inside one shard become one read; with ``max_read_bytes`` longer runs
+    are cut into reads of at most that many bytes (whole rows).
+
+    >>> from flexemr._plan import ShardingPlan
+    >>> plan = ShardingPlan.row_wise([TableSpec("t", 8, 4)], ["s0"], rows_per_shard=4)
+    >>> [s.lengths.tolist() for s in split_lookup(plan, "t", [0, 1, 2, 3, 4, 6]).subrequests]
+    [[64], [16, 16]]
+    """
+    spec = plan.spec(table)
+    arr = validate_ids(spec, ids)
+    if max_read_bytes is not None and (
+        isinstance(max_read_bytes, bool) or not isinstance(max_read_bytes, (int, np.integer)) or max_read_bytes < 1
+    ):
+        raise InputError(f"max_read_bytes must be a positive integer, got {max_read_bytes!r}")
+    uniq, inverse = np.unique(arr, return_inverse=True)
+    uniq = uniq.astype(np.int64, copy=False)
+    inverse = inverse.reshape(-1).astype(np.int64, copy=False)
+    rt = plan.range_table(table)
+    shards = plan.shards[table]
+    isz = spec.itemsize
+    n = int(uniq.size)
+    full_width = plan.is_full_width(table)
+    subs: list[SubRequest] = []
+    blocks: list[ShardBlock] = []
+    local = 0
+    if n:
+        nbands = int(rt.starts.size)
+        band = np.searchsorted(rt.starts, uniq, side="right") - 1
+        # slice of uniq owned by every band
+        bounds = np.append(np.searchsorted(uniq, rt.starts, side="left"), n)
+        # runs: consecutive ids inside one band
+        brk = np.flatnonzero((np.diff(uniq) != 1) | (np.diff(band) != 0)) + 1
+        run_start = np.concatenate((np.zeros(1, np.int64), brk))
+        run_rows = np.diff(np.append(run_start, n))
+        run_bounds = np.searchsorted(band[run_start], np.arange(nbands + 1), side="left")
+        for b in np.flatnonzero(bounds[1:] > bounds[:-1]).tolist():
+            u0, count = int(bounds[b]), int(bounds[b + 1] - bounds[b])
+            r0, r1 = run_bounds[b], run_bounds[b + 1]
+            rs = run_start[r0:r1]
+            rows = run_rows[r0:r1]
+            rel_row = uniq[rs] - rt.starts[b]
+            rel_pos = rs - u0
+            first = int(rt.first_shard[b])
+            for j in range(first, first + int(rt.num_col_shards[b])):
+                sh = shards[j]
+                rb = sh.row_bytes(spec)
+                lo, ro, ln = local + rel_pos * rb, rel_row * rb, rows * rb
+                if max_read_bytes is not None:
+                    max_rows = int(max_read_bytes) // rb
+                    if max_rows < 1:
+                        raise InputError(
+                            f"table {table!r}: max_read_bytes={max_read_bytes} is below one shard row "
+                            f"({rb} bytes)"
+                        )
+                    if (rows > max_rows).any():
+                        lo, ro, ln = _chunk_runs(lo, ro, rows, rb, max_rows)
+                subs.append(SubRequest(sh.server, j, sh.region_name, lo, ro, ln))
+                blocks.append(ShardBlock(j, local, u0, count, sh.col_start, sh.col_end))
+                local += count * rb
+    return SplitLookup(
+        table=table,
+        spec=spec,
+        ids=arr,
+        unique_ids=uniq,
+        inverse=inverse,
+        subrequests=tuple(subs),
+        blocks=tuple(blocks),
+        staging_bytes=local,
+        full_width=full_width,
+    )
+
+
+# ------------------------------------------------------------------- merging
+
+
+def merge_subrequests(subs: Sequence[SubRequest], local_bases: Sequence[int]) -> SubRequest:
+    """Concatenate sub-requests of several callers on the same shard region.
+
+    Caller ``i`` staged its lookup at byte ``local_bases[i]`` of a shared
+    staging buffer, so its local offsets are shifted by that base.  All
+    sub-requests must name the same server, shard index and region.
+
+    >>> a = SubRequest("s0", 0, "t/0", np.array([0]), np.array([8]), np.array([8]))
+    >>> b = SubRequest("s0", 0, "t/0", np.array([0, 8]), np.array([0, 32]), np.array([8, 8]))
+    >>> merge_subrequests([a, b], [0, 8]).local_offsets.tolist()
+    [0, 8, 16]
+    """
+    if len(subs) == 0:
+        raise InputError("merge_subrequests needs at least one sub-request")
+    if len(subs) != len(local_bases):
+        raise InputError(f"got {len(subs)} sub-requests but {len(local_bases)} local bases")
+    head = subs[0]
+    for s in subs[1:]:
+        if (s.server, s.shard_index, s.region_name) != (head.server, head.shard_index, head.region_name):
+            raise InputError(
+                f"cannot merge sub-requests for different regions: {head.server}/{head.region_name} "
+                f"vs {s.server}/{s.region_name}"
+            )
+    for base in local_bases:
+        if isinstance(base, bool) or not isinstance(base, (int, np.integer)) or base < 0:
+            raise InputError(f"local base must be a non-negative integer, got {base!r}")
+    return SubRequest(
+        head.server,
+        head.shard_index,
+        head.region_name,
+        np.concatenate([s.local_offsets + int(base) for s, base in zip(subs, local_bases)]),
+        np.concatenate([s.remote_offsets for s in subs]),
+        np.concatenate([s.lengths for s in subs]),
+    )
+
+
+@dataclass(frozen=True, eq=False)
+class MergedLookups:
+    """Several lookups sharing one staging buffer, with one sub-request per region.
+
+    ``bases[i]`` is where lookup ``i`` is staged; ``staging_bytes`` is the size
+    of the shared buffer.  :meth:`assemble` returns every lookup's rows.
+    """
+
+    lookups: tuple[SplitLookup, ...]
+    subrequests: tuple[SubRequest, ...]
+    bases: tuple[int, ...]
+    staging_bytes: int
+
+    def assemble(self, staging: ByteBuffer) -> list[npt.NDArray[Any]]:
+        """Per-lookup results, in the order the lookups were merged."""
+        buf = _as_bytes(staging)
+        if buf.size < self.staging_bytes:
+            raise InputError(f"staging buffer has {buf.size} bytes, merged lookups need {self.staging_bytes}")
+        return [lk.assemble(buf[base : base + lk.staging_bytes]) for lk, base in zip(self.lookups, self.bases)]
+
+    def by_server(self) -> dict[str, list[SubRequest]]:
+        """Sub-requests grouped by server."""
+        out: dict[str, list[SubRequest]] = {}
+        for s in self.subrequests:
+            out.setdefault(s.server, []).append(s)
+        return out
+
+
+def merge_lookups(lookups: Sequence[SplitLookup], *, align: int = 8) -> MergedLookups:
+    """Stage several lookups (any tables) in one buffer and merge their reads per region.
+
+    Lookup ``i`` is placed at ``bases[i]``, each base rounded up to ``align``
+    bytes; sub-requests for the same region are merged with
+    :func:`merge_subrequests` (first-seen region order).
+
+    >>> from flexemr._plan import ShardingPlan
+    >>> plan = ShardingPlan.row_wise([TableSpec("t", 8, 2)], ["s0", "s1"])
+    >>> m = merge_lookups([split_lookup(plan, "t", [1, 5]), split_lookup(plan, "t", [6])])
+    >>> m.bases, m.staging_bytes, [s.region_name for s in m.subrequests]
+    ((0, 16), 24, ['t/0', 't/1'])
+    """
+    if isinstance(align, bool) or not isinstance(align, int) or align < 1:
+        raise InputError(f"align must be a positive integer, got {align!r}")
+    bases: list[int] = []
+    pos = 0
+    groups: dict[tuple[str, str], tuple[list[SubRequest], list[int]]] = {}
+    for lk in lookups:
+        pos = -(-pos // align) * align
+        bases.append(pos)
+        for s in lk.subrequests:
+            g = groups.setdefault((s.server, s.region_name), ([], []))
+            g[0].append(s)
+            g[1].append(pos)
+        pos += lk.staging_bytes
+    merged = tuple(merge_subrequests(subs, b) for subs, b in groups.values())
+    return MergedLookups(tuple(lookups), merged, tuple(bases), pos)
+
+
+# --------------------------------------------------------- local simulation
+
+
+def shard_region_array(model_table: npt.NDArray[Any], shard: Shard) -> npt.NDArray[Any]:
+    """The shard's slice of a table as the C-contiguous array its server registers.
+
+    >>> t = np.arange(12, dtype=np.float32).reshape(3, 4)
+    >>> shard_region_array(t, Shard("t", "s0", 1, 3, 2, 4)).tolist()
+    [[6.0, 7.0], [10.0, 11.0]]
+    """
+    if not isinstance(model_table, np.ndarray) or model_table.ndim != 2:
+        raise InputError(f"table {shard.table!r}: model table must be a 2-D numpy array")
+    rows, cols = model_table.shape
+    if shard.row_end > rows or shard.col_end > cols:
+        raise InputError(
+            f"table {shard.table!r}: model table of shape {model_table.shape} does not contain shard "
+            f"rows [{shard.row_start}, {shard.row_end}) cols [{shard.col_start}, {shard.col_end})"
+        )
+    return np.ascontiguousarray(model_table[shard.row_start : shard.row_end, shard.col_start : shard.col_end])
+
+
+def execute_subrequests(
+    plan: ShardingPlan,
+    model: Mapping[str, npt.NDArray[Any]],
+    subs: Sequence[SubRequest],
+    staging: npt.NDArray[np.uint8],
+) -> None:
+    """Simulate the RDMA reads of ``subs`` against ``model`` into ``staging`` (in place).
+
+    Every read is bounds-checked against its region and the staging buffer
+    (:class:`~flexemr._errors.FlexEMRError` on violation).
+    """
+    if not isinstance(staging, np.ndarray) or staging.dtype != np.uint8 or staging.ndim != 1:
+        raise InputError("staging must be a 1-D uint8 numpy array")
+    regions: dict[str, npt.NDArray[np.uint8]] = {}
+    for sub in subs:
+        region = regions.get(sub.region_name)
+        if region is None:
+            shard = plan.region(sub.region_name)
+            spec = plan.spec(shard.table)
+            try:
+                table = model[shard.table]
+            except KeyError:
+                raise InputError(f"model has no table {shard.table!r}") from None
+            if not isinstance(table, np.ndarray) or table.shape != (spec.num_rows, spec.dim) or table.dtype != spec.np_dtype:
+                raise InputError(
+                    f"table {shard.table!r}: model array must have shape {(spec.num_rows, spec.dim)} "
+                    f"and dtype {spec.dtype}"
+                )
+            region = shard_region_array(table, shard).reshape(-1).view(np.uint8)
+            regions[sub.region_name] = region
+        lengths = sub.lengths
+        if lengths.size == 0:
+            continue
+        if (
+            (lengths < 0).any()
+            or (sub.remote_offsets < 0).any()
+            or (sub.local_offsets < 0).any()
+            or (sub.remote_offsets + lengths > region.size).any()
+            or (sub.local_offsets + lengths > staging.size).any()
+        ):
+            raise FlexEMRError(f"sub-request on {sub.region_name!r} reads outside its region or staging buffer")
+        total = int(lengths.sum())
+        within = np.arange(total, dtype=np.int64) - np.repeat(np.cumsum(lengths) - lengths, lengths)
+        staging[np.repeat(sub.local_offsets, lengths) + within] = region[np.repeat(sub.remote_offsets, lengths) + within]
+
+
+def execute_locally(
+    plan: ShardingPlan, model: Mapping[str, npt.NDArray[Any]], split: SplitLookup | MergedLookups
+) -> npt.NDArray[np.uint8]:
+    """A staging buffer filled by simulating ``split``'s reads against ``model``.
+
+    ``model`` maps table name to its full ``[num_rows, dim]`` array.
+    """
+    staging = np.zeros(split.staging_bytes, dtype=np.uint8)
+    execute_subrequests(plan, model, split.subrequests, staging)
+    return staging
+
+
+def lookup_locally(
+    plan: ShardingPlan, model: Mapping[str, npt.NDArray[Any]], table: str, ids: object
+) -> npt.NDArray[Any]:
+    """split -> simulated reads -> assemble; equals ``model[table][ids]`` for valid ids."""
+    split = split_lookup(plan, table, ids)
+    return split.assemble(execute_locally(plan, model, split))
