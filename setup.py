@@ -1,5 +1,20 @@
-# The native part of rdmaio (the software transport's data path) is compiled by cffi
-# in API mode when the package is installed; everything else is in pyproject.toml.
+# The native parts of rdmaio are compiled by cffi in API mode when the package is
+# installed; everything else is in pyproject.toml.  The verbs data path is optional:
+# it is built only when the libibverbs headers are present (apt-get install
+# libibverbs-dev), so the package installs everywhere.
+import os
+import sys
+
 from setuptools import setup
 
-setup(cffi_modules=["rdmaio/_native/build.py:ffibuilder"])
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "rdmaio", "_native"))
+try:
+    from verbs_build import have_verbs_headers
+finally:
+    sys.path.pop(0)
+
+cffi_modules = ["rdmaio/_native/build.py:ffibuilder"]
+if have_verbs_headers():
+    cffi_modules.append("rdmaio/_native/verbs_build.py:ffibuilder")
+
+setup(cffi_modules=cffi_modules)

@@ -5,12 +5,14 @@ An endpoint owns one control connection (msgpack requests such as
 owned by exactly one worker (``Engine(qp_per_worker=False)`` instead shares one
 queue pair between all workers, for comparison).
 
-How operations are spread over queue pairs: each call goes to the next queue
-pair in round-robin order; a batch travels as one request on one queue pair
-(split into chunks of at most :data:`~rdmaio._wire.MAX_BATCH` entries spread the
-same way); a single read or write of at least ``Engine(stripe_bytes=...)``
-bytes is striped in equal chunks over all queue pairs and completes when every
-chunk has.
+How operations are spread over queue pairs: each call goes to the queue pair
+with the fewest operations in flight; ties go to the queue pair used last, so
+a caller that waits for each operation keeps one warm path (same socket, same
+worker thread on both sides) while concurrent callers spread over all of them.
+A batch travels as one request on one queue pair (split into chunks of at most
+:data:`~rdmaio._wire.MAX_BATCH` entries, each placed the same way).  A single
+read or write of at least ``Engine(stripe_bytes=...)`` bytes is striped in
+equal chunks over all queue pairs and completes when every chunk has.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from ._errors import (
 from ._keys import RemoteKey
 from ._region import MemoryRegion
 from ._tcp import TcpQueuePair
+from ._verbs import check_remote, check_remote_batch
 from ._wire import MAX_BATCH, MAX_OP_BYTES, ControlCodec, Op
 
 if TYPE_CHECKING:
@@ -56,13 +59,16 @@ async def _recv_message(loop: asyncio.AbstractEventLoop, sock: socket.socket, co
 
 
 async def _dial(loop: asyncio.AbstractEventLoop, host: str, port: int, first: dict[str, Any],
-                expect: str) -> tuple[socket.socket, ControlCodec, dict[str, Any]]:
+                expect: str, bufsize: int = 0) -> tuple[socket.socket, ControlCodec, dict[str, Any]]:
     infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
     family, type_, proto, _, addr = infos[0]
     sock = socket.socket(family, type_, proto)
     try:
         sock.setblocking(False)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if bufsize:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, bufsize)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, bufsize)
         await loop.sock_connect(sock, addr)
         codec = ControlCodec()
         await loop.sock_sendall(sock, codec.encode(first))
@@ -78,6 +84,11 @@ async def _dial(loop: asyncio.AbstractEventLoop, host: str, port: int, first: di
 async def open_endpoint(engine: Engine, host: str, port: int, timeout: float) -> Endpoint:
     """Handshake: one control connection, then one data connection per queue pair."""
     loop = asyncio.get_running_loop()
+    opener = None
+    if engine._verbs is not None:  # verbs: QP attributes travel in hello/welcome, no data connections
+        from ._verbs import open_verbs_endpoint
+
+        opener = open_verbs_endpoint(engine, host, port)
     nqp = engine._nqp
     socks: list[socket.socket] = []
 
@@ -87,7 +98,8 @@ async def open_endpoint(engine: Engine, host: str, port: int, timeout: float) ->
         socks.append(ctl)
         session = welcome["session"]
         for i in range(nqp):
-            s, c, _ = await _dial(loop, host, port, {"t": "attach", "session": session, "qp": i}, "attached")
+            s, c, _ = await _dial(loop, host, port, {"t": "attach", "session": session, "qp": i}, "attached",
+                                  engine._socket_buffer)
             if c.buffered():
                 s.close()
                 raise ProtocolError("peer sent data before the queue pair was attached")
@@ -95,7 +107,7 @@ async def open_endpoint(engine: Engine, host: str, port: int, timeout: float) ->
         return Endpoint(engine, (host, port), ctl, codec, socks[1:])
 
     try:
-        return await asyncio.wait_for(handshake(), timeout)
+        return await asyncio.wait_for(handshake() if opener is None else opener, timeout)
     except asyncio.TimeoutError:
         for s in socks:
             s.close()
@@ -133,25 +145,30 @@ class Endpoint:
     """
 
     def __init__(self, engine: Engine, peer: tuple[str, int], ctl: socket.socket, codec: ControlCodec,
-                 data_socks: list[socket.socket]) -> None:
+                 data_socks: list[socket.socket], qps: list[Any] | None = None) -> None:
         self._engine = engine
         self._loop = engine._loop
         self.peer = peer
         self._ctl = ctl
         self._codec = codec
         self._qps: list[TcpQueuePair] = []
-        self._rr = itertools.cycle(range(len(data_socks)))
         self._requests: dict[int, asyncio.Future[dict[str, Any]]] = {}
         self._req_ids = itertools.count(1)
         self._closed = False
         self.broken: BaseException | None = None
+        #: verbs: remote keys are checked locally before posting (the NIC cannot tell the errors apart)
+        self._verbs = engine._verbs is not None
         workers = engine._workers
+        for vqp in qps or ():  # verbs queue pairs, already connected by open_verbs_endpoint
+            engine._conns[vqp.conn_id] = vqp
+            self._qps.append(vqp)
         for i, s in enumerate(data_socks):
             conn_id = engine._new_conn_id()
             attach = workers if not engine._qp_per_worker else [workers[i % len(workers)]]
             qp = TcpQueuePair(self._loop, s, conn_id, attach, engine._sq_depth, engine._op_timeout, self._on_broken)
             engine._conns[conn_id] = qp
             self._qps.append(qp)
+        self._last = self._qps[0]
         self._reader = self._loop.create_task(self._read_control())
         engine._endpoints.add(self)
 
@@ -262,15 +279,24 @@ class Endpoint:
 
     # -- one-sided operations ----------------------------------------------------
     def _qp(self) -> TcpQueuePair:
-        return self._qps[next(self._rr)]
+        """The least-loaded queue pair; ties keep the last one used."""
+        best = self._last
+        load = len(best._pending)
+        if load == 0:
+            return best
+        for qp in self._qps:
+            n = len(qp._pending)
+            if n < load:
+                best, load = qp, n
+        self._last = best
+        return best
 
-    @staticmethod
-    def _key(key: RemoteKey) -> int:
+    def _key(self, key: RemoteKey) -> Any:
         if not isinstance(key, RemoteKey):
             raise UsageError(f"expected a RemoteKey, got {type(key).__name__}")
-        if key.transport != "tcp":
-            raise UsageError(f"a {key.transport} key cannot be used on a tcp endpoint")
-        return key.rkey
+        if key.transport != self._engine.transport:
+            raise UsageError(f"a {key.transport} key cannot be used on a {self._engine.transport} endpoint")
+        return key if self._verbs else key.rkey  # verbs queue pairs need the address too
 
     async def _single(self, op: Op, what: str, mr: MemoryRegion, local_offset: int, key: RemoteKey,
                       remote_offset: int, length: int) -> None:
@@ -281,6 +307,8 @@ class Endpoint:
         mr._check_local(local_offset, length)
         if remote_offset < 0:
             raise UsageError("remote offset must be >= 0")
+        if self._verbs:
+            check_remote(op, what, key, remote_offset, length)
         stripe = self._engine._stripe_bytes
         if stripe and length >= stripe and len(self._qps) > 1:
             n = len(self._qps)
@@ -332,6 +360,8 @@ class Endpoint:
             return
         if int((lo + ln).max()) > mr.length or np.any(lo + ln < lo):
             raise UsageError(f"a local range lies outside the {mr.length}-byte region")
+        if self._verbs:
+            check_remote_batch(op, what, key, ro, ln)
         local = lo + np.uint64(mr.addr)
         futs = []
         for start in range(0, lo.size, MAX_BATCH):
@@ -370,6 +400,8 @@ class Endpoint:
             raise UsageError("remote offset must be >= 0")
         if not (-(1 << 63) <= a <= _U64 and -(1 << 63) <= b <= _U64):
             raise UsageError("atomic operands must fit in 64 bits")
+        if self._verbs:
+            check_remote(op, what, key, offset, 8)
         qp = self._qp()
         if not qp._free:
             await qp.wait_slot()

@@ -29,6 +29,7 @@ from ._wire import ControlCodec
 
 if TYPE_CHECKING:
     from ._endpoint import Endpoint
+    from ._verbs import ServerSession, VerbsContext
 
 __all__ = ["Engine", "Listener", "available_transports"]
 
@@ -39,11 +40,13 @@ ProgressMode = Literal["thread", "loop"]
 
 
 def available_transports() -> dict[str, str | None]:
-    """Each transport's availability: ``None`` if usable here, else the reason it is not."""
-    return {
-        "tcp": None,
-        "verbs": "the verbs transport is not part of this build of rdmaio (use transport='tcp')",
-    }
+    """Each transport's availability: ``None`` if usable here, else the reason it is not.
+
+    Probing verbs loads libibverbs (the optional ``_rdmaio_verbs`` extension) on first use.
+    """
+    from ._verbs import unavailable_reason
+
+    return {"tcp": None, "verbs": unavailable_reason()}
 
 
 def _resolve_transport(name: str) -> str:
@@ -94,12 +97,21 @@ class Engine:
         :class:`~rdmaio.TimeoutError` (its memory stays pinned until the transfer ends).
     stripe_bytes:
         Single reads/writes at least this large are split over all queue pairs (0: never).
+    device, port, gid_index:
+        verbs only: the RDMA device (e.g. ``"mlx5_0"``; default: the first with an
+        ACTIVE port), its port (default: the first ACTIVE one) and the GID table index
+        (default: the first RoCE v2 IPv4-mapped entry; see ``docs/verbs.md``).
+    socket_buffer:
+        Kernel send/receive buffer for queue-pair sockets (tcp transport; 0 keeps the
+        system's autotuning).  Large buffers mean fewer wake-ups per large transfer.
     """
 
     def __init__(self, transport: TransportName = "auto", workers: int = 2, progress: ProgressMode = "thread", *,
                  qp_per_worker: bool = True, sq_depth: int = 1024, max_regions: int = 4096,
                  op_timeout: float | None = None, connect_timeout: float = 10.0,
-                 handshake_timeout: float = 5.0, stripe_bytes: int = 512 * 1024) -> None:
+                 handshake_timeout: float = 5.0, stripe_bytes: int = 0,
+                 socket_buffer: int = 4 << 20,
+                 device: str | None = None, port: int | None = None, gid_index: int | None = None) -> None:
         if not isinstance(workers, int) or not 1 <= workers <= 64:
             raise UsageError("workers must be an int in 1..64")
         if progress not in ("thread", "loop"):
@@ -108,7 +120,16 @@ class Engine:
             raise UsageError("sq_depth must be in 1..65536")
         if not qp_per_worker and workers > 8:
             raise UsageError("a shared queue pair can be polled by at most 8 workers")
+        if device is not None or port is not None or gid_index is not None:
+            from ._verbs import check_device_args
+
+            check_device_args(device, port, gid_index)
         self.transport = _resolve_transport(transport)
+        self._verbs: VerbsContext | None = None
+        if self.transport == "verbs":  # opens the device now: TransportUnavailableError if it cannot
+            from ._verbs import VerbsContext
+
+            self._verbs = VerbsContext(device, port, gid_index)
         self.progress = progress
         self.num_workers = workers
         self._qp_per_worker = qp_per_worker
@@ -118,6 +139,7 @@ class Engine:
         self._connect_timeout = connect_timeout
         self._handshake_timeout = handshake_timeout
         self._stripe_bytes = stripe_bytes
+        self._socket_buffer = socket_buffer
         self._rt = lib.rio_rtable_new(max_regions)
         if self._rt == ffi.NULL:
             raise MemoryError("could not allocate the region table")
@@ -147,7 +169,8 @@ class Engine:
         self._loop = asyncio.get_running_loop()
         try:
             for i in range(self.num_workers):
-                w = Worker(i, self, self.progress, self._loop)
+                w = (Worker(i, self, self.progress, self._loop) if self._verbs is None
+                     else self._verbs_worker(i))
                 self._workers.append(w)
                 w.start()
         except BaseException:
@@ -208,11 +231,13 @@ class Engine:
         for mr in list(self._regions):
             if not mr.closed:
                 mr._closed = True
-            mr._release()
+            self._release(mr)
         self._zombies.clear()
         self._exposed.clear()
         lib.rio_rtable_free(self._rt)
         self._rt = None
+        if self._verbs is not None:
+            self._verbs.close()
 
     # -- memory -----------------------------------------------------------------
     def register(self, buf: Any, access: Access = Access.READ | Access.WRITE) -> MemoryRegion:
@@ -239,7 +264,10 @@ class Engine:
         addr = int(ffi.cast("uintptr_t", cdata))
         key = 0
         index = -1
-        if access:
+        if self._verbs is not None:  # NIC registration (cached); key = rkey << 32 | lkey
+            lkey, rkey = self._verbs.register(addr, mv.nbytes, access)
+            key = (rkey << 32) | lkey
+        elif access:
             while key == 0:
                 key = secrets.randbits(64)
             index = lib.rio_rtable_insert(self._rt, key, addr, mv.nbytes, int(access))
@@ -250,7 +278,21 @@ class Engine:
         return mr
 
     def _transport_key(self, mr: MemoryRegion) -> RemoteKey:
+        if self._verbs is not None:
+            return RemoteKey("verbs", mr.addr, mr._key >> 32, mr.length, mr.access, 0)
         return RemoteKey("tcp", 0, mr._key, mr.length, mr.access, mr._index)
+
+    def _release(self, mr: MemoryRegion) -> None:
+        """Drop the buffer (and, on verbs, the NIC registration) of a region nothing uses any more."""
+        if self._verbs is not None and mr._view is not None:
+            self._verbs.unregister(mr.addr, mr.length, mr.access)
+        mr._release()
+
+    def _verbs_worker(self, i: int) -> Worker:
+        from ._verbs import VerbsWorker
+
+        assert self._verbs is not None and self._loop is not None
+        return VerbsWorker(i, self, self.progress, self._loop, self._verbs)
 
     def _remote_busy(self, mr: MemoryRegion) -> int:
         if mr._index < 0 or self._rt is None:
@@ -267,12 +309,12 @@ class Engine:
             if self._loop is not None and not self._closed:
                 self._loop.call_later(0.01, self._reap_zombies)
         else:
-            mr._release()
+            self._release(mr)
 
     def _reap(self, mr: MemoryRegion) -> None:
         if not mr._in_use():
             self._zombies.discard(mr)
-            mr._release()
+            self._release(mr)
 
     def _reap_zombies(self) -> None:
         for mr in list(self._zombies):
@@ -326,7 +368,7 @@ class Engine:
 
 
 class _Session:
-    __slots__ = ("token", "nqp", "ctl", "responders", "attached")
+    __slots__ = ("token", "nqp", "ctl", "responders", "attached", "verbs")
 
     def __init__(self, token: bytes, nqp: int, ctl: socket.socket) -> None:
         self.token = token
@@ -334,6 +376,7 @@ class _Session:
         self.ctl = ctl
         self.responders: list[TcpResponder] = []
         self.attached: set[int] = set()
+        self.verbs: ServerSession | None = None  # verbs: the session's server-side QPs
 
 
 class Listener:
@@ -431,7 +474,11 @@ class Listener:
         session = _Session(token, nqp, sock)
         self._sessions[token] = session
         try:
-            await self._loop.sock_sendall(sock, codec.encode({"t": "welcome", "v": 1, "session": token, "nqp": nqp}))
+            welcome = {"t": "welcome", "v": 1, "session": token, "nqp": nqp}
+            if engine._verbs is not None:  # create + connect this session's QPs, answer with their attributes
+                session.verbs = engine._verbs.accept(hello, nqp, engine._workers)
+                welcome.update(session.verbs.welcome_fields())
+            await self._loop.sock_sendall(sock, codec.encode(welcome))
             while True:
                 msg = await self._recv(sock, codec)
                 if msg is None or msg["t"] == "bye":
@@ -443,6 +490,8 @@ class Listener:
                     else:
                         reply = {"t": "key", "id": msg["id"], "key": mr.remote_key().to_bytes()}
                     await self._loop.sock_sendall(sock, codec.encode(reply))
+                elif msg["t"] == "qp_reset" and session.verbs is not None:
+                    await self._loop.sock_sendall(sock, codec.encode(session.verbs.reset(msg)))
                 else:
                     raise ProtocolError(f"unexpected control message {msg['t']!r}")
         finally:
@@ -453,11 +502,15 @@ class Listener:
         session = self._sessions.get(token) if isinstance(token, bytes) else None
         if session is None:
             raise ProtocolError("attach names no live session")
+        if session.verbs is not None:
+            raise ProtocolError("verbs sessions have no data connections to attach")
         if not isinstance(qp, int) or not 0 <= qp < session.nqp or qp in session.attached:
             raise ProtocolError(f"bad or duplicate queue pair index {qp!r}")
         if codec.buffered():
             raise ProtocolError("data sent before the queue pair was attached")
         engine = self._engine
+        if engine._socket_buffer:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, engine._socket_buffer)
         sock.send(codec.encode({"t": "attached", "qp": qp}))
         conn_id = engine._new_conn_id()
         worker = engine._workers[qp % len(engine._workers)]
@@ -479,6 +532,9 @@ class Listener:
             self._engine._conns.pop(r.conn_id, None)
             r.close()
         session.responders.clear()
+        if session.verbs is not None:
+            session.verbs.close()
+            session.verbs = None
 
     async def aclose(self) -> None:
         """Stop accepting and close the sessions this listener serves. Idempotent."""

@@ -20,7 +20,7 @@ import asyncio
 import collections
 import logging
 import threading
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from ._native._rdmaio_native import ffi, lib
 
@@ -47,9 +47,7 @@ class Worker:
         self._sink = sink
         self._mode = mode
         self._loop = loop
-        self.c = lib.rio_worker_new(cq_depth)
-        if self.c == ffi.NULL:
-            raise MemoryError("could not create a native worker (epoll/eventfd/memory)")
+        self.c = self._native_new(cq_depth)
         self._stopping = False
         self._thread: threading.Thread | None = None
         self._queue: collections.deque[Batch] = collections.deque()
@@ -62,7 +60,7 @@ class Worker:
             self._thread = threading.Thread(target=self._run, name=f"rdmaio-worker-{self.index}", daemon=True)
             self._thread.start()
         else:
-            self._loop.add_reader(self.c.epfd, self._poll_on_loop)
+            self._loop.add_reader(self._fd(), self._poll_on_loop)
             self._reader = True
 
     # -- both modes -----------------------------------------------------------
@@ -82,17 +80,17 @@ class Worker:
     def _poll_on_loop(self) -> None:
         if self._stopping:
             return
-        n = lib.rio_worker_poll(self.c, 0)
+        n = self._native_poll(0)
         if n > 0:
             self._sink._on_batch(self._collect())
-        if lib.rio_worker_backlog(self.c):
+        if self._native_backlog():
             self._loop.call_soon(self._poll_on_loop)
 
     # -- thread mode ----------------------------------------------------------
     def _run(self) -> None:
-        c = self.c
+        poll = self._native_poll
         while not self._stopping:
-            n = lib.rio_worker_poll(c, -1)
+            n = poll(-1)
             if n > 0 and not self._stopping:
                 batch = self._collect()
                 with self._qlock:
@@ -117,23 +115,46 @@ class Worker:
             self._sink._on_batch(batch)
 
     def wake(self) -> None:
-        lib.rio_worker_wake(self.c)
+        self._native_wake()
 
     def stop(self) -> None:
         """Stop the driver (joins the thread); the native worker stays until :meth:`free`."""
         self._stopping = True
         if self._thread is not None:
-            lib.rio_worker_wake(self.c)
+            self._native_wake()
             self._thread.join()
             self._thread = None
         if self._reader:
             try:
-                self._loop.remove_reader(self.c.epfd)
+                self._loop.remove_reader(self._fd())
             except Exception:  # loop already closed
                 pass
             self._reader = False
 
     def free(self) -> None:
         if self.c is not None:
-            lib.rio_worker_free(self.c)
+            self._native_free()
             self.c = None
+
+    # -- the native worker (overridden by transports with another completion source,
+    #    e.g. rdmaio._verbs.VerbsWorker; the batch arrays keep the same field names) --
+    def _native_new(self, cq_depth: int) -> Any:
+        c = lib.rio_worker_new(cq_depth)
+        if c == ffi.NULL:
+            raise MemoryError("could not create a native worker (epoll/eventfd/memory)")
+        return c
+
+    def _native_poll(self, timeout_ms: int) -> int:
+        return int(lib.rio_worker_poll(self.c, timeout_ms))
+
+    def _native_backlog(self) -> bool:
+        return bool(lib.rio_worker_backlog(self.c))
+
+    def _native_wake(self) -> None:
+        lib.rio_worker_wake(self.c)
+
+    def _native_free(self) -> None:
+        lib.rio_worker_free(self.c)
+
+    def _fd(self) -> int:
+        return int(self.c.epfd)

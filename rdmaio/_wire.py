@@ -68,13 +68,17 @@ _LEN = struct.Struct("<I")
 
 #: control message types and the keys each one must carry
 CONTROL_TYPES: dict[str, tuple[str, ...]] = {
-    "hello": ("v", "transport", "nqp"),  # client -> server, first on a control connection
-    "welcome": ("v", "session", "nqp"),  # server -> client
+    # client -> server, first on a control connection; verbs adds "qps": [{qpn, psn, gid (16 bytes), lid, mtu}]
+    "hello": ("v", "transport", "nqp"),
+    # server -> client; verbs adds "qps" (the server's QPs, same order) and "ping": [addr, rkey]
+    "welcome": ("v", "session", "nqp"),
     "attach": ("session", "qp"),  # client -> server, first on a data connection
     "attached": ("qp",),  # server -> client, then the connection carries data frames
     "get_key": ("id", "name"),  # client -> server
     "key": ("id", "key"),  # server -> client
     "error": ("code", "message"),  # either way; "id" when it answers a request
+    "qp_reset": ("id", "qp", "psn"),  # verbs, client -> server: reset QP #qp after an error; client's new PSN
+    "qp_reset_ok": ("id", "psn"),  # verbs, server -> client: QP back in RTS; server's new PSN
     "bye": (),  # either way, orderly close
 }
 

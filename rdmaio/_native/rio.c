@@ -52,6 +52,8 @@
 #include <sys/eventfd.h>
 #include <sys/socket.h>
 #include <sys/uio.h>
+#include <sched.h>
+#include <time.h>
 #include <unistd.h>
 
 #if !defined(__BYTE_ORDER__) || __BYTE_ORDER__ != __ORDER_LITTLE_ENDIAN__
@@ -297,7 +299,9 @@ struct rio_worker {
     int32_t *ev_code;
     uint32_t woken;
     uint64_t rounds;
+    uint32_t spin_us;
     /* private */
+    int did_work;
     pthread_mutex_t lock;
     grave_t *graves;
     rio_conn **backlog;
@@ -1004,10 +1008,24 @@ static int pump(rio_worker *w, rio_conn *c) {
                 c->in_len -= c->in_pos;
                 c->in_pos = 0;
             }
-            got = recv(c->fd, c->in + c->in_len, INBUF - c->in_len, MSG_DONTWAIT);
+            uint32_t room = INBUF - c->in_len;
+            got = recv(c->fd, c->in + c->in_len, room, MSG_DONTWAIT);
             if (got > 0) {
                 c->in_len += (uint32_t)got;
                 budget = (uint64_t)got >= budget ? 0 : budget - (uint64_t)got;
+                if ((uint32_t)got < room) {
+                    /* a short read drained the socket: process and stop here
+                     * instead of paying for a recv that returns EAGAIN (epoll
+                     * is level-triggered, so later bytes raise a new event) */
+                    int64_t used = process(w, c, c->in + c->in_pos, c->in_len - c->in_pos);
+                    if (used < 0) { mark_dead(w, c, (int)used); return -1; }
+                    c->in_pos += (uint32_t)used;
+                    if (c->in_pos == c->in_len) { c->in_pos = c->in_len = 0; return 0; }
+                    uint32_t hsz = c->kind == KIND_RESPONDER ? REQ_HDR : RESP_HDR;
+                    if (c->in_state == IN_HDR && c->in_len - c->in_pos < hsz) return 0;
+                    if (c->in_state != IN_HDR) return 0; /* mid-payload: wait for more bytes */
+                    return 1; /* stopped early (CQ full / backpressure) */
+                }
                 continue;
             }
         }
@@ -1048,6 +1066,7 @@ static void service(rio_worker *w, rio_conn *c, uint32_t events) {
     if (shared) pthread_mutex_lock(&c->in_lock);
     if (c->closed || c->dead) goto out;
     int more = 0;
+    w->did_work = 1;
     if (events & (EPOLLIN | EPOLLERR | EPOLLHUP | EPOLLRDHUP)) {
         int rc = pump(w, c);
         if (rc < 0) goto out;
@@ -1122,7 +1141,26 @@ int rio_worker_poll(rio_worker *w, int timeout_ms) {
     rio_worker *p = w;
     struct epoll_event evs[64];
     if (p->nbacklog) timeout_ms = 0;
-    int n = epoll_wait(w->epfd, evs, 64, timeout_ms);
+    int n = 0;
+    if (w->spin_us && w->did_work && timeout_ms != 0) {
+        /* Adaptive poll-before-block: right after a round that did work, the
+         * next request usually follows within a round trip.  Polling for a
+         * bounded time avoids a sleep/wake-up (very costly on virtual CPUs);
+         * sched_yield hands the CPU to any runnable thread meanwhile.  Idle
+         * workers never spin: did_work is cleared by an empty round. */
+        struct timespec t0, t;
+        clock_gettime(CLOCK_MONOTONIC, &t0);
+        for (;;) {
+            n = epoll_wait(w->epfd, evs, 64, 0);
+            if (n != 0) break;
+            clock_gettime(CLOCK_MONOTONIC, &t);
+            int64_t us = (t.tv_sec - t0.tv_sec) * 1000000LL + (t.tv_nsec - t0.tv_nsec) / 1000;
+            if (us >= (int64_t)w->spin_us) break;
+            sched_yield();
+        }
+    }
+    if (n == 0) n = epoll_wait(w->epfd, evs, 64, timeout_ms);
+    w->did_work = 0;
     if (n < 0 && errno != EINTR) return -errno;
     if (n < 0) n = 0;
     pthread_mutex_lock(&p->lock);

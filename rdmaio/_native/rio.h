@@ -35,6 +35,7 @@ struct rio_worker {
     int32_t *ev_code;      /* 0: orderly EOF, >0: errno, <0: -RIO_PE_* protocol error */
     uint32_t woken;        /* the wake fd fired during the last round */
     uint64_t rounds;
+    uint32_t spin_us;      /* poll-before-block budget after a busy round (0: never spin) */
     ...;
 };
 
