@@ -1,0 +1,19 @@
+# Two commands for a fresh machine (see README):
+#   make demo   the main job: servers on loopback, no configuration
+#   make test   every test, including the verbs suite inside the Soft-RoCE VM
+.PHONY: demo test bench clean
+
+demo: .venv/.installed
+	.venv/bin/python -m rdmaio.demo
+
+test:
+	bash scripts/test.sh
+
+bench: .venv/.installed
+	.venv/bin/python -m rdmaio.bench
+
+.venv/.installed: pyproject.toml setup.py
+	bash scripts/install.sh
+
+clean:
+	rm -rf .venv build *.egg-info .cache .pytest_cache

@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# System packages for the verbs suite: qemu + Debian kernel tooling for the
+# Soft-RoCE VM, rdma-core/perftest/pyverbs, and the libibverbs headers the verbs
+# extension compiles against.  Needs root and apt; otherwise it says what is
+# missing and exits 1 (the verbs suite then skips with that reason).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON="${PYTHON:-python3}"
+if [ "$(id -u)" != 0 ] || ! command -v apt-get >/dev/null; then
+    echo "system-deps: not root or no apt-get: install the Soft-RoCE packages yourself" \
+         "(see docs/softroce.md); the verbs suite will be skipped" >&2
+    exit 1
+fi
+if [ ! -d /var/lib/apt/lists ] || [ -z "$(ls -A /var/lib/apt/lists 2>/dev/null | grep -v lock || true)" ]; then
+    apt-get update -qq
+fi
+# the package list lives in one place: rdmaio/testing/softroce.py (APT_PACKAGES);
+# the module is stdlib-only, so it runs by path before anything is built
+"$PYTHON" rdmaio/testing/softroce.py --install-deps -q || {
+    apt-get update -qq && "$PYTHON" rdmaio/testing/softroce.py --install-deps -q; }

@@ -1,0 +1,52 @@
+#!/usr/bin/env bash
+# The project's test command (README: `make test`).
+#
+# 1. system packages for the verbs suite (root + apt only), then .venv
+# 2. the whole suite on this host (verbs tests skip here: no RDMA stack)
+# 3. the verbs suite inside the Soft-RoCE VM, with the number of verbs tests
+#    executed printed and checked, plus the rdmaio-vs-perftest ratio from the
+#    same VM run
+# RDMAIO_REQUIRE_VERBS=1 (CI) turns "the VM could not run" into a failure.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+mkdir -p .cache
+
+have_vm=1
+bash scripts/system-deps.sh || have_vm=0
+bash scripts/install.sh
+PY=.venv/bin/python
+
+echo "== host suite"
+"$PY" -m pytest -q -p no:cacheprovider "$@"
+
+echo "== verbs suite in the Soft-RoCE VM"
+reason=""
+if [ "$have_vm" = 0 ]; then
+    reason="system packages for the VM could not be installed (not root or no apt)"
+elif ! "$PY" -c 'import rdmaio._native._rdmaio_verbs' 2>/dev/null; then
+    reason="rdmaio was built without the verbs extension (libibverbs-dev missing at install time)"
+elif ! "$PY" -m rdmaio.testing.softroce --prepare -q; then
+    reason="the Soft-RoCE VM could not be prepared (see the messages above)"
+fi
+if [ -n "$reason" ]; then
+    echo "verbs suite SKIPPED: $reason"
+    if [ "${RDMAIO_REQUIRE_VERBS:-0}" = 1 ]; then
+        echo "RDMAIO_REQUIRE_VERBS=1: failing" >&2
+        exit 1
+    fi
+    exit 0
+fi
+rm -f .cache/verbs-junit.xml .cache/verbs-ratio.json
+"$PY" -m rdmaio.testing.softroce --timeout 1500 -- bash scripts/verbs-in-vm.sh
+"$PY" - <<'PYEOF'
+import json, sys
+import xml.etree.ElementTree as ET
+suites = ET.parse(".cache/verbs-junit.xml").getroot()
+suite = suites if suites.tag == "testsuite" else suites.find("testsuite")
+total, failed = int(suite.get("tests")), int(suite.get("failures")) + int(suite.get("errors"))
+skipped = int(suite.get("skipped"))
+passed = total - failed - skipped
+print(f"verbs tests executed in the Soft-RoCE VM: {passed} passed, {failed} failed, {skipped} skipped")
+if passed == 0 or failed:
+    sys.exit("the verbs suite must run (and pass) inside the VM")
+PYEOF
