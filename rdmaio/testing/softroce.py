@@ -33,7 +33,8 @@ Boot sequence of each run:
    (read-only), a per-run job directory (read-write) and, unless
    ``--no-write-cwd``, the caller's working directory (read-write).
 2. ``/init`` (busybox) loads the modules, mounts the host root over 9p, puts a
-   tmpfs overlay on top, mounts proc/sys/devtmpfs/devpts/shm/tmp/run inside it,
+   tmpfs overlay on top, mounts proc/sys/devtmpfs/devpts/shm/run inside it (/tmp
+   stays the host's, seen through the overlay),
    mounts the job share at ``/run/rdmaio-softroce`` and ``switch_root``\\ s into
    the overlay, executing the job's ``stage2.sh`` with the host's ``/bin/sh``.
 3. ``stage2.sh`` mounts the modules tree at ``/lib/modules`` and the writable cwd
@@ -157,7 +158,8 @@ mount -t devtmpfs devtmpfs $R/dev || fail "mount devtmpfs"
 mkdir -p $R/dev/pts $R/dev/shm
 mount -t devpts -o gid=5,mode=0620,ptmxmode=0666 devpts $R/dev/pts
 mount -t tmpfs -o mode=1777 tmpfs $R/dev/shm
-mount -t tmpfs -o mode=1777 tmpfs $R/tmp || fail "mount /tmp"
+# /tmp is NOT replaced by an empty tmpfs: checkouts and virtualenvs often live
+# there, and the overlay already makes it writable (writes stay in the guest)
 mount -t tmpfs -o mode=0755 tmpfs $R/run || fail "mount /run"
 mkdir -p $R@JOB@
 mount -t 9p -o @P9@ job $R@JOB@ || fail "cannot mount the job share"
@@ -1100,6 +1102,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             rc = install_deps()
             if rc != 0:
                 return rc
+            if not (cmd or args.prepare or args.force_prepare):
+                return 0
         image: KernelImage | None = None
         if args.prepare or args.force_prepare or cmd:
             image = prepare(args.cache, meta_package=args.kernel_package, force=args.force_prepare)
