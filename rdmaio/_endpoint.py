@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import os
 import secrets
 import socket
 from typing import TYPE_CHECKING, Any
@@ -42,7 +43,7 @@ from ._wire import MAX_BATCH, MAX_OP_BYTES, ControlCodec, Op
 if TYPE_CHECKING:
     from ._engine import Engine
 
-__all__ = ["Endpoint", "open_endpoint"]
+__all__ = ["Endpoint", "host_identity", "open_endpoint"]
 
 _U64 = (1 << 64) - 1
 
@@ -58,14 +59,30 @@ async def _recv_message(loop: asyncio.AbstractEventLoop, sock: socket.socket, co
     return msg
 
 
+def host_identity() -> str:
+    """This host and network namespace: equal on both ends means a UNIX socket reaches the peer."""
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            boot = f.read().strip()
+        netns = os.stat("/proc/self/ns/net").st_ino
+    except OSError:
+        return ""
+    return f"{boot}/{netns}"
+
+
 async def _dial(loop: asyncio.AbstractEventLoop, host: str, port: int, first: dict[str, Any],
-                expect: str, bufsize: int = 0) -> tuple[socket.socket, ControlCodec, dict[str, Any]]:
-    infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-    family, type_, proto, _, addr = infos[0]
+                expect: str, bufsize: int = 0, unix: str | None = None
+                ) -> tuple[socket.socket, ControlCodec, dict[str, Any]]:
+    if unix is not None:
+        family, type_, proto, addr = socket.AF_UNIX, socket.SOCK_STREAM, 0, "\0" + unix
+    else:
+        infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        family, type_, proto, _, addr = infos[0]
     sock = socket.socket(family, type_, proto)
     try:
         sock.setblocking(False)
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if family != socket.AF_UNIX:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         if bufsize:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, bufsize)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, bufsize)
@@ -97,9 +114,13 @@ async def open_endpoint(engine: Engine, host: str, port: int, timeout: float) ->
                                           "welcome")
         socks.append(ctl)
         session = welcome["session"]
+        # same host and network namespace: data connections over the listener's UNIX socket
+        unix = welcome.get("unix")
+        local = (engine._same_host_fast_path and isinstance(unix, str) and bool(unix)
+                 and welcome.get("host") == host_identity() != "")
         for i in range(nqp):
             s, c, _ = await _dial(loop, host, port, {"t": "attach", "session": session, "qp": i}, "attached",
-                                  engine._socket_buffer)
+                                  engine._socket_buffer, unix if local else None)
             if c.buffered():
                 s.close()
                 raise ProtocolError("peer sent data before the queue pair was attached")

@@ -424,3 +424,25 @@ async def test_striped_large_operations() -> None:
         assert np.array_equal(table[7:7 + 2 * MiB], out[:2 * MiB])
         with pytest.raises(rdmaio.OutOfBoundsError):
             await ep.read(mr, 0, key, 3 * MiB, 2 * MiB)
+
+
+@pytest.mark.parametrize("fast_path", [True, False])
+async def test_same_host_fast_path_choice(fast_path: bool) -> None:
+    """Same host and netns: queue pairs use the listener's UNIX socket unless disabled."""
+    import socket
+
+    async with rdmaio.Engine(transport="tcp", workers=2) as server, \
+            rdmaio.Engine(transport="tcp", workers=2, same_host_fast_path=fast_path,
+                          poll_spin_us=50) as client:
+        table = pattern(1 << 20, seed=11)
+        server.expose("t", server.register(table))
+        lst = await server.listen()
+        assert lst.unix_name
+        ep = await client.connect("127.0.0.1", lst.port)
+        families = {qp._sock.family for qp in ep._qps}
+        assert families == ({socket.AF_UNIX} if fast_path else {socket.AF_INET})
+        key = await ep.remote_key("t")
+        out = np.zeros(1 << 20, dtype=np.uint8)
+        mr = client.register(out)
+        await asyncio.gather(*(ep.read(mr, i << 16, key, i << 16, 1 << 16) for i in range(16)))
+        assert np.array_equal(out, table)
