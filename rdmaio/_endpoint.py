@@ -6,9 +6,10 @@ owned by exactly one worker (``Engine(qp_per_worker=False)`` instead shares one
 queue pair between all workers, for comparison).
 
 How operations are spread over queue pairs: each call goes to the queue pair
-with the fewest operations in flight; ties go to the queue pair used last, so
-a caller that waits for each operation keeps one warm path (same socket, same
-worker thread on both sides) while concurrent callers spread over all of them.
+with the fewest requests in flight (on verbs: posted work-request chunks);
+ties go to the queue pair used last, so a caller that waits for each operation
+keeps one warm path (same socket, same worker thread on both sides) while
+concurrent callers spread over all of them.
 A batch travels as one request on one queue pair (split into chunks of at most
 :data:`~rdmaio._wire.MAX_BATCH` entries, each placed the same way).  A single
 read or write of at least ``Engine(stripe_bytes=...)`` bytes is striped in
@@ -384,15 +385,22 @@ class Endpoint:
         if self._verbs:
             check_remote_batch(op, what, key, ro, ln)
         local = lo + np.uint64(mr.addr)
-        futs = []
-        for start in range(0, lo.size, MAX_BATCH):
-            end = min(start + MAX_BATCH, lo.size)
+        chunks = [(start, min(start + MAX_BATCH, lo.size)) for start in range(0, lo.size, MAX_BATCH)]
+        for start, end in chunks:  # every check before anything is posted
             if int(ln[start:end].sum()) > MAX_OP_BYTES:
-                raise UsageError(f"one batch request moves at most {MAX_OP_BYTES} bytes")
-            qp = self._qp()
-            if not qp._free:
-                await qp.wait_slot()
-            futs.append(qp.post_batch(op, rkey, ro[start:end], ln[start:end], local[start:end], mr, what))
+                raise UsageError(f"one batch request moves at most {MAX_OP_BYTES} bytes "
+                                 f"(entries {start}..{end - 1} move more)")
+        futs: list[asyncio.Future[int]] = []
+        try:
+            for start, end in chunks:
+                qp = self._qp()
+                if not qp._free:
+                    await qp.wait_slot()
+                futs.append(qp.post_batch(op, rkey, ro[start:end], ln[start:end], local[start:end], mr, what))
+        except BaseException:
+            if futs:  # collect what was posted before failing (no orphaned futures)
+                await asyncio.gather(*futs, return_exceptions=True)
+            raise
         if len(futs) == 1:
             await futs[0]
             return
@@ -411,7 +419,11 @@ class Endpoint:
 
     async def write_batch(self, local_mr: MemoryRegion, local_offsets: Any, key: RemoteKey, remote_offsets: Any,
                           lengths: Any) -> None:
-        """Many writes to one region in one request; all-or-nothing bounds checking."""
+        """Many writes to one region; bounds are checked all-or-nothing per request.
+
+        A batch travels as one request of at most 65,536 entries (larger batches are
+        several requests, each checked and applied on its own).
+        """
         await self._batch(Op.WRITE_BATCH, "write_batch", local_mr, local_offsets, key, remote_offsets, lengths)
 
     async def _atomic(self, op: Op, what: str, key: RemoteKey, offset: int, a: int, b: int) -> int:

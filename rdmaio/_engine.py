@@ -90,8 +90,8 @@ class Engine:
         ``"thread"``: each worker is a thread blocked on its epoll fd.
         ``"loop"``: no threads; workers are polled from the event loop via ``add_reader``.
     qp_per_worker:
-        ``False`` gives each endpoint a single queue pair shared (under a lock) by all
-        workers — the contended design the per-thread layout replaces; for benchmarks.
+        ``False`` gives each endpoint a single queue pair; on tcp it is polled by all
+        workers under a lock, on verbs it belongs to worker 0 — the contended design the per-thread layout replaces; for benchmarks.
     sq_depth:
         Operations in flight per queue pair; more wait for a free slot (backpressure).
     op_timeout:

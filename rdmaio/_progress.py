@@ -5,7 +5,8 @@ Each worker owns one native epoll set and completion queue
 services every ready connection in C and collects completions into arrays.
 
 ``progress="thread"``
-    A thread per worker blocks in the round (GIL released, no spinning),
+    A thread per worker blocks in the round (GIL released; no spinning unless
+    ``Engine(poll_spin_us=...)`` asks for a bounded poll after busy rounds),
     copies the batch out and hands it to the event loop with at most one
     ``call_soon_threadsafe`` per batch (batches that arrive while one is
     queued ride along: one loop wake-up per poll round at most).

@@ -1,6 +1,7 @@
 """The software ("tcp") transport: queue pairs over TCP, a NIC-like responder in C.
 
-A queue pair is one TCP connection.  The initiator side
+A queue pair is one stream connection: TCP, or a UNIX-domain socket when both
+engines share a host and network namespace.  The initiator side
 (:class:`TcpQueuePair`) is driven from the event-loop thread: posting packs a
 request into the connection's native output queue (headers and batch entries
 are packed in C; write payloads are referenced, not copied, above 2 KiB) and
@@ -71,7 +72,7 @@ class _Pending:
 
 
 class TcpQueuePair:
-    """Initiator side of one queue pair (one TCP connection, one owning worker)."""
+    """Initiator side of one queue pair (one stream connection, one owning worker)."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop, sock: socket.socket, conn_id: int,
                  workers: list[Worker], depth: int, op_timeout: float | None,

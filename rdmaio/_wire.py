@@ -9,7 +9,7 @@ Control (handshake and requests such as "give me the key of region X")
     most :data:`MAX_CONTROL_FRAME` bytes).  :class:`ControlCodec` frames and
     parses them.  Each map has a ``"t"`` (type) key; see :data:`CONTROL_TYPES`.
 
-Data (one queue pair = one TCP connection after its ``attach`` handshake)
+Data (one queue pair = one stream connection after its ``attach`` handshake)
     Requests are a 48-byte header — ``u8 op, u8 flags, u16 0, u32 count,
     u64 wr_id, u64 key, u64 remote, u64 arg0, u64 arg1`` — followed, for batch
     ops, by ``count`` entries ``{u64 remote, u64 length}`` and, for writes, by
