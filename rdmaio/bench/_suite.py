@@ -95,9 +95,11 @@ def _check(local: np.ndarray, remote_off: int, n: int) -> None:
 
 
 async def measure_reads(port: int, sizes: list[int], depths: list[int], progress: str, workers: int,
-                        duration: float) -> list[Row]:
+                        duration: float, fast_path: bool = True) -> list[Row]:
     rows = []
-    async with rdmaio.Engine(transport="tcp", workers=workers, progress=progress) as engine:  # type: ignore[arg-type]
+    label = progress if fast_path else f"{progress}, loopback TCP"
+    async with rdmaio.Engine(transport="tcp", workers=workers, progress=progress,  # type: ignore[arg-type]
+                             same_host_fast_path=fast_path) as engine:
         ep = await engine.connect("127.0.0.1", port)
         key = await ep.remote_key("bench")
         for size in sizes:
@@ -111,7 +113,7 @@ async def measure_reads(port: int, sizes: list[int], depths: list[int], progress
 
                 ops = await _drive(depth, duration, op)
                 _check(bufs[0], roff, size)
-                rows.append(Row(f"rdmaio read ({progress})", size, depth, ops, ops * size / 1e9))
+                rows.append(Row(f"rdmaio read ({label})", size, depth, ops, ops * size / 1e9))
                 for mr in mrs:
                     mr.close()
         await ep.aclose()
