@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Create .venv and install the project (editable, with test tools) into it.
+# Create .venv and install the project (editable) into it, with the extras named
+# by $1 (default: test; `make test` asks for test,bench so the peer tests run).
 # The native data path is compiled here by cffi; the verbs extension is built
 # too when the libibverbs headers are present (scripts/system-deps.sh).
 set -euo pipefail
@@ -9,5 +10,6 @@ if [ ! -x .venv/bin/python ]; then
     "$PYTHON" -m venv .venv
 fi
 .venv/bin/python -m pip install -q --upgrade pip
-.venv/bin/python -m pip install -q -e '.[test]'
+EXTRAS="${1:-test}"
+.venv/bin/python -m pip install -q -e ".[$EXTRAS]"
 touch .venv/.installed
