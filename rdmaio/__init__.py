@@ -10,6 +10,7 @@ responsibility each::
     _engine.py    Engine (transport, workers, registration) and Listener
     _endpoint.py  Endpoint: read/write/batches/atomics, queue-pair selection
     _tcp.py       the software transport's queue pairs and responders
+    _channel.py   two-sided message channels on write-with-immediate + credits
     _progress.py  workers: native completions -> asyncio, thread or loop driven
     _native/      the C data path (cffi, compiled at install time)
     _run.py       run() on uvloop when installed
@@ -17,11 +18,13 @@ responsibility each::
 Importing rdmaio changes nothing global: no logging config, no environment edits.
 """
 
+from ._channel import Channel
 from ._endpoint import Endpoint
 from ._engine import Engine, Listener, available_transports
 from ._errors import (
     AccessDeniedError,
     AlignmentError,
+    ChannelRefusedError,
     ClosedError,
     EndpointBrokenError,
     InvalidKeyError,
@@ -45,6 +48,8 @@ __all__ = [
     "Access",
     "AccessDeniedError",
     "AlignmentError",
+    "Channel",
+    "ChannelRefusedError",
     "ClosedError",
     "Endpoint",
     "EndpointBrokenError",

@@ -27,17 +27,20 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from ._channel import MAX_CHANNELS, Channel, make_rings, unpack_imm
 from ._errors import (
+    ChannelRefusedError,
     ClosedError,
     EndpointBrokenError,
     ProtocolError,
     RegionNotFoundError,
     TimeoutError,
+    TransportUnavailableError,
     UsageError,
 )
-from ._keys import RemoteKey
+from ._keys import Access, RemoteKey
 from ._region import MemoryRegion
-from ._tcp import TcpQueuePair
+from ._tcp import TcpQueuePair, TcpResponder, describe_death
 from ._verbs import check_remote, check_remote_batch
 from ._wire import MAX_BATCH, MAX_OP_BYTES, ControlCodec, Op
 
@@ -126,7 +129,9 @@ async def open_endpoint(engine: Engine, host: str, port: int, timeout: float) ->
                 s.close()
                 raise ProtocolError("peer sent data before the queue pair was attached")
             socks.append(s)
-        return Endpoint(engine, (host, port), ctl, codec, socks[1:])
+        ep = Endpoint(engine, (host, port), ctl, codec, socks[1:])
+        ep._session, ep._unix = session, (unix if local else None)
+        return ep
 
     try:
         return await asyncio.wait_for(handshake() if opener is None else opener, timeout)
@@ -191,6 +196,12 @@ class Endpoint:
             engine._conns[conn_id] = qp
             self._qps.append(qp)
         self._last = self._qps[0]
+        # channels (tcp): the reverse queue pair on which the peer writes to us
+        self._session: bytes | None = None
+        self._unix: str | None = None
+        self._reverse: TcpResponder | None = None
+        self._reverse_lock = asyncio.Lock()
+        self._channels: dict[int, Channel] = {}
         self._reader = self._loop.create_task(self._read_control())
         engine._endpoints.add(self)
 
@@ -258,6 +269,8 @@ class Endpoint:
         self.broken = exc
         for qp in self._qps:
             qp._die(exc)
+        for ch in list(self._channels.values()):
+            ch._fail(EndpointBrokenError(f"endpoint is broken: {exc}"))
         for fut in self._requests.values():
             if not fut.done():
                 fut.set_exception(EndpointBrokenError(str(exc)))
@@ -284,6 +297,11 @@ class Endpoint:
             return
         self._closed = True
         self._reader.cancel()
+        for ch in list(self._channels.values()):
+            ch._abort()
+        if self._reverse is not None:
+            self._engine._conns.pop(self._reverse.conn_id, None)
+            self._reverse.close()
         for qp in self._qps:
             self._engine._conns.pop(qp.conn_id, None)
             qp.close()
@@ -447,6 +465,106 @@ class Endpoint:
     async def compare_swap(self, key: RemoteKey, offset: int, expected: int, desired: int) -> int:
         """Atomically replace the word with ``desired`` if it equals ``expected``; returns the old value."""
         return await self._atomic(Op.CMP_SWAP, "compare_swap", key, offset, expected, desired)
+
+    async def write_with_imm(self, local_mr: MemoryRegion, local_offset: int, key: RemoteKey, remote_offset: int,
+                             length: int, imm: int) -> None:
+        """RDMA WRITE with immediate: once the bytes have landed, the target's application is
+        told ``imm`` (a 32-bit value) — the building block of :class:`Channel`.
+
+        Immediates are delivered to the target's channel layer; applications use
+        :meth:`channel` rather than calling this directly.
+        """
+        if not 0 <= imm <= 0xFFFFFFFF:
+            raise UsageError("the immediate is a 32-bit unsigned value")
+        self._check()
+        if self._verbs:
+            raise TransportUnavailableError("write_with_imm is not available on the verbs transport yet")
+        rkey = self._key(key)
+        mr = local_mr
+        if not isinstance(mr, MemoryRegion):
+            raise UsageError(f"expected a MemoryRegion, got {type(mr).__name__}")
+        mr._check_local(local_offset, length)
+        if remote_offset < 0 or length > MAX_OP_BYTES:
+            raise UsageError("remote offset must be >= 0 and one write moves at most MAX_OP_BYTES")
+        qp = self._qp()
+        if not qp._free:
+            await qp.wait_slot()
+        await qp.post(Op.WRITE_IMM, rkey, remote_offset, length, imm, mr.addr + local_offset, mr, "write_with_imm")
+
+    # -- channels -----------------------------------------------------------------
+    async def channel(self, name: str, *, slots: int = 64, slot_size: int = 64 << 10) -> Channel:
+        """Open a message channel to the handler the peer serves as ``name``.
+
+        ``slots`` messages of at most ``slot_size - 8`` bytes may be in flight;
+        a sender waits for credits beyond that.  See :class:`Channel`.
+        """
+        self._check()
+        if self._verbs:
+            raise TransportUnavailableError("channels are not available on the verbs transport yet")
+        if not isinstance(name, str) or not name:
+            raise UsageError("channel names are non-empty strings")
+        recv_ring, send_ring = make_rings(slots, slot_size)
+        await self._ensure_reverse()
+        engine = self._engine
+        recv_mr = engine.register(recv_ring, access=Access.WRITE)
+        send_mr = engine.register(send_ring, access=Access.NONE)
+        try:
+            reply = await self._request({"t": "channel_open", "name": name, "slots": slots, "slot_size": slot_size,
+                                         "ring": recv_mr.remote_key().to_bytes()})
+            if reply["t"] == "error":
+                raise ChannelRefusedError(f"peer refused channel {name!r}: {reply.get('message')}")
+            chan = reply["chan"]
+            if not isinstance(chan, int) or not 0 <= chan < MAX_CHANNELS or chan in self._channels:
+                raise ProtocolError(f"peer assigned a bad channel id {chan!r}")
+            remote = RemoteKey.from_bytes(reply["ring"])
+        except BaseException:
+            recv_mr.close()
+            send_mr.close()
+            raise
+        qp = self._qps[chan % len(self._qps)]  # one queue pair per channel: its messages stay in order
+
+        async def post(local: int, roff: int, length: int, imm: int) -> Any:
+            if not qp._free:
+                await qp.wait_slot()
+            return await qp.post(Op.WRITE_IMM, remote.rkey, roff, length, imm, send_mr.addr + local, send_mr,
+                                 "channel send")
+
+        def release() -> None:
+            self._channels.pop(chan, None)
+            recv_mr.close()
+            send_mr.close()
+
+        ch = Channel(name, chan, slots, slot_size, recv_ring, send_ring, post, release)
+        self._channels[chan] = ch
+        return ch
+
+    async def _ensure_reverse(self) -> None:
+        async with self._reverse_lock:
+            if self._reverse is not None:
+                return
+            engine = self._engine
+            sock, codec, _ = await _dial(self._loop, self.peer[0], self.peer[1],
+                                         {"t": "attach_reverse", "session": self._session}, "attached",
+                                         engine._socket_buffer, self._unix)
+            if codec.buffered():
+                sock.close()
+                raise ProtocolError("peer sent data before the reverse queue pair was attached")
+            conn_id = engine._new_conn_id()
+            responder = TcpResponder(sock, conn_id, engine._rt, engine._workers[0], self._reverse_dead)
+            responder.on_imm = self._route_imm
+            engine._conns[conn_id] = responder
+            self._reverse = responder
+
+    def _route_imm(self, imm: int) -> None:
+        chan, credits, slot = unpack_imm(imm)
+        ch = self._channels.get(chan)
+        if ch is not None:
+            ch._on_imm(credits, slot)
+
+    def _reverse_dead(self, responder: TcpResponder, code: int) -> None:
+        self._engine._conns.pop(responder.conn_id, None)
+        responder.close()
+        self._on_broken(EndpointBrokenError(f"reverse queue pair: {describe_death(code)}"))
 
     async def ping(self) -> None:
         """A round trip through one queue pair's responder (no memory touched)."""

@@ -20,14 +20,15 @@ import socket
 import weakref
 from typing import TYPE_CHECKING, Any, Literal
 
-from ._errors import ClosedError, ProtocolError, TransportUnavailableError, UsageError
+from ._channel import MAX_CHANNELS, Channel, ChannelHandler, make_rings, unpack_imm
+from ._errors import ClosedError, EndpointBrokenError, ProtocolError, TransportUnavailableError, UsageError
 from ._keys import Access, RemoteKey
 from ._native._rdmaio_native import ffi, lib
 from ._progress import Batch, Worker
 from ._region import MemoryRegion
 from ._endpoint import host_identity
-from ._tcp import TcpResponder, describe_death
-from ._wire import ControlCodec
+from ._tcp import TcpQueuePair, TcpResponder, describe_death
+from ._wire import ControlCodec, Op
 
 if TYPE_CHECKING:
     from ._endpoint import Endpoint
@@ -162,6 +163,7 @@ class Engine:
         self._regions: weakref.WeakSet[MemoryRegion] = weakref.WeakSet()
         self._zombies: set[MemoryRegion] = set()
         self._exposed: dict[str, MemoryRegion] = {}
+        self._channel_handlers: dict[str, ChannelHandler] = {}
         self._workers: list[Worker] = []
         self._conns: dict[int, Any] = {}
         self._conn_ids = itertools.count(1)
@@ -354,17 +356,33 @@ class Engine:
     def unexpose(self, name: str) -> None:
         self._exposed.pop(name, None)
 
+    def serve_channel(self, name: str, handler: ChannelHandler) -> None:
+        """Run ``await handler(channel)`` for every channel a peer opens as ``name``.
+
+        The channel is closed when the handler returns.  See :class:`Channel`.
+        """
+        self._check_open()
+        if not isinstance(name, str) or not name:
+            raise UsageError("channel names are non-empty strings")
+        if not callable(handler):
+            raise UsageError("the channel handler must be an async callable")
+        self._channel_handlers[name] = handler
+
     # -- connections ------------------------------------------------------------
     def _new_conn_id(self) -> int:
         return next(self._conn_ids) & 0xFFFFFFFF
 
     def _on_batch(self, batch: Batch) -> None:
-        conns, wrs, statuses, values, ev_conns, ev_codes = batch
+        conns, wrs, statuses, values, ev_conns, ev_codes, rx_conns, rx_imms = batch
         get = self._conns.get
         for i in range(len(wrs)):
             owner = get(conns[i])
             if owner is not None:
                 owner._complete(wrs[i], statuses[i], values[i])
+        for c, imm in zip(rx_conns, rx_imms):  # WRITE_IMM landed in our memory
+            owner = get(c)
+            if owner is not None:
+                owner._on_imm(imm)
         for c, code in zip(ev_conns, ev_codes):
             owner = get(c)
             if owner is not None:
@@ -386,7 +404,7 @@ class Engine:
 
 
 class _Session:
-    __slots__ = ("token", "nqp", "ctl", "responders", "attached", "verbs")
+    __slots__ = ("token", "nqp", "ctl", "responders", "attached", "verbs", "reverse", "channels")
 
     def __init__(self, token: bytes, nqp: int, ctl: socket.socket) -> None:
         self.token = token
@@ -395,6 +413,18 @@ class _Session:
         self.responders: list[TcpResponder] = []
         self.attached: set[int] = set()
         self.verbs: ServerSession | None = None  # verbs: the session's server-side QPs
+        self.reverse: TcpQueuePair | None = None  # channels: we initiate writes to the client on it
+        self.channels: dict[int, Channel] = {}
+
+    def route_imm(self, imm: int) -> None:
+        chan, credits, slot = unpack_imm(imm)
+        ch = self.channels.get(chan)
+        if ch is not None:
+            ch._on_imm(credits, slot)
+
+    def fail_channels(self, exc: BaseException) -> None:
+        for ch in list(self.channels.values()):
+            ch._fail(EndpointBrokenError(f"client connection broke: {exc}"))
 
 
 class Listener:
@@ -485,6 +515,8 @@ class Listener:
                 await self._serve_control(sock, codec, first)
             elif first["t"] == "attach":
                 handed_off = self._attach(sock, codec, first)
+            elif first["t"] == "attach_reverse":
+                handed_off = self._attach_reverse(sock, codec, first)
             else:
                 raise ProtocolError(f"unexpected first message {first['t']!r}")
         except ProtocolError as exc:
@@ -528,6 +560,9 @@ class Listener:
                     else:
                         reply = {"t": "key", "id": msg["id"], "key": mr.remote_key().to_bytes()}
                     await self._loop.sock_sendall(sock, codec.encode(reply))
+                elif msg["t"] == "channel_open":
+                    reply = self._open_channel(session, msg)
+                    await self._loop.sock_sendall(sock, codec.encode(reply))
                 elif msg["t"] == "qp_reset" and session.verbs is not None:
                     await self._loop.sock_sendall(sock, codec.encode(session.verbs.reset(msg)))
                 else:
@@ -553,10 +588,83 @@ class Listener:
         conn_id = engine._new_conn_id()
         worker = engine._workers[qp % len(engine._workers)]
         responder = TcpResponder(sock, conn_id, engine._rt, worker, self._responder_dead)
+        responder.on_imm = session.route_imm
         engine._conns[conn_id] = responder
         session.attached.add(qp)
         session.responders.append(responder)
         return True
+
+    def _attach_reverse(self, sock: socket.socket, codec: ControlCodec, msg: dict[str, Any]) -> bool:
+        token = msg["session"]
+        session = self._sessions.get(token) if isinstance(token, bytes) else None
+        if session is None or session.verbs is not None:
+            raise ProtocolError("attach_reverse names no live tcp session")
+        if session.reverse is not None:
+            raise ProtocolError("the session already has a reverse queue pair")
+        if codec.buffered():
+            raise ProtocolError("data sent before the reverse queue pair was attached")
+        engine = self._engine
+        sock.send(codec.encode({"t": "attached", "qp": -1}))
+        conn_id = engine._new_conn_id()
+        qp = TcpQueuePair(self._loop, sock, conn_id, [engine._workers[0]], engine._sq_depth, engine._op_timeout,
+                          session.fail_channels)
+        engine._conns[conn_id] = qp
+        session.reverse = qp
+        return True
+
+    def _open_channel(self, session: _Session, msg: dict[str, Any]) -> dict[str, Any]:
+        """Answer a channel_open: allocate our ring, start the handler."""
+        rid = msg["id"]
+        handler = self._engine._channel_handlers.get(msg["name"]) if isinstance(msg["name"], str) else None
+        if handler is None:
+            return {"t": "error", "id": rid, "code": "no_channel", "message": f"no channel named {msg['name']!r}"}
+        qp = session.reverse
+        if qp is None:
+            return {"t": "error", "id": rid, "code": "no_reverse", "message": "attach a reverse queue pair first"}
+        free = [i for i in range(MAX_CHANNELS) if i not in session.channels]
+        if not free:
+            return {"t": "error", "id": rid, "code": "too_many", "message": f"at most {MAX_CHANNELS} channels"}
+        try:
+            slots, slot_size = msg["slots"], msg["slot_size"]
+            recv_ring, send_ring = make_rings(slots, slot_size)
+            remote = RemoteKey.from_bytes(msg["ring"]) if isinstance(msg["ring"], bytes) else None
+            if remote is None or remote.length < slots * slot_size or not remote.access & Access.WRITE:
+                raise UsageError("the client's ring key does not cover its ring with write access")
+        except (UsageError, TypeError) as exc:
+            return {"t": "error", "id": rid, "code": "bad_request", "message": str(exc)}
+        engine = self._engine
+        chan = free[0]
+        recv_mr = engine.register(recv_ring, access=Access.WRITE)
+        send_mr = engine.register(send_ring, access=Access.NONE)
+
+        async def post(local: int, roff: int, length: int, imm: int) -> Any:
+            if not qp._free:
+                await qp.wait_slot()
+            return await qp.post(Op.WRITE_IMM, remote.rkey, roff, length, imm, send_mr.addr + local, send_mr,
+                                 "channel send")
+
+        def release() -> None:
+            session.channels.pop(chan, None)
+            recv_mr.close()
+            send_mr.close()
+
+        ch = Channel(msg["name"], chan, slots, slot_size, recv_ring, send_ring, post, release)
+        session.channels[chan] = ch
+
+        async def run() -> None:
+            try:
+                await handler(ch)
+            except (EndpointBrokenError, ClosedError):
+                pass
+            except Exception:
+                log.exception("channel handler %r failed", msg["name"])
+            finally:
+                await ch.aclose()
+
+        t = self._loop.create_task(run())
+        self._tasks.add(t)
+        t.add_done_callback(self._tasks.discard)
+        return {"t": "channel", "id": rid, "chan": chan, "ring": recv_mr.remote_key().to_bytes()}
 
     def _responder_dead(self, responder: TcpResponder, code: int) -> None:
         if code != 0:
@@ -566,6 +674,13 @@ class Listener:
 
     def _end_session(self, session: _Session) -> None:
         self._sessions.pop(session.token, None)
+        for ch in list(session.channels.values()):
+            ch._fail(ClosedError("the client closed its endpoint"))
+            ch._abort()
+        if session.reverse is not None:
+            self._engine._conns.pop(session.reverse.conn_id, None)
+            session.reverse.close()
+            session.reverse = None
         for r in session.responders:
             self._engine._conns.pop(r.conn_id, None)
             r.close()

@@ -21,6 +21,7 @@ import builtins
 __all__ = [
     "AccessDeniedError",
     "AlignmentError",
+    "ChannelRefusedError",
     "ClosedError",
     "EndpointBrokenError",
     "InvalidKeyError",
@@ -69,6 +70,10 @@ class RegionNotFoundError(RdmaioError, KeyError):
 
     def __str__(self) -> str:  # KeyError quotes its argument; keep the plain message
         return str(self.args[0]) if self.args else ""
+
+
+class ChannelRefusedError(RdmaioError):
+    """The peer serves no channel under that name (or cannot open one now)."""
 
 
 class RemoteAccessError(RdmaioError):

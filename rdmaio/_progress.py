@@ -32,7 +32,8 @@ __all__ = ["CompletionSink", "Worker"]
 
 log = logging.getLogger(__name__)
 
-Batch = tuple[list[int], list[int], list[int], list[int], list[int], list[int]]
+#: (cq_conn, cq_wr, cq_status, cq_value, ev_conn, ev_code, rx_conn, rx_imm)
+Batch = tuple[list[int], list[int], list[int], list[int], list[int], list[int], list[int], list[int]]
 
 
 class CompletionSink(Protocol):
@@ -41,6 +42,9 @@ class CompletionSink(Protocol):
 
 class Worker:
     """One progress context: a native worker plus its driver (thread or loop reader)."""
+
+    #: the native worker reports WRITE_IMM receive events (rx_conn / rx_imm arrays)
+    _has_rx = True
 
     def __init__(self, index: int, sink: CompletionSink, mode: str, loop: asyncio.AbstractEventLoop,
                  cq_depth: int = 4096) -> None:
@@ -68,6 +72,7 @@ class Worker:
     def _collect(self) -> Batch:
         w = self.c
         ncq, nev = w.ncq, w.nev
+        nrx = w.nrx if self._has_rx else 0
         return (
             ffi.unpack(w.cq_conn, ncq) if ncq else [],
             ffi.unpack(w.cq_wr, ncq) if ncq else [],
@@ -75,6 +80,8 @@ class Worker:
             ffi.unpack(w.cq_value, ncq) if ncq else [],
             ffi.unpack(w.ev_conn, nev) if nev else [],
             ffi.unpack(w.ev_code, nev) if nev else [],
+            ffi.unpack(w.rx_conn, nrx) if nrx else [],
+            ffi.unpack(w.rx_imm, nrx) if nrx else [],
         )
 
     # -- loop mode ------------------------------------------------------------

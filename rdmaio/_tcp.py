@@ -269,8 +269,15 @@ class TcpResponder:
             lib.rio_conn_close(self._c)
             raise OSError(-rc, os.strerror(-rc))
 
+    #: called with the immediate of every WRITE_IMM that lands through this queue pair
+    on_imm: Callable[[int], None] | None = None
+
     def _complete(self, wr: int, status: int, value: int) -> None:  # responders have no completions
         pass
+
+    def _on_imm(self, imm: int) -> None:
+        if self.on_imm is not None:
+            self.on_imm(imm)
 
     def _on_dead(self, code: int) -> None:
         self._on_dead_cb(self, code)

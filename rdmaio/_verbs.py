@@ -329,6 +329,8 @@ class VerbsWorker(Worker):
     once more after re-arming, so no completion is left behind without an event.
     """
 
+    _has_rx = False  # WRITE_WITH_IMM is not wired up on verbs yet
+
     def __init__(self, index: int, sink: CompletionSink, mode: str, loop: asyncio.AbstractEventLoop,
                  vctx: VerbsContext, cq_depth: int = 4096) -> None:
         self._vctx = vctx

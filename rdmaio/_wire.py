@@ -80,6 +80,9 @@ CONTROL_TYPES: dict[str, tuple[str, ...]] = {
     "qp_reset": ("id", "qp", "psn"),  # verbs, client -> server: reset QP #qp after an error; client's new PSN
     "qp_reset_ok": ("id", "psn"),  # verbs, server -> client: QP back in RTS; server's new PSN
     "bye": (),  # either way, orderly close
+    "attach_reverse": ("session",),  # client -> server: a queue pair on which the SERVER initiates (channels)
+    "channel_open": ("id", "name", "slots", "slot_size", "ring"),  # client -> server; ring: client's key
+    "channel": ("id", "chan", "ring"),  # server -> client: channel id and the server's ring key
 }
 
 
@@ -91,6 +94,7 @@ class Op(enum.IntEnum):
     READ_BATCH = 5
     WRITE_BATCH = 6
     NOP = 7
+    WRITE_IMM = 8  # WRITE, then the target's application gets (queue pair, arg1 as 32-bit immediate)
 
 
 class Status(enum.IntEnum):
@@ -120,7 +124,7 @@ class Request:
 
     @property
     def payload_length(self) -> int:
-        if self.op == Op.WRITE:
+        if self.op in (Op.WRITE, Op.WRITE_IMM):
             return self.arg0
         if self.op == Op.WRITE_BATCH:
             return sum(n for _, n in self.entries)
@@ -206,7 +210,7 @@ class RequestDecoder(_Decoder):
             else:
                 if count != 1:
                     raise self._fail(f"single operation with count {count}")
-                if op in (Op.READ, Op.WRITE) and arg0 > MAX_OP_BYTES:
+                if op in (Op.READ, Op.WRITE, Op.WRITE_IMM) and arg0 > MAX_OP_BYTES:
                     raise self._fail(f"operation of {arg0} bytes exceeds MAX_OP_BYTES")
             req = Request(op, wr, key, remote, arg0, arg1, entries)
             plen = req.payload_length

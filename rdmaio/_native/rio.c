@@ -67,6 +67,7 @@
 #define RIO_OP_READ_BATCH 5
 #define RIO_OP_WRITE_BATCH 6
 #define RIO_OP_NOP 7
+#define RIO_OP_WRITE_IMM 8 /* WRITE, then a receive event (conn, imm) at the target */
 
 #define RIO_ST_OK 0
 #define RIO_ST_INV_KEY 1
@@ -300,6 +301,10 @@ struct rio_worker {
     uint32_t woken;
     uint64_t rounds;
     uint32_t spin_us;
+    uint32_t nrx;
+    uint32_t rx_cap;
+    uint32_t *rx_conn;
+    uint32_t *rx_imm;
     /* private */
     int did_work;
     pthread_mutex_t lock;
@@ -323,6 +328,25 @@ static int ensure_ev(rio_worker *w) {
 }
 
 static void conn_set_events(rio_conn *c);
+
+/* a WRITE_IMM landed: tell the target's application (like a receive completion) */
+static int record_rx(rio_worker *w, uint32_t conn, uint32_t imm) {
+    if (!w) return 0;
+    if (w->nrx == w->rx_cap) {
+        uint32_t cap = w->rx_cap ? w->rx_cap * 2 : 64;
+        uint32_t *c = realloc(w->rx_conn, cap * sizeof(uint32_t));
+        if (!c) return -RIO_PE_NOMEM;
+        w->rx_conn = c;
+        uint32_t *i = realloc(w->rx_imm, cap * sizeof(uint32_t));
+        if (!i) return -RIO_PE_NOMEM;
+        w->rx_imm = i;
+        w->rx_cap = cap;
+    }
+    w->rx_conn[w->nrx] = conn;
+    w->rx_imm[w->nrx] = imm;
+    w->nrx++;
+    return 0;
+}
 
 static void mark_dead(rio_worker *w, rio_conn *c, int code) {
     if (c->dead) return;
@@ -609,7 +633,8 @@ static int validate(rio_conn *c, uint32_t need_access, rio_region **rp) {
             if (!check_range(r, off, len)) { region_release(r); return RIO_ST_BOUNDS; }
         }
     } else {
-        uint64_t len = (c->r_op == RIO_OP_READ || c->r_op == RIO_OP_WRITE) ? c->r_arg0 : 8;
+        uint64_t len = (c->r_op == RIO_OP_READ || c->r_op == RIO_OP_WRITE || c->r_op == RIO_OP_WRITE_IMM)
+                           ? c->r_arg0 : 8;
         if (!check_range(r, c->r_remote, len)) { region_release(r); return RIO_ST_BOUNDS; }
         if ((c->r_op == RIO_OP_FETCH_ADD || c->r_op == RIO_OP_CMP_SWAP) && ((r->addr + c->r_remote) & 7)) {
             region_release(r);
@@ -671,7 +696,7 @@ static void start_payload(rio_conn *c, uint64_t total, rio_region *r, int status
     if (!r) {
         c->p_ptr = 0;
         c->p_seg_left = total;
-    } else if (c->r_op == RIO_OP_WRITE) {
+    } else if (c->r_op == RIO_OP_WRITE || c->r_op == RIO_OP_WRITE_IMM) {
         c->p_ptr = r->addr + c->r_remote;
         c->p_seg_left = total;
     } else {
@@ -703,7 +728,7 @@ static int materialize_reads(rio_conn *c) {
 }
 
 /* called once a request's header (and entries) are complete */
-static int responder_dispatch(rio_conn *c) {
+static int responder_dispatch(rio_worker *w, rio_conn *c) {
     rio_region *r = NULL;
     int st;
     c->ops_served++;
@@ -733,13 +758,16 @@ static int responder_dispatch(rio_conn *c) {
             return rc;
         }
     case RIO_OP_WRITE:
+    case RIO_OP_WRITE_IMM:
     case RIO_OP_WRITE_BATCH: {
-        uint64_t total = c->r_op == RIO_OP_WRITE ? c->r_arg0 : batch_total(c);
+        uint64_t total = c->r_op == RIO_OP_WRITE_BATCH ? batch_total(c) : c->r_arg0;
         if (materialize_reads(c)) return -RIO_PE_NOMEM;
         st = validate(c, RIO_ACC_WRITE, &r);
         if (total == 0) {
             region_release(r);
             c->in_state = IN_HDR;
+            if (c->r_op == RIO_OP_WRITE_IMM && st == RIO_ST_OK && record_rx(w, c->id, (uint32_t)c->r_arg1))
+                return -RIO_PE_NOMEM;
             return respond(c, c->r_op, st, c->r_wr, 0);
         }
         start_payload(c, total, st == RIO_ST_OK ? r : NULL, st);
@@ -813,6 +841,8 @@ static int payload_done(rio_worker *w, rio_conn *c) {
     if (c->kind == KIND_RESPONDER) {
         region_release(c->p_region);
         c->p_region = NULL;
+        if (c->r_op == RIO_OP_WRITE_IMM && c->p_status == RIO_ST_OK && record_rx(w, c->id, (uint32_t)c->r_arg1))
+            return -RIO_PE_NOMEM;
         return respond(c, c->r_op, c->p_status, c->r_wr, 0);
     }
     slot_t *s = c->p_slot;
@@ -860,7 +890,7 @@ static int initiator_header(rio_worker *w, rio_conn *c, const uint8_t *h) {
 
 /* ---- input pump ------------------------------------------------------------ */
 
-static int responder_header(rio_conn *c, const uint8_t *h) {
+static int responder_header(rio_worker *w, rio_conn *c, const uint8_t *h) {
     c->r_op = h[0];
     c->r_count = ld32(h + 4);
     c->r_wr = ld64(h + 8);
@@ -868,7 +898,7 @@ static int responder_header(rio_conn *c, const uint8_t *h) {
     c->r_remote = ld64(h + 24);
     c->r_arg0 = ld64(h + 32);
     c->r_arg1 = ld64(h + 40);
-    if (c->r_op < RIO_OP_READ || c->r_op > RIO_OP_NOP) return -RIO_PE_BAD_OP;
+    if (c->r_op < RIO_OP_READ || c->r_op > RIO_OP_WRITE_IMM) return -RIO_PE_BAD_OP;
     if (c->r_op == RIO_OP_READ_BATCH || c->r_op == RIO_OP_WRITE_BATCH) {
         if (c->r_count == 0 || c->r_count > MAX_BATCH) return -RIO_PE_BAD_COUNT;
         uint32_t need = c->r_count * ENTRY;
@@ -883,11 +913,12 @@ static int responder_header(rio_conn *c, const uint8_t *h) {
         return 0;
     }
     if (c->r_count != 1) return -RIO_PE_BAD_COUNT;
-    if ((c->r_op == RIO_OP_READ || c->r_op == RIO_OP_WRITE) && c->r_arg0 > MAX_OP_BYTES) return -RIO_PE_TOO_BIG;
-    return responder_dispatch(c);
+    if ((c->r_op == RIO_OP_READ || c->r_op == RIO_OP_WRITE || c->r_op == RIO_OP_WRITE_IMM) && c->r_arg0 > MAX_OP_BYTES)
+        return -RIO_PE_TOO_BIG;
+    return responder_dispatch(w, c);
 }
 
-static int entries_done(rio_conn *c) {
+static int entries_done(rio_worker *w, rio_conn *c) {
     uint64_t total = 0;
     for (uint32_t i = 0; i < c->r_count; i++) {
         uint64_t len = ld64(c->ebuf + i * ENTRY + 8);
@@ -895,7 +926,7 @@ static int entries_done(rio_conn *c) {
         total += len;
         if (total > MAX_OP_BYTES) return -RIO_PE_TOO_BIG;
     }
-    return responder_dispatch(c);
+    return responder_dispatch(w, c);
 }
 
 /* Process bytes in [p, p+n); returns bytes consumed (>= 0) or -RIO_PE_*.
@@ -917,7 +948,7 @@ static int64_t process(rio_worker *w, rio_conn *c, const uint8_t *p, uint64_t n)
             c->ebuf_have += (uint32_t)k;
             used += k;
             if (c->ebuf_have == c->r_count * ENTRY) {
-                int rc = entries_done(c);
+                int rc = entries_done(w, c);
                 if (rc) return rc;
             }
             continue;
@@ -926,7 +957,7 @@ static int64_t process(rio_worker *w, rio_conn *c, const uint8_t *p, uint64_t n)
         if (n - used < hsz) break;
         if (c->kind == KIND_INITIATOR && w->ncq >= w->cq_cap) break;
         if (c->kind == KIND_RESPONDER && c->out_pending > OUT_HIGH) break;
-        int rc = c->kind == KIND_RESPONDER ? responder_header(c, p + used) : initiator_header(w, c, p + used);
+        int rc = c->kind == KIND_RESPONDER ? responder_header(w, c, p + used) : initiator_header(w, c, p + used);
         if (rc) return rc;
         used += hsz;
     }
@@ -1124,6 +1155,7 @@ void rio_worker_free(rio_worker *w) {
     if (w->wakefd >= 0) close(w->wakefd);
     free(w->cq_conn); free(w->cq_wr); free(w->cq_status); free(w->cq_value);
     free(w->ev_conn); free(w->ev_code);
+    free(w->rx_conn); free(w->rx_imm);
     free(p->backlog);
     pthread_mutex_destroy(&p->lock);
     free(w);
@@ -1166,6 +1198,7 @@ int rio_worker_poll(rio_worker *w, int timeout_ms) {
     pthread_mutex_lock(&p->lock);
     w->ncq = 0;
     w->nev = 0;
+    w->nrx = 0;
     w->woken = 0;
     /* connections that stopped early last round go first */
     uint32_t nb = p->nbacklog;
@@ -1192,7 +1225,7 @@ int rio_worker_poll(rio_worker *w, int timeout_ms) {
     bury(w);
     w->rounds++;
     pthread_mutex_unlock(&p->lock);
-    return (int)(w->ncq + w->nev);
+    return (int)(w->ncq + w->nev + w->nrx);
 }
 
 /* ---- posting (event-loop thread) --------------------------------------------- */
@@ -1223,9 +1256,10 @@ static slot_t *claim(rio_conn *c, uint32_t slot, uint64_t wr, int op) {
 int rio_post_single(rio_conn *c, uint32_t slot, uint64_t wr_id, int op, uint64_t key,
                     uint64_t remote, uint64_t arg0, uint64_t arg1, uint64_t local) {
     if (c->dead || c->closed) return -RIO_PE_MISUSE;
-    if (op != RIO_OP_READ && op != RIO_OP_WRITE && op != RIO_OP_FETCH_ADD && op != RIO_OP_CMP_SWAP && op != RIO_OP_NOP)
+    if (op != RIO_OP_READ && op != RIO_OP_WRITE && op != RIO_OP_FETCH_ADD && op != RIO_OP_CMP_SWAP && op != RIO_OP_NOP &&
+        op != RIO_OP_WRITE_IMM)
         return -RIO_PE_BAD_OP;
-    if ((op == RIO_OP_READ || op == RIO_OP_WRITE) && arg0 > MAX_OP_BYTES) return -RIO_PE_TOO_BIG;
+    if ((op == RIO_OP_READ || op == RIO_OP_WRITE || op == RIO_OP_WRITE_IMM) && arg0 > MAX_OP_BYTES) return -RIO_PE_TOO_BIG;
     slot_t *s = claim(c, slot, wr_id, op);
     if (!s) return -RIO_PE_MISUSE;
     if (op == RIO_OP_READ) {
@@ -1237,7 +1271,7 @@ int rio_post_single(rio_conn *c, uint32_t slot, uint64_t wr_id, int op, uint64_t
         s->expect = arg0;
     }
     if (post_header(c, op, 1, wr_id, key, remote, arg0, arg1)) return -RIO_PE_NOMEM;
-    if (op == RIO_OP_WRITE) {
+    if (op == RIO_OP_WRITE || op == RIO_OP_WRITE_IMM) {
         if (arg0 <= SMALL_COPY ? out_bytes(c, (void *)(uintptr_t)local, arg0)
                                : seg_push(c, local, arg0, NULL, 0))
             return -RIO_PE_NOMEM;

@@ -36,6 +36,10 @@ struct rio_worker {
     uint32_t woken;        /* the wake fd fired during the last round */
     uint64_t rounds;
     uint32_t spin_us;      /* poll-before-block budget after a busy round (0: never spin) */
+    uint32_t nrx;          /* WRITE_IMM receive events (conn id, imm) from the last round */
+    uint32_t rx_cap;
+    uint32_t *rx_conn;
+    uint32_t *rx_imm;
     ...;
 };
 
@@ -44,7 +48,7 @@ void rio_worker_free(rio_worker *w);
 int rio_worker_wake(rio_worker *w);
 /* One progress round: wait up to timeout_ms (0: do not block, -1: forever)
  * for readiness, service every ready connection, and return the number of
- * completions plus events collected (also in w->ncq / w->nev).  Releases the
+ * completions, events and receive events collected (w->ncq / w->nev / w->nrx).  Releases the
  * GIL (cffi does), takes the worker's lock only while servicing. */
 int rio_worker_poll(rio_worker *w, int timeout_ms);
 /* connections left with buffered input by the last round (poll again soon) */

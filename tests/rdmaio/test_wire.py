@@ -56,10 +56,11 @@ def requests(draw: st.DrawFn, max_len: int = 64) -> Request:
         payload = draw(st.binary(min_size=sum(n for _, n in entries), max_size=sum(n for _, n in entries))) \
             if op == Op.WRITE_BATCH else b""
         return Request(op, wr, key, entries=entries, payload=payload)
-    if op in (Op.READ, Op.WRITE):
+    if op in (Op.READ, Op.WRITE, Op.WRITE_IMM):
         n = draw(st.integers(0, max_len))
-        payload = draw(st.binary(min_size=n, max_size=n)) if op == Op.WRITE else b""
-        return Request(op, wr, key, draw(u64), n, 0, payload=payload)
+        payload = draw(st.binary(min_size=n, max_size=n)) if op != Op.READ else b""
+        imm = draw(st.integers(0, 2**32 - 1)) if op == Op.WRITE_IMM else 0
+        return Request(op, wr, key, draw(u64), n, imm, payload=payload)
     return Request(op, wr, key, draw(u64), draw(u64), draw(u64))
 
 
@@ -213,7 +214,7 @@ def model_execute(mem: np.ndarray, req: Request, key: int) -> Response:
         return Response(req.op, Status.OK, req.wr_id, req.arg0)
     if req.key != key:
         return Response(req.op, Status.INVALID_KEY, req.wr_id)
-    if req.op in (Op.READ, Op.WRITE):
+    if req.op in (Op.READ, Op.WRITE, Op.WRITE_IMM):
         rngs = [(req.remote, req.arg0)]
     elif req.op in (Op.READ_BATCH, Op.WRITE_BATCH):
         rngs = list(req.entries)
@@ -254,10 +255,11 @@ def region_requests(draw: st.DrawFn) -> Request:
         total = sum(n for _, n in entries)
         payload = draw(st.binary(min_size=total, max_size=total)) if op == Op.WRITE_BATCH else b""
         return Request(op, wr, key, entries=entries, payload=payload)
-    if op in (Op.READ, Op.WRITE):
+    if op in (Op.READ, Op.WRITE, Op.WRITE_IMM):
         n = draw(st.integers(0, 3000))
-        payload = draw(st.binary(min_size=n, max_size=n)) if op == Op.WRITE else b""
-        return Request(op, wr, key, off, n, payload=payload)
+        payload = draw(st.binary(min_size=n, max_size=n)) if op != Op.READ else b""
+        imm = draw(st.integers(0, 2**32 - 1)) if op == Op.WRITE_IMM else 0
+        return Request(op, wr, key, off, n, imm, payload=payload)
     if op in (Op.FETCH_ADD, Op.CMP_SWAP):
         off = draw(st.sampled_from([0, 8, 3, REGION - 8, REGION - 4, REGION]))
     return Request(op, wr, key, off, draw(u64), draw(u64))
@@ -273,9 +275,14 @@ def test_native_responder_matches_reference_model(reqs: list[Request], cuts: lis
         expected = [model_execute(model, q, NativeResponder.KEY) for q in reqs]
         data = b"".join(bytes(b) for q in reqs for b in encode_request(q))
         out = b""
+        imms: list[int] = []
         for piece in splits(data, cuts):
             assert r.feed(piece) == 0
             out += r.output()
+            imms += [int(r.w.rx_imm[i]) for i in range(r.w.nrx)]
+            r.w.nrx = 0  # what a poll round does before the next batch
+        # every WRITE_IMM that succeeded, and only those, notified the target, in order
+        assert imms == [q.arg1 for q, e in zip(reqs, expected) if q.op == Op.WRITE_IMM and e.status == Status.OK]
         dec = ResponseDecoder()
         for q in reqs:
             dec.expect(q.wr_id, q.op, sum(n for _, n in q.entries) if q.entries else q.arg0)

@@ -1,0 +1,291 @@
+"""Two-sided message channels built from one-sided writes (RDMA write-with-immediate).
+
+Design (the message-ring scheme the FlexEMR paper describes for its
+server-side pooling RPCs):
+
+* Each side of a channel owns a *receive ring* of ``slots`` fixed-size slots in
+  registered memory that only its peer writes into, and a local *staging ring*
+  of the same shape it sends from.
+* ``send`` copies the message into its staging slot and issues one
+  ``WRITE_IMM`` into the same slot of the peer's receive ring.  The 32-bit
+  immediate reaches the peer's application only after the bytes have landed,
+  so a notification never precedes its data.
+* Credit-based flow control: a sender holds one credit per free slot of the
+  peer's ring and waits when it has none — it never drops or overwrites.  The
+  receiver returns credits when the application has *consumed* messages
+  (``recv``), piggybacked on its own sends or, when it has nothing to send and
+  either a quarter of the ring is owed or it has consumed everything it had, in
+  a zero-length credit notice.  Credits can therefore never go negative, and a
+  slow receiver slows its sender down instead of growing memory.
+* Immediate layout: ``channel id (8 bits) | credits returned (12) | slot (12)``;
+  slot ``0xFFF`` is a credit notice, ``0xFFE`` announces close.  Each slot
+  starts with ``u32 length, u32 sequence``: a receiver checks that messages
+  arrive in order, once each.
+
+On the tcp transport the client's writes use one fixed queue pair of its
+endpoint (FIFO), and the server's go through a *reverse* queue pair the client
+attaches when it opens its first channel (the client's engine is the target
+there).  Verbs channels are not available yet.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import struct
+from collections.abc import Awaitable, Callable, Iterable
+from typing import Any, Union
+
+import numpy as np
+
+from ._errors import ClosedError, EndpointBrokenError, ProtocolError, UsageError
+
+__all__ = ["Channel", "ChannelHandler", "MAX_CHANNELS", "MAX_SLOTS"]
+
+SLOT_MASK = 0xFFF
+CREDIT_ONLY = 0xFFF
+CLOSE = 0xFFE
+MAX_SLOTS = 4094
+MAX_CREDITS = 0xFFF
+MAX_CHANNELS = 256
+HEADER = struct.Struct("<II")  # length, sequence
+
+Buffer = Union[bytes, bytearray, memoryview, np.ndarray]
+#: posts one WRITE_IMM: (local offset in the staging ring, remote offset, length, immediate)
+PostFn = Callable[[int, int, int, int], Awaitable[Any]]
+ChannelHandler = Callable[["Channel"], Awaitable[None]]
+
+
+def pack_imm(chan: int, credits: int, slot: int) -> int:
+    return (chan << 24) | (credits << 12) | slot
+
+
+def unpack_imm(imm: int) -> tuple[int, int, int]:
+    return imm >> 24, (imm >> 12) & 0xFFF, imm & SLOT_MASK
+
+
+class Channel:
+    """An ordered, flow-controlled message channel to one peer.
+
+    Open one with :meth:`Endpoint.channel` (client) or receive it in the
+    handler given to :meth:`Engine.serve_channel` (server)::
+
+        async def echo(ch: rdmaio.Channel) -> None:
+            async for msg in ch:
+                await ch.send([msg])
+
+        server.serve_channel("echo", echo)
+        ch = await ep.channel("echo")
+        await ch.send([b"hello"])
+        assert await ch.recv() == b"hello"
+    """
+
+    def __init__(self, name: str, chan_id: int, slots: int, slot_size: int, recv_ring: np.ndarray,
+                 send_ring: np.ndarray, post: PostFn, release: Callable[[], None]) -> None:
+        self.name = name
+        self.id = chan_id
+        self.slots = slots
+        self.slot_size = slot_size
+        self._recv_ring = recv_ring
+        self._send_ring = send_ring
+        self._post = post
+        self._release = release
+        self._credits = slots
+        self._tx_slot = 0
+        self._tx_seq = 0
+        self._rx_slot = 0
+        self._rx_seq = 0
+        self._ready: collections.deque[int] = collections.deque()  # filled slots, in order
+        self._owed = 0
+        self._waiters: list[asyncio.Future[None]] = []  # woken on any state change
+        self._closed = False
+        self._peer_closed = False
+        self._error: BaseException | None = None
+        self._inflight: set[asyncio.Future[Any]] = set()
+        self._notice_task: asyncio.Task[None] | None = None
+
+    def __repr__(self) -> str:
+        state = "closed" if self._closed else "peer-closed" if self._peer_closed else "open"
+        return f"<Channel {self.name!r} #{self.id} credits={self._credits}/{self.slots} {state}>"
+
+    @property
+    def max_message(self) -> int:
+        """The largest message this channel carries, in bytes."""
+        return self.slot_size - HEADER.size
+
+    @property
+    def credits(self) -> int:
+        """Messages this side may still send before the peer consumes some."""
+        return self._credits
+
+    # -- state changes -------------------------------------------------------
+    def _wake(self) -> None:
+        waiters, self._waiters = self._waiters, []
+        for w in waiters:
+            if not w.done():
+                w.set_result(None)
+
+    async def _wait(self) -> None:
+        fut = asyncio.get_running_loop().create_future()
+        self._waiters.append(fut)
+        await fut
+
+    def _fail(self, exc: BaseException) -> None:
+        if self._error is None and not self._closed:
+            self._error = exc
+        self._wake()
+
+    def _on_imm(self, credits: int, slot: int) -> None:
+        """A notification from the peer (called on the event loop)."""
+        if credits:
+            self._credits += credits
+            if self._credits > self.slots:
+                self._fail(ProtocolError(f"channel {self.name!r}: peer returned more credits than it was given"))
+                return
+        if slot == CLOSE:
+            self._peer_closed = True
+        elif slot != CREDIT_ONLY:
+            if slot != self._rx_slot:
+                self._fail(ProtocolError(f"channel {self.name!r}: message in slot {slot}, expected {self._rx_slot}"))
+                return
+            self._rx_slot = (self._rx_slot + 1) % self.slots
+            self._ready.append(slot)
+            if len(self._ready) > self.slots:
+                self._fail(ProtocolError(f"channel {self.name!r}: peer overran its credits"))
+                return
+        self._wake()
+
+    def _check_send(self) -> None:
+        if self._closed:
+            raise ClosedError(f"channel {self.name!r} is closed")
+        if self._error is not None:
+            raise self._error
+        if self._peer_closed:
+            raise ClosedError(f"channel {self.name!r}: the peer closed it")
+
+    # -- sending ---------------------------------------------------------------
+    async def send(self, buffers: Iterable[Buffer]) -> None:
+        """Send one message made of ``buffers`` (gathered); waits while out of credits."""
+        parts = [memoryview(b).cast("B") if not isinstance(b, np.ndarray) else memoryview(np.ascontiguousarray(b)).cast("B")
+                 for b in buffers]
+        n = sum(p.nbytes for p in parts)
+        if n > self.max_message:
+            raise UsageError(f"message of {n} bytes exceeds this channel's {self.max_message}-byte slots")
+        self._check_send()
+        while self._credits == 0:
+            await self._wait()
+            self._check_send()
+        self._credits -= 1
+        slot = self._tx_slot
+        self._tx_slot = (slot + 1) % self.slots
+        base = slot * self.slot_size
+        ring = self._send_ring
+        HEADER.pack_into(ring, base, n, self._tx_seq)  # type: ignore[arg-type]
+        self._tx_seq = (self._tx_seq + 1) & 0xFFFFFFFF
+        pos = base + HEADER.size
+        for p in parts:
+            ring[pos:pos + p.nbytes] = np.frombuffer(p, dtype=np.uint8)
+            pos += p.nbytes
+        owed, self._owed = min(self._owed, MAX_CREDITS), self._owed - min(self._owed, MAX_CREDITS)
+        await self._write(base, base, HEADER.size + n, pack_imm(self.id, owed, slot))
+
+    async def _write(self, local: int, remote: int, length: int, imm: int) -> None:
+        fut = asyncio.ensure_future(self._post(local, remote, length, imm))
+        self._inflight.add(fut)
+        try:
+            await asyncio.shield(fut)  # a cancelled sender must not abandon a half-sent message
+        except (EndpointBrokenError, ClosedError) as exc:
+            self._fail(exc)
+            raise
+        finally:
+            if fut.done():
+                self._inflight.discard(fut)
+            else:
+                fut.add_done_callback(self._inflight.discard)
+
+    def _maybe_return_credits(self) -> None:
+        if self._owed and (self._owed >= max(1, self.slots // 4) or not self._ready) \
+                and not self._closed and self._error is None and (self._notice_task is None or self._notice_task.done()):
+            self._notice_task = asyncio.ensure_future(self._credit_notice())
+
+    async def _credit_notice(self) -> None:
+        while self._owed and not self._closed and self._error is None:
+            owed = min(self._owed, MAX_CREDITS)
+            self._owed -= owed
+            try:
+                await self._write(0, 0, 0, pack_imm(self.id, owed, CREDIT_ONLY))
+            except (EndpointBrokenError, ClosedError, ProtocolError):
+                return
+
+    # -- receiving -------------------------------------------------------------
+    async def recv(self) -> bytes:
+        """The next message; :class:`ClosedError` once the peer closed and all were read."""
+        while not self._ready:
+            if self._closed:
+                raise ClosedError(f"channel {self.name!r} is closed")
+            if self._error is not None:
+                raise self._error
+            if self._peer_closed:
+                raise ClosedError(f"channel {self.name!r}: the peer closed it")
+            await self._wait()
+        slot = self._ready.popleft()
+        base = slot * self.slot_size
+        n, seq = HEADER.unpack_from(self._recv_ring, base)  # type: ignore[arg-type]
+        if seq != self._rx_seq or n > self.max_message:
+            self._fail(ProtocolError(f"channel {self.name!r}: bad message header (seq {seq}, expected "
+                                     f"{self._rx_seq}; length {n})"))
+            raise self._error  # type: ignore[misc]
+        self._rx_seq = (self._rx_seq + 1) & 0xFFFFFFFF
+        data = self._recv_ring[base + HEADER.size: base + HEADER.size + n].tobytes()
+        self._owed += 1
+        self._maybe_return_credits()
+        return data
+
+    def __aiter__(self) -> Channel:
+        return self
+
+    async def __anext__(self) -> bytes:
+        try:
+            return await self.recv()
+        except ClosedError:
+            raise StopAsyncIteration from None
+
+    # -- closing ---------------------------------------------------------------
+    async def aclose(self) -> None:
+        """Tell the peer (its ``recv`` ends after the messages already sent) and release the rings."""
+        if self._closed:
+            return
+        try:
+            if self._error is None and not self._peer_closed:
+                try:
+                    await asyncio.wait_for(self._write(0, 0, 0, pack_imm(self.id, 0, CLOSE)), 2.0)
+                except (EndpointBrokenError, ClosedError, ProtocolError, asyncio.TimeoutError):
+                    pass
+            if self._inflight:
+                await asyncio.wait(list(self._inflight), timeout=2.0)
+        finally:
+            self._abort()
+
+    def _abort(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        if self._notice_task is not None:
+            self._notice_task.cancel()
+        self._wake()
+        self._release()
+
+    async def __aenter__(self) -> Channel:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+
+def make_rings(slots: int, slot_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """(receive ring, staging ring) for a channel, validated."""
+    if not isinstance(slots, int) or not 1 <= slots <= MAX_SLOTS:
+        raise UsageError(f"slots must be an int in 1..{MAX_SLOTS}")
+    if not isinstance(slot_size, int) or not HEADER.size < slot_size <= 16 << 20:
+        raise UsageError(f"slot_size must be in {HEADER.size + 1}..{16 << 20} bytes")
+    return np.zeros(slots * slot_size, dtype=np.uint8), np.zeros(slots * slot_size, dtype=np.uint8)
