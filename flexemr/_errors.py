@@ -16,6 +16,9 @@ __all__ = [
     "LookupIdError",
     "InputError",
     "UnknownTableError",
+    "ClosedError",
+    "TransportError",
+    "MetadataError",
 ]
 
 
@@ -44,3 +47,18 @@ class UnknownTableError(InputError, KeyError):
 
     def __str__(self) -> str:
         return str(self.args[0]) if self.args else ""
+
+
+class ClosedError(FlexEMRError, RuntimeError):
+    """The client or server is closed (or was never started)."""
+
+
+class TransportError(FlexEMRError, ConnectionError):
+    """Talking to an embedding server failed (connection lost, remote access refused...).
+
+    The underlying :mod:`rdmaio` exception is chained as ``__cause__``.
+    """
+
+
+class MetadataError(FlexEMRError, ValueError):
+    """A server's metadata blob is malformed or does not match the client's plan."""

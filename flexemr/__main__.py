@@ -1,0 +1,161 @@
+"""``flexemr`` command line: ``python -m flexemr <command> ...`` (or the ``flexemr`` script).
+
+Commands live in :data:`COMMANDS`, a table of :class:`Command` entries (name ->
+argument set-up + runner); adding one is one entry::
+
+    COMMANDS["demo"] = Command("run the demo", _demo_args, _demo_main)
+
+``serve``
+    ``flexemr serve --config cluster.toml --server s0 [--seed 0] [--npy TABLE=PATH ...]``
+    runs one embedding server until SIGINT/SIGTERM (exit code 0).  When the
+    server listens it prints one line to stdout::
+
+        flexemr: server s0 ready on 127.0.0.1:7000 (2 shards, 1.0 MiB, tcp)
+
+    or, with ``--ready-json``, one JSON object
+    ``{"event": "ready", "server": "s0", "host": ..., "port": ..., "pid": ...}``.
+    ``--exit-on-stdin-eof`` also stops it when its standard input closes (how
+    :class:`flexemr.LocalCluster` makes sure no server outlives its parent).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import signal
+import sys
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import rdmaio
+
+from ._errors import FlexEMRError
+from ._plan import ClusterConfig
+from ._server import EmbeddingServer
+
+__all__ = ["COMMANDS", "Command", "main"]
+
+log = logging.getLogger("flexemr")
+
+
+@dataclass(frozen=True)
+class Command:
+    """One subcommand: help text, argument set-up and the function that runs it (returns the exit code)."""
+
+    help: str
+    configure: Callable[[argparse.ArgumentParser], None]
+    run: Callable[[argparse.Namespace], int]
+
+
+# ------------------------------------------------------------------- serve
+
+
+def _serve_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", required=True, help="cluster TOML file")
+    p.add_argument("--server", required=True, help="this server's name in the cluster file")
+    p.add_argument("--host", help="listen on this host instead of the cluster file's")
+    p.add_argument("--port", type=int, help="listen on this port instead of the cluster file's (0: any)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random table initialisation (default 0)")
+    p.add_argument("--npy", action="append", default=[], metavar="TABLE=PATH",
+                   help="serve TABLE from a .npy file (memory-mapped); repeatable")
+    p.add_argument("--transport", default="auto", choices=["auto", "tcp", "verbs"], help="rdmaio transport")
+    p.add_argument("--workers", type=int, default=2, help="rdmaio progress workers (default 2)")
+    p.add_argument("--ready-json", action="store_true", help="announce readiness as one JSON line on stdout")
+    p.add_argument("--exit-on-stdin-eof", action="store_true", help="shut down when stdin is closed")
+
+
+def _parse_npy(items: Sequence[str]) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for item in items:
+        table, sep, path = item.partition("=")
+        if not sep or not table or not path:
+            raise FlexEMRError(f"--npy expects TABLE=PATH, got {item!r}")
+        out[table] = path
+    return out
+
+
+def _watch_stdin(loop: asyncio.AbstractEventLoop, stop: asyncio.Event) -> None:
+    def run() -> None:
+        try:
+            while os.read(0, 65536):  # raw fd: no buffered-IO lock held at interpreter exit
+                pass
+        except (OSError, ValueError):
+            pass
+        loop.call_soon_threadsafe(stop.set)
+
+    threading.Thread(target=run, name="flexemr-stdin-watch", daemon=True).start()
+
+
+async def _serve(args: argparse.Namespace) -> int:
+    config = ClusterConfig.from_toml(args.config)
+    server = EmbeddingServer(config, args.server, host=args.host, port=args.port, seed=args.seed,
+                             npy=_parse_npy(args.npy), transport=args.transport,
+                             engine_options={"workers": args.workers})
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    if args.exit_on_stdin_eof:
+        _watch_stdin(loop, stop)
+    try:
+        async with server:
+            addr = server.address
+            if args.ready_json:
+                line = json.dumps({"event": "ready", "server": server.name, "host": addr.host, "port": addr.port,
+                                   "pid": os.getpid(), "transport": server.engine.transport})
+            else:
+                line = (f"flexemr: server {server.name} ready on {addr} ({len(server.shards)} shards, "
+                        f"{server.arena_bytes / (1 << 20):.1f} MiB, {server.engine.transport})")
+            print(line, flush=True)
+            await stop.wait()
+            log.info("server %s shutting down", server.name)
+    finally:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(sig)
+    return 0
+
+
+def _serve_main(args: argparse.Namespace) -> int:
+    return rdmaio.run(_serve(args))
+
+
+# -------------------------------------------------------------------- table
+
+#: Subcommands: name -> :class:`Command`.
+COMMANDS: dict[str, Command] = {
+    "serve": Command("run one embedding server of a cluster file", _serve_args, _serve_main),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser with one sub-parser per entry of :data:`COMMANDS`."""
+    parser = argparse.ArgumentParser(prog="flexemr", description="FlexEMR disaggregated embedding serving")
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging (repeatable)")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name, cmd in COMMANDS.items():
+        p = sub.add_parser(name, help=cmd.help, description=cmd.help)
+        cmd.configure(p)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; returns the exit code (2 for usage errors, 1 for FlexEMR errors)."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    level = logging.WARNING - 10 * min(args.verbose, 2)
+    logging.basicConfig(level=level, stream=sys.stderr, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    try:
+        return COMMANDS[args.command].run(args)
+    except (FlexEMRError, rdmaio.RdmaioError) as exc:
+        print(f"flexemr {args.command}: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,294 @@
+"""A whole embedding cluster on loopback, for tests, demos and benchmarks.
+
+:class:`LocalCluster` starts ``servers`` embedding servers — by default each in
+its own process (``python -m flexemr serve ... --ready-json
+--exit-on-stdin-eof``), so the ranker in this process is really disaggregated
+from the tables — and hands out connected clients::
+
+    async with LocalCluster([TableSpec("user", 10_000, 64)], servers=2, seed=7) as cluster:
+        client = await cluster.client()
+        rows = await client.lookup("user", np.array([1, 5, 1]))
+        assert (rows == cluster.model()["user"][[1, 5, 1]]).all()
+
+Servers bind port 0 and report the port they got on stdout; the cluster then
+writes the final cluster file (``cluster.config_path``).  Every process is
+stopped on exit — also when start-up fails or the task is cancelled: the
+cluster closes the server's stdin (the server exits on EOF), sends SIGTERM,
+and SIGKILLs whatever is still alive after ``stop_timeout`` seconds.  Should
+this process die, the servers notice EOF on stdin and exit by themselves.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import sys
+import tempfile
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy.typing as npt
+
+from ._client import EmbeddingClient
+from ._errors import ClosedError, ConfigError, FlexEMRError
+from ._init import build_model, check_seed
+from ._plan import ClusterConfig, ServerAddress, ShardingPlan
+from ._server import EmbeddingServer
+from ._spec import TableSpec
+
+__all__ = ["LocalCluster"]
+
+log = logging.getLogger(__name__)
+
+PlanKind = Literal["row_wise", "table_wise", "column_wise"]
+
+
+def _tail(path: Path, limit: int = 2000) -> str:
+    try:
+        text = path.read_text(errors="replace")
+    except OSError:
+        return ""
+    return text[-limit:].strip()
+
+
+class LocalCluster:
+    """``servers`` embedding servers on loopback plus clients for them (an async context manager).
+
+    Parameters
+    ----------
+    specs:
+        The tables.
+    servers:
+        Number of servers (named ``s0``, ``s1``, ...); ignored when ``plan`` is a
+        :class:`ShardingPlan` (its servers are used).
+    seed:
+        Seed of every server's table initialisation; :meth:`model` rebuilds the
+        same values locally.
+    plan:
+        ``"row_wise"`` (default), ``"table_wise"``, ``"column_wise"`` or an
+        explicit :class:`ShardingPlan` over ``specs``.
+    in_process:
+        Run the servers in this process and event loop (fast start, for tests).
+    transport:
+        rdmaio transport of servers and clients (``"auto"``, ``"tcp"``, ``"verbs"``).
+    server_workers:
+        rdmaio workers per server.
+    client_options:
+        Default keyword arguments of :meth:`client`.
+    """
+
+    def __init__(
+        self,
+        specs: Iterable[TableSpec] | Mapping[str, TableSpec],
+        servers: int = 2,
+        seed: int = 0,
+        *,
+        plan: ShardingPlan | PlanKind = "row_wise",
+        in_process: bool = False,
+        transport: str = "auto",
+        host: str = "127.0.0.1",
+        server_workers: int = 2,
+        client_options: Mapping[str, Any] | None = None,
+        startup_timeout: float = 120.0,
+        stop_timeout: float = 5.0,
+    ) -> None:
+        spec_list = list(specs.values()) if isinstance(specs, Mapping) else list(specs)
+        if isinstance(plan, ShardingPlan):
+            if {s.name: s for s in spec_list} != dict(plan.tables):
+                raise ConfigError("the plan's tables differ from specs")
+            self.plan = plan
+        else:
+            if isinstance(servers, bool) or not isinstance(servers, int) or servers < 1:
+                raise ConfigError(f"servers must be a positive int, got {servers!r}")
+            names = [f"s{i}" for i in range(servers)]
+            builders = {"row_wise": ShardingPlan.row_wise, "table_wise": ShardingPlan.table_wise,
+                        "column_wise": ShardingPlan.column_wise}
+            if plan not in builders:
+                raise ConfigError(f"plan must be a ShardingPlan or one of {sorted(builders)}, got {plan!r}")
+            self.plan = builders[plan](spec_list, names)
+        self.seed = check_seed(seed)
+        self.in_process = in_process
+        self.transport = transport
+        self.host = host
+        self.server_workers = server_workers
+        self.client_options = dict(client_options or {})
+        self.startup_timeout = startup_timeout
+        self.stop_timeout = stop_timeout
+        self._config: ClusterConfig | None = None
+        self._tmp: tempfile.TemporaryDirectory[str] | None = None
+        self._procs: dict[str, asyncio.subprocess.Process] = {}
+        self._servers: dict[str, EmbeddingServer] = {}
+        self._clients: list[EmbeddingClient] = []
+        self._model: dict[str, npt.NDArray[Any]] | None = None
+        self._started = False
+        self._closed = False
+
+    def __repr__(self) -> str:
+        mode = "in-process" if self.in_process else "subprocess"
+        return f"<LocalCluster servers={list(self.plan.servers)} {mode}{' closed' if self._closed else ''}>"
+
+    # ------------------------------------------------------------- accessors
+
+    @property
+    def config(self) -> ClusterConfig:
+        """The running cluster (real ports)."""
+        if self._config is None:
+            raise ClosedError("cluster is not started")
+        return self._config
+
+    @property
+    def config_path(self) -> Path:
+        """A TOML cluster file describing the running cluster."""
+        if self._tmp is None or self._config is None:
+            raise ClosedError("cluster is not started")
+        return Path(self._tmp.name) / "cluster.toml"
+
+    @property
+    def pids(self) -> dict[str, int]:
+        """Server name -> process id (subprocess mode)."""
+        return {name: p.pid for name, p in self._procs.items()}
+
+    def server(self, name: str) -> EmbeddingServer:
+        """An in-process server object (``in_process=True`` only)."""
+        try:
+            return self._servers[name]
+        except KeyError:
+            raise ConfigError(f"no in-process server {name!r}") from None
+
+    def model(self) -> dict[str, npt.NDArray[Any]]:
+        """Every table as a local array, regenerated from the seed (no data transferred)."""
+        if self._model is None:
+            self._model = build_model(self.plan, self.seed)
+        return self._model
+
+    # ------------------------------------------------------------- lifecycle
+
+    async def start(self) -> LocalCluster:
+        """Start every server and wait until all listen. Idempotent."""
+        if self._closed:
+            raise ClosedError("cluster is closed")
+        if self._started:
+            return self
+        self._tmp = tempfile.TemporaryDirectory(prefix="flexemr-cluster-")
+        try:
+            if self.in_process:
+                addrs = await self._start_in_process()
+            else:
+                addrs = await asyncio.wait_for(self._start_processes(), self.startup_timeout)
+            self._config = ClusterConfig(self.plan, addrs)
+            self._config.write_toml(self.config_path)
+        except BaseException:
+            await self.aclose()
+            raise
+        self._started = True
+        return self
+
+    async def _start_in_process(self) -> dict[str, ServerAddress]:
+        for name in self.plan.servers:
+            server = EmbeddingServer(self.plan, name, host=self.host, port=0, seed=self.seed,
+                                     transport=self.transport, engine_options={"workers": self.server_workers})
+            self._servers[name] = server
+            await server.start()
+        return {name: s.address for name, s in self._servers.items()}
+
+    async def _start_processes(self) -> dict[str, ServerAddress]:
+        assert self._tmp is not None
+        tmp = Path(self._tmp.name)
+        boot = ClusterConfig(self.plan, {s: ServerAddress(self.host, 0) for s in self.plan.servers})
+        boot_path = tmp / "boot.toml"
+        boot.write_toml(boot_path)
+        for name in self.plan.servers:
+            with open(tmp / f"{name}.log", "wb") as errlog:
+                self._procs[name] = await asyncio.create_subprocess_exec(
+                    sys.executable, "-m", "flexemr", "serve", "--config", str(boot_path), "--server", name,
+                    "--seed", str(self.seed), "--transport", self.transport, "--workers", str(self.server_workers),
+                    "--ready-json", "--exit-on-stdin-eof",
+                    stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=errlog,
+                )
+        found = await asyncio.gather(*(self._await_ready(name, tmp) for name in self.plan.servers))
+        return dict(found)
+
+    async def _await_ready(self, name: str, tmp: Path) -> tuple[str, ServerAddress]:
+        proc = self._procs[name]
+        assert proc.stdout is not None
+        while True:
+            line = await proc.stdout.readline()
+            if not line:
+                code = await proc.wait()
+                raise FlexEMRError(f"server {name} exited with code {code} during start-up: "
+                                   f"{_tail(tmp / f'{name}.log')}")
+            try:
+                msg = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(msg, dict) and msg.get("event") == "ready":
+                log.info("server %s (pid %d) ready on %s:%s", name, proc.pid, msg["host"], msg["port"])
+                return name, ServerAddress(str(msg["host"]), int(msg["port"]))
+
+    async def client(self, **options: Any) -> EmbeddingClient:
+        """A new connected :class:`EmbeddingClient` (closed with the cluster).
+
+        ``options`` override ``client_options`` (e.g. ``coalesce_window_us``).
+        """
+        if not self._started or self._closed:
+            raise ClosedError("cluster is not running")
+        opts = {"transport": self.transport, **self.client_options, **options}
+        client = EmbeddingClient(self.config, **opts)
+        self._clients.append(client)
+        await client.connect()
+        return client
+
+    async def _stop_process(self, name: str, proc: asyncio.subprocess.Process) -> None:
+        try:
+            if proc.returncode is None:
+                if proc.stdin is not None:
+                    proc.stdin.close()
+                try:
+                    proc.terminate()
+                except ProcessLookupError:
+                    pass
+                try:
+                    await asyncio.wait_for(proc.wait(), self.stop_timeout)
+                except asyncio.TimeoutError:
+                    log.warning("server %s (pid %d) ignored SIGTERM; killing it", name, proc.pid)
+                    proc.kill()
+                    await proc.wait()
+            if proc.stdout is not None:
+                await proc.stdout.read()
+        finally:
+            if proc.returncode is None:
+                try:
+                    proc.kill()
+                except ProcessLookupError:
+                    pass
+
+    async def aclose(self) -> None:
+        """Close clients, stop every server (processes included), remove temp files. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            for c in self._clients:
+                await c.aclose()
+            for s in self._servers.values():
+                await s.aclose()
+            await asyncio.gather(*(self._stop_process(n, p) for n, p in self._procs.items()),
+                                 return_exceptions=True)
+        finally:
+            for proc in self._procs.values():  # cancelled half-way: no process may survive
+                if proc.returncode is None:
+                    try:
+                        proc.kill()
+                    except ProcessLookupError:
+                        pass
+            if self._tmp is not None:
+                self._tmp.cleanup()
+
+    async def __aenter__(self) -> LocalCluster:
+        return await self.start()
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
