@@ -13,10 +13,12 @@ modules, one responsibility each::
     _meta.py      the "flexemr/meta" region: a length-prefixed msgpack shard map
     _metrics.py   ClientMetrics: counters and log2 latency histograms
     _server.py    EmbeddingServer: registers shards, publishes metadata, serves reads
-    _client.py    EmbeddingClient: lookups, request coalescing, in-flight dedup
+    _client.py    EmbeddingClient: lookups, request coalescing, in-flight dedup,
+                  pooled lookups, ranker cache, prefetch, remap (docs/locality.md)
+    _locality.py  hierarchical pooling over the "flexemr/pool" channel, LocalityMetrics
     _cluster.py   LocalCluster: N servers on loopback (own processes) + clients
     __main__.py   the command line (``flexemr serve ...``)
-    bench/        ``python -m flexemr.bench lookup``
+    bench/        ``python -m flexemr.bench lookup`` / ``locality``
 
 flexemr imports only rdmaio's public names.  Importing flexemr changes nothing
 global: no logging configuration, no environment edits.
@@ -36,8 +38,10 @@ from ._errors import (
 )
 from ._init import build_model
 from ._jagged import JaggedBatch, pool_bags
+from ._locality import LocalityMetrics
 from ._metrics import ClientMetrics, LatencyHistogram
 from ._plan import ClusterConfig, ServerAddress, Shard, ShardingPlan
+from ._remap import RowRemap
 from ._server import EmbeddingServer
 from ._spec import TableSpec
 from ._split import SplitLookup, SubRequest, split_lookup
@@ -56,8 +60,10 @@ __all__ = [
     "JaggedBatch",
     "LatencyHistogram",
     "LocalCluster",
+    "LocalityMetrics",
     "LookupIdError",
     "MetadataError",
+    "RowRemap",
     "ServerAddress",
     "Shard",
     "ShardingPlan",

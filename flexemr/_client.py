@@ -29,6 +29,24 @@ In-flight dedup
     pending batch; it then waits for every batch it depends on and copies its
     rows out.  A batch's staging buffer is reference counted by its callers and
     returns to the client's pool when the last one has copied its rows.
+
+Locality (``docs/locality.md``)
+    * **cache** (``cache_bytes=...``): unique ids are first looked up in a
+      ranker-side :class:`~flexemr._cache.RowCache`; only misses join the
+      read path above, and the rows read are inserted when the batch lands
+      (unless an :meth:`EmbeddingClient.invalidate` happened meanwhile).
+      ``adaptive=True`` sizes it with :class:`~flexemr._cache.AdaptiveCapacity`
+      from the rows of recent batches (shrinks under load, grows when idle).
+    * **pooled lookups** (:meth:`EmbeddingClient.lookup_pooled`): cached rows
+      (and rows read raw) are pooled locally; the other rows of a bag go, per
+      ``(server, bag)``, either to raw reads or to a server-side pooling RPC
+      on the ``"flexemr/pool"`` channel, by the byte cost model of
+      :func:`~flexemr._pooling.choose_pooling`; partials are merged with
+      :func:`~flexemr._pooling.combine_partials`.
+    * **remap** (``remap=RowRemap``): logical ids become physical ids before
+      anything else; the cache is keyed by physical ids.
+    * **prefetch** (:meth:`EmbeddingClient.prefetch`): lookups of the next
+      ``depth`` batches run while the current one is consumed.
 """
 
 from __future__ import annotations
@@ -46,10 +64,23 @@ import numpy.typing as npt
 import rdmaio
 
 from ._errors import ClosedError, ConfigError, FlexEMRError, InputError, MetadataError, TransportError
-from ._jagged import JaggedBatch, pool_bags
+from ._cache import AdaptiveCapacity, CachePolicy, RowCache
+from ._errors import UnknownTableError
+from ._jagged import JaggedBatch
+from ._locality import POOL_CHANNEL, LocalityMetrics, PoolChannel, decode_response, encode_request
 from ._meta import HEADER, MAX_META_BYTES, META_REGION, ServerMeta, decode_meta
-from ._metrics import ClientMetrics
 from ._plan import ClusterConfig, ShardingPlan, validate_ids
+from ._pooling import (
+    PartialPool,
+    PoolMode,
+    _segment_reduce,
+    accumulation_dtype,
+    choose_pooling,
+    combine_partials,
+    pool,
+)
+from ._prefetch import Prefetcher, PrefetchStream
+from ._remap import RowRemap
 from ._spec import TableSpec
 from ._split import SplitLookup, split_lookup
 
@@ -191,9 +222,10 @@ class _Route:
 class _Batch:
     """One coalesced round of reads (see the module docstring)."""
 
-    __slots__ = ("needs", "pending_rows", "rows", "views", "future", "refs", "staging", "finished", "error")
+    __slots__ = ("needs", "pending_rows", "rows", "views", "future", "refs", "staging", "finished", "error", "epoch")
 
     def __init__(self, future: asyncio.Future[None]) -> None:
+        self.epoch = -1  # the client's invalidation epoch when the reads were issued
         self.needs: dict[str, list[IntArray]] = {}
         self.pending_rows = 0
         self.rows: dict[str, IntArray] = {}
@@ -206,7 +238,7 @@ class _Batch:
 
 
 class _Job:
-    __slots__ = ("table", "spec", "ids", "uniq", "inverse", "sources")
+    __slots__ = ("table", "spec", "ids", "uniq", "inverse", "sources", "hit", "hit_rows")
 
     def __init__(self, table: str, spec: TableSpec, ids: IntArray) -> None:
         self.table = table
@@ -215,6 +247,28 @@ class _Job:
         self.uniq: IntArray = _EMPTY
         self.inverse: IntArray = _EMPTY
         self.sources: list[_Batch] = []
+        self.hit: npt.NDArray[np.bool_] | None = None
+        self.hit_rows: npt.NDArray[Any] | None = None
+
+
+@dataclass
+class _PooledPlan:
+    """How one table of a pooled lookup is served (built by ``_plan_pooled``, vectorised)."""
+
+    table: str
+    spec: TableSpec
+    mode: PoolMode
+    offsets: IntArray
+    weights: npt.NDArray[Any] | None
+    uniq: IntArray                       # sorted unique physical ids
+    inverse: IntArray                    # occurrence -> index into uniq
+    bag: IntArray                        # occurrence -> bag
+    hit: npt.NDArray[np.bool_]           # uniq rows served by the cache
+    hit_rows: npt.NDArray[Any] | None
+    raw: npt.NDArray[np.bool_]           # uniq rows to read raw (then pooled locally)
+    local_occ: IntArray                  # occurrences pooled on the ranker (sorted)
+    remote: list[tuple[str, IntArray, IntArray, IntArray, npt.NDArray[Any] | None]]
+    #        (server, touched bags, rows per touched bag, ids grouped by bag, weights)
 
 
 # -------------------------------------------------------------------- client
@@ -227,6 +281,9 @@ class EmbeddingClient:
     >>> #     rows = await client.lookup("user", np.array([3, 1, 3]))        # [3, dim]
     >>> #     many = await client.lookup_many({"user": [1, 2], "item": [9]})
     >>> #     per_table = await client.lookup_jagged(jagged_batch)
+    >>> #     pooled = await client.lookup_pooled(jagged_batch, mode="mean")   # {table: [B, dim]}
+    >>> #     async for batch, pooled in client.prefetch(batches, depth=1, pooled="sum"): ...
+    >>> #     client.invalidate("user", [3])      # after the servers' row 3 changed
 
     Parameters
     ----------
@@ -249,6 +306,30 @@ class EmbeddingClient:
         concurrent requests (spread over the endpoint's queue pairs).
     staging_cache_bytes:
         Registered staging memory kept for reuse between batches.
+    cache_bytes:
+        Memory budget of the ranker-side row cache (``0``: no cache).  Slots
+        are as wide as the widest table row.
+    cache_policy:
+        ``"lru"`` or ``"lfu"`` (:class:`~flexemr._cache.RowCache`).
+    adaptive:
+        Resize the cache with :class:`~flexemr._cache.AdaptiveCapacity`: the
+        rows of the last ``cache_window`` read batches are reserved for
+        staging (x2: one batch in flight plus one prefetched); after
+        ``cache_idle_s`` seconds without a batch the window is forgotten and
+        the cache may use the whole budget again.  Resizes happen when the
+        target moves by at least 1/16 of the budget.
+    cache_admit:
+        Pooled lookups with a cache read a row raw (and cache it) when it
+        occurs at least this often in the batch; rarer uncached rows are left
+        to the pooling cost model.
+    server_pooling:
+        Let :meth:`lookup_pooled` ask servers to pool (per ``(server, bag)``
+        by the cost model of :func:`~flexemr._pooling.choose_pooling`).
+    remap:
+        A :class:`~flexemr._remap.RowRemap` the servers' tables were stored
+        with: ids are translated logical -> physical before splitting.
+    pool_slots, pool_slot_size:
+        Shape of each pooling channel (messages in flight, bytes per frame).
     """
 
     def __init__(
@@ -263,6 +344,16 @@ class EmbeddingClient:
         max_reads_per_request: int = 16384,
         staging_cache_bytes: int = 256 << 20,
         connect_timeout: float = 10.0,
+        cache_bytes: int = 0,
+        cache_policy: CachePolicy = "lru",
+        adaptive: bool = False,
+        cache_window: int = 16,
+        cache_idle_s: float = 1.0,
+        cache_admit: int = 2,
+        server_pooling: bool = True,
+        remap: RowRemap | None = None,
+        pool_slots: int = 16,
+        pool_slot_size: int = 256 << 10,
     ) -> None:
         if not isinstance(config, ClusterConfig):
             raise ConfigError(f"expected a ClusterConfig, got {type(config).__name__}")
@@ -274,9 +365,61 @@ class EmbeddingClient:
                 raise ConfigError(f"{name} must be a positive int, got {val!r}")
         if engine is not None and not isinstance(engine, rdmaio.Engine):
             raise ConfigError(f"engine must be an rdmaio.Engine, got {type(engine).__name__}")
+        for name, val, lo in (("cache_bytes", cache_bytes, 0), ("cache_window", cache_window, 1),
+                              ("cache_admit", cache_admit, 1), ("pool_slots", pool_slots, 1),
+                              ("pool_slot_size", pool_slot_size, 4096)):
+            if isinstance(val, bool) or not isinstance(val, int) or val < lo:
+                raise ConfigError(f"{name} must be an int >= {lo}, got {val!r}")
+        if remap is not None and not isinstance(remap, RowRemap):
+            raise ConfigError(f"remap must be a RowRemap, got {type(remap).__name__}")
         self.config = config
         self.plan: ShardingPlan = config.plan
-        self.metrics = ClientMetrics()
+        self.metrics = LocalityMetrics()
+        # -- remap: logical -> physical gather tables
+        self.remap = remap
+        self._l2p: dict[str, IntArray] = {}
+        if remap is not None:
+            for t in remap.tables:
+                if t not in self.plan.tables:
+                    raise ConfigError(f"remap table {t!r} is not in the plan")
+                n = self.plan.spec(t).num_rows
+                if remap.physical_to_logical(t).size != n:
+                    raise ConfigError(f"remap of table {t!r} has {remap.physical_to_logical(t).size} rows, "
+                                      f"the table {n}")
+                self._l2p[t] = remap.to_physical(t, np.arange(n, dtype=np.int64))
+        # -- cache
+        self._cache: RowCache | None = None
+        self._adaptive: AdaptiveCapacity | None = None
+        self._cache_seen = (0, 0, 0)
+        self.cache_admit = cache_admit
+        self.cache_idle_s = float(cache_idle_s)
+        if cache_bytes:
+            row_bytes = max(s.dim * s.np_dtype.itemsize for s in self.plan.tables.values())
+            self._cache = RowCache(memory_budget_bytes=cache_bytes, row_bytes=row_bytes, policy=cache_policy)
+            for spec in self.plan.tables.values():
+                self._cache.register(spec.name, spec.dim, spec.np_dtype)
+            if adaptive:
+                self._adaptive = AdaptiveCapacity(cache_bytes, row_bytes, cache_window, inflight=2)
+            self.metrics.cache_capacity = self._cache.capacity
+        elif adaptive:
+            raise ConfigError("adaptive=True needs cache_bytes > 0")
+        self._epoch = 0
+        self._last_batch_end = time.monotonic()
+        # -- server pooling
+        self.server_pooling = bool(server_pooling)
+        self._pool_slots = pool_slots
+        self._pool_slot_size = pool_slot_size
+        self._pool_channels: dict[str, PoolChannel] = {}
+        self._pool_refused: set[str] = set()
+        self._pool_opening: asyncio.Task[None] | None = None
+        self._server_index = {name: i for i, name in enumerate(self.plan.servers)}
+        self._pool_routes: dict[str, tuple[IntArray, IntArray]] = {}
+        for table, shards in self.plan.shards.items():
+            spec = self.plan.spec(table)
+            if all(sh.col_start == 0 and sh.col_end == spec.dim for sh in shards):
+                self._pool_routes[table] = (np.array([sh.row_start for sh in shards], dtype=np.int64),
+                                            np.array([self._server_index[sh.server] for sh in shards],
+                                                     dtype=np.int64))
         self.coalesce_window_us = coalesce_window_us
         self.max_batch_rows = max_batch_rows
         self.max_reads_per_request = max_reads_per_request
@@ -449,42 +592,110 @@ class EmbeddingClient:
         return {t: o for (t, _), o in zip(items, outs)}
 
     async def lookup_jagged(
-        self, batch: JaggedBatch, *, pooling: Literal["sum", "mean"] | None = None
+        self, batch: JaggedBatch, *, pooling: PoolMode | None = None
     ) -> dict[str, npt.NDArray[Any]]:
         """Rows of every key of a KeyedJaggedTensor-style batch.
 
         Returns ``{table: rows}`` with ``rows`` of shape ``[len(batch.ids(table)), dim]``
-        (in ``values`` order); with ``pooling="sum"``/``"mean"`` each table's rows
-        are pooled per sample into ``[batch_size, dim]`` (:func:`pool_bags`).
+        (in ``values`` order); with ``pooling="sum"``/``"mean"``/``"max"`` this is
+        ``lookup_pooled(batch, mode=pooling)``: ``[batch_size, dim]`` per table.
         """
         if not isinstance(batch, JaggedBatch):
             raise InputError(f"lookup_jagged takes a JaggedBatch, got {type(batch).__name__}")
-        if pooling not in (None, "sum", "mean"):
-            raise InputError(f"pooling must be None, 'sum' or 'mean', got {pooling!r}")
-        rows = await self.lookup_many(batch.per_table())
-        if pooling is None:
-            return rows
-        return {t: pool_bags(r, batch.bag_offsets(t), pooling) for t, r in rows.items()}
+        if pooling not in (None, "sum", "mean", "max"):
+            raise InputError(f"pooling must be None, 'sum', 'mean' or 'max', got {pooling!r}")
+        if pooling is not None:
+            return await self.lookup_pooled(batch, mode=pooling)
+        return await self.lookup_many(batch.per_table())
+
+    async def lookup_bags(
+        self,
+        table: str,
+        ids: object,
+        *,
+        offsets: object | None = None,
+        lengths: object | None = None,
+        mode: PoolMode = "sum",
+        per_sample_weights: object | None = None,
+    ) -> npt.NDArray[Any]:
+        """EmbeddingBag of one table: ``ids`` cut into bags by ``offsets`` (``[B+1]``) or ``lengths`` (``[B]``).
+
+        ``lookup_pooled`` for a one-table batch; returns ``[B, dim]``.
+
+        >>> # await client.lookup_bags("user", [1, 2, 3], lengths=[2, 1], mode="mean")
+        """
+        jb = JaggedBatch([table], ids, lengths=lengths, offsets=offsets)
+        out = await self.lookup_pooled(jb, mode=mode, per_sample_weights=per_sample_weights)
+        return out[table]
 
     async def _lookup(self, items: list[tuple[str, object]]) -> list[npt.NDArray[Any]]:
         t0 = time.perf_counter()
         jobs: list[_Job] = []
         for table, ids in items:  # validate everything before touching any state
             spec = self.plan.spec(table)
-            jobs.append(_Job(table, spec, validate_ids(spec, ids)))
+            jobs.append(_Job(table, spec, self._physical(table, validate_ids(spec, ids))))
         self._check_open()
         m = self.metrics
         m.lookups += 1
-        batches: dict[int, _Batch] = {}
-        for job in jobs:
-            if job.ids.size == 0:
-                continue
+        live = [job for job in jobs if job.ids.size]
+        for job in live:
             job.uniq, job.inverse = _unique_inverse(job.ids, job.spec.num_rows)
-            job.sources = self._place(job.table, job.uniq)
             m.ids_requested += int(job.ids.size)
-            m.unique_ids += int(job.uniq.size)
-            for b in job.sources:
-                batches[id(b)] = b
+        try:
+            rows = await self._fetch_unique([(j.table, j.spec, j.uniq) for j in live], probe=True)
+        except BaseException:
+            m.errors += 1
+            raise
+        got = {id(j): r for j, r in zip(live, rows)}
+        outs = []
+        for job in jobs:
+            r = got.get(id(job))
+            outs.append(np.empty((0, job.spec.dim), dtype=job.spec.np_dtype) if r is None else r[job.inverse])
+        m.lookup_latency.observe(time.perf_counter() - t0)
+        return outs
+
+    def _physical(self, table: str, ids: IntArray) -> IntArray:
+        """Logical -> physical ids (identity for tables without a remap)."""
+        l2p = self._l2p.get(table)
+        if l2p is None:
+            return ids
+        out: IntArray = l2p[ids]
+        return out
+
+    async def _fetch_unique(
+        self, reqs: list[tuple[str, TableSpec, IntArray]], *, probe: bool
+    ) -> list[npt.NDArray[Any]]:
+        """Rows ``[len(uniq), dim]`` for sorted unique physical ids, per request.
+
+        ``probe``: look the ids up in the cache first (else the caller did).
+        Misses go through in-flight dedup and the pending (coalescing) batch;
+        the rows read are inserted into the cache unless an invalidation
+        happened since their batch was sent.
+        """
+        m = self.metrics
+        cache = self._cache
+        jobs: list[_Job] = []
+        batches: dict[int, _Batch] = {}
+        for table, spec, uniq in reqs:
+            job = _Job(table, spec, uniq)
+            miss = uniq
+            if probe and cache is not None and uniq.size:
+                hit, hit_rows = cache.lookup(table, uniq)
+                nh = int(np.count_nonzero(hit))
+                m.cache_hits += nh
+                m.cache_misses += int(uniq.size) - nh
+                if nh:
+                    job.hit, job.hit_rows = hit, hit_rows
+                    miss = uniq[~hit]
+            m.unique_ids += int(uniq.size)
+            job.uniq = miss
+            job.inverse = np.arange(miss.size, dtype=np.int64)
+            job.ids = miss
+            if miss.size:
+                job.sources = self._place(table, miss)
+                for b in job.sources:
+                    batches[id(b)] = b
+            jobs.append(job)
         for b in batches.values():
             b.refs += 1
         try:
@@ -495,17 +706,356 @@ class EmbeddingClient:
                     await asyncio.shield(b.future)
                 if b.error is not None:
                     raise _caller_error(b.error)
-            outs = [self._gather(job) for job in jobs]
-        except BaseException:
-            m.errors += 1
-            raise
+            outs: list[npt.NDArray[Any]] = []
+            for job in jobs:
+                miss_rows = self._gather(job)
+                if cache is not None and job.uniq.size and all(b.epoch == self._epoch for b in job.sources):
+                    cache.insert(job.table, job.uniq, miss_rows)
+                if job.hit is None:
+                    outs.append(miss_rows)
+                    continue
+                rows = np.empty((job.hit.size, job.spec.dim), dtype=job.spec.np_dtype)
+                rows[job.hit] = job.hit_rows
+                rows[~job.hit] = miss_rows
+                outs.append(rows)
+            self._sync_cache_metrics()
+            return outs
         finally:
             for b in batches.values():
                 b.refs -= 1
                 if b.finished and b.refs == 0:
                     self._release(b)
+
+    # ----------------------------------------------------------------- cache
+
+    @property
+    def cache(self) -> RowCache | None:
+        """The ranker-side row cache (``None`` without ``cache_bytes``); keys are physical ids."""
+        return self._cache
+
+    def invalidate(self, table: str, ids: object) -> int:
+        """Coherence after the servers' rows changed: drop cached copies of ``ids`` (logical).
+
+        Also stops later lookups from borrowing rows of batches that were
+        already in flight, and keeps reads sent before this call from filling
+        the cache.  Returns the number of distinct ids that were cached.
+
+        >>> # server rows 3 and 8 of "user" were rewritten:
+        >>> # client.invalidate("user", [3, 8])
+        """
+        spec = self.plan.spec(table)
+        phys = self._physical(table, validate_ids(spec, ids))
+        self._epoch += 1
+        n = 0
+        if self._cache is not None:
+            n = self._cache.invalidate(table, phys)
+            self._sync_cache_metrics()
+        return n
+
+    def _sync_cache_metrics(self) -> None:
+        cache = self._cache
+        if cache is None:
+            return
+        st = cache.stats
+        ins, ev, inv = self._cache_seen
+        m = self.metrics
+        m.cache_inserts += st.inserts - ins
+        m.cache_evictions += st.evictions - ev
+        m.cache_invalidations += st.invalidations - inv
+        m.cache_capacity = cache.capacity
+        self._cache_seen = (st.inserts, st.evictions, st.invalidations)
+
+    def _adapt(self, rows: int) -> None:
+        """Adaptive capacity: record a read batch of ``rows`` rows, resize when the target moved enough."""
+        ac, cache = self._adaptive, self._cache
+        if ac is None or cache is None:
+            return
+        target = ac.observe(rows)
+        self._resize_cache(target)
+
+    def _resize_cache(self, target: int) -> None:
+        ac, cache = self._adaptive, self._cache
+        assert ac is not None and cache is not None
+        step = max(1, ac.max_capacity // 16)
+        if target != cache.capacity and (abs(target - cache.capacity) >= step or target == ac.max_capacity):
+            cache.resize(target)
+            self.metrics.cache_resizes += 1
+            self._sync_cache_metrics()
+
+    def _idle_check(self) -> None:
+        if self._adaptive is not None and time.monotonic() - self._last_batch_end > self.cache_idle_s:
+            self._adaptive.reset()
+            self._resize_cache(self._adaptive.capacity)
+
+    # --------------------------------------------------------- pooled lookups
+
+    async def lookup_pooled(
+        self,
+        batch: JaggedBatch,
+        mode: PoolMode = "sum",
+        per_sample_weights: object | None = None,
+        *,
+        server_pooling: bool | None = None,
+    ) -> dict[str, npt.NDArray[Any]]:
+        """EmbeddingBag lookup: ``{table: [batch_size, dim]}`` pooled per sample.
+
+        ``mode``: ``"sum"``, ``"mean"`` (sum / number of rows) or ``"max"``;
+        empty bags give zeros; results equal
+        ``pool(model[t][ids], batch.bag_offsets(t), mode, weights)`` (float
+        tolerance: partial sums are added in another order).
+        ``per_sample_weights``: one weight per id, aligned with
+        ``batch.values`` (TorchRec's ``weights``), or ``{table: weights}``;
+        ``sum``/``mean`` only.  ``server_pooling`` overrides the client's
+        setting for this call.  The output dtype is
+        :func:`~flexemr._pooling.accumulation_dtype` of the table.
+
+        >>> # jb = JaggedBatch.from_lists({"user": [[1, 2], [], [7]]})
+        >>> # (await client.lookup_pooled(jb, mode="mean"))["user"].shape   -> (3, dim)
+        """
+        t0 = time.perf_counter()
+        if not isinstance(batch, JaggedBatch):
+            raise InputError(f"lookup_pooled takes a JaggedBatch, got {type(batch).__name__}")
+        if mode not in ("sum", "mean", "max"):
+            raise InputError(f"mode must be 'sum', 'mean' or 'max', got {mode!r}")
+        weights = self._split_weights(batch, per_sample_weights, mode)
+        self._check_open()
+        use_pool = self.server_pooling if server_pooling is None else bool(server_pooling)
+        if use_pool:
+            await self._open_pool_channels()
+        specs = [self.plan.spec(t) for t in batch.keys]
+        ids_all = [self._physical(t, validate_ids(spec, batch.ids(t))) for t, spec in zip(batch.keys, specs)]
+        m = self.metrics
+        m.lookups += 1
+        m.pooled_lookups += 1
+        plans = [self._plan_pooled(t, spec, ids, batch.bag_offsets(t), weights.get(t), mode, use_pool)
+                 for t, spec, ids in zip(batch.keys, specs, ids_all)]
+        raw = [p for p in plans if p.raw.any()]
+        rpcs = [(p, entry) for p in plans for entry in p.remote]
+        try:
+            coros: list[Any] = [self._fetch_unique([(p.table, p.spec, p.uniq[p.raw]) for p in raw], probe=False)]
+            coros += [self._pool_rpc(p, entry) for p, entry in rpcs]
+            results = await asyncio.gather(*coros, return_exceptions=True)
+            for r in results:
+                if isinstance(r, BaseException):
+                    raise r
+            raw_rows = dict(zip((id(p) for p in raw), results[0]))
+            remote: dict[int, list[PartialPool]] = {}
+            for (p, _), part in zip(rpcs, results[1:]):
+                remote.setdefault(id(p), []).append(part)
+            out = {p.table: self._combine(p, raw_rows.get(id(p)), remote.get(id(p), [])) for p in plans}
+        except BaseException:
+            m.errors += 1
+            raise
         m.lookup_latency.observe(time.perf_counter() - t0)
-        return outs
+        return out
+
+    def _split_weights(self, batch: JaggedBatch, w: object | None, mode: str) -> dict[str, npt.NDArray[Any]]:
+        if w is None:
+            return {}
+        if mode == "max":
+            raise InputError("per_sample_weights are only supported with mode 'sum' or 'mean'")
+        if isinstance(w, Mapping):
+            extra = set(w) - set(batch.keys)
+            if extra:
+                raise UnknownTableError(f"weights for tables not in the batch: {sorted(extra)}")
+            per = {t: np.asarray(v) for t, v in w.items()}
+        else:
+            arr = np.asarray(w)
+            if arr.ndim != 1 or arr.size != len(batch):
+                raise InputError(f"per_sample_weights must be 1-D with one weight per id ({len(batch)}), "
+                                 f"got shape {arr.shape}")
+            per = {}
+            pos = 0
+            for t in batch.keys:
+                n = int(batch.ids(t).size)
+                per[t] = arr[pos : pos + n]
+                pos += n
+        for t, v in per.items():
+            if v.ndim != 1 or v.size != batch.ids(t).size or (v.size and v.dtype.kind not in "fiu"):
+                raise InputError(f"table {t!r}: per_sample_weights must be {batch.ids(t).size} numbers, "
+                                 f"got shape {v.shape} dtype {v.dtype}")
+        return per
+
+    def _plan_pooled(
+        self,
+        table: str,
+        spec: TableSpec,
+        ids: IntArray,
+        offsets: IntArray,
+        weights: npt.NDArray[Any] | None,
+        mode: PoolMode,
+        use_pool: bool,
+    ) -> _PooledPlan:
+        """Split one table's occurrences: cached / raw (pooled on the ranker) / pooled per server (vectorised)."""
+        m = self.metrics
+        nb = int(offsets.size - 1)
+        acc = accumulation_dtype(spec.np_dtype)
+        w = None if weights is None else weights.astype(acc, copy=False)
+        bag = np.repeat(np.arange(nb, dtype=np.int64), np.diff(offsets))
+        m.ids_requested += int(ids.size)
+        if ids.size == 0:
+            z = np.zeros(0, dtype=np.int64)
+            nob = np.zeros(0, dtype=bool)
+            return _PooledPlan(table, spec, mode, offsets, w, z, z, bag, nob, None, nob, z, [])
+        uniq, inv = _unique_inverse(ids, spec.num_rows)
+        hit = np.zeros(uniq.size, dtype=bool)
+        hit_rows = None
+        local_u = hit
+        cache = self._cache
+        if cache is not None:
+            hit, hit_rows = cache.lookup(table, uniq)
+            nh = int(np.count_nonzero(hit))
+            m.cache_hits += nh
+            m.cache_misses += int(uniq.size) - nh
+            m.unique_ids += nh  # the misses are counted when (and if) they are read
+            local_u = hit | (np.bincount(inv, minlength=uniq.size) >= self.cache_admit)
+        remote_occ = ~local_u[inv]
+        pooled_occ = np.zeros(ids.size, dtype=bool)
+        remote: list[tuple[str, IntArray, IntArray, IntArray, npt.NDArray[Any] | None]] = []
+        route = self._pool_routes.get(table)
+        r_idx = np.flatnonzero(remote_occ)
+        if use_pool and route is not None and r_idx.size:
+            starts, band_server = route
+            srv = band_server[np.searchsorted(starts, ids[r_idx], side="right") - 1]
+            nsrv = len(self.plan.servers)
+            rbag = bag[r_idx]
+            counts = np.bincount(srv * nb + rbag, minlength=nsrv * nb).reshape(nsrv, nb)
+            for name in self._pool_refused | (set(self.plan.servers) - set(self._pool_channels)):
+                counts[self._server_index[name]] = 0  # no channel to that server: raw reads only
+            mask = choose_pooling(counts, spec.dim, spec.np_dtype.itemsize)
+            sel = mask[srv, rbag]
+            pooled_occ[r_idx[sel]] = True
+            for s_i in np.flatnonzero(mask.any(axis=1)).tolist():
+                occ = r_idx[sel & (srv == s_i)]               # ascending = grouped by bag
+                touched = np.flatnonzero(mask[s_i])
+                remote.append((self.plan.servers[s_i], touched, counts[s_i, touched], ids[occ],
+                               None if w is None else w[occ]))
+            m.pooled_subrequests += len(remote)
+            m.pooled_bags += int(np.count_nonzero(mask))
+            m.pooled_rows += int(np.count_nonzero(sel))
+        raw = local_u & ~hit
+        raw[inv[remote_occ & ~pooled_occ]] = True
+        if raw.any():
+            band_first = self.plan.route(table, uniq[raw])
+            shards = self.plan.shards[table]
+            m.raw_subrequests += len({shards[i].server for i in np.unique(band_first).tolist()})
+        local_occ = np.flatnonzero(~pooled_occ)
+        m.local_pooled_rows += int(local_occ.size)
+        return _PooledPlan(table, spec, mode, offsets, w, uniq, inv, bag, hit, hit_rows, raw, local_occ, remote)
+
+    async def _pool_rpc(
+        self, p: _PooledPlan, entry: tuple[str, IntArray, IntArray, IntArray, npt.NDArray[Any] | None]
+    ) -> PartialPool:
+        """One ``(server, table)`` pooling request; returns the server's partial as a dense ``[B, dim]`` PartialPool."""
+        server, touched, lengths, ids, w = entry
+        spec = p.spec
+        acc = accumulation_dtype(spec.np_dtype)
+        ch = self._pool_channels.get(server)
+        if ch is None or ch.broken:
+            raise TransportError(f"no pooling channel to server {server!r}")
+        parts = encode_request(p.table, ids, lengths, w, p.mode, num_rows=spec.num_rows, weight_dtype=acc)
+        values = decode_response(await ch.call(parts))
+        if values.shape != (touched.size, spec.dim):
+            raise TransportError(f"server {server!r} answered {values.shape} for {touched.size} bags")
+        nb = int(p.offsets.size - 1)
+        count = np.zeros(nb, dtype=np.int64)
+        count[touched] = lengths
+        psum = np.zeros((nb, spec.dim), dtype=acc)
+        if p.mode == "max":
+            pmax = np.full((nb, spec.dim), -np.inf, dtype=acc)
+            pmax[touched] = values
+            return PartialPool(psum, count, pmax)
+        psum[touched] = values
+        return PartialPool(psum, count, None)
+
+    def _combine(self, p: _PooledPlan, raw_rows: npt.NDArray[Any] | None,
+                 remote: list[PartialPool]) -> npt.NDArray[Any]:
+        """Pool the ranker's rows of every bag and merge them with the servers' partials."""
+        spec = p.spec
+        nb = int(p.offsets.size - 1)
+        acc = accumulation_dtype(spec.np_dtype)
+        if p.uniq.size == 0:
+            return np.zeros((nb, spec.dim), dtype=acc)
+        urows = np.empty((p.uniq.size, spec.dim), dtype=spec.np_dtype)
+        if p.hit_rows is not None and p.hit_rows.size:
+            urows[p.hit] = p.hit_rows
+        if raw_rows is not None:
+            urows[p.raw] = raw_rows
+        if not remote:  # every row is here: plain pooling
+            return pool(urows[p.inverse], p.offsets, p.mode, p.weights, dtype=acc)
+        occ = p.local_occ
+        count = np.bincount(p.bag[occ], minlength=nb).astype(np.int64)
+        offs = np.concatenate((np.zeros(1, np.int64), np.cumsum(count)))
+        vals = urows[p.inverse[occ]].astype(acc, copy=False)
+        if p.mode == "max":
+            local = PartialPool(np.zeros((nb, spec.dim), dtype=acc), count,
+                                _segment_reduce(np.maximum, vals, offs, -np.inf, acc))
+        else:
+            if p.weights is not None:
+                vals = vals * p.weights[occ][:, None]
+            local = PartialPool(_segment_reduce(np.add, vals, offs, 0.0, acc), count, None)
+        return combine_partials([local, *remote], p.mode)
+
+    async def _open_pool_channels(self) -> None:
+        """Open the pooling channel to every server not tried yet (once; concurrent callers share the attempt)."""
+        todo = [s for s in self.plan.servers
+                if s not in self._pool_refused and (s not in self._pool_channels or self._pool_channels[s].broken)]
+        if not todo:
+            return
+        if self._pool_opening is None or self._pool_opening.done():
+            assert self._loop is not None
+            self._pool_opening = self._loop.create_task(self._open_channels(todo))
+        await asyncio.shield(self._pool_opening)
+
+    async def _open_channels(self, servers: list[str]) -> None:
+        async def one(server: str) -> None:
+            old = self._pool_channels.pop(server, None)
+            if old is not None:
+                await old.aclose()
+            try:
+                ch = await self._endpoints[server].channel(POOL_CHANNEL, slots=self._pool_slots,
+                                                           slot_size=self._pool_slot_size)
+            except rdmaio.RdmaioError as exc:  # e.g. transport without channels, or an old server
+                log.warning("server %s: no pooling channel (%s); raw reads only", server, exc)
+                self._pool_refused.add(server)
+                return
+            self._pool_channels[server] = PoolChannel(ch, self.metrics)
+
+        await asyncio.gather(*(one(s) for s in servers))
+
+    # ---------------------------------------------------------------- prefetch
+
+    def prefetch(
+        self,
+        batches: Any,
+        *,
+        depth: int = 1,
+        pooled: PoolMode | None = None,
+    ) -> PrefetchStream[Any, dict[str, npt.NDArray[Any]]]:
+        """Lookahead pipeline: ``async for batch, result in client.prefetch(batches, depth=1)``.
+
+        ``batches`` (sync or async iterable) yields :class:`JaggedBatch` es, or
+        ``(JaggedBatch, per_sample_weights)`` pairs with ``pooled``.  The
+        lookups of the next ``depth`` batches run while the consumer holds the
+        current result (FBGEMM-style prefetch on :class:`~flexemr._prefetch.Prefetcher`);
+        results come in order.  ``pooled=None`` gives :meth:`lookup_jagged`
+        rows, else :meth:`lookup_pooled` with that mode.  With a cache, the
+        rows the lookahead reads land in the cache.  Use ``async with`` (or
+        exhaust the stream) so outstanding lookups are cancelled on exit.
+        """
+        if pooled not in (None, "sum", "mean", "max"):
+            raise InputError(f"pooled must be None, 'sum', 'mean' or 'max', got {pooled!r}")
+
+        async def fetch(item: Any) -> dict[str, npt.NDArray[Any]]:
+            jb, w = item if isinstance(item, tuple) else (item, None)
+            self.metrics.prefetched_batches += 1
+            if pooled is None:
+                if w is not None:
+                    raise InputError("per_sample_weights need pooled=...")
+                return await self.lookup_jagged(jb)
+            return await self.lookup_pooled(jb, mode=pooled, per_sample_weights=w)
+
+        return Prefetcher(fetch, depth).stream(batches)
 
     def _place(self, table: str, uniq: IntArray) -> list[_Batch]:
         """Borrow rows already in flight; add the rest to the pending batch."""
@@ -513,7 +1063,7 @@ class EmbeddingClient:
         remaining = uniq
         for b in self._inflight:
             rows = b.rows.get(table)
-            if rows is None:
+            if rows is None or b.epoch != self._epoch:  # sent before an invalidate(): maybe stale
                 continue
             pos = np.searchsorted(rows, remaining)
             np.minimum(pos, rows.size - 1, out=pos)
@@ -570,6 +1120,8 @@ class EmbeddingClient:
         if b is None:
             return
         self._pending = None
+        self._idle_check()
+        b.epoch = self._epoch
         shared = 0
         for table, needs in b.needs.items():
             rows = needs[0] if len(needs) == 1 else np.unique(np.concatenate(needs))
@@ -629,6 +1181,8 @@ class EmbeddingClient:
             for (split, base), table in zip(splits, b.rows):
                 b.views[table] = _unique_rows(split, st.array[base : base + split.staging_bytes])
             m.batch_latency.observe(time.perf_counter() - t0)
+            self._last_batch_end = time.monotonic()
+            self._adapt(sum(int(r.size) for r in b.rows.values()))
         except asyncio.CancelledError:
             b.error = ClosedError("client closed while the lookup was in flight")
             raise
@@ -674,6 +1228,12 @@ class EmbeddingClient:
             t.cancel()
         if self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._pool_opening is not None and not self._pool_opening.done():
+            self._pool_opening.cancel()
+            await asyncio.gather(self._pool_opening, return_exceptions=True)
+        for ch in self._pool_channels.values():
+            await ch.aclose()
+        self._pool_channels.clear()
         if self._pool is not None:
             self._pool.close()
         if self._engine is not None:

@@ -10,6 +10,13 @@ from the tables — and hands out connected clients::
         rows = await client.lookup("user", np.array([1, 5, 1]))
         assert (rows == cluster.model()["user"][[1, 5, 1]]).all()
 
+With ``remap=RowRemap`` (frequency-aware placement, :mod:`flexemr._remap`)
+every remapped table is written once, reordered by
+``remap.apply_to_table``, to a ``.npy`` file in the cluster's temporary
+directory and served from it (``--npy``); clients get ``remap=`` by default,
+so lookups still use logical ids and :meth:`LocalCluster.model` stays the
+logical model.
+
 Servers bind port 0 and report the port they got on stdout; the cluster then
 writes the final cluster file (``cluster.config_path``).  Every process is
 stopped on exit — also when start-up fails or the task is cancelled: the
@@ -30,12 +37,14 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any, Literal
 
+import numpy as np
 import numpy.typing as npt
 
 from ._client import EmbeddingClient
 from ._errors import ClosedError, ConfigError, FlexEMRError
-from ._init import build_model, check_seed
+from ._init import build_model, check_seed, init_table
 from ._plan import ClusterConfig, ServerAddress, ShardingPlan
+from ._remap import RowRemap
 from ._server import EmbeddingServer
 from ._spec import TableSpec
 
@@ -78,6 +87,9 @@ class LocalCluster:
         rdmaio workers per server.
     client_options:
         Default keyword arguments of :meth:`client`.
+    remap:
+        A :class:`~flexemr._remap.RowRemap`: servers store the remapped
+        tables (physical order), clients translate ids (module docstring).
     """
 
     def __init__(
@@ -94,6 +106,7 @@ class LocalCluster:
         client_options: Mapping[str, Any] | None = None,
         startup_timeout: float = 120.0,
         stop_timeout: float = 5.0,
+        remap: RowRemap | None = None,
     ) -> None:
         spec_list = list(specs.values()) if isinstance(specs, Mapping) else list(specs)
         if isinstance(plan, ShardingPlan):
@@ -109,6 +122,16 @@ class LocalCluster:
             if plan not in builders:
                 raise ConfigError(f"plan must be a ShardingPlan or one of {sorted(builders)}, got {plan!r}")
             self.plan = builders[plan](spec_list, names)
+        if remap is not None:
+            if not isinstance(remap, RowRemap):
+                raise ConfigError(f"remap must be a RowRemap, got {type(remap).__name__}")
+            for t in remap.tables:
+                if t not in self.plan.tables:
+                    raise ConfigError(f"remap table {t!r} is not in the plan")
+                if remap.physical_to_logical(t).size != self.plan.spec(t).num_rows:
+                    raise ConfigError(f"remap of table {t!r} does not cover its {self.plan.spec(t).num_rows} rows")
+        self.remap = remap
+        self._npy: dict[str, Path] = {}
         self.seed = check_seed(seed)
         self.in_process = in_process
         self.transport = transport
@@ -174,6 +197,8 @@ class LocalCluster:
             return self
         self._tmp = tempfile.TemporaryDirectory(prefix="flexemr-cluster-")
         try:
+            if self.remap is not None:
+                await asyncio.get_running_loop().run_in_executor(None, self._write_remapped)
             if self.in_process:
                 addrs = await self._start_in_process()
             else:
@@ -186,9 +211,17 @@ class LocalCluster:
         self._started = True
         return self
 
+    def _write_remapped(self) -> None:
+        """One ``.npy`` per remapped table, rows in physical order (runs in a worker thread)."""
+        assert self._tmp is not None and self.remap is not None
+        for t in self.remap.tables:
+            path = Path(self._tmp.name) / f"remap-{len(self._npy)}.npy"
+            np.save(path, self.remap.apply_to_table(t, init_table(self.plan.spec(t), self.seed)))
+            self._npy[t] = path
+
     async def _start_in_process(self) -> dict[str, ServerAddress]:
         for name in self.plan.servers:
-            server = EmbeddingServer(self.plan, name, host=self.host, port=0, seed=self.seed,
+            server = EmbeddingServer(self.plan, name, host=self.host, port=0, seed=self.seed, npy=self._npy,
                                      transport=self.transport, engine_options={"workers": self.server_workers})
             self._servers[name] = server
             await server.start()
@@ -206,6 +239,7 @@ class LocalCluster:
                     sys.executable, "-m", "flexemr", "serve", "--config", str(boot_path), "--server", name,
                     "--seed", str(self.seed), "--transport", self.transport, "--workers", str(self.server_workers),
                     "--ready-json", "--exit-on-stdin-eof",
+                    *(arg for t, path in self._npy.items() for arg in ("--npy", f"{t}={path}")),
                     stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=errlog,
                 )
         found = await asyncio.gather(*(self._await_ready(name, tmp) for name in self.plan.servers))
@@ -235,7 +269,7 @@ class LocalCluster:
         """
         if not self._started or self._closed:
             raise ClosedError("cluster is not running")
-        opts = {"transport": self.transport, **self.client_options, **options}
+        opts = {"transport": self.transport, "remap": self.remap, **self.client_options, **options}
         client = EmbeddingClient(self.config, **opts)
         self._clients.append(client)
         await client.connect()

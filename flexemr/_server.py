@@ -15,7 +15,11 @@ Start-up:
    ``read_batch``;
 3. the metadata blob (:mod:`flexemr._meta`: plan, shard map, remote keys) is
    registered and exposed as ``"flexemr/meta"``;
-4. the listener accepts any number of rankers.
+4. the pooling service (:class:`flexemr._locality.PoolService`) is served on
+   the message channel ``"flexemr/pool"``: a ranker sends the ids of a
+   batch's rows this server holds, grouped by bag, and gets one partial sum
+   (or max) per bag back -- hierarchical pooling (``docs/locality.md``);
+5. the listener accepts any number of rankers.
 
 >>> import asyncio, rdmaio
 >>> from flexemr._spec import TableSpec
@@ -42,6 +46,7 @@ import rdmaio
 
 from ._errors import ClosedError, ConfigError
 from ._init import check_seed, init_shard
+from ._locality import POOL_CHANNEL, PoolService
 from ._meta import ARENA_REGION, META_REGION, ServerMeta, ShardEntry, encode_meta
 from ._plan import ClusterConfig, ServerAddress, Shard, ShardingPlan
 
@@ -139,6 +144,7 @@ class EmbeddingServer:
         self._started = False
         self._closing = False
         self.arena_bytes = 0
+        self.pool_service: PoolService | None = None
 
     def __repr__(self) -> str:
         where = str(self._address) if self._address else "not started"
@@ -228,6 +234,8 @@ class EmbeddingServer:
             meta_mr = engine.register(meta_buf, access=rdmaio.Access.READ)
             self._regions.append(meta_mr)
             self._expose(META_REGION, meta_mr)
+            self.pool_service = PoolService(self.plan, self.shards, self._arrays)
+            engine.serve_channel(POOL_CHANNEL, self._serve_pool)
             self._listener = await engine.listen(self._bind.host, self._bind.port)
             self._address = ServerAddress(self._bind.host, self._listener.port)
         except BaseException:
@@ -237,6 +245,12 @@ class EmbeddingServer:
         log.info("server %s listening on %s (%d shards, %d arena bytes, %s)", self.name, self._address,
                  len(self.shards), self.arena_bytes, engine.transport)
         return self
+
+    async def _serve_pool(self, ch: rdmaio.Channel) -> None:
+        """Channel handler of ``"flexemr/pool"`` (ends at once when the server is closing)."""
+        if self._closing or self.pool_service is None:
+            return
+        await self.pool_service.serve(ch)
 
     def _expose(self, name: str, mr: rdmaio.MemoryRegion) -> None:
         assert self._engine is not None

@@ -1,0 +1,176 @@
+"""Pooled (EmbeddingBag) lookups end to end: local vs server-side hierarchical pooling, cache, remap."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from flexemr import InputError, JaggedBatch, LocalCluster, ShardingPlan, TableSpec
+from flexemr._pooling import pool
+from flexemr._remap import build_remap, profile_accesses
+from flexemr._workload import PROFILE_2022, generate
+
+SPECS = [
+    TableSpec("user", 5000, 16, "float32"),
+    TableSpec("item", 3001, 8, "float16"),
+    TableSpec("wide", 900, 64, "float64"),
+]
+B = 48
+
+
+def random_batch(rng: np.random.Generator, specs: list[TableSpec], plan: ShardingPlan) -> JaggedBatch:
+    """Random bags plus the edge cases: empty bags, one-row bags, bags with rows on every server."""
+    vals, lens = [], []
+    for spec in specs:
+        lengths = rng.integers(0, 14, size=B)
+        lengths[:4] = 0          # empty bags
+        lengths[4:8] = 1         # one-row bags
+        ids = [rng.integers(0, spec.num_rows, size=int(n)) for n in lengths]
+        bands = plan.shards[spec.name]
+        for b in range(8, 12):   # spanning all servers: rows from every shard, several each
+            ids[b] = np.concatenate([rng.integers(sh.row_start, sh.row_end, size=3) for sh in bands])
+            lengths[b] = ids[b].size
+        ids[12] = np.full(5, 7)  # one row repeated in a bag
+        lengths[12] = 5
+        vals.append(np.concatenate(ids))
+        lens.append(lengths)
+    return JaggedBatch([s.name for s in specs], np.concatenate(vals), lengths=np.concatenate(lens))
+
+
+def reference(model: dict[str, np.ndarray], jb: JaggedBatch, mode: str, w: np.ndarray | None) -> dict[str, np.ndarray]:
+    out, pos = {}, 0
+    for t in jb.keys:
+        ids = jb.ids(t)
+        ws = None if w is None else w[pos : pos + ids.size]
+        pos += ids.size
+        out[t] = pool(model[t][ids], jb.bag_offsets(t), mode, ws)
+    return out
+
+
+def check(got: dict[str, np.ndarray], want: dict[str, np.ndarray]) -> None:
+    assert got.keys() == want.keys()
+    for t in want:
+        assert got[t].shape == want[t].shape and got[t].dtype == want[t].dtype, t
+        np.testing.assert_allclose(got[t], want[t], rtol=2e-5 if want[t].dtype == np.float64 else 2e-3, atol=1e-3)
+
+
+@pytest.mark.parametrize("options", [
+    {"server_pooling": False},
+    {"server_pooling": True},
+    {"server_pooling": False, "cache_bytes": 1 << 20},
+    {"server_pooling": True, "cache_bytes": 1 << 20, "cache_policy": "lfu"},
+    {"server_pooling": True, "cache_bytes": 1 << 14, "adaptive": True, "pool_slot_size": 4096},  # tiny frames
+], ids=["raw", "pooling", "cache", "cache+pooling", "adaptive+small-frames"])
+async def test_pooled_matches_reference(options: dict[str, object]) -> None:
+    async with LocalCluster(SPECS, servers=3, seed=5, in_process=True, transport="tcp") as cluster:
+        client = await cluster.client(**options)
+        model = cluster.model()
+        rng = np.random.default_rng(1)
+        for it in range(3):
+            jb = random_batch(rng, SPECS, cluster.plan)
+            for mode in ("sum", "mean", "max"):
+                check(await client.lookup_pooled(jb, mode=mode), reference(model, jb, mode, None))
+                if mode != "max":
+                    w = rng.random(len(jb)) * 2 - 0.5
+                    check(await client.lookup_pooled(jb, mode, per_sample_weights=w), reference(model, jb, mode, w))
+        m = client.metrics
+        if options["server_pooling"]:
+            assert m.pooled_subrequests > 0 and m.pool_bytes_received > 0
+        else:
+            assert m.pooled_subrequests == 0 and m.pool_bytes_sent == 0
+        if options.get("adaptive"):  # a 16 KiB budget under ~1000-row batches: shrunk to (almost) nothing
+            assert m.cache_resizes > 0 and m.cache_capacity < (1 << 14) // 512
+        elif "cache_bytes" in options:
+            assert m.cache_hits > 0 and m.cache_inserts > 0
+
+
+async def test_cost_model_choice_is_used() -> None:
+    """Several rows per (server, bag) -> pooling RPCs; one row per (server, bag) -> raw reads."""
+    spec = TableSpec("t", 4000, 32, "float32")
+    async with LocalCluster([spec], servers=2, seed=2, in_process=True, transport="tcp") as cluster:
+        client = await cluster.client()
+        model = cluster.model()
+        # one row on each server per bag: raw reads only
+        single = JaggedBatch(["t"], np.stack([np.arange(64), np.arange(64) + 2000], axis=1).reshape(-1),
+                             lengths=np.full(64, 2))
+        got = await client.lookup_pooled(single, "sum")
+        check(got, reference(model, single, "sum", None))
+        assert client.metrics.pooled_subrequests == 0 and client.metrics.raw_subrequests == 2
+        assert client.metrics.rows_read == 128
+        # eight rows per server per bag: every (server, bag) pooled, nothing read raw
+        client.metrics.reset()
+        rng = np.random.default_rng(0)
+        multi = np.concatenate([np.concatenate([rng.integers(0, 2000, 8), rng.integers(2000, 4000, 8)])
+                                for _ in range(64)])
+        many = JaggedBatch(["t"], multi, lengths=np.full(64, 16))
+        got = await client.lookup_pooled(many, "mean")
+        check(got, reference(model, many, "mean", None))
+        m = client.metrics
+        assert m.pooled_subrequests == 2 and m.pooled_bags == 128 and m.pooled_rows == multi.size
+        assert m.raw_subrequests == 0 and m.rows_read == 0
+        # the per-call override forces raw reads
+        client.metrics.reset()
+        check(await client.lookup_pooled(many, "mean", server_pooling=False), reference(model, many, "mean", None))
+        assert client.metrics.pooled_subrequests == 0 and client.metrics.rows_read > 0
+
+
+async def test_apis_and_errors() -> None:
+    async with LocalCluster(SPECS[:2], servers=2, seed=4, in_process=True, transport="tcp") as cluster:
+        client = await cluster.client()
+        model = cluster.model()
+        got = await client.lookup_bags("user", [1, 2, 3, 4999], offsets=[0, 3, 3, 4], mode="mean")
+        np.testing.assert_allclose(got, pool(model["user"][[1, 2, 3, 4999]], [0, 3, 3, 4], "mean"), rtol=1e-5)
+        jb = JaggedBatch.from_lists({"user": [[1, 2], [], [9, 9, 9]], "item": [[5], [6, 7], []]})
+        check(await client.lookup_jagged(jb, pooling="max"), reference(model, jb, "max", None))
+        w = {"user": np.ones(5), "item": np.full(3, 2.0)}
+        got = await client.lookup_pooled(jb, "sum", per_sample_weights=w)
+        check(got, reference(model, jb, "sum", np.concatenate([w["user"], w["item"]])))
+        with pytest.raises(InputError):
+            await client.lookup_pooled(jb, "max", per_sample_weights=np.ones(len(jb)))
+        with pytest.raises(InputError):
+            await client.lookup_pooled(jb, "sum", per_sample_weights=np.ones(3))
+        with pytest.raises(InputError):
+            await client.lookup_pooled(jb, "median")  # type: ignore[arg-type]
+        empty = JaggedBatch(["user"], np.zeros(0, np.int64), lengths=np.zeros(3, np.int64))
+        assert (await client.lookup_pooled(empty))["user"].tolist() == [[0.0] * 16] * 3
+
+
+async def test_column_wise_tables_fall_back_to_raw_reads() -> None:
+    async with LocalCluster(SPECS[:1], servers=2, seed=4, plan="column_wise", in_process=True,
+                            transport="tcp") as cluster:
+        client = await cluster.client()
+        jb = random_batch(np.random.default_rng(3), SPECS[:1], cluster.plan)
+        check(await client.lookup_pooled(jb, "mean"), reference(cluster.model(), jb, "mean", None))
+        assert client.metrics.pooled_subrequests == 0
+
+
+async def test_two_processes_remap_cache_pooling() -> None:
+    """Servers in their own processes store the remapped tables; results equal the logical model."""
+    specs = [TableSpec("a", 20_000, 32, "float32"), TableSpec("b", 10_000, 16, "float16")]
+    stream = [generate(specs, 128, 12, PROFILE_2022, seed=s) for s in range(6)]
+    remap = build_remap(profile_accesses(stream[:3], specs))
+    async with LocalCluster(specs, servers=2, seed=9, transport="tcp", remap=remap) as cluster:
+        model = cluster.model()
+        plain = await cluster.client(remap=None)
+        phys_a = remap.to_physical("a", [0, 1, 2])
+        rows = await plain.lookup("a", phys_a)           # the servers hold the physical layout
+        assert np.array_equal(rows, model["a"][[0, 1, 2]])
+        client = await cluster.client(cache_bytes=1 << 20)
+        rng = np.random.default_rng(0)
+        for jb in stream[3:]:
+            ids = jb.ids("a")
+            assert np.array_equal(await client.lookup("a", ids), model["a"][ids])
+            w = rng.random(len(jb))
+            check(await client.lookup_pooled(jb, "sum", per_sample_weights=w), reference(model, jb, "sum", w))
+            check(await client.lookup_pooled(jb, "max"), reference(model, jb, "max", None))
+        m = client.metrics
+        assert m.cache_hits > 0 and m.pooled_subrequests > 0 and m.errors == 0
+
+
+def test_locality_doctests() -> None:
+    import doctest
+
+    import flexemr._locality
+
+    result = doctest.testmod(flexemr._locality)
+    assert result.attempted > 0 and result.failed == 0
