@@ -1,10 +1,10 @@
 # Two commands for a fresh machine (see README):
-#   make demo   the main job: servers on loopback, no configuration
+#   make demo   the main job (flexemr demo): embedding servers on loopback + a DLRM ranker, no configuration
 #   make test   every test, including the verbs suite inside the Soft-RoCE VM
 .PHONY: demo test bench clean
 
 demo: .venv/.installed
-	.venv/bin/python -m rdmaio.demo
+	.venv/bin/python -m flexemr demo
 
 test:
 	bash scripts/test.sh

@@ -123,11 +123,70 @@ def _serve_main(args: argparse.Namespace) -> int:
     return rdmaio.run(_serve(args))
 
 
+# ------------------------------------------------ demo / rank / gen (modules imported when the parser is built)
+
+
+def _demo_args(p: argparse.ArgumentParser) -> None:
+    from ._demo import configure
+
+    configure(p)
+
+
+def _demo_main(args: argparse.Namespace) -> int:
+    from ._demo import main as demo
+
+    return demo(args)
+
+
+def _rank_args(p: argparse.ArgumentParser) -> None:
+    from ._rank import configure
+
+    configure(p)
+
+
+def _rank_main(args: argparse.Namespace) -> int:
+    from ._rank import main as rank
+
+    return rank(args)
+
+
+def _gen_args(p: argparse.ArgumentParser) -> None:
+    from ._rank import configure_gen
+
+    configure_gen(p)
+
+
+def _gen_main(args: argparse.Namespace) -> int:
+    from ._rank import main_gen
+
+    return main_gen(args)
+
+
+def _bench_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("argv", nargs=argparse.REMAINDER, help="python -m flexemr.bench arguments (default: compare)")
+    p.prefix_chars = "\0"  # hand every argument, options and -h included, to flexemr.bench's own parser
+
+
+def _bench_main(args: argparse.Namespace) -> int:
+    from .bench.__main__ import COMMANDS as BENCHES, main as bench
+
+    argv = list(args.argv)
+    if not argv or (argv[0] not in BENCHES and argv[0] not in ("-h", "--help")):
+        argv.insert(0, "compare")
+    return bench(argv)
+
+
 # -------------------------------------------------------------------- table
 
 #: Subcommands: name -> :class:`Command`.
 COMMANDS: dict[str, Command] = {
     "serve": Command("run one embedding server of a cluster file", _serve_args, _serve_main),
+    "demo": Command("serve a DLRM end to end on local embedding servers (no configuration)", _demo_args, _demo_main),
+    "rank": Command("rank requests with a DLRM against running `flexemr serve` servers", _rank_args, _rank_main),
+    "gen": Command("write a Criteo-shaped cluster file, a synthetic Criteo TSV or a lookup trace", _gen_args,
+                   _gen_main),
+    "bench": Command("benchmarks (python -m flexemr.bench); default: compare, side by side with peers",
+                     _bench_args, _bench_main),
 }
 
 

@@ -14,6 +14,7 @@ fi
 if [ ! -d /var/lib/apt/lists ] || [ -z "$(ls -A /var/lib/apt/lists 2>/dev/null | grep -v lock || true)" ]; then
     apt-get update -qq
 fi
+apt-get install -y -qq --no-install-recommends redis-server >/dev/null || echo "system-deps: redis-server not installed: the Redis peer of flexemr bench compare will be skipped" >&2
 # the package list lives in one place: rdmaio/testing/softroce.py (APT_PACKAGES);
 # the module is stdlib-only, so it runs by path before anything is built
 "$PYTHON" rdmaio/testing/softroce.py --install-deps -q || {

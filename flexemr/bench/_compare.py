@@ -1,0 +1,233 @@
+"""``python -m flexemr.bench compare [--json]`` (also plain ``flexemr bench``): one workload, side by side.
+
+Workload: :func:`flexemr._workload.generate` with
+:data:`~flexemr._workload.PROFILE_2022` (reuse calibrated to Meta's 2022
+``dlrm_datasets`` traces): ``--tables`` (8) float32 tables of ``--rows``
+(500,000) rows x ``--dim`` (64); batches of ``--batch`` (2048) samples with
+Poisson bags of mean ``--pooling`` (32) ids per table; ``sum`` pooling.
+``--warmup`` (2) warm-up batches, then ``--batches`` (5) timed ones (seeds
+0, 1, ...: a stream over the same hot rows).  Every path answers the same
+batches and is checked against ``local`` before it is timed.
+
+Paths, in report order:
+
+``local``
+    the limit: ``pool(model[t][ids], offsets)`` in numpy on an in-memory copy;
+``naive``
+    the naive disaggregated path: one rdmaio ``read`` per id (no dedup, no
+    coalescing, 64 concurrent readers) against the same servers, pooled
+    locally; timed on ``--naive-ids`` ids of a batch and extrapolated;
+``flexemr``
+    ``EmbeddingClient.lookup_pooled(batch, "sum")`` with the default client
+    (dedup, coalesced reads, server-side pooling by the cost model; no cache)
+    against ``--servers`` (2) embedding servers, each in its own process;
+``redis``
+    a private ``redis-server`` holding the rows, one pipelined ``MGET`` per
+    table and batch, pooled in numpy (:mod:`flexemr.bench._peers`); skipped
+    with a reason when ``redis-server`` or the ``redis`` client is missing;
+``torchrec``
+    TorchRec's FBGEMM table-batched embedding on the local CPU
+    (:mod:`flexemr.bench._peers`); skipped with a reason when torchrec is not
+    installed.
+
+Columns: samples/s (pooled lookups of whole batches), rows/s (ids answered,
+duplicates included), bytes over the network per sample (one-sided read
+payload plus pooling messages for flexemr; RESP request and reply bytes for
+Redis; ``ids x row_bytes`` for naive), and ratios of samples/s to flexemr and
+to local.  ``--no-redis`` / ``--no-torchrec`` skip a peer on purpose.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import time
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+import rdmaio
+
+from .._cluster import LocalCluster
+from .._init import build_model
+from .._jagged import JaggedBatch
+from .._pooling import pool
+from .._spec import TableSpec
+from .._workload import PROFILE_2022, generate, reuse_stats
+from . import _peers
+from ._lookup import _naive
+from ._peers import Model, PathResult, Pooled, check_pooled, measured
+
+__all__ = ["HELP", "PATHS", "CompareConfig", "configure", "main", "measure"]
+
+HELP = "one workload side by side: local, naive, flexemr, redis and torchrec (samples/s, bytes/sample, ratios)"
+#: Paths, in report order.
+PATHS = ("local", "naive", "flexemr", _peers.REDIS, _peers.TORCHREC)
+
+
+@dataclass(frozen=True)
+class CompareConfig:
+    """Parameters of one run (see the module docstring)."""
+
+    tables: int = 8
+    rows: int = 500_000
+    dim: int = 64
+    batch: int = 2048
+    pooling: float = 32.0
+    warmup: int = 2
+    batches: int = 5
+    naive_ids: int = 20_000
+    servers: int = 2
+    transport: str = "auto"
+    seed: int = 0
+    redis: bool = True
+    torchrec: bool = True
+
+
+def _local(model: Model, jb: JaggedBatch) -> Pooled:
+    return {t: pool(model[t][jb.ids(t)], jb.bag_offsets(t), "sum") for t in jb.keys}
+
+
+async def _cluster_paths(cfg: CompareConfig, specs: list[TableSpec], model: Model, warm: list[JaggedBatch],
+                         timed: list[JaggedBatch], ref: Pooled) -> tuple[dict[str, PathResult], str, float]:
+    """``naive`` and ``flexemr`` against a :class:`LocalCluster`; returns (results, transport, start-up s)."""
+    t0 = time.perf_counter()
+    async with LocalCluster(specs, servers=cfg.servers, seed=cfg.seed, transport=cfg.transport) as cluster:
+        startup_s = time.perf_counter() - t0
+        client = await cluster.client()
+        transport = client.engine.transport
+        check_pooled("flexemr", await client.lookup_pooled(timed[0], "sum"), ref)
+        for jb in warm:
+            await client.lookup_pooled(jb, "sum")
+        client.metrics.reset()
+        t0 = time.perf_counter()
+        for jb in timed:
+            await client.lookup_pooled(jb, "sum")
+        dt = time.perf_counter() - t0
+        m = client.metrics
+        samples = sum(jb.batch_size for jb in timed)
+        flex = measured("flexemr", timed, dt, m.network_bytes / samples,
+                        f"{m.reads / len(timed):,.0f} reads + {m.pooled_subrequests / len(timed):,.0f} pooling RPCs "
+                        f"per batch, {cfg.servers} servers")
+
+        naive_s, naive_n = await _naive(client, timed[0], cfg.naive_ids, model)  # checks the rows it read
+    ids_per_sample = float(np.mean([len(jb) / jb.batch_size for jb in timed]))
+    per_id = naive_s / naive_n
+    row_bytes = cfg.dim * 4
+    naive = PathResult("naive", 1.0 / per_id / ids_per_sample, 1.0 / per_id, ids_per_sample * row_bytes,
+                       per_id * ids_per_sample * cfg.batch * 1e3, True, None,
+                       f"1 read/id, timed on {naive_n:,} ids, extrapolated")
+    return {"naive": naive, "flexemr": flex}, transport, startup_s
+
+
+def measure(cfg: CompareConfig) -> dict[str, Any]:
+    """Run every path on the same batches; returns a JSON-able dict (``results``: one entry per path)."""
+    t_start = time.perf_counter()
+    specs = [TableSpec(f"t{i:02d}", cfg.rows, cfg.dim, "float32") for i in range(cfg.tables)]
+    stream = [generate(specs, cfg.batch, cfg.pooling, PROFILE_2022, seed=s) for s in range(cfg.warmup + cfg.batches)]
+    warm, timed = stream[: cfg.warmup], stream[cfg.warmup:]
+    model = build_model(specs, cfg.seed)  # exactly what seeded servers hold
+    ref = _local(model, timed[0])
+
+    res: dict[str, PathResult] = {}
+    t0 = time.perf_counter()
+    for jb in timed:
+        _local(model, jb)
+    res["local"] = measured("local", timed, time.perf_counter() - t0, 0.0, "numpy gather + pool, in memory")
+
+    cluster_res, transport, startup_s = rdmaio.run(_cluster_paths(cfg, specs, model, warm, timed, ref))
+    res.update(cluster_res)
+    res[_peers.REDIS] = (_peers.bench_redis(model, warm, timed, ref) if cfg.redis
+                         else _peers.skipped(_peers.REDIS, "disabled (--no-redis)"))
+    res[_peers.TORCHREC] = (_peers.bench_torchrec(model, warm, timed, ref) if cfg.torchrec
+                            else _peers.skipped(_peers.TORCHREC, "disabled (--no-torchrec)"))
+
+    flex = res["flexemr"].samples_per_s
+    local = res["local"].samples_per_s
+    rows = []
+    for name in PATHS:
+        r = res[name].to_dict()
+        rate = r["samples_per_s"]
+        r["vs_flexemr"] = rate / flex if rate is not None and flex else None
+        r["vs_local"] = rate / local if rate is not None and local else None
+        rows.append(r)
+    ids_per_sample = float(np.mean([len(jb) / jb.batch_size for jb in timed]))
+    return {
+        "config": asdict(cfg),
+        "workload": {"profile": "PROFILE_2022", "profile_params": PROFILE_2022.to_dict(), "pooling_mode": "sum",
+                     "bags": "poisson", "ids_per_sample": ids_per_sample, "row_bytes": cfg.dim * 4,
+                     "table_mb": cfg.rows * cfg.dim * 4 / 1e6, "reuse_stats": reuse_stats(timed[0])},
+        "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform()},
+        "transport": transport,
+        "startup_s": startup_s,
+        "wall_s": time.perf_counter() - t_start,
+        "results": rows,
+    }
+
+
+def _rate(x: float | None) -> str:
+    if x is None:
+        return "-"
+    return f"{x / 1e6:.2f}M" if x >= 1e6 else f"{x / 1e3:.1f}k" if x >= 1e3 else f"{x:.0f}"
+
+
+def _ratio(x: float | None) -> str:
+    return "-" if x is None else f"{x:.2f}x"
+
+
+def format_table(res: dict[str, Any]) -> str:
+    """The human-readable report of :func:`measure`'s result."""
+    cfg, wl = res["config"], res["workload"]
+    lines = [
+        (f"flexemr bench compare: {cfg['tables']} tables x {cfg['rows']:,} rows x {cfg['dim']} float32 "
+         f"({wl['table_mb']:.0f} MB each); {cfg['servers']} embedding servers (own processes, {res['transport']})"),
+        (f"workload: PROFILE_2022 reuse (Meta 2022 traces), batch {cfg['batch']} samples, Poisson bags of mean "
+         f"{cfg['pooling']:g} ({wl['ids_per_sample']:.1f} ids/sample), sum pooling; {cfg['warmup']} warm-up + "
+         f"{cfg['batches']} timed batches, seed {cfg['seed']}; wall {res['wall_s']:.0f} s"),
+        "",
+        (f"{'path':<10}{'samples/s':>11}{'rows/s':>10}{'net B/sample':>14}{'batch ms':>10}{'vs flexemr':>12}"
+         f"{'vs local':>10}  note"),
+    ]
+    for r in res["results"]:
+        if r["skipped"]:
+            lines.append(f"{r['path']:<10}  skipped: {r['skipped']}")
+            continue
+        lines.append(f"{r['path']:<10}{_rate(r['samples_per_s']):>11}{_rate(r['rows_per_s']):>10}"
+                     f"{r['bytes_per_sample']:>14,.0f}{r['batch_ms']:>10.1f}{_ratio(r['vs_flexemr']):>12}"
+                     f"{_ratio(r['vs_local']):>10}  {r['note']}")
+    return "\n".join(lines)
+
+
+def configure(p: argparse.ArgumentParser) -> None:
+    """Arguments of ``python -m flexemr.bench compare``."""
+    d = CompareConfig()
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--tables", type=int, default=d.tables)
+    p.add_argument("--rows", type=int, default=d.rows, help=f"rows per table (default {d.rows:,})")
+    p.add_argument("--dim", type=int, default=d.dim)
+    p.add_argument("--batch", type=int, default=d.batch, help="samples per batch")
+    p.add_argument("--pooling", type=float, default=d.pooling, help="mean ids per sample and table (Poisson)")
+    p.add_argument("--warmup", type=int, default=d.warmup, help="warm-up batches per path")
+    p.add_argument("--batches", type=int, default=d.batches, help="timed batches per path")
+    p.add_argument("--naive-ids", type=int, default=d.naive_ids, help="ids timed on the naive path")
+    p.add_argument("--servers", type=int, default=d.servers)
+    p.add_argument("--transport", default=d.transport, choices=["auto", "tcp", "verbs"])
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--no-redis", action="store_true", help="skip the Redis peer")
+    p.add_argument("--no-torchrec", action="store_true", help="skip the TorchRec peer")
+
+
+def main(args: argparse.Namespace) -> int:
+    """Run with parsed arguments; prints a table (or, with ``--json``, the whole result as one JSON object)."""
+    if args.batches < 1 or args.warmup < 0 or args.naive_ids < 1:
+        raise SystemExit("compare: --batches and --naive-ids must be >= 1, --warmup >= 0")
+    cfg = CompareConfig(tables=args.tables, rows=args.rows, dim=args.dim, batch=args.batch, pooling=args.pooling,
+                        warmup=args.warmup, batches=args.batches, naive_ids=args.naive_ids, servers=args.servers,
+                        transport=args.transport, seed=args.seed, redis=not args.no_redis,
+                        torchrec=not args.no_torchrec)
+    res = measure(cfg)
+    print(json.dumps(res, indent=2) if args.json else format_table(res), flush=True)
+    return 0
+

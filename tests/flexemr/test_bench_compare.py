@@ -1,0 +1,92 @@
+"""``python -m flexemr.bench compare --json`` (and ``flexemr bench``) on a tiny workload.
+
+The bench runs in a subprocess (it starts its own servers, a Redis server and
+maybe torch); the test checks the JSON structure, that the local, naive and
+flexemr paths produced positive numbers, and that each peer either ran with
+verified rows or was skipped with the reason the environment explains.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from typing import Any
+
+import pytest
+
+from flexemr.bench import _peers
+from flexemr.bench._compare import PATHS
+
+TINY = ["--tables", "2", "--rows", "4000", "--dim", "16", "--batch", "64", "--pooling", "4", "--warmup", "1",
+        "--batches", "2", "--naive-ids", "300", "--servers", "2", "--transport", "tcp"]
+KEYS = {"path", "samples_per_s", "rows_per_s", "bytes_per_sample", "batch_ms", "verified", "skipped", "note",
+        "vs_flexemr", "vs_local"}
+
+
+def _run(*argv: str, timeout: float = 60.0) -> dict[str, Any]:
+    proc = subprocess.run([sys.executable, *argv], check=False, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out: dict[str, Any] = json.loads(proc.stdout)
+    return out
+
+
+def _measured(row: dict[str, Any]) -> None:
+    assert row["skipped"] is None, row
+    assert row["verified"] is True, row
+    for key in ("samples_per_s", "rows_per_s", "batch_ms", "vs_flexemr", "vs_local"):
+        assert isinstance(row[key], float) and row[key] > 0, (key, row)
+    assert row["rows_per_s"] > row["samples_per_s"]  # several ids per sample
+    assert row["bytes_per_sample"] >= 0
+
+
+def test_compare_json() -> None:
+    res = _run("-m", "flexemr.bench", "compare", "--json", *TINY)
+    assert {"config", "workload", "machine", "transport", "results"} <= set(res)
+    assert res["config"]["tables"] == 2 and res["workload"]["pooling_mode"] == "sum"
+    assert res["workload"]["ids_per_sample"] > 0
+    rows = {r["path"]: r for r in res["results"]}
+    assert [r["path"] for r in res["results"]] == list(PATHS)
+    for r in rows.values():
+        assert set(r) == KEYS, r
+    for name in ("local", "naive", "flexemr"):
+        _measured(rows[name])
+    assert rows["flexemr"]["vs_flexemr"] == pytest.approx(1.0)
+    assert rows["local"]["vs_local"] == pytest.approx(1.0)
+    assert rows["local"]["bytes_per_sample"] == 0
+    assert 0 < rows["flexemr"]["bytes_per_sample"] < rows["naive"]["bytes_per_sample"]
+
+    redis_reason = _peers.redis_missing()
+    if os.environ.get("CI") == "true" and redis_reason == _peers.REDIS_SERVER_NOT_INSTALLED:
+        pytest.fail(f"CI installs redis-server (scripts/system-deps.sh) but: {redis_reason}")
+    if redis_reason is None:
+        _measured(rows["redis"])
+        assert rows["redis"]["bytes_per_sample"] > 0
+        assert "MGET" in rows["redis"]["note"]
+    else:
+        assert rows["redis"]["skipped"] == redis_reason
+    torchrec_reason = _peers.torchrec_missing()
+    if torchrec_reason is None:
+        _measured(rows["torchrec"])
+        assert rows["torchrec"]["bytes_per_sample"] == 0
+    else:
+        assert rows["torchrec"]["skipped"] == torchrec_reason
+        assert "docs/performance.md" in torchrec_reason
+
+
+def test_flexemr_bench_defaults_to_compare() -> None:
+    res = _run("-m", "flexemr", "bench", "--json", "--no-redis", "--no-torchrec", *TINY)
+    rows = {r["path"]: r for r in res["results"]}
+    _measured(rows["flexemr"])
+    assert rows["redis"]["skipped"] == "disabled (--no-redis)"
+    assert rows["torchrec"]["skipped"] == "disabled (--no-torchrec)"
+
+
+def test_redis_server_is_stopped_on_error() -> None:
+    if _peers.redis_missing():
+        pytest.skip(_peers.redis_missing() or "")
+    with pytest.raises(KeyError, match="boom"), _peers.redis_server() as (client, pid):
+        assert client.ping()
+        raise KeyError("boom")
+    assert not os.path.exists(f"/proc/{pid}")  # stopped and reaped

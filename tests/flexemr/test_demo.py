@@ -1,0 +1,207 @@
+"""`flexemr demo`: a small run end to end, the n/a path, the PNG writer, and cleanup on Ctrl-C."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import signal
+import struct
+import subprocess
+import sys
+import time
+import zlib
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+
+from flexemr import ClusterConfig, EmbeddingClient
+from flexemr._demo import CONFIGURATIONS, TECHNIQUES, bar_chart_png, configure, detect_support, run_demo, write_png
+
+ROOT = Path(__file__).resolve().parents[2]
+ENV = {**os.environ, "PYTHONPATH": str(ROOT)}
+
+
+def _png_chunks(data: bytes) -> list[tuple[bytes, bytes]]:
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    chunks, pos = [], 8
+    while pos < len(data):
+        (n,) = struct.unpack(">I", data[pos : pos + 4])
+        tag, body = data[pos + 4 : pos + 8], data[pos + 8 : pos + 8 + n]
+        (crc,) = struct.unpack(">I", data[pos + 8 + n : pos + 12 + n])
+        assert crc == zlib.crc32(tag + body) & 0xFFFFFFFF, f"bad CRC in {tag!r}"
+        chunks.append((tag, body))
+        pos += 12 + n
+    return chunks
+
+
+def _decode_png(path: Path) -> np.ndarray:
+    chunks = _png_chunks(path.read_bytes())
+    assert chunks[0][0] == b"IHDR" and chunks[-1][0] == b"IEND"
+    w, h, depth, ctype, comp, filt, inter = struct.unpack(">IIBBBBB", chunks[0][1])
+    assert (depth, ctype, comp, filt, inter) == (8, 2, 0, 0, 0)
+    raw = zlib.decompress(b"".join(b for t, b in chunks if t == b"IDAT"))
+    rows = np.frombuffer(raw, np.uint8).reshape(h, 1 + 3 * w)
+    assert (rows[:, 0] == 0).all()
+    return rows[:, 1:].reshape(h, w, 3)
+
+
+def test_png_writer_round_trip(tmp_path: Path) -> None:
+    img = np.random.default_rng(0).integers(0, 256, (7, 5, 3), dtype=np.uint8)
+    assert np.array_equal(_decode_png(write_png(tmp_path / "x.png", img)), img)
+    chart = _decode_png(bar_chart_png(tmp_path / "c.png", "title", ["a", "bb"], [("x", [1.0, None]), ("y", [0, 3])]))
+    assert chart.shape[0] > 100 and (chart != 255).any()
+
+
+def test_detect_support_follows_the_client_signature() -> None:
+    class Old:
+        def __init__(self, config: Any, *, transport: str = "auto", coalesce_window_us: int = 0) -> None: ...
+
+    class New:
+        def __init__(self, config: Any, *, cache_bytes: int = 0, server_pooling: bool = True,
+                     prefetch: Literal["off", "on"] = "off") -> None: ...
+
+    old = detect_support(Old)
+    assert old["coalescing"].available and not any(old[k].available for k in ("cache", "pooling", "prefetch"))
+    new = detect_support(New, cache_bytes=1234)
+    assert new["cache"].on == {"cache_bytes": 1234} and new["cache"].off == {"cache_bytes": 0}
+    assert new["pooling"].on == {"server_pooling": True} and new["pooling"].off == {"server_pooling": False}
+    assert new["prefetch"].on == {"prefetch": "on"} and new["prefetch"].off == {"prefetch": "off"}
+    assert {c.name for c in CONFIGURATIONS} >= {"baseline (all off)", "all on"}
+    assert [t.key for t in TECHNIQUES] == ["coalescing", "cache", "pooling", "prefetch"]
+
+
+class _CoalescingOnlyClient(EmbeddingClient):
+    """A client as in a build that has only coalescing (no cache/pooling/prefetch options)."""
+
+    prefetch = None  # type: ignore[assignment]
+
+    def __init__(self, config: ClusterConfig, *, transport: str = "auto", coalesce_window_us: int = 0) -> None:
+        extra = {k: v for k, v in (("cache_bytes", 0), ("server_pooling", False))
+                 if k in EmbeddingClient.__init__.__code__.co_varnames}
+        super().__init__(config, transport=transport, coalesce_window_us=coalesce_window_us, **extra)
+
+
+async def test_missing_techniques_show_as_not_available(tmp_path: Path) -> None:
+    p = argparse.ArgumentParser()
+    configure(p)
+    args = p.parse_args(["--batches", "2", "--batch-size", "32", "--scale", "0.001", "--out", str(tmp_path),
+                         "--transport", "tcp", "--no-progress", "--only", "coalescing", "--only", "all on",
+                         "--only", "coalescing+cache"])
+    report = await run_demo(args, client_cls=_CoalescingOnlyClient)
+    rows = {r["name"]: r for r in report["configurations"]}
+    assert rows["coalescing"]["batches"] == 2 and rows["coalescing"]["max_abs_err"] < 1e-5
+    for name in ("all on", "coalescing+cache"):
+        assert rows[name]["available"] is False and "not available in this build" in rows[name]["note"]
+        assert rows[name]["techniques"]["cache"] == "n/a"
+    assert report["check"]["passed"] and (tmp_path / "report.png").exists()
+
+
+def test_demo_command_small(tmp_path: Path) -> None:
+    proc = subprocess.run([sys.executable, "-m", "flexemr", "demo", "--batches", "3", "--batch-size", "256",
+                           "--scale", "0.01", "--seconds", "2", "--out", str(tmp_path)],
+                          capture_output=True, text=True, timeout=120, env=ENV, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "max abs error" in proc.stdout and "samples/s" in proc.stdout and "OK" in proc.stdout
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert {"transport", "servers", "tables", "model", "workload", "techniques", "configurations", "check",
+            "elapsed_s"} <= set(report)
+    assert set(report["techniques"]) == {"coalescing", "cache", "pooling", "prefetch"}
+    assert [r["name"] for r in report["configurations"]] == [c.name for c in CONFIGURATIONS]
+    for row in report["configurations"]:
+        if row["available"]:
+            assert {"samples_per_s", "p50_ms", "p99_ms", "bytes_per_sample", "cache_hit_rate",
+                    "max_abs_err"} <= set(row)
+            assert row["batches"] >= 1 and row["samples_per_s"] > 0 and row["max_abs_err"] < 1e-4
+        else:
+            assert row["note"].startswith("n/a")
+    assert report["check"]["passed"] and report["tables"]["count"] == 26
+    base = next(r for r in report["configurations"] if r["name"] == "baseline (all off)")
+    coal = next(r for r in report["configurations"] if r["name"] == "coalescing")
+    assert coal["bytes_per_sample"] < base["bytes_per_sample"]            # dedup moves fewer bytes
+    png = (tmp_path / "report.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and png[12:16] == b"IHDR"
+    w, h = struct.unpack(">II", png[16:24])
+    assert 200 < w < 4000 and 100 < h < 4000
+    _decode_png(tmp_path / "report.png")
+
+
+def _gone(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] == "Z"   # a zombie has exited
+    except FileNotFoundError:
+        return True
+
+
+def test_ctrl_c_stops_every_server(tmp_path: Path) -> None:
+    proc = subprocess.Popen([sys.executable, "-m", "flexemr", "demo", "--batches", "500", "--seconds", "60",
+                             "--scale", "0.01", "--out", str(tmp_path)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV, cwd=tmp_path)
+    pids: list[int] = []
+    try:
+        assert proc.stdout is not None
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            line = proc.stdout.readline()
+            assert line, f"demo exited early: {proc.wait()} {proc.stderr.read() if proc.stderr else ''}"
+            m = re.search(r"servers ready \(pids ([\d ]+)\)", line)
+            if m:
+                pids = [int(x) for x in m.group(1).split()]
+                break
+        assert len(pids) == 2 and not any(_gone(p) for p in pids)
+        time.sleep(1.0)                                   # mid-run: the baseline configuration is going
+        t0 = time.monotonic()
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(30) == 130
+        assert time.monotonic() - t0 < 10
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and not all(_gone(p) for p in pids):
+            time.sleep(0.1)
+        assert all(_gone(p) for p in pids), f"servers still alive: {pids}"
+        assert not (tmp_path / "report.json").exists()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        for f in (proc.stdout, proc.stderr):
+            if f is not None:
+                f.close()
+        for p in pids:
+            if not _gone(p):
+                os.kill(p, signal.SIGKILL)
+
+
+def test_gen_serve_rank(tmp_path: Path) -> None:
+    """`flexemr gen` a cluster file, trace and Criteo sample; two `flexemr serve`; `flexemr rank` on each input."""
+    from ._procs import free_port, stop, wait_line
+
+    def flexemr(*argv: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "flexemr", *argv], capture_output=True, text=True,
+                              timeout=timeout, env=ENV, cwd=tmp_path)
+
+    servers = f"127.0.0.1:{free_port()},127.0.0.1:{free_port()}"
+    for argv in (["cluster", "--servers", servers, "--scale", "0.002", "-o", "c.toml"],
+                 ["trace", "--config", "c.toml", "--batches", "3", "--batch-size", "64", "-o", "t.npz"],
+                 ["criteo", "--samples", "300", "-o", "s.tsv"]):
+        r = flexemr("gen", *argv)
+        assert r.returncode == 0 and "wrote" in r.stdout, r.stderr
+    procs = [subprocess.Popen([sys.executable, "-m", "flexemr", "serve", "--config", "c.toml", "--server", name,
+                               "--seed", "3", "--transport", "tcp"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True, env=ENV, cwd=tmp_path) for name in ("s0", "s1")]
+    try:
+        for p in procs:
+            wait_line(p, "ready on")
+        for source in (["--trace", "t.npz"], ["--criteo", "s.tsv", "--batch-size", "100"],
+                       ["--generate", "2", "--naive"], ["--generate", "2", "--prefetch", "1"]):
+            r = flexemr("rank", "--config", "c.toml", "--seed", "3", "--transport", "tcp", "--json", *source)
+            assert r.returncode == 0, r.stdout + r.stderr
+            res = json.loads(r.stdout)["result"]
+            assert res["batches"] >= 1 and res["max_abs_err"] < 1e-5 and res["samples_per_s"] > 0
+        r = flexemr("rank", "--config", "c.toml", "--seed", "4", "--transport", "tcp", "--generate", "2")
+        assert r.returncode == 1 and "same --seed" in r.stderr and "samples/s" in r.stdout
+    finally:
+        for p in procs:
+            stop(p)
