@@ -11,6 +11,7 @@ test:
 
 bench: .venv/.installed
 	.venv/bin/python -m rdmaio.bench
+	.venv/bin/python -m flexemr bench
 
 .venv/.installed: pyproject.toml setup.py
 	bash scripts/install.sh
