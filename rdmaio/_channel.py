@@ -22,10 +22,21 @@ server-side pooling RPCs):
   starts with ``u32 length, u32 sequence``: a receiver checks that messages
   arrive in order, once each.
 
-On the tcp transport the client's writes use one fixed queue pair of its
-endpoint (FIFO), and the server's go through a *reverse* queue pair the client
-attaches when it opens its first channel (the client's engine is the target
-there).  Verbs channels are not available yet.
+Transports.  The client's writes always use one fixed queue pair of its
+endpoint (``chan % num_queue_pairs``), so they stay in order.  On tcp, queue
+pairs are one-directional: the server's writes go through a *reverse* queue
+pair the client attaches when it opens its first channel (the client's engine
+is the target there).  On verbs, RC queue pairs are bidirectional: the server
+posts WRITE_WITH_IMM on its end of that same RC connection (the session's QP
+``chan % nqp``), and every QP keeps receive WRs posted so immediates arrive as
+receive completions (see ``docs/verbs.md``).
+
+Closing on verbs (``Channel._close_handshake``): a write into a ring its owner already
+deregistered would be a remote access error, which moves *both* RC queue pairs
+to the error state.  So there the side that closes first keeps its receive ring
+registered until the peer answers with its own CLOSE (at most 2 s), and a side
+that receives CLOSE answers only after its in-flight writes completed (it sends
+nothing else afterwards, credit notices included).
 """
 
 from __future__ import annotations
@@ -103,6 +114,10 @@ class Channel:
         self._error: BaseException | None = None
         self._inflight: set[asyncio.Future[Any]] = set()
         self._notice_task: asyncio.Task[None] | None = None
+        #: verbs: CLOSE is answered, and the first closer keeps its ring until then (set by the opener)
+        self._close_handshake = False
+        self._sent_close = False
+        self._ack_task: asyncio.Task[None] | None = None
 
     def __repr__(self) -> str:
         state = "closed" if self._closed else "peer-closed" if self._peer_closed else "open"
@@ -144,6 +159,8 @@ class Channel:
                 return
         if slot == CLOSE:
             self._peer_closed = True
+            if self._close_handshake and not self._sent_close and not self._closed and self._ack_task is None:
+                self._ack_task = asyncio.ensure_future(self._ack_close())
         elif slot != CREDIT_ONLY:
             if slot != self._rx_slot:
                 self._fail(ProtocolError(f"channel {self.name!r}: message in slot {slot}, expected {self._rx_slot}"))
@@ -204,12 +221,14 @@ class Channel:
                 fut.add_done_callback(self._inflight.discard)
 
     def _maybe_return_credits(self) -> None:
+        # no credits to a peer that closed: it sends nothing more (and may be releasing its ring)
         if self._owed and (self._owed >= max(1, self.slots // 4) or not self._ready) \
-                and not self._closed and self._error is None and (self._notice_task is None or self._notice_task.done()):
+                and not self._closed and self._error is None and not self._peer_closed \
+                and (self._notice_task is None or self._notice_task.done()):
             self._notice_task = asyncio.ensure_future(self._credit_notice())
 
     async def _credit_notice(self) -> None:
-        while self._owed and not self._closed and self._error is None:
+        while self._owed and not self._closed and self._error is None and not self._peer_closed:
             owed = min(self._owed, MAX_CREDITS)
             self._owed -= owed
             try:
@@ -251,18 +270,45 @@ class Channel:
             raise StopAsyncIteration from None
 
     # -- closing ---------------------------------------------------------------
+    async def _ack_close(self) -> None:
+        """close_handshake: answer the peer's CLOSE once our writes into its ring have landed."""
+        if self._inflight:
+            await asyncio.wait(list(self._inflight), timeout=2.0)
+        if self._sent_close or self._closed or self._error is not None:
+            return
+        self._sent_close = True
+        try:
+            await asyncio.wait_for(self._write(0, 0, 0, pack_imm(self.id, 0, CLOSE)), 2.0)
+        except Exception:  # noqa: BLE001 - best effort: the peer stops waiting after 2 s
+            pass
+
     async def aclose(self) -> None:
         """Tell the peer (its ``recv`` ends after the messages already sent) and release the rings."""
         if self._closed:
             return
         try:
-            if self._error is None and not self._peer_closed:
+            sent = False
+            if self._error is None and not self._peer_closed and not self._sent_close:
+                self._sent_close = True
                 try:
                     await asyncio.wait_for(self._write(0, 0, 0, pack_imm(self.id, 0, CLOSE)), 2.0)
+                    sent = True
                 except (EndpointBrokenError, ClosedError, ProtocolError, asyncio.TimeoutError):
                     pass
+            if self._ack_task is not None:
+                await asyncio.wait([self._ack_task], timeout=2.5)
             if self._inflight:
                 await asyncio.wait(list(self._inflight), timeout=2.0)
+            if sent and self._close_handshake:  # keep our ring registered until the peer's answer
+                deadline = asyncio.get_running_loop().time() + 2.0
+                while not self._peer_closed and self._error is None and not self._closed:
+                    left = deadline - asyncio.get_running_loop().time()
+                    if left <= 0:
+                        break
+                    try:
+                        await asyncio.wait_for(self._wait(), left)
+                    except asyncio.TimeoutError:
+                        break
         finally:
             self._abort()
 
@@ -272,6 +318,8 @@ class Channel:
         self._closed = True
         if self._notice_task is not None:
             self._notice_task.cancel()
+        if self._ack_task is not None:
+            self._ack_task.cancel()
         self._wake()
         self._release()
 

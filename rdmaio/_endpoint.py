@@ -35,7 +35,6 @@ from ._errors import (
     ProtocolError,
     RegionNotFoundError,
     TimeoutError,
-    TransportUnavailableError,
     UsageError,
 )
 from ._keys import Access, RemoteKey
@@ -196,7 +195,8 @@ class Endpoint:
             engine._conns[conn_id] = qp
             self._qps.append(qp)
         self._last = self._qps[0]
-        # channels (tcp): the reverse queue pair on which the peer writes to us
+        # channels: tcp — the reverse queue pair on which the peer writes to us; verbs — our own
+        # QPs (open_verbs_endpoint sets their on_imm to _route_imm)
         self._session: bytes | None = None
         self._unix: str | None = None
         self._reverse: TcpResponder | None = None
@@ -474,11 +474,9 @@ class Endpoint:
         Immediates are delivered to the target's channel layer; applications use
         :meth:`channel` rather than calling this directly.
         """
-        if not 0 <= imm <= 0xFFFFFFFF:
+        if not isinstance(imm, int) or isinstance(imm, bool) or not 0 <= imm <= 0xFFFFFFFF:
             raise UsageError("the immediate is a 32-bit unsigned value")
         self._check()
-        if self._verbs:
-            raise TransportUnavailableError("write_with_imm is not available on the verbs transport yet")
         rkey = self._key(key)
         mr = local_mr
         if not isinstance(mr, MemoryRegion):
@@ -486,6 +484,8 @@ class Endpoint:
         mr._check_local(local_offset, length)
         if remote_offset < 0 or length > MAX_OP_BYTES:
             raise UsageError("remote offset must be >= 0 and one write moves at most MAX_OP_BYTES")
+        if self._verbs:  # [verbs channels] refused locally, as for write (the NIC would break the QP)
+            check_remote(Op.WRITE_IMM, "write_with_imm", key, remote_offset, length)
         qp = self._qp()
         if not qp._free:
             await qp.wait_slot()
@@ -499,12 +499,11 @@ class Endpoint:
         a sender waits for credits beyond that.  See :class:`Channel`.
         """
         self._check()
-        if self._verbs:
-            raise TransportUnavailableError("channels are not available on the verbs transport yet")
         if not isinstance(name, str) or not name:
             raise UsageError("channel names are non-empty strings")
         recv_ring, send_ring = make_rings(slots, slot_size)
-        await self._ensure_reverse()
+        if not self._verbs:  # tcp QPs are one-directional: the server writes to us on a reverse one
+            await self._ensure_reverse()  # (verbs: RC QPs are bidirectional, the server uses its side)
         engine = self._engine
         recv_mr = engine.register(recv_ring, access=Access.WRITE)
         send_mr = engine.register(send_ring, access=Access.NONE)
@@ -517,16 +516,26 @@ class Endpoint:
             if not isinstance(chan, int) or not 0 <= chan < MAX_CHANNELS or chan in self._channels:
                 raise ProtocolError(f"peer assigned a bad channel id {chan!r}")
             remote = RemoteKey.from_bytes(reply["ring"])
+            try:  # the server's ring must take every slot we may write
+                key_arg = self._key(remote)
+                if self._verbs:
+                    check_remote(Op.WRITE_IMM, "channel_open", remote, 0, slots * slot_size)
+                elif remote.length < slots * slot_size or not remote.access & Access.WRITE:
+                    raise UsageError("ring too small or not writable")
+            except Exception as exc:
+                raise ProtocolError(f"peer sent an unusable ring key for channel {name!r}: {exc}") from None
         except BaseException:
             recv_mr.close()
             send_mr.close()
             raise
-        qp = self._qps[chan % len(self._qps)]  # one queue pair per channel: its messages stay in order
+        # one queue pair per channel: its messages stay in order (on verbs the server answers on
+        # the same RC connection, from its side)
+        qp = self._qps[chan % len(self._qps)]
 
         async def post(local: int, roff: int, length: int, imm: int) -> Any:
             if not qp._free:
                 await qp.wait_slot()
-            return await qp.post(Op.WRITE_IMM, remote.rkey, roff, length, imm, send_mr.addr + local, send_mr,
+            return await qp.post(Op.WRITE_IMM, key_arg, roff, length, imm, send_mr.addr + local, send_mr,
                                  "channel send")
 
         def release() -> None:
@@ -535,6 +544,7 @@ class Endpoint:
             send_mr.close()
 
         ch = Channel(name, chan, slots, slot_size, recv_ring, send_ring, post, release)
+        ch._close_handshake = self._verbs  # [verbs channels] see _channel.py "Closing on verbs"
         self._channels[chan] = ch
         return ch
 

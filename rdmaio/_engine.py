@@ -422,9 +422,18 @@ class _Session:
         if ch is not None:
             ch._on_imm(credits, slot)
 
-    def fail_channels(self, exc: BaseException) -> None:
-        for ch in list(self.channels.values()):
-            ch._fail(EndpointBrokenError(f"client connection broke: {exc}"))
+    def fail_channels(self, exc: BaseException, qp_index: int | None = None) -> None:
+        for chan, ch in list(self.channels.items()):
+            if qp_index is None or chan % self.nqp == qp_index:
+                ch._fail(EndpointBrokenError(f"client connection broke: {exc}"))
+
+    # [verbs channels] how this session writes to its client: tcp through the reverse queue
+    # pair the client attached; verbs straight on the session's QP that pairs with the client
+    # QP the channel's client side uses (chan % nqp), so each direction stays in order.
+    def imm_qp(self, chan: int) -> Any:
+        if self.verbs is not None:
+            return self.verbs.qps[chan % len(self.verbs.qps)]
+        return self.reverse
 
 
 class Listener:
@@ -546,7 +555,10 @@ class Listener:
             if self.unix_name is not None:
                 welcome.update(unix=self.unix_name, host=host_identity())
             if engine._verbs is not None:  # create + connect this session's QPs, answer with their attributes
-                session.verbs = engine._verbs.accept(hello, nqp, engine._workers)
+                session.verbs = engine._verbs.accept(hello, nqp, engine)
+                for i, vqp in enumerate(session.verbs.qps):  # [verbs channels] client -> server writes
+                    vqp.on_imm = session.route_imm
+                    vqp._on_broken = lambda exc, i=i: session.fail_channels(exc, i)
                 welcome.update(session.verbs.welcome_fields())
             await self._loop.sock_sendall(sock, codec.encode(welcome))
             while True:
@@ -618,29 +630,31 @@ class Listener:
         handler = self._engine._channel_handlers.get(msg["name"]) if isinstance(msg["name"], str) else None
         if handler is None:
             return {"t": "error", "id": rid, "code": "no_channel", "message": f"no channel named {msg['name']!r}"}
-        qp = session.reverse
-        if qp is None:
-            return {"t": "error", "id": rid, "code": "no_reverse", "message": "attach a reverse queue pair first"}
         free = [i for i in range(MAX_CHANNELS) if i not in session.channels]
         if not free:
             return {"t": "error", "id": rid, "code": "too_many", "message": f"at most {MAX_CHANNELS} channels"}
+        chan = free[0]
+        qp = session.imm_qp(chan)
+        if qp is None:
+            return {"t": "error", "id": rid, "code": "no_reverse", "message": "attach a reverse queue pair first"}
         try:
             slots, slot_size = msg["slots"], msg["slot_size"]
             recv_ring, send_ring = make_rings(slots, slot_size)
             remote = RemoteKey.from_bytes(msg["ring"]) if isinstance(msg["ring"], bytes) else None
-            if remote is None or remote.length < slots * slot_size or not remote.access & Access.WRITE:
+            if remote is None or remote.length < slots * slot_size or not remote.access & Access.WRITE \
+                    or remote.transport != self._engine.transport:
                 raise UsageError("the client's ring key does not cover its ring with write access")
         except (UsageError, TypeError) as exc:
             return {"t": "error", "id": rid, "code": "bad_request", "message": str(exc)}
         engine = self._engine
-        chan = free[0]
+        key_arg: Any = remote if session.verbs is not None else remote.rkey  # verbs QPs need the address too
         recv_mr = engine.register(recv_ring, access=Access.WRITE)
         send_mr = engine.register(send_ring, access=Access.NONE)
 
         async def post(local: int, roff: int, length: int, imm: int) -> Any:
             if not qp._free:
                 await qp.wait_slot()
-            return await qp.post(Op.WRITE_IMM, remote.rkey, roff, length, imm, send_mr.addr + local, send_mr,
+            return await qp.post(Op.WRITE_IMM, key_arg, roff, length, imm, send_mr.addr + local, send_mr,
                                  "channel send")
 
         def release() -> None:
@@ -649,6 +663,7 @@ class Listener:
             send_mr.close()
 
         ch = Channel(msg["name"], chan, slots, slot_size, recv_ring, send_ring, post, release)
+        ch._close_handshake = session.verbs is not None  # [verbs channels] see _channel.py
         session.channels[chan] = ch
 
         async def run() -> None:

@@ -13,7 +13,15 @@ loaded lazily — importing rdmaio never loads libibverbs):
 * :class:`VerbsQueuePair` — the initiator side of one RC QP, with the interface
   the :class:`~rdmaio.Endpoint` uses on :class:`~rdmaio._tcp.TcpQueuePair`.
 * :class:`ServerSession` — the target side: QPs connected to a client's; the
-  NIC serves every request, Python only sets them up, resets and destroys them.
+  NIC serves every one-sided request.  They are :class:`VerbsQueuePair` objects
+  too (``passive``), because a channel server initiates WRITE_WITH_IMM on them.
+
+WRITE_WITH_IMM: RC QPs are bidirectional, so every QP (client and server side)
+keeps a pool of zero-length receive WRs posted (``rq_depth``, from ``sq_depth``)
+that ``rv_worker_poll`` refills in C, below half, with one chained
+``ibv_post_recv``; arrivals come back as the worker batch's ``rx_conn/rx_imm``
+arrays and :meth:`VerbsQueuePair._on_imm` hands each immediate to its router
+(``Endpoint._route_imm`` or ``_Session.route_imm``).
 
 Posting: a request becomes one or a few *chunks*; a chunk is one chained WR
 list posted with one ``ibv_post_send`` (one doorbell) whose last WR alone is
@@ -106,7 +114,8 @@ _RECOVERABLE = {WC_REM_ACCESS_ERR: Status.INVALID_KEY, WC_REM_INV_REQ_ERR: Statu
                 WC_LOC_LEN_ERR: Status.INVALID_REQUEST, WC_LOC_QP_OP_ERR: Status.INVALID_REQUEST}
 
 _NEEDS = {Op.READ: Access.READ, Op.READ_BATCH: Access.READ, Op.WRITE: Access.WRITE,
-          Op.WRITE_BATCH: Access.WRITE, Op.FETCH_ADD: Access.ATOMIC, Op.CMP_SWAP: Access.ATOMIC}
+          Op.WRITE_BATCH: Access.WRITE, Op.WRITE_IMM: Access.WRITE, Op.FETCH_ADD: Access.ATOMIC,
+          Op.CMP_SWAP: Access.ATOMIC}
 _RV_OP = {Op.READ: 1, Op.READ_BATCH: 1, Op.WRITE: 2, Op.WRITE_BATCH: 2, Op.FETCH_ADD: 3, Op.CMP_SWAP: 4}
 
 _ext: tuple[Any, Any] | None = None
@@ -306,16 +315,21 @@ class VerbsContext:
         if rc:
             raise EndpointBrokenError(f"queue pair to RTS failed: {os.strerror(-rc)}")
 
-    def new_qp(self, worker: VerbsWorker, conn_id: int, max_wr: int) -> Any:
+    def rq_depth(self, sq_depth: int) -> int:
+        """Receive WRs kept posted per QP: ``sq_depth`` (the peer's operations in flight per QP
+        with equal settings), at least 64, at most what the device allows."""
+        return max(64, min(sq_depth, int(self.c.max_qp_wr)))
+
+    def new_qp(self, worker: VerbsWorker, conn_id: int, max_wr: int, rq_depth: int) -> Any:
         errp = self._ffi.new("int *")
-        q = self._lib.rv_qp_new(self.c, worker.c, conn_id, max_wr, self.rd_atomic, errp)
+        q = self._lib.rv_qp_new(self.c, worker.c, conn_id, max_wr, rq_depth, self.rd_atomic, errp)
         if q == self._ffi.NULL:
             raise EndpointBrokenError(f"ibv_create_qp failed: {os.strerror(int(errp[0]))}")
         return q
 
-    def accept(self, hello: dict[str, Any], nqp: int, workers: list[Worker]) -> ServerSession:
+    def accept(self, hello: dict[str, Any], nqp: int, engine: Engine) -> ServerSession:
         """Listener side of the handshake: QPs connected to the client's (ProtocolError if malformed)."""
-        return ServerSession(self, _parse_qp_attrs(hello.get("qps"), nqp), workers)
+        return ServerSession(self, _parse_qp_attrs(hello.get("qps"), nqp), engine)
 
 
 # -- progress ---------------------------------------------------------------------------
@@ -329,7 +343,7 @@ class VerbsWorker(Worker):
     once more after re-arming, so no completion is left behind without an event.
     """
 
-    _has_rx = False  # WRITE_WITH_IMM is not wired up on verbs yet
+    _has_rx = True  # WRITE_WITH_IMM arrivals: rx_conn / rx_imm, filled by rv_worker_poll
 
     def __init__(self, index: int, sink: CompletionSink, mode: str, loop: asyncio.AbstractEventLoop,
                  vctx: VerbsContext, cq_depth: int = 4096) -> None:
@@ -375,7 +389,8 @@ class _Req:
 
 
 class _Chunk:
-    """One doorbell's worth of a request: kind 0 contiguous r/w, 1 batch r/w, 2 atomic, 3 ping."""
+    """One doorbell's worth of a request: kind 0 contiguous r/w, 1 batch r/w, 2 atomic, 3 ping,
+    4 write ending in WRITE_WITH_IMM."""
 
     __slots__ = ("req", "kind", "args", "nwr", "slot")
 
@@ -388,11 +403,19 @@ class _Chunk:
 
 
 class VerbsQueuePair:
-    """Initiator side of one RC queue pair (owned by one worker); TcpQueuePair's interface."""
+    """One RC queue pair (owned by one worker) with TcpQueuePair's initiator interface.
+
+    ``passive``: the listener's side of a session.  It initiates only channel writes;
+    the client drives recovery (``qp_reset``), so an error completion here fails what
+    is in flight and marks the QP broken until :meth:`revive` after the reset.
+    """
+
+    #: receives every WRITE_WITH_IMM immediate that lands through this QP (set by the owner)
+    on_imm: Callable[[int], None] | None = None
 
     def __init__(self, vctx: VerbsContext, loop: asyncio.AbstractEventLoop, conn_id: int, index: int,
                  worker: VerbsWorker, depth: int, op_timeout: float | None,
-                 on_broken: Callable[[BaseException], None]) -> None:
+                 on_broken: Callable[[BaseException], None], passive: bool = False) -> None:
         self._v = vctx
         self._lib = vctx._lib
         self._ffi = vctx._ffi
@@ -402,7 +425,8 @@ class VerbsQueuePair:
         self._depth = depth
         self._op_timeout = op_timeout
         self._on_broken = on_broken
-        self._q = vctx.new_qp(worker, conn_id, vctx.sq_wrs)
+        self._passive = passive
+        self._q = vctx.new_qp(worker, conn_id, vctx.sq_wrs, vctx.rq_depth(depth))
         self.qpn = int(self._q.qpn)
         self._scratch = np.zeros(depth, dtype=np.uint64)  # atomic results, ping target
         self._scratch_addr = int(self._scratch.ctypes.data)
@@ -446,6 +470,16 @@ class VerbsQueuePair:
         return self._nreq
 
     @property
+    def rq_posted(self) -> int:
+        """Receive WRs currently posted (diagnostics)."""
+        return int(self._lib.rv_qp_rq_posted(self._q)) if self._q is not None else 0
+
+    def _on_imm(self, imm: int) -> None:
+        """A WRITE_WITH_IMM landed through this QP (called by Engine._on_batch)."""
+        if self.on_imm is not None:
+            self.on_imm(imm)
+
+    @property
     def _free(self) -> bool:
         return self._nreq < self._depth
 
@@ -470,7 +504,20 @@ class VerbsQueuePair:
         self._check()
         fut: asyncio.Future[int] = self._loop.create_future()
         req = _Req(fut, mr, None, what)
-        if op is Op.READ or op is Op.WRITE:
+        if op is Op.WRITE_IMM:  # arg0 = length, arg1 = immediate; data chunks first, the imm last
+            length = arg0
+            lkey = mr._key & 0xFFFFFFFF if mr is not None else 0
+            span = self._max_msg * self._chunk_wrs
+            raddr = key.addr + remote
+            chunks = []
+            lo = 0
+            while length - lo > span:
+                chunks.append(_Chunk(req, 0, (2, raddr + lo, span, local + lo, key.rkey, lkey), self._chunk_wrs))
+                lo += span
+            n = length - lo
+            chunks.append(_Chunk(req, 4, (raddr + lo, n, local + lo, key.rkey, lkey, arg1 & 0xFFFFFFFF),
+                                 max(1, -(-n // self._max_msg))))
+        elif op is Op.READ or op is Op.WRITE:
             length = arg0
             if length == 0:
                 fut.set_result(0)
@@ -542,7 +589,7 @@ class VerbsQueuePair:
                 return
 
     def _post_chunk(self, ch: _Chunk) -> bool:
-        wr = self._conn_hi | (next(self._seq) & 0xFFFFFFFF)
+        wr = self._conn_hi | (next(self._seq) & 0x7FFFFFFF)  # bit 31 marks receive WRs
         lib = self._lib
         a = ch.args
         k = ch.kind
@@ -553,6 +600,8 @@ class VerbsQueuePair:
             rc = lib.rv_post_rw(self._q, wr, a[0], len(a[4]), a[1], ffi.from_buffer("uint64_t[]", a[4]),
                                 ffi.from_buffer("uint64_t[]", a[5]), ffi.from_buffer("uint64_t[]", a[6]),
                                 a[2], a[3], self._max_msg)
+        elif k == 4:
+            rc = lib.rv_post_write_imm(self._q, wr, a[0], a[1], a[2], a[3], a[4], a[5], self._max_msg)
         elif k == 2:
             rc = lib.rv_post_atomic(self._q, wr, a[0], a[1], a[2], a[3], a[4],
                                     self._scratch_addr + 8 * ch.slot, self._scratch_lkey)
@@ -615,6 +664,11 @@ class VerbsQueuePair:
         if self.broken is not None or self._closed:
             self._chunk_done(ch, type(self.broken or ClosedError)(str(self.broken or "endpoint closed")))
             return
+        if self._passive:  # the client resets this QP (qp_reset): fail what is in flight until then
+            self._pending[wr] = ch
+            self._die(EndpointBrokenError(f"{ch.req.what} to the client failed: "
+                                          f"{_WC_NAMES.get(status, f'status {status}')}"))
+            return
         if status == WC_WR_FLUSH_ERR and self._recovering:
             self._flushed.append(ch)
             return
@@ -634,6 +688,21 @@ class VerbsQueuePair:
 
     def _on_dead(self, code: int) -> None:
         self._die(EndpointBrokenError(f"queue pair error event {code}"))
+
+    def revive(self) -> None:
+        """Passive side, after the QP went through RESET (the NIC touches none of its buffers):
+        fail whatever was still in flight and accept new work again."""
+        if self._closed:
+            return
+        err = EndpointBrokenError("the queue pair was reset while the operation was in flight")
+        pending = list(self._pending.values())
+        self._pending.clear()
+        self.broken = None
+        for ch in pending:
+            self._chunk_done(ch, err)
+        self._fail_unposted(err)
+        self._credits = self._v.sq_wrs
+        self._slots = list(range(self._depth - 1, -1, -1))
 
     # -- recovery after a remote error ---------------------------------------------------
     def _begin_recovery(self) -> None:
@@ -726,22 +795,35 @@ class VerbsQueuePair:
 # -- target side -----------------------------------------------------------------------------
 
 class ServerSession:
-    """The listener's QPs for one client session (served by the NIC, never polled)."""
+    """The listener's QPs for one client session.
 
-    def __init__(self, vctx: VerbsContext, client_qps: list[dict[str, Any]], workers: list[Worker]) -> None:
+    The NIC serves the client's one-sided requests on them without Python.  They
+    are passive :class:`VerbsQueuePair` objects registered in ``engine._conns``:
+    their receive queues take the client's WRITE_WITH_IMM (routed to ``on_imm``,
+    set by the listener's session) and channel servers post WRITE_WITH_IMM towards
+    the client on them (QP ``i`` is connected to the client's QP ``i``).
+    """
+
+    def __init__(self, vctx: VerbsContext, client_qps: list[dict[str, Any]], engine: Engine) -> None:
         self._v = vctx
+        self._engine = engine
         self._client = client_qps
-        self._qps: list[Any] = []
+        self.qps: list[VerbsQueuePair] = []
         self.attrs: list[dict[str, Any]] = []
+        loop = engine._loop
+        assert loop is not None
+        workers = engine._workers
         try:
             for i, remote in enumerate(client_qps):
                 w = workers[i % len(workers)]
                 assert isinstance(w, VerbsWorker)
-                q = vctx.new_qp(w, 0, 1)
-                self._qps.append(q)
+                qp = VerbsQueuePair(vctx, loop, engine._new_conn_id(), i, w, engine._sq_depth, engine._op_timeout,
+                                    lambda exc: None, passive=True)
+                self.qps.append(qp)
+                engine._conns[qp.conn_id] = qp
                 psn = secrets.randbits(24)
-                vctx.connect_qp(q, remote, psn)
-                self.attrs.append(vctx.qp_attrs(int(q.qpn), psn))
+                vctx.connect_qp(qp._q, remote, psn)
+                self.attrs.append(vctx.qp_attrs(qp.qpn, psn))
         except BaseException:
             self.close()
             raise
@@ -750,26 +832,28 @@ class ServerSession:
         return {"qps": self.attrs, "ping": [self._v._ping_addr, self._v._ping_rkey]}
 
     def reset(self, msg: dict[str, Any]) -> dict[str, Any]:
-        """Answer a client's ``qp_reset``: RESET -> INIT -> RTR (its new PSN) -> RTS (ours)."""
+        """Answer a client's ``qp_reset``: RESET -> INIT (fresh receives) -> RTR (its new PSN) -> RTS (ours)."""
         i = msg.get("qp")
-        if not isinstance(i, int) or isinstance(i, bool) or not 0 <= i < len(self._qps):
+        if not isinstance(i, int) or isinstance(i, bool) or not 0 <= i < len(self.qps):
             raise ProtocolError(f"qp_reset names no queue pair: {i!r}")
         client_psn = _as_int(msg.get("psn"), 0, 0xFFFFFF, "psn")
-        q = self._qps[i]
-        rc = self._v._lib.rv_qp_reset(q)
+        qp = self.qps[i]
+        rc = self._v._lib.rv_qp_reset(qp._q)
         if rc:
             return {"t": "error", "id": msg["id"], "code": "reset", "message": os.strerror(-rc)}
+        qp.revive()  # channel writes that were in flight on it failed; new ones may go
         psn = secrets.randbits(24)
         try:
-            self._v.connect_qp(q, {**self._client[i], "psn": client_psn}, psn)
+            self._v.connect_qp(qp._q, {**self._client[i], "psn": client_psn}, psn)
         except EndpointBrokenError as exc:
             return {"t": "error", "id": msg["id"], "code": "reset", "message": str(exc)}
         return {"t": "qp_reset_ok", "id": msg["id"], "psn": psn}
 
     def close(self) -> None:
-        for q in self._qps:
-            self._v._lib.rv_qp_free(q)
-        self._qps.clear()
+        for qp in self.qps:
+            self._engine._conns.pop(qp.conn_id, None)
+            qp.close()
+        self.qps.clear()
 
 
 # -- client handshake ---------------------------------------------------------------------------
@@ -811,4 +895,5 @@ async def open_verbs_endpoint(engine: Engine, host: str, port: int) -> Endpoint:
     for qp in qps:
         qp._on_broken = ep._on_broken
         qp._control = ep._request
+        qp.on_imm = ep._route_imm  # the server's channel writes land through our QPs
     return ep

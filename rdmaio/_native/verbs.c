@@ -8,11 +8,23 @@
  * Threading: posting and QP state changes happen on the event-loop thread;
  * rv_worker_poll runs on the worker's thread (or the loop thread in loop
  * mode).  libibverbs is thread-safe for these uses.
+ *
+ * Receive queues (WRITE_WITH_IMM targets): every QP keeps rq_depth zero-length
+ * receive WRs posted.  rv_worker_poll, on the thread that sees the completions,
+ * turns IBV_WC_RECV_RDMA_WITH_IMM into (conn id, imm) rx entries and re-posts
+ * the pool in one chained ibv_post_recv once it drops below half.  It finds
+ * the QP through its worker's qpn table; the table, rq_posted and rq_gen are
+ * guarded by the worker's mutex (the loop thread resets and destroys QPs).
+ * Receive wr_ids are conn_id << 32 | RV_RECV_TAG | generation: the generation
+ * changes on every reset, so flushes of a previous incarnation are not counted,
+ * and errored receives (flushes) are never reported as messages.
  */
 
+#include <arpa/inet.h>
 #include <errno.h>
 #include <fcntl.h>
 #include <poll.h>
+#include <pthread.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -68,10 +80,20 @@ struct rv_worker {
     uint32_t ev_cap;
     uint32_t *ev_conn;
     int32_t *ev_code;
+    uint32_t nrx;
+    uint32_t *rx_conn;
+    uint32_t *rx_imm;
     uint32_t woken;
     uint64_t rounds;
     uint64_t events;
+    uint64_t rq_refills;
+    uint64_t rq_errors;
     struct ibv_comp_channel *ch;
+    pthread_mutex_t lock;
+    int lock_ok;
+    rv_qp **qps;       /* sorted by qpn: the QPs whose receive queues this worker refills */
+    uint32_t nqps;
+    uint32_t qps_cap;
     struct ibv_cq *cq;
     int armed;
     unsigned int unacked;
@@ -82,15 +104,22 @@ struct rv_qp {
     uint32_t qpn;
     uint32_t conn_id;
     uint32_t max_wr;
+    uint32_t rq_depth;
+    uint32_t rq_posted;  /* guarded by w->lock */
+    uint32_t rq_gen;     /* guarded by w->lock */
     struct ibv_qp *qp;
     rv_ctx *c;
+    rv_worker *w;
     uint32_t rd_atomic;
     struct ibv_send_wr *wrs;
     struct ibv_sge *sges;
+    struct ibv_recv_wr *rwrs;
 };
 
 #define RV_ACK_BATCH 64u
 #define RV_MAX_SGE_BYTES (1ull << 30)
+#define RV_RECV_TAG 0x80000000u  /* low 32 bits of a receive wr_id; send wr_ids keep this bit clear */
+#define RV_GEN_MASK 0x7fffffffu
 
 /* ---- devices -------------------------------------------------------------- */
 
@@ -389,6 +418,11 @@ void rv_worker_free(rv_worker *w)
     free(w->cq_qpn);
     free(w->ev_conn);
     free(w->ev_code);
+    free(w->rx_conn);
+    free(w->rx_imm);
+    free(w->qps);
+    if (w->lock_ok)
+        pthread_mutex_destroy(&w->lock);
     free(w);
 }
 
@@ -410,8 +444,14 @@ rv_worker *rv_worker_new(rv_ctx *c, uint32_t cq_cap, uint32_t cqe)
     w->cq_qpn = calloc(cq_cap, sizeof *w->cq_qpn);
     w->ev_conn = calloc(1, sizeof *w->ev_conn);
     w->ev_code = calloc(1, sizeof *w->ev_code);
-    if (!w->cq_conn || !w->cq_wr || !w->cq_status || !w->cq_value || !w->cq_qpn || !w->ev_conn || !w->ev_code)
+    w->rx_conn = calloc(cq_cap, sizeof *w->rx_conn);
+    w->rx_imm = calloc(cq_cap, sizeof *w->rx_imm);
+    if (!w->cq_conn || !w->cq_wr || !w->cq_status || !w->cq_value || !w->cq_qpn || !w->ev_conn || !w->ev_code ||
+        !w->rx_conn || !w->rx_imm)
         goto fail;
+    if (pthread_mutex_init(&w->lock, NULL))
+        goto fail;
+    w->lock_ok = 1;
     w->wakefd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
     if (w->wakefd < 0)
         goto fail;
@@ -455,16 +495,123 @@ static void rv_drain_events(rv_worker *w)
     }
 }
 
+/* the QP with this qpn among the worker's (w->lock held), or NULL */
+static rv_qp *rv_table_find(rv_worker *w, uint32_t qpn)
+{
+    uint32_t lo = 0, hi = w->nqps;
+    while (lo < hi) {
+        uint32_t mid = lo + (hi - lo) / 2;
+        uint32_t v = w->qps[mid]->qpn;
+        if (v == qpn)
+            return w->qps[mid];
+        if (v < qpn)
+            lo = mid + 1;
+        else
+            hi = mid;
+    }
+    return NULL;
+}
+
+static int rv_table_add(rv_worker *w, rv_qp *q)
+{
+    if (w->nqps == w->qps_cap) {
+        uint32_t cap = w->qps_cap ? w->qps_cap * 2 : 16;
+        rv_qp **n = realloc(w->qps, cap * sizeof *n);
+        if (!n)
+            return -ENOMEM;
+        w->qps = n;
+        w->qps_cap = cap;
+    }
+    uint32_t i = 0;
+    while (i < w->nqps && w->qps[i]->qpn < q->qpn)
+        i++;
+    memmove(&w->qps[i + 1], &w->qps[i], (w->nqps - i) * sizeof *w->qps);
+    w->qps[i] = q;
+    w->nqps++;
+    return 0;
+}
+
+static void rv_table_del(rv_worker *w, rv_qp *q)
+{
+    for (uint32_t i = 0; i < w->nqps; i++) {
+        if (w->qps[i] == q) {
+            memmove(&w->qps[i], &w->qps[i + 1], (w->nqps - i - 1) * sizeof *w->qps);
+            w->nqps--;
+            return;
+        }
+    }
+}
+
+/* Top the receive queue up to rq_depth with one chained ibv_post_recv (w->lock held).
+ * Returns WRs posted or -errno. */
+static int rv_rq_fill(rv_qp *q)
+{
+    if (q->rq_posted >= q->rq_depth)
+        return 0;
+    uint32_t n = q->rq_depth - q->rq_posted;
+    uint64_t id = ((uint64_t)q->conn_id << 32) | RV_RECV_TAG | (q->rq_gen & RV_GEN_MASK);
+    for (uint32_t i = 0; i < n; i++) {
+        struct ibv_recv_wr *r = &q->rwrs[i];
+        r->wr_id = id;
+        r->sg_list = NULL;
+        r->num_sge = 0;  /* WRITE_WITH_IMM puts its data where the writer said: nothing lands here */
+        r->next = i + 1 < n ? &q->rwrs[i + 1] : NULL;
+    }
+    struct ibv_recv_wr *bad = NULL;
+    int rc = ibv_post_recv(q->qp, q->rwrs, &bad);
+    if (rc) {
+        uint32_t ok = bad ? (uint32_t)(bad - q->rwrs) : 0;
+        if (ok > n)
+            ok = 0;
+        q->rq_posted += ok;
+        if (q->w)
+            q->w->rq_errors++;
+        return -rc;
+    }
+    q->rq_posted += n;
+    if (q->w)
+        q->w->rq_refills++;
+    return (int)n;
+}
+
+/* a receive completion: a message (WRITE_WITH_IMM landed) or a flushed receive WR */
+static void rv_on_recv(rv_worker *w, const struct ibv_wc *wc)
+{
+    uint32_t conn = (uint32_t)(wc->wr_id >> 32);
+    uint32_t gen = (uint32_t)wc->wr_id & RV_GEN_MASK;
+    int ok = wc->status == IBV_WC_SUCCESS;
+    if (ok && wc->opcode == IBV_WC_RECV_RDMA_WITH_IMM && (wc->wc_flags & IBV_WC_WITH_IMM)) {
+        uint32_t k = w->nrx++;
+        w->rx_conn[k] = conn;
+        w->rx_imm[k] = ntohl(wc->imm_data);
+    }
+    /* else: a flush after a QP error (never a message), or a plain SEND nobody should issue */
+    pthread_mutex_lock(&w->lock);
+    rv_qp *q = rv_table_find(w, wc->qp_num);
+    if (q && q->conn_id == conn && (q->rq_gen & RV_GEN_MASK) == gen) {
+        if (q->rq_posted)
+            q->rq_posted--;
+        /* refill only while healthy: receives posted to a QP in ERR would flush straight back */
+        if (ok && q->rq_posted < q->rq_depth / 2)
+            rv_rq_fill(q);
+    }
+    pthread_mutex_unlock(&w->lock);
+}
+
 static int rv_poll_into(rv_worker *w)
 {
-    while (w->ncq < w->cq_cap) {
-        uint32_t room = w->cq_cap - w->ncq;
+    while (w->ncq + w->nrx < w->cq_cap) {
+        uint32_t room = w->cq_cap - w->ncq - w->nrx;
         int want = room < 64 ? (int)room : 64;
         int n = ibv_poll_cq(w->cq, want, w->wcs);
         if (n < 0)
             return -EIO;
         for (int i = 0; i < n; i++) {
             const struct ibv_wc *wc = &w->wcs[i];
+            if ((uint32_t)wc->wr_id & RV_RECV_TAG) {
+                rv_on_recv(w, wc);
+                continue;
+            }
             uint32_t k = w->ncq++;
             w->cq_conn[k] = (uint32_t)(wc->wr_id >> 32);
             w->cq_wr[k] = wc->wr_id;
@@ -482,13 +629,14 @@ int rv_worker_poll(rv_worker *w, int timeout_ms)
 {
     w->ncq = 0;
     w->nev = 0;
+    w->nrx = 0;
     w->woken = 0;
     w->rounds++;
     for (int pass = 0; pass < 2; pass++) {
         rv_drain_events(w);
         if (rv_poll_into(w))
             return -EIO;
-        if (w->ncq < w->cq_cap && !w->armed) {
+        if (w->ncq + w->nrx < w->cq_cap && !w->armed) {
             if (ibv_req_notify_cq(w->cq, 0))
                 return -EIO;
             w->armed = 1;
@@ -496,7 +644,7 @@ int rv_worker_poll(rv_worker *w, int timeout_ms)
             if (rv_poll_into(w))
                 return -EIO;
         }
-        if (w->ncq > 0 || timeout_ms == 0 || pass == 1)
+        if (w->ncq + w->nrx > 0 || timeout_ms == 0 || pass == 1)
             break;
         struct pollfd p[2] = {{w->fd, POLLIN, 0}, {w->wakefd, POLLIN, 0}};
         int r = poll(p, 2, timeout_ms);
@@ -508,12 +656,12 @@ int rv_worker_poll(rv_worker *w, int timeout_ms)
             w->woken = 1;
         }
     }
-    return (int)w->ncq;
+    return (int)(w->ncq + w->nrx);
 }
 
 uint32_t rv_worker_backlog(rv_worker *w)
 {
-    return w->ncq >= w->cq_cap;
+    return w->ncq + w->nrx >= w->cq_cap;
 }
 
 /* ---- queue pairs ------------------------------------------------------------- */
@@ -522,15 +670,28 @@ void rv_qp_free(rv_qp *q)
 {
     if (!q)
         return;
+    if (q->w) {  /* the poll thread must not refill a QP that is going away */
+        pthread_mutex_lock(&q->w->lock);
+        rv_table_del(q->w, q);
+        pthread_mutex_unlock(&q->w->lock);
+        q->w = NULL;
+    }
     if (q->qp)
         ibv_destroy_qp(q->qp);
     free(q->wrs);
     free(q->sges);
+    free(q->rwrs);
     free(q);
 }
 
-rv_qp *rv_qp_new(rv_ctx *c, rv_worker *w, uint32_t conn_id, uint32_t max_wr, uint32_t rd_atomic, int *err)
+rv_qp *rv_qp_new(rv_ctx *c, rv_worker *w, uint32_t conn_id, uint32_t max_wr, uint32_t rq_depth, uint32_t rd_atomic,
+                 int *err)
 {
+    if (!c || !w || !err) {
+        if (err)
+            *err = EINVAL;
+        return NULL;
+    }
     rv_qp *q = calloc(1, sizeof *q);
     if (!q) {
         *err = ENOMEM;
@@ -538,12 +699,16 @@ rv_qp *rv_qp_new(rv_ctx *c, rv_worker *w, uint32_t conn_id, uint32_t max_wr, uin
     }
     if (max_wr == 0)
         max_wr = 1;
+    if (rq_depth < 2)
+        rq_depth = 2;
     q->c = c;
     q->conn_id = conn_id;
     q->rd_atomic = rd_atomic ? rd_atomic : 1;
+    q->rq_depth = rq_depth;
     q->wrs = calloc(max_wr, sizeof *q->wrs);
     q->sges = calloc(max_wr, sizeof *q->sges);
-    if (!q->wrs || !q->sges) {
+    q->rwrs = calloc(rq_depth, sizeof *q->rwrs);
+    if (!q->wrs || !q->sges || !q->rwrs) {
         *err = ENOMEM;
         rv_qp_free(q);
         return NULL;
@@ -555,7 +720,7 @@ rv_qp *rv_qp_new(rv_ctx *c, rv_worker *w, uint32_t conn_id, uint32_t max_wr, uin
     ia.qp_type = IBV_QPT_RC;
     ia.sq_sig_all = 0;
     ia.cap.max_send_wr = max_wr;
-    ia.cap.max_recv_wr = 1;
+    ia.cap.max_recv_wr = rq_depth;
     ia.cap.max_send_sge = 1;
     ia.cap.max_recv_sge = 1;
     errno = 0;
@@ -568,6 +733,19 @@ rv_qp *rv_qp_new(rv_ctx *c, rv_worker *w, uint32_t conn_id, uint32_t max_wr, uin
     q->max_wr = max_wr;
     q->qpn = q->qp->qp_num;
     int rc = rv_qp_init(q);
+    if (rc) {
+        *err = -rc;
+        rv_qp_free(q);
+        return NULL;
+    }
+    pthread_mutex_lock(&w->lock);
+    rc = rv_table_add(w, q);
+    if (rc == 0) {
+        q->w = w;
+        rc = rv_rq_fill(q);  /* receives may be posted from INIT on */
+        rc = rc < 0 ? rc : 0;
+    }
+    pthread_mutex_unlock(&w->lock);
     if (rc) {
         *err = -rc;
         rv_qp_free(q);
@@ -633,13 +811,40 @@ int rv_qp_rts(rv_qp *q, uint32_t sq_psn)
 
 int rv_qp_reset(rv_qp *q)
 {
+    /* a new generation: completions of the old receive WRs (flushes) no longer count */
+    if (q->w) {
+        pthread_mutex_lock(&q->w->lock);
+        q->rq_gen = (q->rq_gen + 1) & RV_GEN_MASK;
+        q->rq_posted = 0;
+        pthread_mutex_unlock(&q->w->lock);
+    }
     struct ibv_qp_attr a;
     memset(&a, 0, sizeof a);
     a.qp_state = IBV_QPS_RESET;
     int rc = ibv_modify_qp(q->qp, &a, IBV_QP_STATE);
     if (rc)
         return -rc;
-    return rv_qp_init(q);
+    rc = rv_qp_init(q);
+    if (rc)
+        return rc;
+    if (q->w) {  /* RESET dropped every receive WR: post a full pool again */
+        pthread_mutex_lock(&q->w->lock);
+        rc = rv_rq_fill(q);
+        pthread_mutex_unlock(&q->w->lock);
+        if (rc < 0)
+            return rc;
+    }
+    return 0;
+}
+
+uint32_t rv_qp_rq_posted(rv_qp *q)
+{
+    if (!q || !q->w)
+        return 0;
+    pthread_mutex_lock(&q->w->lock);
+    uint32_t n = q->rq_posted;
+    pthread_mutex_unlock(&q->w->lock);
+    return n;
 }
 
 int rv_qp_error(rv_qp *q)
@@ -739,6 +944,33 @@ int rv_post_one(rv_qp *q, uint64_t wr_id, int op, uint64_t raddr, uint64_t lengt
     int rc = rv_add_rw(q, &k, wr_id, op == 1 ? IBV_WR_RDMA_READ : IBV_WR_RDMA_WRITE, raddr, length, local, rkey,
                        lkey, rv_clamp_msg(max_msg));
     return rc ? rc : rv_ring(q, k);
+}
+
+int rv_post_write_imm(rv_qp *q, uint64_t wr_id, uint64_t raddr, uint64_t length, uint64_t local, uint32_t rkey,
+                      uint32_t lkey, uint32_t imm, uint64_t max_msg)
+{
+    if ((uint32_t)wr_id & RV_RECV_TAG)
+        return -EINVAL;
+    uint32_t k = 0;
+    if (length > 0) {
+        int rc = rv_add_rw(q, &k, wr_id, IBV_WR_RDMA_WRITE, raddr, length, local, rkey, lkey, rv_clamp_msg(max_msg));
+        if (rc)
+            return rc;
+    } else {  /* zero-length: only the immediate travels (no rkey check at the target, C9-88) */
+        struct ibv_send_wr *wr = &q->wrs[0];
+        memset(wr, 0, sizeof *wr);
+        wr->wr_id = wr_id;
+        wr->sg_list = NULL;
+        wr->num_sge = 0;
+        wr->wr.rdma.remote_addr = raddr;
+        wr->wr.rdma.rkey = rkey;
+        k = 1;
+    }
+    /* the last WR carries the immediate: the target hears of it after every byte landed */
+    struct ibv_send_wr *last = &q->wrs[k - 1];
+    last->opcode = IBV_WR_RDMA_WRITE_WITH_IMM;
+    last->imm_data = htonl(imm);
+    return rv_ring(q, k);
 }
 
 int rv_post_atomic(rv_qp *q, uint64_t wr_id, int op, uint64_t raddr, uint32_t rkey, uint64_t a, uint64_t b,

@@ -66,9 +66,14 @@ struct rv_worker {
     uint32_t ev_cap;
     uint32_t *ev_conn;
     int32_t *ev_code;
+    uint32_t nrx;          /* WRITE_WITH_IMM receive events collected by the last round */
+    uint32_t *rx_conn;     /* conn id of the QP the write landed through */
+    uint32_t *rx_imm;      /* the immediate, host byte order */
     uint32_t woken;
     uint64_t rounds;
     uint64_t events;       /* completion-channel events consumed */
+    uint64_t rq_refills;   /* chained ibv_post_recv calls that topped a receive queue up */
+    uint64_t rq_errors;    /* ibv_post_recv failures (the peer then sees RNR back-pressure) */
     ...;
 };
 
@@ -78,7 +83,9 @@ int rv_worker_wake(rv_worker *w);
 /* One round: drain channel events, poll the CQ, re-arm and poll again when it
  * ran dry; when nothing was found and timeout_ms != 0, block in poll() on the
  * channel fd and the wake fd (GIL released by cffi) and repeat once.
- * Returns completions collected (also w->ncq), or -errno. */
+ * Send completions go to the cq_* arrays, WRITE_WITH_IMM arrivals to rx_*
+ * (receive queues are refilled here, below half depth); flushed receive WRs
+ * are dropped.  Returns ncq + nrx, or -errno. */
 int rv_worker_poll(rv_worker *w, int timeout_ms);
 /* 1 when the last round filled the arrays (more completions may be waiting) */
 uint32_t rv_worker_backlog(rv_worker *w);
@@ -88,18 +95,23 @@ struct rv_qp {
     uint32_t qpn;
     uint32_t conn_id;
     uint32_t max_wr;       /* send queue depth = most WRs one post may chain */
+    uint32_t rq_depth;     /* zero-length receive WRs kept posted (WRITE_WITH_IMM targets) */
     ...;
 };
 
-rv_qp *rv_qp_new(rv_ctx *c, rv_worker *w, uint32_t conn_id, uint32_t max_wr, uint32_t rd_atomic, int *err);
+/* Create an RC QP on w's CQ (INIT) with rq_depth receive WRs posted; w refills them. */
+rv_qp *rv_qp_new(rv_ctx *c, rv_worker *w, uint32_t conn_id, uint32_t max_wr, uint32_t rq_depth, uint32_t rd_atomic,
+                 int *err);
 void rv_qp_free(rv_qp *q);
 /* RESET -> INIT (remote read/write/atomic allowed on this QP) */
 int rv_qp_init(rv_qp *q);
+/* receive WRs currently posted (for tests and diagnostics) */
+uint32_t rv_qp_rq_posted(rv_qp *q);
 /* INIT -> RTR */
 int rv_qp_rtr(rv_qp *q, uint32_t dest_qpn, uint32_t rq_psn, const uint8_t *dgid, uint16_t dlid, int32_t mtu);
 /* RTR -> RTS; timeout/retry chosen so a dead peer errors within ~2 s */
 int rv_qp_rts(rv_qp *q, uint32_t sq_psn);
-/* any state -> RESET -> INIT */
+/* any state -> RESET -> INIT, with a new generation of receive WRs posted */
 int rv_qp_reset(rv_qp *q);
 /* any state -> ERR (outstanding WRs flush) */
 int rv_qp_error(rv_qp *q);
@@ -115,6 +127,11 @@ int rv_post_rw(rv_qp *q, uint64_t wr_id, int op, uint32_t n, uint64_t rbase, con
 /* one contiguous read/write (same splitting rule) */
 int rv_post_one(rv_qp *q, uint64_t wr_id, int op, uint64_t raddr, uint64_t length, uint64_t local,
                 uint32_t rkey, uint32_t lkey, uint64_t max_msg);
+/* RDMA WRITE of length bytes (split at max_msg) whose last WR is WRITE_WITH_IMM
+ * carrying imm (sent big-endian as the verbs API wants; the target reads it back
+ * in host order).  length 0 sends only the immediate.  Returns WRs posted or -errno. */
+int rv_post_write_imm(rv_qp *q, uint64_t wr_id, uint64_t raddr, uint64_t length, uint64_t local, uint32_t rkey,
+                      uint32_t lkey, uint32_t imm, uint64_t max_msg);
 /* op: 3 fetch-and-add (a = addend), 4 compare-and-swap (a = expected, b = desired);
  * the old value lands in the 8 bytes at local (lkey). Returns 1 or -errno. */
 int rv_post_atomic(rv_qp *q, uint64_t wr_id, int op, uint64_t raddr, uint32_t rkey, uint64_t a, uint64_t b,

@@ -39,7 +39,8 @@ ffibuilder.cdef((HERE / "verbs.h").read_text())
 ffibuilder.set_source(
     "rdmaio._native._rdmaio_verbs",
     (HERE / "verbs.c").read_text(),
-    extra_compile_args=["-O2", "-std=gnu11", "-Wall", "-Wno-unused-function"],
+    extra_compile_args=["-O2", "-std=gnu11", "-Wall", "-Wno-unused-function", "-pthread"],
+    extra_link_args=["-pthread"],
     libraries=["ibverbs"],
 )
 

@@ -1,4 +1,9 @@
-"""Message channels over write-with-immediate: order, flow control, closing, failures."""
+"""Message channels over write-with-immediate: order, flow control, closing, failures.
+
+Every test runs on each transport configuration of ``tests/rdmaio/transports.py``
+(tcp-thread, tcp-loop, verbs-thread, verbs-loop; verbs ones skip without a device).
+The server uses the configuration's progress mode, the client the other one.
+"""
 
 from __future__ import annotations
 
@@ -13,12 +18,17 @@ from pathlib import Path
 import pytest
 
 import rdmaio
+from tests.rdmaio.transports import config_params
+
+OTHER = {"thread": "loop", "loop": "thread"}
 
 
-@pytest.fixture
-async def engines() -> AsyncIterator[tuple[rdmaio.Engine, rdmaio.Engine, rdmaio.Listener]]:
-    async with rdmaio.Engine(transport="tcp", workers=2) as server, \
-            rdmaio.Engine(transport="tcp", workers=2, progress="loop") as client:
+@pytest.fixture(params=config_params())
+async def engines(request: pytest.FixtureRequest) -> AsyncIterator[tuple[rdmaio.Engine, rdmaio.Engine,
+                                                                       rdmaio.Listener]]:
+    transport, progress = request.param
+    async with rdmaio.Engine(transport=transport, workers=2, progress=progress) as server, \
+            rdmaio.Engine(transport=transport, workers=2, progress=OTHER[progress]) as client:
         lst = await server.listen()
         yield server, client, lst
 
@@ -162,15 +172,17 @@ async def test_many_channels_and_refusals(engines: tuple[rdmaio.Engine, rdmaio.E
         await c.aclose()
 
 
-async def test_peer_death_wakes_the_channel() -> None:
+@pytest.mark.parametrize("config", config_params())
+async def test_peer_death_wakes_the_channel(config: tuple[str, str]) -> None:
+    transport, progress = config
     here = Path(__file__).parent
     script = here / "channel_peer.py"
-    proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE,
+    proc = subprocess.Popen([sys.executable, str(script), transport, progress], stdout=subprocess.PIPE,
                             env={**os.environ, "PYTHONPATH": str(here.parent.parent)})
     try:
         assert proc.stdout is not None
         port = int(proc.stdout.readline())
-        async with rdmaio.Engine(transport="tcp", workers=1) as client:
+        async with rdmaio.Engine(transport=transport, workers=1, progress=progress) as client:
             ep = await client.connect("127.0.0.1", port)
             ch = await ep.channel("echo")
             await ch.send([b"hi"])
@@ -185,3 +197,74 @@ async def test_peer_death_wakes_the_channel() -> None:
         proc.wait()
         if proc.stdout:
             proc.stdout.close()
+
+
+async def test_close_while_the_peer_streams_keeps_the_endpoint_usable(
+        engines: tuple[rdmaio.Engine, rdmaio.Engine, rdmaio.Listener]) -> None:
+    """The client closes while the server still has writes into its ring in flight.
+
+    On verbs a write into a deregistered ring would move both RC queue pairs to the
+    error state; the close handshake keeps the ring until the server has answered.
+    """
+    server, client, lst = engines
+    stopped = asyncio.Event()
+
+    async def firehose(ch: rdmaio.Channel) -> None:
+        try:
+            for i in range(100_000):
+                await ch.send([i.to_bytes(4, "little") * (15 << 10)])
+        except rdmaio.RdmaioError:
+            pass
+        stopped.set()
+
+    server.serve_channel("firehose", firehose)
+    ep = await client.connect("127.0.0.1", lst.port)
+    for k in (0, 0, 1, 3, 0, 8):  # close after k messages: the server's next 8 writes are in flight
+        stopped.clear()
+        ch = await ep.channel("firehose", slots=8, slot_size=64 << 10)
+        for i in range(k):
+            assert await ch.recv() == i.to_bytes(4, "little") * (15 << 10)
+        await ch.aclose()
+        await asyncio.wait_for(stopped.wait(), 10)
+    await ep.ping()
+    async with await ep.channel("firehose", slots=4, slot_size=64 << 10) as ch:
+        assert await ch.recv() == bytes(4) * (15 << 10)
+    assert ep.broken is None
+
+
+async def test_close_waits_for_the_peers_in_flight_write(
+        engines: tuple[rdmaio.Engine, rdmaio.Engine, rdmaio.Listener]) -> None:
+    """Deterministic version of the race above: the server's write is still in flight
+    (held back 0.3 s) when the client closes; it must not hit a released ring."""
+    server, client, lst = engines
+    sending = asyncio.Event()
+    outcome: list[BaseException | None] = []
+
+    async def slow_writer(ch: rdmaio.Channel) -> None:
+        post = ch._post
+
+        async def delayed(*args: int) -> object:
+            await asyncio.sleep(0.3)
+            return await post(*args)
+
+        ch._post = delayed  # type: ignore[assignment]
+        task = asyncio.ensure_future(ch.send([b"late" * 100]))
+        sending.set()
+        try:
+            await task
+            outcome.append(None)
+        except rdmaio.RdmaioError as exc:
+            outcome.append(exc)
+
+    server.serve_channel("slow", slow_writer)
+    ep = await client.connect("127.0.0.1", lst.port)
+    ch = await ep.channel("slow", slots=4, slot_size=4096)
+    await asyncio.wait_for(sending.wait(), 5)
+    await ch.aclose()
+    await asyncio.sleep(0.5)
+    await ep.ping()
+    for qp in ep._qps:  # every queue pair still works (on verbs: neither went to the error state)
+        await asyncio.wait_for(qp.post(rdmaio._wire.Op.NOP, 0, 0, 1, 0, 0, None, "ping"), 5)
+    assert ep.broken is None
+    if client.transport == "verbs":
+        assert outcome == [None], "the close handshake keeps the ring until in-flight writes landed"
