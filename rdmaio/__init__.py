@@ -11,6 +11,7 @@ responsibility each::
     _endpoint.py  Endpoint: read/write/batches/atomics, queue-pair selection
     _tcp.py       the software transport's queue pairs and responders
     _channel.py   two-sided message channels on write-with-immediate + credits
+    _auth.py      shared-secret HMAC challenge-response for every connection (sans-I/O)
     _progress.py  workers: native completions -> asyncio, thread or loop driven
     _native/      the C data path (cffi, compiled at install time)
     _run.py       run() on uvloop when installed
@@ -24,6 +25,7 @@ from ._engine import Engine, Listener, available_transports
 from ._errors import (
     AccessDeniedError,
     AlignmentError,
+    AuthenticationError,
     ChannelRefusedError,
     ClosedError,
     EndpointBrokenError,
@@ -48,6 +50,7 @@ __all__ = [
     "Access",
     "AccessDeniedError",
     "AlignmentError",
+    "AuthenticationError",
     "Channel",
     "ChannelRefusedError",
     "ClosedError",

@@ -28,11 +28,14 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from ._channel import MAX_CHANNELS, Channel, make_rings, unpack_imm
+from . import _auth as auth
 from ._errors import (
+    AuthenticationError,
     ChannelRefusedError,
     ClosedError,
     EndpointBrokenError,
     ProtocolError,
+    RdmaioError,
     RegionNotFoundError,
     TimeoutError,
     UsageError,
@@ -58,6 +61,8 @@ async def _recv_message(loop: asyncio.AbstractEventLoop, sock: socket.socket, co
             raise EndpointBrokenError("peer closed the connection during the handshake")
         codec.receive_data(data)
     if msg["t"] == "error":
+        if msg.get("code") == "auth":
+            raise AuthenticationError(f"peer refused authentication: {msg.get('message')}")
         raise ProtocolError(f"peer refused: {msg.get('message')}")
     return msg
 
@@ -74,8 +79,10 @@ def host_identity() -> str:
 
 
 async def _dial(loop: asyncio.AbstractEventLoop, host: str, port: int, first: dict[str, Any],
-                expect: str, bufsize: int = 0, unix: str | None = None
+                expect: str, bufsize: int = 0, unix: str | None = None, secret: bytes | None = None
                 ) -> tuple[socket.socket, ControlCodec, dict[str, Any]]:
+    """Connect, send ``first``, answer a challenge if the listener sends one (see
+    :mod:`rdmaio._auth`), and return the reply of type ``expect``."""
     if unix is not None:
         family, type_, proto, addr = socket.AF_UNIX, socket.SOCK_STREAM, 0, "\0" + unix
     else:
@@ -93,6 +100,20 @@ async def _dial(loop: asyncio.AbstractEventLoop, host: str, port: int, first: di
         codec = ControlCodec()
         await loop.sock_sendall(sock, codec.encode(first))
         msg = await _recv_message(loop, sock, codec)
+        if msg["t"] == "challenge":
+            if secret is None:
+                raise AuthenticationError("the peer requires authentication: give the engine the cluster's "
+                                          "secret (Engine(secret=...) or RDMAIO_SECRET)")
+            ns, nc, ctx = msg["nonce"], auth.new_nonce(), auth.context(first)
+            if not isinstance(ns, bytes) or len(ns) != auth.NONCE_BYTES:
+                raise ProtocolError("malformed authentication challenge")
+            await loop.sock_sendall(sock, codec.encode({"t": "auth", "nonce": nc,
+                                                        "mac": auth.client_mac(secret, ns, nc, ctx)}))
+            msg = await _recv_message(loop, sock, codec)
+            if not auth.verify(auth.server_proof(secret, ns, nc, ctx), msg.get("proof")):
+                raise AuthenticationError("the peer could not prove it knows the shared secret")
+        elif secret is not None:
+            raise AuthenticationError("the peer did not authenticate itself (does it have the shared secret?)")
         if msg["t"] != expect:
             raise ProtocolError(f"expected {expect!r} from the peer, got {msg['t']!r}")
         return sock, codec, msg
@@ -113,8 +134,8 @@ async def open_endpoint(engine: Engine, host: str, port: int, timeout: float) ->
     socks: list[socket.socket] = []
 
     async def handshake() -> Endpoint:
-        ctl, codec, welcome = await _dial(loop, host, port, {"t": "hello", "v": 1, "transport": "tcp", "nqp": nqp},
-                                          "welcome")
+        hello = {"t": "hello", "v": 1, "transport": "tcp", "nqp": nqp, "hb": engine._heartbeat}
+        ctl, codec, welcome = await _dial(loop, host, port, hello, "welcome", secret=engine._secret)
         socks.append(ctl)
         session = welcome["session"]
         # same host and network namespace: data connections over the listener's UNIX socket
@@ -123,7 +144,7 @@ async def open_endpoint(engine: Engine, host: str, port: int, timeout: float) ->
                  and welcome.get("host") == host_identity() != "")
         for i in range(nqp):
             s, c, _ = await _dial(loop, host, port, {"t": "attach", "session": session, "qp": i}, "attached",
-                                  engine._socket_buffer, unix if local else None)
+                                  engine._socket_buffer, unix if local else None, engine._secret)
             if c.buffered():
                 s.close()
                 raise ProtocolError("peer sent data before the queue pair was attached")
@@ -138,6 +159,10 @@ async def open_endpoint(engine: Engine, host: str, port: int, timeout: float) ->
         for s in socks:
             s.close()
         raise TimeoutError(f"connecting to {host}:{port} took longer than {timeout} s") from None
+    except RdmaioError:  # ours already say what happened (some are OSErrors too: keep them as they are)
+        for s in socks:
+            s.close()
+        raise
     except OSError as exc:
         for s in socks:
             s.close()
@@ -203,6 +228,10 @@ class Endpoint:
         self._reverse_lock = asyncio.Lock()
         self._channels: dict[int, Channel] = {}
         self._reader = self._loop.create_task(self._read_control())
+        self._last_rx = self._loop.time()
+        self._pinger: asyncio.Task[None] | None = None
+        if engine._heartbeat:
+            self._pinger = self._loop.create_task(self._heartbeat(engine._heartbeat, engine._dead_peer_timeout))
         engine._endpoints.add(self)
 
     def __repr__(self) -> str:
@@ -218,12 +247,33 @@ class Endpoint:
         return len(self._qps)
 
     # -- control ----------------------------------------------------------------
+    async def _heartbeat(self, interval: float, dead_after: float) -> None:
+        """Ping the peer; declare it dead after ``dead_after`` s without any message from it."""
+        try:
+            while self.broken is None and not self._closed:
+                await asyncio.sleep(interval)
+                silent = self._loop.time() - self._last_rx
+                if silent > dead_after:
+                    self._on_broken(EndpointBrokenError(f"no message from the peer for {silent:.1f} s "
+                                                        f"(heartbeat timeout {dead_after} s)"))
+                    return
+                try:
+                    self._ctl.send(self._codec.encode({"t": "ping"}))
+                except BlockingIOError:
+                    pass  # a full send buffer is itself a sign; the silence check decides
+                except OSError as exc:
+                    self._on_broken(EndpointBrokenError(f"control connection failed: {exc}"))
+                    return
+        except asyncio.CancelledError:
+            pass
+
     async def _read_control(self) -> None:
         try:
             while True:
                 data = await self._loop.sock_recv(self._ctl, 65536)
                 if not data:
                     raise EndpointBrokenError("peer closed the control connection")
+                self._last_rx = self._loop.time()
                 self._codec.receive_data(data)
                 for msg in self._codec.next_events():
                     fut = self._requests.pop(msg.get("id", -1), None)
@@ -297,6 +347,8 @@ class Endpoint:
             return
         self._closed = True
         self._reader.cancel()
+        if self._pinger is not None:
+            self._pinger.cancel()
         for ch in list(self._channels.values()):
             ch._abort()
         if self._reverse is not None:
@@ -555,7 +607,7 @@ class Endpoint:
             engine = self._engine
             sock, codec, _ = await _dial(self._loop, self.peer[0], self.peer[1],
                                          {"t": "attach_reverse", "session": self._session}, "attached",
-                                         engine._socket_buffer, self._unix)
+                                         engine._socket_buffer, self._unix, engine._secret)
             if codec.buffered():
                 sock.close()
                 raise ProtocolError("peer sent data before the reverse queue pair was attached")

@@ -20,8 +20,16 @@ import socket
 import weakref
 from typing import TYPE_CHECKING, Any, Literal
 
+from . import _auth as auth
 from ._channel import MAX_CHANNELS, Channel, ChannelHandler, make_rings, unpack_imm
-from ._errors import ClosedError, EndpointBrokenError, ProtocolError, TransportUnavailableError, UsageError
+from ._errors import (
+    ClosedError,
+    EndpointBrokenError,
+    ProtocolError,
+    TimeoutError,
+    TransportUnavailableError,
+    UsageError,
+)
 from ._keys import Access, RemoteKey
 from ._native._rdmaio_native import ffi, lib
 from ._progress import Batch, Worker
@@ -111,6 +119,19 @@ class Engine:
         tcp transport: when both engines run on the same host and network namespace,
         queue pairs use a UNIX-domain socket instead of loopback TCP (the control
         connection stays TCP).  Cheaper per message; same protocol, same checks.
+    secret:
+        Shared secret (str or bytes, at least 4 bytes; default ``$RDMAIO_SECRET``).  With a
+        secret, every connection is authenticated both ways by HMAC challenge-response
+        before anything is served (:mod:`rdmaio._auth`); peers must share it.
+    heartbeat, dead_peer_timeout:
+        Endpoints ping their peer every ``heartbeat`` s on the control connection and
+        fail every operation in flight when nothing has been heard for
+        ``dead_peer_timeout`` s (a hung or unreachable peer); 0 disables heartbeats.
+        A connection that breaks outright (process death, reset) fails its operations
+        at once; silence is only judged after ``dead_peer_timeout`` because a loaded
+        peer may answer late (lower it where peers have cores to spare).
+    max_sessions:
+        Endpoints a listener serves at once; more are refused with a protocol error.
     poll_spin_us:
         tcp transport, thread progress: after a round that did work, a worker keeps
         polling (yielding the CPU to runnable threads) for up to this many µs before
@@ -123,6 +144,8 @@ class Engine:
                  op_timeout: float | None = None, connect_timeout: float = 10.0,
                  handshake_timeout: float = 5.0, stripe_bytes: int = 0,
                  socket_buffer: int = 4 << 20, same_host_fast_path: bool = True, poll_spin_us: int = 0,
+                 secret: bytes | str | None = None, heartbeat: float = 1.0, dead_peer_timeout: float = 5.0,
+                 max_sessions: int = 1024,
                  device: str | None = None, port: int | None = None, gid_index: int | None = None) -> None:
         if not isinstance(workers, int) or not 1 <= workers <= 64:
             raise UsageError("workers must be an int in 1..64")
@@ -153,6 +176,14 @@ class Engine:
         self._stripe_bytes = stripe_bytes
         self._socket_buffer = socket_buffer
         self._same_host_fast_path = same_host_fast_path
+        self._secret = auth.resolve_secret(secret)
+        if heartbeat < 0 or (heartbeat and dead_peer_timeout <= heartbeat):
+            raise UsageError("heartbeat must be >= 0 and dead_peer_timeout larger than it")
+        self._heartbeat = float(heartbeat)
+        self._dead_peer_timeout = float(dead_peer_timeout)
+        if max_sessions < 1:
+            raise UsageError("max_sessions must be >= 1")
+        self._max_sessions = max_sessions
         if not 0 <= poll_spin_us <= 10_000:
             raise UsageError("poll_spin_us must be in 0..10000")
         self._poll_spin_us = poll_spin_us
@@ -395,12 +426,28 @@ class Engine:
         self._listeners.add(lst)
         return lst
 
-    async def connect(self, host: str, port: int, *, timeout: float | None = None) -> Endpoint:
-        """Open an :class:`Endpoint` to a peer engine's listener."""
+    async def connect(self, host: str, port: int, *, timeout: float | None = None, retries: int = 0,
+                      backoff: float = 0.05, max_backoff: float = 2.0) -> Endpoint:
+        """Open an :class:`Endpoint` to a peer engine's listener.
+
+        With ``retries``, a refused or failed attempt is retried after an exponential
+        backoff (``backoff`` doubling up to ``max_backoff``, with jitter).  Errors that
+        retrying cannot fix (authentication, protocol) are raised at once.
+        """
         from ._endpoint import open_endpoint
 
         self._check_started()
-        return await open_endpoint(self, host, port, timeout if timeout is not None else self._connect_timeout)
+        delay = backoff
+        for attempt in range(retries + 1):
+            try:
+                return await open_endpoint(self, host, port,
+                                           timeout if timeout is not None else self._connect_timeout)
+            except (EndpointBrokenError, TimeoutError):
+                if attempt == retries:
+                    raise
+            await asyncio.sleep(delay * (0.5 + secrets.randbelow(1000) / 1000))
+            delay = min(delay * 2, max_backoff)
+        raise AssertionError("unreachable")
 
 
 class _Session:
@@ -520,14 +567,18 @@ class Listener:
                 return
             if first is None:
                 return
-            if first["t"] == "hello":
-                await self._serve_control(sock, codec, first)
-            elif first["t"] == "attach":
-                handed_off = self._attach(sock, codec, first)
-            elif first["t"] == "attach_reverse":
-                handed_off = self._attach_reverse(sock, codec, first)
-            else:
+            if first["t"] not in ("hello", "attach", "attach_reverse"):
                 raise ProtocolError(f"unexpected first message {first['t']!r}")
+            # nothing is served to an unauthenticated peer: the proof rides on the first reply
+            proof = await self._authenticate(sock, codec, first)
+            if proof is None:
+                return
+            if first["t"] == "hello":
+                await self._serve_control(sock, codec, first, proof)
+            elif first["t"] == "attach":
+                handed_off = self._attach(sock, codec, first, proof)
+            else:
+                handed_off = self._attach_reverse(sock, codec, first, proof)
         except ProtocolError as exc:
             try:
                 sock.send(codec.encode({"t": "error", "code": "protocol", "message": str(exc)}))
@@ -539,7 +590,35 @@ class Listener:
             if not handed_off:
                 sock.close()
 
-    async def _serve_control(self, sock: socket.socket, codec: ControlCodec, hello: dict[str, Any]) -> None:
+    async def _authenticate(self, sock: socket.socket, codec: ControlCodec,
+                            first: dict[str, Any]) -> dict[str, Any] | None:
+        """Challenge the peer when we have a secret: ``{}`` (no secret), ``{"proof": ...}``
+        (authenticated) or None (refused; the connection is to be closed)."""
+        secret = self._engine._secret
+        if secret is None:
+            return {}
+        ns = auth.new_nonce()
+        await self._loop.sock_sendall(sock, codec.encode({"t": "challenge", "nonce": ns}))
+        try:
+            reply = await asyncio.wait_for(self._recv(sock, codec), self._engine._handshake_timeout)
+        except asyncio.TimeoutError:
+            return None
+        if reply is None:
+            return None
+        ctx = auth.context(first)
+        nc = reply.get("nonce")
+        if (reply["t"] != "auth" or not isinstance(nc, bytes) or len(nc) != auth.NONCE_BYTES
+                or not auth.verify(auth.client_mac(secret, ns, nc, ctx), reply.get("mac"))):
+            log.warning("authentication failed for a %s connection", first["t"])
+            try:
+                sock.send(codec.encode({"t": "error", "code": "auth", "message": "authentication failed"}))
+            except OSError:
+                pass
+            return None
+        return {"proof": auth.server_proof(secret, ns, nc, ctx)}
+
+    async def _serve_control(self, sock: socket.socket, codec: ControlCodec, hello: dict[str, Any],
+                             proof: dict[str, Any]) -> None:
         engine = self._engine
         if hello["v"] != 1 or hello["transport"] != engine.transport:
             raise ProtocolError(f"peer wants protocol {hello['v']!r} on {hello['transport']!r}; "
@@ -547,11 +626,16 @@ class Listener:
         nqp = hello["nqp"]
         if not isinstance(nqp, int) or not 1 <= nqp <= 64:
             raise ProtocolError("nqp must be an int in 1..64")
+        if len(self._sessions) >= engine._max_sessions:
+            raise ProtocolError(f"listener busy: {engine._max_sessions} sessions already")
+        hb = hello.get("hb", 0)
+        # a client that announced heartbeats and then stays silent this long is gone
+        silence = 10.0 * hb if isinstance(hb, (int, float)) and 0 < hb <= 60 else None
         token = secrets.token_bytes(16)
         session = _Session(token, nqp, sock)
         self._sessions[token] = session
         try:
-            welcome = {"t": "welcome", "v": 1, "session": token, "nqp": nqp}
+            welcome = {"t": "welcome", "v": 1, "session": token, "nqp": nqp, **proof}
             if self.unix_name is not None:
                 welcome.update(unix=self.unix_name, host=host_identity())
             if engine._verbs is not None:  # create + connect this session's QPs, answer with their attributes
@@ -562,10 +646,16 @@ class Listener:
                 welcome.update(session.verbs.welcome_fields())
             await self._loop.sock_sendall(sock, codec.encode(welcome))
             while True:
-                msg = await self._recv(sock, codec)
+                try:
+                    msg = await asyncio.wait_for(self._recv(sock, codec), silence)
+                except asyncio.TimeoutError:
+                    log.info("session closed: no heartbeat from the client for %.1f s", silence)
+                    return
                 if msg is None or msg["t"] == "bye":
                     return
-                if msg["t"] == "get_key":
+                if msg["t"] == "ping":
+                    await self._loop.sock_sendall(sock, codec.encode({"t": "pong"}))
+                elif msg["t"] == "get_key":
                     mr = engine._exposed.get(msg["name"]) if isinstance(msg["name"], str) else None
                     if mr is None or mr.closed:
                         reply = {"t": "error", "id": msg["id"], "code": "not_found", "message": "no such region"}
@@ -582,7 +672,7 @@ class Listener:
         finally:
             self._end_session(session)
 
-    def _attach(self, sock: socket.socket, codec: ControlCodec, msg: dict[str, Any]) -> bool:
+    def _attach(self, sock: socket.socket, codec: ControlCodec, msg: dict[str, Any], proof: dict[str, Any]) -> bool:
         token, qp = msg["session"], msg["qp"]
         session = self._sessions.get(token) if isinstance(token, bytes) else None
         if session is None:
@@ -596,7 +686,7 @@ class Listener:
         engine = self._engine
         if engine._socket_buffer:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, engine._socket_buffer)
-        sock.send(codec.encode({"t": "attached", "qp": qp}))
+        sock.send(codec.encode({"t": "attached", "qp": qp, **proof}))
         conn_id = engine._new_conn_id()
         worker = engine._workers[qp % len(engine._workers)]
         responder = TcpResponder(sock, conn_id, engine._rt, worker, self._responder_dead)
@@ -606,7 +696,8 @@ class Listener:
         session.responders.append(responder)
         return True
 
-    def _attach_reverse(self, sock: socket.socket, codec: ControlCodec, msg: dict[str, Any]) -> bool:
+    def _attach_reverse(self, sock: socket.socket, codec: ControlCodec, msg: dict[str, Any],
+                        proof: dict[str, Any]) -> bool:
         token = msg["session"]
         session = self._sessions.get(token) if isinstance(token, bytes) else None
         if session is None or session.verbs is not None:
@@ -616,7 +707,7 @@ class Listener:
         if codec.buffered():
             raise ProtocolError("data sent before the reverse queue pair was attached")
         engine = self._engine
-        sock.send(codec.encode({"t": "attached", "qp": -1}))
+        sock.send(codec.encode({"t": "attached", "qp": -1, **proof}))
         conn_id = engine._new_conn_id()
         qp = TcpQueuePair(self._loop, sock, conn_id, [engine._workers[0]], engine._sq_depth, engine._op_timeout,
                           session.fail_channels)

@@ -21,6 +21,7 @@ import builtins
 __all__ = [
     "AccessDeniedError",
     "AlignmentError",
+    "AuthenticationError",
     "ChannelRefusedError",
     "ClosedError",
     "EndpointBrokenError",
@@ -55,6 +56,10 @@ class TransportUnavailableError(RdmaioError):
 
 class ProtocolError(RdmaioError):
     """The peer sent bytes that break the rdmaio wire protocol."""
+
+
+class AuthenticationError(RdmaioError, PermissionError):
+    """The peer could not be authenticated (no secret, wrong secret, or no proof)."""
 
 
 class TimeoutError(RdmaioError, builtins.TimeoutError):

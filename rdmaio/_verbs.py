@@ -876,9 +876,9 @@ async def open_verbs_endpoint(engine: Engine, host: str, port: int) -> Endpoint:
             qps.append(VerbsQueuePair(vctx, loop, conn_id, i, w, engine._sq_depth, engine._op_timeout,
                                       lambda exc: None))
         psns = [secrets.randbits(24) for _ in qps]
-        hello = {"t": "hello", "v": 1, "transport": "verbs", "nqp": len(qps),
+        hello = {"t": "hello", "v": 1, "transport": "verbs", "nqp": len(qps), "hb": engine._heartbeat,
                  "qps": [vctx.qp_attrs(qp.qpn, psn) for qp, psn in zip(qps, psns)]}
-        ctl, codec, welcome = await _dial(loop, host, port, hello, "welcome")
+        ctl, codec, welcome = await _dial(loop, host, port, hello, "welcome", secret=engine._secret)
         remote = _parse_qp_attrs(welcome.get("qps"), len(qps))
         ping = welcome.get("ping")
         if not (isinstance(ping, list) and len(ping) == 2 and all(isinstance(x, int) for x in ping)):

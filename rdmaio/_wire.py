@@ -80,6 +80,10 @@ CONTROL_TYPES: dict[str, tuple[str, ...]] = {
     "qp_reset": ("id", "qp", "psn"),  # verbs, client -> server: reset QP #qp after an error; client's new PSN
     "qp_reset_ok": ("id", "psn"),  # verbs, server -> client: QP back in RTS; server's new PSN
     "bye": (),  # either way, orderly close
+    "challenge": ("nonce",),  # listener -> client, when the listener has a secret (see rdmaio._auth)
+    "auth": ("nonce", "mac"),  # client -> listener: the answer
+    "ping": (),  # client -> server on the control connection (heartbeat)
+    "pong": (),  # server -> client
     "attach_reverse": ("session",),  # client -> server: a queue pair on which the SERVER initiates (channels)
     "channel_open": ("id", "name", "slots", "slot_size", "ring"),  # client -> server; ring: client's key
     "channel": ("id", "chan", "ring"),  # server -> client: channel id and the server's ring key
