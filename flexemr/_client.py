@@ -47,6 +47,16 @@ Locality (``docs/locality.md``)
       anything else; the cache is keyed by physical ids.
     * **prefetch** (:meth:`EmbeddingClient.prefetch`): lookups of the next
       ``depth`` batches run while the current one is consumed.
+
+Reliability (``docs/reliability.md``)
+    Reads of a batch go, per shard, to the first connected in-service replica;
+    a server whose operation fails (EOF/reset at once, ``op_timeout`` when
+    hung) is dropped from every route, its reads are re-issued on another
+    replica, and a background task reconnects with jittered exponential
+    backoff, re-validates the metadata and (versioned plans) resyncs before
+    routing reads back.  Versioned tables are read as header+row slots and
+    validated per batch (:mod:`flexemr._versioned`); :meth:`EmbeddingClient.update`
+    writes rows with the protocol of :mod:`flexemr._replica`.
 """
 
 from __future__ import annotations
@@ -54,9 +64,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import secrets
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
 import numpy as np
@@ -69,7 +80,7 @@ from ._errors import UnknownTableError
 from ._jagged import JaggedBatch
 from ._locality import POOL_CHANNEL, LocalityMetrics, PoolChannel, decode_response, encode_request
 from ._meta import HEADER, MAX_META_BYTES, META_REGION, ServerMeta, decode_meta
-from ._plan import ClusterConfig, ShardingPlan, validate_ids
+from ._plan import ClusterConfig, Shard, ShardingPlan, validate_ids
 from ._pooling import (
     PartialPool,
     PoolMode,
@@ -81,10 +92,12 @@ from ._pooling import (
 )
 from ._prefetch import Prefetcher, PrefetchStream
 from ._remap import RowRemap
+from ._replica import Backoff, ShardWriter
 from ._spec import TableSpec
 from ._split import SplitLookup, split_lookup
+from ._versioned import region_bytes, row_data, slot_bytes, validate_slots
 
-__all__ = ["MAX_WINDOW_US", "EmbeddingClient"]
+__all__ = ["MAX_WINDOW_US", "EmbeddingClient", "ReliabilityMetrics"]
 
 log = logging.getLogger(__name__)
 
@@ -219,12 +232,51 @@ class _Route:
     own_key: rdmaio.RemoteKey
 
 
+@dataclass
+class ReliabilityMetrics:
+    """Counters of failures, failovers, reconnects and updates (``client.reliability``)."""
+
+    peer_failures: int = 0        # servers marked down (a read/write/atomic on them failed)
+    reconnects: int = 0           # successful reconnections
+    restarts_seen: int = 0        # reconnections that found a new server incarnation
+    failover_reads: int = 0       # read groups re-issued on another replica
+    torn_rereads: int = 0         # rows read again because their version/checksum did not validate
+    updates: int = 0              # acknowledged update() calls
+    rows_updated: int = 0         # distinct rows written by acknowledged updates
+    failed_updates: int = 0       # update() calls that raised
+    resync_copies: int = 0        # shard copies made to bring a replica back in sync
+    fenced: int = 0               # replicas dropped from service by this client's commits
+    lock_steals: int = 0          # shard locks taken over from a silent holder
+
+    def snapshot(self) -> dict[str, int]:
+        """The counters as a dict."""
+        return asdict(self)
+
+
+class _Peer:
+    """Connection state of one server: endpoint (``None`` while down), metadata, reconnect task."""
+
+    __slots__ = ("name", "ep", "meta", "incarnation", "task", "ready", "kick", "backoff")
+
+    def __init__(self, name: str, backoff: Backoff) -> None:
+        self.name = name
+        self.ep: rdmaio.Endpoint | None = None
+        self.meta: ServerMeta | None = None
+        self.incarnation: int | None = None
+        self.task: asyncio.Task[None] | None = None
+        self.ready = asyncio.Event()
+        self.kick = asyncio.Event()
+        self.backoff = backoff
+
+
 class _Batch:
     """One coalesced round of reads (see the module docstring)."""
 
-    __slots__ = ("needs", "pending_rows", "rows", "views", "future", "refs", "staging", "finished", "error", "epoch")
+    __slots__ = ("needs", "pending_rows", "rows", "views", "future", "refs", "staging", "finished", "error", "epoch",
+                 "tainted")
 
     def __init__(self, future: asyncio.Future[None]) -> None:
+        self.tainted = False  # a read failed (maybe still landing): do not reuse the staging buffer
         self.epoch = -1  # the client's invalidation epoch when the reads were issued
         self.needs: dict[str, list[IntArray]] = {}
         self.pending_rows = 0
@@ -330,6 +382,26 @@ class EmbeddingClient:
         with: ids are translated logical -> physical before splitting.
     pool_slots, pool_slot_size:
         Shape of each pooling channel (messages in flight, bytes per frame).
+    op_timeout:
+        Seconds after which an rdmaio operation on a hung server fails
+        (``rdmaio.Engine(op_timeout=...)``; ignored with ``engine=``); the
+        server is then treated as dead: its endpoint is dropped, reads fail
+        over to a replica and a background task reconnects.  ``None``: no
+        timeout (a SIGSTOPped server then blocks its lookups).
+    reconnect_base, reconnect_cap:
+        Reconnection backoff: ``min(cap, base * 2**attempt)`` seconds, jittered
+        by a factor in ``[0.5, 1]``.
+    torn_timeout:
+        Versioned tables: how long a row may keep failing validation (a writer
+        at work, or died mid-write) before the lookup fails.
+    update_lock_timeout:
+        Versioned tables: how long :meth:`update` waits for a shard lock.
+
+    Reliability (``docs/reliability.md``): a lookup whose server breaks fails
+    over to another replica of the shard or, with none left, raises
+    :class:`TransportError` at once (connection reset/EOF) or after
+    ``op_timeout`` (hung server).  :meth:`update` writes rows of versioned
+    tables to every replica in service.
     """
 
     def __init__(
@@ -354,6 +426,11 @@ class EmbeddingClient:
         remap: RowRemap | None = None,
         pool_slots: int = 16,
         pool_slot_size: int = 256 << 10,
+        op_timeout: float | None = 2.0,
+        reconnect_base: float = 0.05,
+        reconnect_cap: float = 2.0,
+        torn_timeout: float = 2.0,
+        update_lock_timeout: float = 10.0,
     ) -> None:
         if not isinstance(config, ClusterConfig):
             raise ConfigError(f"expected a ClusterConfig, got {type(config).__name__}")
@@ -372,6 +449,11 @@ class EmbeddingClient:
                 raise ConfigError(f"{name} must be an int >= {lo}, got {val!r}")
         if remap is not None and not isinstance(remap, RowRemap):
             raise ConfigError(f"remap must be a RowRemap, got {type(remap).__name__}")
+        for name, fval in (("reconnect_base", reconnect_base), ("reconnect_cap", reconnect_cap),
+                           ("torn_timeout", torn_timeout), ("update_lock_timeout", update_lock_timeout),
+                           ("op_timeout", 1.0 if op_timeout is None else op_timeout)):
+            if isinstance(fval, bool) or not isinstance(fval, (int, float)) or not fval > 0:
+                raise ConfigError(f"{name} must be a positive number, got {fval!r}")
         self.config = config
         self.plan: ShardingPlan = config.plan
         self.metrics = LocalityMetrics()
@@ -416,6 +498,8 @@ class EmbeddingClient:
         self._pool_routes: dict[str, tuple[IntArray, IntArray]] = {}
         for table, shards in self.plan.shards.items():
             spec = self.plan.spec(table)
+            if self.plan.versioned or any(sh.backups for sh in shards):
+                continue  # replicated / updatable: raw reads only (failover, torn-row checks)
             if all(sh.col_start == 0 and sh.col_end == spec.dim for sh in shards):
                 self._pool_routes[table] = (np.array([sh.row_start for sh in shards], dtype=np.int64),
                                             np.array([self._server_index[sh.server] for sh in shards],
@@ -427,10 +511,27 @@ class EmbeddingClient:
         self._connect_timeout = connect_timeout
         self._engine = engine
         self._own_engine = engine is None
-        self._engine_kwargs: dict[str, Any] = {"transport": transport, "workers": 2, **(engine_options or {})}
-        self._endpoints: dict[str, rdmaio.Endpoint] = {}
+        self._engine_kwargs: dict[str, Any] = {"transport": transport, "workers": 2, "op_timeout": op_timeout,
+                                               **(engine_options or {})}
+        if config.secret is not None:  # the cluster file's secret authenticates every rdmaio connection
+            self._engine_kwargs.setdefault("secret", config.secret)
+        # -- servers, replicas, failover
+        self.reliability = ReliabilityMetrics()
+        self.reconnect_base = float(reconnect_base)
+        self.reconnect_cap = float(reconnect_cap)
+        self.torn_timeout = float(torn_timeout)
+        self._peers: dict[str, _Peer] = {}
         self._meta: dict[str, ServerMeta] = {}
-        self._routes: dict[str, _Route] = {}
+        self._routes: dict[tuple[str, str], _Route] = {}        # (server, region) -> route
+        self._serving: dict[str, list[str]] = {}                 # region -> replicas reads may use
+        self._region_shard: dict[str, Shard] = {sh.region_name: sh for shards in self.plan.shards.values()
+                                                for sh in shards}
+        self._vslot: dict[str, tuple[int, int]] = {}             # versioned table -> (row bytes, slot bytes)
+        if self.plan.versioned:
+            for t, spec in self.plan.tables.items():
+                self._vslot[t] = (spec.row_bytes, slot_bytes(spec))
+        self._writer = ShardWriter(self, self.plan, token=secrets.randbits(63) | 1,
+                                   lock_timeout=float(update_lock_timeout))
         self._pool: _StagingPool | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._pending: _Batch | None = None
@@ -452,7 +553,11 @@ class EmbeddingClient:
     # ------------------------------------------------------------ connecting
 
     async def connect(self) -> EmbeddingClient:
-        """Connect to every server, read each one's metadata and check it against the plan."""
+        """Connect to every server, read each one's metadata and check it against the plan.
+
+        With a versioned plan the replicas of every shard are then checked
+        (and brought) in sync (:meth:`ShardWriter.sync`) before reads use them.
+        """
         if self._closed:
             raise ClosedError("client is closed")
         if self._connected:
@@ -462,29 +567,54 @@ class EmbeddingClient:
             if self._engine is None:
                 self._engine = rdmaio.Engine(**self._engine_kwargs)
             await self._engine.start()
-            results = await asyncio.gather(*(self._connect_one(s) for s in self.plan.servers),
+            for s in self.plan.servers:
+                self._peers[s] = _Peer(s, Backoff(self.reconnect_base, self.reconnect_cap))
+            results = await asyncio.gather(*(self._open_peer(s, self._connect_timeout) for s in self.plan.servers),
                                            return_exceptions=True)
             for r in results:
                 if isinstance(r, BaseException):
                     raise r
             self._pool = _StagingPool(self._engine, self._staging_cache)
+            await asyncio.gather(*(self._refresh_region(r) for r in self._region_shard))
         except BaseException:
             await self._teardown()
             self._closed = True
             raise
         self._connected = True
-        log.info("client connected to %d servers (%s)", len(self._endpoints), self._engine.transport)
+        log.info("client connected to %d servers (%s)", len(self._peers), self._engine.transport)
         return self
 
-    async def _connect_one(self, server: str) -> None:
+    async def _open_peer(self, server: str, timeout: float) -> None:
+        """Connect to ``server``, read and check its metadata, install its endpoint and routes."""
         engine = self._engine
         assert engine is not None
         addr = self.config.address(server)
         try:
-            ep = await engine.connect(addr.host, addr.port, timeout=self._connect_timeout)
+            ep = await engine.connect(addr.host, addr.port, timeout=timeout)
         except rdmaio.RdmaioError as exc:
             raise TransportError(f"cannot connect to server {server!r} at {addr}: {exc}") from exc
-        self._endpoints[server] = ep
+        try:
+            try:
+                meta = await asyncio.wait_for(self._read_meta(server, ep), timeout)
+            except asyncio.TimeoutError:
+                raise TransportError(f"server {server!r} at {addr}: no metadata within {timeout} s") from None
+            routes = self._check_meta(server, meta, ep)
+        except BaseException:
+            ep.abort()
+            raise
+        peer = self._peers[server]
+        if peer.incarnation is not None and peer.incarnation != meta.incarnation:
+            self.reliability.restarts_seen += 1
+            log.info("server %s restarted (incarnation %#x -> %#x)", server, peer.incarnation, meta.incarnation)
+        peer.ep, peer.meta, peer.incarnation = ep, meta, meta.incarnation
+        self._meta[server] = meta
+        self._routes.update(routes)
+        peer.ready.set()
+
+    async def _read_meta(self, server: str, ep: rdmaio.Endpoint) -> ServerMeta:
+        engine = self._engine
+        assert engine is not None
+        addr = self.config.address(server)
         try:
             key = await ep.remote_key(META_REGION)
             if not HEADER.size <= key.length <= HEADER.size + MAX_META_BYTES:
@@ -496,11 +626,10 @@ class EmbeddingClient:
             raise MetadataError(f"server {server!r} at {addr} is not a flexemr embedding server") from exc
         except rdmaio.RdmaioError as exc:
             raise TransportError(f"reading the metadata of server {server!r}: {exc}") from exc
-        meta = decode_meta(buf)
-        self._check_meta(server, meta, ep)
-        self._meta[server] = meta
+        return decode_meta(buf)
 
-    def _check_meta(self, server: str, meta: ServerMeta, ep: rdmaio.Endpoint) -> None:
+    def _check_meta(self, server: str, meta: ServerMeta, ep: rdmaio.Endpoint) -> dict[tuple[str, str], _Route]:
+        """Validate a server's metadata against the plan (identity, shards, sizes); its routes."""
         if meta.server != server:
             raise MetadataError(f"the server at {self.config.address(server)} calls itself {meta.server!r}, "
                                 f"the plan expects {server!r}")
@@ -510,26 +639,152 @@ class EmbeddingClient:
             raise MetadataError(f"server {server!r} sent an invalid plan: {exc}") from exc
         if their_plan != self.plan:
             raise MetadataError(f"server {server!r} serves a different sharding plan than this client's")
+        if meta.layout != ("versioned" if self.plan.versioned else "plain"):
+            raise MetadataError(f"server {server!r} stores rows in the {meta.layout!r} layout, the plan says "
+                                f"versioned={self.plan.versioned}")
         expected = {s.region_name: s for s in self.plan.regions_on(server)}
         got = {e.region: e for e in meta.shards}
         if set(got) != set(expected):
             raise MetadataError(f"server {server!r} holds regions {sorted(got)}, the plan says {sorted(expected)}")
+        routes: dict[tuple[str, str], _Route] = {}
         try:
             arena = rdmaio.RemoteKey.from_bytes(meta.arena_key) if meta.arena_key is not None else None
             for name, e in got.items():
                 sh = expected[name]
-                nbytes = sh.nbytes(self.plan.spec(sh.table))
+                spec = self.plan.spec(sh.table)
+                if (e.table, e.index, e.rows, e.cols) != (sh.table, sh.index, (sh.row_start, sh.row_end),
+                                                          (sh.col_start, sh.col_end)):
+                    raise MetadataError(f"server {server!r}: region {name!r} is described as {e.table!r} "
+                                        f"#{e.index} rows {e.rows} cols {e.cols}, the plan disagrees")
+                nbytes = region_bytes(spec, sh.num_rows) if self.plan.versioned else sh.nbytes(spec)
                 own = rdmaio.RemoteKey.from_bytes(e.key)
                 if e.nbytes != nbytes or own.length < nbytes:
                     raise MetadataError(f"server {server!r}: region {name!r} has {own.length} bytes, needs {nbytes}")
                 if e.arena_offset is not None:
                     if arena is None or e.arena_offset + nbytes > arena.length:
                         raise MetadataError(f"server {server!r}: region {name!r} lies outside the arena")
-                    self._routes[name] = _Route(server, ep, (server, ""), arena, e.arena_offset, own)
+                    routes[(server, name)] = _Route(server, ep, (server, ""), arena, e.arena_offset, own)
                 else:
-                    self._routes[name] = _Route(server, ep, (server, name), own, 0, own)
+                    routes[(server, name)] = _Route(server, ep, (server, name), own, 0, own)
         except rdmaio.UsageError as exc:
             raise MetadataError(f"server {server!r} sent a malformed remote key: {exc}") from exc
+        return routes
+
+    # ------------------------------------------------------------ replicas
+
+    async def _refresh_region(self, region: str) -> None:
+        """Recompute which replicas of ``region`` reads may use (versioned: after bringing them in sync)."""
+        shard = self._region_shard[region]
+        if self.plan.versioned:
+            serving = await self._writer.sync(shard)
+        else:
+            serving = [s for s in shard.replicas if self._peers[s].ep is not None]
+        self._serving[region] = serving
+
+    def replica_endpoint(self, server: str) -> rdmaio.Endpoint | None:
+        """The live endpoint to ``server`` (``None`` while it is down)."""
+        peer = self._peers.get(server)
+        return None if peer is None else peer.ep
+
+    def replica_key(self, server: str, region: str) -> rdmaio.RemoteKey | None:
+        """The key of ``region``'s own region on ``server`` (``None`` while it is down)."""
+        route = self._routes.get((server, region))
+        peer = self._peers.get(server)
+        if route is None or peer is None or peer.ep is not route.endpoint:
+            return None
+        return route.own_key
+
+    async def wait_connected(self, server: str, timeout: float) -> bool:
+        """Hurry the reconnection of ``server`` and wait up to ``timeout`` s for it; True if connected."""
+        peer = self._peers[server]
+        if peer.ep is not None:
+            return True
+        peer.kick.set()
+        try:
+            await asyncio.wait_for(peer.ready.wait(), timeout)
+        except asyncio.TimeoutError:
+            return False
+        return peer.ep is not None
+
+    def peer_failed(self, server: str, exc: BaseException, ep: rdmaio.Endpoint | None = None) -> None:
+        """An operation on ``server`` failed: drop its endpoint now, reroute, reconnect in the background.
+
+        ``ep``: the endpoint the failed operation used; nothing happens if the
+        server was already reconnected through another one.
+        """
+        peer = self._peers.get(server)
+        if peer is None or self._closed or peer.ep is None or (ep is not None and ep is not peer.ep):
+            return
+        self.reliability.peer_failures += 1
+        log.warning("server %s failed (%s: %s); failing over, reconnecting in the background", server,
+                    type(exc).__name__, exc)
+        old, peer.ep = peer.ep, None
+        peer.ready.clear()
+        old.abort()  # in-flight operations fail now (a hung server: no late writes into our buffers)
+        for key in [k for k in self._routes if k[0] == server]:
+            del self._routes[key]
+        for region, servers in self._serving.items():
+            if server in servers:
+                self._serving[region] = [s for s in servers if s != server]
+        self._pool_channels.pop(server, None)
+        if (peer.task is None or peer.task.done()) and self._loop is not None:
+            peer.task = self._loop.create_task(self._reconnect(peer))
+
+    async def _reconnect(self, peer: _Peer) -> None:
+        """Background: reconnect with backoff, validate the metadata, resync, route reads back."""
+        timeout = min(self._connect_timeout, max(2.0, self.reconnect_cap))
+        while not self._closed:
+            delay = peer.backoff.next()
+            peer.kick.clear()
+            try:
+                await asyncio.wait_for(peer.kick.wait(), delay)
+            except asyncio.TimeoutError:
+                pass
+            if self._closed:
+                return
+            if peer.ep is None:
+                try:
+                    await self._open_peer(peer.name, timeout)
+                except (FlexEMRError, rdmaio.RdmaioError, OSError) as exc:
+                    log.debug("reconnecting to %s: %s", peer.name, exc)
+                    continue
+                self.reliability.reconnects += 1
+                log.info("server %s reconnected", peer.name)
+            try:
+                regions = [sh.region_name for sh in self.plan.regions_on(peer.name)]
+                await asyncio.gather(*(self._refresh_region(r) for r in regions))
+            except (FlexEMRError, rdmaio.RdmaioError) as exc:
+                log.warning("resync after reconnecting to %s failed (%s); retrying", peer.name, exc)
+                continue
+            self._sync_writer_stats()
+            peer.backoff.reset()
+            if peer.ep is not None:
+                return
+
+    def _sync_writer_stats(self) -> None:
+        w, r = self._writer, self.reliability
+        r.resync_copies, r.fenced, r.lock_steals = w.copies, w.fenced, w.steals
+
+    def replica_status(self) -> dict[str, list[str]]:
+        """Region -> replicas lookups currently read from (in-sync, connected)."""
+        return {r: [s for s in servers if self._peers[s].ep is not None] for r, servers in self._serving.items()}
+
+    def healthy(self) -> bool:
+        """True when every server is connected and every replica of every shard serves reads."""
+        return all(p.ep is not None for p in self._peers.values()) and all(
+            len(self.replica_status()[r]) == len(sh.replicas) for r, sh in self._region_shard.items())
+
+    async def wait_healthy(self, timeout: float) -> bool:
+        """Wait (at most ``timeout`` s) until :meth:`healthy`; returns whether it is."""
+        deadline = time.monotonic() + timeout
+        while not self.healthy():
+            if time.monotonic() > deadline:
+                return False
+            for p in self._peers.values():
+                if p.ep is None:
+                    p.kick.set()
+            await asyncio.sleep(0.02)
+        return True
 
     # -------------------------------------------------------------- accessors
 
@@ -545,20 +800,31 @@ class EmbeddingClient:
         return self._engine
 
     def endpoint(self, server: str) -> rdmaio.Endpoint:
-        """The rdmaio endpoint to ``server`` (for tools that issue their own reads)."""
-        self._check_open()
-        try:
-            return self._endpoints[server]
-        except KeyError:
-            raise ConfigError(f"unknown server {server!r}; known {list(self.plan.servers)}") from None
+        """The rdmaio endpoint to ``server`` (for tools that issue their own reads).
 
-    def shard_key(self, region_name: str) -> rdmaio.RemoteKey:
-        """The remote key of a shard's own region (offsets relative to the shard)."""
+        :class:`TransportError` while the server is down (reconnecting).
+        """
         self._check_open()
-        try:
-            return self._routes[region_name].own_key
-        except KeyError:
-            raise ConfigError(f"unknown region {region_name!r}") from None
+        peer = self._peers.get(server)
+        if peer is None:
+            raise ConfigError(f"unknown server {server!r}; known {list(self.plan.servers)}")
+        if peer.ep is None:
+            raise TransportError(f"server {server!r} is down (reconnecting)")
+        return peer.ep
+
+    def shard_key(self, region_name: str, server: str | None = None) -> rdmaio.RemoteKey:
+        """The remote key of a shard's own region (offsets relative to the shard).
+
+        ``server``: which replica (default: the shard's primary ``Shard.server``).
+        """
+        self._check_open()
+        shard = self._region_shard.get(region_name)
+        if shard is None:
+            raise ConfigError(f"unknown region {region_name!r}")
+        key = self.replica_key(server or shard.server, region_name)
+        if key is None:
+            raise TransportError(f"region {region_name!r} on {server or shard.server!r} is down (reconnecting)")
+        return key
 
     def server_meta(self, server: str) -> ServerMeta:
         """The metadata ``server`` published."""
@@ -744,13 +1010,73 @@ class EmbeddingClient:
         >>> # client.invalidate("user", [3, 8])
         """
         spec = self.plan.spec(table)
-        phys = self._physical(table, validate_ids(spec, ids))
+        return self._invalidate_physical(table, self._physical(table, validate_ids(spec, ids)))
+
+    def _invalidate_physical(self, table: str, phys: IntArray) -> int:
         self._epoch += 1
         n = 0
         if self._cache is not None:
             n = self._cache.invalidate(table, phys)
             self._sync_cache_metrics()
         return n
+
+    # ---------------------------------------------------------------- updates
+
+    async def update(self, table: str, ids: object, rows: object) -> None:
+        """Write ``rows`` (``[len(ids), dim]``, the table dtype) as rows ``ids`` of ``table`` on every replica.
+
+        Versioned plans only (``ShardingPlan(..., versioned=True)`` or
+        ``[sharding] versioned = true``).  Once this returns, every later
+        lookup -- of this client or any other, on any replica serving reads --
+        returns the new rows; concurrent lookups see each row entirely old or
+        entirely new.  Duplicate ids: the last occurrence wins.  This client's
+        cache entries of the rows are dropped and in-flight reads are not
+        shared with later lookups (other clients' caches are not touched:
+        ``docs/reliability.md``).  Protocol: :mod:`flexemr._replica`.
+
+        Raises, before any network traffic, :class:`UnknownTableError`,
+        :class:`ConfigError` (plan not versioned), :class:`LookupIdError` or
+        :class:`InputError` (ids not 1-D integers; ``rows`` not an ndarray of
+        the table dtype and shape ``[len(ids), dim]``); :class:`TransportError`
+        if a touched shard has no reachable replica in service (the update may
+        then be partly applied: each row is either old or new).
+        """
+        spec = self.plan.spec(table)
+        if not self.plan.versioned:
+            raise ConfigError(f"table {table!r} is not updatable: the plan is not versioned "
+                              f"(ShardingPlan.row_wise(..., versioned=True) or [sharding] versioned = true)")
+        arr = validate_ids(spec, ids)
+        if not isinstance(rows, np.ndarray):
+            raise InputError(f"table {table!r}: rows must be a numpy array, got {type(rows).__name__}")
+        if rows.dtype != spec.np_dtype:
+            raise InputError(f"table {table!r}: rows must have dtype {spec.np_dtype.name}, got {rows.dtype}")
+        if rows.shape != (arr.size, spec.dim):
+            raise InputError(f"table {table!r}: rows must have shape ({arr.size}, {spec.dim}), got {rows.shape}")
+        self._check_open()
+        if arr.size == 0:
+            return
+        phys = self._physical(table, arr)
+        uniq, last_rev = np.unique(phys[::-1], return_index=True)
+        values = rows[phys.size - 1 - last_rev]          # last occurrence of each id, in uniq order
+        shard_of = self.plan.route(table, uniq)
+        cuts = np.flatnonzero(np.diff(shard_of)) + 1
+        bounds = list(zip(np.concatenate(([0], cuts)).tolist(), np.concatenate((cuts, [uniq.size])).tolist()))
+        shards = self.plan.shards[table]
+        try:
+            results = await asyncio.gather(
+                *(self._writer.update(shards[int(shard_of[lo])], uniq[lo:hi], values[lo:hi]) for lo, hi in bounds),
+                return_exceptions=True)
+        finally:
+            self._invalidate_physical(table, uniq)
+            self._sync_writer_stats()
+        for r in results:
+            if isinstance(r, BaseException):
+                self.reliability.failed_updates += 1
+                if isinstance(r, (FlexEMRError, asyncio.CancelledError)):
+                    raise r
+                raise TransportError(f"update of table {table!r} failed: {r}") from r
+        self.reliability.updates += 1
+        self.reliability.rows_updated += int(uniq.size)
 
     def _sync_cache_metrics(self) -> None:
         cache = self._cache
@@ -999,7 +1325,8 @@ class EmbeddingClient:
     async def _open_pool_channels(self) -> None:
         """Open the pooling channel to every server not tried yet (once; concurrent callers share the attempt)."""
         todo = [s for s in self.plan.servers
-                if s not in self._pool_refused and (s not in self._pool_channels or self._pool_channels[s].broken)]
+                if s not in self._pool_refused and self._peers[s].ep is not None
+                and (s not in self._pool_channels or self._pool_channels[s].broken)]
         if not todo:
             return
         if self._pool_opening is None or self._pool_opening.done():
@@ -1012,9 +1339,14 @@ class EmbeddingClient:
             old = self._pool_channels.pop(server, None)
             if old is not None:
                 await old.aclose()
+            ep = self._peers[server].ep
+            if ep is None:
+                return
             try:
-                ch = await self._endpoints[server].channel(POOL_CHANNEL, slots=self._pool_slots,
-                                                           slot_size=self._pool_slot_size)
+                ch = await ep.channel(POOL_CHANNEL, slots=self._pool_slots, slot_size=self._pool_slot_size)
+            except (rdmaio.EndpointBrokenError, rdmaio.ClosedError, rdmaio.TimeoutError) as exc:
+                self.peer_failed(server, exc, ep)
+                return
             except rdmaio.RdmaioError as exc:  # e.g. transport without channels, or an old server
                 log.warning("server %s: no pooling channel (%s); raw reads only", server, exc)
                 self._pool_refused.add(server)
@@ -1140,46 +1472,33 @@ class EmbeddingClient:
         m = self.metrics
         try:
             assert self._pool is not None
-            splits: list[tuple[SplitLookup, int]] = []
+            splits: list[tuple[SplitLookup, int, int]] = []
             pos = 0
             for table, rows in b.rows.items():
                 split = split_lookup(self.plan, table, rows, max_read_bytes=_MAX_READ_BYTES)
+                vs = self._vslot.get(table)
+                nbytes = split.staging_bytes if vs is None else int(rows.size) * vs[1]
                 pos = -(-pos // _ALIGN) * _ALIGN
-                splits.append((split, pos))
-                pos += split.staging_bytes
+                splits.append((split, pos, nbytes))
+                pos += nbytes
                 m.rows_read += split.num_unique
             st = b.staging = self._pool.acquire(pos)
-            groups: dict[tuple[str, str], tuple[_Route, list[IntArray], list[IntArray], list[IntArray]]] = {}
-            for split, base in splits:
+            items: list[tuple[str, IntArray, IntArray, IntArray]] = []
+            for split, base, _ in splits:
+                vs = self._vslot.get(split.table)
                 for sub in split.subrequests:
-                    route = self._routes[sub.region_name]
-                    g = groups.get(route.group)
-                    if g is None:
-                        g = groups[route.group] = (route, [], [], [])
-                    g[1].append(sub.local_offsets + base if base else sub.local_offsets)
-                    g[2].append(sub.remote_offsets + route.base if route.base else sub.remote_offsets)
-                    g[3].append(sub.lengths)
-            coros = []
-            step = self.max_reads_per_request
-            for route, lo_l, ro_l, ln_l in groups.values():
-                lo = lo_l[0] if len(lo_l) == 1 else np.concatenate(lo_l)
-                ro = ro_l[0] if len(ro_l) == 1 else np.concatenate(ro_l)
-                ln = ln_l[0] if len(ln_l) == 1 else np.concatenate(ln_l)
-                m.reads += int(ln.size)
-                m.bytes_read += int(ln.sum())
-                for s, e in _chunks(ln, step, _MAX_REQUEST_BYTES):
-                    coros.append(route.endpoint.read_batch(st.mr, lo[s:e], route.key, ro[s:e], ln[s:e]))
-            m.subrequests += len(coros)
+                    lo, ro, ln = sub.local_offsets, sub.remote_offsets, sub.lengths
+                    if vs is not None:  # versioned: the same runs of rows, strided by the slot size
+                        rb, slot = vs
+                        lo, ro, ln = lo // rb * slot, ro // rb * slot, ln // rb * slot
+                    items.append((sub.region_name, lo + base if base else lo, ro, ln))
             m.batches += 1
-            if len(coros) == 1:
-                await coros[0]
-            elif coros:
-                results = await asyncio.gather(*coros, return_exceptions=True)
-                for r in results:
-                    if isinstance(r, BaseException):
-                        raise r
-            for (split, base), table in zip(splits, b.rows):
-                b.views[table] = _unique_rows(split, st.array[base : base + split.staging_bytes])
+            await self._read_items(b, st, items)
+            for (split, base, nbytes), table in zip(splits, b.rows):
+                if table in self._vslot:
+                    b.views[table] = await self._validated_rows(b, st, split.spec, b.rows[table], base)
+                else:
+                    b.views[table] = _unique_rows(split, st.array[base : base + split.staging_bytes])
             m.batch_latency.observe(time.perf_counter() - t0)
             self._last_batch_end = time.monotonic()
             self._adapt(sum(int(r.size) for r in b.rows.values()))
@@ -1189,6 +1508,9 @@ class EmbeddingClient:
         except rdmaio.RdmaioError as exc:
             b.error = TransportError(f"embedding read failed: {exc}")
             b.error.__cause__ = exc
+            log.warning("batch failed: %s", exc)
+        except FlexEMRError as exc:
+            b.error = exc
             log.warning("batch failed: %s", exc)
         except BaseException as exc:
             b.error = exc
@@ -1202,12 +1524,118 @@ class EmbeddingClient:
             if b.refs == 0:
                 self._release(b)
 
+    def _pick(self, region: str) -> _Route:
+        """The route of the first connected, in-service replica of ``region`` (the primary when it is up).
+
+        Plans place primaries evenly, so preferring them spreads the reads.
+        """
+        live = [s for s in self._serving.get(region, ()) if (s, region) in self._routes]
+        if not live:
+            shard = self._region_shard[region]
+            raise TransportError(f"no replica of shard {region} is available (replicas {list(shard.replicas)}; "
+                                 f"down or resyncing)")
+        return self._routes[(live[0], region)]
+
+    async def _read_items(self, b: _Batch, st: _Staging,
+                          items: list[tuple[str, IntArray, IntArray, IntArray]]) -> None:
+        """Issue ``(region, local, remote-in-shard, length)`` reads; a failed server's share is re-read elsewhere.
+
+        Each round groups the reads by the server (and key) now serving their
+        region; a group that fails marks its server down (:meth:`peer_failed`,
+        which drops it from every route) and is re-issued in the next round.
+        Rounds end when everything landed or a region has no replica left
+        (:class:`TransportError`).
+        """
+        m = self.metrics
+        step = self.max_reads_per_request
+        pending = items
+        while pending:
+            groups: dict[tuple[str, str], tuple[_Route, list[tuple[str, IntArray, IntArray, IntArray]],
+                                                list[IntArray]]] = {}
+            for item in pending:
+                route = self._pick(item[0])
+                g = groups.get(route.group)
+                if g is None:
+                    g = groups[route.group] = (route, [], [])
+                g[1].append(item)
+                g[2].append(item[2] + self._routes[(route.server, item[0])].base)  # offsets in route.key
+
+            async def run_group(route: _Route, its: list[tuple[str, IntArray, IntArray, IntArray]],
+                                ro_parts: list[IntArray]) -> None:
+                lo = np.concatenate([i[1] for i in its]) if len(its) > 1 else its[0][1]
+                ro = np.concatenate(ro_parts) if len(ro_parts) > 1 else ro_parts[0]
+                ln = np.concatenate([i[3] for i in its]) if len(its) > 1 else its[0][3]
+                m.reads += int(ln.size)
+                m.bytes_read += int(ln.sum())
+                chunks = _chunks(ln, step, _MAX_REQUEST_BYTES)
+                m.subrequests += len(chunks)
+                coros = [route.endpoint.read_batch(st.mr, lo[s:e], route.key, ro[s:e], ln[s:e]) for s, e in chunks]
+                if len(coros) == 1:
+                    await coros[0]
+                    return
+                results = await asyncio.gather(*coros, return_exceptions=True)
+                for r in results:
+                    if isinstance(r, BaseException):
+                        raise r
+
+            glist = list(groups.values())
+            if len(glist) == 1:
+                results: list[BaseException | None] = []
+                try:
+                    await run_group(*glist[0])
+                    results.append(None)
+                except rdmaio.RdmaioError as exc:
+                    results.append(exc)
+            else:
+                results = await asyncio.gather(*(run_group(*g) for g in glist), return_exceptions=True)
+            pending = []
+            for (route, its, _), r in zip(glist, results):
+                if r is None:
+                    continue
+                if not isinstance(r, rdmaio.RdmaioError) or isinstance(r, rdmaio.UsageError):
+                    raise r
+                b.tainted = True
+                self.peer_failed(route.server, r, route.endpoint)
+                self.reliability.failover_reads += 1
+                pending.extend(its)
+
+    async def _validated_rows(self, b: _Batch, st: _Staging, spec: TableSpec, rows: IntArray,
+                              base: int) -> npt.NDArray[Any]:
+        """Versioned table: check every slot read (vectorised), re-read the torn ones; the ``[n, dim]`` view."""
+        slot = self._vslot[spec.name][1]
+        n = int(rows.size)
+        slots = st.array[base : base + n * slot].reshape(n, slot)
+        ok = validate_slots(spec, slots, rows)
+        deadline = time.monotonic() + self.torn_timeout
+        delay = 0.0
+        while not ok.all():
+            bad = np.flatnonzero(~ok)
+            self.reliability.torn_rereads += int(bad.size)
+            if time.monotonic() > deadline:
+                raise TransportError(f"table {spec.name!r}: {bad.size} row(s) failed validation for "
+                                     f"{self.torn_timeout} s (e.g. row {int(rows[bad[0]])}): a writer died "
+                                     f"mid-update or the data is corrupt")
+            await asyncio.sleep(delay)
+            delay = min(max(delay * 2, 1e-4), 0.01)
+            bad_rows = rows[bad]
+            shard_of = self.plan.route(spec.name, bad_rows)
+            cuts = np.flatnonzero(np.diff(shard_of)) + 1
+            items: list[tuple[str, IntArray, IntArray, IntArray]] = []
+            for lo_i, hi_i in zip(np.concatenate(([0], cuts)).tolist(), np.concatenate((cuts, [bad.size])).tolist()):
+                shard = self.plan.shards[spec.name][int(shard_of[lo_i])]
+                sel = slice(lo_i, hi_i)
+                items.append((shard.region_name, base + bad[sel] * slot, (bad_rows[sel] - shard.row_start) * slot,
+                              np.full(hi_i - lo_i, slot, dtype=np.int64)))
+            await self._read_items(b, st, items)
+            ok[bad] = validate_slots(spec, slots[bad], bad_rows)
+        return row_data(spec, slots)
+
     def _release(self, b: _Batch) -> None:
         st, b.staging = b.staging, None
         b.views = {}
         if st is None:
             return
-        if self._pool is not None and b.error is None:
+        if self._pool is not None and b.error is None and not b.tainted:
             self._pool.release(st)
         else:  # reads may still be in flight: rdmaio frees the memory once they end
             st.mr.close()
@@ -1224,10 +1652,11 @@ class EmbeddingClient:
             pending.finished = True
             if not pending.future.done():
                 pending.future.set_result(None)
-        for t in list(self._tasks):
+        reconnects = [p.task for p in self._peers.values() if p.task is not None]
+        for t in [*self._tasks, *reconnects]:
             t.cancel()
-        if self._tasks:
-            await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._tasks or reconnects:
+            await asyncio.gather(*self._tasks, *reconnects, return_exceptions=True)
         if self._pool_opening is not None and not self._pool_opening.done():
             self._pool_opening.cancel()
             await asyncio.gather(self._pool_opening, return_exceptions=True)
@@ -1240,9 +1669,11 @@ class EmbeddingClient:
             if self._own_engine:
                 await self._engine.aclose()
             else:
-                for ep in self._endpoints.values():
-                    await ep.aclose()
-        self._endpoints.clear()
+                for p in self._peers.values():
+                    if p.ep is not None:
+                        await p.ep.aclose()
+        for p in self._peers.values():
+            p.ep = None
 
     async def aclose(self) -> None:
         """Fail pending lookups with :class:`ClosedError`, close endpoints (and an owned engine). Idempotent."""

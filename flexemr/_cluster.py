@@ -31,6 +31,7 @@ import asyncio
 import json
 import logging
 import os
+import signal
 import sys
 import tempfile
 from collections.abc import Iterable, Mapping
@@ -90,6 +91,13 @@ class LocalCluster:
     remap:
         A :class:`~flexemr._remap.RowRemap`: servers store the remapped
         tables (physical order), clients translate ids (module docstring).
+    replicas, versioned:
+        With a plan kind: every shard on ``replicas`` servers, and updatable
+        (versioned) rows (``docs/reliability.md``).
+
+    Failure injection (tests, soak): :meth:`kill` (SIGKILL by default, or
+    SIGSTOP to hang a server), :meth:`resume` (SIGCONT) and :meth:`restart`
+    (a fresh server process on the same port).
     """
 
     def __init__(
@@ -107,11 +115,15 @@ class LocalCluster:
         startup_timeout: float = 120.0,
         stop_timeout: float = 5.0,
         remap: RowRemap | None = None,
+        replicas: int = 1,
+        versioned: bool = False,
     ) -> None:
         spec_list = list(specs.values()) if isinstance(specs, Mapping) else list(specs)
         if isinstance(plan, ShardingPlan):
             if {s.name: s for s in spec_list} != dict(plan.tables):
                 raise ConfigError("the plan's tables differ from specs")
+            if replicas != 1 or versioned:
+                raise ConfigError("replicas/versioned go into the ShardingPlan when one is given")
             self.plan = plan
         else:
             if isinstance(servers, bool) or not isinstance(servers, int) or servers < 1:
@@ -121,7 +133,12 @@ class LocalCluster:
                         "column_wise": ShardingPlan.column_wise}
             if plan not in builders:
                 raise ConfigError(f"plan must be a ShardingPlan or one of {sorted(builders)}, got {plan!r}")
-            self.plan = builders[plan](spec_list, names)
+            extra: dict[str, Any] = {"replicas": replicas}
+            if versioned:
+                if plan == "column_wise":
+                    raise ConfigError("column_wise plans cannot be versioned")
+                extra["versioned"] = True
+            self.plan = builders[plan](spec_list, names, **extra)
         if remap is not None:
             if not isinstance(remap, RowRemap):
                 raise ConfigError(f"remap must be a RowRemap, got {type(remap).__name__}")
@@ -234,16 +251,85 @@ class LocalCluster:
         boot_path = tmp / "boot.toml"
         boot.write_toml(boot_path)
         for name in self.plan.servers:
-            with open(tmp / f"{name}.log", "wb") as errlog:
-                self._procs[name] = await asyncio.create_subprocess_exec(
-                    sys.executable, "-m", "flexemr", "serve", "--config", str(boot_path), "--server", name,
-                    "--seed", str(self.seed), "--transport", self.transport, "--workers", str(self.server_workers),
-                    "--ready-json", "--exit-on-stdin-eof",
-                    *(arg for t, path in self._npy.items() for arg in ("--npy", f"{t}={path}")),
-                    stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=errlog,
-                )
+            await self._spawn(name, boot_path)
         found = await asyncio.gather(*(self._await_ready(name, tmp) for name in self.plan.servers))
         return dict(found)
+
+    async def _spawn(self, name: str, config_path: Path) -> None:
+        assert self._tmp is not None
+        with open(Path(self._tmp.name) / f"{name}.log", "ab") as errlog:
+            self._procs[name] = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "flexemr", "serve", "--config", str(config_path), "--server", name,
+                "--seed", str(self.seed), "--transport", self.transport, "--workers", str(self.server_workers),
+                "--ready-json", "--exit-on-stdin-eof",
+                *(arg for t, path in self._npy.items() for arg in ("--npy", f"{t}={path}")),
+                stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=errlog,
+            )
+
+    # ------------------------------------------------------ failure injection
+
+    def _check_running(self, name: str) -> None:
+        if not self._started or self._closed:
+            raise ClosedError("cluster is not running")
+        if name not in self.plan.servers:
+            raise ConfigError(f"unknown server {name!r}; known {list(self.plan.servers)}")
+
+    async def kill(self, name: str, sig: int = signal.SIGKILL) -> None:
+        """Send ``sig`` to server ``name`` (subprocess mode); SIGKILL/SIGTERM: wait until it is gone.
+
+        In-process mode the server is closed abruptly instead (any ``sig``
+        but SIGSTOP, which needs a process).
+        """
+        self._check_running(name)
+        if self.in_process:
+            if sig == signal.SIGSTOP:
+                raise ConfigError("SIGSTOP needs subprocess servers (in_process=False)")
+            await self._servers[name].aclose()
+            return
+        proc = self._procs[name]
+        if proc.returncode is not None:
+            return
+        try:
+            proc.send_signal(sig)
+        except ProcessLookupError:
+            return
+        if sig in (signal.SIGKILL, signal.SIGTERM):
+            await proc.wait()
+
+    async def resume(self, name: str) -> None:
+        """SIGCONT a server stopped with ``kill(name, signal.SIGSTOP)``."""
+        self._check_running(name)
+        proc = self._procs.get(name)
+        if proc is not None and proc.returncode is None:
+            proc.send_signal(signal.SIGCONT)
+
+    def alive(self, name: str) -> bool:
+        """Whether server ``name`` runs (a stopped process counts as alive)."""
+        if self.in_process:
+            return name in self._servers and not self._servers[name].closed
+        proc = self._procs.get(name)
+        return proc is not None and proc.returncode is None
+
+    async def restart(self, name: str) -> None:
+        """Start server ``name`` again on its port (killing it first if it still runs): fresh memory."""
+        self._check_running(name)
+        addr = self.config.address(name)
+        if self.in_process:
+            old = self._servers[name]
+            await old.aclose()
+            server = EmbeddingServer(self.plan, name, host=addr.host, port=addr.port, seed=self.seed, npy=self._npy,
+                                     transport=self.transport, engine_options={"workers": self.server_workers})
+            self._servers[name] = server
+            await server.start()
+            return
+        old_proc = self._procs.get(name)
+        if old_proc is not None and old_proc.returncode is None:
+            await self.kill(name)
+        if old_proc is not None:
+            await self._stop_process(name, old_proc)
+        await self._spawn(name, self.config_path)
+        assert self._tmp is not None
+        await asyncio.wait_for(self._await_ready(name, Path(self._tmp.name)), self.startup_timeout)
 
     async def _await_ready(self, name: str, tmp: Path) -> tuple[str, ServerAddress]:
         proc = self._procs[name]
@@ -278,6 +364,10 @@ class LocalCluster:
     async def _stop_process(self, name: str, proc: asyncio.subprocess.Process) -> None:
         try:
             if proc.returncode is None:
+                try:
+                    proc.send_signal(signal.SIGCONT)  # a SIGSTOPped server must run to exit on SIGTERM
+                except ProcessLookupError:
+                    pass
                 if proc.stdin is not None:
                     proc.stdin.close()
                 try:

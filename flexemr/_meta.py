@@ -18,10 +18,17 @@ fetches it with ``key = await ep.remote_key("flexemr/meta")`` and one
      "plan": {...},                   # ShardingPlan.to_dict() of the whole plan
      "init": {"kind": "random", "seed": 0} | {"kind": "mixed", ...},
      "arena": <40-byte RemoteKey> | None,   # region holding many shards back to back
+     "incarnation": 8181..,           # random u63 drawn at every server start (optional, 0 if absent)
+     "layout": "plain" | "versioned", # row layout of the shard regions (optional, "plain")
      "shards": [{"region": "user/0", "table": "user", "index": 0,
                  "rows": [0, 500], "cols": [0, 64], "nbytes": 128000,
                  "key": <40-byte RemoteKey of the shard's own region>,
                  "arena_offset": 0 | None}, ...]}
+
+With ``"versioned"`` every shard region holds slots (8-byte header + row) and
+a control block (:mod:`flexemr._versioned`); ``nbytes`` is then the region's
+size.  A client compares ``incarnation`` across reconnects to tell a restarted
+server (fresh memory) from one that was only unreachable.
 
 ``key`` is the capability of the shard's own region (also exposed under its
 ``region_name``); when ``arena_offset`` is not ``None`` the shard's bytes also
@@ -45,7 +52,7 @@ import msgpack
 
 from ._errors import MetadataError
 
-__all__ = ["ARENA_REGION", "HEADER", "MAGIC", "MAX_META_BYTES", "META_REGION", "META_VERSION", "ServerMeta",
+__all__ = ["ARENA_REGION", "HEADER", "LAYOUTS", "MAGIC", "MAX_META_BYTES", "META_REGION", "META_VERSION", "ServerMeta",
            "ShardEntry", "decode_meta", "encode_meta"]
 
 META_REGION = "flexemr/meta"
@@ -85,13 +92,20 @@ class ServerMeta:
     init: dict[str, Any]
     arena_key: bytes | None
     shards: tuple[ShardEntry, ...]
+    incarnation: int = 0
+    layout: str = "plain"
+
+
+#: Row layouts a server may announce.
+LAYOUTS = ("plain", "versioned")
 
 
 def encode_meta(meta: ServerMeta) -> bytes:
     """Header + msgpack body, ready to be registered as the ``flexemr/meta`` region."""
     body = msgpack.packb(
         {"server": meta.server, "transport": meta.transport, "plan": meta.plan, "init": meta.init,
-         "arena": meta.arena_key, "shards": [s.to_wire() for s in meta.shards]},
+         "arena": meta.arena_key, "shards": [s.to_wire() for s in meta.shards],
+         "incarnation": meta.incarnation, "layout": meta.layout},
         use_bin_type=True,
     )
     return HEADER.pack(MAGIC, META_VERSION, 0, len(body)) + body
@@ -158,4 +172,10 @@ def decode_meta(blob: bytes | bytearray | memoryview) -> ServerMeta:
         raise MetadataError("metadata arena key must be bytes or nil")
     if not isinstance(shards, list):
         raise MetadataError("metadata shards must be a list")
-    return ServerMeta(server, transport, plan, init, arena, tuple(_shard(s) for s in shards))
+    incarnation = body.get("incarnation", 0)
+    layout = body.get("layout", "plain")
+    if not _is_int(incarnation) or not 0 <= incarnation < 1 << 64:
+        raise MetadataError("metadata incarnation must be an unsigned 64-bit integer")
+    if layout not in LAYOUTS:
+        raise MetadataError(f"metadata layout must be one of {list(LAYOUTS)}, got {layout!r}")
+    return ServerMeta(server, transport, plan, init, arena, tuple(_shard(s) for s in shards), incarnation, layout)

@@ -138,6 +138,17 @@ class Shard:
     col_start: int
     col_end: int
     index: int = field(default=-1, compare=False)
+    #: Further servers holding a full copy of the shard (replicas 1..r-1; ``server`` is replica 0).
+    backups: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.backups, tuple):
+            object.__setattr__(self, "backups", tuple(self.backups))
+
+    @property
+    def replicas(self) -> tuple[str, ...]:
+        """Every server holding the shard, replica 0 (``server``) first."""
+        return (self.server, *self.backups)
 
     @property
     def num_rows(self) -> int:
@@ -165,10 +176,11 @@ class Shard:
         return f"{self.table}/{self.index}"
 
     def to_dict(self) -> dict[str, Any]:
-        """Cluster-file form (one ``[[shards]]`` entry)."""
+        """Cluster-file form (one ``[[shards]]`` entry; ``servers = [...]`` when replicated)."""
+        where: dict[str, Any] = {"servers": list(self.replicas)} if self.backups else {"server": self.server}
         return {
             "table": self.table,
-            "server": self.server,
+            **where,
             "rows": [self.row_start, self.row_end],
             "cols": [self.col_start, self.col_end],
         }
@@ -230,13 +242,15 @@ class ShardingPlan:
     ('s1',)
     """
 
-    __slots__ = ("_tables", "_shards", "_servers", "_ranges", "_regions")
+    __slots__ = ("_tables", "_shards", "_servers", "_ranges", "_regions", "_versioned")
 
     def __init__(
         self,
         tables: Mapping[str, TableSpec],
         shards: Mapping[str, Sequence[Shard]],
         servers: Sequence[str],
+        *,
+        versioned: bool = False,
     ) -> None:
         servers_t = tuple(servers)
         if not servers_t:
@@ -272,9 +286,12 @@ class ShardingPlan:
                 self._check_shard(spec, sh, known)
             ordered = sorted(given, key=lambda s: (s.row_start, s.col_start))
             placed = tuple(
-                Shard(s.table, s.server, s.row_start, s.row_end, s.col_start, s.col_end, i)
+                Shard(s.table, s.server, s.row_start, s.row_end, s.col_start, s.col_end, i, s.backups)
                 for i, s in enumerate(ordered)
             )
+            if versioned and any(s.col_start != 0 or s.col_end != spec.dim for s in placed):
+                raise ConfigError(f"table {name!r}: versioned (updatable) tables need full-width shards; "
+                                  f"use row_wise or table_wise sharding")
             ranges[name] = self._build_ranges(spec, placed)
             shards_d[name] = placed
             for sh in placed:
@@ -285,6 +302,9 @@ class ShardingPlan:
         self._servers: tuple[str, ...] = servers_t
         self._ranges: Mapping[str, RangeTable] = MappingProxyType(ranges)
         self._regions: Mapping[str, Shard] = MappingProxyType(regions)
+        if not isinstance(versioned, (bool, np.bool_)):
+            raise ConfigError(f"versioned must be a bool, got {versioned!r}")
+        self._versioned = bool(versioned)
 
     # ---------------------------------------------------------------- checks
 
@@ -294,8 +314,12 @@ class ShardingPlan:
             raise ConfigError(f"table {spec.name!r}: expected Shard, got {type(sh).__name__}")
         if sh.table != spec.name:
             raise ConfigError(f"shard {sh!r} listed under table {spec.name!r}")
-        if sh.server not in known:
-            raise ConfigError(f"table {spec.name!r}: shard on unknown server {sh.server!r}; known {sorted(known)}")
+        for srv in sh.replicas:
+            if not isinstance(srv, str) or srv not in known:
+                raise ConfigError(f"table {spec.name!r}: shard on unknown server {srv!r}; known {sorted(known)}")
+        if len(set(sh.replicas)) != len(sh.replicas):
+            raise ConfigError(f"table {spec.name!r}: the replicas of a shard need distinct servers, "
+                              f"got {list(sh.replicas)}")
         for attr in ("row_start", "row_end", "col_start", "col_end"):
             if not _is_int(getattr(sh, attr)):
                 raise ConfigError(f"table {spec.name!r}: shard {attr} must be an integer, got {getattr(sh, attr)!r}")
@@ -380,6 +404,16 @@ class ShardingPlan:
         """Server names, in declaration order."""
         return self._servers
 
+    @property
+    def versioned(self) -> bool:
+        """True if rows carry a version header and may be updated online (``docs/reliability.md``)."""
+        return self._versioned
+
+    @property
+    def replicas(self) -> int:
+        """Largest number of replicas of any shard (1: no replication)."""
+        return max(len(s.replicas) for shards in self._shards.values() for s in shards)
+
     def spec(self, table: str) -> TableSpec:
         """Spec of ``table``; :class:`UnknownTableError` if the plan lacks it."""
         try:
@@ -405,19 +439,20 @@ class ShardingPlan:
         """All shards a server must register, in table then index order."""
         if server not in self._servers:
             raise ConfigError(f"unknown server {server!r}; known {list(self._servers)}")
-        return tuple(s for shards in self._shards.values() for s in shards if s.server == server)
+        return tuple(s for shards in self._shards.values() for s in shards if server in s.replicas)
 
     def servers_of(self, table: str) -> tuple[str, ...]:
-        """Distinct servers holding part of ``table``, in shard order."""
+        """Distinct servers holding part of ``table`` (replicas included), in shard order."""
         self.spec(table)
-        return tuple(dict.fromkeys(s.server for s in self._shards[table]))
+        return tuple(dict.fromkeys(srv for s in self._shards[table] for srv in s.replicas))
 
     def server_bytes(self) -> dict[str, int]:
-        """Bytes of shard regions per server."""
+        """Bytes of shard data per server (every replica counted)."""
         load = dict.fromkeys(self._servers, 0)
         for name, shards in self._shards.items():
             for s in shards:
-                load[s.server] += s.nbytes(self._tables[name])
+                for srv in s.replicas:
+                    load[srv] += s.nbytes(self._tables[name])
         return load
 
     def range_table(self, table: str) -> RangeTable:
@@ -456,6 +491,9 @@ class ShardingPlan:
         servers: Sequence[str],
         rows_per_shard: int | None = None,
         shards_per_server: int | None = None,
+        *,
+        replicas: int = 1,
+        versioned: bool = False,
     ) -> ShardingPlan:
         """Cut every table into contiguous row ranges spread over ``servers``.
 
@@ -464,6 +502,10 @@ class ShardingPlan:
         one per server, capped at ``num_rows``).  Each shard goes to the server
         with the fewest bytes so far (ties: declaration order), which gives a
         round-robin placement for equal shards.
+
+        ``replicas=r`` puts copies 1..r-1 of a shard on the next ``r - 1``
+        servers after its primary (cyclically; :func:`_replicate`);
+        ``versioned=True`` makes the tables updatable (``docs/reliability.md``).
         """
         items = _as_specs(specs)
         servers_t = tuple(servers)
@@ -488,13 +530,21 @@ class ShardingPlan:
                 server = _least_loaded(load)
                 load[server] += (hi - lo) * spec.row_bytes
                 lst.append(Shard(spec.name, server, lo, hi, 0, spec.dim))
-        return cls({s.name: s for s in items}, out, servers_t)
+        return cls({s.name: s for s in items}, _replicate(out, servers_t, replicas), servers_t, versioned=versioned)
 
     @classmethod
     def table_wise(
-        cls, specs: Iterable[TableSpec] | Mapping[str, TableSpec], servers: Sequence[str]
+        cls,
+        specs: Iterable[TableSpec] | Mapping[str, TableSpec],
+        servers: Sequence[str],
+        *,
+        replicas: int = 1,
+        versioned: bool = False,
     ) -> ShardingPlan:
-        """Put each whole table on one server, balancing bytes (largest table first)."""
+        """Put each whole table on one server, balancing bytes (largest table first).
+
+        ``replicas`` and ``versioned`` as in :meth:`row_wise`.
+        """
         items = _as_specs(specs)
         servers_t = tuple(servers)
         if not servers_t:
@@ -505,7 +555,7 @@ class ShardingPlan:
             server = _least_loaded(load)
             load[server] += spec.nbytes
             out[spec.name] = [Shard(spec.name, server, 0, spec.num_rows, 0, spec.dim)]
-        return cls({s.name: s for s in items}, out, servers_t)
+        return cls({s.name: s for s in items}, _replicate(out, servers_t, replicas), servers_t, versioned=versioned)
 
     @classmethod
     def column_wise(
@@ -513,11 +563,14 @@ class ShardingPlan:
         specs: Iterable[TableSpec] | Mapping[str, TableSpec],
         servers: Sequence[str],
         shards_per_table: int | None = None,
+        *,
+        replicas: int = 1,
     ) -> ShardingPlan:
         """Cut every table into near-equal column ranges (all rows each).
 
         ``shards_per_table`` defaults to ``len(servers)`` and is capped at
-        ``dim``; shards go to the least-loaded server.
+        ``dim``; shards go to the least-loaded server.  ``replicas`` as in
+        :meth:`row_wise` (column shards cannot be versioned).
         """
         items = _as_specs(specs)
         servers_t = tuple(servers)
@@ -535,16 +588,19 @@ class ShardingPlan:
                 server = _least_loaded(load)
                 load[server] += spec.num_rows * (hi - lo) * spec.itemsize
                 lst.append(Shard(spec.name, server, 0, spec.num_rows, lo, hi))
-        return cls({s.name: s for s in items}, out, servers_t)
+        return cls({s.name: s for s in items}, _replicate(out, servers_t, replicas), servers_t)
 
     # ---------------------------------------------------------- (de)serialise
 
     def to_dict(self) -> dict[str, Any]:
         """Cluster-file dict with explicit shards (``servers`` entries are empty)."""
+        sharding: dict[str, Any] = {"kind": "explicit"}
+        if self._versioned:
+            sharding["versioned"] = True
         return {
             "servers": {s: {} for s in self._servers},
             "tables": [spec.to_dict() for spec in self._tables.values()],
-            "sharding": {"kind": "explicit"},
+            "sharding": sharding,
             "shards": [sh.to_dict() for shards in self._shards.values() for sh in shards],
         }
 
@@ -581,6 +637,13 @@ class ShardingPlan:
             raise ConfigError("'sharding' must be a table")
         opts = dict(sharding)
         kind = opts.pop("kind", "explicit" if raw_shards is not None else "row_wise")
+        versioned = opts.pop("versioned", False)
+        if not isinstance(versioned, bool):
+            raise ConfigError(f"[sharding] versioned must be true or false, got {versioned!r}")
+        replicas = opts.pop("replicas", 1)
+        if kind == "explicit" and replicas != 1:
+            raise ConfigError("[sharding] replicas applies to generated plans; with kind 'explicit' list "
+                              "each shard's servers (servers = [...]) instead")
         if kind not in SHARDING_KINDS:
             raise ConfigError(f"unknown sharding kind {kind!r}; expected one of {list(SHARDING_KINDS)}")
         allowed = {
@@ -595,11 +658,13 @@ class ShardingPlan:
         if kind != "explicit" and raw_shards is not None:
             raise ConfigError(f"[[shards]] given but sharding kind is {kind!r}; use kind = 'explicit'")
         if kind == "row_wise":
-            return cls.row_wise(specs, servers, **opts)
+            return cls.row_wise(specs, servers, **opts, replicas=replicas, versioned=versioned)
         if kind == "column_wise":
-            return cls.column_wise(specs, servers, **opts)
+            if versioned:
+                raise ConfigError("column_wise tables cannot be versioned (updates need full-width shards)")
+            return cls.column_wise(specs, servers, **opts, replicas=replicas)
         if kind == "table_wise":
-            return cls.table_wise(specs, servers)
+            return cls.table_wise(specs, servers, replicas=replicas, versioned=versioned)
         if not isinstance(raw_shards, list) or not raw_shards:
             raise ConfigError("sharding kind 'explicit' needs a non-empty [[shards]] array")
         by_name = {s.name: s for s in specs}
@@ -607,7 +672,7 @@ class ShardingPlan:
         for entry in raw_shards:
             sh = _shard_from_dict(entry, by_name)
             shards.setdefault(sh.table, []).append(sh)
-        return cls(by_name, shards, servers)
+        return cls(by_name, shards, servers, versioned=versioned)
 
     @classmethod
     def from_toml(cls, path: str | os.PathLike[str]) -> ShardingPlan:
@@ -625,29 +690,58 @@ class ShardingPlan:
             return NotImplemented
         return (
             self._servers == other._servers
+            and self._versioned == other._versioned
             and dict(self._tables) == dict(other._tables)
             and dict(self._shards) == dict(other._shards)
         )
 
     def __hash__(self) -> int:
-        return hash((self._servers, tuple(self._tables.items()), tuple(self._shards.items())))
+        return hash((self._servers, self._versioned, tuple(self._tables.items()), tuple(self._shards.items())))
 
     def __repr__(self) -> str:
         n = sum(len(s) for s in self._shards.values())
-        return f"ShardingPlan(tables={list(self._tables)}, shards={n}, servers={list(self._servers)})"
+        extra = (f", replicas={self.replicas}" if self.replicas > 1 else "") + (", versioned" if self._versioned else "")
+        return f"ShardingPlan(tables={list(self._tables)}, shards={n}, servers={list(self._servers)}{extra})"
+
+
+def _replicate(shards: dict[str, list[Shard]], servers: tuple[str, ...], replicas: int) -> dict[str, list[Shard]]:
+    """Give every shard ``replicas - 1`` backups: the servers following its primary, cyclically.
+
+    >>> sh = {"t": [Shard("t", "b", 0, 4, 0, 2)]}
+    >>> _replicate(sh, ("a", "b", "c"), 2)["t"][0].replicas
+    ('b', 'c')
+    """
+    if not _is_int(replicas) or not 1 <= replicas <= len(servers):
+        raise ConfigError(f"replicas must be an integer in [1, {len(servers)}] (the number of servers), "
+                          f"got {replicas!r}")
+    if replicas == 1:
+        return shards
+    pos = {s: i for i, s in enumerate(servers)}
+    n = len(servers)
+    return {t: [Shard(s.table, s.server, s.row_start, s.row_end, s.col_start, s.col_end, s.index,
+                      tuple(servers[(pos[s.server] + k) % n] for k in range(1, replicas))) for s in lst]
+            for t, lst in shards.items()}
 
 
 def _shard_from_dict(entry: object, specs: Mapping[str, TableSpec]) -> Shard:
     if not isinstance(entry, Mapping):
         raise ConfigError(f"[[shards]] entry must be a table, got {entry!r}")
-    unknown = set(entry) - {"table", "server", "rows", "cols"}
+    unknown = set(entry) - {"table", "server", "servers", "rows", "cols"}
     if unknown:
         raise ConfigError(f"[[shards]] entry has unknown keys {sorted(unknown)}")
     table = entry.get("table")
     if not isinstance(table, str) or table not in specs:
         raise ConfigError(f"[[shards]] entry names unknown table {table!r}")
     spec = specs[table]
-    server = entry.get("server")
+    if "servers" in entry:
+        names = entry["servers"]
+        if "server" in entry or not isinstance(names, list) or not names or \
+                not all(isinstance(n, str) for n in names):
+            raise ConfigError(f"[[shards]] entry for table {table!r}: give server = NAME or servers = [NAMES] "
+                              f"(a non-empty list), not both")
+        server, backups = names[0], tuple(names[1:])
+    else:
+        server, backups = entry.get("server"), ()
     if not isinstance(server, str):
         raise ConfigError(f"[[shards]] entry for table {table!r} needs a server name")
     rows = entry.get("rows", [0, spec.num_rows])
@@ -655,7 +749,7 @@ def _shard_from_dict(entry: object, specs: Mapping[str, TableSpec]) -> Shard:
     for key, val in (("rows", rows), ("cols", cols)):
         if not (isinstance(val, list) and len(val) == 2 and all(_is_int(v) for v in val)):
             raise ConfigError(f"[[shards]] entry for table {table!r}: {key} must be [start, end], got {val!r}")
-    return Shard(table, server, rows[0], rows[1], cols[0], cols[1])
+    return Shard(table, server, rows[0], rows[1], cols[0], cols[1], -1, backups)
 
 
 # ---------------------------------------------------------------- cluster config

@@ -13,8 +13,14 @@ Start-up:
    :attr:`Shard.region_name`; the arena is registered once more as a whole
    (``"flexemr/arena"``) so a client can read rows of many shards with one
    ``read_batch``;
-3. the metadata blob (:mod:`flexemr._meta`: plan, shard map, remote keys) is
-   registered and exposed as ``"flexemr/meta"``;
+3. the metadata blob (:mod:`flexemr._meta`: plan, shard map, remote keys, a
+   random *incarnation* id drawn at this start) is registered and exposed as
+   ``"flexemr/meta"``;
+
+With a ``versioned`` plan every shard is laid out as header+row slots plus a
+control block (:mod:`flexemr._versioned`), always in the arena (``.npy``
+tables are copied in), and registered read/write/atomic so rankers can
+update rows with one-sided writes (``docs/reliability.md``).
 4. the pooling service (:class:`flexemr._locality.PoolService`) is served on
    the message channel ``"flexemr/pool"``: a ranker sends the ids of a
    batch's rows this server holds, grouped by bag, and gets one partial sum
@@ -37,6 +43,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import secrets
 from collections.abc import Mapping
 from typing import Any
 
@@ -49,6 +56,7 @@ from ._init import check_seed, init_shard
 from ._locality import POOL_CHANNEL, PoolService
 from ._meta import ARENA_REGION, META_REGION, ServerMeta, ShardEntry, encode_meta
 from ._plan import ClusterConfig, ServerAddress, Shard, ShardingPlan
+from ._versioned import CTL_GEN, CTL_LOCK, CTL_MEMBERS, ctl_offset, pack_slots, region_bytes, row_data
 
 __all__ = ["EmbeddingServer"]
 
@@ -134,8 +142,12 @@ class EmbeddingServer:
         self._engine = engine
         self._own_engine = engine is None
         self._engine_kwargs: dict[str, Any] = {"transport": transport, "workers": 2, **(engine_options or {})}
+        secret = config.secret if isinstance(config, ClusterConfig) else None
+        if secret is not None:  # the cluster file's secret authenticates every rdmaio connection
+            self._engine_kwargs.setdefault("secret", secret)
         self.shards: tuple[Shard, ...] = plan.regions_on(name)
         self._arrays: dict[str, npt.NDArray[Any]] = {}
+        self._region_bufs: dict[str, npt.NDArray[Any]] = {}
         self._regions: list[rdmaio.MemoryRegion] = []
         self._exposed: list[str] = []
         self._listener: rdmaio.Listener | None = None
@@ -145,6 +157,8 @@ class EmbeddingServer:
         self._closing = False
         self.arena_bytes = 0
         self.pool_service: PoolService | None = None
+        #: Random id of this start of the server (published in the metadata).
+        self.incarnation = secrets.randbits(63)
 
     def __repr__(self) -> str:
         where = str(self._address) if self._address else "not started"
@@ -154,6 +168,8 @@ class EmbeddingServer:
 
     def _allocate(self) -> tuple[npt.NDArray[np.uint8] | None, dict[str, int]]:
         """Fill shard memory: arena offsets for seeded (and copied) shards, mmap views for npy ones."""
+        if self.plan.versioned:
+            return self._allocate_versioned()
         offsets: dict[str, int] = {}
         pos = 0
         in_place: dict[str, npt.NDArray[Any]] = {}
@@ -184,8 +200,50 @@ class EmbeddingServer:
             else:
                 init_shard(spec, sh, self.seed, out=out)
             self._arrays[sh.region_name] = out
+        for name, arr in self._arrays.items():
+            self._region_bufs[name] = arr
         self.arena_bytes = pos
         return arena, offsets
+
+    def _allocate_versioned(self) -> tuple[npt.NDArray[np.uint8] | None, dict[str, int]]:
+        """Versioned layout: every shard as slots (version 0) + control block, back to back in the arena."""
+        offsets: dict[str, int] = {}
+        pos = 0
+        for sh in self.shards:
+            offsets[sh.region_name] = pos
+            pos += -(-region_bytes(self.plan.spec(sh.table), sh.num_rows) // _ALIGN) * _ALIGN
+        arena = np.zeros(pos, dtype=np.uint8) if pos else None
+        maps: dict[str, np.ndarray] = {}
+        for sh in self.shards:
+            spec = self.plan.spec(sh.table)
+            assert arena is not None
+            off = offsets[sh.region_name]
+            buf = arena[off : off + region_bytes(spec, sh.num_rows)]
+            if sh.table in self._npy:
+                if sh.table not in maps:
+                    maps[sh.table] = _load_npy(self._npy[sh.table], sh.table, (spec.num_rows, spec.dim),
+                                               spec.np_dtype)
+                values = np.asarray(maps[sh.table][sh.row_start : sh.row_end])
+            else:
+                values = init_shard(spec, sh, self.seed)
+            cut = ctl_offset(spec, sh.num_rows)
+            rows = np.arange(sh.row_start, sh.row_end, dtype=np.int64)
+            slots = buf[:cut].reshape(sh.num_rows, -1)
+            slots[...] = pack_slots(spec, values, rows, np.zeros(sh.num_rows, dtype=np.uint64))
+            ctl = buf[cut : cut + 24].view(np.uint64)
+            ctl[CTL_LOCK // 8], ctl[CTL_GEN // 8] = 0, 0
+            ctl[CTL_MEMBERS // 8] = (1 << len(sh.replicas)) - 1
+            self._arrays[sh.region_name] = row_data(spec, slots)
+            self._region_bufs[sh.region_name] = buf
+        self.arena_bytes = pos
+        return arena, offsets
+
+    def shard_slots(self, region_name: str) -> npt.NDArray[np.uint8]:
+        """The raw bytes of a shard region (versioned: slots + control block)."""
+        try:
+            return self._region_bufs[region_name]
+        except KeyError:
+            raise ConfigError(f"server {self.name!r} holds no region {region_name!r}") from None
 
     def shard_array(self, region_name: str) -> npt.NDArray[Any]:
         """The ``[rows, cols]`` array backing a shard region (after :meth:`start`)."""
@@ -215,21 +273,25 @@ class EmbeddingServer:
                 self._expose(ARENA_REGION, arena_mr)
                 arena_key = arena_mr.remote_key().to_bytes()
             entries = []
+            versioned = self.plan.versioned
+            access = rdmaio.Access.ALL if versioned else rdmaio.Access.READ
             for sh in self.shards:
                 spec = self.plan.spec(sh.table)
-                arr = self._arrays[sh.region_name]
-                mr = engine.register(arr, access=rdmaio.Access.READ)
+                arr = self._region_bufs[sh.region_name]
+                mr = engine.register(arr, access=access)
                 self._regions.append(mr)
                 self._expose(sh.region_name, mr)
+                nbytes = region_bytes(spec, sh.num_rows) if versioned else sh.nbytes(spec)
                 entries.append(ShardEntry(sh.region_name, sh.table, sh.index, (sh.row_start, sh.row_end),
-                                          (sh.col_start, sh.col_end), sh.nbytes(spec), mr.remote_key().to_bytes(),
+                                          (sh.col_start, sh.col_end), nbytes, mr.remote_key().to_bytes(),
                                           offsets.get(sh.region_name)))
             npy_tables = sorted(t for t in self._npy if any(s.table == t for s in self.shards))
             init: dict[str, Any] = {"kind": "random", "seed": self.seed}
             if npy_tables:
                 init = {"kind": "mixed", "seed": self.seed, "npy": npy_tables}
             blob = encode_meta(ServerMeta(self.name, engine.transport, self.plan.to_dict(), init, arena_key,
-                                          tuple(entries)))
+                                          tuple(entries), self.incarnation,
+                                          "versioned" if versioned else "plain"))
             meta_buf = np.frombuffer(bytearray(blob), dtype=np.uint8)
             meta_mr = engine.register(meta_buf, access=rdmaio.Access.READ)
             self._regions.append(meta_mr)
@@ -306,6 +368,7 @@ class EmbeddingServer:
             await self._teardown()
         finally:
             self._arrays.clear()
+            self._region_bufs.clear()
             self._closed.set()
             log.info("server %s closed", self.name)
 

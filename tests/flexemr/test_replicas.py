@@ -1,0 +1,197 @@
+"""Replicated plans: TOML, failover when a server dies or hangs, recovery, metadata identity."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import time
+import tomllib
+
+import numpy as np
+import pytest
+
+from flexemr import (
+    ClusterConfig,
+    ConfigError,
+    LocalCluster,
+    ShardingPlan,
+    TableSpec,
+    TransportError,
+)
+from flexemr._meta import ServerMeta, decode_meta, encode_meta
+from flexemr._plan import dumps_toml
+from flexemr._replica import Backoff
+
+SPECS = [TableSpec("user", 4000, 16), TableSpec("item", 600, 8, "float16")]
+
+
+def _fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+# ------------------------------------------------------------------- plans
+
+
+def test_plan_replicas_toml_round_trip() -> None:
+    d = {"servers": ["s0", "s1", "s2"], "tables": [t.to_dict() for t in SPECS],
+         "sharding": {"kind": "row_wise", "replicas": 2, "versioned": True}}
+    plan = ShardingPlan.from_dict(d)
+    assert plan.replicas == 2 and plan.versioned
+    for sh in plan.shards["user"]:
+        assert len(set(sh.replicas)) == 2
+    assert {s.region_name for s in plan.regions_on("s1")} >= {"user/0", "user/1"}
+    again = ShardingPlan.from_dict(tomllib.loads(dumps_toml(plan.to_dict())))
+    assert again == plan
+    assert 'servers = ["s0", "s1"]' in plan.to_toml()
+    assert ShardingPlan.from_dict({**d, "sharding": {"kind": "row_wise"}}) != plan  # versioned/replicas matter
+    cfg = ClusterConfig.from_dict({**plan.to_dict(), "servers": {s: {"host": "h", "port": 1} for s in plan.servers}})
+    assert cfg.plan == plan
+
+
+@pytest.mark.parametrize("sharding, shards, match", [
+    ({"kind": "row_wise", "replicas": 4}, None, "replicas must be"),
+    ({"kind": "row_wise", "replicas": 0}, None, "replicas must be"),
+    ({"kind": "column_wise", "versioned": True}, None, "cannot be versioned"),
+    ({"kind": "row_wise", "versioned": "yes"}, None, "versioned must be"),
+    ({"kind": "explicit", "replicas": 2}, [{"table": "t", "server": "s0"}], "list each shard"),
+    ({"kind": "explicit"}, [{"table": "t", "servers": ["s0", "s0"]}], "distinct servers"),
+    ({"kind": "explicit"}, [{"table": "t", "servers": ["s0", "s9"]}], "unknown server"),
+    ({"kind": "explicit"}, [{"table": "t", "server": "s0", "servers": ["s1"]}], "not both"),
+])
+def test_bad_replica_plans(sharding: dict[str, object], shards: object, match: str) -> None:
+    d: dict[str, object] = {"servers": ["s0", "s1", "s2"], "tables": [{"name": "t", "num_rows": 9, "dim": 4}],
+                            "sharding": sharding}
+    if shards is not None:
+        d["shards"] = shards
+    with pytest.raises(ConfigError, match=match):
+        ShardingPlan.from_dict(d)
+
+
+def test_meta_carries_incarnation_and_layout() -> None:
+    m = ServerMeta("s0", "tcp", {}, {"kind": "random", "seed": 0}, None, (), 12345, "versioned")
+    assert decode_meta(encode_meta(m)) == m
+
+
+def test_backoff_is_capped_and_jittered() -> None:
+    b = Backoff(0.01, 0.1)
+    delays = [b.next() for _ in range(20)]
+    assert all(0.005 <= d <= 0.1 for d in delays) and max(delays[10:]) <= 0.1 and len(set(delays)) > 10
+    b.reset()
+    assert b.next() <= 0.01
+
+
+# ---------------------------------------------------------------- failover
+
+
+async def _stream(client: object, model: dict[str, np.ndarray], stop: asyncio.Event, out: list[float],
+                  seed: int) -> int:
+    """Lookups until ``stop``; every row checked; returns how many were done (records each latency)."""
+    rng = np.random.default_rng(seed)
+    n = 0
+    while not stop.is_set():
+        ids = rng.integers(0, 4000, 64)
+        t0 = time.monotonic()
+        rows = await client.lookup("user", ids)  # type: ignore[attr-defined]
+        out.append(time.monotonic() - t0)
+        assert np.array_equal(rows, model["user"][ids])
+        n += 1
+    return n
+
+
+async def test_failover_on_kill_and_recovery_after_restart() -> None:
+    fds0 = _fds()
+    async with LocalCluster(SPECS, servers=3, seed=5, replicas=2, transport="tcp") as cluster:
+        client = await cluster.client()
+        model = cluster.model()
+        stop = asyncio.Event()
+        lat: list[float] = []
+        tasks = [asyncio.ensure_future(_stream(client, model, stop, lat, i)) for i in range(4)]
+        await asyncio.sleep(0.3)
+        await cluster.kill("s1")                     # SIGKILL mid-stream
+        await asyncio.sleep(0.5)
+        assert client.reliability.peer_failures == 1
+        assert all("s1" not in v for v in client.replica_status().values())
+        # every shard still has a replica: pooled lookups and jagged lookups work too
+        ids = np.arange(0, 600, 3)
+        assert np.array_equal(await client.lookup("item", ids), model["item"][ids])
+        await cluster.restart("s1")
+        assert await client.wait_healthy(10.0)
+        assert client.reliability.reconnects == 1 and client.reliability.restarts_seen == 1
+        before = client.metrics.bytes_read
+        await asyncio.sleep(0.3)
+        stop.set()
+        done = await asyncio.wait_for(asyncio.gather(*tasks), 10)
+        assert sum(done) > 20
+        assert max(lat) < 2.0                        # nothing waited for a dead server
+        assert client.metrics.bytes_read > before
+        # reads are routed back: s1 serves its regions again
+        status = client.replica_status()
+        assert all(status[sh.region_name] == list(sh.replicas) for sh in cluster.plan.regions_on("s1"))
+        assert client.metrics.errors == 0
+    assert _fds() <= fds0 + 2
+    assert [t for t in asyncio.all_tasks() if t is not asyncio.current_task()] == []
+
+
+async def test_no_replica_left_fails_fast_and_recovers() -> None:
+    async with LocalCluster(SPECS, servers=2, seed=5, transport="tcp", in_process=True) as cluster:
+        client = await cluster.client(reconnect_base=0.01, reconnect_cap=0.05)
+        model = cluster.model()
+        await cluster.kill("s0")
+        t0 = time.monotonic()
+        for _ in range(3):
+            with pytest.raises(TransportError):
+                await client.lookup("user", np.arange(0, 4000, 10))
+        assert time.monotonic() - t0 < 1.0
+        # rows of the live server still come back
+        hi = np.arange(3000, 4000)
+        assert np.array_equal(await client.lookup("user", hi), model["user"][hi])
+        await cluster.restart("s0")
+        assert await client.wait_healthy(5.0)
+        ids = np.arange(0, 4000, 10)
+        assert np.array_equal(await client.lookup("user", ids), model["user"][ids])
+
+
+async def test_hung_server_fails_over_within_op_timeout() -> None:
+    async with LocalCluster(SPECS, servers=3, seed=5, replicas=2, transport="tcp") as cluster:
+        client = await cluster.client(op_timeout=0.5, reconnect_cap=0.3)
+        model = cluster.model()
+        ids = np.arange(0, 4000, 5)
+        assert np.array_equal(await client.lookup("user", ids), model["user"][ids])
+        await cluster.kill("s2", signal.SIGSTOP)
+        try:
+            t0 = time.monotonic()
+            rows = await asyncio.wait_for(client.lookup("user", ids), 5)
+            took = time.monotonic() - t0
+            assert np.array_equal(rows, model["user"][ids])
+            assert took < 1.5, took
+            t0 = time.monotonic()
+            rows = await client.lookup("user", ids)     # s2 is out of the routes now: no wait
+            assert time.monotonic() - t0 < 0.4
+            assert np.array_equal(rows, model["user"][ids])
+        finally:
+            await cluster.resume("s2")
+        assert await client.wait_healthy(10.0)
+        assert np.array_equal(await client.lookup("user", ids), model["user"][ids])
+        assert client.reliability.restarts_seen == 0
+
+
+async def test_reconnect_validates_identity() -> None:
+    """A different server answering on a known address is refused; the client keeps failing over."""
+    async with LocalCluster(SPECS, servers=2, seed=5, replicas=2, transport="tcp", in_process=True) as cluster:
+        client = await cluster.client(reconnect_base=0.01, reconnect_cap=0.05)
+        model = cluster.model()
+        addr = cluster.config.address("s0")
+        await cluster.kill("s0")
+        from flexemr import EmbeddingServer
+
+        other = ShardingPlan.row_wise([TableSpec("user", 4000, 16)], ["s0"])
+        async with EmbeddingServer(other, "s0", host=addr.host, port=addr.port, transport="tcp"):
+            ids = np.arange(4000)
+            for _ in range(5):
+                assert np.array_equal(await client.lookup("user", ids), model["user"][ids])
+                await asyncio.sleep(0.05)
+            assert client.reliability.reconnects == 0
+            assert client.replica_status()["user/0"] == ["s1"]
+        await cluster.restart("s0")
+        assert await client.wait_healthy(5.0)
