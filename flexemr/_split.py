@@ -278,7 +278,6 @@ def split_lookup(
     inverse = inverse.reshape(-1).astype(np.int64, copy=False)
     rt = plan.range_table(table)
     shards = plan.shards[table]
-    isz = spec.itemsize
     n = int(uniq.size)
     full_width = plan.is_full_width(table)
     subs: list[SubRequest] = []

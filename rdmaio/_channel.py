@@ -50,6 +50,7 @@ from typing import Any, Union
 import numpy as np
 
 from ._errors import ClosedError, EndpointBrokenError, ProtocolError, UsageError
+from ._wire import Op
 
 __all__ = ["Channel", "ChannelHandler", "MAX_CHANNELS", "MAX_SLOTS"]
 
@@ -328,6 +329,33 @@ class Channel:
 
     async def __aexit__(self, *exc: object) -> None:
         await self.aclose()
+
+
+def bind_channel(name: str, chan: int, slots: int, slot_size: int, rings: tuple[np.ndarray, np.ndarray],
+                 mrs: tuple[Any, Any], qp: Any, key: Any, registry: dict[int, Channel],
+                 close_handshake: bool) -> Channel:
+    """A channel whose messages go out as WRITE_IMMs on ``qp`` into the peer's ring ``key``.
+
+    ``rings``/``mrs`` are (receive, staging) arrays and their registrations; the
+    channel enters ``registry`` (where incoming immediates are routed) and leaves
+    it, releasing both registrations, when it closes.  Used by both ends.
+    """
+    recv_mr, send_mr = mrs
+
+    async def post(local: int, roff: int, length: int, imm: int) -> Any:
+        if not qp._free:
+            await qp.wait_slot()
+        return await qp.post(Op.WRITE_IMM, key, roff, length, imm, send_mr.addr + local, send_mr, "channel send")
+
+    def release() -> None:
+        registry.pop(chan, None)
+        recv_mr.close()
+        send_mr.close()
+
+    ch = Channel(name, chan, slots, slot_size, rings[0], rings[1], post, release)
+    ch._close_handshake = close_handshake
+    registry[chan] = ch
+    return ch
 
 
 def make_rings(slots: int, slot_size: int) -> tuple[np.ndarray, np.ndarray]:

@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from ._channel import MAX_CHANNELS, Channel, make_rings, unpack_imm
+from ._channel import MAX_CHANNELS, Channel, bind_channel, make_rings, unpack_imm
 from . import _auth as auth
 from ._errors import (
     AuthenticationError,
@@ -584,21 +584,9 @@ class Endpoint:
         # the same RC connection, from its side)
         qp = self._qps[chan % len(self._qps)]
 
-        async def post(local: int, roff: int, length: int, imm: int) -> Any:
-            if not qp._free:
-                await qp.wait_slot()
-            return await qp.post(Op.WRITE_IMM, key_arg, roff, length, imm, send_mr.addr + local, send_mr,
-                                 "channel send")
-
-        def release() -> None:
-            self._channels.pop(chan, None)
-            recv_mr.close()
-            send_mr.close()
-
-        ch = Channel(name, chan, slots, slot_size, recv_ring, send_ring, post, release)
-        ch._close_handshake = self._verbs  # [verbs channels] see _channel.py "Closing on verbs"
-        self._channels[chan] = ch
-        return ch
+        # [verbs channels] close handshake: see _channel.py "Closing on verbs"
+        return bind_channel(name, chan, slots, slot_size, (recv_ring, send_ring), (recv_mr, send_mr), qp, key_arg,
+                            self._channels, close_handshake=self._verbs)
 
     async def _ensure_reverse(self) -> None:
         async with self._reverse_lock:

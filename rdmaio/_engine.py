@@ -21,7 +21,7 @@ import weakref
 from typing import TYPE_CHECKING, Any, Literal
 
 from . import _auth as auth
-from ._channel import MAX_CHANNELS, Channel, ChannelHandler, make_rings, unpack_imm
+from ._channel import MAX_CHANNELS, Channel, ChannelHandler, bind_channel, make_rings, unpack_imm
 from ._errors import (
     ClosedError,
     EndpointBrokenError,
@@ -36,7 +36,7 @@ from ._progress import Batch, Worker
 from ._region import MemoryRegion
 from ._endpoint import host_identity
 from ._tcp import TcpQueuePair, TcpResponder, describe_death
-from ._wire import ControlCodec, Op
+from ._wire import ControlCodec
 
 if TYPE_CHECKING:
     from ._endpoint import Endpoint
@@ -742,20 +742,9 @@ class Listener:
         recv_mr = engine.register(recv_ring, access=Access.WRITE)
         send_mr = engine.register(send_ring, access=Access.NONE)
 
-        async def post(local: int, roff: int, length: int, imm: int) -> Any:
-            if not qp._free:
-                await qp.wait_slot()
-            return await qp.post(Op.WRITE_IMM, key_arg, roff, length, imm, send_mr.addr + local, send_mr,
-                                 "channel send")
-
-        def release() -> None:
-            session.channels.pop(chan, None)
-            recv_mr.close()
-            send_mr.close()
-
-        ch = Channel(msg["name"], chan, slots, slot_size, recv_ring, send_ring, post, release)
-        ch._close_handshake = session.verbs is not None  # [verbs channels] see _channel.py
-        session.channels[chan] = ch
+        ch = bind_channel(msg["name"], chan, slots, slot_size, (recv_ring, send_ring), (recv_mr, send_mr), qp,
+                          key_arg, session.channels,
+                          close_handshake=session.verbs is not None)  # [verbs channels] see _channel.py
 
         async def run() -> None:
             try:

@@ -6,7 +6,6 @@ import asyncio
 from collections.abc import AsyncIterator
 
 import numpy as np
-import pytest
 import pytest_asyncio
 
 from flexemr import JaggedBatch, LocalCluster, TableSpec, pool_bags
