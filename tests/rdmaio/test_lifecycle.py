@@ -1,0 +1,64 @@
+"""No thread, socket or task outlives its engine (both progress modes, busy or idle at close)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import threading
+
+import numpy as np
+import pytest
+
+import rdmaio
+
+
+def open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+async def exercise(progress: str, close_with_ops_in_flight: bool) -> None:
+    server = rdmaio.Engine(transport="tcp", workers=2, progress=progress)  # type: ignore[arg-type]
+    client = rdmaio.Engine(transport="tcp", workers=2, progress=progress)  # type: ignore[arg-type]
+    async with server, client:
+        table = np.arange(1 << 20, dtype=np.uint64).view(np.uint8)
+        server.expose("t", server.register(table, access=rdmaio.Access.ALL))
+
+        async def echo(ch: rdmaio.Channel) -> None:
+            async for m in ch:
+                await ch.send([m])
+
+        server.serve_channel("echo", echo)
+        lst = await server.listen()
+        eps = [await client.connect("127.0.0.1", lst.port) for _ in range(3)]
+        key = await eps[0].remote_key("t")
+        out = client.register(np.zeros(1 << 20, dtype=np.uint8))
+        ch = await eps[1].channel("echo")
+        await ch.send([b"x"])
+        assert await ch.recv() == b"x"
+        await asyncio.gather(*(eps[0].read(out, 0, key, 64 * i, 64) for i in range(200)))
+        if close_with_ops_in_flight:
+            pending = [asyncio.create_task(ep.read(out, 0, key, 0, 1 << 20)) for ep in eps for _ in range(8)]
+            await asyncio.sleep(0)
+            client.abort()
+            results = await asyncio.gather(*pending, return_exceptions=True)
+            assert all(r is None or isinstance(r, (rdmaio.ClosedError, rdmaio.EndpointBrokenError))
+                       for r in results)
+
+
+@pytest.mark.parametrize("progress", ["thread", "loop"])
+@pytest.mark.parametrize("busy", [False, True], ids=["idle", "ops-in-flight"])
+async def test_nothing_outlives_the_engines(progress: str, busy: bool) -> None:
+    await exercise(progress, busy)  # warm-up: imports, lazily created loop resources
+    await asyncio.sleep(0.05)
+    threads, fds = threading.active_count(), open_fds()
+    tasks = {t for t in asyncio.all_tasks() if t is not asyncio.current_task()}
+    for _ in range(3):
+        await exercise(progress, busy)
+    for _ in range(100):  # tasks cancelled at close finish on the next iterations
+        await asyncio.sleep(0.01)
+        leftover = {t for t in asyncio.all_tasks() if t is not asyncio.current_task()} - tasks
+        if not leftover and threading.active_count() <= threads and open_fds() <= fds:
+            break
+    assert not leftover, f"tasks outlived their engines: {leftover}"
+    assert threading.active_count() <= threads, [t.name for t in threading.enumerate()]
+    assert open_fds() <= fds, f"{open_fds() - fds} file descriptors leaked"
