@@ -1144,12 +1144,12 @@ class EmbeddingClient:
         if mode not in ("sum", "mean", "max"):
             raise InputError(f"mode must be 'sum', 'mean' or 'max', got {mode!r}")
         weights = self._split_weights(batch, per_sample_weights, mode)
+        specs = [self.plan.spec(t) for t in batch.keys]  # validate everything before any network traffic
+        ids_all = [self._physical(t, validate_ids(spec, batch.ids(t))) for t, spec in zip(batch.keys, specs)]
         self._check_open()
         use_pool = self.server_pooling if server_pooling is None else bool(server_pooling)
         if use_pool:
             await self._open_pool_channels()
-        specs = [self.plan.spec(t) for t in batch.keys]
-        ids_all = [self._physical(t, validate_ids(spec, batch.ids(t))) for t, spec in zip(batch.keys, specs)]
         m = self.metrics
         m.lookups += 1
         m.pooled_lookups += 1
@@ -1332,7 +1332,14 @@ class EmbeddingClient:
         if self._pool_opening is None or self._pool_opening.done():
             assert self._loop is not None
             self._pool_opening = self._loop.create_task(self._open_channels(todo))
-        await asyncio.shield(self._pool_opening)
+        opening = self._pool_opening
+        try:
+            await asyncio.shield(opening)
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if opening.cancelled() and self._closed and (task is None or not task.cancelling()):
+                raise ClosedError("client closed while the lookup was in flight") from None  # aclose(), not us
+            raise
 
     async def _open_channels(self, servers: list[str]) -> None:
         async def one(server: str) -> None:
