@@ -397,8 +397,8 @@ class Endpoint:
         if not isinstance(mr, MemoryRegion):
             raise UsageError(f"expected a MemoryRegion, got {type(mr).__name__}")
         mr._check_local(local_offset, length)
-        if remote_offset < 0:
-            raise UsageError("remote offset must be >= 0")
+        if not 0 <= remote_offset <= _U64:
+            raise UsageError("remote offset must be in 0..2**64-1")
         if self._verbs:
             check_remote(op, what, key, remote_offset, length)
         stripe = self._engine._stripe_bytes
@@ -443,7 +443,9 @@ class Endpoint:
             raise UsageError(f"expected a MemoryRegion, got {type(mr).__name__}")
         lo = _as_u64("local_offsets", local_offsets)
         ro = _as_u64("remote_offsets", remote_offsets)
-        ln = _as_u64("lengths", lengths)
+        # a private copy: a read batch's scatter list is read by the worker until the response
+        # has landed, and the caller may reuse (mutate) its array meanwhile
+        ln = np.array(_as_u64("lengths", lengths), dtype=np.uint64, copy=True)
         if not lo.shape == ro.shape == ln.shape:
             raise UsageError(f"offset/length arrays differ in length: {lo.size}, {ro.size}, {ln.size}")
         if mr.closed:
@@ -499,8 +501,8 @@ class Endpoint:
     async def _atomic(self, op: Op, what: str, key: RemoteKey, offset: int, a: int, b: int) -> int:
         self._check()
         rkey = self._key(key)
-        if offset < 0:
-            raise UsageError("remote offset must be >= 0")
+        if not 0 <= offset <= _U64:
+            raise UsageError("remote offset must be in 0..2**64-1")
         if not (-(1 << 63) <= a <= _U64 and -(1 << 63) <= b <= _U64):
             raise UsageError("atomic operands must fit in 64 bits")
         if self._verbs:
@@ -534,8 +536,8 @@ class Endpoint:
         if not isinstance(mr, MemoryRegion):
             raise UsageError(f"expected a MemoryRegion, got {type(mr).__name__}")
         mr._check_local(local_offset, length)
-        if remote_offset < 0 or length > MAX_OP_BYTES:
-            raise UsageError("remote offset must be >= 0 and one write moves at most MAX_OP_BYTES")
+        if not 0 <= remote_offset <= _U64 or length > MAX_OP_BYTES:
+            raise UsageError("remote offset must be in 0..2**64-1 and one write moves at most MAX_OP_BYTES")
         if self._verbs:  # [verbs channels] refused locally, as for write (the NIC would break the QP)
             check_remote(Op.WRITE_IMM, "write_with_imm", key, remote_offset, length)
         qp = self._qp()

@@ -110,8 +110,21 @@ class TcpQueuePair:
             self._check()
             fut = self._loop.create_future()
             self._slot_waiters.append(fut)
-            await fut
+            try:
+                await fut
+            except asyncio.CancelledError:
+                # woken for a free slot but cancelled before taking it: pass the wake-up on
+                if fut.done() and not fut.cancelled() and self._free:
+                    self._wake_slot_waiter()
+                raise
         self._check()
+
+    def _wake_slot_waiter(self) -> None:
+        while self._slot_waiters:
+            w = self._slot_waiters.popleft()
+            if not w.done():
+                w.set_result(None)
+                break
 
     def _check(self) -> None:
         if self.broken is not None:
@@ -149,7 +162,11 @@ class TcpQueuePair:
         """Post one single-buffer operation; the caller made sure a slot is free."""
         self._check()
         slot, wr = self._new_wr()
-        rc = lib.rio_post_single(self._c, slot, wr, op, key, remote, arg0, arg1, local)
+        try:
+            rc = lib.rio_post_single(self._c, slot, wr, op, key, remote, arg0, arg1, local)
+        except BaseException:  # e.g. OverflowError from cffi: give the slot back
+            self._free.append(slot)
+            raise
         return self._track(wr, slot, rc, mr, None, what)
 
     def post_batch(self, op: Op, key: int, remote: np.ndarray, lengths: np.ndarray, local: np.ndarray,
@@ -157,11 +174,15 @@ class TcpQueuePair:
         """Post one batch request (``uint64`` arrays, kept alive until completion)."""
         self._check()
         slot, wr = self._new_wr()
-        rc = lib.rio_post_batch(
-            self._c, slot, wr, op, key, len(remote),
-            ffi.from_buffer("uint64_t[]", remote), ffi.from_buffer("uint64_t[]", lengths),
-            ffi.from_buffer("uint64_t[]", local),
-        )
+        try:
+            rc = lib.rio_post_batch(
+                self._c, slot, wr, op, key, len(remote),
+                ffi.from_buffer("uint64_t[]", remote), ffi.from_buffer("uint64_t[]", lengths),
+                ffi.from_buffer("uint64_t[]", local),
+            )
+        except BaseException:
+            self._free.append(slot)
+            raise
         return self._track(wr, slot, rc, mr, (remote, lengths, local), what)
 
     def _flush(self) -> None:
@@ -193,11 +214,7 @@ class TcpQueuePair:
             p.timer.cancel()
         if self.broken is None and not self._closed:
             self._free.append(wr & 0xFFFFFFFF)
-            while self._slot_waiters:
-                w = self._slot_waiters.popleft()
-                if not w.done():
-                    w.set_result(None)
-                    break
+            self._wake_slot_waiter()
         if p.mr is not None:
             p.mr._unpin()
         return p
@@ -224,8 +241,22 @@ class TcpQueuePair:
         if self.broken is not None or self._closed:
             return
         self.broken = exc
+        # Detach from the workers first: the connection may still be alive (the endpoint broke
+        # for another reason), and a late response must not land in memory (or follow scatter
+        # lists) that failing the operations below unpins and releases.
+        self._detach()
         self._fail_all(exc)
         self._on_broken(exc)
+
+    def _detach(self) -> None:
+        if self._c is not None:
+            # after rio_conn_close returns no worker is inside this connection, so
+            # local memory of pending operations can no longer be written
+            lib.rio_conn_close(self._c)
+            self._c = None
+        if self._writer:
+            self._loop.remove_writer(self._fd)
+            self._writer = False
 
     def _fail_all(self, exc: BaseException) -> None:
         for wr in list(self._pending):
@@ -241,14 +272,8 @@ class TcpQueuePair:
         """Detach from the workers, fail what is still pending, close the socket."""
         if self._closed:
             return
-        # after rio_conn_close returns no worker is inside this connection, so
-        # local memory of pending operations can no longer be written
-        lib.rio_conn_close(self._c)
-        self._c = None
+        self._detach()
         self._closed = True
-        if self._writer:
-            self._loop.remove_writer(self._fd)
-            self._writer = False
         self._fail_all(exc or ClosedError("endpoint closed with the operation in flight"))
         self._sock.close()
 

@@ -122,6 +122,20 @@ async def test_nothing_is_served_before_authentication() -> None:
         assert not any(m["t"] in ("welcome", "attached", "key") for m in msgs)
 
 
+def _wait_stopped(pid: int) -> None:
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        states = []
+        for task in Path(f"/proc/{pid}/task").iterdir():
+            try:
+                states.append(task.joinpath("stat").read_text().rsplit(")", 1)[1].split()[0])
+            except OSError:
+                pass
+        if states and all(st in "Tt" for st in states):
+            return
+        time.sleep(0.001)
+
+
 async def test_a_hung_peer_fails_operations_within_the_heartbeat_bound() -> None:
     here = Path(__file__).parent
     proc = subprocess.Popen([sys.executable, str(here / "peer_server.py"), "tcp", "thread", str(1 << 20)],
@@ -135,6 +149,7 @@ async def test_a_hung_peer_fails_operations_within_the_heartbeat_bound() -> None
             mr = client.register(np.zeros(1 << 20, dtype=np.uint8))
             await ep.read(mr, 0, key, 0, 64)
             os.kill(proc.pid, signal.SIGSTOP)  # alive but silent: TCP alone would wait forever
+            _wait_stopped(proc.pid)  # else a worker thread may still answer a read or two
             t0 = time.monotonic()
             pending = [asyncio.create_task(ep.read(mr, 0, key, 0, 4096)) for _ in range(20)]
             done, still = await asyncio.wait(pending, timeout=5)
