@@ -52,7 +52,7 @@ import numpy as np
 from ._errors import ClosedError, EndpointBrokenError, ProtocolError, UsageError
 from ._wire import Op
 
-__all__ = ["Channel", "ChannelHandler", "MAX_CHANNELS", "MAX_SLOTS"]
+__all__ = ["Channel", "ChannelHandler", "MAX_CHANNELS", "MAX_RING_BYTES", "MAX_SLOTS"]
 
 SLOT_MASK = 0xFFF
 CREDIT_ONLY = 0xFFF
@@ -60,6 +60,8 @@ CLOSE = 0xFFE
 MAX_SLOTS = 4094
 MAX_CREDITS = 0xFFF
 MAX_CHANNELS = 256
+#: one ring (receive or staging) is at most this large; a server also caps all its rings together
+MAX_RING_BYTES = 64 << 20
 HEADER = struct.Struct("<II")  # length, sequence
 
 Buffer = Union[bytes, bytearray, memoryview, np.ndarray]
@@ -364,4 +366,6 @@ def make_rings(slots: int, slot_size: int) -> tuple[np.ndarray, np.ndarray]:
         raise UsageError(f"slots must be an int in 1..{MAX_SLOTS}")
     if not isinstance(slot_size, int) or not HEADER.size < slot_size <= 16 << 20:
         raise UsageError(f"slot_size must be in {HEADER.size + 1}..{16 << 20} bytes")
+    if slots * slot_size > MAX_RING_BYTES:
+        raise UsageError(f"a ring of {slots} x {slot_size} bytes exceeds {MAX_RING_BYTES >> 20} MiB")
     return np.zeros(slots * slot_size, dtype=np.uint8), np.zeros(slots * slot_size, dtype=np.uint8)

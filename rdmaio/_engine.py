@@ -132,6 +132,10 @@ class Engine:
         peer may answer late (lower it where peers have cores to spare).
     max_sessions:
         Endpoints a listener serves at once; more are refused with a protocol error.
+    channel_memory:
+        Bytes of ring memory all channels that peers open to this engine may use
+        together (each ring is also capped at 64 MiB); beyond it ``channel()`` is
+        refused with :class:`ChannelRefusedError`.
     poll_spin_us:
         tcp transport, thread progress: after a round that did work, a worker keeps
         polling (yielding the CPU to runnable threads) for up to this many µs before
@@ -145,7 +149,7 @@ class Engine:
                  handshake_timeout: float = 5.0, stripe_bytes: int = 0,
                  socket_buffer: int = 4 << 20, same_host_fast_path: bool = True, poll_spin_us: int = 0,
                  secret: bytes | str | None = None, heartbeat: float = 1.0, dead_peer_timeout: float = 5.0,
-                 max_sessions: int = 1024,
+                 max_sessions: int = 1024, channel_memory: int = 1 << 30,
                  device: str | None = None, port: int | None = None, gid_index: int | None = None) -> None:
         if not isinstance(workers, int) or not 1 <= workers <= 64:
             raise UsageError("workers must be an int in 1..64")
@@ -184,6 +188,12 @@ class Engine:
         if max_sessions < 1:
             raise UsageError("max_sessions must be >= 1")
         self._max_sessions = max_sessions
+        if channel_memory < 0:
+            raise UsageError("channel_memory must be >= 0")
+        self._channel_memory = channel_memory
+        self._channel_bytes = 0  # rings of channels peers opened to this engine
+        if not isinstance(max_regions, int) or not 1 <= max_regions <= 1 << 24:
+            raise UsageError("max_regions must be an int in 1..16777216")
         if not 0 <= poll_spin_us <= 10_000:
             raise UsageError("poll_spin_us must be in 0..10000")
         self._poll_spin_us = poll_spin_us
@@ -738,6 +748,10 @@ class Listener:
         except (UsageError, TypeError) as exc:
             return {"t": "error", "id": rid, "code": "bad_request", "message": str(exc)}
         engine = self._engine
+        need = recv_ring.nbytes + send_ring.nbytes
+        if engine._channel_bytes + need > engine._channel_memory:
+            return {"t": "error", "id": rid, "code": "busy",
+                    "message": f"channel memory budget ({engine._channel_memory} bytes) exhausted"}
         key_arg: Any = remote if session.verbs is not None else remote.rkey  # verbs QPs need the address too
         recv_mr = engine.register(recv_ring, access=Access.WRITE)
         send_mr = engine.register(send_ring, access=Access.NONE)
@@ -745,6 +759,14 @@ class Listener:
         ch = bind_channel(msg["name"], chan, slots, slot_size, (recv_ring, send_ring), (recv_mr, send_mr), qp,
                           key_arg, session.channels,
                           close_handshake=session.verbs is not None)  # [verbs channels] see _channel.py
+        engine._channel_bytes += need
+        release = ch._release
+
+        def release_budget() -> None:
+            engine._channel_bytes -= need
+            release()
+
+        ch._release = release_budget
 
         async def run() -> None:
             try:

@@ -268,3 +268,33 @@ async def test_close_waits_for_the_peers_in_flight_write(
     assert ep.broken is None
     if client.transport == "verbs":
         assert outcome == [None], "the close handshake keeps the ring until in-flight writes landed"
+
+
+async def test_channel_memory_is_bounded() -> None:
+    """Rings are capped per channel and per server: a peer cannot make a server allocate without limit."""
+    async with rdmaio.Engine(transport="tcp", channel_memory=1 << 20) as server, \
+            rdmaio.Engine(transport="tcp") as client:
+        async def idle(ch: rdmaio.Channel) -> None:
+            async for _ in ch:
+                pass
+
+        server.serve_channel("idle", idle)
+        lst = await server.listen()
+        ep = await client.connect("127.0.0.1", lst.port)
+        with pytest.raises(rdmaio.UsageError):  # 4094 x 16 MiB: refused before anything is allocated
+            await ep.channel("idle", slots=4094, slot_size=16 << 20)
+        first = await ep.channel("idle", slots=64, slot_size=4096)  # 2 x 256 KiB of the 1 MiB budget
+        second = await ep.channel("idle", slots=64, slot_size=4096)
+        with pytest.raises(rdmaio.ChannelRefusedError, match="budget"):
+            await ep.channel("idle", slots=64, slot_size=4096)
+        await first.aclose()
+        for _ in range(100):  # the server releases the first channel's rings once it has closed
+            try:
+                third = await ep.channel("idle", slots=64, slot_size=4096)
+                break
+            except rdmaio.ChannelRefusedError:
+                await asyncio.sleep(0.02)
+        else:
+            pytest.fail("closing a channel did not return its memory to the budget")
+        await second.aclose()
+        await third.aclose()
