@@ -175,7 +175,8 @@ class Channel:
                 return
         self._wake()
 
-    def _check_send(self) -> None:
+    def _check_open(self) -> None:
+        """Raise if this side closed, the channel failed, or the peer closed it."""
         if self._closed:
             raise ClosedError(f"channel {self.name!r} is closed")
         if self._error is not None:
@@ -191,10 +192,10 @@ class Channel:
         n = sum(p.nbytes for p in parts)
         if n > self.max_message:
             raise UsageError(f"message of {n} bytes exceeds this channel's {self.max_message}-byte slots")
-        self._check_send()
+        self._check_open()
         while self._credits == 0:
             await self._wait()
-            self._check_send()
+            self._check_open()
         self._credits -= 1
         slot = self._tx_slot
         self._tx_slot = (slot + 1) % self.slots
@@ -243,12 +244,7 @@ class Channel:
     async def recv(self) -> bytes:
         """The next message; :class:`ClosedError` once the peer closed and all were read."""
         while not self._ready:
-            if self._closed:
-                raise ClosedError(f"channel {self.name!r} is closed")
-            if self._error is not None:
-                raise self._error
-            if self._peer_closed:
-                raise ClosedError(f"channel {self.name!r}: the peer closed it")
+            self._check_open()
             await self._wait()
         slot = self._ready.popleft()
         base = slot * self.slot_size
