@@ -229,6 +229,8 @@ class Endpoint:
         self._channels: dict[int, Channel] = {}
         self._reader = self._loop.create_task(self._read_control())
         self._last_rx = self._loop.time()
+        self._ctl_lock = asyncio.Lock()
+        self._ping_task: asyncio.Task[None] | None = None
         self._pinger: asyncio.Task[None] | None = None
         if engine._heartbeat:
             self._pinger = self._loop.create_task(self._heartbeat(engine._heartbeat, engine._dead_peer_timeout))
@@ -257,15 +259,23 @@ class Endpoint:
                     self._on_broken(EndpointBrokenError(f"no message from the peer for {silent:.1f} s "
                                                         f"(heartbeat timeout {dead_after} s)"))
                     return
-                try:
-                    self._ctl.send(self._codec.encode({"t": "ping"}))
-                except BlockingIOError:
-                    pass  # a full send buffer is itself a sign; the silence check decides
-                except OSError as exc:
-                    self._on_broken(EndpointBrokenError(f"control connection failed: {exc}"))
-                    return
+                # never wait on the send here (a peer that stopped reading must not stall the
+                # silence check) and never queue a second ping behind a blocked one
+                if self._ping_task is None or self._ping_task.done():
+                    self._ping_task = self._loop.create_task(self._send_ping())
         except asyncio.CancelledError:
             pass
+
+    async def _send_ping(self) -> None:
+        try:
+            await self._send_control({"t": "ping"})
+        except OSError as exc:
+            self._on_broken(EndpointBrokenError(f"control connection failed: {exc}"))
+
+    async def _send_control(self, msg: dict[str, Any]) -> None:
+        """Send one control frame; frames never interleave (requests, pings and bye share the socket)."""
+        async with self._ctl_lock:
+            await self._loop.sock_sendall(self._ctl, self._codec.encode(msg))
 
     async def _read_control(self) -> None:
         try:
@@ -291,7 +301,7 @@ class Endpoint:
         fut = self._loop.create_future()
         self._requests[rid] = fut
         try:
-            await self._loop.sock_sendall(self._ctl, self._codec.encode(msg))
+            await self._send_control(msg)
             return await fut
         finally:
             self._requests.pop(rid, None)
@@ -335,9 +345,9 @@ class Endpoint:
                 while any(qp.in_flight for qp in self._qps) and self._loop.time() < deadline:
                     await asyncio.sleep(0.001)
                 try:
-                    self._ctl.send(self._codec.encode({"t": "bye"}))
-                except OSError:
-                    pass
+                    await asyncio.wait_for(self._send_control({"t": "bye"}), 0.5)
+                except (OSError, asyncio.TimeoutError):
+                    pass  # the connection closes below either way
         finally:
             self.abort()
 
@@ -349,6 +359,8 @@ class Endpoint:
         self._reader.cancel()
         if self._pinger is not None:
             self._pinger.cancel()
+        if self._ping_task is not None:
+            self._ping_task.cancel()
         for ch in list(self._channels.values()):
             ch._abort()
         if self._reverse is not None:
