@@ -203,6 +203,7 @@ class Engine:
         self._max_regions = max_regions
         self._regions: weakref.WeakSet[MemoryRegion] = weakref.WeakSet()
         self._zombies: set[MemoryRegion] = set()
+        self._reaper: asyncio.TimerHandle | None = None
         self._exposed: dict[str, MemoryRegion] = {}
         self._channel_handlers: dict[str, ChannelHandler] = {}
         self._workers: list[Worker] = []
@@ -293,6 +294,9 @@ class Engine:
             if not mr.closed:
                 mr._closed = True
             self._release(mr)
+        if self._reaper is not None:
+            self._reaper.cancel()
+            self._reaper = None
         self._zombies.clear()
         self._exposed.clear()
         lib.rio_rtable_free(self._rt)
@@ -367,8 +371,7 @@ class Engine:
             lib.rio_rtable_invalidate(self._rt, mr._index)
         if mr._in_use():
             self._zombies.add(mr)  # released by _reap once nothing touches it
-            if self._loop is not None and not self._closed:
-                self._loop.call_later(0.01, self._reap_zombies)
+            self._schedule_reaper()
         else:
             self._release(mr)
 
@@ -377,11 +380,16 @@ class Engine:
             self._zombies.discard(mr)
             self._release(mr)
 
+    def _schedule_reaper(self) -> None:
+        """One timer polls every closed-but-busy region (remote busy counts have no event)."""
+        if self._reaper is None and self._zombies and not self._closed and self._loop is not None:
+            self._reaper = self._loop.call_later(0.01, self._reap_zombies)
+
     def _reap_zombies(self) -> None:
+        self._reaper = None
         for mr in list(self._zombies):
             self._reap(mr)
-        if self._zombies and not self._closed and self._loop is not None:
-            self._loop.call_later(0.01, self._reap_zombies)
+        self._schedule_reaper()
 
     def expose(self, name: str, mr: MemoryRegion) -> None:
         """Serve ``mr``'s key to peers that ask for ``name`` (:meth:`Endpoint.remote_key`)."""
