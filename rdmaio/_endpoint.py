@@ -23,6 +23,7 @@ import itertools
 import os
 import secrets
 import socket
+from collections.abc import Awaitable
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -171,6 +172,16 @@ async def open_endpoint(engine: Engine, host: str, port: int, timeout: float) ->
         for s in socks:
             s.close()
         raise
+
+
+async def _wait_all(aws: list[Awaitable[Any]]) -> None:
+    """Wait for every part of a split operation (none is abandoned in flight), then raise the first failure."""
+    if len(aws) == 1:
+        await aws[0]
+        return
+    for r in await asyncio.gather(*aws, return_exceptions=True):
+        if isinstance(r, BaseException):
+            raise r
 
 
 def _as_u64(name: str, a: Any) -> np.ndarray:
@@ -417,14 +428,8 @@ class Endpoint:
         if stripe and length >= stripe and len(self._qps) > 1:
             n = len(self._qps)
             bounds = [length * i // n for i in range(n + 1)]
-            futs = []
-            for i in range(n):
-                lo, hi = bounds[i], bounds[i + 1]
-                futs.append(self._post_single(op, what, mr, local_offset + lo, rkey, remote_offset + lo, hi - lo))
-            results = await asyncio.gather(*futs, return_exceptions=True)
-            for r in results:
-                if isinstance(r, BaseException):
-                    raise r
+            await _wait_all([self._post_single(op, what, mr, local_offset + lo, rkey, remote_offset + lo, hi - lo)
+                             for lo, hi in zip(bounds[:-1], bounds[1:])])
             return
         await self._post_single(op, what, mr, local_offset, rkey, remote_offset, length)
 
@@ -485,13 +490,7 @@ class Endpoint:
             if futs:  # collect what was posted before failing (no orphaned futures)
                 await asyncio.gather(*futs, return_exceptions=True)
             raise
-        if len(futs) == 1:
-            await futs[0]
-            return
-        results = await asyncio.gather(*futs, return_exceptions=True)
-        for r in results:
-            if isinstance(r, BaseException):
-                raise r
+        await _wait_all(futs)
 
     async def read_batch(self, local_mr: MemoryRegion, local_offsets: Any, key: RemoteKey, remote_offsets: Any,
                          lengths: Any) -> None:
