@@ -351,10 +351,22 @@ async def test_peer_killed_mid_flight_fails_every_pending_op(config: tuple[str, 
             tasks += [asyncio.create_task(ep.read(mr, 0, key, i, 64)) for i in range(500)]
             await asyncio.sleep(0.01)
             proc.kill()
+            # The ops above may all finish before the kill lands (on verbs the peer's kernel
+            # serves reads until its QPs are destroyed), so keep reads in flight until the
+            # endpoint notices the death: that moment must fail them, never strand them.
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + 10
+            while loop.time() < deadline:
+                wave = [asyncio.create_task(ep.read(mr, 0, key, i, 64)) for i in range(64)]
+                tasks += wave
+                _, pending = await asyncio.wait(wave, timeout=5)
+                assert not pending, f"{len(pending)} operations hung after the peer died"
+                if any(t.exception() is not None for t in wave):
+                    break
             done, pending = await asyncio.wait(tasks, timeout=5)
             assert not pending, f"{len(pending)} operations hung after the peer died"
             failures = [t.exception() for t in done if t.exception() is not None]
-            assert failures, "the peer died mid-flight but no operation failed"
+            assert failures, "the peer died but reads kept succeeding for 10 s"
             assert all(isinstance(e, rdmaio.EndpointBrokenError) for e in failures), failures
             with pytest.raises(rdmaio.EndpointBrokenError):
                 await ep.read(mr, 0, key, 0, 8)
