@@ -25,7 +25,8 @@ Coalescing window
 In-flight dedup
     A launched batch keeps, per table, the sorted array of rows it fetches.  A
     new caller looks its unique rows up in every batch still in flight (one
-    ``searchsorted`` per batch and table) and only adds the misses to the
+    ``searchsorted`` per batch and table; not on versioned plans, where a sent
+    read may predate an acknowledged update) and only adds the misses to the
     pending batch; it then waits for every batch it depends on and copies its
     rows out.  A batch's staging buffer is reference counted by its callers and
     returns to the client's pool when the last one has copied its rows.
@@ -35,6 +36,8 @@ Locality (``docs/locality.md``)
       ranker-side :class:`~flexemr._cache.RowCache`; only misses join the
       read path above, and the rows read are inserted when the batch lands
       (unless an :meth:`EmbeddingClient.invalidate` happened meanwhile).
+      On versioned plans hits are checked against their shards' ``GEN``
+      words, read by the same batch (cross-client coherence).
       ``adaptive=True`` sizes it with :class:`~flexemr._cache.AdaptiveCapacity`
       from the rows of recent batches (shrinks under load, grows when idle).
     * **pooled lookups** (:meth:`EmbeddingClient.lookup_pooled`): cached rows
@@ -95,7 +98,7 @@ from ._remap import RowRemap
 from ._replica import Backoff, ShardWriter
 from ._spec import TableSpec
 from ._split import SplitLookup, split_lookup
-from ._versioned import region_bytes, row_data, slot_bytes, validate_slots
+from ._versioned import CTL_GEN, ctl_offset, region_bytes, row_data, slot_bytes, validate_slots
 
 __all__ = ["MAX_WINDOW_US", "EmbeddingClient", "ReliabilityMetrics"]
 
@@ -273,7 +276,7 @@ class _Batch:
     """One coalesced round of reads (see the module docstring)."""
 
     __slots__ = ("needs", "pending_rows", "rows", "views", "future", "refs", "staging", "finished", "error", "epoch",
-                 "tainted")
+                 "tainted", "gen_regions", "gens")
 
     def __init__(self, future: asyncio.Future[None]) -> None:
         self.tainted = False  # a read failed (maybe still landing): do not reuse the staging buffer
@@ -287,10 +290,31 @@ class _Batch:
         self.staging: _Staging | None = None
         self.finished = False
         self.error: BaseException | None = None
+        self.gen_regions: set[str] = set()  # versioned shards whose GEN word this batch also reads
+        self.gens: dict[str, int] = {}      # ... and what it read
+
+
+class _GenCheck:
+    """Cache hits of one table waiting for their shards' GEN words (versioned plans).
+
+    ``snap`` holds the generation each shard's cached rows were filled under
+    when the hits were taken; a hit is stale if the GEN read by ``batch``
+    (sent after the hits were taken) differs.
+    """
+
+    __slots__ = ("batch", "ids", "shard_of", "regions", "snap")
+
+    def __init__(self, batch: _Batch, ids: IntArray, shard_of: IntArray, regions: dict[int, str],
+                 snap: dict[str, int | None]) -> None:
+        self.batch = batch
+        self.ids = ids
+        self.shard_of = shard_of
+        self.regions = regions
+        self.snap = snap
 
 
 class _Job:
-    __slots__ = ("table", "spec", "ids", "uniq", "inverse", "sources", "hit", "hit_rows")
+    __slots__ = ("table", "spec", "ids", "uniq", "inverse", "sources", "hit", "hit_rows", "gen")
 
     def __init__(self, table: str, spec: TableSpec, ids: IntArray) -> None:
         self.table = table
@@ -301,6 +325,7 @@ class _Job:
         self.sources: list[_Batch] = []
         self.hit: npt.NDArray[np.bool_] | None = None
         self.hit_rows: npt.NDArray[Any] | None = None
+        self.gen: _GenCheck | None = None
 
 
 @dataclass
@@ -486,6 +511,7 @@ class EmbeddingClient:
         elif adaptive:
             raise ConfigError("adaptive=True needs cache_bytes > 0")
         self._epoch = 0
+        self._known_gen: dict[str, int] = {}  # versioned shard region -> GEN its cached rows were read under
         self._last_batch_end = time.monotonic()
         # -- server pooling
         self.server_pooling = bool(server_pooling)
@@ -576,6 +602,13 @@ class EmbeddingClient:
                     raise r
             self._pool = _StagingPool(self._engine, self._staging_cache)
             await asyncio.gather(*(self._refresh_region(r) for r in self._region_shard))
+            if self._cache is not None and self._vslot:  # the GEN every shard's first cached rows are read under
+                b = self._pending_batch()
+                b.gen_regions.update(self._region_shard)
+                self._launch()
+                await b.future
+                if b.error is not None:
+                    raise b.error
         except BaseException:
             await self._teardown()
             self._closed = True
@@ -953,6 +986,9 @@ class EmbeddingClient:
                 if nh:
                     job.hit, job.hit_rows = hit, hit_rows
                     miss = uniq[~hit]
+                    job.gen = self._gen_check(table, uniq[hit])
+                    if job.gen is not None:
+                        batches[id(job.gen.batch)] = job.gen.batch
             m.unique_ids += int(uniq.size)
             job.uniq = miss
             job.inverse = np.arange(miss.size, dtype=np.int64)
@@ -972,6 +1008,10 @@ class EmbeddingClient:
                     await asyncio.shield(b.future)
                 if b.error is not None:
                     raise _caller_error(b.error)
+            for job in jobs:
+                if job.gen is not None:
+                    assert job.hit_rows is not None
+                    await self._refresh_stale(job.table, job.spec, job.gen, job.hit_rows)
             outs: list[npt.NDArray[Any]] = []
             for job in jobs:
                 miss_rows = self._gather(job)
@@ -1020,6 +1060,69 @@ class EmbeddingClient:
             self._sync_cache_metrics()
         return n
 
+    # Cross-client coherence of versioned tables.  Every update (of any client)
+    # commits a higher GEN on the shards it wrote before it is acknowledged.
+    # ``_known_gen[region]`` is the GEN the cached rows of that shard were read
+    # under: when a batch reads a different GEN, the shard's cached rows are
+    # dropped and the epoch is bumped (reads in flight then fill nothing).  A
+    # lookup's cache hits are used only once a GEN read sent *after* the hits
+    # were taken matches the snapshot; otherwise they are read again.
+
+    def _gen_check(self, table: str, ids: IntArray) -> _GenCheck | None:
+        """Have the pending batch read the GEN of the shards holding the hit rows ``ids`` (versioned tables)."""
+        if table not in self._vslot or ids.size == 0:
+            return None
+        shard_of = self.plan.route(table, ids)
+        shards = self.plan.shards[table]
+        regions = {i: shards[i].region_name for i in np.unique(shard_of).tolist()}
+        b = self._pending_batch()
+        b.gen_regions.update(regions.values())
+        return _GenCheck(b, ids, shard_of, regions, {r: self._known_gen.get(r) for r in regions.values()})
+
+    async def _refresh_stale(self, table: str, spec: TableSpec, check: _GenCheck,
+                             hit_rows: npt.NDArray[Any]) -> None:
+        """Replace, in ``hit_rows``, the hits whose shard's GEN moved since they were cached by fresh reads."""
+        b = check.batch
+        if not b.future.done():
+            await asyncio.shield(b.future)
+        if b.error is not None:
+            raise _caller_error(b.error)
+        moved = [i for i, r in check.regions.items() if b.gens.get(r) != check.snap[r]]
+        if not moved:
+            return
+        stale = np.isin(check.shard_of, moved)
+        n = int(np.count_nonzero(stale))
+        m = self.metrics
+        m.cache_stale_hits += n
+        m.cache_hits -= n
+        m.cache_misses += n
+        m.unique_ids -= n  # the re-read below counts them again
+        (rows,) = await self._fetch_unique([(table, spec, check.ids[stale])], probe=False)
+        hit_rows[stale] = rows
+
+    def _observe_gens(self, gens: Mapping[str, int]) -> None:
+        """A batch read these GEN words: forget the cached rows of every shard whose GEN moved."""
+        moved = [r for r, g in gens.items() if self._known_gen.get(r) != g]
+        if not moved:
+            return
+        self._epoch += 1
+        self._known_gen.update((r, gens[r]) for r in moved)
+        cache = self._cache
+        if cache is None:
+            return
+        by_table: dict[str, list[Shard]] = {}
+        for r in moved:
+            sh = self._region_shard[r]
+            by_table.setdefault(sh.table, []).append(sh)
+        for table, shards in by_table.items():
+            ids = cache.entries(table)[0]
+            drop = np.zeros(ids.size, dtype=bool)
+            for sh in shards:
+                drop |= (ids >= sh.row_start) & (ids < sh.row_end)
+            if drop.any():
+                cache.invalidate(table, ids[drop])
+        self._sync_cache_metrics()
+
     # ---------------------------------------------------------------- updates
 
     async def update(self, table: str, ids: object, rows: object) -> None:
@@ -1030,9 +1133,10 @@ class EmbeddingClient:
         lookup -- of this client or any other, on any replica serving reads --
         returns the new rows; concurrent lookups see each row entirely old or
         entirely new.  Duplicate ids: the last occurrence wins.  This client's
-        cache entries of the rows are dropped and in-flight reads are not
-        shared with later lookups (other clients' caches are not touched:
-        ``docs/reliability.md``).  Protocol: :mod:`flexemr._replica`.
+        cache entries of the rows are dropped at once; other clients' caches
+        find the shard's ``GEN`` moved on their next hit and re-read
+        (``docs/reliability.md``, "Cache coherence").  Protocol:
+        :mod:`flexemr._replica`.
 
         Raises, before any network traffic, :class:`UnknownTableError`,
         :class:`ConfigError` (plan not versioned), :class:`LookupIdError` or
@@ -1157,16 +1261,19 @@ class EmbeddingClient:
                  for t, spec, ids in zip(batch.keys, specs, ids_all)]
         raw = [p for p in plans if p.raw.any()]
         rpcs = [(p, entry) for p in plans for entry in p.remote]
+        checks = [(p, self._gen_check(p.table, p.uniq[p.hit])) for p in plans if p.hit_rows is not None]
         try:
             coros: list[Any] = [self._fetch_unique([(p.table, p.spec, p.uniq[p.raw]) for p in raw], probe=False)]
             coros += [self._pool_rpc(p, entry) for p, entry in rpcs]
+            coros += [self._refresh_stale(p.table, p.spec, c, p.hit_rows) for p, c in checks
+                      if c is not None and p.hit_rows is not None]
             results = await asyncio.gather(*coros, return_exceptions=True)
             for r in results:
                 if isinstance(r, BaseException):
                     raise r
             raw_rows = dict(zip((id(p) for p in raw), results[0]))
             remote: dict[int, list[PartialPool]] = {}
-            for (p, _), part in zip(rpcs, results[1:]):
+            for (p, _), part in zip(rpcs, results[1 : 1 + len(rpcs)]):
                 remote.setdefault(id(p), []).append(part)
             out = {p.table: self._combine(p, raw_rows.get(id(p)), remote.get(id(p), [])) for p in plans}
         except BaseException:
@@ -1400,7 +1507,9 @@ class EmbeddingClient:
         """Borrow rows already in flight; add the rest to the pending batch."""
         sources: list[_Batch] = []
         remaining = uniq
-        for b in self._inflight:
+        # A sent batch may have read a row before an update that was acknowledged
+        # before this lookup began: versioned plans never borrow from one.
+        for b in () if self.plan.versioned else self._inflight:
             rows = b.rows.get(table)
             if rows is None or b.epoch != self._epoch:  # sent before an invalidate(): maybe stale
                 continue
@@ -1415,6 +1524,14 @@ class EmbeddingClient:
                 if n == remaining.size:
                     return sources
                 remaining = remaining[~hit]
+        b = self._pending_batch()
+        b.needs.setdefault(table, []).append(remaining)
+        b.pending_rows += int(remaining.size)
+        sources.append(b)
+        return sources
+
+    def _pending_batch(self) -> _Batch:
+        """The batch that the current coalescing window fills (opened, and its launch scheduled, on demand)."""
         b = self._pending
         if b is None:
             loop = self._loop
@@ -1424,10 +1541,7 @@ class EmbeddingClient:
                 self._timer = loop.call_soon(self._launch)
             else:
                 self._timer = loop.call_later(self.coalesce_window_us / 1e6, self._launch)
-        b.needs.setdefault(table, []).append(remaining)
-        b.pending_rows += int(remaining.size)
-        sources.append(b)
-        return sources
+        return b
 
     def _gather(self, job: _Job) -> npt.NDArray[Any]:
         """Copy a caller's rows out of the staging views of the batches it depends on."""
@@ -1489,6 +1603,9 @@ class EmbeddingClient:
                 splits.append((split, pos, nbytes))
                 pos += nbytes
                 m.rows_read += split.num_unique
+            gen_regions = sorted(b.gen_regions)
+            gen_base = pos = -(-pos // 8) * 8
+            pos += 8 * len(gen_regions)
             st = b.staging = self._pool.acquire(pos)
             items: list[tuple[str, IntArray, IntArray, IntArray]] = []
             for split, base, _ in splits:
@@ -1499,6 +1616,11 @@ class EmbeddingClient:
                         rb, slot = vs
                         lo, ro, ln = lo // rb * slot, ro // rb * slot, ln // rb * slot
                     items.append((sub.region_name, lo + base if base else lo, ro, ln))
+            for i, region in enumerate(gen_regions):
+                sh = self._region_shard[region]
+                items.append((region, np.array([gen_base + 8 * i], dtype=np.int64),
+                              np.array([ctl_offset(self.plan.spec(sh.table), sh.num_rows) + CTL_GEN], dtype=np.int64),
+                              np.array([8], dtype=np.int64)))
             m.batches += 1
             await self._read_items(b, st, items)
             for (split, base, nbytes), table in zip(splits, b.rows):
@@ -1506,6 +1628,10 @@ class EmbeddingClient:
                     b.views[table] = await self._validated_rows(b, st, split.spec, b.rows[table], base)
                 else:
                     b.views[table] = _unique_rows(split, st.array[base : base + split.staging_bytes])
+            if gen_regions:
+                words = st.array[gen_base : gen_base + 8 * len(gen_regions)].view("<u8")
+                b.gens = dict(zip(gen_regions, words.tolist()))
+                self._observe_gens(b.gens)
             m.batch_latency.observe(time.perf_counter() - t0)
             self._last_batch_end = time.monotonic()
             self._adapt(sum(int(r.size) for r in b.rows.values()))

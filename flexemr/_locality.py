@@ -444,7 +444,9 @@ class LocalityMetrics(ClientMetrics):
         cache_misses         unique ids per call looked up in the cache and not found
         cache_inserts        rows inserted into the cache (fills after reads)
         cache_evictions      rows evicted (capacity pressure or adaptive shrink)
-        cache_invalidations  cached rows dropped by invalidate()
+        cache_invalidations  cached rows dropped by invalidate(), update() or a shard's GEN change
+        cache_stale_hits     cached rows of versioned shards found stale (the shard's GEN moved) and
+                             read again; counted in cache_misses, not cache_hits
         cache_resizes        adaptive capacity changes applied
         cache_capacity       current capacity in rows (a gauge)
         pooled_lookups       lookup_pooled calls
@@ -470,6 +472,7 @@ class LocalityMetrics(ClientMetrics):
     cache_inserts: int = 0
     cache_evictions: int = 0
     cache_invalidations: int = 0
+    cache_stale_hits: int = 0
     cache_resizes: int = 0
     cache_capacity: int = 0
     pooled_lookups: int = 0
@@ -483,7 +486,8 @@ class LocalityMetrics(ClientMetrics):
     prefetched_batches: int = 0
 
     _COUNTERS = ClientMetrics._COUNTERS + (
-        "cache_hits", "cache_misses", "cache_inserts", "cache_evictions", "cache_invalidations", "cache_resizes",
+        "cache_hits", "cache_misses", "cache_inserts", "cache_evictions", "cache_invalidations", "cache_stale_hits",
+        "cache_resizes",
         "cache_capacity", "pooled_lookups", "pooled_subrequests", "raw_subrequests", "pooled_bags", "pooled_rows",
         "local_pooled_rows", "pool_bytes_sent", "pool_bytes_received", "prefetched_batches")
 

@@ -96,13 +96,15 @@ async def test_soak_kill_restart(capsys: pytest.CaptureFixture[str]) -> None:
                                             "op_timeout": 2.0}) as cluster:
         truth = Truth(cluster.model()["emb"])
         clients = [await cluster.client(), await cluster.client()]
+        # a third ranker only reads, through a cache, rows that the other two keep updating
+        cached = await cluster.client(cache_bytes=ROWS // 4 * DIM * 4)
         stop = asyncio.Event()
         rng = random.Random(7)
 
-        async def reader(client: EmbeddingClient, seed: int) -> None:
+        async def reader(client: EmbeddingClient, seed: int, hot: int = ROWS) -> None:
             g = np.random.default_rng(seed)
             while not stop.is_set():
-                ids = g.integers(0, ROWS, 256)
+                ids = g.integers(0, hot, 256)
                 snap, s0 = truth.current.copy(), truth.seq
                 try:
                     got = await client.lookup("emb", ids)
@@ -141,12 +143,13 @@ async def test_soak_kill_restart(capsys: pytest.CaptureFixture[str]) -> None:
                 stats["kills"] += 1
                 await asyncio.sleep(rng.uniform(0.2, 1.5))
                 await cluster.restart(victim)
-                for c in clients:  # both in sync again before the next victim: one in-sync replica always
+                for c in (*clients, cached):  # all in sync again before the next victim: one in-sync replica always
                     assert await c.wait_healthy(20.0), f"{victim} did not come back"
                 await asyncio.sleep(rng.uniform(0.3, 1.5))
 
         tasks = [asyncio.ensure_future(t) for t in (
             *(reader(c, 10 * i + j) for i, c in enumerate(clients) for j in range(2)),
+            *(reader(cached, 50 + j, hot=ROWS // 8) for j in range(2)),
             *(writer(c, i) for i, c in enumerate(clients)))]
         chaos_task = asyncio.ensure_future(chaos())
         try:
@@ -166,16 +169,18 @@ async def test_soak_kill_restart(capsys: pytest.CaptureFixture[str]) -> None:
         got = await fresh.lookup("emb", np.arange(ROWS))
         w, lost = truth.check(np.arange(ROWS), got, truth.current.copy(), truth.seq, truth.seq)
         stats["wrong"] += w
-        rel = [c.reliability.snapshot() for c in clients]
+        rel = [c.reliability.snapshot() for c in (*clients, cached)]
     line = (f"flexemr soak: {SECONDS:.0f}s, 4 servers x replicas=2, kills={stats['kills']}, "
             f"ops={stats['lookups'] + stats['updates']} (lookups={stats['lookups']} rows={stats['rows']} "
             f"updates={stats['updates']}), failures surfaced={stats['failures']}, wrong rows={stats['wrong']}, "
             f"acknowledged updates lost={lost + stats['stale']}, "
             f"failovers={sum(r['failover_reads'] for r in rel)} resync copies={sum(r['resync_copies'] for r in rel)} "
-            f"torn re-reads={sum(r['torn_rereads'] for r in rel)}")
+            f"torn re-reads={sum(r['torn_rereads'] for r in rel)}, cached ranker: "
+            f"hits={cached.metrics.cache_hits} stale hits re-read={cached.metrics.cache_stale_hits}")
     with capsys.disabled():
         print("\n" + line)
     assert stats["wrong"] == 0
     assert lost + stats["stale"] == 0
     assert stats["kills"] >= (1 if SECONDS < 20 else 3)
+    assert cached.metrics.cache_hits > 0 and cached.metrics.cache_stale_hits > 0
     assert stats["updates"] > 0 and stats["lookups"] > 0

@@ -137,6 +137,105 @@ async def test_update_is_visible_to_every_later_lookup_and_cache() -> None:
         assert cached.reliability.updates == 5 and other.reliability.updates == 1
 
 
+async def test_another_clients_update_reaches_every_rankers_cache() -> None:
+    from flexemr import JaggedBatch
+    from flexemr._pooling import pool
+
+    async with LocalCluster(SPECS, servers=3, seed=5, replicas=2, versioned=True, in_process=True,
+                            transport="tcp") as cluster:
+        model = {k: v.copy() for k, v in cluster.model().items()}
+        reader = await cluster.client(cache_bytes=4 << 20)
+        writer = await cluster.client()
+        ids = np.arange(0, 3000, 3)
+        bags = JaggedBatch.from_lists({"emb": [ids[:40].tolist(), ids[40:41].tolist(), []]})
+        await reader.lookup("emb", ids)
+        assert np.array_equal(await reader.lookup("emb", ids), model["emb"][ids])
+        m = reader.metrics
+        assert m.cache_hits >= ids.size
+        warm_stale = m.cache_stale_hits        # first sight of each shard's GEN may drop what it had
+        rng = np.random.default_rng(1)
+        for step in range(4):
+            upd = rng.choice(3000, 30, replace=False)
+            vals = rng.standard_normal((30, DIM)).astype(np.float32)
+            await writer.update("emb", upd, vals)
+            model["emb"][upd] = vals
+            assert np.array_equal(await reader.lookup("emb", ids), model["emb"][ids]), step
+            want = pool(model["emb"][bags.ids("emb")], bags.bag_offsets("emb"), "sum")
+            got = (await reader.lookup_pooled(bags, mode="sum"))["emb"]
+            np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+        assert m.cache_stale_hits > warm_stale
+        # no update since: the cache serves again, nothing is found stale
+        stale = m.cache_stale_hits
+        hits = m.cache_hits
+        for _ in range(2):
+            assert np.array_equal(await reader.lookup("emb", ids), model["emb"][ids])
+        assert m.cache_stale_hits == stale and m.cache_hits - hits >= ids.size
+        assert m.unique_ids == m.rows_read + m.rows_shared + m.cache_hits
+
+
+async def test_cached_lookups_see_every_update_acknowledged_before_they_began() -> None:
+    """Writer generations are acknowledged one by one; a lookup that starts after
+    generation g was acknowledged must return generation >= g for every hot row,
+    whatever its cache holds (linearisable reads through the cache)."""
+    async with LocalCluster(SPECS, servers=2, seed=6, replicas=2, versioned=True, in_process=True,
+                            transport="tcp") as cluster:
+        initial = cluster.model()["emb"]
+        readers = [await cluster.client(cache_bytes=4 << 20) for _ in range(2)]
+        writer = await cluster.client()
+        acked = 0
+        stop = asyncio.Event()
+        checked = 0
+
+        async def write() -> None:
+            nonlocal acked
+            g = 0
+            while not stop.is_set():
+                g += 1
+                await writer.update("emb", HOT, _pattern(g, HOT))
+                acked = g
+                await asyncio.sleep(0.005)
+
+        async def read(client: EmbeddingClient, seed: int) -> None:
+            nonlocal checked
+            rng = np.random.default_rng(seed)
+            while not stop.is_set():
+                floor = acked
+                ids = np.concatenate((HOT, rng.integers(0, 3000, 100)))
+                rows = await client.lookup("emb", ids)
+                _check_rows(rows, ids, initial, acked + 1)
+                hot = rows[: HOT.size, 0].astype(np.int64) // 4096
+                assert (hot >= floor).all(), f"a lookup begun after generation {floor} returned {hot.min()}"
+                checked += 1
+
+        tasks = [asyncio.ensure_future(write()),
+                 *(asyncio.ensure_future(read(c, i)) for i, c in enumerate(readers) for _ in range(2))]
+        await asyncio.sleep(2.0)
+        stop.set()
+        await asyncio.wait_for(asyncio.gather(*tasks), 20)
+        assert acked > 5 and checked > 20
+        assert sum(r.metrics.cache_hits for r in readers) > 0          # the cache did serve rows
+        assert sum(r.metrics.cache_stale_hits for r in readers) > 0    # ... and stale ones were caught
+
+
+@pytest.mark.parametrize("versioned", [False, True])
+async def test_versioned_lookups_never_borrow_reads_sent_before_they_began(versioned: bool) -> None:
+    # a sent read may predate an update acknowledged since: updatable tables re-read instead
+    async with LocalCluster(SPECS, servers=2, seed=7, versioned=versioned, in_process=True,
+                            transport="tcp") as cluster:
+        client = await cluster.client()
+        ids = np.arange(0, 3000, 7)
+        first = asyncio.ensure_future(client.lookup("emb", ids))
+        for _ in range(2):                          # the first lookup joins a batch, then the batch is sent
+            await asyncio.sleep(0)
+        second = await client.lookup("emb", ids)
+        assert np.array_equal(await first, second)
+        m = client.metrics
+        if versioned:
+            assert m.inflight_hits == 0 and m.rows_read == 2 * ids.size
+        else:
+            assert m.inflight_hits == ids.size and m.rows_read == ids.size
+
+
 async def test_replica_down_during_update_is_resynced() -> None:
     async with LocalCluster(SPECS, servers=3, seed=4, replicas=2, versioned=True, in_process=True,
                             transport="tcp") as cluster:
