@@ -208,6 +208,7 @@ class Engine:
         self._channel_handlers: dict[str, ChannelHandler] = {}
         self._workers: list[Worker] = []
         self._conns: dict[int, Any] = {}
+        self._worker_failure: str | None = None
         self._conn_ids = itertools.count(1)
         self._endpoints: set[Endpoint] = set()
         self._listeners: set[Listener] = set()
@@ -255,6 +256,8 @@ class Engine:
         self._check_open()
         if not self._started or self._loop is None:
             raise UsageError("engine not started: use 'async with Engine(...)' or 'await engine.start()'")
+        if self._worker_failure is not None:
+            raise EndpointBrokenError(f"engine unusable: {self._worker_failure}")
         return self._loop
 
     @property
@@ -436,6 +439,20 @@ class Engine:
             owner = get(c)
             if owner is not None:
                 owner._on_dead(code)
+
+    def _on_worker_failed(self, index: int, err: int) -> None:
+        """A progress worker died (its poll failed with ``err``): completions it owed will never come.
+
+        Every connection is failed with that errno (their operations raise
+        :class:`EndpointBrokenError`), and the engine refuses new connections;
+        close it and start another.
+        """
+        if self._closed or self._worker_failure is not None:
+            return
+        self._worker_failure = f"progress worker {index} failed: {os.strerror(err)}"
+        log.error("engine unusable: %s", self._worker_failure)
+        for owner in list(self._conns.values()):
+            owner._on_dead(err)
 
     async def listen(self, host: str = "127.0.0.1", port: int = 0, *, backlog: int = 128) -> Listener:
         """Accept peers on ``host:port`` (port 0 picks a free one: see ``listener.port``)."""

@@ -39,6 +39,9 @@ Batch = tuple[list[int], list[int], list[int], list[int], list[int], list[int], 
 class CompletionSink(Protocol):
     def _on_batch(self, batch: Batch) -> None: ...
 
+    def _on_worker_failed(self, index: int, err: int) -> None:
+        """The worker's poll failed for good (``err`` an errno): nothing it owns completes any more."""
+
 
 class Worker:
     """One progress context: a native worker plus its driver (thread or loop reader)."""
@@ -91,6 +94,11 @@ class Worker:
         n = self._native_poll(0)
         if n > 0:
             self._sink._on_batch(self._collect())
+        elif n < 0:
+            log.error("worker %d: poll failed with errno %d", self.index, -n)
+            self.stop()
+            self._sink._on_worker_failed(self.index, -n)
+            return
         if self._native_backlog():
             self._loop.call_soon(self._poll_on_loop)
 
@@ -112,6 +120,10 @@ class Worker:
                     return
             elif n < 0:
                 log.error("worker %d: poll failed with errno %d", self.index, -n)
+                try:  # fail what it owned instead of leaving it pending forever
+                    self._loop.call_soon_threadsafe(self._sink._on_worker_failed, self.index, -n)
+                except RuntimeError:
+                    pass
                 return
 
     def _drain(self) -> None:

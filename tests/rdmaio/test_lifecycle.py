@@ -62,3 +62,35 @@ async def test_nothing_outlives_the_engines(progress: str, busy: bool) -> None:
     assert not leftover, f"tasks outlived their engines: {leftover}"
     assert threading.active_count() <= threads, [t.name for t in threading.enumerate()]
     assert open_fds() <= fds, f"{open_fds() - fds} file descriptors leaked"
+
+
+async def test_a_failed_progress_worker_fails_operations_instead_of_stranding_them() -> None:
+    async with rdmaio.Engine(transport="tcp", workers=1) as server, \
+            rdmaio.Engine(transport="tcp", workers=1, progress="thread") as client:
+        table = np.arange(1 << 16, dtype=np.uint8)
+        server.expose("t", server.register(table))
+        lst = await server.listen()
+        ep = await client.connect("127.0.0.1", lst.port)
+        key = await ep.remote_key("t")
+        out = client.register(np.zeros(1 << 16, dtype=np.uint8))
+        await ep.read(out, 0, key, 0, 4096)
+        # The worker's epoll descriptor now names a pipe: its next epoll_wait fails (EINVAL).
+        worker = client._workers[0]
+        r, w = os.pipe()
+        os.dup2(r, worker._fd())
+        os.close(r)
+        os.close(w)
+        inflight = asyncio.ensure_future(ep.read(out, 0, key, 0, 1 << 16))
+        worker.wake()
+        results = await asyncio.wait_for(asyncio.gather(inflight, return_exceptions=True), 5)
+        assert results[0] is None or isinstance(results[0], rdmaio.EndpointBrokenError), results
+        with pytest.raises(rdmaio.EndpointBrokenError):
+            await asyncio.wait_for(ep.read(out, 0, key, 0, 64), 5)
+        with pytest.raises(rdmaio.EndpointBrokenError, match="progress worker 0 failed"):
+            await client.connect("127.0.0.1", lst.port)
+        # the server is unaffected
+        async with rdmaio.Engine(transport="tcp") as other:
+            ep2 = await other.connect("127.0.0.1", lst.port)
+            buf = np.zeros(64, dtype=np.uint8)
+            await ep2.read(other.register(buf), 0, await ep2.remote_key("t"), 0, 64)
+            assert np.array_equal(buf, table[:64])
