@@ -659,7 +659,7 @@ class EmbeddingClient:
             raise MetadataError(f"server {server!r} at {addr} is not a flexemr embedding server") from exc
         except rdmaio.RdmaioError as exc:
             raise TransportError(f"reading the metadata of server {server!r}: {exc}") from exc
-        return decode_meta(buf)
+        return decode_meta(buf.data)
 
     def _check_meta(self, server: str, meta: ServerMeta, ep: rdmaio.Endpoint) -> dict[tuple[str, str], _Route]:
         """Validate a server's metadata against the plan (identity, shards, sizes); its routes."""
@@ -1267,7 +1267,7 @@ class EmbeddingClient:
             coros += [self._pool_rpc(p, entry) for p, entry in rpcs]
             coros += [self._refresh_stale(p.table, p.spec, c, p.hit_rows) for p, c in checks
                       if c is not None and p.hit_rows is not None]
-            results = await asyncio.gather(*coros, return_exceptions=True)
+            results: list[Any] = await asyncio.gather(*coros, return_exceptions=True)
             for r in results:
                 if isinstance(r, BaseException):
                     raise r

@@ -33,7 +33,7 @@ import logging
 import signal
 import sys
 import tempfile
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any, Literal
 
@@ -128,8 +128,9 @@ class LocalCluster:
             if isinstance(servers, bool) or not isinstance(servers, int) or servers < 1:
                 raise ConfigError(f"servers must be a positive int, got {servers!r}")
             names = [f"s{i}" for i in range(servers)]
-            builders = {"row_wise": ShardingPlan.row_wise, "table_wise": ShardingPlan.table_wise,
-                        "column_wise": ShardingPlan.column_wise}
+            builders: dict[str, Callable[..., ShardingPlan]] = {
+                "row_wise": ShardingPlan.row_wise, "table_wise": ShardingPlan.table_wise,
+                "column_wise": ShardingPlan.column_wise}
             if plan not in builders:
                 raise ConfigError(f"plan must be a ShardingPlan or one of {sorted(builders)}, got {plan!r}")
             extra: dict[str, Any] = {"replicas": replicas}

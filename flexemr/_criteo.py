@@ -229,11 +229,11 @@ def parse_criteo(data: bytes | bytearray | memoryview, *, first_line: int = 1, h
         i = int(bad[0])
         raise CriteoFormatError(first_line + i, f"expected {nf} tab-separated fields, found {int(fields[i])}", path)
     n = nl.size
-    starts = np.empty(seps.size, dtype=np.int64)
-    starts[0] = 0
-    starts[1:] = seps[:-1] + 1
-    lens = (seps - starts).reshape(n, nf)
-    starts = starts.reshape(n, nf)
+    flat_starts = np.empty(seps.size, dtype=np.int64)
+    flat_starts[0] = 0
+    flat_starts[1:] = seps[:-1] + 1
+    lens = (seps - flat_starts).reshape(n, nf)
+    starts = flat_starts.reshape(n, nf)
     names = _field_names(has_label)
     off = 1 if has_label else 0
 
@@ -356,6 +356,6 @@ def write_sample(path: str | os.PathLike[str], samples: int, *, seed: int = 0,
         col = [format(v, "08x") for v in hexvals[:, f].tolist()]
         cols.append([("" if m else v) for v, m in zip(col, cat_missing[:, f].tolist())])
     out = Path(path)
-    with open(out, "w", encoding="ascii", newline="\n") as f:
-        f.writelines("\t".join(row) + "\n" for row in zip(*cols))
+    with open(out, "w", encoding="ascii", newline="\n") as fh:
+        fh.writelines("\t".join(row) + "\n" for row in zip(*cols))
     return out

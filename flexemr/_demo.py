@@ -144,7 +144,7 @@ def _switch_value(param: inspect.Parameter, annotation: Any, on: bool, amount: i
     return amount if on else None
 
 
-def detect_support(client_cls: type = EmbeddingClient, *, cache_bytes: int = 32 << 20) -> dict[str, Support]:
+def detect_support(client_cls: type[Any] = EmbeddingClient, *, cache_bytes: int = 32 << 20) -> dict[str, Support]:
     """Which :data:`TECHNIQUES` ``client_cls`` has, and the keywords switching each (see module docstring)."""
     params = inspect.signature(client_cls).parameters
     try:  # resolves string annotations (``from __future__ import annotations``) such as Literal[...] aliases

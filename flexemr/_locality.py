@@ -54,7 +54,7 @@ import logging
 import struct
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import numpy.typing as npt
@@ -127,15 +127,15 @@ def encode_request(
         id_arr = np.ascontiguousarray(ids, dtype=np.uint32)
     else:
         id_arr = np.ascontiguousarray(ids, dtype=np.int64)
-    parts: list[Buffer] = [b"", name, _pad(len(name)), memoryview(id_arr).cast("B"), _pad(id_arr.nbytes)]
+    parts: list[Buffer] = [b"", name, _pad(len(name)), id_arr.data.cast("B"), _pad(id_arr.nbytes)]
     if weights is not None:
         flags |= _F_WEIGHTS
         wdt = np.dtype(weight_dtype)
         if wdt == np.float64:
             flags |= _F_W64
         w = np.ascontiguousarray(weights, dtype=np.float64 if wdt == np.float64 else np.float32)
-        parts += [memoryview(w).cast("B"), _pad(w.nbytes)]
-    parts.append(memoryview(np.ascontiguousarray(lengths, dtype=np.uint32)).cast("B"))
+        parts += [w.data.cast("B"), _pad(w.nbytes)]
+    parts.append(np.ascontiguousarray(lengths, dtype=np.uint32).data.cast("B"))
     parts[0] = _REQ.pack(_REQ_MAGIC, _VERSION, _OPS[mode], flags, len(name), id_arr.size, lengths.size)
     return parts
 
@@ -190,7 +190,7 @@ def encode_response(values: npt.NDArray[Any]) -> list[Buffer]:
     if code == 0 and v.dtype != np.float32:
         v = v.astype(np.float32)
     k, dim = v.shape
-    return [_RESP.pack(_RESP_MAGIC, 0, code, 0, k, dim), memoryview(v).cast("B")]
+    return [_RESP.pack(_RESP_MAGIC, 0, code, 0, k, dim), v.data.cast("B")]
 
 
 def encode_error(message: str) -> list[Buffer]:
@@ -485,7 +485,7 @@ class LocalityMetrics(ClientMetrics):
     pool_bytes_received: int = 0
     prefetched_batches: int = 0
 
-    _COUNTERS = ClientMetrics._COUNTERS + (
+    _COUNTERS: ClassVar[tuple[str, ...]] = ClientMetrics._COUNTERS + (
         "cache_hits", "cache_misses", "cache_inserts", "cache_evictions", "cache_invalidations", "cache_stale_hits",
         "cache_resizes",
         "cache_capacity", "pooled_lookups", "pooled_subrequests", "raw_subrequests", "pooled_bags", "pooled_rows",

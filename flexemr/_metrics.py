@@ -31,7 +31,7 @@ with one vectorised ``np.frexp`` + ``np.bincount``.
 from __future__ import annotations
 
 from dataclasses import dataclass, field, fields
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import numpy.typing as npt
@@ -116,8 +116,9 @@ class ClientMetrics:
     lookup_latency: LatencyHistogram = field(default_factory=LatencyHistogram, repr=False)
     batch_latency: LatencyHistogram = field(default_factory=LatencyHistogram, repr=False)
 
-    _COUNTERS = ("lookups", "ids_requested", "unique_ids", "rows_read", "rows_shared", "inflight_hits", "reads",
-                 "bytes_read", "subrequests", "batches", "errors")
+    _COUNTERS: ClassVar[tuple[str, ...]] = (
+        "lookups", "ids_requested", "unique_ids", "rows_read", "rows_shared", "inflight_hits", "reads",
+        "bytes_read", "subrequests", "batches", "errors")
 
     def snapshot(self) -> dict[str, Any]:
         """Counters plus ``lookup_latency`` / ``batch_latency`` histogram dicts (a copy)."""

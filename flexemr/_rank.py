@@ -36,7 +36,7 @@ import json
 import sys
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
+from collections.abc import AsyncGenerator, Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -271,7 +271,7 @@ class Ranker:
                 started.append((item, time.perf_counter()))
                 yield item[1].sparse
 
-        async def results() -> AsyncIterator[tuple[int, TraceBatch, float, F32]]:
+        async def results() -> AsyncGenerator[tuple[int, TraceBatch, float, F32], None]:
             if self.client_prefetch:
                 async with self.client.prefetch(sparse_source(), depth=self.prefetch, pooled="sum") as cs:
                     async for _, rows in cs:
@@ -488,8 +488,10 @@ def main_gen(args: argparse.Namespace) -> int:
         if not addrs:
             raise ConfigError("--servers names no server")
         specs = criteo_specs(args.scale, args.dim)
-        builder = {"row_wise": ShardingPlan.row_wise, "table_wise": ShardingPlan.table_wise,
-                   "column_wise": ShardingPlan.column_wise}[args.plan]
+        builders: dict[str, Callable[..., ShardingPlan]] = {
+            "row_wise": ShardingPlan.row_wise, "table_wise": ShardingPlan.table_wise,
+            "column_wise": ShardingPlan.column_wise}
+        builder = builders[args.plan]
         ClusterConfig(builder(specs, list(addrs)), addrs).write_toml(args.out)
         print(f"flexemr gen: wrote {args.out}: {len(addrs)} servers, {len(specs)} tables, "
               f"{sum(s.nbytes for s in specs) / (1 << 20):.0f} MiB")

@@ -139,8 +139,9 @@ class RowRemap:
 
     def save(self, path: str | os.PathLike[str]) -> None:
         """Write an ``.npz`` with one array per table (physical -> logical)."""
-        np.savez(path, **{f"t{i}": p for i, p in enumerate(self._p2l.values())},
-                 names=np.array(list(self._p2l), dtype=np.str_))
+        # Any values: numpy's stub gives savez an ``allow_pickle: bool`` keyword that mypy assumes **arrays may fill
+        arrays: dict[str, Any] = {f"t{i}": p for i, p in enumerate(self._p2l.values())}
+        np.savez(path, **arrays, names=np.array(list(self._p2l), dtype=np.str_))
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> RowRemap:

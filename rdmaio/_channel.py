@@ -187,7 +187,7 @@ class Channel:
     # -- sending ---------------------------------------------------------------
     async def send(self, buffers: Iterable[Buffer]) -> None:
         """Send one message made of ``buffers`` (gathered); waits while out of credits."""
-        parts = [memoryview(b).cast("B") if not isinstance(b, np.ndarray) else memoryview(np.ascontiguousarray(b)).cast("B")
+        parts = [memoryview(b).cast("B") if not isinstance(b, np.ndarray) else np.ascontiguousarray(b).data.cast("B")
                  for b in buffers]
         n = sum(p.nbytes for p in parts)
         if n > self.max_message:

@@ -23,7 +23,7 @@ import itertools
 import os
 import secrets
 import socket
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -84,6 +84,7 @@ async def _dial(loop: asyncio.AbstractEventLoop, host: str, port: int, first: di
                 ) -> tuple[socket.socket, ControlCodec, dict[str, Any]]:
     """Connect, send ``first``, answer a challenge if the listener sends one (see
     :mod:`rdmaio._auth`), and return the reply of type ``expect``."""
+    addr: str | tuple[Any, ...]
     if unix is not None:
         family, type_, proto, addr = socket.AF_UNIX, socket.SOCK_STREAM, 0, "\0" + unix
     else:
@@ -174,7 +175,7 @@ async def open_endpoint(engine: Engine, host: str, port: int, timeout: float) ->
         raise
 
 
-async def _wait_all(aws: list[Awaitable[Any]]) -> None:
+async def _wait_all(aws: Sequence[Awaitable[Any]]) -> None:
     """Wait for every part of a split operation (none is abandoned in flight), then raise the first failure."""
     if len(aws) == 1:
         await aws[0]
@@ -209,7 +210,9 @@ class Endpoint:
     def __init__(self, engine: Engine, peer: tuple[str, int], ctl: socket.socket, codec: ControlCodec,
                  data_socks: list[socket.socket], qps: list[Any] | None = None) -> None:
         self._engine = engine
-        self._loop = engine._loop
+        loop = engine._loop
+        assert loop is not None, "endpoints are built by a started engine"
+        self._loop: asyncio.AbstractEventLoop = loop
         self.peer = peer
         self._ctl = ctl
         self._codec = codec

@@ -12,6 +12,7 @@ An :class:`Engine` is bound to one running event loop.  It owns
 from __future__ import annotations
 
 import asyncio
+import functools
 import itertools
 import logging
 import os
@@ -677,7 +678,7 @@ class Listener:
                 session.verbs = engine._verbs.accept(hello, nqp, engine)
                 for i, vqp in enumerate(session.verbs.qps):  # [verbs channels] client -> server writes
                     vqp.on_imm = session.route_imm
-                    vqp._on_broken = lambda exc, i=i: session.fail_channels(exc, i)
+                    vqp._on_broken = functools.partial(session.fail_channels, qp_index=i)
                 welcome.update(session.verbs.welcome_fields())
             await self._loop.sock_sendall(sock, codec.encode(welcome))
             while True:

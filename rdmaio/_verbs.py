@@ -662,7 +662,9 @@ class VerbsQueuePair:
                 self._pump()
             return
         if self.broken is not None or self._closed:
-            self._chunk_done(ch, type(self.broken or ClosedError)(str(self.broken or "endpoint closed")))
+            err = (type(self.broken)(str(self.broken)) if self.broken is not None
+                   else ClosedError("endpoint closed"))
+            self._chunk_done(ch, err)
             return
         if self._passive:  # the client resets this QP (qp_reset): fail what is in flight until then
             self._pending[wr] = ch
