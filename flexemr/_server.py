@@ -150,6 +150,7 @@ class EmbeddingServer:
         self._region_bufs: dict[str, npt.NDArray[Any]] = {}
         self._regions: list[rdmaio.MemoryRegion] = []
         self._exposed: list[str] = []
+        self._pool_served = False
         self._listener: rdmaio.Listener | None = None
         self._address: ServerAddress | None = None
         self._closed = asyncio.Event()
@@ -298,6 +299,7 @@ class EmbeddingServer:
             self._expose(META_REGION, meta_mr)
             self.pool_service = PoolService(self.plan, self.shards, self._arrays)
             engine.serve_channel(POOL_CHANNEL, self._serve_pool)
+            self._pool_served = True
             self._listener = await engine.listen(self._bind.host, self._bind.port)
             self._address = ServerAddress(self._bind.host, self._listener.port)
         except BaseException:
@@ -353,6 +355,9 @@ class EmbeddingServer:
                 await self._listener.aclose()
             for name in self._exposed:
                 engine.unexpose(name)
+            if self._pool_served:
+                engine.unserve_channel(POOL_CHANNEL)
+                self._pool_served = False
             for mr in self._regions:
                 mr.close()
         self._listener = None

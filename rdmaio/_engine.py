@@ -407,6 +407,11 @@ class Engine:
         self._exposed[name] = mr
 
     def unexpose(self, name: str) -> None:
+        """Stop serving the key of region ``name`` to peers (a no-op for unknown names).
+
+        Peers that already hold the key keep access until the region is
+        closed: keys are capabilities.
+        """
         self._exposed.pop(name, None)
 
     def serve_channel(self, name: str, handler: ChannelHandler) -> None:
@@ -420,6 +425,16 @@ class Engine:
         if not callable(handler):
             raise UsageError("the channel handler must be an async callable")
         self._channel_handlers[name] = handler
+
+    def unserve_channel(self, name: str) -> None:
+        """Refuse new channels named ``name`` from now on (a no-op for unknown names).
+
+        Channels already open keep running until their handler returns or
+        either side closes them.
+
+        >>> # engine.serve_channel("echo", echo); ...; engine.unserve_channel("echo")
+        """
+        self._channel_handlers.pop(name, None)
 
     # -- connections ------------------------------------------------------------
     def _new_conn_id(self) -> int:

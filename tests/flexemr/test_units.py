@@ -192,6 +192,13 @@ async def test_npy_tables_and_engine_reuse(tmp_path: Path) -> None:
                 assert np.array_equal(await client.lookup("b", [39, 1]), arr_b[[39, 1]])
                 assert client.server_meta("s0").init["kind"] == "mixed"
         assert not engine.closed                          # not ours to close
+        # ... but nothing of the server is left on it: no region, no pooling channel
+        lst = await engine.listen()
+        ep = await engine.connect("127.0.0.1", lst.port)
+        with pytest.raises(rdmaio.RegionNotFoundError):
+            await ep.remote_key("flexemr/meta")
+        with pytest.raises(rdmaio.ChannelRefusedError):
+            await ep.channel("flexemr/pool")
     np.save(tmp_path / "bad.npy", np.zeros((3, 3), np.float32))
     with pytest.raises(ConfigError):
         async with EmbeddingServer(plan, "s0", npy={"a": tmp_path / "bad.npy"}, transport="tcp"):

@@ -168,6 +168,13 @@ async def test_many_channels_and_refusals(engines: tuple[rdmaio.Engine, rdmaio.E
         await chans[0].send([b"z" * 200])  # larger than the 128-byte slot
     with pytest.raises(rdmaio.UsageError):
         await ep.channel("upper", slots=0)
+    # unserving refuses new channels; those already open keep working
+    server.unserve_channel("upper")
+    server.unserve_channel("upper")  # idempotent
+    with pytest.raises(rdmaio.ChannelRefusedError):
+        await ep.channel("upper")
+    await chans[1].send([b"still"])
+    assert await chans[1].recv() == b"STILL"
     for c in chans:
         await c.aclose()
 
