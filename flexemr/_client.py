@@ -92,6 +92,7 @@ from ._pooling import (
     choose_pooling,
     combine_partials,
     pool,
+    server_partial_pool,
 )
 from ._prefetch import Prefetcher, PrefetchStream
 from ._remap import RowRemap
@@ -519,6 +520,7 @@ class EmbeddingClient:
         self._pool_slot_size = pool_slot_size
         self._pool_channels: dict[str, PoolChannel] = {}
         self._pool_refused: set[str] = set()
+        self._pool_pause: dict[str, tuple[float, Backoff]] = {}  # server -> (no pooling before, backoff)
         self._pool_opening: asyncio.Task[None] | None = None
         self._server_index = {name: i for i, name in enumerate(self.plan.servers)}
         self._pool_routes: dict[str, tuple[IntArray, IntArray]] = {}
@@ -1353,7 +1355,7 @@ class EmbeddingClient:
             nsrv = len(self.plan.servers)
             rbag = bag[r_idx]
             counts = np.bincount(srv * nb + rbag, minlength=nsrv * nb).reshape(nsrv, nb)
-            for name in self._pool_refused | (set(self.plan.servers) - set(self._pool_channels)):
+            for name in self._pool_refused | (set(self.plan.servers) - set(self._pool_channels)) | self._paused():
                 counts[self._server_index[name]] = 0  # no channel to that server: raw reads only
             mask = choose_pooling(counts, spec.dim, spec.np_dtype.itemsize)
             sel = mask[srv, rbag]
@@ -1384,12 +1386,34 @@ class EmbeddingClient:
         spec = p.spec
         acc = accumulation_dtype(spec.np_dtype)
         ch = self._pool_channels.get(server)
-        if ch is None or ch.broken:
-            raise TransportError(f"no pooling channel to server {server!r}")
-        parts = encode_request(p.table, ids, lengths, w, p.mode, num_rows=spec.num_rows, weight_dtype=acc)
-        values = decode_response(await ch.call(parts))
-        if values.shape != (touched.size, spec.dim):
-            raise TransportError(f"server {server!r} answered {values.shape} for {touched.size} bags")
+        try:
+            if ch is None or ch.broken:
+                raise TransportError(f"no pooling channel to server {server!r}")
+            parts = encode_request(p.table, ids, lengths, w, p.mode, num_rows=spec.num_rows, weight_dtype=acc)
+            values = decode_response(await ch.call(parts))
+            if values.shape != (touched.size, spec.dim):
+                raise TransportError(f"server {server!r} answered {values.shape} for {touched.size} bags")
+            self._pool_pause.pop(server, None)
+        except (TransportError, ClosedError) as exc:
+            if self._closed:
+                raise
+            # The pooling channel failed, which need not mean the rows are unreadable:
+            # read them raw (failover applies) and pool them here, as the server would have.
+            now = time.monotonic()
+            until, backoff = self._pool_pause.get(server) or (0.0, Backoff(0.5, 30.0))
+            if until <= now:  # one warning per pause, not one per lookup
+                delay = backoff.next()
+                self._pool_pause[server] = (now + delay, backoff)
+                log.warning("server %s: pooling request failed (%s); its rows are pooled on the ranker "
+                            "for the next %.1f s", server, exc, delay)
+            self.metrics.pool_fallbacks += 1
+            uniq, inv = _unique_inverse(ids, spec.num_rows)
+            (rows,) = await self._fetch_unique([(p.table, spec, uniq)], probe=False)
+            bags = np.repeat(np.arange(touched.size, dtype=np.int64), lengths)
+            part = server_partial_pool(rows[inv], bags, int(touched.size), w, with_max=p.mode == "max", dtype=acc)
+            pooled = part.max if p.mode == "max" else part.sum
+            assert pooled is not None
+            values = pooled
         nb = int(p.offsets.size - 1)
         count = np.zeros(nb, dtype=np.int64)
         count[touched] = lengths
@@ -1429,10 +1453,18 @@ class EmbeddingClient:
             local = PartialPool(_segment_reduce(np.add, vals, offs, 0.0, acc), count, None)
         return combine_partials([local, *remote], p.mode)
 
+    def _paused(self) -> set[str]:
+        """Servers whose pooling requests failed recently: raw reads only until their pause ends."""
+        if not self._pool_pause:
+            return set()
+        now = time.monotonic()
+        return {s for s, (until, _) in self._pool_pause.items() if until > now}
+
     async def _open_pool_channels(self) -> None:
         """Open the pooling channel to every server not tried yet (once; concurrent callers share the attempt)."""
+        paused = self._paused()
         todo = [s for s in self.plan.servers
-                if s not in self._pool_refused and self._peers[s].ep is not None
+                if s not in self._pool_refused and s not in paused and self._peers[s].ep is not None
                 and (s not in self._pool_channels or self._pool_channels[s].broken)]
         if not todo:
             return

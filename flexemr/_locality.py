@@ -457,6 +457,8 @@ class LocalityMetrics(ClientMetrics):
         local_pooled_rows    rows pooled on the ranker (cached or read raw; occurrences)
         pool_bytes_sent      pooling request bytes (frames + channel headers)
         pool_bytes_received  pooling response bytes
+        pool_fallbacks       pooling requests that failed (channel broken or refused, bad response) and
+                             were served by raw reads pooled on the ranker instead
         prefetched_batches   batches fetched through client.prefetch()
 
     ``network_bytes`` = ``bytes_read + pool_bytes_sent + pool_bytes_received``.
@@ -483,13 +485,15 @@ class LocalityMetrics(ClientMetrics):
     local_pooled_rows: int = 0
     pool_bytes_sent: int = 0
     pool_bytes_received: int = 0
+    pool_fallbacks: int = 0
     prefetched_batches: int = 0
 
     _COUNTERS: ClassVar[tuple[str, ...]] = ClientMetrics._COUNTERS + (
         "cache_hits", "cache_misses", "cache_inserts", "cache_evictions", "cache_invalidations", "cache_stale_hits",
         "cache_resizes",
         "cache_capacity", "pooled_lookups", "pooled_subrequests", "raw_subrequests", "pooled_bags", "pooled_rows",
-        "local_pooled_rows", "pool_bytes_sent", "pool_bytes_received", "prefetched_batches")
+        "local_pooled_rows", "pool_bytes_sent", "pool_bytes_received", "pool_fallbacks",
+        "prefetched_batches")
 
     @property
     def network_bytes(self) -> int:

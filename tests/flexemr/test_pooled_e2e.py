@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import numpy as np
 import pytest
 
@@ -112,6 +114,41 @@ async def test_cost_model_choice_is_used() -> None:
         client.metrics.reset()
         check(await client.lookup_pooled(many, "mean", server_pooling=False), reference(model, many, "mean", None))
         assert client.metrics.pooled_subrequests == 0 and client.metrics.rows_read > 0
+
+
+async def test_failed_pooling_requests_fall_back_to_raw_reads() -> None:
+    """A pooling channel that breaks or answers with an error costs bytes, never the lookup."""
+    from flexemr._locality import encode_error
+
+    spec = TableSpec("t", 4000, 32, "float32")
+    async with LocalCluster([spec], servers=2, seed=3, in_process=True, transport="tcp") as cluster:
+        s0, s1 = (cluster.server(name) for name in cluster.plan.servers)
+        assert s0.pool_service is not None and s1.pool_service is not None
+        s0.pool_service.handle = lambda data: encode_error("injected failure")  # type: ignore[method-assign]
+
+        async def hang_up(ch: object) -> None:          # s1 closes every pooling channel at once
+            return None
+
+        s1.pool_service.serve = hang_up  # type: ignore[method-assign]
+        client = await cluster.client()
+        model = cluster.model()
+        rng = np.random.default_rng(1)
+        multi = np.concatenate([np.concatenate([rng.integers(0, 2000, 8), rng.integers(2000, 4000, 8)])
+                                for _ in range(32)])
+        many = JaggedBatch(["t"], multi, lengths=np.full(32, 16))
+        w = rng.random(multi.size).astype(np.float32)
+        check(await client.lookup_pooled(many, "sum", w), reference(model, many, "sum", w))
+        m = client.metrics
+        assert m.pool_fallbacks == 2 and m.rows_read == np.unique(multi).size
+        # both servers are paused (at most 0.5 s at first): raw reads, no new requests to fail
+        sent = m.pooled_subrequests
+        check(await client.lookup_pooled(many, "max"), reference(model, many, "max", None))
+        assert m.pooled_subrequests == sent and m.pool_fallbacks == 2
+        # healed servers get pooling requests again once the pause is over
+        del s0.pool_service.handle, s1.pool_service.serve
+        await asyncio.sleep(0.6)
+        check(await client.lookup_pooled(many, "mean", w), reference(model, many, "mean", w))
+        assert m.pooled_subrequests == sent + 2 and m.pool_fallbacks == 2
 
 
 async def test_apis_and_errors() -> None:
