@@ -140,15 +140,17 @@ class Engine:
     poll_spin_us:
         tcp transport, thread progress: after a round that did work, a worker keeps
         polling (yielding the CPU to runnable threads) for up to this many µs before
-        it blocks.  0, the default, never spins; a small value can cut wake-up latency
-        on dedicated cores at the price of CPU time.
+        it blocks (default 50; 0 never spins).  An idle worker never spins: the
+        poll only bridges the gap to the next request of a busy peer, which would
+        otherwise pay for waking a sleeping CPU (on VMs, tens of µs; see
+        ``docs/performance.md``).  At most ``poll_spin_us`` of CPU per round.
     """
 
     def __init__(self, transport: TransportName = "auto", workers: int = 2, progress: ProgressMode = "thread", *,
                  qp_per_worker: bool = True, sq_depth: int = 1024, max_regions: int = 4096,
                  op_timeout: float | None = None, connect_timeout: float = 10.0,
                  handshake_timeout: float = 5.0, stripe_bytes: int = 0,
-                 socket_buffer: int = 4 << 20, same_host_fast_path: bool = True, poll_spin_us: int = 0,
+                 socket_buffer: int = 4 << 20, same_host_fast_path: bool = True, poll_spin_us: int = 50,
                  secret: bytes | str | None = None, heartbeat: float = 1.0, dead_peer_timeout: float = 5.0,
                  max_sessions: int = 1024, channel_memory: int = 1 << 30,
                  device: str | None = None, port: int | None = None, gid_index: int | None = None) -> None:

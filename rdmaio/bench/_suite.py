@@ -39,11 +39,12 @@ class Row:
 
 
 @contextlib.contextmanager
-def target(workers: int = 4, transport: str = "tcp") -> Iterator[int]:
-    """Start a target process; yields its port; always stops it."""
+def target(workers: int = 4, transport: str = "tcp", spin_us: int | None = None) -> Iterator[int]:
+    """Start a target process (``spin_us``: its ``poll_spin_us``); yields its port; always stops it."""
+    spin = [] if spin_us is None else ["--spin-us", str(spin_us)]
     proc = subprocess.Popen(
         [sys.executable, "-m", "rdmaio.bench._target", "--workers", str(workers), "--progress", "thread",
-         "--transport", transport, "--size", str(REGION)],
+         "--transport", transport, "--size", str(REGION), *spin],
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     try:
         assert proc.stdout is not None

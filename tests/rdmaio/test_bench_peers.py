@@ -75,3 +75,17 @@ def test_mooncake_missing_is_skipped(monkeypatch: pytest.MonkeyPatch) -> None:
     result = bench_mooncake(64, 1, duration=0.1)
     assert result.ops_per_s is None and result.gb_per_s is None
     assert result.skipped is not None and "not installed" in result.skipped
+
+
+def test_spin_sweep_runs_every_case_against_a_real_target() -> None:
+    import json
+    import subprocess
+    import sys
+
+    from rdmaio.bench.spin import CASES
+
+    out = subprocess.run([sys.executable, "-m", "rdmaio.bench.spin", "--duration", "0.2", "--runs", "1", "--json"],
+                         capture_output=True, text=True, timeout=120, check=True).stdout
+    cases = json.loads(out)["cases"]
+    assert [(c["target_spin_us"], c["client_progress"], c["client_spin_us"]) for c in cases] == CASES
+    assert all(len(c["ops_per_s"]) == 1 and c["ops_per_s"][0] > 100 for c in cases)
