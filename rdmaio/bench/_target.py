@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import sys
+from typing import Any
 
 import numpy as np
 
@@ -16,7 +17,7 @@ import rdmaio
 
 
 async def serve(workers: int, progress: str, size: int, transport: str, spin_us: int | None = None) -> None:
-    opts = {} if spin_us is None else {"poll_spin_us": spin_us}
+    opts: dict[str, Any] = {} if spin_us is None else {"poll_spin_us": spin_us}
     async with rdmaio.Engine(transport=transport, workers=workers, progress=progress,  # type: ignore[arg-type]
                              **opts) as engine:
         region = (np.arange(size, dtype=np.uint64) % 251).astype(np.uint8)
