@@ -644,6 +644,10 @@ class EmbeddingClient:
         peer.ep, peer.meta, peer.incarnation = ep, meta, meta.incarnation
         self._meta[server] = meta
         self._routes.update(routes)
+        # notice a server that dies while this client is not reading from it
+        # (e.g. the backup replica): fail it over and reconnect now, not when
+        # the next read finds out the hard way
+        ep.add_broken_callback(lambda exc: self.peer_failed(server, exc, ep))
         peer.ready.set()
 
     async def _read_meta(self, server: str, ep: rdmaio.Endpoint) -> ServerMeta:
@@ -802,11 +806,15 @@ class EmbeddingClient:
 
     def replica_status(self) -> dict[str, list[str]]:
         """Region -> replicas lookups currently read from (in-sync, connected)."""
-        return {r: [s for s in servers if self._peers[s].ep is not None] for r, servers in self._serving.items()}
+        return {r: [s for s in servers if self._live(s)] for r, servers in self._serving.items()}
+
+    def _live(self, server: str) -> bool:
+        ep = self._peers[server].ep
+        return ep is not None and ep.broken is None
 
     def healthy(self) -> bool:
         """True when every server is connected and every replica of every shard serves reads."""
-        return all(p.ep is not None for p in self._peers.values()) and all(
+        return all(self._live(s) for s in self._peers) and all(
             len(self.replica_status()[r]) == len(sh.replicas) for r, sh in self._region_shard.items())
 
     async def wait_healthy(self, timeout: float) -> bool:

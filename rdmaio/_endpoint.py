@@ -23,7 +23,7 @@ import itertools
 import os
 import secrets
 import socket
-from collections.abc import Awaitable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -205,6 +205,11 @@ class Endpoint:
         ep = await engine.connect("127.0.0.1", port)
         key = await ep.remote_key("table0")
         await ep.read(local_mr, 0, key, 4096, 64)     # 64 bytes from remote offset 4096
+
+    ``ep.broken`` is ``None`` while the endpoint works, else the exception that
+    broke it (peer gone, silent for ``dead_peer_timeout``, protocol error);
+    :meth:`add_broken_callback` tells you when that happens, also while no
+    operation is in flight.
     """
 
     def __init__(self, engine: Engine, peer: tuple[str, int], ctl: socket.socket, codec: ControlCodec,
@@ -221,6 +226,7 @@ class Endpoint:
         self._req_ids = itertools.count(1)
         self._closed = False
         self.broken: BaseException | None = None
+        self._broken_callbacks: list[Callable[[BaseException], object]] = []
         #: verbs: remote keys are checked locally before posting (the NIC cannot tell the errors apart)
         self._verbs = engine._verbs is not None
         workers = engine._workers
@@ -337,10 +343,32 @@ class Endpoint:
         if self.broken is not None:
             raise EndpointBrokenError(f"endpoint is broken: {self.broken}") from self.broken
 
+    def add_broken_callback(self, fn: Callable[[BaseException], object]) -> None:
+        """Call ``fn(exc)`` (soon, on the event loop) once the endpoint breaks.
+
+        At once (on the next loop iteration) if it is already broken; never
+        if it is closed first by :meth:`aclose` or :meth:`abort`.  Servers
+        that die while no operation is in flight are noticed through the
+        control connection (EOF at once, silence after ``dead_peer_timeout``).
+
+        >>> # ep.add_broken_callback(lambda exc: print("lost", ep.peer, exc))
+        """
+        if self.broken is not None:
+            self._loop.call_soon(fn, self.broken)
+        elif not self._closed:
+            self._broken_callbacks.append(fn)
+
+    def remove_broken_callback(self, fn: Callable[[BaseException], object]) -> None:
+        """Forget ``fn`` (every registration of it); a no-op if it is not registered."""
+        self._broken_callbacks = [f for f in self._broken_callbacks if f != fn]
+
     def _on_broken(self, exc: BaseException) -> None:
         if self.broken is not None or self._closed:
             return
         self.broken = exc
+        callbacks, self._broken_callbacks = self._broken_callbacks, []
+        for fn in callbacks:
+            self._loop.call_soon(fn, exc)
         for qp in self._qps:
             qp._die(exc)
         for ch in list(self._channels.values()):
@@ -370,6 +398,7 @@ class Endpoint:
         if self._closed:
             return
         self._closed = True
+        self._broken_callbacks.clear()
         self._reader.cancel()
         if self._pinger is not None:
             self._pinger.cancel()

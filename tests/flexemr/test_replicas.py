@@ -152,6 +152,29 @@ async def test_no_replica_left_fails_fast_and_recovers() -> None:
         assert np.array_equal(await client.lookup("user", ids), model["user"][ids])
 
 
+async def test_a_replica_that_dies_unread_is_noticed_and_restored_before_it_is_needed() -> None:
+    # The client reads only shard 0, from its primary; the backup dies and comes back without
+    # the client ever reading from it.  When the primary dies next, the backup must be usable.
+    async with LocalCluster(SPECS, servers=2, seed=5, replicas=2, transport="tcp", in_process=True) as cluster:
+        client = await cluster.client(reconnect_base=0.01, reconnect_cap=0.05)
+        model = cluster.model()
+        shard = cluster.plan.shards["user"][0]
+        primary, backup = shard.replicas
+        ids = np.arange(shard.row_start, shard.row_end, 7)
+        assert np.array_equal(await client.lookup("user", ids), model["user"][ids])
+        await cluster.kill(backup)
+        for _ in range(500):                          # noticed without any lookup touching it
+            if client.reliability.peer_failures:
+                break
+            await asyncio.sleep(0.01)
+        assert client.reliability.peer_failures == 1 and not client.healthy()
+        await cluster.restart(backup)
+        assert await client.wait_healthy(10.0)
+        await cluster.kill(primary)
+        assert np.array_equal(await client.lookup("user", ids), model["user"][ids])
+        assert client.reliability.peer_failures == 2
+
+
 async def test_hung_server_fails_over_within_op_timeout() -> None:
     async with LocalCluster(SPECS, servers=3, seed=5, replicas=2, transport="tcp") as cluster:
         client = await cluster.client(op_timeout=0.5, reconnect_cap=0.3)

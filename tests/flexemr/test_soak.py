@@ -17,6 +17,7 @@ a lost update.
 from __future__ import annotations
 
 import asyncio
+import collections
 import math
 import os
 import random
@@ -100,6 +101,7 @@ async def test_soak_kill_restart(capsys: pytest.CaptureFixture[str]) -> None:
         cached = await cluster.client(cache_bytes=ROWS // 4 * DIM * 4)
         stop = asyncio.Event()
         rng = random.Random(7)
+        reasons: collections.Counter[str] = collections.Counter()
 
         async def reader(client: EmbeddingClient, seed: int, hot: int = ROWS) -> None:
             g = np.random.default_rng(seed)
@@ -108,8 +110,9 @@ async def test_soak_kill_restart(capsys: pytest.CaptureFixture[str]) -> None:
                 snap, s0 = truth.current.copy(), truth.seq
                 try:
                     got = await client.lookup("emb", ids)
-                except FlexEMRError:
+                except FlexEMRError as exc:
                     stats["failures"] += 1
+                    reasons[f"lookup: {type(exc).__name__}: {str(exc)[:90]}"] += 1
                     await asyncio.sleep(0.01)
                     continue
                 w, s = truth.check(ids, got, snap, s0, truth.seq)
@@ -127,8 +130,9 @@ async def test_soak_kill_restart(capsys: pytest.CaptureFixture[str]) -> None:
                 truth.issue(rows, value)
                 try:
                     await client.update("emb", rows, Truth.pattern(value, rows))
-                except FlexEMRError:
+                except FlexEMRError as exc:
                     stats["failures"] += 1
+                    reasons[f"update: {type(exc).__name__}: {str(exc)[:90]}"] += 1
                     await asyncio.sleep(0.01)
                     continue
                 truth.ack(rows, value)
@@ -179,6 +183,8 @@ async def test_soak_kill_restart(capsys: pytest.CaptureFixture[str]) -> None:
             f"hits={cached.metrics.cache_hits} stale hits re-read={cached.metrics.cache_stale_hits}")
     with capsys.disabled():
         print("\n" + line)
+        for reason, n in reasons.most_common(5):
+            print(f"  failure x{n}: {reason}")
     assert stats["wrong"] == 0
     assert lost + stats["stale"] == 0
     assert stats["kills"] >= (1 if SECONDS < 20 else 3)

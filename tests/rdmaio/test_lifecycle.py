@@ -94,3 +94,37 @@ async def test_a_failed_progress_worker_fails_operations_instead_of_stranding_th
             buf = np.zeros(64, dtype=np.uint8)
             await ep2.read(other.register(buf), 0, await ep2.remote_key("t"), 0, 64)
             assert np.array_equal(buf, table[:64])
+
+
+@pytest.mark.parametrize("progress", ["thread", "loop"])
+async def test_broken_callbacks_fire_once_when_an_idle_peer_goes_away(progress: str) -> None:
+    async with rdmaio.Engine(transport="tcp", progress=progress) as client:  # type: ignore[arg-type]
+        server = rdmaio.Engine(transport="tcp")
+        await server.start()
+        lst = await server.listen()
+        ep = await client.connect("127.0.0.1", lst.port)
+        quiet = await client.connect("127.0.0.1", lst.port)
+        seen: list[BaseException] = []
+        removed: list[BaseException] = []
+        ep.add_broken_callback(seen.append)
+        ep.add_broken_callback(removed.append)
+        ep.remove_broken_callback(removed.append)
+        closed_first: list[BaseException] = []
+        quiet.add_broken_callback(closed_first.append)
+        await quiet.aclose()                      # closed by us: never "broken"
+        await ep.ping()
+        assert ep.broken is None and not seen
+        await server.aclose()                     # the peer goes away while nothing is in flight
+        for _ in range(300):
+            if seen:
+                break
+            await asyncio.sleep(0.01)
+        assert len(seen) == 1 and ep.broken is seen[0]
+        late: list[BaseException] = []
+        ep.add_broken_callback(late.append)       # registered after the fact: called at once
+        await asyncio.sleep(0)
+        assert late == seen and not removed and not closed_first
+        await asyncio.sleep(0.05)
+        assert len(seen) == 1
+        with pytest.raises(rdmaio.EndpointBrokenError):
+            await ep.ping()
