@@ -585,6 +585,12 @@ class EmbeddingClient:
 
         With a versioned plan the replicas of every shard are then checked
         (and brought) in sync (:meth:`ShardWriter.sync`) before reads use them.
+
+        A server that cannot be reached (refused, timed out) is tolerated when
+        every shard it holds has another replica that is reachable: the client
+        starts without it and reconnects in the background, like after a
+        failure (``healthy()`` is false meanwhile).  Otherwise, and for any
+        other error (metadata, authentication), :meth:`connect` raises.
         """
         if self._closed:
             raise ClosedError("client is closed")
@@ -599,9 +605,7 @@ class EmbeddingClient:
                 self._peers[s] = _Peer(s, Backoff(self.reconnect_base, self.reconnect_cap))
             results = await asyncio.gather(*(self._open_peer(s, self._connect_timeout) for s in self.plan.servers),
                                            return_exceptions=True)
-            for r in results:
-                if isinstance(r, BaseException):
-                    raise r
+            down = self._tolerable_failures(dict(zip(self.plan.servers, results)))
             self._pool = _StagingPool(self._engine, self._staging_cache)
             await asyncio.gather(*(self._refresh_region(r) for r in self._region_shard))
             if self._cache is not None and self._vslot:  # the GEN every shard's first cached rows are read under
@@ -616,8 +620,31 @@ class EmbeddingClient:
             self._closed = True
             raise
         self._connected = True
-        log.info("client connected to %d servers (%s)", len(self._peers), self._engine.transport)
+        log.info("client connected to %d servers (%s)", len(self._peers) - len(down), self._engine.transport)
+        for server, exc in down.items():
+            log.warning("server %s is down at start (%s); its replicas serve, reconnecting in the background",
+                        server, exc)
+            peer = self._peers[server]
+            peer.task = self._loop.create_task(self._reconnect(peer))
         return self
+
+    def _tolerable_failures(self, results: Mapping[str, BaseException | None]) -> dict[str, BaseException]:
+        """The servers ``connect`` may start without (unreachable, every shard replicated elsewhere); else raise."""
+        down: dict[str, BaseException] = {}
+        for server, r in results.items():
+            if r is None:
+                continue
+            cause = r.__cause__
+            unreachable = isinstance(r, TransportError) and (
+                cause is None or isinstance(cause, (rdmaio.EndpointBrokenError, rdmaio.TimeoutError, OSError))
+            ) and not isinstance(cause, rdmaio.AuthenticationError)
+            if not unreachable:
+                raise r
+            down[server] = r
+        for region, shard in self._region_shard.items():
+            if all(s in down for s in shard.replicas):
+                raise down[shard.replicas[0]]
+        return down
 
     async def _open_peer(self, server: str, timeout: float) -> None:
         """Connect to ``server``, read and check its metadata, install its endpoint and routes."""

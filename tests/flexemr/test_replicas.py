@@ -175,6 +175,36 @@ async def test_a_replica_that_dies_unread_is_noticed_and_restored_before_it_is_n
         assert client.reliability.peer_failures == 2
 
 
+@pytest.mark.parametrize("versioned", [False, True])
+async def test_a_client_starts_while_a_replicated_server_is_down(versioned: bool) -> None:
+    async with LocalCluster(SPECS, servers=3, seed=5, replicas=2, versioned=versioned, transport="tcp",
+                            in_process=True) as cluster:
+        model = cluster.model()
+        await cluster.kill("s1")
+        client = await cluster.client(reconnect_base=0.01, reconnect_cap=0.05)
+        assert not client.healthy()
+        ids = np.arange(0, 4000, 3)
+        assert np.array_equal(await client.lookup("user", ids), model["user"][ids])
+        if versioned:
+            await client.update("user", [1, 2], np.ones((2, 16), np.float32))
+        await cluster.restart("s1")
+        assert await client.wait_healthy(10.0)
+        if versioned:                       # the restarted replica was brought in sync before serving
+            for sh in cluster.plan.shards["user"]:
+                if sh.row_start <= 1 < sh.row_end and "s1" in sh.replicas:
+                    assert client.replica_status()[sh.region_name] == list(sh.replicas)
+            assert (await client.lookup("user", [1, 2]) == 1).all()
+        await cluster.kill("s0")            # now s1 must carry the shards it shares with s0
+        assert np.array_equal(await client.lookup("user", ids), model["user"][ids])  # rows 1, 2 not among ids
+
+
+async def test_a_client_does_not_start_without_every_shard() -> None:
+    async with LocalCluster(SPECS, servers=2, seed=5, transport="tcp", in_process=True) as cluster:
+        await cluster.kill("s1")            # no replicas: s1's shards are unreachable
+        with pytest.raises(TransportError, match="s1"):
+            await cluster.client()
+
+
 async def test_hung_server_fails_over_within_op_timeout() -> None:
     async with LocalCluster(SPECS, servers=3, seed=5, replicas=2, transport="tcp") as cluster:
         client = await cluster.client(op_timeout=0.5, reconnect_cap=0.3)
