@@ -97,7 +97,9 @@ class TcpQueuePair:
         self._closed = False
         for w in workers:
             rc = lib.rio_conn_attach(self._c, w.c)
-            if rc:
+            if rc:  # detach from the workers attached so far and free the native connection
+                lib.rio_conn_close(self._c)
+                self._c = None
                 raise OSError(-rc, os.strerror(-rc))
 
     @property

@@ -128,3 +128,26 @@ async def test_broken_callbacks_fire_once_when_an_idle_peer_goes_away(progress: 
         assert len(seen) == 1
         with pytest.raises(rdmaio.EndpointBrokenError):
             await ep.ping()
+
+
+async def test_a_queue_pair_that_cannot_attach_leaves_no_trace_in_the_workers() -> None:
+    import socket
+
+    from rdmaio._tcp import TcpQueuePair
+
+    async with rdmaio.Engine(transport="tcp", workers=2, progress="thread") as engine:
+        good, bad = engine._workers
+        r, w = os.pipe()
+        os.dup2(r, bad._fd())             # epoll_ctl on the second worker now fails (EINVAL)
+        os.close(r)
+        os.close(w)
+        a, b = socket.socketpair()
+        try:
+            with pytest.raises(OSError):
+                TcpQueuePair(asyncio.get_running_loop(), a, 999, [good, bad], 16, None, lambda exc: None)
+            with open(f"/proc/self/fdinfo/{good._fd()}") as f:
+                watched = [line.split()[1] for line in f if line.startswith("tfd:")]
+            assert str(a.fileno()) not in watched, "the first worker still polls the failed queue pair"
+        finally:
+            a.close()
+            b.close()
