@@ -106,6 +106,10 @@ __all__ = ["MAX_WINDOW_US", "EmbeddingClient", "ReliabilityMetrics"]
 log = logging.getLogger(__name__)
 
 IntArray = npt.NDArray[np.int64]
+#: A shard replica's GEN word as read: (server, server incarnation, GEN).  GEN
+#: restarts at 0 with the server and differs between replicas mid-commit, so
+#: only the whole token identifies a state of the shard.
+GenToken = tuple[str, int, int]
 
 #: Upper bound of ``coalesce_window_us``.
 MAX_WINDOW_US = 10_000
@@ -234,6 +238,7 @@ class _Route:
     key: rdmaio.RemoteKey
     base: int
     own_key: rdmaio.RemoteKey
+    incarnation: int = 0  #: the server's start identity (:class:`~flexemr._meta.ServerMeta`)
 
 
 @dataclass
@@ -292,7 +297,7 @@ class _Batch:
         self.finished = False
         self.error: BaseException | None = None
         self.gen_regions: set[str] = set()  # versioned shards whose GEN word this batch also reads
-        self.gens: dict[str, int] = {}      # ... and what it read
+        self.gens: dict[str, GenToken] = {}  # ... and what it read
 
 
 class _GenCheck:
@@ -305,8 +310,8 @@ class _GenCheck:
 
     __slots__ = ("batch", "ids", "shard_of", "regions", "snap")
 
-    def __init__(self, batch: _Batch, ids: IntArray, shard_of: IntArray, regions: dict[int, str],
-                 snap: dict[str, int | None]) -> None:
+    def __init__(self, batch: _Batch | None, ids: IntArray, shard_of: IntArray, regions: dict[int, str],
+                 snap: dict[str, GenToken | None]) -> None:
         self.batch = batch
         self.ids = ids
         self.shard_of = shard_of
@@ -512,7 +517,7 @@ class EmbeddingClient:
         elif adaptive:
             raise ConfigError("adaptive=True needs cache_bytes > 0")
         self._epoch = 0
-        self._known_gen: dict[str, int] = {}  # versioned shard region -> GEN its cached rows were read under
+        self._known_gen: dict[str, GenToken] = {}  # versioned shard region -> what its cached rows were read under
         self._last_batch_end = time.monotonic()
         # -- server pooling
         self.server_pooling = bool(server_pooling)
@@ -616,8 +621,8 @@ class EmbeddingClient:
                 if b.error is not None:
                     raise b.error
         except BaseException:
+            self._closed = True  # first: failure callbacks firing during the teardown start nothing
             await self._teardown()
-            self._closed = True
             raise
         self._connected = True
         log.info("client connected to %d servers (%s)", len(self._peers) - len(down), self._engine.transport)
@@ -729,9 +734,10 @@ class EmbeddingClient:
                 if e.arena_offset is not None:
                     if arena is None or e.arena_offset + nbytes > arena.length:
                         raise MetadataError(f"server {server!r}: region {name!r} lies outside the arena")
-                    routes[(server, name)] = _Route(server, ep, (server, ""), arena, e.arena_offset, own)
+                    routes[(server, name)] = _Route(server, ep, (server, ""), arena, e.arena_offset, own,
+                                                    meta.incarnation)
                 else:
-                    routes[(server, name)] = _Route(server, ep, (server, name), own, 0, own)
+                    routes[(server, name)] = _Route(server, ep, (server, name), own, 0, own, meta.incarnation)
         except rdmaio.UsageError as exc:
             raise MetadataError(f"server {server!r} sent a malformed remote key: {exc}") from exc
         return routes
@@ -741,11 +747,15 @@ class EmbeddingClient:
     async def _refresh_region(self, region: str) -> None:
         """Recompute which replicas of ``region`` reads may use (versioned: after bringing them in sync)."""
         shard = self._region_shard[region]
+        eps = {s: self._peers[s].ep for s in shard.replicas}
         if self.plan.versioned:
             serving = await self._writer.sync(shard)
         else:
-            serving = [s for s in shard.replicas if self._peers[s].ep is not None]
-        self._serving[region] = serving
+            serving = [s for s in shard.replicas if eps[s] is not None]
+        # a replica that failed (and maybe came back, not yet resynced) while the
+        # sync ran is not vouched for by it: its own reconnect will add it
+        self._serving[region] = [s for s in serving
+                                 if eps[s] is not None and self._peers[s].ep is eps[s] and self._live(s)]
 
     def replica_endpoint(self, server: str) -> rdmaio.Endpoint | None:
         """The live endpoint to ``server`` (``None`` while it is down)."""
@@ -800,6 +810,10 @@ class EmbeddingClient:
         """Background: reconnect with backoff, validate the metadata, resync, route reads back."""
         timeout = min(self._connect_timeout, max(2.0, self.reconnect_cap))
         while not self._closed:
+            engine = self._engine
+            if engine is not None and engine.failure is not None:
+                log.error("not reconnecting to %s: this client's engine failed (%s)", peer.name, engine.failure)
+                return
             delay = peer.backoff.next()
             peer.kick.clear()
             try:
@@ -906,6 +920,9 @@ class EmbeddingClient:
             raise ClosedError("client is closed")
         if not self._connected or self._loop is None:
             raise ClosedError("client is not connected: use 'async with client' or 'await client.connect()'")
+        failure = self._engine.failure if self._engine is not None else None
+        if failure is not None:
+            raise TransportError(f"this client's rdmaio engine failed ({failure}): close the client, create another")
         return self._loop
 
     # ------------------------------------------------------------------ lookups
@@ -1024,7 +1041,7 @@ class EmbeddingClient:
                     job.hit, job.hit_rows = hit, hit_rows
                     miss = uniq[~hit]
                     job.gen = self._gen_check(table, uniq[hit])
-                    if job.gen is not None:
+                    if job.gen is not None and job.gen.batch is not None:
                         batches[id(job.gen.batch)] = job.gen.batch
             m.unique_ids += int(uniq.size)
             job.uniq = miss
@@ -1099,27 +1116,36 @@ class EmbeddingClient:
 
     # Cross-client coherence of versioned tables.  Every update (of any client)
     # commits a higher GEN on the shards it wrote before it is acknowledged.
-    # ``_known_gen[region]`` is the GEN the cached rows of that shard were read
-    # under: when a batch reads a different GEN, the shard's cached rows are
+    # ``_known_gen[region]`` is the GenToken (replica, its incarnation, GEN) the
+    # cached rows of that shard were read under: when a batch reads another
+    # token -- an update committed, reads moved to another replica, or the
+    # server restarted and counts from 0 again -- the shard's cached rows are
     # dropped and the epoch is bumped (reads in flight then fill nothing).  A
     # lookup's cache hits are used only once a GEN read sent *after* the hits
     # were taken matches the snapshot; otherwise they are read again.
 
-    def _gen_check(self, table: str, ids: IntArray) -> _GenCheck | None:
-        """Have the pending batch read the GEN of the shards holding the hit rows ``ids`` (versioned tables)."""
+    def _gen_check(self, table: str, ids: IntArray, *, place: bool = True) -> _GenCheck | None:
+        """Snapshot what the hit rows ``ids`` were cached under (versioned tables), and with ``place``
+        have the pending batch read their shards' GEN now (else :meth:`_refresh_stale` does)."""
         if table not in self._vslot or ids.size == 0:
             return None
         shard_of = self.plan.route(table, ids)
         shards = self.plan.shards[table]
         regions = {i: shards[i].region_name for i in np.unique(shard_of).tolist()}
-        b = self._pending_batch()
-        b.gen_regions.update(regions.values())
-        return _GenCheck(b, ids, shard_of, regions, {r: self._known_gen.get(r) for r in regions.values()})
+        check = _GenCheck(None, ids, shard_of, regions, {r: self._known_gen.get(r) for r in regions.values()})
+        if place:
+            self._place_gen_check(check)
+        return check
+
+    def _place_gen_check(self, check: _GenCheck) -> _Batch:
+        b = check.batch = self._pending_batch()
+        b.gen_regions.update(check.regions.values())
+        return b
 
     async def _refresh_stale(self, table: str, spec: TableSpec, check: _GenCheck,
                              hit_rows: npt.NDArray[Any]) -> None:
         """Replace, in ``hit_rows``, the hits whose shard's GEN moved since they were cached by fresh reads."""
-        b = check.batch
+        b = check.batch or self._place_gen_check(check)
         if not b.future.done():
             await asyncio.shield(b.future)
         if b.error is not None:
@@ -1137,7 +1163,7 @@ class EmbeddingClient:
         (rows,) = await self._fetch_unique([(table, spec, check.ids[stale])], probe=False)
         hit_rows[stale] = rows
 
-    def _observe_gens(self, gens: Mapping[str, int]) -> None:
+    def _observe_gens(self, gens: Mapping[str, GenToken]) -> None:
         """A batch read these GEN words: forget the cached rows of every shard whose GEN moved."""
         moved = [r for r, g in gens.items() if self._known_gen.get(r) != g]
         if not moved:
@@ -1298,7 +1324,8 @@ class EmbeddingClient:
                  for t, spec, ids in zip(batch.keys, specs, ids_all)]
         raw = [p for p in plans if p.raw.any()]
         rpcs = [(p, entry) for p in plans for entry in p.remote]
-        checks = [(p, self._gen_check(p.table, p.uniq[p.hit])) for p in plans if p.hit_rows is not None]
+        # the GEN reads join the raw reads' batch: placed when their coroutine starts, after the raw one's
+        checks = [(p, self._gen_check(p.table, p.uniq[p.hit], place=False)) for p in plans if p.hit_rows is not None]
         try:
             coros: list[Any] = [self._fetch_unique([(p.table, p.spec, p.uniq[p.raw]) for p in raw], probe=False)]
             coros += [self._pool_rpc(p, entry) for p, entry in rpcs]
@@ -1428,7 +1455,9 @@ class EmbeddingClient:
             values = decode_response(await ch.call(parts))
             if values.shape != (touched.size, spec.dim):
                 raise TransportError(f"server {server!r} answered {values.shape} for {touched.size} bags")
-            self._pool_pause.pop(server, None)
+            pause = self._pool_pause.get(server)
+            if pause is not None and time.monotonic() >= pause[0]:  # not a request sent before the pause
+                del self._pool_pause[server]
         except (TransportError, ClosedError) as exc:
             if self._closed:
                 raise
@@ -1689,19 +1718,20 @@ class EmbeddingClient:
                               np.array([ctl_offset(self.plan.spec(sh.table), sh.num_rows) + CTL_GEN], dtype=np.int64),
                               np.array([8], dtype=np.int64)))
             m.batches += 1
-            await self._read_items(b, st, items)
+            served = await self._read_items(b, st, items)
             for (split, base, nbytes), table in zip(splits, b.rows):
                 if table in self._vslot:
                     b.views[table] = await self._validated_rows(b, st, split.spec, b.rows[table], base)
                 else:
                     b.views[table] = _unique_rows(split, st.array[base : base + split.staging_bytes])
             if gen_regions:
-                words = st.array[gen_base : gen_base + 8 * len(gen_regions)].view("<u8")
-                b.gens = dict(zip(gen_regions, words.tolist()))
+                words = st.array[gen_base : gen_base + 8 * len(gen_regions)].view("<u8").tolist()
+                b.gens = {r: (served[r].server, served[r].incarnation, g) for r, g in zip(gen_regions, words)}
                 self._observe_gens(b.gens)
             m.batch_latency.observe(time.perf_counter() - t0)
             self._last_batch_end = time.monotonic()
-            self._adapt(sum(int(r.size) for r in b.rows.values()))
+            if b.rows:  # a batch of GEN reads only says nothing about the load
+                self._adapt(sum(int(r.size) for r in b.rows.values()))
         except asyncio.CancelledError:
             b.error = ClosedError("client closed while the lookup was in flight")
             raise
@@ -1737,17 +1767,18 @@ class EmbeddingClient:
         return self._routes[(live[0], region)]
 
     async def _read_items(self, b: _Batch, st: _Staging,
-                          items: list[tuple[str, IntArray, IntArray, IntArray]]) -> None:
+                          items: list[tuple[str, IntArray, IntArray, IntArray]]) -> dict[str, _Route]:
         """Issue ``(region, local, remote-in-shard, length)`` reads; a failed server's share is re-read elsewhere.
 
         Each round groups the reads by the server (and key) now serving their
         region; a group that fails marks its server down (:meth:`peer_failed`,
         which drops it from every route) and is re-issued in the next round.
         Rounds end when everything landed or a region has no replica left
-        (:class:`TransportError`).
+        (:class:`TransportError`).  Returns the route that served each region.
         """
         m = self.metrics
         step = self.max_reads_per_request
+        served: dict[str, _Route] = {}
         pending = items
         while pending:
             groups: dict[tuple[str, str], tuple[_Route, list[tuple[str, IntArray, IntArray, IntArray]],
@@ -1791,6 +1822,7 @@ class EmbeddingClient:
             pending = []
             for (route, its, _), r in zip(glist, results):
                 if r is None:
+                    served.update((item[0], route) for item in its)
                     continue
                 if not isinstance(r, rdmaio.RdmaioError) or isinstance(r, rdmaio.UsageError):
                     raise r
@@ -1798,6 +1830,7 @@ class EmbeddingClient:
                 self.peer_failed(route.server, r, route.endpoint)
                 self.reliability.failover_reads += 1
                 pending.extend(its)
+        return served
 
     async def _validated_rows(self, b: _Batch, st: _Staging, spec: TableSpec, rows: IntArray,
                               base: int) -> npt.NDArray[Any]:

@@ -233,12 +233,19 @@ class Endpoint:
         for vqp in qps or ():  # verbs queue pairs, already connected by open_verbs_endpoint
             engine._conns[vqp.conn_id] = vqp
             self._qps.append(vqp)
-        for i, s in enumerate(data_socks):
-            conn_id = engine._new_conn_id()
-            attach = workers if not engine._qp_per_worker else [workers[i % len(workers)]]
-            qp = TcpQueuePair(self._loop, s, conn_id, attach, engine._sq_depth, engine._op_timeout, self._on_broken)
-            engine._conns[conn_id] = qp
-            self._qps.append(qp)
+        try:
+            for i, s in enumerate(data_socks):
+                conn_id = engine._new_conn_id()
+                attach = workers if not engine._qp_per_worker else [workers[i % len(workers)]]
+                qp = TcpQueuePair(self._loop, s, conn_id, attach, engine._sq_depth, engine._op_timeout,
+                                  self._on_broken)
+                engine._conns[conn_id] = qp
+                self._qps.append(qp)
+        except BaseException:  # the caller closes the sockets; the queue pairs built so far go too
+            for qp in self._qps:
+                engine._conns.pop(qp.conn_id, None)
+                qp.close()
+            raise
         self._last = self._qps[0]
         # channels: tcp — the reverse queue pair on which the peer writes to us; verbs — our own
         # QPs (open_verbs_endpoint sets their on_imm to _route_imm)

@@ -143,7 +143,10 @@ class Engine:
         it blocks (default 50; 0 never spins).  An idle worker never spins: the
         poll only bridges the gap to the next request of a busy peer, which would
         otherwise pay for waking a sleeping CPU (on VMs, tens of µs; see
-        ``docs/performance.md``).  At most ``poll_spin_us`` of CPU per round.
+        ``docs/performance.md``).  At most ``poll_spin_us`` of CPU per round, but
+        a worker that gets a request at least every ``poll_spin_us`` never
+        sleeps: under such a steady stream it keeps its core busy.  Use 0 where
+        CPU time matters more than depth-1 latency.
     """
 
     def __init__(self, transport: TransportName = "auto", workers: int = 2, progress: ProgressMode = "thread", *,
@@ -462,15 +465,29 @@ class Engine:
         """A progress worker died (its poll failed with ``err``): completions it owed will never come.
 
         Every connection is failed with that errno (their operations raise
-        :class:`EndpointBrokenError`), and the engine refuses new connections;
-        close it and start another.
+        :class:`EndpointBrokenError`), the listeners stop accepting, and
+        ``connect``/``listen`` raise: peers see this engine go away instead of
+        one that answers its control connection but never completes an
+        operation.  :attr:`failure` says why; close the engine and start another.
         """
         if self._closed or self._worker_failure is not None:
             return
         self._worker_failure = f"progress worker {index} failed: {os.strerror(err)}"
         log.error("engine unusable: %s", self._worker_failure)
+        for lst in list(self._listeners):
+            lst._abort()
+        for ep in list(self._endpoints):
+            ep._on_broken(EndpointBrokenError(f"engine unusable: {self._worker_failure}"))
         for owner in list(self._conns.values()):
             owner._on_dead(err)
+
+    @property
+    def failure(self) -> str | None:
+        """Why the engine became unusable (a progress worker's poll failed for good), else ``None``.
+
+        >>> # if engine.failure: await engine.aclose()  # and start a new one
+        """
+        return self._worker_failure
 
     async def listen(self, host: str = "127.0.0.1", port: int = 0, *, backlog: int = 128) -> Listener:
         """Accept peers on ``host:port`` (port 0 picks a free one: see ``listener.port``)."""

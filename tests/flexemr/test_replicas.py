@@ -205,6 +205,26 @@ async def test_a_client_does_not_start_without_every_shard() -> None:
             await cluster.client()
 
 
+async def test_a_failed_client_engine_is_reported_not_retried() -> None:
+    async with LocalCluster(SPECS, servers=2, seed=5, transport="tcp", in_process=True) as cluster:
+        client = await cluster.client(engine_options={"progress": "thread", "workers": 1})
+        await client.lookup("user", [1, 2, 3])
+        worker = client.engine._workers[0]
+        r, w = os.pipe()
+        os.dup2(r, worker._fd())          # the client's only progress worker fails on its next poll
+        os.close(r)
+        os.close(w)
+        worker.wake()
+        for _ in range(300):
+            if client.engine.failure:
+                break
+            await asyncio.sleep(0.01)
+        with pytest.raises(TransportError, match="engine failed"):
+            await client.lookup("user", [1, 2, 3])
+        await asyncio.sleep(0.1)
+        assert all(p.task is None or p.task.done() for p in client._peers.values()), "reconnecting forever"
+
+
 async def test_hung_server_fails_over_within_op_timeout() -> None:
     async with LocalCluster(SPECS, servers=3, seed=5, replicas=2, transport="tcp") as cluster:
         client = await cluster.client(op_timeout=0.5, reconnect_cap=0.3)

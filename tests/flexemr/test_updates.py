@@ -173,6 +173,39 @@ async def test_another_clients_update_reaches_every_rankers_cache() -> None:
         assert m.unique_ids == m.rows_read + m.rows_shared + m.cache_hits
 
 
+async def test_a_restarted_server_reusing_gen_numbers_does_not_fool_the_cache() -> None:
+    # GEN restarts at 0 with the server: "GEN 1" before and after a restart are different states.
+    async with LocalCluster([TableSpec("emb", 100, 8)], servers=1, seed=3, versioned=True, in_process=True,
+                            transport="tcp") as cluster:
+        reader = await cluster.client(cache_bytes=1 << 20, reconnect_base=0.02, reconnect_cap=0.1)
+        writer = await cluster.client(reconnect_base=0.02, reconnect_cap=0.1)
+        x = np.array([5])
+        await writer.update("emb", x, np.full((1, 8), 1.0, np.float32))      # GEN 0 -> 1
+        for _ in range(4):                                                    # cached under GEN 1
+            assert (await reader.lookup("emb", x) == 1.0).all()
+        assert reader.metrics.cache_hits >= 2
+        await cluster.kill("s0")
+        await cluster.restart("s0")                                           # GEN 0, initial rows
+        assert await writer.wait_healthy(5.0) and await reader.wait_healthy(5.0)
+        await writer.update("emb", x, np.full((1, 8), 2.0, np.float32))      # GEN 0 -> 1 again, acknowledged
+        assert (await reader.lookup("emb", x) == 2.0).all()
+
+
+async def test_gen_reads_travel_in_the_batch_of_the_lookups_misses() -> None:
+    from flexemr import JaggedBatch
+
+    async with LocalCluster([TableSpec("emb", 100, 8)], servers=2, seed=3, replicas=2, versioned=True,
+                            in_process=True, transport="tcp") as cluster:
+        client = await cluster.client(cache_bytes=1 << 20)
+        await client.lookup("emb", [1, 2, 3, 4, 5])                       # cached
+        m = client.metrics
+        for call in (lambda: client.lookup("emb", np.array([1, 2, 3, 80, 90])),
+                     lambda: client.lookup_pooled(JaggedBatch.from_lists({"emb": [[1, 2, 3], [60, 70]]}))):
+            before, hits = m.batches, m.cache_hits
+            await call()
+            assert m.batches - before == 1 and m.cache_hits - hits == 3    # hits checked, misses read: one batch
+
+
 async def test_cached_lookups_see_every_update_acknowledged_before_they_began() -> None:
     """Writer generations are acknowledged one by one; a lookup that starts after
     generation g was acknowledged must return generation >= g for every hot row,

@@ -74,6 +74,8 @@ async def test_a_failed_progress_worker_fails_operations_instead_of_stranding_th
         key = await ep.remote_key("t")
         out = client.register(np.zeros(1 << 16, dtype=np.uint8))
         await ep.read(out, 0, key, 0, 4096)
+        own = await client.listen()               # the failed engine must stop accepting, too
+        assert client.failure is None
         # The worker's epoll descriptor now names a pipe: its next epoll_wait fails (EINVAL).
         worker = client._workers[0]
         r, w = os.pipe()
@@ -88,8 +90,11 @@ async def test_a_failed_progress_worker_fails_operations_instead_of_stranding_th
             await asyncio.wait_for(ep.read(out, 0, key, 0, 64), 5)
         with pytest.raises(rdmaio.EndpointBrokenError, match="progress worker 0 failed"):
             await client.connect("127.0.0.1", lst.port)
-        # the server is unaffected
+        assert client.failure is not None and "progress worker 0 failed" in client.failure
+        # the server is unaffected; the failed engine accepts nobody
         async with rdmaio.Engine(transport="tcp") as other:
+            with pytest.raises(rdmaio.RdmaioError):
+                await other.connect("127.0.0.1", own.port, timeout=2)
             ep2 = await other.connect("127.0.0.1", lst.port)
             buf = np.zeros(64, dtype=np.uint8)
             await ep2.read(other.register(buf), 0, await ep2.remote_key("t"), 0, 64)
@@ -151,3 +156,21 @@ async def test_a_queue_pair_that_cannot_attach_leaves_no_trace_in_the_workers() 
         finally:
             a.close()
             b.close()
+
+
+async def test_an_endpoint_whose_second_queue_pair_cannot_attach_leaves_nothing_behind() -> None:
+    async with rdmaio.Engine(transport="tcp") as server, \
+            rdmaio.Engine(transport="tcp", workers=2, progress="thread", same_host_fast_path=False) as client:
+        lst = await server.listen()
+        good, bad = client._workers
+        r, w = os.pipe()
+        os.dup2(r, bad._fd())             # the queue pair of worker 1 cannot attach
+        os.close(r)
+        os.close(w)
+        conns = dict(client._conns)
+        with pytest.raises(Exception):
+            await client.connect("127.0.0.1", lst.port)
+        assert client._conns == conns, "queue pairs of the failed endpoint are still registered"
+        with open(f"/proc/self/fdinfo/{good._fd()}") as f:
+            watched = [int(line.split()[1]) for line in f if line.startswith("tfd:")]
+        assert watched == [good.c.wakefd], "worker 0 still polls a queue pair of the failed endpoint"
