@@ -30,9 +30,11 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import signal
 import sys
 import tempfile
+import time
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any, Literal
@@ -61,6 +63,29 @@ def _tail(path: Path, limit: int = 2000) -> str:
     except OSError:
         return ""
     return text[-limit:].strip()
+
+
+async def _stopped(pid: int, timeout: float) -> None:
+    """Wait until every thread of ``pid`` is in the stopped state ("T" in /proc; a no-op elsewhere).
+
+    Signal delivery is asynchronous: a thread busy on another CPU can still
+    serve a request or two after ``kill`` returned.
+    """
+    task_dir = f"/proc/{pid}/task"
+    if not os.path.isdir(task_dir):
+        return
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            states = []
+            for tid in os.listdir(task_dir):
+                with open(f"{task_dir}/{tid}/stat") as f:
+                    states.append(f.read().rsplit(")", 1)[1].split()[0])
+        except OSError:  # a thread or the process went away meanwhile
+            return
+        if all(s in ("T", "t") for s in states):
+            return
+        await asyncio.sleep(0.001)
 
 
 class LocalCluster:
@@ -275,7 +300,8 @@ class LocalCluster:
             raise ConfigError(f"unknown server {name!r}; known {list(self.plan.servers)}")
 
     async def kill(self, name: str, sig: int = signal.SIGKILL) -> None:
-        """Send ``sig`` to server ``name`` (subprocess mode); SIGKILL/SIGTERM: wait until it is gone.
+        """Send ``sig`` to server ``name`` (subprocess mode); SIGKILL/SIGTERM: wait until it is gone,
+        SIGSTOP: until every thread of it is stopped (at most 5 s).
 
         In-process mode the server is closed abruptly instead (any ``sig``
         but SIGSTOP, which needs a process).
@@ -295,6 +321,8 @@ class LocalCluster:
             return
         if sig in (signal.SIGKILL, signal.SIGTERM):
             await proc.wait()
+        elif sig == signal.SIGSTOP:
+            await _stopped(proc.pid, 5.0)
 
     async def resume(self, name: str) -> None:
         """SIGCONT a server stopped with ``kill(name, signal.SIGSTOP)``."""
