@@ -54,6 +54,7 @@ import numpy as np
 import numpy.typing as npt
 
 from ._errors import ConfigError, InputError
+from ._spec import _is_int
 
 __all__ = ["AdaptiveCapacity", "CachePolicy", "CacheStats", "RowCache"]
 
@@ -66,10 +67,6 @@ _MAX_ROW = (1 << _ROW_BITS) - 1
 _EMPTY = -1
 _TOMB = -2
 _HASH_MUL = np.uint64(0x9E3779B97F4A7C15)
-
-
-def _is_int(value: object) -> bool:
-    return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
 
 
 @dataclass

@@ -45,7 +45,7 @@ import numpy as np
 import numpy.typing as npt
 
 from ._errors import ConfigError, InputError, LookupIdError, UnknownTableError
-from ._spec import TableSpec
+from ._spec import TableSpec, _is_int
 
 __all__ = [
     "SHARDING_KINDS",
@@ -62,10 +62,6 @@ __all__ = [
 SHARDING_KINDS: tuple[str, ...] = ("row_wise", "table_wise", "column_wise", "explicit")
 
 IntArray = npt.NDArray[np.int64]
-
-
-def _is_int(value: object) -> bool:
-    return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
 
 
 def _preview(values: npt.NDArray[Any], limit: int = 8) -> str:
