@@ -222,6 +222,16 @@ def _as_specs(specs: Iterable[TableSpec] | Mapping[str, TableSpec]) -> list[Tabl
     return items
 
 
+def _specs_and_servers(specs: Iterable[TableSpec] | Mapping[str, TableSpec],
+                       servers: Sequence[str]) -> tuple[list[TableSpec], tuple[str, ...]]:
+    """The checked arguments every plan constructor starts from."""
+    items = _as_specs(specs)
+    servers_t = tuple(servers)
+    if not servers_t:
+        raise ConfigError("a plan needs at least one server")
+    return items, servers_t
+
+
 # -------------------------------------------------------------------------- plan
 
 
@@ -503,16 +513,13 @@ class ShardingPlan:
         servers after its primary (cyclically; :func:`_replicate`);
         ``versioned=True`` makes the tables updatable (``docs/reliability.md``).
         """
-        items = _as_specs(specs)
-        servers_t = tuple(servers)
+        items, servers_t = _specs_and_servers(specs, servers)
         if rows_per_shard is not None and shards_per_server is not None:
             raise ConfigError("give rows_per_shard or shards_per_server, not both")
         if rows_per_shard is not None and (not _is_int(rows_per_shard) or rows_per_shard < 1):
             raise ConfigError(f"rows_per_shard must be an integer >= 1, got {rows_per_shard!r}")
         if shards_per_server is not None and (not _is_int(shards_per_server) or shards_per_server < 1):
             raise ConfigError(f"shards_per_server must be an integer >= 1, got {shards_per_server!r}")
-        if not servers_t:
-            raise ConfigError("a plan needs at least one server")
         load = dict.fromkeys(servers_t, 0)
         out: dict[str, list[Shard]] = {}
         for spec in items:
@@ -541,10 +548,7 @@ class ShardingPlan:
 
         ``replicas`` and ``versioned`` as in :meth:`row_wise`.
         """
-        items = _as_specs(specs)
-        servers_t = tuple(servers)
-        if not servers_t:
-            raise ConfigError("a plan needs at least one server")
+        items, servers_t = _specs_and_servers(specs, servers)
         load = dict.fromkeys(servers_t, 0)
         out: dict[str, list[Shard]] = {}
         for spec in sorted(items, key=lambda s: -s.nbytes):
@@ -568,10 +572,7 @@ class ShardingPlan:
         ``dim``; shards go to the least-loaded server.  ``replicas`` as in
         :meth:`row_wise` (column shards cannot be versioned).
         """
-        items = _as_specs(specs)
-        servers_t = tuple(servers)
-        if not servers_t:
-            raise ConfigError("a plan needs at least one server")
+        items, servers_t = _specs_and_servers(specs, servers)
         if shards_per_table is not None and (not _is_int(shards_per_table) or shards_per_table < 1):
             raise ConfigError(f"shards_per_table must be an integer >= 1, got {shards_per_table!r}")
         load = dict.fromkeys(servers_t, 0)
