@@ -30,7 +30,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import os
 import signal
 import sys
 import tempfile
@@ -41,6 +40,7 @@ from typing import Any, Literal
 
 import numpy as np
 import numpy.typing as npt
+from rdmaio.testing import threads_stopped
 
 from ._client import EmbeddingClient
 from ._errors import ClosedError, ConfigError, FlexEMRError
@@ -66,25 +66,9 @@ def _tail(path: Path, limit: int = 2000) -> str:
 
 
 async def _stopped(pid: int, timeout: float) -> None:
-    """Wait until every thread of ``pid`` is in the stopped state ("T" in /proc; a no-op elsewhere).
-
-    Signal delivery is asynchronous: a thread busy on another CPU can still
-    serve a request or two after ``kill`` returned.
-    """
-    task_dir = f"/proc/{pid}/task"
-    if not os.path.isdir(task_dir):
-        return
+    """Wait (at most ``timeout`` s) until every thread of ``pid`` is stopped (:func:`rdmaio.testing.threads_stopped`)."""
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            states = []
-            for tid in os.listdir(task_dir):
-                with open(f"{task_dir}/{tid}/stat") as f:
-                    states.append(f.read().rsplit(")", 1)[1].split()[0])
-        except OSError:  # a thread or the process went away meanwhile
-            return
-        if all(s in ("T", "t") for s in states):
-            return
+    while not threads_stopped(pid) and time.monotonic() < deadline:
         await asyncio.sleep(0.001)
 
 

@@ -16,6 +16,7 @@ import pytest
 
 import rdmaio
 from rdmaio._wire import ControlCodec
+from rdmaio.testing import threads_stopped
 
 SECRET = b"cluster-secret-1"
 
@@ -124,15 +125,7 @@ async def test_nothing_is_served_before_authentication() -> None:
 
 def _wait_stopped(pid: int) -> None:
     deadline = time.monotonic() + 5
-    while time.monotonic() < deadline:
-        states = []
-        for task in Path(f"/proc/{pid}/task").iterdir():
-            try:
-                states.append(task.joinpath("stat").read_text().rsplit(")", 1)[1].split()[0])
-            except OSError:
-                pass
-        if states and all(st in "Tt" for st in states):
-            return
+    while not threads_stopped(pid) and time.monotonic() < deadline:
         time.sleep(0.001)
 
 
