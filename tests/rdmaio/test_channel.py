@@ -8,16 +8,13 @@ The server uses the configuration's progress mode, the client the other one.
 from __future__ import annotations
 
 import asyncio
-import os
 import random
-import subprocess
-import sys
 from collections.abc import AsyncIterator
-from pathlib import Path
 
 import pytest
 
 import rdmaio
+from tests.rdmaio.peers import peer_process
 from tests.rdmaio.transports import config_params
 
 OTHER = {"thread": "loop", "loop": "thread"}
@@ -182,13 +179,7 @@ async def test_many_channels_and_refusals(engines: tuple[rdmaio.Engine, rdmaio.E
 @pytest.mark.parametrize("config", config_params())
 async def test_peer_death_wakes_the_channel(config: tuple[str, str]) -> None:
     transport, progress = config
-    here = Path(__file__).parent
-    script = here / "channel_peer.py"
-    proc = subprocess.Popen([sys.executable, str(script), transport, progress], stdout=subprocess.PIPE,
-                            env={**os.environ, "PYTHONPATH": str(here.parent.parent)})
-    try:
-        assert proc.stdout is not None
-        port = int(proc.stdout.readline())
+    with peer_process("channel_peer.py", transport, progress) as (proc, port):
         async with rdmaio.Engine(transport=transport, workers=1, progress=progress) as client:
             ep = await client.connect("127.0.0.1", port)
             ch = await ep.channel("echo")
@@ -199,11 +190,6 @@ async def test_peer_death_wakes_the_channel(config: tuple[str, str]) -> None:
             proc.kill()
             with pytest.raises((rdmaio.EndpointBrokenError, rdmaio.ClosedError)):
                 await asyncio.wait_for(pending, 5)
-    finally:
-        proc.kill()
-        proc.wait()
-        if proc.stdout:
-            proc.stdout.close()
 
 
 async def test_close_while_the_peer_streams_keeps_the_endpoint_usable(

@@ -7,17 +7,14 @@ filled with a known pattern, and an initiator engine with an endpoint to it.
 from __future__ import annotations
 
 import asyncio
-import os
-import subprocess
-import sys
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import pytest
 
 import rdmaio
+from tests.rdmaio.peers import peer_process
 from tests.rdmaio.transports import config_params
 
 TABLE = 16 << 20
@@ -337,13 +334,8 @@ async def test_listener_survives_a_closing_client(pair: Pair) -> None:
 @pytest.mark.parametrize("config", config_params())
 async def test_peer_killed_mid_flight_fails_every_pending_op(config: tuple[str, str]) -> None:
     transport, progress = config
-    here = Path(__file__).parent
     size = PEER_SIZE[transport]
-    proc = subprocess.Popen([sys.executable, str(here / "peer_server.py"), transport, progress, str(size)],
-                            stdout=subprocess.PIPE, env={**os.environ, "PYTHONPATH": str(here.parent.parent)})
-    try:
-        assert proc.stdout is not None
-        port = int(proc.stdout.readline())
+    with peer_process("peer_server.py", transport, progress, str(size)) as (proc, port):
         async with rdmaio.Engine(transport=transport, workers=2, progress=progress) as client:
             ep = await client.connect("127.0.0.1", port)
             key = await ep.remote_key("table")
@@ -375,11 +367,6 @@ async def test_peer_killed_mid_flight_fails_every_pending_op(config: tuple[str, 
             with pytest.raises(rdmaio.EndpointBrokenError):
                 await ep.read(mr, 0, key, 0, 8)
             await ep.aclose()
-    finally:
-        proc.kill()
-        proc.wait()
-        if proc.stdout:
-            proc.stdout.close()
 
 
 async def test_connect_to_nothing_fails_cleanly() -> None:

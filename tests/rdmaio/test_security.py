@@ -6,10 +6,7 @@ import asyncio
 import os
 import signal
 import socket
-import subprocess
-import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -17,6 +14,7 @@ import pytest
 import rdmaio
 from rdmaio._wire import ControlCodec
 from rdmaio.testing import threads_stopped
+from tests.rdmaio.peers import peer_process
 
 SECRET = b"cluster-secret-1"
 
@@ -130,12 +128,7 @@ def _wait_stopped(pid: int) -> None:
 
 
 async def test_a_hung_peer_fails_operations_within_the_heartbeat_bound() -> None:
-    here = Path(__file__).parent
-    proc = subprocess.Popen([sys.executable, str(here / "peer_server.py"), "tcp", "thread", str(1 << 20)],
-                            stdout=subprocess.PIPE, env={**os.environ, "PYTHONPATH": str(here.parent.parent)})
-    try:
-        assert proc.stdout is not None
-        port = int(proc.stdout.readline())
+    with peer_process("peer_server.py", "tcp", "thread", str(1 << 20)) as (proc, port):  # killed even when stopped
         async with rdmaio.Engine(transport="tcp", heartbeat=0.5, dead_peer_timeout=2.0) as client:
             ep = await client.connect("127.0.0.1", port)
             key = await ep.remote_key("table")
@@ -150,12 +143,6 @@ async def test_a_hung_peer_fails_operations_within_the_heartbeat_bound() -> None
             assert not still, "operations on a hung peer must fail, not hang"
             assert all(isinstance(t.exception(), rdmaio.EndpointBrokenError) for t in done)
             assert elapsed < 4.0, f"failed after {elapsed:.1f} s; bound is ~dead_peer_timeout + heartbeat"
-    finally:
-        os.kill(proc.pid, signal.SIGCONT)
-        proc.kill()
-        proc.wait()
-        if proc.stdout:
-            proc.stdout.close()
 
 
 async def test_connect_retries_with_backoff_until_the_listener_appears() -> None:
