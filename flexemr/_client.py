@@ -754,8 +754,7 @@ class EmbeddingClient:
             serving = [s for s in shard.replicas if eps[s] is not None]
         # a replica that failed (and maybe came back, not yet resynced) while the
         # sync ran is not vouched for by it: its own reconnect will add it
-        self._serving[region] = [s for s in serving
-                                 if eps[s] is not None and self._peers[s].ep is eps[s] and self._live(s)]
+        self._serving[region] = [s for s in serving if self._peers[s].ep is eps[s] and self._live(s)]
 
     def replica_endpoint(self, server: str) -> rdmaio.Endpoint | None:
         """The live endpoint to ``server`` (``None`` while it is down)."""
@@ -855,8 +854,10 @@ class EmbeddingClient:
 
     def healthy(self) -> bool:
         """True when every server is connected and every replica of every shard serves reads."""
-        return all(self._live(s) for s in self._peers) and all(
-            len(self.replica_status()[r]) == len(sh.replicas) for r, sh in self._region_shard.items())
+        if not all(self._live(s) for s in self._peers):
+            return False
+        status = self.replica_status()
+        return all(len(status[r]) == len(sh.replicas) for r, sh in self._region_shard.items())
 
     async def wait_healthy(self, timeout: float) -> bool:
         """Wait (at most ``timeout`` s) until :meth:`healthy`; returns whether it is."""
