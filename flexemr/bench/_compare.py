@@ -57,6 +57,7 @@ from .._pooling import pool
 from .._spec import TableSpec
 from .._workload import PROFILE_2022, generate, reuse_stats
 from . import _peers
+from ._args import add_config_arguments, config_from_args
 from ._lookup import _naive
 from ._peers import Model, PathResult, Pooled, check_pooled, measured
 
@@ -204,30 +205,18 @@ def configure(p: argparse.ArgumentParser) -> None:
     """Arguments of ``python -m flexemr.bench compare``."""
     d = CompareConfig()
     p.add_argument("--json", action="store_true", help="print one JSON object")
-    p.add_argument("--tables", type=int, default=d.tables)
-    p.add_argument("--rows", type=int, default=d.rows, help=f"rows per table (default {d.rows:,})")
-    p.add_argument("--dim", type=int, default=d.dim)
-    p.add_argument("--batch", type=int, default=d.batch, help="samples per batch")
-    p.add_argument("--pooling", type=float, default=d.pooling, help="mean ids per sample and table (Poisson)")
-    p.add_argument("--warmup", type=int, default=d.warmup, help="warm-up batches per path")
-    p.add_argument("--batches", type=int, default=d.batches, help="timed batches per path")
-    p.add_argument("--naive-ids", type=int, default=d.naive_ids, help="ids timed on the naive path")
-    p.add_argument("--servers", type=int, default=d.servers)
-    p.add_argument("--transport", default=d.transport, choices=["auto", "tcp", "verbs"])
-    p.add_argument("--seed", type=int, default=d.seed)
-    p.add_argument("--no-redis", action="store_true", help="skip the Redis peer")
-    p.add_argument("--no-torchrec", action="store_true", help="skip the TorchRec peer")
+    add_config_arguments(p, d, {"rows": f"rows per table (default {d.rows:,})", "batch": "samples per batch",
+                                "pooling": "mean ids per sample and table (Poisson)",
+                                "warmup": "warm-up batches per path", "batches": "timed batches per path",
+                                "naive_ids": "ids timed on the naive path", "redis": "skip the Redis peer",
+                                "torchrec": "skip the TorchRec peer"})
 
 
 def main(args: argparse.Namespace) -> int:
     """Run with parsed arguments; prints a table (or, with ``--json``, the whole result as one JSON object)."""
     if args.batches < 1 or args.warmup < 0 or args.naive_ids < 1:
         raise SystemExit("compare: --batches and --naive-ids must be >= 1, --warmup >= 0")
-    cfg = CompareConfig(tables=args.tables, rows=args.rows, dim=args.dim, batch=args.batch, pooling=args.pooling,
-                        warmup=args.warmup, batches=args.batches, naive_ids=args.naive_ids, servers=args.servers,
-                        transport=args.transport, seed=args.seed, redis=not args.no_redis,
-                        torchrec=not args.no_torchrec)
-    res = measure(cfg)
+    res = measure(config_from_args(CompareConfig, args))
     print(json.dumps(res, indent=2) if args.json else format_table(res), flush=True)
     return 0
 

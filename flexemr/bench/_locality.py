@@ -56,6 +56,7 @@ from .._pooling import pool
 from .._remap import build_remap, profile_accesses
 from .._spec import TableSpec
 from .._workload import PROFILE_2022, generate, reuse_stats
+from ._args import add_config_arguments, config_from_args
 from ._lookup import _naive
 
 __all__ = ["CONFIGS", "HELP", "LocalityConfig", "configure", "main", "measure"]
@@ -216,28 +217,17 @@ def configure(p: argparse.ArgumentParser) -> None:
     """Arguments of ``python -m flexemr.bench locality``."""
     d = LocalityConfig()
     p.add_argument("--json", action="store_true", help="print one JSON object keyed by configuration")
-    p.add_argument("--tables", type=int, default=d.tables)
-    p.add_argument("--rows", type=int, default=d.rows, help=f"rows per table (default {d.rows:,})")
-    p.add_argument("--dim", type=int, default=d.dim)
-    p.add_argument("--batch", type=int, default=d.batch, help="samples per batch")
-    p.add_argument("--pooling", type=float, default=d.pooling, help="mean ids per sample and table (Poisson)")
-    p.add_argument("--warmup", type=int, default=d.warmup, help="warm-up batches per configuration")
-    p.add_argument("--batches", type=int, default=d.batches, help="timed batches per configuration")
-    p.add_argument("--profile-batches", type=int, default=d.profile_batches, help="batches profiled for the remap")
-    p.add_argument("--naive-ids", type=int, default=d.naive_ids, help="ids timed on the naive path")
-    p.add_argument("--cache-mb", type=int, default=d.cache_mb, help="ranker cache budget (MiB)")
-    p.add_argument("--servers", type=int, default=d.servers)
-    p.add_argument("--transport", default=d.transport, choices=["auto", "tcp", "verbs"])
-    p.add_argument("--seed", type=int, default=d.seed)
+    add_config_arguments(p, d, {"rows": f"rows per table (default {d.rows:,})", "batch": "samples per batch",
+                                "pooling": "mean ids per sample and table (Poisson)",
+                                "warmup": "warm-up batches per configuration",
+                                "batches": "timed batches per configuration",
+                                "profile_batches": "batches profiled for the remap",
+                                "naive_ids": "ids timed on the naive path", "cache_mb": "ranker cache budget (MiB)"})
 
 
 def main(args: argparse.Namespace) -> int:
     """Run with parsed arguments; prints a table, or with ``--json`` one JSON object keyed by configuration."""
-    cfg = LocalityConfig(tables=args.tables, rows=args.rows, dim=args.dim, batch=args.batch, pooling=args.pooling,
-                         warmup=args.warmup, batches=args.batches, profile_batches=args.profile_batches,
-                         naive_ids=args.naive_ids, cache_mb=args.cache_mb, servers=args.servers,
-                         transport=args.transport, seed=args.seed)
-    res = rdmaio.run(measure(cfg))
+    res = rdmaio.run(measure(config_from_args(LocalityConfig, args)))
     if args.json:
         print(json.dumps(res["results"]))  # {config: {"bytes_per_sample", "samples_per_s", ...}}
     else:

@@ -40,6 +40,7 @@ from .._client import EmbeddingClient
 from .._cluster import LocalCluster
 from .._jagged import JaggedBatch
 from .._spec import TableSpec
+from ._args import add_config_arguments, config_from_args
 
 __all__ = ["HELP", "LookupConfig", "configure", "main", "measure"]
 
@@ -211,25 +212,14 @@ def configure(p: argparse.ArgumentParser) -> None:
     """Arguments of ``python -m flexemr.bench lookup``."""
     d = LookupConfig()
     p.add_argument("--json", action="store_true", help="print one JSON object")
-    p.add_argument("--tables", type=int, default=d.tables)
-    p.add_argument("--rows", type=int, default=d.rows, help=f"rows per table (default {d.rows:,})")
-    p.add_argument("--dim", type=int, default=d.dim)
-    p.add_argument("--batch", type=int, default=d.batch, help="samples per batch")
-    p.add_argument("--pooling", type=int, default=d.pooling, help="ids per sample and table")
-    p.add_argument("--alpha", type=float, default=d.alpha, help="Zipf exponent")
-    p.add_argument("--batches", type=int, default=d.batches, help="timed batches")
-    p.add_argument("--naive-ids", type=int, default=d.naive_ids, help="ids timed on the naive path")
-    p.add_argument("--servers", type=int, default=d.servers)
-    p.add_argument("--transport", default=d.transport, choices=["auto", "tcp", "verbs"])
-    p.add_argument("--seed", type=int, default=d.seed)
+    add_config_arguments(p, d, {"rows": f"rows per table (default {d.rows:,})", "batch": "samples per batch",
+                                "pooling": "ids per sample and table", "alpha": "Zipf exponent",
+                                "batches": "timed batches", "naive_ids": "ids timed on the naive path"})
 
 
 def main(args: argparse.Namespace) -> int:
     """Run with parsed arguments; prints a table (or JSON)."""
-    cfg = LookupConfig(tables=args.tables, rows=args.rows, dim=args.dim, batch=args.batch, pooling=args.pooling,
-                       alpha=args.alpha, batches=args.batches, naive_ids=args.naive_ids, servers=args.servers,
-                       transport=args.transport, seed=args.seed)
-    res = rdmaio.run(measure(cfg))
+    res = rdmaio.run(measure(config_from_args(LookupConfig, args)))
     if args.json:
         print(json.dumps(res, indent=2))
     else:

@@ -90,3 +90,18 @@ def test_redis_server_is_stopped_on_error() -> None:
         assert client.ping()
         raise KeyError("boom")
     assert not os.path.exists(f"/proc/{pid}")  # stopped and reaped
+
+
+def test_bench_options_come_from_the_config_dataclasses() -> None:
+    import argparse
+    import doctest
+
+    from flexemr.bench import _args
+    from flexemr.bench._compare import CompareConfig, configure
+
+    result = doctest.testmod(_args)
+    assert result.attempted > 0 and result.failed == 0
+    p = argparse.ArgumentParser()
+    configure(p)
+    cfg = _args.config_from_args(CompareConfig, p.parse_args(["--pooling", "8.5", "--no-torchrec"]))
+    assert cfg == CompareConfig(pooling=8.5, torchrec=False)
