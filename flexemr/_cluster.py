@@ -40,7 +40,7 @@ from typing import Any, Literal
 
 import numpy as np
 import numpy.typing as npt
-from rdmaio.testing import threads_stopped
+import rdmaio.testing
 
 from ._client import EmbeddingClient
 from ._errors import ClosedError, ConfigError, FlexEMRError
@@ -68,7 +68,7 @@ def _tail(path: Path, limit: int = 2000) -> str:
 async def _stopped(pid: int, timeout: float) -> None:
     """Wait (at most ``timeout`` s) until every thread of ``pid`` is stopped (:func:`rdmaio.testing.threads_stopped`)."""
     deadline = time.monotonic() + timeout
-    while not threads_stopped(pid) and time.monotonic() < deadline:
+    while not rdmaio.testing.threads_stopped(pid) and time.monotonic() < deadline:
         await asyncio.sleep(0.001)
 
 
