@@ -658,6 +658,11 @@ class EmbeddingClient:
         addr = self.config.address(server)
         try:
             ep = await engine.connect(addr.host, addr.port, timeout=timeout)
+        except rdmaio.AuthenticationError as exc:
+            hint = ("the cluster file has no [cluster] secret: add the servers' secret there "
+                    "(flexemr gen cluster --secret/--random-secret writes one)" if self.config.secret is None
+                    else "the cluster file's [cluster] secret differs from the server's")
+            raise TransportError(f"cannot connect to server {server!r} at {addr}: {exc}; {hint}") from exc
         except rdmaio.RdmaioError as exc:
             raise TransportError(f"cannot connect to server {server!r} at {addr}: {exc}") from exc
         try:

@@ -33,6 +33,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import secrets
 import sys
 import time
 from collections import deque
@@ -468,7 +469,13 @@ def configure_gen(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batches", type=int, default=10, help="trace: batches")
     p.add_argument("--batch-size", type=int, default=512, help="trace: samples per batch")
     p.add_argument("--pooling", type=float, default=8.0, help="trace: mean ids per sample and table")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the generated lines/batches (default 0)")
+    secret = p.add_mutually_exclusive_group()
+    secret.add_argument("--secret", metavar="TEXT",
+                        help="cluster: shared secret written to [cluster] secret (every connection is then "
+                             "authenticated; at least 4 characters)")
+    secret.add_argument("--random-secret", action="store_true",
+                        help="cluster: write a fresh random shared secret (32 hex digits)")
 
 
 def main_gen(args: argparse.Namespace) -> int:
@@ -492,9 +499,13 @@ def main_gen(args: argparse.Namespace) -> int:
             "row_wise": ShardingPlan.row_wise, "table_wise": ShardingPlan.table_wise,
             "column_wise": ShardingPlan.column_wise}
         builder = builders[args.plan]
-        ClusterConfig(builder(specs, list(addrs)), addrs).write_toml(args.out)
+        secret = secrets.token_hex(16) if args.random_secret else args.secret
+        if secret is not None and len(secret) < 4:
+            raise ConfigError("--secret must have at least 4 characters")
+        ClusterConfig(builder(specs, list(addrs)), addrs, secret).write_toml(args.out)
         print(f"flexemr gen: wrote {args.out}: {len(addrs)} servers, {len(specs)} tables, "
-              f"{sum(s.nbytes for s in specs) / (1 << 20):.0f} MiB")
+              f"{sum(s.nbytes for s in specs) / (1 << 20):.0f} MiB"
+              f"{', with a shared secret (keep the file private)' if secret else ''}")
     elif args.what == "criteo":
         write_sample(args.out, args.samples, seed=args.seed)
         print(f"flexemr gen: wrote {args.out}: {args.samples} synthetic Criteo-format lines")
