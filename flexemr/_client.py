@@ -71,7 +71,7 @@ import secrets
 import time
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import numpy.typing as npt
@@ -99,7 +99,7 @@ from ._remap import RowRemap
 from ._replica import Backoff, ShardWriter
 from ._spec import TableSpec
 from ._split import SplitLookup, split_lookup
-from ._versioned import CTL_GEN, ctl_offset, region_bytes, row_data, slot_bytes, validate_slots
+from ._versioned import Ctl, ctl_offset, region_bytes, row_data, slot_bytes, validate_slots
 
 __all__ = ["MAX_WINDOW_US", "EmbeddingClient", "ReliabilityMetrics"]
 
@@ -256,6 +256,7 @@ class ReliabilityMetrics:
     resync_copies: int = 0        # shard copies made to bring a replica back in sync
     fenced: int = 0               # replicas dropped from service by this client's commits
     lock_steals: int = 0          # shard locks taken over from a silent holder
+    stale_replica_reads: int = 0  # row groups read again: their replica was out of service (fenced)
 
     def snapshot(self) -> dict[str, int]:
         """The counters as a dict."""
@@ -282,7 +283,7 @@ class _Batch:
     """One coalesced round of reads (see the module docstring)."""
 
     __slots__ = ("needs", "pending_rows", "rows", "views", "future", "refs", "staging", "finished", "error", "epoch",
-                 "tainted", "gen_regions", "gens")
+                 "tainted", "gen_regions", "gens", "allowed")
 
     def __init__(self, future: asyncio.Future[None]) -> None:
         self.tainted = False  # a read failed (maybe still landing): do not reuse the staging buffer
@@ -298,6 +299,9 @@ class _Batch:
         self.error: BaseException | None = None
         self.gen_regions: set[str] = set()  # versioned shards whose GEN word this batch also reads
         self.gens: dict[str, GenToken] = {}  # ... and what it read
+        #: versioned, replicated shards: the replicas this batch may take rows from (in service
+        #: according to the control words it read; see _check_members)
+        self.allowed: dict[str, frozenset[str]] = {}
 
 
 class _GenCheck:
@@ -332,6 +336,18 @@ class _Job:
         self.hit: npt.NDArray[np.bool_] | None = None
         self.hit_rows: npt.NDArray[Any] | None = None
         self.gen: _GenCheck | None = None
+
+
+class _Item(NamedTuple):
+    """One group of reads of a batch: ``length[i]`` bytes at ``remote[i]`` (offset in the shard region)
+    of ``region`` into the staging buffer at ``local[i]``; ``pin``: read from this replica only (never
+    re-issued elsewhere: the control words of one replica), else from whichever replica serves."""
+
+    region: str
+    local: IntArray
+    remote: IntArray
+    length: IntArray
+    pin: str | None = None
 
 
 @dataclass
@@ -571,6 +587,7 @@ class EmbeddingClient:
         self._timer: asyncio.Handle | None = None
         self._inflight: list[_Batch] = []
         self._tasks: set[asyncio.Task[None]] = set()
+        self._resyncing: set[str] = set()  # regions a background resync is bringing back (_stale_replica)
         self._connected = False
         self._closed = False
 
@@ -1705,11 +1722,17 @@ class EmbeddingClient:
                 splits.append((split, pos, nbytes))
                 pos += nbytes
                 m.rows_read += split.num_unique
-            gen_regions = sorted(b.gen_regions)
-            gen_base = pos = -(-pos // 8) * 8
-            pos += 8 * len(gen_regions)
+            # versioned plans: the control words (LOCK, GEN, MEMBERS) of every connected replica of the
+            # replicated shards read here, and of the shards whose GEN the cache needs, ride in this batch
+            row_regions = {sub.region_name for split, _, _ in splits for sub in split.subrequests}
+            ctl_regions = sorted(b.gen_regions | {r for r in row_regions if len(self._region_shard[r].replicas) > 1}
+                                 ) if self._vslot else []
+            ctl_pins = [(r, s) for r in ctl_regions for s in self._region_shard[r].replicas
+                        if self._live(s) and (s, r) in self._routes]
+            ctl_base = pos = -(-pos // 8) * 8
+            pos += 24 * len(ctl_pins)
             st = b.staging = self._pool.acquire(pos)
-            items: list[tuple[str, IntArray, IntArray, IntArray]] = []
+            items: list[_Item] = []
             for split, base, _ in splits:
                 vs = self._vslot.get(split.table)
                 for sub in split.subrequests:
@@ -1717,22 +1740,29 @@ class EmbeddingClient:
                     if vs is not None:  # versioned: the same runs of rows, strided by the slot size
                         rb, slot = vs
                         lo, ro, ln = lo // rb * slot, ro // rb * slot, ln // rb * slot
-                    items.append((sub.region_name, lo + base if base else lo, ro, ln))
-            for i, region in enumerate(gen_regions):
+                    items.append(_Item(sub.region_name, lo + base if base else lo, ro, ln))
+            for i, (region, server) in enumerate(ctl_pins):
                 sh = self._region_shard[region]
-                items.append((region, np.array([gen_base + 8 * i], dtype=np.int64),
-                              np.array([ctl_offset(self.plan.spec(sh.table), sh.num_rows) + CTL_GEN], dtype=np.int64),
-                              np.array([8], dtype=np.int64)))
+                items.append(_Item(region, np.array([ctl_base + 24 * i], dtype=np.int64),
+                                   np.array([ctl_offset(self.plan.spec(sh.table), sh.num_rows)], dtype=np.int64),
+                                   np.array([24], dtype=np.int64), server))
             m.batches += 1
-            served = await self._read_items(b, st, items)
+            served, unread = await self._read_items(b, st, items)
+            if ctl_regions:
+                words = st.array[ctl_base : ctl_base + 24 * len(ctl_pins)].view("<u8").reshape(-1, 3)
+                ctls: dict[str, dict[str, Ctl]] = {r: {} for r in ctl_regions}
+                for (region, server), w in zip(ctl_pins, words.tolist()):
+                    if (region, server) not in unread:
+                        ctls[region][server] = Ctl(*w)
+                served = await self._check_members(b, st, items, served, ctls, row_regions)
+                b.gens = {r: (served[r].server, served[r].incarnation, ctls[r][served[r].server].gen)
+                          for r in b.gen_regions}
             for (split, base, nbytes), table in zip(splits, b.rows):
                 if table in self._vslot:
                     b.views[table] = await self._validated_rows(b, st, split.spec, b.rows[table], base)
                 else:
                     b.views[table] = _unique_rows(split, st.array[base : base + split.staging_bytes])
-            if gen_regions:
-                words = st.array[gen_base : gen_base + 8 * len(gen_regions)].view("<u8").tolist()
-                b.gens = {r: (served[r].server, served[r].incarnation, g) for r, g in zip(gen_regions, words)}
+            if b.gens:
                 self._observe_gens(b.gens)
             m.batch_latency.observe(time.perf_counter() - t0)
             self._last_batch_end = time.monotonic()
@@ -1760,48 +1790,117 @@ class EmbeddingClient:
             if b.refs == 0:
                 self._release(b)
 
-    def _pick(self, region: str) -> _Route:
+    def _pick(self, region: str, allowed: frozenset[str] | None = None) -> _Route:
         """The route of the first connected, in-service replica of ``region`` (the primary when it is up).
 
-        Plans place primaries evenly, so preferring them spreads the reads.
+        Plans place primaries evenly, so preferring them spreads the reads.  ``allowed``
+        (versioned plans, see :meth:`_check_members`): only these replicas, which the batch's
+        control words show in service -- also one this client has not resynced itself yet.
         """
-        live = [s for s in self._serving.get(region, ()) if (s, region) in self._routes]
+        live = [s for s in self._serving.get(region, ()) if (s, region) in self._routes
+                and (allowed is None or s in allowed)]
+        if not live and allowed is not None:
+            live = [s for s in self._region_shard[region].replicas if s in allowed and (s, region) in self._routes]
         if not live:
             shard = self._region_shard[region]
             raise TransportError(f"no replica of shard {region} is available (replicas {list(shard.replicas)}; "
                                  f"down or resyncing)")
         return self._routes[(live[0], region)]
 
+    async def _check_members(self, b: _Batch, st: _Staging, items: list[_Item], served: dict[str, _Route],
+                             ctls: dict[str, dict[str, Ctl]], row_regions: set[str]) -> dict[str, _Route]:
+        """Versioned plans: keep only rows read from replicas in service; returns the route of every region.
+
+        A writer that cannot reach a replica (its operation failed or timed out, its
+        reconnection lags) fences it: the commit on the replicas it reached drops it from
+        ``MEMBERS`` and raises ``GEN``, while other clients may still reach the fenced
+        replica, which misses that update.  So a batch reads, after its lookups began, the
+        control words of every replica it can reach; the one with the highest ``GEN`` holds
+        every update acknowledged before (invariant (c) of :mod:`flexemr._replica`), and
+        only the replicas in its ``MEMBERS`` hold them too.  Rows read from any other
+        replica are read again from one of those; the client stops reading from the
+        stale one and resyncs it in the background (:meth:`_refresh_region`).
+        """
+        for region, got in ctls.items():
+            if not got:
+                raise TransportError(f"shard {region}: no replica answered (replicas "
+                                     f"{list(self._region_shard[region].replicas)})")
+            auth = max(got.values(), key=lambda c: c.gen)
+            replicas = self._region_shard[region].replicas
+            b.allowed[region] = frozenset(s for i, s in enumerate(replicas) if auth.members >> i & 1 and s in got)
+        stale = [r for r in row_regions if r in ctls and served[r].server not in b.allowed[r]]
+        if stale:
+            for r in stale:
+                self._stale_replica(r, served[r].server)
+            more, _ = await self._read_items(b, st, [it for it in items if it.pin is None and it.region in stale])
+            served.update(more)
+        for region in ctls:
+            if region not in row_regions:  # GEN only (cache hits): the token of the replica reads would use
+                served[region] = self._pick(region, b.allowed[region])
+        return served
+
+    def _stale_replica(self, region: str, server: str) -> None:
+        """``server`` holds ``region`` but is out of service (fenced): stop reading it there, resync it."""
+        self.reliability.stale_replica_reads += 1
+        servers = self._serving.get(region, [])
+        if server in servers:
+            log.info("shard %s on %s is out of service (fenced by another client); resyncing it", region, server)
+            self._serving[region] = [s for s in servers if s != server]
+        if region in self._resyncing or self._closed or self._loop is None:
+            return
+        self._resyncing.add(region)
+
+        async def resync() -> None:
+            try:
+                await self._refresh_region(region)
+                self._sync_writer_stats()
+            except (FlexEMRError, rdmaio.RdmaioError) as exc:
+                log.warning("resync of shard %s failed (%s); it stays out of service", region, exc)
+            finally:
+                self._resyncing.discard(region)
+
+        task = self._loop.create_task(resync())
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
     async def _read_items(self, b: _Batch, st: _Staging,
-                          items: list[tuple[str, IntArray, IntArray, IntArray]]) -> dict[str, _Route]:
-        """Issue ``(region, local, remote-in-shard, length)`` reads; a failed server's share is re-read elsewhere.
+                          items: list[_Item]) -> tuple[dict[str, _Route], set[tuple[str, str]]]:
+        """Issue the reads of ``items``; a failed server's share is re-read elsewhere.
 
         Each round groups the reads by the server (and key) now serving their
         region; a group that fails marks its server down (:meth:`peer_failed`,
         which drops it from every route) and is re-issued in the next round.
         Rounds end when everything landed or a region has no replica left
-        (:class:`TransportError`).  Returns the route that served each region.
+        (:class:`TransportError`).  Items pinned to a replica are never re-issued
+        elsewhere.  Returns the route that served each region (unpinned items)
+        and the ``(region, server)`` of every pinned item that could not be read.
         """
         m = self.metrics
         step = self.max_reads_per_request
         served: dict[str, _Route] = {}
+        unread: set[tuple[str, str]] = set()
         pending = items
         while pending:
-            groups: dict[tuple[str, str], tuple[_Route, list[tuple[str, IntArray, IntArray, IntArray]],
-                                                list[IntArray]]] = {}
+            groups: dict[tuple[str, str], tuple[_Route, list[_Item], list[IntArray]]] = {}
             for item in pending:
-                route = self._pick(item[0])
+                if item.pin is None:
+                    route = self._pick(item.region, b.allowed.get(item.region))
+                else:
+                    pinned = self._routes.get((item.pin, item.region)) if self._live(item.pin) else None
+                    if pinned is None:
+                        unread.add((item.region, item.pin))
+                        continue
+                    route = pinned
                 g = groups.get(route.group)
                 if g is None:
                     g = groups[route.group] = (route, [], [])
                 g[1].append(item)
-                g[2].append(item[2] + self._routes[(route.server, item[0])].base)  # offsets in route.key
+                g[2].append(item.remote + self._routes[(route.server, item.region)].base)  # offsets in route.key
 
-            async def run_group(route: _Route, its: list[tuple[str, IntArray, IntArray, IntArray]],
-                                ro_parts: list[IntArray]) -> None:
-                lo = np.concatenate([i[1] for i in its]) if len(its) > 1 else its[0][1]
+            async def run_group(route: _Route, its: list[_Item], ro_parts: list[IntArray]) -> None:
+                lo = np.concatenate([i.local for i in its]) if len(its) > 1 else its[0].local
                 ro = np.concatenate(ro_parts) if len(ro_parts) > 1 else ro_parts[0]
-                ln = np.concatenate([i[3] for i in its]) if len(its) > 1 else its[0][3]
+                ln = np.concatenate([i.length for i in its]) if len(its) > 1 else its[0].length
                 m.reads += int(ln.size)
                 m.bytes_read += int(ln.sum())
                 chunks = _chunks(ln, step, _MAX_REQUEST_BYTES)
@@ -1828,15 +1927,16 @@ class EmbeddingClient:
             pending = []
             for (route, its, _), r in zip(glist, results):
                 if r is None:
-                    served.update((item[0], route) for item in its)
+                    served.update((item.region, route) for item in its if item.pin is None)
                     continue
                 if not isinstance(r, rdmaio.RdmaioError) or isinstance(r, rdmaio.UsageError):
                     raise r
                 b.tainted = True
                 self.peer_failed(route.server, r, route.endpoint)
                 self.reliability.failover_reads += 1
-                pending.extend(its)
-        return served
+                pending.extend(it for it in its if it.pin is None)
+                unread.update((it.region, it.pin) for it in its if it.pin is not None)
+        return served, unread
 
     async def _validated_rows(self, b: _Batch, st: _Staging, spec: TableSpec, rows: IntArray,
                               base: int) -> npt.NDArray[Any]:
@@ -1859,12 +1959,13 @@ class EmbeddingClient:
             bad_rows = rows[bad]
             shard_of = self.plan.route(spec.name, bad_rows)
             cuts = np.flatnonzero(np.diff(shard_of)) + 1
-            items: list[tuple[str, IntArray, IntArray, IntArray]] = []
+            items: list[_Item] = []
             for lo_i, hi_i in zip(np.concatenate(([0], cuts)).tolist(), np.concatenate((cuts, [bad.size])).tolist()):
                 shard = self.plan.shards[spec.name][int(shard_of[lo_i])]
                 sel = slice(lo_i, hi_i)
-                items.append((shard.region_name, base + bad[sel] * slot, (bad_rows[sel] - shard.row_start) * slot,
-                              np.full(hi_i - lo_i, slot, dtype=np.int64)))
+                items.append(_Item(shard.region_name, base + bad[sel] * slot,
+                                   (bad_rows[sel] - shard.row_start) * slot,
+                                   np.full(hi_i - lo_i, slot, dtype=np.int64)))
             await self._read_items(b, st, items)
             ok[bad] = validate_slots(spec, slots[bad], bad_rows)
         return row_data(spec, slots)

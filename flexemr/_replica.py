@@ -44,10 +44,12 @@ Resync protocol (:meth:`ShardWriter.sync`, when a server (re)connects)
     ``MEMBERS``.  Only replicas in service are returned: reads are routed
     to nothing else.
 
-Failure model: fail-stop servers (crash, kill, hang) that every client sees
-fail; a network partition that hides a live replica from a writer but not
-from a reader is not handled (the reader could read a fenced replica).  An
-update is lost only if every in-service replica of its shard dies.
+Failure model: fail-stop servers (crash, kill, hang).  Fencing is one
+writer's decision: other clients may still reach a replica it fenced, so
+readers check, per batch, that they read members of the highest-``GEN``
+replica (``EmbeddingClient._check_members``).  A partition that hides every
+in-service replica of a shard from a reader but not a fenced one is not
+handled.  An update is lost only if every in-service replica of its shard dies.
 """
 
 from __future__ import annotations

@@ -15,6 +15,7 @@ from flexemr import (
     LocalCluster,
     LookupIdError,
     TableSpec,
+    TransportError,
     UnknownTableError,
 )
 from flexemr._versioned import CTL_GEN, ctl_offset, row_data, validate_slots
@@ -330,3 +331,36 @@ async def test_bad_updates_fail_before_any_traffic() -> None:
         with pytest.raises(ConfigError, match="not updatable"):
             await client.update("emb", [1], np.zeros((1, DIM), np.float32))
         assert isinstance(ConfigError("x"), FlexEMRError)
+
+
+@pytest.mark.parametrize("cached", [False, True])
+async def test_a_replica_fenced_by_another_writer_is_never_read(cached: bool) -> None:
+    """The soak's stale read: a writer that cannot reach a replica (its operation timed out, or its
+    reconnection lags) fences it, while a reader still reaches it.  The reader must not return the
+    fenced replica's rows, which miss the acknowledged update, and it brings the replica back."""
+    specs = [TableSpec("emb", 1000, 8)]
+    async with LocalCluster(specs, servers=2, seed=3, replicas=2, versioned=True, in_process=True,
+                            transport="tcp") as cluster:
+        shard = cluster.plan.shards["emb"][0]
+        fenced = shard.replicas[0]                      # the primary: what a reader reads first
+        ids = np.arange(shard.row_start, shard.row_start + 20)
+        reader = await cluster.client(cache_bytes=1 << 20 if cached else 0)
+        assert np.array_equal(await reader.lookup("emb", ids), cluster.model()["emb"][ids])   # cached now
+        writer = await cluster.client(reconnect_base=30.0, reconnect_cap=30.0)
+
+        async def unreachable(server: str, timeout: float) -> None:
+            raise TransportError(f"{server} is unreachable from this client")
+
+        writer._open_peer = unreachable                 # type: ignore[method-assign]
+        writer._writer.reconnect_wait = 0.1
+        writer.peer_failed(fenced, TransportError("simulated timeout"))
+        new = np.full((ids.size, 8), 7.0, dtype=np.float32)
+        await writer.update("emb", ids, new)            # acknowledged by the other replica alone
+        assert writer.reliability.fenced >= 1
+        got = await reader.lookup("emb", ids)
+        assert np.array_equal(got, new), "a lookup begun after the update returned the fenced replica's rows"
+        assert reader.reliability.stale_replica_reads >= 1
+        # the reader resynced the fenced replica and reads from it again
+        assert await reader.wait_healthy(5.0)
+        assert reader.replica_status()[shard.region_name][0] == fenced
+        assert np.array_equal(await reader.lookup("emb", ids), new)
