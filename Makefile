@@ -17,4 +17,5 @@ bench: .venv/.installed
 	bash scripts/install.sh
 
 clean:
-	rm -rf .venv build *.egg-info .cache .pytest_cache
+	rm -rf .venv build *.egg-info .cache .pytest_cache report.json report.png report.svg
+	python3 rdmaio/testing/softroce.py --clean   # the Soft-RoCE VM's kernel cache (~0.5 GB in ~/.cache)

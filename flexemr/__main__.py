@@ -28,11 +28,13 @@ import os
 import signal
 import sys
 import threading
+import traceback
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import rdmaio
 
+from ._cli import ArgumentParser, Interrupted, check_range, describe_os_error
 from ._errors import FlexEMRError
 from ._plan import ClusterConfig
 from ._server import EmbeddingServer
@@ -91,6 +93,9 @@ def _watch_stdin(loop: asyncio.AbstractEventLoop, stop: asyncio.Event) -> None:
 
 
 async def _serve(args: argparse.Namespace) -> int:
+    check_range("--workers", args.workers, 1, 64)
+    if args.port is not None:
+        check_range("--port", args.port, 0, 65535)
     config = ClusterConfig.from_toml(args.config)
     server = EmbeddingServer(config, args.server, host=args.host, port=args.port, seed=args.seed,
                              npy=_parse_npy(args.npy), transport=args.transport,
@@ -168,12 +173,24 @@ def _bench_args(p: argparse.ArgumentParser) -> None:
 
 
 def _bench_main(args: argparse.Namespace) -> int:
-    from .bench.__main__ import COMMANDS as BENCHES, main as bench
+    from .bench.__main__ import main as bench
 
     argv = list(args.argv)
-    if not argv or (argv[0] not in BENCHES and argv[0] not in ("-h", "--help")):
-        argv.insert(0, "compare")
-    return bench(argv)
+    if not argv or (argv[0].startswith("-") and argv[0] not in ("-h", "--help")):
+        argv.insert(0, "compare")  # `flexemr bench --json` is `flexemr bench compare --json`
+    return bench(argv, prog="flexemr bench")
+
+
+def _soak_args(p: argparse.ArgumentParser) -> None:
+    from .bench._soak import configure
+
+    configure(p)
+
+
+def _soak_main(args: argparse.Namespace) -> int:
+    from .bench._soak import main as soak
+
+    return soak(args)
 
 
 # -------------------------------------------------------------------- table
@@ -187,33 +204,66 @@ COMMANDS: dict[str, Command] = {
                    _gen_main),
     "bench": Command("benchmarks (python -m flexemr.bench); default: compare, side by side with peers",
                      _bench_args, _bench_main),
+    "soak": Command("reliability soak: lookups and updates while servers are killed (= flexemr bench soak)",
+                    _soak_args, _soak_main),
 }
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser with one sub-parser per entry of :data:`COMMANDS`."""
-    parser = argparse.ArgumentParser(prog="flexemr", description="FlexEMR disaggregated embedding serving")
-    parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging (repeatable)")
+    parser = ArgumentParser(prog="flexemr", description="FlexEMR disaggregated embedding serving")
+    parser.add_argument("-v", "--verbose", action="count", default=0,
+                        help="more logging, and tracebacks with errors (repeatable; also after the command)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name, cmd in COMMANDS.items():
         p = sub.add_parser(name, help=cmd.help, description=cmd.help)
         cmd.configure(p)
+        if name != "bench":  # bench hands every argument to its own parser
+            p.add_argument("-v", "--verbose", dest="verbose_after", action="count", default=0,
+                           help="more logging, and tracebacks with errors (repeatable)")
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the command line; returns the exit code (2 for usage errors, 1 for FlexEMR errors)."""
+    """Run the command line; returns the exit code.
+
+    2 for usage errors (argparse), 1 for every other error -- one line on
+    stderr, ``flexemr <command>: error: ...``, with a traceback only with
+    ``-v`` -- and 128 + the signal number when SIGINT (130) or SIGTERM (143)
+    stopped the command.
+    """
     parser = build_parser()
-    args = parser.parse_args(argv)
-    level = logging.WARNING - 10 * min(args.verbose, 2)
+    args, extra = parser.parse_known_args(argv)
+    if extra:  # said by the command's own parser: "flexemr serve: error: unrecognized arguments: ..."
+        sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+        sub.choices[args.command].error(f"unrecognized arguments: {' '.join(extra)}")
+    verbose = args.verbose + getattr(args, "verbose_after", 0)
+    level = logging.WARNING - 10 * min(verbose, 2)
     logging.basicConfig(level=level, stream=sys.stderr, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    try:
-        return COMMANDS[args.command].run(args)
-    except (FlexEMRError, rdmaio.RdmaioError) as exc:
-        print(f"flexemr {args.command}: error: {exc}", file=sys.stderr)
+    name = args.command
+
+    def fail(message: str) -> int:
+        if verbose:
+            traceback.print_exc()
+        print(f"flexemr {name}: error: {message}", file=sys.stderr)
         return 1
+
+    try:
+        return COMMANDS[name].run(args)
+    except Interrupted as exc:
+        print(f"flexemr {name}: stopped by {exc}; what it started was shut down", file=sys.stderr)
+        return 128 + exc.signum
     except KeyboardInterrupt:
+        print(f"flexemr {name}: interrupted", file=sys.stderr)
         return 130
+    except (FlexEMRError, rdmaio.RdmaioError) as exc:
+        return fail(str(exc))
+    except OSError as exc:
+        return fail(describe_os_error(exc))
+    except MemoryError as exc:
+        return fail(f"out of memory ({exc or 'allocation failed'}): make the tables or batches smaller")
+    except Exception as exc:  # noqa: BLE001 - a bug: still one line, the traceback with -v
+        return fail(f"unexpected {type(exc).__name__}: {exc} (a bug; run with -v for the traceback and report it)")
 
 
 if __name__ == "__main__":

@@ -730,8 +730,11 @@ class EmbeddingClient:
             their_plan = ShardingPlan.from_dict(meta.plan)
         except FlexEMRError as exc:
             raise MetadataError(f"server {server!r} sent an invalid plan: {exc}") from exc
-        if their_plan != self.plan:
-            raise MetadataError(f"server {server!r} serves a different sharding plan than this client's")
+        diff = self.plan.difference(their_plan)
+        if diff is not None:
+            raise MetadataError(f"server {server!r} serves a different sharding plan than this client's "
+                                f"(here vs there: {diff}); start every server and ranker from the same "
+                                f"cluster file")
         if meta.layout != ("versioned" if self.plan.versioned else "plain"):
             raise MetadataError(f"server {server!r} stores rows in the {meta.layout!r} layout, the plan says "
                                 f"versioned={self.plan.versioned}")

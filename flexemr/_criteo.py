@@ -267,6 +267,9 @@ def read_criteo(path: str | os.PathLike[str], *, batch_size: int | None = None, 
     if batch_size is not None and (isinstance(batch_size, bool) or batch_size < 1):
         raise InputError(f"batch_size must be a positive int, got {batch_size!r}")
     name = os.fspath(path)
+    if not os.path.isfile(name):
+        why = "no such file" if not os.path.exists(name) else "not a regular file"
+        raise InputError(f"cannot read Criteo file {name}: {why}")
     pending: list[CriteoRecords] = []
     held = 0
 

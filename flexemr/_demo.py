@@ -12,8 +12,11 @@ What it does:
 4. ranks it once per *configuration* of the lookup techniques (the table
    :data:`CONFIGURATIONS`), checking CTRs of a sample of every batch against
    the local reference model;
-5. prints a table and writes ``report.json`` and ``report.png`` (a bar chart,
-   encoded by the small PNG writer below) to ``--out``.
+5. prints a table and writes ``report.json``, ``report.png`` and
+   ``report.svg`` (:func:`flexemr._report.plot_configurations`: throughput,
+   bytes per sample and p50/p99 latency per configuration, with a caption
+   saying what each turns on, how many batches it ran, and why it is slower
+   than a simpler configuration where it is) to ``--out``.
 
 Techniques and how each maps to :class:`~flexemr.EmbeddingClient` (the
 :data:`TECHNIQUES` table).  Support is detected from the client's signature
@@ -30,8 +33,9 @@ pooling       ``server_pooling=True``                   ``server_pooling=False``
 prefetch      ``client.prefetch(batches, depth=1)``     sequential: look up, then run the model
 ============  =======================================  ==========================================
 
-The process cleans up after itself: every server is stopped when the demo
-ends, fails or is interrupted (Ctrl-C: exit code 130); servers also exit
+The process cleans up after itself: every server is stopped and the
+cluster's temporary directory removed when the demo ends, fails or is
+stopped by SIGINT (Ctrl-C, exit code 130) or SIGTERM (143); servers also exit
 by themselves when the demo process dies (they watch their stdin).
 """
 
@@ -42,30 +46,28 @@ import inspect
 import json
 import os
 import platform
-import struct
 import sys
 import time
 import typing
-import zlib
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import numpy.typing as npt
-import rdmaio
 
+from ._cli import check_range, run_interruptible
 from ._client import EmbeddingClient
 from ._cluster import LocalCluster
 from ._dlrm import DLRM, ReferenceTables, auto_scale, criteo_specs
 from ._errors import ConfigError, FlexEMRError
 from ._rank import Ranker, format_results
+from ._report import cost_notes, plot_configurations, require_matplotlib
 from ._trace import generate_trace
 from ._workload import PROFILE_2022
 
-__all__ = ["CONFIGURATIONS", "TECHNIQUES", "Configuration", "Support", "Technique", "bar_chart_png", "configure",
-           "detect_support", "main", "run_demo", "write_png"]
+__all__ = ["CONFIGURATIONS", "TECHNIQUES", "Configuration", "Support", "Technique", "configure", "detect_support",
+           "main", "run_demo"]
 
 #: Largest CTR difference from the local reference accepted (float32 sums in another order).
 MAX_ABS_ERR = 1e-4
@@ -200,107 +202,6 @@ class _Progress:
             sys.stderr.flush()
 
 
-# -------------------------------------------------------------------- PNG
-
-
-def write_png(path: str | os.PathLike[str], rgb: npt.NDArray[np.uint8]) -> Path:
-    """Write an ``[h, w, 3]`` uint8 image as a PNG (8-bit RGB, no filtering, zlib level 9)."""
-    img = np.ascontiguousarray(rgb, dtype=np.uint8)
-    if img.ndim != 3 or img.shape[2] != 3:
-        raise ValueError(f"expected an [h, w, 3] image, got {img.shape}")
-    h, w = img.shape[:2]
-    raw = np.zeros((h, 1 + 3 * w), dtype=np.uint8)       # filter type 0 (None) per scanline
-    raw[:, 1:] = img.reshape(h, 3 * w)
-
-    def chunk(tag: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data) & 0xFFFFFFFF)
-
-    ihdr = struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0)     # 8-bit, truecolour, deflate, no filter, no interlace
-    out = Path(path)
-    out.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(raw.tobytes(), 9))
-                    + chunk(b"IEND", b""))
-    return out
-
-
-# 5x7 glyphs: 7 rows of 5 bits (bit 4 = leftmost column), after the HD44780 character ROM.
-_GLYPHS: dict[str, tuple[int, ...]] = {
-    "0": (0x0E, 0x11, 0x13, 0x15, 0x19, 0x11, 0x0E), "1": (0x04, 0x0C, 0x04, 0x04, 0x04, 0x04, 0x0E),
-    "2": (0x0E, 0x11, 0x01, 0x02, 0x04, 0x08, 0x1F), "3": (0x1F, 0x02, 0x04, 0x02, 0x01, 0x11, 0x0E),
-    "4": (0x02, 0x06, 0x0A, 0x12, 0x1F, 0x02, 0x02), "5": (0x1F, 0x10, 0x1E, 0x01, 0x01, 0x11, 0x0E),
-    "6": (0x06, 0x08, 0x10, 0x1E, 0x11, 0x11, 0x0E), "7": (0x1F, 0x01, 0x02, 0x04, 0x08, 0x08, 0x08),
-    "8": (0x0E, 0x11, 0x11, 0x0E, 0x11, 0x11, 0x0E), "9": (0x0E, 0x11, 0x11, 0x0F, 0x01, 0x02, 0x0C),
-    "A": (0x0E, 0x11, 0x11, 0x11, 0x1F, 0x11, 0x11), "B": (0x1E, 0x11, 0x11, 0x1E, 0x11, 0x11, 0x1E),
-    "C": (0x0E, 0x11, 0x10, 0x10, 0x10, 0x11, 0x0E), "D": (0x1C, 0x12, 0x11, 0x11, 0x11, 0x12, 0x1C),
-    "E": (0x1F, 0x10, 0x10, 0x1E, 0x10, 0x10, 0x1F), "F": (0x1F, 0x10, 0x10, 0x1E, 0x10, 0x10, 0x10),
-    "G": (0x0E, 0x11, 0x10, 0x17, 0x11, 0x11, 0x0F), "H": (0x11, 0x11, 0x11, 0x1F, 0x11, 0x11, 0x11),
-    "I": (0x0E, 0x04, 0x04, 0x04, 0x04, 0x04, 0x0E), "J": (0x07, 0x02, 0x02, 0x02, 0x02, 0x12, 0x0C),
-    "K": (0x11, 0x12, 0x14, 0x18, 0x14, 0x12, 0x11), "L": (0x10, 0x10, 0x10, 0x10, 0x10, 0x10, 0x1F),
-    "M": (0x11, 0x1B, 0x15, 0x15, 0x11, 0x11, 0x11), "N": (0x11, 0x11, 0x19, 0x15, 0x13, 0x11, 0x11),
-    "O": (0x0E, 0x11, 0x11, 0x11, 0x11, 0x11, 0x0E), "P": (0x1E, 0x11, 0x11, 0x1E, 0x10, 0x10, 0x10),
-    "Q": (0x0E, 0x11, 0x11, 0x11, 0x15, 0x12, 0x0D), "R": (0x1E, 0x11, 0x11, 0x1E, 0x14, 0x12, 0x11),
-    "S": (0x0F, 0x10, 0x10, 0x0E, 0x01, 0x01, 0x1E), "T": (0x1F, 0x04, 0x04, 0x04, 0x04, 0x04, 0x04),
-    "U": (0x11, 0x11, 0x11, 0x11, 0x11, 0x11, 0x0E), "V": (0x11, 0x11, 0x11, 0x11, 0x11, 0x0A, 0x04),
-    "W": (0x11, 0x11, 0x11, 0x15, 0x15, 0x15, 0x0A), "X": (0x11, 0x11, 0x0A, 0x04, 0x0A, 0x11, 0x11),
-    "Y": (0x11, 0x11, 0x11, 0x0A, 0x04, 0x04, 0x04), "Z": (0x1F, 0x01, 0x02, 0x04, 0x08, 0x10, 0x1F),
-    " ": (0,) * 7, ".": (0, 0, 0, 0, 0, 0x0C, 0x0C), ",": (0, 0, 0, 0, 0x0C, 0x04, 0x08),
-    "/": (0, 0x01, 0x02, 0x04, 0x08, 0x10, 0), "+": (0, 0x04, 0x04, 0x1F, 0x04, 0x04, 0),
-    "-": (0, 0, 0, 0x1F, 0, 0, 0), "(": (0x02, 0x04, 0x08, 0x08, 0x08, 0x04, 0x02),
-    ")": (0x08, 0x04, 0x02, 0x02, 0x02, 0x04, 0x08), ":": (0, 0x0C, 0x0C, 0, 0x0C, 0x0C, 0),
-    "%": (0x18, 0x19, 0x02, 0x04, 0x08, 0x13, 0x03), "_": (0, 0, 0, 0, 0, 0, 0x1F),
-    "=": (0, 0, 0x1F, 0, 0x1F, 0, 0), "|": (0x04,) * 7,
-}
-_BITS = np.array([16, 8, 4, 2, 1], dtype=np.uint8)
-
-
-def _text(img: npt.NDArray[np.uint8], x: int, y: int, s: str, color: tuple[int, int, int], scale: int = 2) -> int:
-    """Draw ``s`` with its top-left corner at ``(x, y)``; returns the x after the text."""
-    for ch in s.upper():
-        rows = np.array(_GLYPHS.get(ch, _GLYPHS[" "]), dtype=np.uint8)
-        mask = np.kron((rows[:, None] & _BITS[None, :]) > 0, np.ones((scale, scale), dtype=bool))
-        h, w = mask.shape
-        sub = img[y : y + h, x : x + w]
-        sub[mask[: sub.shape[0], : sub.shape[1]]] = color
-        x += 6 * scale
-    return x
-
-
-def _human(v: float) -> str:
-    return f"{v / 1e6:.2f}M" if v >= 1e6 else f"{v / 1e3:.1f}k" if v >= 1e4 else f"{v:,.1f}" if v < 100 else f"{v:,.0f}"
-
-
-def bar_chart_png(path: str | os.PathLike[str], title: str, labels: Sequence[str],
-                  panels: Sequence[tuple[str, Sequence[float | None]]]) -> Path:
-    """A horizontal bar chart: one panel per ``(heading, values)``, one bar per label (``None``: "n/a")."""
-    scale, row_h, pad = 2, 24, 16
-    label_w = 12 * max([len(s) for s in labels] + [10]) + pad
-    bar_w, value_w = 360, 110
-    width = pad + label_w + bar_w + value_w
-    height = pad + 30 + sum(30 + row_h * len(labels) + pad for _ in panels)
-    img = np.full((height, width, 3), 255, dtype=np.uint8)
-    ink, grey = (20, 20, 20), (150, 150, 150)
-    colors = [(52, 101, 164), (204, 102, 0)]
-    _text(img, pad, pad, title, ink, scale)
-    y = pad + 30
-    for p, (heading, values) in enumerate(panels):
-        _text(img, pad, y, heading, ink, scale)
-        y += 30
-        present = [v for v in values if v is not None]
-        vmax = max(present) if present and max(present) > 0 else 1.0
-        for label, v in zip(labels, values):
-            _text(img, pad, y + 5, label, ink, scale)
-            x0 = pad + label_w
-            img[y : y + row_h - 4, x0 - 2 : x0] = grey                       # axis
-            if v is None:
-                _text(img, x0 + 6, y + 5, "n/a", grey, scale)
-            else:
-                n = max(1, int(round(bar_w * v / vmax))) if v > 0 else 0
-                img[y + 2 : y + row_h - 6, x0 : x0 + n] = colors[p % len(colors)]
-                _text(img, x0 + n + 6, y + 5, _human(v), ink, scale)
-            y += row_h
-        y += pad
-    return write_png(path, img)
-
-
 # ------------------------------------------------------------------ running
 
 
@@ -332,10 +233,15 @@ def _say(msg: str) -> None:
 
 async def run_demo(args: argparse.Namespace, *, client_cls: type = EmbeddingClient) -> dict[str, Any]:
     """Run the demo (module docstring); returns the report dict (also written to ``--out``)."""
-    for name, val, lo in (("--servers", args.servers, 1), ("--batches", args.batches, 1),
-                          ("--batch-size", args.batch_size, 1)):
-        if val < lo:
-            raise ConfigError(f"{name} must be >= {lo}, got {val}")
+    check_range("--servers", args.servers, 1, 64)
+    check_range("--batches", args.batches, 1)
+    check_range("--batch-size", args.batch_size, 1)
+    check_range("--pooling", args.pooling, above=0)
+    check_range("--seconds", args.seconds, above=0)
+    check_range("--scale", args.scale, above=0)
+    check_range("--cache-mb", args.cache_mb, 0)
+    check_range("--check-samples", args.check_samples, 0)
+    require_matplotlib()
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     t_begin = time.perf_counter()
@@ -397,6 +303,13 @@ async def run_demo(args: argparse.Namespace, *, client_cls: type = EmbeddingClie
             _say(f"{cfg.name}: {res.samples_per_s:,.0f} samples/s over {res.batches} batches")
     ran = [r for r in rows if r.get("batches")]
     worst = max((r["max_abs_err"] for r in ran if r.get("max_abs_err") is not None), default=None)
+    refused = [r["name"] for r in rows if r.get("note", "") and "refused" in str(r.get("note"))]
+    checked = args.check_samples > 0
+    passed = bool(ran) and not refused and (not checked or (worst is not None and worst <= MAX_ABS_ERR))
+    on = {c.name: c.on for c in configs}
+    notes = cost_notes(rows, on)
+    for r in rows:
+        r["cost_note"] = notes.get(r["name"])
     report: dict[str, Any] = {
         "flexemr_demo": 1,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -414,17 +327,18 @@ async def run_demo(args: argparse.Namespace, *, client_cls: type = EmbeddingClie
                        for t in TECHNIQUES},
         "configurations": rows,
         "check": {"samples_per_batch": args.check_samples, "max_abs_err": worst, "tolerance": MAX_ABS_ERR,
-                  "passed": worst is None or worst <= MAX_ABS_ERR},
+                  "skipped": not checked, "refused": refused, "passed": passed},
         "elapsed_s": time.perf_counter() - t_begin,
     }
     (out_dir / "report.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
-    labels = [r["name"] for r in rows]
-    bar_chart_png(out_dir / "report.png", f"flexemr demo: DLRM on {args.servers} servers ({transport})", labels, [
-        ("samples/s (higher is better)", [r["samples_per_s"] if r.get("batches") else None for r in rows]),
-        ("network bytes/sample (lower is better)",
-         [r["bytes_per_sample"] if r.get("batches") else None for r in rows]),
-    ])
-    report["files"] = {"json": str(out_dir / "report.json"), "png": str(out_dir / "report.png")}
+    captions = {c.name: " + ".join(t.key for t in TECHNIQUES if t.key in c.on) or "every technique off"
+                for c in configs}
+    footer = ["", *(f"{t.key}: {t.what}" for t in TECHNIQUES)]
+    figures = plot_configurations(out_dir / "report.png",
+                                  f"flexemr demo: DLRM, 26 Criteo-shaped tables on {args.servers} servers "
+                                  f"({transport}), batches of {args.batch_size} samples", rows, captions, notes,
+                                  footer=footer)
+    report["files"] = {"json": str(out_dir / "report.json"), "png": str(figures[0]), "svg": str(figures[1])}
     return report
 
 
@@ -436,17 +350,27 @@ def print_report(report: Mapping[str, Any]) -> None:
     for t in TECHNIQUES:
         info = report["techniques"][t.key]
         print(f"  {t.key:<11} {info['how'] if info['available'] else 'n/a: ' + info['how']} - {t.what}")
+    notes = [(r["name"], r["cost_note"]) for r in report["configurations"] if r.get("cost_note")]
+    if notes:
+        print("\nwhere a technique costs more than it saves on this machine:")
+        for name, note in notes:
+            print(f"  {name}: {note}")
     chk = report["check"]
     err = chk["max_abs_err"]
     verdict = "OK" if chk["passed"] else "FAILED"
-    print(f"\nCTR check against the local reference model ({chk['samples_per_batch']} samples per batch): "
-          f"max abs error {err if err is None else format(err, '.1e')} - {verdict}")
-    print(f"wrote {report['files']['json']} and {report['files']['png']} "
-          f"({report['elapsed_s']:.0f} s in all)")
+    if chk["skipped"]:
+        print(f"\nCTR check skipped (--check-samples 0) - {verdict}")
+    else:
+        print(f"\nCTR check against the local reference model ({chk['samples_per_batch']} samples per batch): "
+              f"max abs error {'none measured' if err is None else format(err, '.1e')} - {verdict}")
+    if chk["refused"]:
+        print(f"configurations the client refused: {', '.join(chk['refused'])} - FAILED")
+    files = report["files"]
+    print(f"wrote {files['json']}, {files['png']} and {files['svg']} ({report['elapsed_s']:.0f} s in all)")
 
 
-def main(args: argparse.Namespace, *, run: Callable[..., Any] = rdmaio.run) -> int:
-    """``flexemr demo``: exit code 0 when every check passed, 1 otherwise (130 on Ctrl-C)."""
-    report = run(run_demo(args))
+def main(args: argparse.Namespace) -> int:
+    """``flexemr demo``: exit code 0 when every check passed, 1 otherwise (130/143 on SIGINT/SIGTERM)."""
+    report = run_interruptible(lambda: run_demo(args))
     print_report(report)
     return 0 if report["check"]["passed"] else 1

@@ -417,9 +417,18 @@ class PoolChannel:
         self._futs[rid] = fut
         try:
             self._metrics.pool_bytes_sent += await send_message(self.channel, rid, parts)
-        except rdmaio.RdmaioError as exc:
+        except BaseException as exc:
+            # the reader may have failed this future meanwhile (the channel closed while we
+            # waited for credits): retrieve that, so it is not reported as never retrieved
             self._futs.pop(rid, None)
-            raise TransportError(f"sending a pooling request failed: {exc}") from exc
+            if fut.done():
+                if not fut.cancelled():
+                    fut.exception()
+            else:
+                fut.cancel()
+            if isinstance(exc, rdmaio.RdmaioError):
+                raise TransportError(f"sending a pooling request failed: {exc}") from exc
+            raise
         return await fut
 
     async def aclose(self) -> None:

@@ -695,6 +695,39 @@ class ShardingPlan:
     def __hash__(self) -> int:
         return hash((self._servers, self._versioned, tuple(self._tables.items()), tuple(self._shards.items())))
 
+    def difference(self, other: ShardingPlan) -> str | None:
+        """What differs between two plans, in one phrase (``None`` when they are equal).
+
+        >>> a = ShardingPlan.row_wise([TableSpec("t", 10, 4)], ["s0"])
+        >>> a.difference(ShardingPlan.row_wise([TableSpec("t", 10, 4, "float16")], ["s0"]))
+        "table 't': dtype float32 vs float16"
+        """
+        if self == other:
+            return None
+        if self._servers != other._servers:
+            return f"servers {list(self._servers)} vs {list(other._servers)}"
+        if self._versioned != other._versioned:
+            return f"versioned={self._versioned} vs versioned={other._versioned}"
+        if set(self._tables) != set(other._tables):
+            here, there = set(self._tables), set(other._tables)
+            return f"tables only here: {sorted(here - there)}, only there: {sorted(there - here)}"
+        for name, spec in self._tables.items():
+            o = other._tables[name]
+            for field in ("num_rows", "dim", "dtype"):
+                if getattr(spec, field) != getattr(o, field):
+                    return f"table {name!r}: {field} {getattr(spec, field)} vs {getattr(o, field)}"
+        for name, shards in self._shards.items():
+            others = other._shards[name]
+            if len(shards) != len(others):
+                return f"table {name!r}: {len(shards)} shards vs {len(others)}"
+            for a, b in zip(shards, others):
+                if a != b:
+                    return (f"table {name!r} shard {a.index}: {a.server} rows [{a.row_start}, {a.row_end}) "
+                            f"cols [{a.col_start}, {a.col_end}) replicas {list(a.replicas)} vs {b.server} "
+                            f"rows [{b.row_start}, {b.row_end}) cols [{b.col_start}, {b.col_end}) "
+                            f"replicas {list(b.replicas)}")
+        return "the plans differ"
+
     def __repr__(self) -> str:
         n = sum(len(s) for s in self._shards.values())
         extra = (f", replicas={self.replicas}" if self.replicas > 1 else "") + (", versioned" if self._versioned else "")
@@ -819,8 +852,9 @@ class ClusterConfig:
         for name, addr in addrs.items():
             if not isinstance(addr, ServerAddress):
                 raise ConfigError(f"server {name!r}: expected ServerAddress, got {type(addr).__name__}")
-        if self.secret is not None and not isinstance(self.secret, str):
-            raise ConfigError("secret must be a string")
+        if self.secret is not None and (not isinstance(self.secret, str) or len(self.secret) < 4):
+            raise ConfigError(f"[cluster] secret must be a string of at least 4 characters, "
+                              f"got {type(self.secret).__name__} {self.secret!r:.12}")
         ordered = {s: addrs[s] for s in self.plan.servers}
         object.__setattr__(self, "addresses", MappingProxyType(ordered))
 
@@ -873,8 +907,14 @@ class ClusterConfig:
 
     @classmethod
     def from_toml(cls, path: str | os.PathLike[str]) -> ClusterConfig:
-        """Load a TOML cluster file."""
-        return cls.from_dict(_load_toml(path))
+        """Load a TOML cluster file; a :class:`ConfigError` names the file."""
+        d = _load_toml(path)
+        try:
+            return cls.from_dict(d)
+        except ConfigError as exc:
+            raise ConfigError(f"{os.fspath(path)}: {exc}") from exc
+        except KeyError as exc:
+            raise ConfigError(f"{os.fspath(path)}: missing {exc.args[0]!r}") from exc
 
     def to_toml(self) -> str:
         """TOML text that :meth:`from_toml` reads back to an equal config."""

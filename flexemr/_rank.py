@@ -32,7 +32,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import inspect
 import json
+import os
 import secrets
 import sys
 import time
@@ -45,6 +47,7 @@ import numpy as np
 import numpy.typing as npt
 import rdmaio
 
+from ._cli import check_range, run_interruptible
 from ._client import EmbeddingClient
 from ._criteo import read_criteo
 from ._dlrm import DLRM, ReferenceTables, head_of
@@ -337,15 +340,15 @@ def _fmt(x: float | None, spec: str, none: str = "-") -> str:
 def format_results(rows: Sequence[Mapping[str, Any]], techniques: Sequence[str] = ()) -> str:
     """A text table of result dicts (:meth:`RankResult.to_dict`, plus ``"techniques"``:
     ``{technique: "on" | "off" | "n/a"}``, ``"available"`` and ``"note"`` for rows that did not run)."""
-    head = ["configuration", *techniques, "samples/s", "p50 ms", "p99 ms", "KB/sample", "reads/sample",
-            "cache hit", "max |err|"]
+    head = ["configuration", *techniques, "batches", "samples/s", "p50 ms", "p99 ms", "KiB/sample",
+            "reads/sample", "cache hit", "max |err|"]
     fixed = 1 + len(techniques)
     table: list[list[str]] = []
     for r in rows:
         cells = [str(r["name"])] + [str(r.get("techniques", {}).get(t, "-")) for t in techniques]
         if r.get("available", True) and r.get("batches"):
             hit = r.get("cache_hit_rate")
-            cells += [f"{r['samples_per_s']:,.0f}", f"{r['p50_ms']:.1f}", f"{r['p99_ms']:.1f}",
+            cells += [str(r["batches"]), f"{r['samples_per_s']:,.0f}", f"{r['p50_ms']:.1f}", f"{r['p99_ms']:.1f}",
                       f"{r['bytes_per_sample'] / 1024:.2f}", f"{r['reads_per_sample']:.1f}",
                       "-" if hit is None else f"{100 * hit:.1f}%", _fmt(r.get("max_abs_err"), ".1e")]
         else:
@@ -366,14 +369,54 @@ def format_results(rows: Sequence[Mapping[str, Any]], techniques: Sequence[str] 
 # --------------------------------------------------------------------- CLI
 
 
+#: EmbeddingClient keywords that --client-option may not set (the command sets them itself).
+_RESERVED_OPTIONS = frozenset({"config", "transport", "engine"})
+
+
+def client_option_names() -> list[str]:
+    """The keyword arguments of :class:`EmbeddingClient` that ``--client-option`` accepts."""
+    params = inspect.signature(EmbeddingClient).parameters
+    return sorted(n for n, p in params.items() if p.kind is p.KEYWORD_ONLY and n not in _RESERVED_OPTIONS)
+
+
 def _parse_option(item: str) -> tuple[str, Any]:
     key, sep, raw = item.partition("=")
     if not sep or not key.isidentifier():
         raise ConfigError(f"--client-option expects KEY=VALUE, got {item!r}")
+    if key not in client_option_names():
+        raise ConfigError(f"--client-option: EmbeddingClient has no option {key!r}; "
+                          f"options: {', '.join(client_option_names())}")
     try:
         return key, json.loads(raw)
     except ValueError:
         return key, raw
+
+
+def _validate_rank_args(args: argparse.Namespace) -> None:
+    check_range("--batch-size", args.batch_size, 1)
+    check_range("--generate", args.generate, 1)
+    check_range("--pooling", args.pooling, above=0)
+    check_range("--check-samples", args.check_samples, 0)
+    check_range("--prefetch", args.prefetch, 0)
+    check_range("--seconds", args.seconds, above=0)
+
+
+def techniques(client: EmbeddingClient, *, naive: bool = False, prefetch: int = 0) -> str:
+    """The lookup techniques a ranker runs with, in words (the name of a result row).
+
+    >>> # techniques(client, prefetch=1) -> "flexemr (coalescing, server pooling, prefetch 1)"
+    """
+    if naive:
+        return "naive (one read per id)"
+    on = ["coalescing"]
+    cache = client.cache
+    if cache is not None:
+        on.append(f"cache {cache.capacity * cache.slot_bytes / (1 << 20):.0f} MiB")
+    if client.server_pooling:
+        on.append("server pooling")
+    if prefetch:
+        on.append(f"prefetch {prefetch}")
+    return f"flexemr ({', '.join(on)})"
 
 
 def configure(p: argparse.ArgumentParser) -> None:
@@ -383,17 +426,22 @@ def configure(p: argparse.ArgumentParser) -> None:
     src.add_argument("--trace", help="replay a trace file (.npz, docs/trace-format.md)")
     src.add_argument("--criteo", help="rank the samples of a Criteo-format TSV file (26 tables needed)")
     src.add_argument("--generate", type=int, metavar="N", help="rank N generated batches (default 10)")
-    p.add_argument("--batch-size", type=int, default=512, help="samples per batch for --generate/--criteo")
-    p.add_argument("--pooling", type=float, default=8.0, help="mean ids per sample and table for --generate")
-    p.add_argument("--seed", type=int, default=0, help="the servers' table seed (for the reference check)")
-    p.add_argument("--model-seed", type=int, default=0, help="seed of the DLRM weights")
-    p.add_argument("--check-samples", type=int, default=32, help="samples per batch checked locally (0: none)")
+    p.add_argument("--batch-size", type=int, default=512,
+                   help="samples per batch for --generate/--criteo (default 512)")
+    p.add_argument("--pooling", type=float, default=8.0,
+                   help="mean ids per sample and table for --generate (default 8)")
+    p.add_argument("--seed", type=int, default=0,
+                   help="the servers' table seed, for the reference check (default 0)")
+    p.add_argument("--model-seed", type=int, default=0, help="seed of the DLRM weights (default 0)")
+    p.add_argument("--check-samples", type=int, default=32,
+                   help="samples per batch checked locally (0: none; default 32)")
     p.add_argument("--naive", action="store_true", help="one rdmaio read per id (the baseline)")
     p.add_argument("--prefetch", type=int, default=0, help="batches looked up ahead of the model (default 0)")
     p.add_argument("--client-option", action="append", default=[], metavar="KEY=VALUE",
                    help="extra EmbeddingClient keyword (VALUE parsed as JSON when it can be); repeatable")
-    p.add_argument("--transport", default="auto", choices=["auto", "tcp", "verbs"])
-    p.add_argument("--seconds", type=float, help="stop timing after this many seconds")
+    p.add_argument("--transport", default="auto", choices=["auto", "tcp", "verbs"],
+                   help="rdmaio transport: verbs when an RDMA device is up, else tcp (default auto)")
+    p.add_argument("--seconds", type=float, help="stop timing after this many seconds (default: rank every batch)")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
 
 
@@ -420,14 +468,20 @@ def _batches(args: argparse.Namespace, config: ClusterConfig) -> tuple[list[Trac
 
 async def _rank(args: argparse.Namespace) -> dict[str, Any]:
     config = ClusterConfig.from_toml(args.config)
-    batches, specs = _batches(args, config)
-    model = DLRM(specs, seed=args.model_seed, dense_features=int(batches[0].dense.shape[1]) if batches else 13)
     options = dict(_parse_option(o) for o in args.client_option)
+    batches, specs = _batches(args, config)
+    if not batches:
+        raise InputError("no samples to rank (is the input file empty?)")
+    model = DLRM(specs, seed=args.model_seed, dense_features=int(batches[0].dense.shape[1]))
     reference = ReferenceTables(specs, args.seed) if args.check_samples > 0 else None
-    async with EmbeddingClient(config, transport=args.transport, **options) as client:
+    try:
+        client = EmbeddingClient(config, transport=args.transport, **options)
+    except TypeError as exc:  # a value of the wrong kind for an option
+        raise ConfigError(f"--client-option: {exc}") from None
+    async with client:
         ranker = Ranker(model, client, naive=args.naive, prefetch=args.prefetch, reference=reference,
                         check_samples=args.check_samples)
-        name = "naive" if args.naive else "flexemr" + (f" prefetch={args.prefetch}" if args.prefetch else "")
+        name = techniques(client, naive=args.naive, prefetch=args.prefetch)
         res = await ranker.run(batches, name=name, warmup=1 if len(batches) > 1 else 0, seconds=args.seconds)
         transport = client.engine.transport
     return {"transport": transport, "model": repr(model), "client_options": options, "result": res.to_dict()}
@@ -435,7 +489,8 @@ async def _rank(args: argparse.Namespace) -> dict[str, Any]:
 
 def main(args: argparse.Namespace) -> int:
     """Run ``flexemr rank``; exit code 0, or 1 when a checked CTR differs from the reference by > 1e-4."""
-    out = rdmaio.run(_rank(args))
+    _validate_rank_args(args)
+    out = run_interruptible(lambda: _rank(args))
     res = out["result"]
     if args.json:
         print(json.dumps(out, indent=2))
@@ -485,13 +540,27 @@ def main_gen(args: argparse.Namespace) -> int:
     from ._plan import ServerAddress, ShardingPlan
     from ._trace import write_trace
 
+    check_range("--scale", args.scale, above=0)
+    check_range("--dim", args.dim, 1)
+    check_range("--samples", args.samples, 1)
+    check_range("--batches", args.batches, 1)
+    check_range("--batch-size", args.batch_size, 1)
+    check_range("--pooling", args.pooling, above=0)
+    out_dir = os.path.dirname(os.path.abspath(args.out))
+    if not os.path.isdir(out_dir):
+        raise ConfigError(f"-o {args.out}: directory {out_dir} does not exist")
     if args.what == "cluster":
         addrs: dict[str, ServerAddress] = {}
+        seen: set[tuple[str, int]] = set()
         for i, item in enumerate(a for a in args.servers.split(",") if a):
             host, sep, port = item.rpartition(":")
             if not sep or not host or not port.isdigit():
                 raise ConfigError(f"--servers expects HOST:PORT, got {item!r}")
-            addrs[f"s{i}"] = ServerAddress(host, int(port))
+            addr = ServerAddress(host, int(port))
+            if (addr.host, addr.port) in seen:
+                raise ConfigError(f"--servers names {addr} twice: each server needs its own HOST:PORT")
+            seen.add((addr.host, addr.port))
+            addrs[f"s{i}"] = addr
         if not addrs:
             raise ConfigError("--servers names no server")
         specs = criteo_specs(args.scale, args.dim)

@@ -41,9 +41,11 @@ update rows with one-sided writes (``docs/reliability.md``).
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import os
 import secrets
+import socket
 from collections.abc import Mapping
 from typing import Any
 
@@ -74,6 +76,34 @@ def _load_npy(path: str | os.PathLike[str], table: str, shape: tuple[int, int], 
         raise ConfigError(f"table {table!r}: {os.fspath(path)} holds {arr.shape} {arr.dtype}, "
                           f"the plan says {shape} {dtype.name}")
     return arr
+
+
+def _bind_error(addr: ServerAddress, exc: OSError) -> str:
+    """One line saying why a server cannot listen on ``addr`` and what to do about it."""
+    where = f"cannot listen on {addr}"
+    if isinstance(exc, socket.gaierror):
+        return f"{where}: cannot resolve host {addr.host!r} ({exc.strerror}); give an address or a name this host resolves"
+    if exc.errno == errno.EADDRINUSE:
+        return f"{where}: the port is in use (another server?); stop it or pick a free port (--port, 0 = any)"
+    if exc.errno == errno.EADDRNOTAVAIL:
+        return (f"{where}: this host has no address {addr.host}; listen on one of its addresses "
+                f"(--host, e.g. 0.0.0.0 for all) while rankers dial the cluster file's")
+    if exc.errno == errno.EACCES:
+        return f"{where}: permission denied (ports below 1024 need privileges; pick another with --port)"
+    return f"{where}: {exc.strerror or exc}"
+
+
+async def _check_bindable(addr: ServerAddress) -> None:
+    """Raise :class:`ConfigError` (see :func:`_bind_error`) unless a listener could bind ``addr`` now."""
+    loop = asyncio.get_running_loop()
+    try:
+        infos = await loop.getaddrinfo(addr.host, addr.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+        family, type_, proto, _, sockaddr = infos[0]
+        with socket.socket(family, type_, proto) as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind(sockaddr)
+    except OSError as exc:
+        raise ConfigError(_bind_error(addr, exc)) from exc
 
 
 class EmbeddingServer:
@@ -266,7 +296,15 @@ class EmbeddingServer:
                 self._engine = rdmaio.Engine(**self._engine_kwargs)
             engine = self._engine
             await engine.start()
-            arena, offsets = await asyncio.get_running_loop().run_in_executor(None, self._allocate)
+            await _check_bindable(self._bind)  # before allocating what may be gigabytes
+            try:
+                arena, offsets = await asyncio.get_running_loop().run_in_executor(None, self._allocate)
+            except MemoryError as exc:
+                need = sum(region_bytes(self.plan.spec(sh.table), sh.num_rows) if self.plan.versioned
+                           else sh.nbytes(self.plan.spec(sh.table)) for sh in self.shards)
+                raise ConfigError(f"server {self.name!r}: cannot allocate its shards ({need / (1 << 30):.1f} GiB; "
+                                  f"{exc or 'out of memory'}): spread the tables over more servers or make them "
+                                  f"smaller") from None
             arena_key: bytes | None = None
             if arena is not None:
                 arena_mr = engine.register(arena, access=rdmaio.Access.READ)
@@ -300,7 +338,10 @@ class EmbeddingServer:
             self.pool_service = PoolService(self.plan, self.shards, self._arrays)
             engine.serve_channel(POOL_CHANNEL, self._serve_pool)
             self._pool_served = True
-            self._listener = await engine.listen(self._bind.host, self._bind.port)
+            try:
+                self._listener = await engine.listen(self._bind.host, self._bind.port)
+            except OSError as exc:
+                raise ConfigError(_bind_error(self._bind, exc)) from exc
             self._address = ServerAddress(self._bind.host, self._listener.port)
         except BaseException:
             await self._teardown()

@@ -54,7 +54,8 @@ class TableSpec:
         try:
             name = np.dtype(self.dtype).name
         except (TypeError, ValueError) as exc:
-            raise ConfigError(f"table {self.name!r}: invalid dtype {self.dtype!r}") from exc
+            raise ConfigError(f"table {self.name!r}: invalid dtype {self.dtype!r}; "
+                              f"expected one of {sorted(SUPPORTED_DTYPES)}") from exc
         if name not in SUPPORTED_DTYPES:
             raise ConfigError(
                 f"table {self.name!r}: unsupported dtype {self.dtype!r}; "

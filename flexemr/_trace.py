@@ -142,10 +142,19 @@ def _array(z: Any, name: str, dtype: type, ndim: int) -> npt.NDArray[Any]:
 
 def read_trace(path: str | os.PathLike[str]) -> Trace:
     """Read and validate a trace written by :func:`write_trace`."""
+    name = os.fspath(path)
     try:
-        z = np.load(os.fspath(path), allow_pickle=False)
+        with open(name, "rb") as fh:
+            magic = fh.read(4)
+    except OSError as exc:
+        raise TraceFormatError(f"cannot read trace file {name}: {exc.strerror or exc}") from exc
+    if magic != b"PK\x03\x04":
+        raise TraceFormatError(f"{name}: not a trace file (an .npz archive, docs/trace-format.md; "
+                               f"`flexemr gen trace` writes one); for Criteo TSV use --criteo")
+    try:
+        z = np.load(name, allow_pickle=False)
     except (OSError, ValueError, zipfile.BadZipFile) as exc:
-        raise TraceFormatError(f"{os.fspath(path)}: not a trace file: {exc}") from exc
+        raise TraceFormatError(f"{name}: not a trace file: {exc}") from exc
     with z:
         if not hasattr(z, "files"):
             raise TraceFormatError(f"{os.fspath(path)}: not an .npz archive")

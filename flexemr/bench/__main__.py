@@ -13,6 +13,7 @@ import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+from .._cli import ArgumentParser
 from . import _compare, _locality, _lookup, _soak
 
 __all__ = ["COMMANDS", "BenchCommand", "main"]
@@ -36,9 +37,9 @@ COMMANDS: dict[str, BenchCommand] = {
 }
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Parse ``argv`` and run the chosen benchmark."""
-    parser = argparse.ArgumentParser(prog="python -m flexemr.bench", description="FlexEMR benchmarks")
+def main(argv: Sequence[str] | None = None, *, prog: str = "python -m flexemr.bench") -> int:
+    """Parse ``argv`` and run the chosen benchmark (errors: one line, exit code 1)."""
+    parser = ArgumentParser(prog=prog, description="FlexEMR benchmarks")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name, cmd in COMMANDS.items():
         cmd.configure(sub.add_parser(name, help=cmd.help, description=cmd.help))
@@ -46,5 +47,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     return COMMANDS[args.command].run(args)
 
 
+def _cli() -> int:
+    from ..__main__ import main as flexemr
+
+    return flexemr(["bench", *sys.argv[1:]])
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(_cli())

@@ -217,8 +217,7 @@ def configure(p: argparse.ArgumentParser) -> None:
     """Arguments of ``python -m flexemr.bench locality``."""
     d = LocalityConfig()
     p.add_argument("--json", action="store_true", help="print one JSON object keyed by configuration")
-    add_config_arguments(p, d, {"rows": f"rows per table (default {d.rows:,})", "batch": "samples per batch",
-                                "pooling": "mean ids per sample and table (Poisson)",
+    add_config_arguments(p, d, {"pooling": "mean ids per sample and table (Poisson)",
                                 "warmup": "warm-up batches per configuration",
                                 "batches": "timed batches per configuration",
                                 "profile_batches": "batches profiled for the remap",

@@ -212,8 +212,7 @@ def configure(p: argparse.ArgumentParser) -> None:
     """Arguments of ``python -m flexemr.bench lookup``."""
     d = LookupConfig()
     p.add_argument("--json", action="store_true", help="print one JSON object")
-    add_config_arguments(p, d, {"rows": f"rows per table (default {d.rows:,})", "batch": "samples per batch",
-                                "pooling": "ids per sample and table", "alpha": "Zipf exponent",
+    add_config_arguments(p, d, {"pooling": "ids per sample and table", "alpha": "Zipf exponent",
                                 "batches": "timed batches", "naive_ids": "ids timed on the naive path"})
 
 

@@ -84,12 +84,10 @@ class SoakConfig:
 
 
 HELPS = {
-    "seconds": "how long the chaos runs, in seconds (default 60)",
-    "servers": "embedding server processes, each shard on 2 of them (default 4)",
-    "rows": "rows of the versioned table (default 20000)",
-    "dim": "embedding dimension (default 32)",
-    "seed": "seed of the tables and of the chaos (default 11)",
-    "transport": "rdmaio transport (default tcp)",
+    "seconds": "how long the chaos runs, in seconds",
+    "servers": "embedding server processes, each shard on 2 of them",
+    "rows": "rows of the versioned table",
+    "seed": "seed of the tables and of the chaos",
 }
 
 

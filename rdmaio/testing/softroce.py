@@ -1033,9 +1033,46 @@ def _report_failure(demux: _ConsoleDemux, job_dir: Path, verbose: bool) -> None:
 # --------------------------------------------------------------------------- CLI
 
 
+def missing_packages(packages: Sequence[str] = APT_PACKAGES) -> list[str]:
+    """The packages of ``packages`` that dpkg does not have installed."""
+    missing = []
+    for pkg in packages:
+        proc = subprocess.run(["dpkg-query", "-W", "-f=${Status}", pkg], capture_output=True, text=True,
+                              check=False)
+        if proc.returncode != 0 or not proc.stdout.endswith(" installed"):
+            missing.append(pkg)
+    return missing
+
+
+def planned_upgrades(packages: Sequence[str]) -> list[tuple[str, str, str]]:
+    """``(package, installed version, new version)`` of what apt would *upgrade* to install ``packages``
+    (a dry run: ``apt-get -s``).  Dependencies pinned to a newer version force these."""
+    proc = subprocess.run(["apt-get", "-s", "install", "--no-install-recommends", "--no-upgrade", *packages],
+                          capture_output=True, text=True, check=False, env=dict(os.environ, LC_ALL="C"))
+    out = []
+    for m in re.finditer(r"^Inst (\S+) \[([^\]]+)\] \((\S+)", proc.stdout, re.M):
+        out.append((m.group(1), m.group(2), m.group(3)))
+    return out
+
+
 def install_deps() -> int:
-    """apt-get install the host packages (non-interactive); returns apt-get's exit status."""
-    cmd = ["apt-get", "install", "-y", "--no-install-recommends", *APT_PACKAGES]
+    """apt-get install the host packages that are missing, upgrading nothing that is not forced; returns
+    apt-get's exit status (0 when nothing is missing).
+
+    Packages already installed are left at their version (``--no-upgrade``).  What apt
+    must still upgrade -- a new dependency that requires a newer version of an installed
+    library -- is printed before it happens (README: why).
+    """
+    missing = missing_packages()
+    if not missing:
+        print(f"softroce: host packages present ({' '.join(APT_PACKAGES)})", file=sys.stderr)
+        return 0
+    upgrades = planned_upgrades(missing)
+    if upgrades:
+        print("softroce: installing " + " ".join(missing) + " forces apt to upgrade, because a new dependency "
+              "needs their newer version (e.g. udev, which rdma-core needs, must equal libudev1's version): "
+              + ", ".join(f"{p} {a} -> {b}" for p, a, b in upgrades), file=sys.stderr)
+    cmd = ["apt-get", "install", "-y", "--no-install-recommends", "--no-upgrade", *missing]
     if os.geteuid() != 0:
         if shutil.which("sudo") is None:
             print("softroce: --install-deps needs root (or sudo): " + shlex.join(cmd), file=sys.stderr)
@@ -1044,6 +1081,15 @@ def install_deps() -> int:
     env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
     print("softroce: " + shlex.join(cmd), file=sys.stderr)
     return subprocess.run(cmd, env=env, check=False).returncode
+
+
+def clean_cache(cache: Path) -> int:
+    """Remove the cache directory (prepared kernels, initramfs, downloads); returns the bytes freed."""
+    if not cache.exists():
+        return 0
+    freed = sum(f.stat().st_size for f in cache.rglob("*") if f.is_file() and not f.is_symlink())
+    shutil.rmtree(cache)
+    return freed
 
 
 def _parse_env(items: Sequence[str]) -> dict[str, str]:
@@ -1063,7 +1109,9 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Exit status: the command's; 124 on timeout; 125 if the VM/guest setup failed; 130 on Ctrl-C.",
     )
     add = p.add_argument
-    add("--install-deps", action="store_true", help="apt-get install the host packages, then continue")
+    add("--install-deps", action="store_true",
+        help="apt-get install the host packages that are missing (upgrading nothing it need not), then continue")
+    add("--clean", action="store_true", help="remove the cache (prepared kernel images, ~0.5 GB) and exit")
     add("--prepare", action="store_true", help="build/refresh the cached kernel + initramfs, then continue")
     add("--force-prepare", action="store_true", help="rebuild the cache even if it is up to date")
     add("--cache", type=Path, default=None,
@@ -1090,6 +1138,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         cmd = cmd[1:]
     level = logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO
     logging.basicConfig(level=level, format="softroce: %(message)s", stream=sys.stderr)
+    if args.clean:
+        cache = args.cache or default_cache_dir()
+        freed = clean_cache(cache)
+        print(f"softroce: removed {cache} ({freed / (1 << 20):.0f} MiB)" if freed else
+              f"softroce: no cache at {cache}", file=sys.stderr)
+        return 0
     if not (cmd or args.install_deps or args.prepare or args.force_prepare):
         build_parser().print_usage(sys.stderr)
         print("softroce: nothing to do: give -- COMMAND, --prepare or --install-deps", file=sys.stderr)

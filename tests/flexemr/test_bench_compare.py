@@ -105,3 +105,30 @@ def test_bench_options_come_from_the_config_dataclasses() -> None:
     configure(p)
     cfg = _args.config_from_args(CompareConfig, p.parse_args(["--pooling", "8.5", "--no-torchrec"]))
     assert cfg == CompareConfig(pooling=8.5, torchrec=False)
+
+
+def test_every_bench_option_has_help_with_its_default_and_is_checked() -> None:
+    import argparse
+
+    import pytest
+
+    from flexemr import ConfigError
+    from flexemr.bench.__main__ import COMMANDS
+
+    for name, cmd in COMMANDS.items():
+        p = argparse.ArgumentParser()
+        cmd.configure(p)
+        for action in p._actions:
+            if action.option_strings and action.dest not in ("help", "json"):
+                assert action.help, f"{name} {action.option_strings[0]} has no help"
+                if action.default not in (None, True, False):
+                    assert "(default " in action.help, f"{name} {action.option_strings[0]}: {action.help}"
+    from flexemr.bench import _args
+    from flexemr.bench._compare import CompareConfig, configure
+
+    p = argparse.ArgumentParser()
+    configure(p)
+    for bad in (["--tables", "0"], ["--warmup", "-1"], ["--pooling", "0"], ["--servers", "-2"]):
+        with pytest.raises(ConfigError, match=bad[0]):
+            _args.config_from_args(CompareConfig, p.parse_args(bad))
+    assert _args.config_from_args(CompareConfig, p.parse_args(["--warmup", "0"])).warmup == 0

@@ -1,4 +1,4 @@
-"""`flexemr demo`: a small run end to end, the n/a path, the PNG writer, and cleanup on Ctrl-C."""
+"""`flexemr demo`: a small run end to end, the n/a path, the report figure, and cleanup on SIGINT/SIGTERM."""
 
 from __future__ import annotations
 
@@ -11,48 +11,42 @@ import struct
 import subprocess
 import sys
 import time
-import zlib
 from pathlib import Path
 from typing import Any, Literal
 
-import numpy as np
+import pytest
 
 from flexemr import ClusterConfig, EmbeddingClient
-from flexemr._demo import CONFIGURATIONS, TECHNIQUES, bar_chart_png, configure, detect_support, run_demo, write_png
+from flexemr._demo import CONFIGURATIONS, TECHNIQUES, configure, detect_support, run_demo
+from flexemr._report import cost_notes, plot_configurations
 
 ROOT = Path(__file__).resolve().parents[2]
 ENV = {**os.environ, "PYTHONPATH": str(ROOT)}
 
 
-def _png_chunks(data: bytes) -> list[tuple[bytes, bytes]]:
-    assert data[:8] == b"\x89PNG\r\n\x1a\n"
-    chunks, pos = [], 8
-    while pos < len(data):
-        (n,) = struct.unpack(">I", data[pos : pos + 4])
-        tag, body = data[pos + 4 : pos + 8], data[pos + 8 : pos + 8 + n]
-        (crc,) = struct.unpack(">I", data[pos + 8 + n : pos + 12 + n])
-        assert crc == zlib.crc32(tag + body) & 0xFFFFFFFF, f"bad CRC in {tag!r}"
-        chunks.append((tag, body))
-        pos += 12 + n
-    return chunks
+def _png_size(path: Path) -> tuple[int, int]:
+    png = path.read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and png[12:16] == b"IHDR"
+    w, h = struct.unpack(">II", png[16:24])
+    return w, h
 
 
-def _decode_png(path: Path) -> np.ndarray:
-    chunks = _png_chunks(path.read_bytes())
-    assert chunks[0][0] == b"IHDR" and chunks[-1][0] == b"IEND"
-    w, h, depth, ctype, comp, filt, inter = struct.unpack(">IIBBBBB", chunks[0][1])
-    assert (depth, ctype, comp, filt, inter) == (8, 2, 0, 0, 0)
-    raw = zlib.decompress(b"".join(b for t, b in chunks if t == b"IDAT"))
-    rows = np.frombuffer(raw, np.uint8).reshape(h, 1 + 3 * w)
-    assert (rows[:, 0] == 0).all()
-    return rows[:, 1:].reshape(h, w, 3)
-
-
-def test_png_writer_round_trip(tmp_path: Path) -> None:
-    img = np.random.default_rng(0).integers(0, 256, (7, 5, 3), dtype=np.uint8)
-    assert np.array_equal(_decode_png(write_png(tmp_path / "x.png", img)), img)
-    chart = _decode_png(bar_chart_png(tmp_path / "c.png", "title", ["a", "bb"], [("x", [1.0, None]), ("y", [0, 3])]))
-    assert chart.shape[0] > 100 and (chart != 255).any()
+def test_report_figure_has_every_panel_caption_and_note(tmp_path: Path) -> None:
+    rows = [{"name": "a", "batches": 9, "samples_per_s": 100.0, "bytes_per_sample": 4096.0, "p50_ms": 5.0,
+             "p99_ms": 7.0},
+            {"name": "a+b", "batches": 3, "samples_per_s": 50.0, "bytes_per_sample": 1024.0, "p50_ms": 9.0,
+             "p99_ms": 12.5},
+            {"name": "c", "available": False, "note": "n/a (c not available in this build)"}]
+    notes = cost_notes(rows, {"a": frozenset("a"), "a+b": frozenset("ab"), "c": frozenset("c")})
+    assert set(notes) == {"a+b"} and "slower than a (50 vs 100 samples/s)" in notes["a+b"]
+    png, svg = plot_configurations(tmp_path / "r.png", "a title", rows, {"a": "just a"}, notes,
+                                   footer=["b: what b does"])
+    w, h = _png_size(png)
+    assert 800 < w < 4000 and 200 < h < 4000
+    text = svg.read_text()
+    for expected in ("a title", "samples/s", "KiB/sample", "ms", "p50", "p99", "(9 batches)", "(3 batches)",
+                     "a: just a", "slower than a", "not available in this build", "b: what b does"):
+        assert expected in text, expected
 
 
 def test_detect_support_follows_the_client_signature() -> None:
@@ -96,7 +90,7 @@ async def test_missing_techniques_show_as_not_available(tmp_path: Path) -> None:
     for name in ("all on", "coalescing+cache"):
         assert rows[name]["available"] is False and "not available in this build" in rows[name]["note"]
         assert rows[name]["techniques"]["cache"] == "n/a"
-    assert report["check"]["passed"] and (tmp_path / "report.png").exists()
+    assert report["check"]["passed"] and (tmp_path / "report.png").exists() and (tmp_path / "report.svg").exists()
 
 
 def test_demo_command_small(tmp_path: Path) -> None:
@@ -121,11 +115,11 @@ def test_demo_command_small(tmp_path: Path) -> None:
     base = next(r for r in report["configurations"] if r["name"] == "baseline (all off)")
     coal = next(r for r in report["configurations"] if r["name"] == "coalescing")
     assert coal["bytes_per_sample"] < base["bytes_per_sample"]            # dedup moves fewer bytes
-    png = (tmp_path / "report.png").read_bytes()
-    assert png[:8] == b"\x89PNG\r\n\x1a\n" and png[12:16] == b"IHDR"
-    w, h = struct.unpack(">II", png[16:24])
-    assert 200 < w < 4000 and 100 < h < 4000
-    _decode_png(tmp_path / "report.png")
+    w, h = _png_size(tmp_path / "report.png")
+    assert 800 < w < 4000 and 300 < h < 4000
+    svg = (tmp_path / "report.svg").read_text()
+    assert all(f"({r['batches']} batches)" in svg for r in report["configurations"] if r["available"])
+    assert "KiB/sample" in proc.stdout and "KiB/sample" in svg and "p99" in svg
 
 
 def _gone(pid: int) -> bool:
@@ -136,13 +130,17 @@ def _gone(pid: int) -> bool:
         return True
 
 
-def test_ctrl_c_stops_every_server(tmp_path: Path) -> None:
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_stops_every_server_and_removes_the_cluster_files(tmp_path: Path, sig: int) -> None:
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
     proc = subprocess.Popen([sys.executable, "-m", "flexemr", "demo", "--batches", "500", "--seconds", "60",
                              "--scale", "0.01", "--out", str(tmp_path)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV, cwd=tmp_path)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**ENV, "TMPDIR": str(tmp)}, cwd=tmp_path)
     pids: list[int] = []
     try:
-        assert proc.stdout is not None
+        assert proc.stdout is not None and proc.stderr is not None
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
             line = proc.stdout.readline()
@@ -152,15 +150,18 @@ def test_ctrl_c_stops_every_server(tmp_path: Path) -> None:
                 pids = [int(x) for x in m.group(1).split()]
                 break
         assert len(pids) == 2 and not any(_gone(p) for p in pids)
+        assert [p.name for p in tmp.glob("flexemr-cluster-*")]       # the cluster's configs and logs
         time.sleep(1.0)                                   # mid-run: the baseline configuration is going
         t0 = time.monotonic()
-        proc.send_signal(signal.SIGINT)
-        assert proc.wait(30) == 130
+        proc.send_signal(sig)
+        assert proc.wait(30) == 128 + sig
         assert time.monotonic() - t0 < 10
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline and not all(_gone(p) for p in pids):
-            time.sleep(0.1)
-        assert all(_gone(p) for p in pids), f"servers still alive: {pids}"
+        err = proc.stderr.read()
+        assert err.strip().splitlines()[-1] == (f"flexemr demo: stopped by {signal.Signals(sig).name}; "
+                                                f"what it started was shut down"), err
+        assert "Traceback" not in err
+        assert all(_gone(p) for p in pids), f"servers still alive: {pids}"   # stopped before the demo exited
+        assert not list(tmp.glob("flexemr-cluster-*"))
         assert not (tmp_path / "report.json").exists()
     finally:
         if proc.poll() is None:

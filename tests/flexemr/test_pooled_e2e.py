@@ -7,7 +7,7 @@ import asyncio
 import numpy as np
 import pytest
 
-from flexemr import InputError, JaggedBatch, LocalCluster, ShardingPlan, TableSpec
+from flexemr import FlexEMRError, InputError, JaggedBatch, LocalCluster, ShardingPlan, TableSpec
 from flexemr._pooling import pool
 from flexemr._remap import build_remap, profile_accesses
 from flexemr._workload import PROFILE_2022, generate
@@ -211,3 +211,51 @@ def test_locality_doctests() -> None:
 
     result = doctest.testmod(flexemr._locality)
     assert result.attempted > 0 and result.failed == 0
+
+
+async def test_a_pooling_channel_closing_under_a_blocked_send_leaves_no_unretrieved_future() -> None:
+    """Killing a server during `flexemr rank` printed one 'Future exception was never retrieved'
+    block per pending pooling call: the channel closed (failing the call's future) while the call
+    still waited for send credits.  The call must raise, and nothing may be left unretrieved."""
+    import asyncio
+    import gc
+
+    import rdmaio
+
+    from flexemr._locality import LocalityMetrics, PoolChannel
+
+    class Channel:                                   # a scripted rdmaio channel: no credits, then closed
+        max_message = 1 << 16
+
+        def __init__(self) -> None:
+            self.closed = asyncio.Event()
+
+        async def send(self, parts: object) -> None:
+            await self.closed.wait()
+            raise rdmaio.ClosedError("the channel is closed")
+
+        def __aiter__(self) -> "Channel":
+            return self
+
+        async def __anext__(self) -> bytes:
+            await self.closed.wait()
+            raise StopAsyncIteration
+
+        async def aclose(self) -> None:
+            self.closed.set()
+
+    unretrieved: list[object] = []
+    loop = asyncio.get_running_loop()
+    loop.set_exception_handler(lambda _loop, ctx: unretrieved.append(ctx.get("message")))
+    ch = Channel()
+    pc = PoolChannel(ch, LocalityMetrics())          # type: ignore[arg-type]
+    calls = [asyncio.ensure_future(pc.call([b"x"])) for _ in range(5)]
+    await asyncio.sleep(0)
+    ch.closed.set()                                  # the server closed its end
+    results = await asyncio.gather(*calls, return_exceptions=True)
+    assert all(isinstance(r, FlexEMRError) for r in results), results
+    await pc.aclose()
+    del calls, results
+    gc.collect()
+    await asyncio.sleep(0)
+    assert unretrieved == []
