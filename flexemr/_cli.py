@@ -4,18 +4,20 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import errno
 import os
 import signal
 import sys
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Iterator
 from typing import Any, NoReturn, TypeVar
 
 import rdmaio
 
 from ._errors import ConfigError
 
-__all__ = ["ArgumentParser", "Interrupted", "check_range", "describe_os_error", "run_interruptible"]
+__all__ = ["ArgumentParser", "Interrupted", "blocking_section", "check_range", "describe_os_error",
+           "run_interruptible"]
 
 T = TypeVar("T")
 
@@ -92,6 +94,28 @@ def run_interruptible(make: Callable[[], Coroutine[Any, Any, T]]) -> T:
                 loop.remove_signal_handler(sig)
 
     return rdmaio.run(guarded())
+
+
+@contextlib.contextmanager
+def blocking_section() -> Iterator[None]:
+    """Long synchronous work inside :func:`run_interruptible` (generating or reading requests, building
+    tables): a signal raises :class:`Interrupted` at once, since the event loop, blocked here, could
+    not run its handler until the work ends.  Hold no resource that needs an ``await`` to release."""
+
+    def raise_now(signum: int, frame: object) -> None:
+        raise Interrupted(signum)
+
+    previous: dict[int, Any] = {}
+    try:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            previous[sig] = signal.signal(sig, raise_now)
+    except ValueError:  # not the main thread: nothing to catch here
+        pass
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def describe_os_error(exc: OSError) -> str:

@@ -56,7 +56,7 @@ from typing import Any
 
 import numpy as np
 
-from ._cli import check_range, run_interruptible
+from ._cli import blocking_section, check_range, run_interruptible
 from ._client import EmbeddingClient
 from ._cluster import LocalCluster
 from ._dlrm import DLRM, ReferenceTables, auto_scale, criteo_specs
@@ -248,12 +248,14 @@ async def run_demo(args: argparse.Namespace, *, client_cls: type = EmbeddingClie
     scale = args.scale if args.scale is not None else auto_scale(args.dim)
     specs = criteo_specs(scale, args.dim)
     table_bytes = sum(s.nbytes for s in specs)
-    model = DLRM(specs, seed=args.seed)
+    with blocking_section():
+        model = DLRM(specs, seed=args.seed)
     configs = [c for c in CONFIGURATIONS if not args.only or c.name in args.only]
     if not configs:
         raise ConfigError(f"--only matches no configuration; names: {[c.name for c in CONFIGURATIONS]}")
     support = detect_support(client_cls, cache_bytes=int(args.cache_mb * (1 << 20)))
-    batches = generate_trace(specs, args.batches + 1, args.batch_size, args.pooling, seed=args.seed)
+    with blocking_section():
+        batches = generate_trace(specs, args.batches + 1, args.batch_size, args.pooling, seed=args.seed)
     ids_per_batch = float(np.mean([len(b.sparse) for b in batches]))
     _say(f"{len(specs)} Criteo-shaped tables x dim {args.dim} (scale {scale:g}: "
          f"{sum(s.num_rows for s in specs):,} rows, {table_bytes / (1 << 20):.0f} MiB), {model}")

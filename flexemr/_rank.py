@@ -47,7 +47,7 @@ import numpy as np
 import numpy.typing as npt
 import rdmaio
 
-from ._cli import check_range, run_interruptible
+from ._cli import blocking_section, check_range, run_interruptible
 from ._client import EmbeddingClient
 from ._criteo import read_criteo
 from ._dlrm import DLRM, ReferenceTables, head_of
@@ -469,11 +469,12 @@ def _batches(args: argparse.Namespace, config: ClusterConfig) -> tuple[list[Trac
 async def _rank(args: argparse.Namespace) -> dict[str, Any]:
     config = ClusterConfig.from_toml(args.config)
     options = dict(_parse_option(o) for o in args.client_option)
-    batches, specs = _batches(args, config)
-    if not batches:
-        raise InputError("no samples to rank (is the input file empty?)")
-    model = DLRM(specs, seed=args.model_seed, dense_features=int(batches[0].dense.shape[1]))
-    reference = ReferenceTables(specs, args.seed) if args.check_samples > 0 else None
+    with blocking_section():
+        batches, specs = _batches(args, config)
+        if not batches:
+            raise InputError("no samples to rank (is the input file empty?)")
+        model = DLRM(specs, seed=args.model_seed, dense_features=int(batches[0].dense.shape[1]))
+        reference = ReferenceTables(specs, args.seed) if args.check_samples > 0 else None
     try:
         client = EmbeddingClient(config, transport=args.transport, **options)
     except TypeError as exc:  # a value of the wrong kind for an option

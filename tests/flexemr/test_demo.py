@@ -203,6 +203,30 @@ def test_gen_serve_rank(tmp_path: Path) -> None:
             assert res["batches"] >= 1 and res["max_abs_err"] < 1e-5 and res["samples_per_s"] > 0
         r = flexemr("rank", "--config", "c.toml", "--seed", "4", "--transport", "tcp", "--generate", "2")
         assert r.returncode == 1 and "same --seed" in r.stderr and "samples/s" in r.stdout
+        # SIGTERM while requests are generated (the event loop is blocked), then while ranking: one line, 143
+        _rank_stopped_by_sigterm(tmp_path, ["--generate", "3000", "--batch-size", "64"], 1.5)
+        r = flexemr("gen", "trace", "--config", "c.toml", "--batches", "100", "--batch-size", "64", "-o", "big.npz")
+        assert r.returncode == 0, r.stderr
+        _rank_stopped_by_sigterm(tmp_path, ["--trace", "big.npz", "--naive"], 4.0)   # naive: slow, still going
     finally:
         for p in procs:
             stop(p)
+
+
+def _rank_stopped_by_sigterm(tmp_path: Path, source: list[str], delay: float) -> None:
+    from ._procs import stop
+
+    rank = subprocess.Popen([sys.executable, "-m", "flexemr", "rank", "--config", "c.toml", "--seed", "3",
+                             "--transport", "tcp", *source],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV, cwd=tmp_path)
+    try:
+        time.sleep(delay)
+        assert rank.poll() is None, rank.communicate()
+        t0 = time.monotonic()
+        rank.send_signal(signal.SIGTERM)
+        out, err = rank.communicate(timeout=30)
+        assert rank.returncode == 143, err
+        assert time.monotonic() - t0 < 5
+        assert err.strip().splitlines() == ["flexemr rank: stopped by SIGTERM; what it started was shut down"]
+    finally:
+        stop(rank)
