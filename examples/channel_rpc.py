@@ -14,13 +14,16 @@ Request (one message): ``op (1 byte) | key length (u16) | key | payload``::
     S sum    payload = float64 numbers       -> their sum as one float64
 
 Several requests may be in flight on one channel: answers come back in order.
-The last line is ``all checks passed``.
+The last line is ``all checks passed``.  When rdmaio raises (e.g.
+``--transport verbs`` on a host without an RDMA device) it prints one line
+saying what is wrong and exits with code 1.
 """
 
 from __future__ import annotations
 
 import argparse
 import struct
+import sys
 from collections.abc import Awaitable, Callable
 
 import numpy as np
@@ -93,4 +96,9 @@ if __name__ == "__main__":
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--transport", default="tcp", choices=["auto", "tcp", "verbs"],
                    help="tcp (default); channels over verbs depend on the build")
-    rdmaio.run(main(p.parse_args().transport))
+    try:
+        rdmaio.run(main(p.parse_args().transport))
+    except rdmaio.TransportUnavailableError as exc:
+        sys.exit(f"channel_rpc.py: error: {exc}; run with --transport tcp (or auto) on a host without RDMA")
+    except rdmaio.RdmaioError as exc:
+        sys.exit(f"channel_rpc.py: error: {exc}")

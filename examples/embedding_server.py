@@ -4,8 +4,10 @@
 
 The server fills its shards with seeded random values (``--seed``), registers
 them with rdmaio, publishes its shard map under "flexemr/meta" and serves
-one-sided reads until Ctrl-C / SIGTERM.  (``flexemr serve`` does the same with
-more options.)
+one-sided reads until Ctrl-C / SIGTERM (exit code 0).  On an error (wrong
+transport, port in use, bad cluster file) it prints one line saying what is
+wrong and exits with code 1.  (``flexemr serve`` does the same with more
+options.)
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import signal
+import sys
 
 import rdmaio
 
@@ -32,15 +35,29 @@ async def serve(config_path: str, name: str, seed: int, transport: str) -> None:
     print(f"embedding server {name} stopped", flush=True)
 
 
-def main() -> None:
+def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--config", default="examples/cluster.toml")
     p.add_argument("--server", default="s0")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--transport", default="auto", choices=["auto", "tcp", "verbs"])
     args = p.parse_args()
-    rdmaio.run(serve(args.config, args.server, args.seed, args.transport))
+
+    def fail(msg: str) -> int:
+        print(f"embedding_server.py: error: {msg}", file=sys.stderr)
+        return 1
+
+    try:
+        rdmaio.run(serve(args.config, args.server, args.seed, args.transport))
+    except rdmaio.TransportUnavailableError as exc:
+        return fail(f"{exc}; run with --transport tcp (or auto) on a host without RDMA")
+    except (rdmaio.RdmaioError, flexemr.FlexEMRError) as exc:
+        return fail(str(exc))
+    except OSError as exc:  # e.g. the port is taken
+        return fail(f"cannot serve {args.server} of {args.config}: {exc} (is another server using its port? "
+                    "stop it, or change the port in the cluster file)")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

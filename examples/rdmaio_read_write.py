@@ -5,13 +5,16 @@
 A *target* engine registers a 1 MiB region (bytes ``i % 251``) with a counter
 word at its end and exposes it as ``"data"``; an *initiator* engine connects
 over loopback and works on it without any target code running per operation.
-Every result is checked; the last line is ``all checks passed``.
+Every result is checked; the last line is ``all checks passed``.  When rdmaio
+raises (e.g. ``--transport verbs`` on a host without an RDMA device) it prints
+one line saying what is wrong and exits with code 1.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import sys
 
 import numpy as np
 import rdmaio
@@ -67,4 +70,9 @@ async def main(transport: str) -> None:
 if __name__ == "__main__":
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--transport", default="auto", choices=["auto", "tcp", "verbs"])
-    rdmaio.run(main(p.parse_args().transport))
+    try:
+        rdmaio.run(main(p.parse_args().transport))
+    except rdmaio.TransportUnavailableError as exc:
+        sys.exit(f"rdmaio_read_write.py: error: {exc}; run with --transport tcp (or auto) on a host without RDMA")
+    except rdmaio.RdmaioError as exc:
+        sys.exit(f"rdmaio_read_write.py: error: {exc}")

@@ -921,9 +921,16 @@ class ClusterConfig:
         return dumps_toml(self.to_dict())
 
     def write_toml(self, path: str | os.PathLike[str]) -> None:
-        """Write :meth:`to_toml` to ``path`` (UTF-8)."""
-        with open(path, "w", encoding="utf-8") as fh:
-            fh.write(self.to_toml())
+        """Write :meth:`to_toml` to ``path`` (UTF-8); a file holding a secret is readable by its owner only."""
+        text = self.to_toml()
+        if self.secret is None:
+            with open(path, "w", encoding="utf-8") as fh:
+                fh.write(text)
+            return
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        os.fchmod(fd, 0o600)  # also when the file existed with wider permissions
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(text)
 
 
 def _load_toml(path: str | os.PathLike[str]) -> dict[str, Any]:

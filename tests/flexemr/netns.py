@@ -15,9 +15,24 @@ lab's namespaces (by pid, from ``ip netns pids``), deletes the veth pairs,
 then the namespaces.  Namespaces of earlier runs whose creator process is
 gone are removed first.
 
-Needs root, ``ip`` (iproute2) with ``netns`` support and veth.
-:func:`require` skips the calling test with the exact reason when one is
-missing, or fails it under CI (``CI=true``), where the capability must exist.
+:class:`HostsLab` is the variant for commands that name their hosts (the
+docs' walkthroughs): namespaces ``fxh-<pid>-<i>`` for the given host names,
+each with one veth end on a bridge ``fxh<pid>br`` in the test's namespace, all
+in one unused ``10.233.<x>.0/24`` (the bridge is ``.1``, the hosts ``.2``,
+``.3``, ...).  ``/etc/netns/<namespace>/hosts`` maps every host name to its
+address; ``ip netns exec`` bind-mounts it over ``/etc/hosts``, so a process in
+any of the namespaces reaches ``emb0`` by name::
+
+    root namespace: bridge fxh<pid>br 10.233.x.1/24
+        fxh<pid>h<i>  <->  fxh<pid>n<i> 10.233.x.(i+2)/24 in fxh-<pid>-<i>  ("emb0", ...)
+
+Its teardown also removes the bridge and the ``/etc/netns`` entries, and it
+removes those of dead earlier runs first.
+
+Needs root, ``ip`` (iproute2) with ``netns`` support, veth (and a bridge for
+:class:`HostsLab`).  :func:`require` skips the calling test with the exact
+reason when one is missing, or fails it under CI (``CI=true``), where the
+capability must exist.
 """
 
 from __future__ import annotations
@@ -29,12 +44,14 @@ import re
 import shutil
 import signal
 import subprocess
+import sys
 from collections.abc import Sequence
+from pathlib import Path
 from dataclasses import dataclass
 
 import pytest
 
-__all__ = ["Netns", "NetnsError", "NetnsLab", "require", "unavailable"]
+__all__ = ["HostsLab", "Netns", "NetnsError", "NetnsLab", "require", "unavailable"]
 
 log = logging.getLogger(__name__)
 
@@ -107,8 +124,11 @@ def remove_stale() -> None:
             _remove(name, f"fx{m.group(1)}h{m.group(2)}")
 
 
-def unavailable() -> str | None:
-    """``None`` when namespaces can be made here, else the reason (probes with a throw-away namespace)."""
+def unavailable(bridge: bool = False) -> str | None:
+    """``None`` when namespaces (and, with ``bridge``, bridges) can be made here, else the reason.
+
+    Probes with a throw-away namespace (and bridge).
+    """
     if os.geteuid() != 0:
         return "network namespaces need root (euid is not 0)"
     if shutil.which("ip") is None:
@@ -121,12 +141,20 @@ def unavailable() -> str | None:
         return f"cannot create a network namespace: {exc}"
     finally:
         _ip("netns", "del", probe, check=False)
+    if bridge:
+        br = f"fxp{os.getpid()}br"
+        try:
+            _ip("link", "add", br, "type", "bridge")
+        except NetnsError as exc:
+            return f"cannot create a bridge: {exc}"
+        finally:
+            _ip("link", "del", br, check=False)
     return None
 
 
-def require() -> None:
+def require(bridge: bool = False) -> None:
     """Skip the calling test when namespaces cannot be made here; under ``CI=true`` fail instead."""
-    reason = unavailable()
+    reason = unavailable(bridge)
     if reason is None:
         return
     if os.environ.get("CI") == "true":
@@ -203,3 +231,158 @@ class NetnsLab:
             name, host_if = self._created.pop()
             _remove(name, host_if)
         self.namespaces.clear()
+
+
+# ------------------------------------------------------------------ hosts on a bridge
+
+_H_NAME_RE = re.compile(r"^fxh-(\d+)-(\d+)$")
+_H_BRIDGE_RE = re.compile(r"^fxh(\d+)br$")
+_ETC_NETNS = Path("/etc/netns")
+_HOST_RE = re.compile(r"^[a-z][a-z0-9-]{0,30}$")
+
+# A one-shot TCP listener (argv: address) that prints its port and accepts one connection.
+_PROBE_LISTENER = (
+    "import socket, sys\n"
+    "s = socket.socket(); s.bind((sys.argv[1], 0)); s.listen(1); s.settimeout(10)\n"
+    "print(s.getsockname()[1], flush=True)\n"
+    "c, _ = s.accept(); c.sendall(b'ok'); c.close()\n"
+)
+_PROBE_CONNECT = (
+    "import socket, sys\n"
+    "c = socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=5)\n"
+    "assert c.recv(2) == b'ok'\n"
+)
+
+
+def _remove_etc(name: str) -> None:
+    d = _ETC_NETNS / name
+    if d.is_dir():
+        for f in d.iterdir():
+            f.unlink()
+        d.rmdir()
+    try:
+        _ETC_NETNS.rmdir()  # only when empty: other tools' entries stay
+    except OSError:
+        pass
+
+
+def remove_stale_hosts() -> None:
+    """Delete :class:`HostsLab` namespaces, ``/etc/netns`` entries and bridges of processes that no longer exist."""
+    stale: set[int] = set()
+    for name in _namespaces():
+        m = _H_NAME_RE.match(name)
+        if m and not _alive(int(m.group(1))):
+            log.info("removing stale namespace %s", name)
+            _kill_all_in(name)
+            _ip("link", "del", f"fxh{m.group(1)}h{m.group(2)}", check=False)
+            _ip("netns", "del", name, check=False)
+            stale.add(int(m.group(1)))
+    if _ETC_NETNS.is_dir():
+        for d in _ETC_NETNS.iterdir():
+            m = _H_NAME_RE.match(d.name)
+            if m and not _alive(int(m.group(1))):
+                _remove_etc(d.name)
+    for line in _ip("-o", "link", "show", "type", "bridge", check=False).splitlines():
+        fields = line.split(":")
+        m = _H_BRIDGE_RE.match(fields[1].strip()) if len(fields) > 1 else None
+        if m and not _alive(int(m.group(1))):
+            log.info("removing stale bridge %s", m.group(0))
+            _ip("link", "del", m.group(0), check=False)
+
+
+class HostsLab:
+    """Named hosts (namespaces) on one bridge that reach each other by name (module docstring); a context manager.
+
+    >>> # with HostsLab(["emb0", "ranker"]) as lab:
+    >>> #     subprocess.run(lab.argv("ranker", ["getent", "hosts", "emb0"]))
+    """
+
+    def __init__(self, hosts: Sequence[str]) -> None:
+        names = list(hosts)
+        if not 1 <= len(names) <= 9 or len(set(names)) != len(names):
+            raise ValueError(f"1 to 9 distinct host names, got {names}")
+        for h in names:
+            if not _HOST_RE.match(h):
+                raise ValueError(f"bad host name {h!r}")
+        self.names = names
+        self.hosts: dict[str, Netns] = {}
+        self.subnet: ipaddress.IPv4Network | None = None
+        self.bridge = f"fxh{os.getpid()}br"
+        self._created: list[tuple[str, str]] = []  # (namespace, host-side interface)
+        self._bridge_made = False
+
+    def __enter__(self) -> HostsLab:
+        try:
+            self._create()
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _create(self) -> None:
+        remove_stale_hosts()
+        pid = os.getpid()
+        self.subnet = _pick_subnet()
+        base = self.subnet.network_address
+        _ip("link", "add", self.bridge, "type", "bridge")
+        self._bridge_made = True
+        _ip("addr", "add", f"{base + 1}/24", "dev", self.bridge)
+        _ip("link", "set", self.bridge, "up")
+        for i, host in enumerate(self.names):
+            ns, host_if, ns_if = f"fxh-{pid}-{i}", f"fxh{pid}h{i}", f"fxh{pid}n{i}"
+            addr = str(base + 2 + i)
+            _ip("netns", "add", ns)
+            self._created.append((ns, host_if))
+            _ip("link", "add", host_if, "type", "veth", "peer", "name", ns_if)
+            _ip("link", "set", ns_if, "netns", ns)
+            _ip("link", "set", host_if, "master", self.bridge)
+            _ip("link", "set", host_if, "up")
+            _ip("-n", ns, "link", "set", "lo", "up")
+            _ip("-n", ns, "addr", "add", f"{addr}/24", "dev", ns_if)
+            _ip("-n", ns, "link", "set", ns_if, "up")
+            self.hosts[host] = Netns(ns, addr, str(base + 1), host_if, ns_if)
+        table = "".join(f"{n.address}\t{h}\n" for h, n in self.hosts.items())
+        for n in self.hosts.values():
+            d = _ETC_NETNS / n.name
+            d.mkdir(parents=True, exist_ok=True)
+            (d / "hosts").write_text(f"127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n{table}")
+        self._probe()
+
+    def _probe(self) -> None:
+        """The first host reaches every other one over TCP, by name (the bridge forwards, the hosts files work)."""
+        first = self.names[0]
+        for other in self.names[1:]:
+            listener = subprocess.Popen(self.argv(other, [sys.executable, "-c", _PROBE_LISTENER, other]),
+                                        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            try:
+                assert listener.stdout is not None
+                port = listener.stdout.readline().strip()
+                if not port.isdigit():
+                    raise NetnsError(f"probe listener on {other} failed: {listener.communicate(timeout=5)[1]}")
+                proc = subprocess.run(self.argv(first, [sys.executable, "-c", _PROBE_CONNECT, other, port]),
+                                      capture_output=True, text=True, timeout=_TIMEOUT)
+                if proc.returncode != 0:
+                    raise NetnsError(f"{first} cannot reach {other} over bridge {self.bridge}: "
+                                     f"{proc.stderr.strip().splitlines()[-1:]}")
+            finally:
+                if listener.poll() is None:
+                    listener.kill()
+                listener.communicate()
+
+    def argv(self, host: str, argv: Sequence[str]) -> list[str]:
+        """The command line that runs ``argv`` on ``host``."""
+        return ["ip", "netns", "exec", self.hosts[host].name, *argv]
+
+    def close(self) -> None:
+        """Kill what runs in the namespaces; delete the links, namespaces, ``/etc/netns`` entries, bridge. Idempotent."""
+        while self._created:
+            ns, host_if = self._created.pop()
+            _remove(ns, host_if)
+            _remove_etc(ns)
+        self.hosts.clear()
+        if self._bridge_made:
+            _ip("link", "del", self.bridge, check=False)
+            self._bridge_made = False

@@ -49,6 +49,7 @@ def test_gen_cluster_writes_a_secret(tmp_path: Path) -> None:
     assert main(["gen", "cluster", "--servers", "h:1,h:2", "--scale", "0.001", "--secret", "sesame-123",
                  "-o", str(out)]) == 0
     assert ClusterConfig.from_toml(out).secret == "sesame-123"
+    assert out.stat().st_mode & 0o777 == 0o600                 # the secret is the owner's only
     assert main(["gen", "cluster", "--servers", "h:1,h:2", "--scale", "0.001", "--random-secret",
                  "-o", str(out)]) == 0
     first = ClusterConfig.from_toml(out).secret
