@@ -103,6 +103,15 @@ APT_PACKAGES: tuple[str, ...] = (
 )
 
 DEFAULT_KERNEL_META_PACKAGE = "linux-image-amd64"
+#: The guest's CPU model (qemu ``-cpu``); ``$RDMAIO_SOFTROCE_CPU`` overrides it.  Everything TCG
+#: emulates except AVX2: with it, numpy's AVX2 sort kernels returned wrong results in the guest
+#: (qemu 7.2's TCG; ``python -m rdmaio.testing.guestcheck`` checks this at every VM job).
+DEFAULT_GUEST_CPU = "max,-avx2"
+
+
+def guest_cpu() -> str:
+    """The qemu CPU model the guest runs on: ``$RDMAIO_SOFTROCE_CPU`` or :data:`DEFAULT_GUEST_CPU`."""
+    return os.environ.get("RDMAIO_SOFTROCE_CPU") or DEFAULT_GUEST_CPU
 QEMU_BINARY = "qemu-system-x86_64"
 #: Modules loaded from the initramfs, before the host root is reachable.
 INITRAMFS_MODULES: tuple[str, ...] = ("virtio_pci", "virtio_net", "9pnet_virtio", "9p", "overlay")
@@ -806,6 +815,7 @@ def qemu_command(
     smp: int,
     write_cwd: bool = True,
     verbose: bool = False,
+    cpu: str | None = None,
 ) -> list[str]:
     """The qemu argv: TCG, serial console on stdio, user-mode net, four virtio-9p shares."""
     shares = [
@@ -817,7 +827,7 @@ def qemu_command(
     cmd = [
         QEMU_BINARY,
         "-nodefaults", "-no-user-config",
-        "-machine", "pc", "-accel", "tcg,thread=multi", "-cpu", "max",
+        "-machine", "pc", "-accel", "tcg,thread=multi", "-cpu", cpu or guest_cpu(),
         "-smp", str(smp), "-m", str(memory_mb),
         "-display", "none", "-serial", "stdio", "-no-reboot",
         "-kernel", str(image.boot_kernel), "-initrd", str(image.initramfs),

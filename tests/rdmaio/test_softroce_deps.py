@@ -78,3 +78,29 @@ def test_clean_removes_the_cache(tmp_path: Path, capsys: pytest.CaptureFixture[s
     assert not cache.exists() and "removed" in capsys.readouterr().err
     assert softroce.main(["--clean", "--cache", str(cache)]) == 0
     assert "no cache" in capsys.readouterr().err
+
+
+def test_the_guest_cpu_has_no_avx2_unless_asked(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    image = softroce.KernelImage(tmp_path, "linux-image-amd64", "1", "6.1.0")
+
+    def cpu() -> str:
+        argv = softroce.qemu_command(image, tmp_path, tmp_path, memory_mb=512, smp=1)
+        return argv[argv.index("-cpu") + 1]
+
+    monkeypatch.delenv("RDMAIO_SOFTROCE_CPU", raising=False)
+    assert cpu() == "max,-avx2"                       # numpy's AVX2 sort kernels meet a TCG bug
+    monkeypatch.setenv("RDMAIO_SOFTROCE_CPU", "Nehalem")
+    assert cpu() == "Nehalem"
+
+
+def test_guestcheck_catches_a_wrong_sort(monkeypatch: pytest.MonkeyPatch) -> None:
+    import numpy as np
+
+    from rdmaio.testing import guestcheck
+
+    assert guestcheck.check(arrays=40) == []
+    real = np.sort
+    monkeypatch.setattr(guestcheck.np, "sort", lambda a: real(a)[::-1] if a.size > 16 else real(a))
+    problems = guestcheck.check(arrays=40)
+    assert problems and all(p.startswith("np.sort wrong on") for p in problems)
+    assert guestcheck.main() == 1
