@@ -1,7 +1,8 @@
 # Two commands for a fresh machine (see README):
 #   make demo   the main job (flexemr demo): embedding servers on loopback + a DLRM ranker, no configuration
 #   make test   every test, including the verbs suite inside the Soft-RoCE VM
-.PHONY: demo test bench clean
+# Also: make docs   the docs site into site/ (API pages from the docstrings, search)
+.PHONY: demo test bench docs clean
 
 demo: .venv/.installed
 	.venv/bin/python -m flexemr demo
@@ -16,6 +17,14 @@ bench: .venv/.installed
 .venv/.installed: pyproject.toml setup.py
 	bash scripts/install.sh
 
+# strict: a broken link, anchor or docstring reference fails the build
+docs: .venv/.docs-installed
+	NO_MKDOCS_2_WARNING=1 .venv/bin/python -m mkdocs build --strict --site-dir site
+
+.venv/.docs-installed: pyproject.toml setup.py
+	bash scripts/install.sh apps,docs
+	touch $@
+
 clean:
-	rm -rf .venv build *.egg-info .cache .pytest_cache report.json report.png report.svg
+	rm -rf .venv build site *.egg-info .cache .pytest_cache report.json report.png report.svg
 	python3 rdmaio/testing/softroce.py --clean   # the Soft-RoCE VM's kernel cache (~0.5 GB in ~/.cache)
