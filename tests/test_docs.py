@@ -1,14 +1,17 @@
-"""The documentation stays true: the site builds strictly, and docstring examples run.
+"""The documentation stays true: the site builds strictly and renders, and docstring examples run.
 
 The docs site (mkdocs.yml; ``make docs``) renders the API pages from the
-docstrings.  The tests that build it skip with the exact reason when the docs
-extra (``pip install -e '.[docs]'``) is missing, and fail instead under CI
-(``CI=true``).
+docstrings.  The tests that build it or open it in headless Chromium skip with
+the exact reason when the docs extra (``pip install -e '.[docs]'``) or
+``/usr/bin/chromium`` is missing, and fail instead under CI (``CI=true``),
+where ``scripts/test.sh`` installs both.
 """
 
 from __future__ import annotations
 
 import doctest
+import functools
+import http.server
 import importlib
 import importlib.util
 import logging
@@ -17,9 +20,13 @@ import re
 import shutil
 import subprocess
 import sys
+import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
+from . import chromium
 
 # building the site takes ~10 s on an idle machine; give the first test that needs it room on a busy one
 pytestmark = pytest.mark.timeout(300)
@@ -196,3 +203,68 @@ def test_docstring_extension(tmp_path: Path, caplog: pytest.LogCaptureFixture) -
     warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
     assert any("fakepkg._impl.helper" in w and "NoSuchThing" in w for w in warnings), warnings
     assert len(warnings) == 1, warnings
+
+
+# -- the site in a browser ---------------------------------------------------------------
+
+
+class _QuietHandler(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, format: str, *args: object) -> None:  # noqa: A002 - the base class's name
+        pass
+
+
+@pytest.fixture(scope="module")
+def served(site: Path) -> Iterator[str]:
+    """The built site over HTTP on 127.0.0.1 (search needs http: it fetches its index)."""
+    handler = functools.partial(_QuietHandler, directory=str(site))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, name="docs-site", daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def page(served: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[chromium.Chromium]:
+    require("headless Chromium", chromium.unavailable())
+    with chromium.Chromium(tmp_path_factory.mktemp("chromium-profile")) as browser:
+        yield browser
+
+
+def test_browser_renders_index(served: str, page: chromium.Chromium) -> None:
+    page.open(f"{served}/")
+    assert "FlexEMR" in page.evaluate("document.title")
+    heading = page.wait_for("document.querySelector('article h1')?.innerText")
+    assert heading.strip(), "the index has no heading"
+    links = page.evaluate("[...document.querySelectorAll('article a')].map(a => a.getAttribute('href'))")
+    assert any(h.startswith("api/rdmaio") for h in links), f"the index does not link the rdmaio API page: {links}"
+
+
+def test_browser_renders_endpoint_api(served: str, page: chromium.Chromium) -> None:
+    import rdmaio
+
+    page.open(f"{served}/api/rdmaio/#rdmaio.Endpoint")
+    text = page.wait_for("document.getElementById('rdmaio.Endpoint')?.parentElement.innerText")
+    first_line = (rdmaio.Endpoint.__doc__ or "").strip().splitlines()[0]
+    assert first_line in " ".join(text.split()), f"Endpoint's docstring is not rendered:\n{text[:1000]}"
+    assert "read_batch" in text
+    box = page.evaluate(
+        "(r => [r.top, r.height])(document.getElementById('rdmaio.Endpoint').getBoundingClientRect())"
+    )
+    assert box[1] > 0 and 0 <= box[0] < 1024, f"the Endpoint heading is not shown in the window: {box}"
+
+
+def test_browser_search_finds_read_batch(served: str, page: chromium.Chromium) -> None:
+    page.open(f"{served}/")
+    page.wait_for("!!document.querySelector('input.md-search__input')")
+    page.evaluate("document.querySelector('input.md-search__input').focus()")
+    page.type_text("read_batch")
+    hrefs = page.wait_for(
+        "(items => items.length && items.map(li => li.querySelector('a').getAttribute('href')))"
+        "([...document.querySelectorAll('.md-search-result__item')].filter(li => li.innerText.includes('read_batch')))"
+    )
+    assert any("api/rdmaio/" in href for href in hrefs), f"no search result on the rdmaio API page: {hrefs}"
