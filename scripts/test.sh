@@ -13,7 +13,7 @@ mkdir -p .cache
 
 have_vm=1
 bash scripts/system-deps.sh || have_vm=0
-bash scripts/install.sh test,bench,apps
+bash scripts/install.sh test,bench,apps,docs
 PY=.venv/bin/python
 
 echo "== host suite"
