@@ -153,7 +153,8 @@ class RstDocstrings(griffe.Extension):
             if not _external(dotted, self.packages) and self._is_documented(loader, owner):
                 logger.warning(f"{owner.path}: the docstring refers to {match.group(0)}, which does not exist")
             return f"`{shown}`"
-        documented = self._documented(loader, obj.path.split(".", 1)[0]).get(obj.path)
+        root = obj.path.split(".", 1)[0]
+        documented = self._documented(loader, root).get(obj.path) if root in self.packages else None
         if documented is None:
             return f"`{shown}`"
         return f"[`{shown}`][{documented}]"
