@@ -114,8 +114,8 @@ def blocking_section() -> Iterator[None]:
     try:
         yield
     finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
 
 
 def describe_os_error(exc: OSError) -> str:
