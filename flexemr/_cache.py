@@ -161,9 +161,6 @@ class _HashIndex:
             pos[pending] = (p + 1) & self.mask
         self.live += keys.size
 
-    def set_values(self, positions: IntArray, vals: IntArray) -> None:
-        self.vals[positions] = vals
-
     def delete(self, keys: IntArray) -> None:
         """Remove distinct keys (absent ones are ignored)."""
         p = self.positions(keys)

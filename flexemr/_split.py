@@ -32,6 +32,7 @@ column-wise table each shard has its own ``[n_unique, shard_cols]`` block.
 [('s0', [8], [24]), ('s1', [0, 16], [8, 8])]
 >>> split.num_ids, split.num_unique, split.num_reads, split.bytes
 (6, 5, 3, 40)
+>>> from flexemr.testing import execute_locally      # the reads, simulated
 >>> model = {"t": np.arange(20, dtype=np.float32).reshape(10, 2)}
 >>> split.assemble(execute_locally(plan, model, split))[:, 0].tolist()
 [14.0, 2.0, 4.0, 6.0, 14.0, 10.0]
@@ -39,30 +40,17 @@ column-wise table each shard has its own ``[n_unique, shard_cols]`` block.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 
-from ._errors import FlexEMRError, InputError
-from ._plan import Shard, ShardingPlan, validate_ids
+from ._errors import InputError
+from ._plan import ShardingPlan, validate_ids
 from ._spec import TableSpec
 
-__all__ = [
-    "MergedLookups",
-    "ShardBlock",
-    "SplitLookup",
-    "SubRequest",
-    "execute_locally",
-    "execute_subrequests",
-    "lookup_locally",
-    "merge_lookups",
-    "merge_subrequests",
-    "shard_region_array",
-    "split_lookup",
-]
+__all__ = ["ShardBlock", "SplitLookup", "SubRequest", "split_lookup"]
 
 IntArray = npt.NDArray[np.int64]
 ByteBuffer = npt.NDArray[np.uint8] | memoryview | bytes | bytearray
@@ -77,7 +65,7 @@ def _i64(values: object, what: str) -> IntArray:
 
 @dataclass(frozen=True, eq=False)
 class SubRequest:
-    """The reads of one lookup (or of merged lookups) on one shard region.
+    """The reads of one lookup on one shard region.
 
     ``local_offsets`` index the caller's staging buffer, ``remote_offsets`` the
     shard's registered region, ``lengths`` are byte counts; all ``int64`` and of
@@ -190,6 +178,7 @@ class SplitLookup:
         its first :attr:`staging_bytes` bytes are read).  Returns a new array.
 
         >>> from flexemr._plan import ShardingPlan
+        >>> from flexemr.testing import execute_locally
         >>> plan = ShardingPlan.column_wise([TableSpec("t", 3, 4)], ["a", "b"])
         >>> split = split_lookup(plan, "t", [2, 0, 2])
         >>> model = {"t": np.arange(12, dtype=np.float32).reshape(3, 4)}
@@ -328,187 +317,3 @@ def split_lookup(
         staging_bytes=local,
         full_width=full_width,
     )
-
-
-# ------------------------------------------------------------------- merging
-
-
-def merge_subrequests(subs: Sequence[SubRequest], local_bases: Sequence[int]) -> SubRequest:
-    """Concatenate sub-requests of several callers on the same shard region.
-
-    Caller ``i`` staged its lookup at byte ``local_bases[i]`` of a shared
-    staging buffer, so its local offsets are shifted by that base.  All
-    sub-requests must name the same server, shard index and region.
-
-    >>> a = SubRequest("s0", 0, "t/0", np.array([0]), np.array([8]), np.array([8]))
-    >>> b = SubRequest("s0", 0, "t/0", np.array([0, 8]), np.array([0, 32]), np.array([8, 8]))
-    >>> merge_subrequests([a, b], [0, 8]).local_offsets.tolist()
-    [0, 8, 16]
-    """
-    if len(subs) == 0:
-        raise InputError("merge_subrequests needs at least one sub-request")
-    if len(subs) != len(local_bases):
-        raise InputError(f"got {len(subs)} sub-requests but {len(local_bases)} local bases")
-    head = subs[0]
-    for s in subs[1:]:
-        if (s.server, s.shard_index, s.region_name) != (head.server, head.shard_index, head.region_name):
-            raise InputError(
-                f"cannot merge sub-requests for different regions: {head.server}/{head.region_name} "
-                f"vs {s.server}/{s.region_name}"
-            )
-    for base in local_bases:
-        if isinstance(base, bool) or not isinstance(base, (int, np.integer)) or base < 0:
-            raise InputError(f"local base must be a non-negative integer, got {base!r}")
-    return SubRequest(
-        head.server,
-        head.shard_index,
-        head.region_name,
-        np.concatenate([s.local_offsets + int(base) for s, base in zip(subs, local_bases)]),
-        np.concatenate([s.remote_offsets for s in subs]),
-        np.concatenate([s.lengths for s in subs]),
-    )
-
-
-@dataclass(frozen=True, eq=False)
-class MergedLookups:
-    """Several lookups sharing one staging buffer, with one sub-request per region.
-
-    ``bases[i]`` is where lookup ``i`` is staged; ``staging_bytes`` is the size
-    of the shared buffer.  :meth:`assemble` returns every lookup's rows.
-    """
-
-    lookups: tuple[SplitLookup, ...]
-    subrequests: tuple[SubRequest, ...]
-    bases: tuple[int, ...]
-    staging_bytes: int
-
-    def assemble(self, staging: ByteBuffer) -> list[npt.NDArray[Any]]:
-        """Per-lookup results, in the order the lookups were merged."""
-        buf = _as_bytes(staging)
-        if buf.size < self.staging_bytes:
-            raise InputError(f"staging buffer has {buf.size} bytes, merged lookups need {self.staging_bytes}")
-        return [lk.assemble(buf[base : base + lk.staging_bytes]) for lk, base in zip(self.lookups, self.bases)]
-
-    def by_server(self) -> dict[str, list[SubRequest]]:
-        """Sub-requests grouped by server."""
-        out: dict[str, list[SubRequest]] = {}
-        for s in self.subrequests:
-            out.setdefault(s.server, []).append(s)
-        return out
-
-
-def merge_lookups(lookups: Sequence[SplitLookup], *, align: int = 8) -> MergedLookups:
-    """Stage several lookups (any tables) in one buffer and merge their reads per region.
-
-    Lookup ``i`` is placed at ``bases[i]``, each base rounded up to ``align``
-    bytes; sub-requests for the same region are merged with
-    :func:`merge_subrequests` (first-seen region order).
-
-    >>> from flexemr._plan import ShardingPlan
-    >>> plan = ShardingPlan.row_wise([TableSpec("t", 8, 2)], ["s0", "s1"])
-    >>> m = merge_lookups([split_lookup(plan, "t", [1, 5]), split_lookup(plan, "t", [6])])
-    >>> m.bases, m.staging_bytes, [s.region_name for s in m.subrequests]
-    ((0, 16), 24, ['t/0', 't/1'])
-    """
-    if isinstance(align, bool) or not isinstance(align, int) or align < 1:
-        raise InputError(f"align must be a positive integer, got {align!r}")
-    bases: list[int] = []
-    pos = 0
-    groups: dict[tuple[str, str], tuple[list[SubRequest], list[int]]] = {}
-    for lk in lookups:
-        pos = -(-pos // align) * align
-        bases.append(pos)
-        for s in lk.subrequests:
-            g = groups.setdefault((s.server, s.region_name), ([], []))
-            g[0].append(s)
-            g[1].append(pos)
-        pos += lk.staging_bytes
-    merged = tuple(merge_subrequests(subs, b) for subs, b in groups.values())
-    return MergedLookups(tuple(lookups), merged, tuple(bases), pos)
-
-
-# --------------------------------------------------------- local simulation
-
-
-def shard_region_array(model_table: npt.NDArray[Any], shard: Shard) -> npt.NDArray[Any]:
-    """The shard's slice of a table as the C-contiguous array its server registers.
-
-    >>> t = np.arange(12, dtype=np.float32).reshape(3, 4)
-    >>> shard_region_array(t, Shard("t", "s0", 1, 3, 2, 4)).tolist()
-    [[6.0, 7.0], [10.0, 11.0]]
-    """
-    if not isinstance(model_table, np.ndarray) or model_table.ndim != 2:
-        raise InputError(f"table {shard.table!r}: model table must be a 2-D numpy array")
-    rows, cols = model_table.shape
-    if shard.row_end > rows or shard.col_end > cols:
-        raise InputError(
-            f"table {shard.table!r}: model table of shape {model_table.shape} does not contain shard "
-            f"rows [{shard.row_start}, {shard.row_end}) cols [{shard.col_start}, {shard.col_end})"
-        )
-    return np.ascontiguousarray(model_table[shard.row_start : shard.row_end, shard.col_start : shard.col_end])
-
-
-def execute_subrequests(
-    plan: ShardingPlan,
-    model: Mapping[str, npt.NDArray[Any]],
-    subs: Sequence[SubRequest],
-    staging: npt.NDArray[np.uint8],
-) -> None:
-    """Simulate the RDMA reads of ``subs`` against ``model`` into ``staging`` (in place).
-
-    Every read is bounds-checked against its region and the staging buffer
-    (:class:`~flexemr._errors.FlexEMRError` on violation).
-    """
-    if not isinstance(staging, np.ndarray) or staging.dtype != np.uint8 or staging.ndim != 1:
-        raise InputError("staging must be a 1-D uint8 numpy array")
-    regions: dict[str, npt.NDArray[np.uint8]] = {}
-    for sub in subs:
-        region = regions.get(sub.region_name)
-        if region is None:
-            shard = plan.region(sub.region_name)
-            spec = plan.spec(shard.table)
-            try:
-                table = model[shard.table]
-            except KeyError:
-                raise InputError(f"model has no table {shard.table!r}") from None
-            if not isinstance(table, np.ndarray) or table.shape != (spec.num_rows, spec.dim) or table.dtype != spec.np_dtype:
-                raise InputError(
-                    f"table {shard.table!r}: model array must have shape {(spec.num_rows, spec.dim)} "
-                    f"and dtype {spec.dtype}"
-                )
-            region = shard_region_array(table, shard).reshape(-1).view(np.uint8)
-            regions[sub.region_name] = region
-        lengths = sub.lengths
-        if lengths.size == 0:
-            continue
-        if (
-            (lengths < 0).any()
-            or (sub.remote_offsets < 0).any()
-            or (sub.local_offsets < 0).any()
-            or (sub.remote_offsets + lengths > region.size).any()
-            or (sub.local_offsets + lengths > staging.size).any()
-        ):
-            raise FlexEMRError(f"sub-request on {sub.region_name!r} reads outside its region or staging buffer")
-        total = int(lengths.sum())
-        within = np.arange(total, dtype=np.int64) - np.repeat(np.cumsum(lengths) - lengths, lengths)
-        staging[np.repeat(sub.local_offsets, lengths) + within] = region[np.repeat(sub.remote_offsets, lengths) + within]
-
-
-def execute_locally(
-    plan: ShardingPlan, model: Mapping[str, npt.NDArray[Any]], split: SplitLookup | MergedLookups
-) -> npt.NDArray[np.uint8]:
-    """A staging buffer filled by simulating ``split``'s reads against ``model``.
-
-    ``model`` maps table name to its full ``[num_rows, dim]`` array.
-    """
-    staging = np.zeros(split.staging_bytes, dtype=np.uint8)
-    execute_subrequests(plan, model, split.subrequests, staging)
-    return staging
-
-
-def lookup_locally(
-    plan: ShardingPlan, model: Mapping[str, npt.NDArray[Any]], table: str, ids: object
-) -> npt.NDArray[Any]:
-    """split -> simulated reads -> assemble; equals ``model[table][ids]`` for valid ids."""
-    split = split_lookup(plan, table, ids)
-    return split.assemble(execute_locally(plan, model, split))

@@ -28,17 +28,8 @@ from flexemr._plan import (
     validate_ids,
 )
 from flexemr._spec import TableSpec
-from flexemr._split import (
-    SplitLookup,
-    SubRequest,
-    execute_locally,
-    execute_subrequests,
-    lookup_locally,
-    merge_lookups,
-    merge_subrequests,
-    shard_region_array,
-    split_lookup,
-)
+from flexemr._split import SplitLookup, SubRequest, split_lookup
+from flexemr.testing import execute_locally, execute_subrequests, lookup_locally, shard_region_array
 
 SETTINGS = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
@@ -217,49 +208,6 @@ def test_staging_layout_contract(pl: Any, seed: int) -> None:
 
 
 @SETTINGS
-@given(plan_and_lookups(max_callers=8), st.integers(0, 2**32 - 1), st.sampled_from([1, 8, 64]))
-def test_merged_concurrent_callers_assemble(pl: Any, seed: int, align: int) -> None:
-    plan, lookups = pl
-    model = make_model(plan, seed)
-    splits = [split_lookup(plan, t, ids) for t, ids in lookups]
-    merged = merge_lookups(splits, align=align)
-    regions = [(s.server, s.region_name) for s in merged.subrequests]
-    assert len(regions) == len(set(regions))
-    assert sum(s.num_reads for s in merged.subrequests) == sum(s.num_reads for s in splits)
-    assert all(b % align == 0 for b in merged.bases)
-    staging = execute_locally(plan, model, merged)
-    for (t, ids), out in zip(lookups, merged.assemble(staging)):
-        assert same(out, model[t][ids.astype(np.int64)])
-    grouped = merged.by_server()
-    assert sum(len(v) for v in grouped.values()) == len(merged.subrequests)
-
-
-@SETTINGS
-@given(plan_and_lookups(max_callers=6), st.integers(0, 2**32 - 1), st.lists(st.integers(0, 50), min_size=6, max_size=6))
-def test_merge_subrequests_with_manual_bases(pl: Any, seed: int, gaps: list[int]) -> None:
-    """Callers staged at arbitrary (gapped) bases of one shared buffer."""
-    plan, lookups = pl
-    model = make_model(plan, seed)
-    splits = [split_lookup(plan, t, ids) for t, ids in lookups]
-    bases, pos = [], 0
-    for sp, gap in zip(splits, gaps):
-        pos += gap
-        bases.append(pos)
-        pos += sp.staging_bytes
-    groups: dict[str, tuple[list[SubRequest], list[int]]] = {}
-    for sp, base in zip(splits, bases):
-        for sub in sp.subrequests:
-            g = groups.setdefault(sub.region_name, ([], []))
-            g[0].append(sub)
-            g[1].append(base)
-    merged = [merge_subrequests(subs, b) for subs, b in groups.values()]
-    staging = np.zeros(pos, np.uint8)
-    execute_subrequests(plan, model, merged, staging)
-    for (t, ids), sp, base in zip(lookups, splits, bases):
-        assert same(sp.assemble(staging[base : base + sp.staging_bytes]), model[t][ids.astype(np.int64)])
-
-
-@SETTINGS
 @given(plan_and_lookups(), st.integers(1, 200), st.integers(0, 2**32 - 1))
 def test_max_read_bytes_caps_reads(pl: Any, max_bytes: int, seed: int) -> None:
     plan, [(table, ids)] = pl
@@ -360,15 +308,7 @@ def test_execute_rejects_out_of_bounds_reads() -> None:
         execute_subrequests(plan, {"t": np.zeros((4, 2), np.float64)}, [bad], np.zeros(64, np.uint8))
 
 
-def test_merge_subrequests_rejects_mismatch() -> None:
-    a = SubRequest("s0", 0, "t/0", np.array([0]), np.array([0]), np.array([4]))
-    b = SubRequest("s1", 0, "t/0", np.array([0]), np.array([0]), np.array([4]))
-    with pytest.raises(InputError):
-        merge_subrequests([a, b], [0, 4])
-    with pytest.raises(InputError):
-        merge_subrequests([a], [0, 4])
-    with pytest.raises(InputError):
-        merge_subrequests([], [])
+def test_subrequest_rejects_arrays_of_different_sizes() -> None:
     with pytest.raises(InputError):
         SubRequest("s0", 0, "t/0", np.array([0, 1]), np.array([0]), np.array([4]))
 
