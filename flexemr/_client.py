@@ -8,7 +8,8 @@ Life of a lookup (``await client.lookup(table, ids)``)::
         borrowed from it (searchsorted against its sorted row array)
     the rest joins the *pending batch*            concurrent callers share it
     ... the coalescing window closes ...
-    launch: per table np.unique over all callers' rows, split_lookup (runs of
+    launch: per table np.unique over all callers' rows (when more than one),
+        split_lookup(sorted_unique=True: no second validation or unique; runs of
         consecutive rows -> one read), one read_batch per server (shards of a
         server share its arena region), all into one registered staging buffer
     each caller: rows = staging_view[searchsorted(batch_rows, uniq)[inverse]]
@@ -1718,7 +1719,7 @@ class EmbeddingClient:
             splits: list[tuple[SplitLookup, int, int]] = []
             pos = 0
             for table, rows in b.rows.items():
-                split = split_lookup(self.plan, table, rows, max_read_bytes=_MAX_READ_BYTES)
+                split = split_lookup(self.plan, table, rows, max_read_bytes=_MAX_READ_BYTES, sorted_unique=True)
                 vs = self._vslot.get(table)
                 nbytes = split.staging_bytes if vs is None else int(rows.size) * vs[1]
                 pos = -(-pos // _ALIGN) * _ALIGN

@@ -10,7 +10,8 @@ arguments of an RDMA batch read on the shard's region::
 Algorithm (all numpy, no per-id Python loop):
 
 1. validate ids (:func:`flexemr._plan.validate_ids`), then
-   ``uniq, inverse = np.unique(ids, return_inverse=True)``;
+   ``uniq, inverse = np.unique(ids, return_inverse=True)`` -- both skipped
+   with ``sorted_unique=True``, where the caller's ids already are ``uniq``;
 2. route ``uniq`` to row bands with one ``searchsorted`` on the range table;
    since ``uniq`` is sorted each band owns a contiguous slice of it;
 3. cut ``uniq`` into *runs* of consecutive ids inside one band; each run is a
@@ -46,7 +47,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from ._errors import InputError
+from ._errors import InputError, LookupIdError
 from ._plan import ShardingPlan, validate_ids
 from ._spec import TableSpec
 
@@ -235,12 +236,25 @@ def _chunk_runs(
     return local[run] + skip, remote[run] + skip, length
 
 
+def _sorted_unique_ids(spec: TableSpec, ids: object) -> IntArray:
+    """The O(1) checks of :func:`split_lookup`'s ``sorted_unique`` fast path."""
+    if not isinstance(ids, np.ndarray) or ids.dtype != np.int64 or ids.ndim != 1:
+        what = f"{ids.dtype} array of shape {ids.shape}" if isinstance(ids, np.ndarray) else type(ids).__name__
+        raise InputError(f"table {spec.name!r}: sorted_unique=True takes a 1-D int64 ndarray, got {what}")
+    if ids.size and (int(ids[0]) < 0 or int(ids[-1]) >= spec.num_rows):
+        raise LookupIdError(f"table {spec.name!r}: sorted ids [{int(ids[0])} .. {int(ids[-1])}] are not "
+                            f"within [0, {spec.num_rows})")
+    out: IntArray = ids
+    return out
+
+
 def split_lookup(
     plan: ShardingPlan,
     table: str,
     ids: object,
     *,
     max_read_bytes: int | None = None,
+    sorted_unique: bool = False,
 ) -> SplitLookup:
     """Split a lookup of ``ids`` in ``table`` into coalesced per-shard reads.
 
@@ -251,20 +265,35 @@ def split_lookup(
     ids inside one shard become one read; with ``max_read_bytes`` longer runs
     are cut into reads of at most that many bytes (whole rows).
 
+    ``sorted_unique=True`` is the fast path for callers that already hold
+    validated, sorted, duplicate-free ids (``np.unique`` output, as
+    :class:`~flexemr.EmbeddingClient` does): ``ids`` must then be a 1-D
+    ``int64`` ndarray, used as it is (``unique_ids`` *is* ``ids``, no copy),
+    without the O(n) validation and the O(n log n) deduplication; only O(1)
+    checks run (type, dtype, shape, first and last id in range).  Unsorted or
+    duplicate ids then give wrong reads: pass them only with the default.
+
     >>> from flexemr._plan import ShardingPlan
     >>> plan = ShardingPlan.row_wise([TableSpec("t", 8, 4)], ["s0"], rows_per_shard=4)
     >>> [s.lengths.tolist() for s in split_lookup(plan, "t", [0, 1, 2, 3, 4, 6]).subrequests]
     [[64], [16, 16]]
+    >>> uniq = np.array([0, 1, 2, 3, 4, 6])
+    >>> split_lookup(plan, "t", uniq, sorted_unique=True).unique_ids is uniq
+    True
     """
     spec = plan.spec(table)
-    arr = validate_ids(spec, ids)
     if max_read_bytes is not None and (
         isinstance(max_read_bytes, bool) or not isinstance(max_read_bytes, (int, np.integer)) or max_read_bytes < 1
     ):
         raise InputError(f"max_read_bytes must be a positive integer, got {max_read_bytes!r}")
-    uniq, inverse = np.unique(arr, return_inverse=True)
-    uniq = uniq.astype(np.int64, copy=False)
-    inverse = inverse.reshape(-1).astype(np.int64, copy=False)
+    if sorted_unique:
+        arr = uniq = _sorted_unique_ids(spec, ids)
+        inverse = np.arange(uniq.size, dtype=np.int64)
+    else:
+        arr = validate_ids(spec, ids)
+        uniq, inverse = np.unique(arr, return_inverse=True)
+        uniq = uniq.astype(np.int64, copy=False)
+        inverse = inverse.reshape(-1).astype(np.int64, copy=False)
     rt = plan.range_table(table)
     shards = plan.shards[table]
     n = int(uniq.size)

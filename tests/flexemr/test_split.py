@@ -208,6 +208,62 @@ def test_staging_layout_contract(pl: Any, seed: int) -> None:
 
 
 @SETTINGS
+@given(plan_and_lookups(), st.sampled_from([None, 64, 1 << 20]))
+def test_sorted_unique_fast_path_equals_the_general_path(pl: Any, max_bytes: int | None) -> None:
+    plan, [(table, ids)] = pl
+    uniq = np.unique(ids.astype(np.int64))
+    try:
+        slow = split_lookup(plan, table, ids, max_read_bytes=max_bytes)
+    except InputError:  # a shard row wider than max_bytes: the fast path refuses it the same way
+        with pytest.raises(InputError):
+            split_lookup(plan, table, uniq, max_read_bytes=max_bytes, sorted_unique=True)
+        return
+    fast = split_lookup(plan, table, uniq, max_read_bytes=max_bytes, sorted_unique=True)
+    assert fast.unique_ids is uniq and fast.ids is uniq          # used as given: no copy
+    assert np.array_equal(fast.inverse, np.arange(uniq.size))
+    assert np.array_equal(fast.unique_ids, slow.unique_ids)
+    assert (fast.staging_bytes, fast.blocks, fast.full_width) == (slow.staging_bytes, slow.blocks, slow.full_width)
+    assert len(fast.subrequests) == len(slow.subrequests)
+    for f, s in zip(fast.subrequests, slow.subrequests):
+        assert (f.server, f.shard_index, f.region_name) == (s.server, s.shard_index, s.region_name)
+        for name in ("local_offsets", "remote_offsets", "lengths"):
+            assert np.array_equal(getattr(f, name), getattr(s, name))
+
+
+def test_sorted_unique_fast_path_neither_validates_nor_deduplicates(monkeypatch: pytest.MonkeyPatch) -> None:
+    import flexemr._split
+
+    plan = ShardingPlan.row_wise([TableSpec("t", 50, 2)], ["s0", "s1"])
+    uniq = np.array([1, 2, 3, 30, 49])
+    expected = split_lookup(plan, "t", uniq)
+
+    def boom(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the fast path must not call this")
+
+    monkeypatch.setattr(flexemr._split, "validate_ids", boom)
+    monkeypatch.setattr(np, "unique", boom)
+    fast = split_lookup(plan, "t", uniq, sorted_unique=True)
+    monkeypatch.undo()
+    assert [s.lengths.tolist() for s in fast.subrequests] == [s.lengths.tolist() for s in expected.subrequests]
+    model = {"t": np.arange(100, dtype=np.float32).reshape(50, 2)}
+    assert same(fast.assemble(execute_locally(plan, model, fast)), model["t"][uniq])
+
+
+@pytest.mark.parametrize(("ids", "error"), [
+    ([1, 2], InputError),                             # not an ndarray
+    (np.array([1, 2], dtype=np.int32), InputError),   # not int64
+    (np.array([[1, 2]]), InputError),                 # not 1-D
+    (np.array([-1, 2]), LookupIdError),               # first id below 0
+    (np.array([1, 50]), LookupIdError),               # last id past the table
+])
+def test_sorted_unique_fast_path_rejects_what_it_can_check_in_constant_time(ids: Any, error: type) -> None:
+    plan = ShardingPlan.row_wise([TableSpec("t", 50, 2)], ["s0"])
+    with pytest.raises(error, match="'t'"):
+        split_lookup(plan, "t", ids, sorted_unique=True)
+    assert split_lookup(plan, "t", np.zeros(0, np.int64), sorted_unique=True).staging_bytes == 0
+
+
+@SETTINGS
 @given(plan_and_lookups(), st.integers(1, 200), st.integers(0, 2**32 - 1))
 def test_max_read_bytes_caps_reads(pl: Any, max_bytes: int, seed: int) -> None:
     plan, [(table, ids)] = pl
