@@ -4,18 +4,12 @@ Embedding tables live on embedding servers; rankers fetch rows with one-sided
 RDMA reads.  Layout: the public names below are re-exported from private
 modules, one responsibility each::
 
-    _errors.py    exception hierarchy (root: FlexEMRError; builtin bases too)
-    _spec.py      TableSpec: name, shape and dtype of a table
-    _plan.py      Shard, ShardingPlan (range routing), ServerAddress, ClusterConfig (TOML)
-    _split.py     split_lookup: ids -> deduplicated, coalesced per-shard reads (pure numpy)
-    _jagged.py    JaggedBatch (KeyedJaggedTensor layout), pool_bags
-    _init.py      deterministic table values: a pure function of (seed, table, rows)
-    _meta.py      the "flexemr/meta" region: a length-prefixed msgpack shard map
-    _metrics.py   ClientMetrics: counters and log2 latency histograms
+    core/         the pure layer (numpy, no I/O): errors, spec, plan, config (TOML), split,
+                  jagged, pooling, poolwire, versioned, meta, init, remap, cache, metrics
     _server.py    EmbeddingServer: registers shards, publishes metadata, serves reads
     _client.py    EmbeddingClient: lookups, request coalescing, in-flight dedup,
                   pooled lookups, ranker cache, prefetch, remap (docs/locality.md)
-    _locality.py  hierarchical pooling over the "flexemr/pool" channel, LocalityMetrics
+    _locality.py  the pooling RPC's service (servers) and channel (rankers)
     _cluster.py   LocalCluster: N servers on loopback (own processes) + clients
     __main__.py   the command line (``flexemr serve ...``)
     bench/        ``python -m flexemr.bench lookup`` / ``locality``
@@ -26,7 +20,7 @@ global: no logging configuration, no environment edits.
 
 from ._client import EmbeddingClient
 from ._cluster import LocalCluster
-from ._errors import (
+from .core.errors import (
     ClosedError,
     ConfigError,
     FlexEMRError,
@@ -36,15 +30,15 @@ from ._errors import (
     TransportError,
     UnknownTableError,
 )
-from ._init import build_model
-from ._jagged import JaggedBatch, pool_bags
-from ._locality import LocalityMetrics
-from ._metrics import ClientMetrics, LatencyHistogram
-from ._plan import ClusterConfig, ServerAddress, Shard, ShardingPlan
-from ._remap import RowRemap
+from .core.init import build_model
+from .core.jagged import JaggedBatch, pool_bags
+from .core.metrics import ClientMetrics, LatencyHistogram, LocalityMetrics
+from .core.config import ClusterConfig, ServerAddress
+from .core.plan import Shard, ShardingPlan
+from .core.remap import RowRemap
 from ._server import EmbeddingServer
-from ._spec import TableSpec
-from ._split import SplitLookup, SubRequest, split_lookup
+from .core.spec import TableSpec
+from .core.split import SplitLookup, SubRequest, split_lookup
 
 __version__ = "0.1.0"
 

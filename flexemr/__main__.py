@@ -35,8 +35,8 @@ from dataclasses import dataclass
 import rdmaio
 
 from ._cli import ArgumentParser, Interrupted, check_range, describe_os_error
-from ._errors import FlexEMRError
-from ._plan import ClusterConfig
+from .core.errors import FlexEMRError
+from .core.config import ClusterConfig
 from ._server import EmbeddingServer
 
 __all__ = ["COMMANDS", "Command", "main"]

@@ -14,7 +14,7 @@ from typing import Any, NoReturn, TypeVar
 
 import rdmaio
 
-from ._errors import ConfigError
+from .core.errors import ConfigError
 
 __all__ = ["ArgumentParser", "Interrupted", "blocking_section", "check_range", "describe_os_error",
            "run_interruptible"]
@@ -41,7 +41,7 @@ def check_range(option: str, value: float | None, lo: float | None = None, hi: f
     >>> check_range("--batch-size", 0, 1)
     Traceback (most recent call last):
         ...
-    flexemr._errors.ConfigError: --batch-size must be >= 1, got 0
+    flexemr.core.errors.ConfigError: --batch-size must be >= 1, got 0
     """
     if value is None:
         return

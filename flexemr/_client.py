@@ -34,19 +34,19 @@ In-flight dedup
 
 Locality (``docs/locality.md``)
     * **cache** (``cache_bytes=...``): unique ids are first looked up in a
-      ranker-side :class:`~flexemr._cache.RowCache`; only misses join the
+      ranker-side :class:`~flexemr.core.cache.RowCache`; only misses join the
       read path above, and the rows read are inserted when the batch lands
       (unless an :meth:`EmbeddingClient.invalidate` happened meanwhile).
       On versioned plans hits are checked against their shards' ``GEN``
       words, read by the same batch (cross-client coherence).
-      ``adaptive=True`` sizes it with :class:`~flexemr._cache.AdaptiveCapacity`
+      ``adaptive=True`` sizes it with :class:`~flexemr.core.cache.AdaptiveCapacity`
       from the rows of recent batches (shrinks under load, grows when idle).
     * **pooled lookups** (:meth:`EmbeddingClient.lookup_pooled`): cached rows
       (and rows read raw) are pooled locally; the other rows of a bag go, per
       ``(server, bag)``, either to raw reads or to a server-side pooling RPC
       on the ``"flexemr/pool"`` channel, by the byte cost model of
-      :func:`~flexemr._pooling.choose_pooling`; partials are merged with
-      :func:`~flexemr._pooling.combine_partials`.
+      :func:`~flexemr.core.pooling.choose_pooling`; partials are merged with
+      :func:`~flexemr.core.pooling.combine_partials`.
     * **remap** (``remap=RowRemap``): logical ids become physical ids before
       anything else; the cache is keyed by physical ids.
     * **prefetch** (:meth:`EmbeddingClient.prefetch`): lookups of the next
@@ -59,7 +59,7 @@ Reliability (``docs/reliability.md``)
     replica, and a background task reconnects with jittered exponential
     backoff, re-validates the metadata and (versioned plans) resyncs before
     routing reads back.  Versioned tables are read as header+row slots and
-    validated per batch (:mod:`flexemr._versioned`); :meth:`EmbeddingClient.update`
+    validated per batch (:mod:`flexemr.core.versioned`); :meth:`EmbeddingClient.update`
     writes rows with the protocol of :mod:`flexemr._replica`.
 """
 
@@ -71,21 +71,24 @@ import os
 import secrets
 import time
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 import numpy as np
 import numpy.typing as npt
 import rdmaio
 
-from ._errors import ClosedError, ConfigError, FlexEMRError, InputError, MetadataError, TransportError
-from ._cache import AdaptiveCapacity, CachePolicy, RowCache
-from ._errors import UnknownTableError
-from ._jagged import JaggedBatch
-from ._locality import POOL_CHANNEL, LocalityMetrics, PoolChannel, decode_response, encode_request
-from ._meta import HEADER, MAX_META_BYTES, META_REGION, ServerMeta, decode_meta
-from ._plan import ClusterConfig, Shard, ShardingPlan, validate_ids
-from ._pooling import (
+from .core.errors import ClosedError, ConfigError, FlexEMRError, InputError, MetadataError, TransportError
+from .core.cache import AdaptiveCapacity, CachePolicy, RowCache
+from .core.errors import UnknownTableError
+from .core.jagged import JaggedBatch
+from ._locality import PoolChannel
+from .core.metrics import LocalityMetrics, ReliabilityMetrics
+from .core.poolwire import POOL_CHANNEL, decode_response, encode_request
+from .core.meta import HEADER, MAX_META_BYTES, META_REGION, ServerMeta, decode_meta
+from .core.config import ClusterConfig
+from .core.plan import Shard, ShardingPlan, validate_ids
+from .core.pooling import (
     PartialPool,
     PoolMode,
     _segment_reduce,
@@ -96,11 +99,11 @@ from ._pooling import (
     server_partial_pool,
 )
 from ._prefetch import Prefetcher, PrefetchStream
-from ._remap import RowRemap
+from .core.remap import RowRemap
 from ._replica import Backoff, ShardWriter
-from ._spec import TableSpec
-from ._split import SplitLookup, split_lookup
-from ._versioned import Ctl, ctl_offset, region_bytes, row_data, slot_bytes, validate_slots
+from .core.spec import TableSpec
+from .core.split import SplitLookup, split_lookup
+from .core.versioned import Ctl, ctl_offset, region_bytes, row_data, slot_bytes, validate_slots
 
 __all__ = ["MAX_WINDOW_US", "EmbeddingClient", "ReliabilityMetrics"]
 
@@ -239,29 +242,7 @@ class _Route:
     key: rdmaio.RemoteKey
     base: int
     own_key: rdmaio.RemoteKey
-    incarnation: int = 0  #: the server's start identity (:class:`~flexemr._meta.ServerMeta`)
-
-
-@dataclass
-class ReliabilityMetrics:
-    """Counters of failures, failovers, reconnects and updates (``client.reliability``)."""
-
-    peer_failures: int = 0        # servers marked down (a read/write/atomic on them failed)
-    reconnects: int = 0           # successful reconnections
-    restarts_seen: int = 0        # reconnections that found a new server incarnation
-    failover_reads: int = 0       # read groups re-issued on another replica
-    torn_rereads: int = 0         # rows read again because their version/checksum did not validate
-    updates: int = 0              # acknowledged update() calls
-    rows_updated: int = 0         # distinct rows written by acknowledged updates
-    failed_updates: int = 0       # update() calls that raised
-    resync_copies: int = 0        # shard copies made to bring a replica back in sync
-    fenced: int = 0               # replicas dropped from service by this client's commits
-    lock_steals: int = 0          # shard locks taken over from a silent holder
-    stale_replica_reads: int = 0  # row groups read again: their replica was out of service (fenced)
-
-    def snapshot(self) -> dict[str, int]:
-        """The counters as a dict."""
-        return asdict(self)
+    incarnation: int = 0  #: the server's start identity (:class:`~flexemr.core.meta.ServerMeta`)
 
 
 class _Peer:
@@ -410,9 +391,9 @@ class EmbeddingClient:
         Memory budget of the ranker-side row cache (``0``: no cache).  Slots
         are as wide as the widest table row.
     cache_policy:
-        ``"lru"`` or ``"lfu"`` (:class:`~flexemr._cache.RowCache`).
+        ``"lru"`` or ``"lfu"`` (:class:`~flexemr.core.cache.RowCache`).
     adaptive:
-        Resize the cache with :class:`~flexemr._cache.AdaptiveCapacity`: the
+        Resize the cache with :class:`~flexemr.core.cache.AdaptiveCapacity`: the
         rows of the last ``cache_window`` read batches are reserved for
         staging (x2: one batch in flight plus one prefetched); after
         ``cache_idle_s`` seconds without a batch the window is forgotten and
@@ -424,9 +405,9 @@ class EmbeddingClient:
         to the pooling cost model.
     server_pooling:
         Let :meth:`lookup_pooled` ask servers to pool (per ``(server, bag)``
-        by the cost model of :func:`~flexemr._pooling.choose_pooling`).
+        by the cost model of :func:`~flexemr.core.pooling.choose_pooling`).
     remap:
-        A :class:`~flexemr._remap.RowRemap` the servers' tables were stored
+        A :class:`~flexemr.core.remap.RowRemap` the servers' tables were stored
         with: ids are translated logical -> physical before splitting.
     pool_slots, pool_slot_size:
         Shape of each pooling channel (messages in flight, bytes per frame).
@@ -1327,7 +1308,7 @@ class EmbeddingClient:
         ``batch.values`` (TorchRec's ``weights``), or ``{table: weights}``;
         ``sum``/``mean`` only.  ``server_pooling`` overrides the client's
         setting for this call.  The output dtype is
-        :func:`~flexemr._pooling.accumulation_dtype` of the table.
+        :func:`~flexemr.core.pooling.accumulation_dtype` of the table.
 
         >>> # jb = JaggedBatch.from_lists({"user": [[1, 2], [], [7]]})
         >>> # (await client.lookup_pooled(jb, mode="mean"))["user"].shape   -> (3, dim)

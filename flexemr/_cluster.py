@@ -10,7 +10,7 @@ from the tables — and hands out connected clients::
         rows = await client.lookup("user", np.array([1, 5, 1]))
         assert (rows == cluster.model()["user"][[1, 5, 1]]).all()
 
-With ``remap=RowRemap`` (frequency-aware placement, :mod:`flexemr._remap`)
+With ``remap=RowRemap`` (frequency-aware placement, :mod:`flexemr.core.remap`)
 every remapped table is written once, reordered by
 ``remap.apply_to_table``, to a ``.npy`` file in the cluster's temporary
 directory and served from it (``--npy``); clients get ``remap=`` by default,
@@ -43,12 +43,13 @@ import numpy.typing as npt
 import rdmaio.testing
 
 from ._client import EmbeddingClient
-from ._errors import ClosedError, ConfigError, FlexEMRError
-from ._init import build_model, check_seed, init_table
-from ._plan import ClusterConfig, ServerAddress, ShardingPlan
-from ._remap import RowRemap
+from .core.errors import ClosedError, ConfigError, FlexEMRError
+from .core.init import build_model, check_seed, init_table
+from .core.config import ClusterConfig, ServerAddress
+from .core.plan import ShardingPlan
+from .core.remap import RowRemap
 from ._server import EmbeddingServer
-from ._spec import TableSpec
+from .core.spec import TableSpec
 
 __all__ = ["LocalCluster"]
 
@@ -97,7 +98,7 @@ class LocalCluster:
     client_options:
         Default keyword arguments of :meth:`client`.
     remap:
-        A :class:`~flexemr._remap.RowRemap`: servers store the remapped
+        A :class:`~flexemr.core.remap.RowRemap`: servers store the remapped
         tables (physical order), clients translate ids (module docstring).
     replicas, versioned:
         With a plan kind: every shard on ``replicas`` servers, and updatable

@@ -48,9 +48,9 @@ import numpy as np
 import numpy.typing as npt
 
 from ._dlrm import CATEGORICAL_FEATURES, CRITEO_KAGGLE_CARDINALITIES, NUM_DENSE, dense_transform
-from ._errors import InputError
-from ._jagged import JaggedBatch
-from ._spec import TableSpec
+from .core.errors import InputError
+from .core.jagged import JaggedBatch
+from .core.spec import TableSpec
 from ._workload import PROFILE_2022, Profile, generate
 
 __all__ = [

@@ -60,7 +60,7 @@ from ._cli import blocking_section, check_range, run_interruptible
 from ._client import EmbeddingClient
 from ._cluster import LocalCluster
 from ._dlrm import DLRM, ReferenceTables, auto_scale, criteo_specs
-from ._errors import ConfigError, FlexEMRError
+from .core.errors import ConfigError, FlexEMRError
 from ._rank import Ranker, format_results
 from ._report import cost_notes, plot_configurations, require_matplotlib
 from ._trace import generate_trace

@@ -51,11 +51,11 @@ from ._cli import blocking_section, check_range, run_interruptible
 from ._client import EmbeddingClient
 from ._criteo import read_criteo
 from ._dlrm import DLRM, ReferenceTables, head_of
-from ._errors import ConfigError, InputError
-from ._jagged import JaggedBatch, pool_bags
-from ._plan import ClusterConfig
+from .core.errors import ConfigError, InputError
+from .core.jagged import JaggedBatch, pool_bags
+from .core.config import ClusterConfig
 from ._prefetch import Prefetcher
-from ._spec import TableSpec
+from .core.spec import TableSpec
 from ._trace import TraceBatch, generate_trace, read_trace
 
 __all__ = ["RankResult", "Ranker", "cache_counts", "configure", "configure_gen", "format_results", "main", "main_gen",
@@ -538,7 +538,8 @@ def main_gen(args: argparse.Namespace) -> int:
     """Run ``flexemr gen``."""
     from ._criteo import write_sample
     from ._dlrm import criteo_specs
-    from ._plan import ServerAddress, ShardingPlan
+    from .core.config import ServerAddress
+    from .core.plan import ShardingPlan
     from ._trace import write_trace
 
     check_range("--scale", args.scale, above=0)

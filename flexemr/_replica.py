@@ -2,7 +2,7 @@
 
 Everything here runs on the ranker.  The server is passive: a versioned shard
 replica is a registered region of slots plus a control block
-(:mod:`flexemr._versioned`: ``LOCK``, ``GEN``, ``MEMBERS``), and a client
+(:mod:`flexemr.core.versioned`: ``LOCK``, ``GEN``, ``MEMBERS``), and a client
 changes it only with rdmaio one-sided operations.
 
 Update protocol (:meth:`ShardWriter.update`, per touched shard)
@@ -65,9 +65,9 @@ import numpy as np
 import numpy.typing as npt
 import rdmaio
 
-from ._errors import TransportError
-from ._plan import Shard, ShardingPlan
-from ._versioned import (
+from .core.errors import TransportError
+from .core.plan import Shard, ShardingPlan
+from .core.versioned import (
     CTL_GEN,
     CTL_LOCK,
     HEADER_BYTES,

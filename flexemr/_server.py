@@ -5,7 +5,7 @@ one-sided rdmaio reads and the server's CPU only runs the rdmaio responders.
 Start-up:
 
 1. every shard the plan puts on this server gets memory: seeded random values
-   (:mod:`flexemr._init`, a pure function of ``(seed, table, rows, cols)``)
+   (:mod:`flexemr.core.init`, a pure function of ``(seed, table, rows, cols)``)
    written into one *arena* array, shard after shard at 64-byte aligned
    offsets, or — for tables given as ``.npy`` files — a copy-on-write memory
    map of the file (full-width shards are registered in place, no copy);
@@ -13,12 +13,12 @@ Start-up:
    :attr:`Shard.region_name`; the arena is registered once more as a whole
    (``"flexemr/arena"``) so a client can read rows of many shards with one
    ``read_batch``;
-3. the metadata blob (:mod:`flexemr._meta`: plan, shard map, remote keys, a
+3. the metadata blob (:mod:`flexemr.core.meta`: plan, shard map, remote keys, a
    random *incarnation* id drawn at this start) is registered and exposed as
    ``"flexemr/meta"``;
 
 With a ``versioned`` plan every shard is laid out as header+row slots plus a
-control block (:mod:`flexemr._versioned`), always in the arena (``.npy``
+control block (:mod:`flexemr.core.versioned`), always in the arena (``.npy``
 tables are copied in), and registered read/write/atomic so rankers can
 update rows with one-sided writes (``docs/reliability.md``).
 4. the pooling service (:class:`flexemr._locality.PoolService`) is served on
@@ -28,8 +28,8 @@ update rows with one-sided writes (``docs/reliability.md``).
 5. the listener accepts any number of rankers.
 
 >>> import asyncio, rdmaio
->>> from flexemr._spec import TableSpec
->>> from flexemr._plan import ShardingPlan
+>>> from flexemr.core.spec import TableSpec
+>>> from flexemr.core.plan import ShardingPlan
 >>> plan = ShardingPlan.row_wise([TableSpec("t", 100, 4)], ["s0"])
 >>> async def main():
 ...     async with EmbeddingServer(plan, "s0", transport="tcp") as server:
@@ -53,12 +53,14 @@ import numpy as np
 import numpy.typing as npt
 import rdmaio
 
-from ._errors import ClosedError, ConfigError
-from ._init import check_seed, init_shard
-from ._locality import POOL_CHANNEL, PoolService
-from ._meta import ARENA_REGION, META_REGION, ServerMeta, ShardEntry, encode_meta
-from ._plan import ClusterConfig, ServerAddress, Shard, ShardingPlan
-from ._versioned import CTL_GEN, CTL_LOCK, CTL_MEMBERS, ctl_offset, pack_slots, region_bytes, row_data
+from .core.errors import ClosedError, ConfigError
+from .core.init import check_seed, init_shard
+from ._locality import PoolService
+from .core.poolwire import POOL_CHANNEL
+from .core.meta import ARENA_REGION, META_REGION, ServerMeta, ShardEntry, encode_meta
+from .core.config import ClusterConfig, ServerAddress
+from .core.plan import Shard, ShardingPlan
+from .core.versioned import CTL_GEN, CTL_LOCK, CTL_MEMBERS, ctl_offset, pack_slots, region_bytes, row_data
 
 __all__ = ["EmbeddingServer"]
 
@@ -121,7 +123,7 @@ class EmbeddingServer:
         Override the listening address (``port=0``: any free port; the bound
         one is :attr:`address`).
     seed:
-        Seed of the random initialisation (:mod:`flexemr._init`).
+        Seed of the random initialisation (:mod:`flexemr.core.init`).
     npy:
         ``{table: path}`` of ``.npy`` files (``[num_rows, dim]`` of the table
         dtype) to serve instead of random values; memory-mapped copy-on-write.

@@ -18,7 +18,7 @@ No pickles (``allow_pickle=False`` on read); every array is checked on read
 and an inconsistent file raises :class:`TraceFormatError`.
 
 >>> import tempfile, os
->>> from flexemr._spec import TableSpec
+>>> from flexemr.core.spec import TableSpec
 >>> specs = [TableSpec("a", 1000, 8), TableSpec("b", 50, 8)]
 >>> batches = generate_trace(specs, batches=3, batch_size=16, pooling_factor=4, seed=1)
 >>> path = os.path.join(tempfile.mkdtemp(), "t.npz")
@@ -45,9 +45,9 @@ import numpy.typing as npt
 
 from ._criteo import synthetic_dense
 from ._dlrm import NUM_DENSE, dense_transform
-from ._errors import InputError
-from ._jagged import JaggedBatch
-from ._spec import TableSpec
+from .core.errors import InputError
+from .core.jagged import JaggedBatch
+from .core.spec import TableSpec
 from ._workload import PROFILE_2022, Profile, generate
 
 __all__ = ["FORMAT", "VERSION", "Trace", "TraceBatch", "TraceFormatError", "generate_trace", "read_trace",

@@ -4,7 +4,7 @@ Meta's public ``dlrm_datasets`` embedding-lookup traces are very skewed: in
 the 2022 traces the rows that a batch reuses more than 16 times are 11.4% of
 its unique rows but 73.8% of its accesses, and rows reused more than 64 times
 are 1.8% of the unique rows and 51.9% of the accesses (2021 traces: 5.2%/59.8%
-and 0.8%/42.0%).  :func:`generate` produces :class:`~flexemr._jagged.JaggedBatch`
+and 0.8%/42.0%).  :func:`generate` produces :class:`~flexemr.core.jagged.JaggedBatch`
 batches with that skew.
 
 Model, per table (a :class:`Profile`):
@@ -23,7 +23,7 @@ per-row counts, :func:`expected_reuse_stats`).  The fitted profiles are
 :data:`PROFILE_2022` and :data:`PROFILE_2021`; the hot set is a fixed number
 of rows, so bigger batches reuse more (as real traces do).
 
->>> from flexemr._spec import TableSpec
+>>> from flexemr.core.spec import TableSpec
 >>> specs = [TableSpec(f"t{i}", 1_000_000, 16) for i in range(4)]
 >>> batch = generate(specs, batch_size=2048, pooling_factor=32, profile=PROFILE_2022, seed=0)
 >>> s = reuse_stats(batch)
@@ -44,9 +44,9 @@ from typing import Literal
 import numpy as np
 import numpy.typing as npt
 
-from ._errors import ConfigError, InputError
-from ._jagged import JaggedBatch
-from ._spec import TableSpec
+from .core.errors import ConfigError, InputError
+from .core.jagged import JaggedBatch
+from .core.spec import TableSpec
 
 __all__ = [
     "PROFILE_2021",

@@ -23,9 +23,9 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from ._errors import FlexEMRError, InputError
-from ._plan import Shard, ShardingPlan
-from ._split import SplitLookup, SubRequest, split_lookup
+from .core.errors import FlexEMRError, InputError
+from .core.plan import Shard, ShardingPlan
+from .core.split import SplitLookup, SubRequest, split_lookup
 
 __all__ = ["execute_locally", "execute_subrequests", "lookup_locally", "shard_region_array"]
 
@@ -57,7 +57,7 @@ def execute_subrequests(
     """Simulate the RDMA reads of ``subs`` against ``model`` into ``staging`` (in place).
 
     Every read is bounds-checked against its region and the staging buffer
-    (:class:`~flexemr._errors.FlexEMRError` on violation).
+    (:class:`~flexemr.core.errors.FlexEMRError` on violation).
     """
     if not isinstance(staging, np.ndarray) or staging.dtype != np.uint8 or staging.ndim != 1:
         raise InputError("staging must be a 1-D uint8 numpy array")

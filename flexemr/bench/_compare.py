@@ -51,10 +51,10 @@ import numpy as np
 import rdmaio
 
 from .._cluster import LocalCluster
-from .._init import build_model
-from .._jagged import JaggedBatch
-from .._pooling import pool
-from .._spec import TableSpec
+from ..core.init import build_model
+from ..core.jagged import JaggedBatch
+from ..core.pooling import pool
+from ..core.spec import TableSpec
 from .._workload import PROFILE_2022, generate, reuse_stats
 from . import _peers
 from ._args import add_config_arguments, config_from_args

@@ -51,10 +51,10 @@ import rdmaio
 
 from .._client import EmbeddingClient
 from .._cluster import LocalCluster
-from .._jagged import JaggedBatch
-from .._pooling import pool
-from .._remap import build_remap, profile_accesses
-from .._spec import TableSpec
+from ..core.jagged import JaggedBatch
+from ..core.pooling import pool
+from ..core.remap import build_remap, profile_accesses
+from ..core.spec import TableSpec
 from .._workload import PROFILE_2022, generate, reuse_stats
 from ._args import add_config_arguments, config_from_args
 from ._lookup import _naive

@@ -38,8 +38,8 @@ import rdmaio
 
 from .._client import EmbeddingClient
 from .._cluster import LocalCluster
-from .._jagged import JaggedBatch
-from .._spec import TableSpec
+from ..core.jagged import JaggedBatch
+from ..core.spec import TableSpec
 from ._args import add_config_arguments, config_from_args
 
 __all__ = ["HELP", "LookupConfig", "configure", "main", "measure"]

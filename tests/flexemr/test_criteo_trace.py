@@ -9,7 +9,7 @@ import pytest
 
 from flexemr._criteo import CriteoFormatError, hash_ids, parse_criteo, read_criteo, write_sample
 from flexemr._dlrm import criteo_specs
-from flexemr._errors import InputError
+from flexemr.core.errors import InputError
 from flexemr._trace import TraceBatch, TraceFormatError, generate_trace, read_trace, write_trace
 
 LINE = "1\t5\t-2\t\t0\t1\t2\t3\t4\t5\t6\t7\t8\t9\t" + "\t".join(["68fd1e64", ""] * 13)

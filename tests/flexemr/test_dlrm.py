@@ -15,7 +15,7 @@ from flexemr._dlrm import (
     head_of,
     scaled_rows,
 )
-from flexemr._errors import ConfigError, InputError
+from flexemr.core.errors import ConfigError, InputError
 from flexemr._rank import Ranker
 from flexemr._trace import generate_trace
 

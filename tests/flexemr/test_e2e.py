@@ -60,7 +60,7 @@ async def test_ids_are_validated_once_and_reach_the_splitter_sorted_unique(
         cluster: LocalCluster, monkeypatch: pytest.MonkeyPatch) -> None:
     """A lookup validates its ids once; the batch hands the splitter sorted unique ids (its fast path)."""
     import flexemr._client
-    import flexemr._split
+    import flexemr.core.split
 
     client = await cluster.client()
     validated: list[str] = []
@@ -80,7 +80,7 @@ async def test_ids_are_validated_once_and_reach_the_splitter_sorted_unique(
 
     monkeypatch.setattr(flexemr._client, "validate_ids", counting_validate)
     monkeypatch.setattr(flexemr._client, "split_lookup", recording_split)
-    monkeypatch.setattr(flexemr._split, "validate_ids", boom)
+    monkeypatch.setattr(flexemr.core.split, "validate_ids", boom)
     model = cluster.model()
     ids = np.array([4999, 1, 1, 77, 3000, 1])
     got = await client.lookup_many({"user": ids, "item": ids[ids < 3001]})

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 from flexemr import FlexEMRError, InputError, JaggedBatch, LocalCluster, ShardingPlan, TableSpec
-from flexemr._pooling import pool
-from flexemr._remap import build_remap, profile_accesses
+from flexemr.core.pooling import pool
+from flexemr.core.remap import build_remap, profile_accesses
 from flexemr._workload import PROFILE_2022, generate
 
 SPECS = [
@@ -118,7 +118,7 @@ async def test_cost_model_choice_is_used() -> None:
 
 async def test_failed_pooling_requests_fall_back_to_raw_reads() -> None:
     """A pooling channel that breaks or answers with an error costs bytes, never the lookup."""
-    from flexemr._locality import encode_error
+    from flexemr.core.poolwire import encode_error
 
     spec = TableSpec("t", 4000, 32, "float32")
     async with LocalCluster([spec], servers=2, seed=3, in_process=True, transport="tcp") as cluster:
@@ -204,12 +204,12 @@ async def test_two_processes_remap_cache_pooling() -> None:
         assert m.cache_hits > 0 and m.pooled_subrequests > 0 and m.errors == 0
 
 
-def test_locality_doctests() -> None:
+@pytest.mark.parametrize("module", ["flexemr.core.poolwire", "flexemr._locality"])
+def test_locality_doctests(module: str) -> None:
     import doctest
+    import importlib
 
-    import flexemr._locality
-
-    result = doctest.testmod(flexemr._locality)
+    result = doctest.testmod(importlib.import_module(module))
     assert result.attempted > 0 and result.failed == 0
 
 
@@ -222,7 +222,8 @@ async def test_a_pooling_channel_closing_under_a_blocked_send_leaves_no_unretrie
 
     import rdmaio
 
-    from flexemr._locality import LocalityMetrics, PoolChannel
+    from flexemr._locality import PoolChannel
+    from flexemr.core.metrics import LocalityMetrics
 
     class Channel:                                   # a scripted rdmaio channel: no credits, then closed
         max_message = 1 << 16

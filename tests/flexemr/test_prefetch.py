@@ -7,7 +7,7 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from flexemr._errors import ConfigError
+from flexemr.core.errors import ConfigError
 from flexemr._prefetch import Prefetcher
 
 

@@ -19,8 +19,8 @@ from flexemr import (
     TableSpec,
     TransportError,
 )
-from flexemr._meta import ServerMeta, decode_meta, encode_meta
-from flexemr._plan import dumps_toml
+from flexemr.core.meta import ServerMeta, decode_meta, encode_meta
+from flexemr.core.toml import dumps_toml
 from flexemr._replica import Backoff
 
 SPECS = [TableSpec("user", 4000, 16), TableSpec("item", 600, 8, "float16")]

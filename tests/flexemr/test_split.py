@@ -12,23 +12,18 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from flexemr._errors import (
+from flexemr.core.errors import (
     ConfigError,
     FlexEMRError,
     InputError,
     LookupIdError,
     UnknownTableError,
 )
-from flexemr._plan import (
-    ClusterConfig,
-    ServerAddress,
-    Shard,
-    ShardingPlan,
-    dumps_toml,
-    validate_ids,
-)
-from flexemr._spec import TableSpec
-from flexemr._split import SplitLookup, SubRequest, split_lookup
+from flexemr.core.config import ClusterConfig, ServerAddress
+from flexemr.core.plan import Shard, ShardingPlan, validate_ids
+from flexemr.core.toml import dumps_toml
+from flexemr.core.spec import TableSpec
+from flexemr.core.split import SplitLookup, SubRequest, split_lookup
 from flexemr.testing import execute_locally, execute_subrequests, lookup_locally, shard_region_array
 
 SETTINGS = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -231,7 +226,7 @@ def test_sorted_unique_fast_path_equals_the_general_path(pl: Any, max_bytes: int
 
 
 def test_sorted_unique_fast_path_neither_validates_nor_deduplicates(monkeypatch: pytest.MonkeyPatch) -> None:
-    import flexemr._split
+    import flexemr.core.split
 
     plan = ShardingPlan.row_wise([TableSpec("t", 50, 2)], ["s0", "s1"])
     uniq = np.array([1, 2, 3, 30, 49])
@@ -240,7 +235,7 @@ def test_sorted_unique_fast_path_neither_validates_nor_deduplicates(monkeypatch:
     def boom(*args: object, **kwargs: object) -> None:
         raise AssertionError("the fast path must not call this")
 
-    monkeypatch.setattr(flexemr._split, "validate_ids", boom)
+    monkeypatch.setattr(flexemr.core.split, "validate_ids", boom)
     monkeypatch.setattr(np, "unique", boom)
     fast = split_lookup(plan, "t", uniq, sorted_unique=True)
     monkeypatch.undo()

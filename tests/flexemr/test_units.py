@@ -30,11 +30,11 @@ from flexemr import (
     TransportError,
     build_model,
 )
-from flexemr._init import BLOCK_ROWS, init_rows
-from flexemr._meta import HEADER, MAGIC, ServerMeta, ShardEntry, decode_meta, encode_meta
+from flexemr.core.init import BLOCK_ROWS, init_rows
+from flexemr.core.meta import HEADER, MAGIC, ServerMeta, ShardEntry, decode_meta, encode_meta
 
-MODULES = ["flexemr._init", "flexemr._meta", "flexemr._metrics", "flexemr._server", "flexemr._client",
-           "flexemr._errors"]
+MODULES = ["flexemr.core.init", "flexemr.core.meta", "flexemr.core.metrics", "flexemr._server", "flexemr._client",
+           "flexemr.core.errors"]
 
 
 @pytest.mark.parametrize("name", MODULES)

@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from flexemr._errors import InputError
-from flexemr._jagged import JaggedBatch
-from flexemr._spec import TableSpec
+from flexemr.core.errors import InputError
+from flexemr.core.jagged import JaggedBatch
+from flexemr.core.spec import TableSpec
 from flexemr._workload import (
     PROFILE_2021,
     PROFILE_2022,

@@ -20,7 +20,7 @@ from typing import Any, Literal
 import numpy as np
 import numpy.typing as npt
 
-from ._errors import InputError, UnknownTableError
+from .errors import InputError, UnknownTableError
 
 __all__ = ["JaggedBatch", "pool_bags"]
 
@@ -47,8 +47,8 @@ class JaggedBatch:
     counts, key-major) or ``offsets`` (``len(keys) * batch_size + 1``
     non-decreasing, starting at 0 and ending at ``len(values)``).
     ``batch_size`` is inferred unless ``keys`` is empty.  Invalid input raises
-    :class:`~flexemr._errors.InputError`.  Ids are not range-checked here;
-    :func:`flexemr._split.split_lookup` does that per table.
+    :class:`~flexemr.core.errors.InputError`.  Ids are not range-checked here;
+    :func:`flexemr.core.split.split_lookup` does that per table.
     """
 
     __slots__ = ("_keys", "_values", "_lengths", "_offsets", "_batch_size", "_index")

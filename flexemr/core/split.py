@@ -9,7 +9,7 @@ arguments of an RDMA batch read on the shard's region::
 
 Algorithm (all numpy, no per-id Python loop):
 
-1. validate ids (:func:`flexemr._plan.validate_ids`), then
+1. validate ids (:func:`flexemr.core.plan.validate_ids`), then
    ``uniq, inverse = np.unique(ids, return_inverse=True)`` -- both skipped
    with ``sorted_unique=True``, where the caller's ids already are ``uniq``;
 2. route ``uniq`` to row bands with one ``searchsorted`` on the range table;
@@ -25,8 +25,8 @@ column split (row-wise, table-wise) the whole staging buffer *is* the
 row-major ``[n_unique, dim]`` array of the sorted unique rows, and for a
 column-wise table each shard has its own ``[n_unique, shard_cols]`` block.
 
->>> from flexemr._spec import TableSpec
->>> from flexemr._plan import ShardingPlan
+>>> from flexemr.core.spec import TableSpec
+>>> from flexemr.core.plan import ShardingPlan
 >>> plan = ShardingPlan.row_wise([TableSpec("t", 10, 2)], ["s0", "s1"])
 >>> split = split_lookup(plan, "t", np.array([7, 1, 2, 3, 7, 5]))
 >>> [(s.server, s.remote_offsets.tolist(), s.lengths.tolist()) for s in split.subrequests]
@@ -47,9 +47,9 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from ._errors import InputError, LookupIdError
-from ._plan import ShardingPlan, validate_ids
-from ._spec import TableSpec
+from .errors import InputError, LookupIdError
+from .plan import ShardingPlan, validate_ids
+from .spec import TableSpec
 
 __all__ = ["ShardBlock", "SplitLookup", "SubRequest", "split_lookup"]
 
@@ -178,7 +178,7 @@ class SplitLookup:
         ``staging`` is the filled staging buffer (any C-contiguous buffer; only
         its first :attr:`staging_bytes` bytes are read).  Returns a new array.
 
-        >>> from flexemr._plan import ShardingPlan
+        >>> from flexemr.core.plan import ShardingPlan
         >>> from flexemr.testing import execute_locally
         >>> plan = ShardingPlan.column_wise([TableSpec("t", 3, 4)], ["a", "b"])
         >>> split = split_lookup(plan, "t", [2, 0, 2])
@@ -259,9 +259,9 @@ def split_lookup(
     """Split a lookup of ``ids`` in ``table`` into coalesced per-shard reads.
 
     ``ids`` must be a 1-D integer array in ``[0, num_rows)``
-    (:class:`~flexemr._errors.InputError` /
-    :class:`~flexemr._errors.LookupIdError` otherwise; an unknown table raises
-    :class:`~flexemr._errors.UnknownTableError`).  Runs of consecutive unique
+    (:class:`~flexemr.core.errors.InputError` /
+    :class:`~flexemr.core.errors.LookupIdError` otherwise; an unknown table raises
+    :class:`~flexemr.core.errors.UnknownTableError`).  Runs of consecutive unique
     ids inside one shard become one read; with ``max_read_bytes`` longer runs
     are cut into reads of at most that many bytes (whole rows).
 
@@ -273,7 +273,7 @@ def split_lookup(
     checks run (type, dtype, shape, first and last id in range).  Unsorted or
     duplicate ids then give wrong reads: pass them only with the default.
 
-    >>> from flexemr._plan import ShardingPlan
+    >>> from flexemr.core.plan import ShardingPlan
     >>> plan = ShardingPlan.row_wise([TableSpec("t", 8, 4)], ["s0"], rows_per_shard=4)
     >>> [s.lengths.tolist() for s in split_lookup(plan, "t", [0, 1, 2, 3, 4, 6]).subrequests]
     [[64], [16, 16]]

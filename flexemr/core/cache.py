@@ -53,8 +53,8 @@ from typing import Any, Literal
 import numpy as np
 import numpy.typing as npt
 
-from ._errors import ConfigError, InputError
-from ._spec import _is_int
+from .errors import ConfigError, InputError
+from .spec import _is_int
 
 __all__ = ["AdaptiveCapacity", "CachePolicy", "CacheStats", "RowCache"]
 
@@ -182,7 +182,7 @@ class RowCache:
     ``row_bytes`` (capacity ``memory_budget_bytes // row_bytes``; payload
     only, the ~40 B/slot of metadata and index are not counted).  With
     ``row_bytes`` every slot holds ``row_bytes`` bytes and larger rows raise
-    :class:`~flexemr._errors.InputError`; without it slots widen to the largest
+    :class:`~flexemr.core.errors.InputError`; without it slots widen to the largest
     row seen.  A table's row shape and dtype are fixed by its first insert.
     Row ids must be in ``[0, 2**40)``.  See the module docstring for the exact
     use/eviction/coherence semantics.

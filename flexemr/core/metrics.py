@@ -30,13 +30,13 @@ with one vectorised ``np.frexp`` + ``np.bincount``.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any, ClassVar
 
 import numpy as np
 import numpy.typing as npt
 
-__all__ = ["ClientMetrics", "LatencyHistogram"]
+__all__ = ["ClientMetrics", "LatencyHistogram", "LocalityMetrics", "ReliabilityMetrics"]
 
 NUM_BUCKETS = 40
 
@@ -144,3 +144,97 @@ class ClientMetrics:
         width = max(len(r[0]) for r in rows) + 2
         lines = [f"{'metric':<{width}}value"] + [f"{k:<{width}}{v}" for k, v in rows]
         return "\n".join(lines)
+
+
+@dataclass
+class LocalityMetrics(ClientMetrics):
+    """:class:`~flexemr.ClientMetrics` plus the cache, pooling and prefetch counters.
+
+    Extra counters (cumulative)::
+
+        cache_hits           unique ids per call served from the ranker cache
+        cache_misses         unique ids per call looked up in the cache and not found
+        cache_inserts        rows inserted into the cache (fills after reads)
+        cache_evictions      rows evicted (capacity pressure or adaptive shrink)
+        cache_invalidations  cached rows dropped by invalidate(), update() or a shard's GEN change
+        cache_stale_hits     cached rows of versioned shards found stale (the shard's GEN moved) and
+                             read again; counted in cache_misses, not cache_hits
+        cache_resizes        adaptive capacity changes applied
+        cache_capacity       current capacity in rows (a gauge)
+        pooled_lookups       lookup_pooled calls
+        pooled_subrequests   (server, table) sub-requests sent as pooling RPCs
+        raw_subrequests      (server, table) sub-requests served by one-sided reads
+        pooled_bags          (server, bag) partials computed by servers
+        pooled_rows          rows pooled on servers (occurrences)
+        local_pooled_rows    rows pooled on the ranker (cached or read raw; occurrences)
+        pool_bytes_sent      pooling request bytes (frames + channel headers)
+        pool_bytes_received  pooling response bytes
+        pool_fallbacks       pooling requests that failed (channel broken or refused, bad response) and
+                             were served by raw reads pooled on the ranker instead
+        prefetched_batches   batches fetched through client.prefetch()
+
+    ``network_bytes`` = ``bytes_read + pool_bytes_sent + pool_bytes_received``.
+
+    With a cache, ``unique_ids`` counts the distinct ids per call served by the
+    cache or the read path (rows pooled on servers are in ``pooled_rows``
+    instead), and the invariant of :class:`~flexemr.ClientMetrics` becomes
+    ``unique_ids == rows_read + rows_shared + cache_hits``.
+    """
+
+    cache_hits: int = 0
+    cache_misses: int = 0
+    cache_inserts: int = 0
+    cache_evictions: int = 0
+    cache_invalidations: int = 0
+    cache_stale_hits: int = 0
+    cache_resizes: int = 0
+    cache_capacity: int = 0
+    pooled_lookups: int = 0
+    pooled_subrequests: int = 0
+    raw_subrequests: int = 0
+    pooled_bags: int = 0
+    pooled_rows: int = 0
+    local_pooled_rows: int = 0
+    pool_bytes_sent: int = 0
+    pool_bytes_received: int = 0
+    pool_fallbacks: int = 0
+    prefetched_batches: int = 0
+
+    _COUNTERS: ClassVar[tuple[str, ...]] = ClientMetrics._COUNTERS + (
+        "cache_hits", "cache_misses", "cache_inserts", "cache_evictions", "cache_invalidations", "cache_stale_hits",
+        "cache_resizes",
+        "cache_capacity", "pooled_lookups", "pooled_subrequests", "raw_subrequests", "pooled_bags", "pooled_rows",
+        "local_pooled_rows", "pool_bytes_sent", "pool_bytes_received", "pool_fallbacks",
+        "prefetched_batches")
+
+    @property
+    def network_bytes(self) -> int:
+        """Bytes moved over the network: raw read payload plus pooling messages."""
+        return self.bytes_read + self.pool_bytes_sent + self.pool_bytes_received
+
+    def snapshot(self) -> dict[str, Any]:
+        out = super().snapshot()
+        out["network_bytes"] = self.network_bytes
+        return out
+
+
+@dataclass
+class ReliabilityMetrics:
+    """Counters of failures, failovers, reconnects and updates (``client.reliability``)."""
+
+    peer_failures: int = 0        # servers marked down (a read/write/atomic on them failed)
+    reconnects: int = 0           # successful reconnections
+    restarts_seen: int = 0        # reconnections that found a new server incarnation
+    failover_reads: int = 0       # read groups re-issued on another replica
+    torn_rereads: int = 0         # rows read again because their version/checksum did not validate
+    updates: int = 0              # acknowledged update() calls
+    rows_updated: int = 0         # distinct rows written by acknowledged updates
+    failed_updates: int = 0       # update() calls that raised
+    resync_copies: int = 0        # shard copies made to bring a replica back in sync
+    fenced: int = 0               # replicas dropped from service by this client's commits
+    lock_steals: int = 0          # shard locks taken over from a silent holder
+    stale_replica_reads: int = 0  # row groups read again: their replica was out of service (fenced)
+
+    def snapshot(self) -> dict[str, int]:
+        """The counters as a dict."""
+        return asdict(self)

@@ -2,7 +2,7 @@
 
 A :class:`TableSpec` names a table and gives its shape and element type::
 
-    >>> from flexemr._spec import TableSpec
+    >>> from flexemr.core.spec import TableSpec
     >>> spec = TableSpec("user", num_rows=1000, dim=64, dtype="f2")
     >>> spec.dtype, spec.row_bytes, spec.nbytes
     ('float16', 128, 128000)
@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from ._errors import ConfigError
+from .errors import ConfigError
 
 __all__ = ["SUPPORTED_DTYPES", "TableSpec"]
 

@@ -8,7 +8,7 @@ and column range, whatever the sharding plan — is therefore the matching
 slice of one well-defined table, and a ranker can rebuild the whole model
 locally (:func:`build_model`) without transferring a byte::
 
-    >>> from flexemr._spec import TableSpec
+    >>> from flexemr.core.spec import TableSpec
     >>> spec = TableSpec("user", num_rows=10_000, dim=8)
     >>> full = init_table(spec, seed=7)
     >>> part = init_rows(spec, seed=7, row_start=4000, row_end=9000, col_start=2, col_end=6)
@@ -28,9 +28,9 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from ._errors import ConfigError
-from ._plan import Shard, ShardingPlan
-from ._spec import TableSpec
+from .errors import ConfigError
+from .plan import Shard, ShardingPlan
+from .spec import TableSpec
 
 __all__ = ["BLOCK_ROWS", "build_model", "check_seed", "init_rows", "init_shard", "init_table"]
 

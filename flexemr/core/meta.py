@@ -26,7 +26,7 @@ fetches it with ``key = await ep.remote_key("flexemr/meta")`` and one
                  "arena_offset": 0 | None}, ...]}
 
 With ``"versioned"`` every shard region holds slots (8-byte header + row) and
-a control block (:mod:`flexemr._versioned`); ``nbytes`` is then the region's
+a control block (:mod:`flexemr.core.versioned`); ``nbytes`` is then the region's
 size.  A client compares ``incarnation`` across reconnects to tell a restarted
 server (fresh memory) from one that was only unreachable.
 
@@ -35,7 +35,7 @@ server (fresh memory) from one that was only unreachable.
 sit at that offset of the arena region, so a client can read rows of several
 shards of one server in a single ``read_batch`` on the arena key.
 :func:`decode_meta` validates everything and raises
-:class:`~flexemr._errors.MetadataError` on any malformed input.
+:class:`~flexemr.core.errors.MetadataError` on any malformed input.
 
 >>> m = ServerMeta("s0", "tcp", {"servers": ["s0"]}, {"kind": "random", "seed": 1}, None, ())
 >>> decode_meta(encode_meta(m)) == m
@@ -50,7 +50,7 @@ from typing import Any
 
 import msgpack
 
-from ._errors import MetadataError
+from .errors import MetadataError
 
 __all__ = ["ARENA_REGION", "HEADER", "LAYOUTS", "MAGIC", "MAX_META_BYTES", "META_REGION", "META_VERSION", "ServerMeta",
            "ShardEntry", "decode_meta", "encode_meta"]

@@ -3,7 +3,7 @@
 Every error raised by :mod:`flexemr` derives from :class:`FlexEMRError`, and
 additionally from the matching builtin so that generic handlers keep working::
 
-    >>> from flexemr._errors import LookupIdError
+    >>> from flexemr.core.errors import LookupIdError
     >>> issubclass(LookupIdError, IndexError)
     True
 """

@@ -1,7 +1,7 @@
 """Embedding-bag pooling, hierarchical (server-side partial) pooling and its byte cost model.
 
 :func:`pool` reduces the rows of every bag (sample) to one vector, like
-``torch.nn.EmbeddingBag``; it supersedes :func:`flexemr._jagged.pool_bags`
+``torch.nn.EmbeddingBag``; it supersedes :func:`flexemr.core.jagged.pool_bags`
 (which only knows ``sum``/``mean`` without weights) and gives the same result
 for the modes both support.
 
@@ -36,7 +36,7 @@ from typing import Any, Literal
 import numpy as np
 import numpy.typing as npt
 
-from ._errors import InputError
+from .errors import InputError
 
 __all__ = [
     "ID_BYTES",
@@ -200,7 +200,7 @@ def pool(
     * ``"max"``: element-wise maximum; weights are rejected.
 
     Empty bags give zeros in every mode.  Bad shapes, modes or offsets raise
-    :class:`~flexemr._errors.InputError`.
+    :class:`~flexemr.core.errors.InputError`.
 
     >>> r = np.array([[1, 2], [3, 4], [5, 6]], dtype=np.float16)
     >>> pool(r, lengths=[2, 1], mode="mean", per_sample_weights=[1.0, 3.0, 0.5]).tolist()

@@ -6,10 +6,10 @@ decreasing count (ties and unseen rows keep their logical order) and returns
 a :class:`RowRemap`.  The servers store the tables reordered with
 :meth:`RowRemap.apply_to_table`; the ranker translates ids with
 :meth:`RowRemap.to_physical` before splitting a lookup.  Hot rows then sit
-next to each other, so :func:`flexemr._split.split_lookup` coalesces them into
+next to each other, so :func:`flexemr.core.split.split_lookup` coalesces them into
 fewer, longer reads (:func:`count_reads` measures it).
 
->>> from flexemr._jagged import JaggedBatch
+>>> from flexemr.core.jagged import JaggedBatch
 >>> jb = JaggedBatch.from_lists({"t": [[9, 2, 9], [9, 5, 2]]})
 >>> rm = build_remap(profile_accesses([jb], {"t": 10}))
 >>> rm.to_physical("t", [9, 2, 5, 0]).tolist()          # 9 is hottest, then 2, then 5
@@ -31,11 +31,11 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from ._errors import ConfigError, InputError, UnknownTableError
-from ._jagged import JaggedBatch
-from ._plan import ShardingPlan, validate_ids
-from ._spec import TableSpec
-from ._split import split_lookup
+from .errors import ConfigError, InputError, UnknownTableError
+from .jagged import JaggedBatch
+from .plan import ShardingPlan, validate_ids
+from .spec import TableSpec
+from .split import split_lookup
 
 __all__ = ["RowRemap", "build_remap", "count_reads", "profile_accesses", "remap_batch"]
 
@@ -55,7 +55,7 @@ def profile_accesses(
 
     ``tables`` gives the row count of each table (``{name: num_rows}`` or
     table specs); keys of the batches that are not listed are ignored, ids
-    out of range raise :class:`~flexemr._errors.LookupIdError`.
+    out of range raise :class:`~flexemr.core.errors.LookupIdError`.
     """
     sizes = _num_rows(tables)
     counts = {t: np.zeros(n, dtype=np.int64) for t, n in sizes.items()}
@@ -73,7 +73,7 @@ class RowRemap:
     ``physical_to_logical[t][p]`` is the logical row stored at physical row
     ``p`` of table ``t``; its inverse gives :meth:`to_physical`.  Tables
     without an entry are identity-mapped only if you ask for them: unknown
-    tables raise :class:`~flexemr._errors.UnknownTableError`.
+    tables raise :class:`~flexemr.core.errors.UnknownTableError`.
     """
 
     def __init__(self, physical_to_logical: Mapping[str, object]) -> None:
@@ -186,7 +186,7 @@ def remap_batch(remap: RowRemap, batch: JaggedBatch) -> JaggedBatch:
 
 
 def count_reads(plan: ShardingPlan, batch: JaggedBatch, remap: RowRemap | None = None) -> dict[str, int]:
-    """Coalesced reads :func:`~flexemr._split.split_lookup` needs per table for ``batch``.
+    """Coalesced reads :func:`~flexemr.core.split.split_lookup` needs per table for ``batch``.
 
     With ``remap`` the batch's ids are first translated to physical ids (the
     servers then hold the remapped tables).  Also returns ``"total"``.

@@ -21,7 +21,7 @@ the table name, the row id and the version into a 64-bit multiply-add over the
 row's 32-bit words, folded to 32 bits; it is computed for a whole batch at once
 (:func:`validate_slots`).
 
->>> from flexemr._spec import TableSpec
+>>> from flexemr.core.spec import TableSpec
 >>> spec = TableSpec("t", 10, 3)
 >>> slot_bytes(spec)                                   # 8 header + 12 data + 4 padding
 24
@@ -43,7 +43,7 @@ from typing import Any, NamedTuple
 import numpy as np
 import numpy.typing as npt
 
-from ._spec import TableSpec
+from .spec import TableSpec
 
 __all__ = [
     "CTL_BYTES",

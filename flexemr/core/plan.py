@@ -1,4 +1,4 @@
-"""Sharding plans, range routing and the TOML cluster file.
+"""Sharding plans and range routing.
 
 A :class:`ShardingPlan` places the embedding tables of a model onto embedding
 servers.  Each table is cut into rectangular :class:`Shard` s (a row range times
@@ -20,7 +20,7 @@ the shards were given in.
 Routing is range based, as in FlexEMR: per table a sorted array of band start
 rows and one :func:`numpy.searchsorted` per lookup batch (no per-row map)::
 
-    >>> from flexemr._spec import TableSpec
+    >>> from flexemr.core.spec import TableSpec
     >>> plan = ShardingPlan.row_wise([TableSpec("user", 10, 4)], ["s0", "s1"])
     >>> [(s.server, s.row_start, s.row_end) for s in plan.shards["user"]]
     [('s0', 0, 5), ('s1', 5, 10)]
@@ -32,10 +32,7 @@ rows and one :func:`numpy.searchsorted` per lookup batch (no per-row map)::
 
 from __future__ import annotations
 
-import math
 import os
-import re
-import tomllib
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
@@ -44,19 +41,11 @@ from typing import Any, NamedTuple
 import numpy as np
 import numpy.typing as npt
 
-from ._errors import ConfigError, InputError, LookupIdError, UnknownTableError
-from ._spec import TableSpec, _is_int
+from .errors import ConfigError, InputError, LookupIdError, UnknownTableError
+from .spec import TableSpec, _is_int
+from .toml import dumps_toml, load_toml
 
-__all__ = [
-    "SHARDING_KINDS",
-    "ClusterConfig",
-    "RangeTable",
-    "ServerAddress",
-    "Shard",
-    "ShardingPlan",
-    "dumps_toml",
-    "validate_ids",
-]
+__all__ = ["SHARDING_KINDS", "RangeTable", "Shard", "ShardingPlan", "validate_ids"]
 
 #: Values accepted for ``[sharding] kind`` in a cluster file.
 SHARDING_KINDS: tuple[str, ...] = ("row_wise", "table_wise", "column_wise", "explicit")
@@ -674,7 +663,7 @@ class ShardingPlan:
     @classmethod
     def from_toml(cls, path: str | os.PathLike[str]) -> ShardingPlan:
         """Load the plan part of a TOML cluster file."""
-        return cls.from_dict(_load_toml(path))
+        return cls.from_dict(load_toml(path))
 
     def to_toml(self) -> str:
         """TOML text of :meth:`to_dict`."""
@@ -780,251 +769,3 @@ def _shard_from_dict(entry: object, specs: Mapping[str, TableSpec]) -> Shard:
         if not (isinstance(val, list) and len(val) == 2 and all(_is_int(v) for v in val)):
             raise ConfigError(f"[[shards]] entry for table {table!r}: {key} must be [start, end], got {val!r}")
     return Shard(table, server, rows[0], rows[1], cols[0], cols[1], -1, backups)
-
-
-# ---------------------------------------------------------------- cluster config
-
-
-@dataclass(frozen=True)
-class ServerAddress:
-    """Where an embedding server listens.
-
-    >>> str(ServerAddress("10.0.0.2", 7000))
-    '10.0.0.2:7000'
-    """
-
-    host: str
-    port: int
-
-    def __post_init__(self) -> None:
-        if not isinstance(self.host, str) or not self.host:
-            raise ConfigError(f"server host must be a non-empty string, got {self.host!r}")
-        if not _is_int(self.port) or not 0 <= self.port <= 65535:
-            raise ConfigError(f"server port must be an integer in [0, 65535], got {self.port!r}")
-        object.__setattr__(self, "port", int(self.port))
-
-    def __str__(self) -> str:
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"{host}:{self.port}"
-
-
-@dataclass(frozen=True, eq=True)
-class ClusterConfig:
-    """A sharding plan plus every server's address and an optional shared secret.
-
-    This is what a TOML cluster file describes (format in ``docs/sharding.md``)::
-
-        [cluster]
-        secret = "change-me"        # optional
-
-        [servers.s0]
-        host = "127.0.0.1"
-        port = 7000
-
-        [[tables]]
-        name = "user"
-        num_rows = 1000
-        dim = 64
-        dtype = "float32"
-
-        [sharding]
-        kind = "row_wise"           # or table_wise / column_wise / explicit + [[shards]]
-
-    >>> cfg = ClusterConfig.from_dict({
-    ...     "servers": {"s0": {"host": "127.0.0.1", "port": 7000}},
-    ...     "tables": [{"name": "t", "num_rows": 8, "dim": 4}]})
-    >>> cfg.addresses["s0"].port, ClusterConfig.from_dict(cfg.to_dict()) == cfg
-    (7000, True)
-    """
-
-    plan: ShardingPlan
-    addresses: Mapping[str, ServerAddress]
-    secret: str | None = None
-
-    def __post_init__(self) -> None:
-        if not isinstance(self.plan, ShardingPlan):
-            raise ConfigError(f"plan must be a ShardingPlan, got {type(self.plan).__name__}")
-        addrs = dict(self.addresses)
-        missing = [s for s in self.plan.servers if s not in addrs]
-        extra = [s for s in addrs if s not in self.plan.servers]
-        if missing or extra:
-            raise ConfigError(f"addresses do not match plan servers: missing {missing}, unknown {extra}")
-        for name, addr in addrs.items():
-            if not isinstance(addr, ServerAddress):
-                raise ConfigError(f"server {name!r}: expected ServerAddress, got {type(addr).__name__}")
-        if self.secret is not None and (not isinstance(self.secret, str) or len(self.secret) < 4):
-            raise ConfigError(f"[cluster] secret must be a string of at least 4 characters, "
-                              f"got {type(self.secret).__name__} {self.secret!r:.12}")
-        ordered = {s: addrs[s] for s in self.plan.servers}
-        object.__setattr__(self, "addresses", MappingProxyType(ordered))
-
-    def __eq__(self, other: object) -> bool:
-        if not isinstance(other, ClusterConfig):
-            return NotImplemented
-        return (
-            self.plan == other.plan
-            and dict(self.addresses) == dict(other.addresses)
-            and self.secret == other.secret
-        )
-
-    def __hash__(self) -> int:
-        return hash((self.plan, tuple(self.addresses.items()), self.secret))
-
-    def address(self, server: str) -> ServerAddress:
-        """Address of ``server``."""
-        try:
-            return self.addresses[server]
-        except KeyError:
-            raise ConfigError(f"unknown server {server!r}; known {list(self.addresses)}") from None
-
-    def to_dict(self) -> dict[str, Any]:
-        """Cluster-file dict (explicit shards, servers with host/port)."""
-        d = self.plan.to_dict()
-        d["servers"] = {s: {"host": a.host, "port": a.port} for s, a in self.addresses.items()}
-        if self.secret is not None:
-            d = {"cluster": {"secret": self.secret}, **d}
-        return d
-
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> ClusterConfig:
-        """Parse a cluster-file dict; every server needs ``host`` and ``port``."""
-        plan = ShardingPlan.from_dict(d)
-        raw_servers = d["servers"]
-        if not isinstance(raw_servers, Mapping):
-            raise ConfigError("'servers' must be a table of [servers.<name>] tables with host and port")
-        addrs: dict[str, ServerAddress] = {}
-        for name, entry in raw_servers.items():
-            if not isinstance(entry, Mapping):
-                raise ConfigError(f"[servers.{name}] must be a table")
-            unknown = set(entry) - {"host", "port"}
-            if unknown or "host" not in entry or "port" not in entry:
-                raise ConfigError(f"[servers.{name}] needs exactly host and port, got keys {sorted(entry)}")
-            addrs[name] = ServerAddress(entry["host"], entry["port"])
-        cluster = d.get("cluster", {})
-        if not isinstance(cluster, Mapping) or set(cluster) - {"secret"}:
-            raise ConfigError("[cluster] accepts only 'secret'")
-        return cls(plan, addrs, cluster.get("secret"))
-
-    @classmethod
-    def from_toml(cls, path: str | os.PathLike[str]) -> ClusterConfig:
-        """Load a TOML cluster file; a :class:`ConfigError` names the file."""
-        d = _load_toml(path)
-        try:
-            return cls.from_dict(d)
-        except ConfigError as exc:
-            raise ConfigError(f"{os.fspath(path)}: {exc}") from exc
-        except KeyError as exc:
-            raise ConfigError(f"{os.fspath(path)}: missing {exc.args[0]!r}") from exc
-
-    def to_toml(self) -> str:
-        """TOML text that :meth:`from_toml` reads back to an equal config."""
-        return dumps_toml(self.to_dict())
-
-    def write_toml(self, path: str | os.PathLike[str]) -> None:
-        """Write :meth:`to_toml` to ``path`` (UTF-8); a file holding a secret is readable by its owner only."""
-        text = self.to_toml()
-        if self.secret is None:
-            with open(path, "w", encoding="utf-8") as fh:
-                fh.write(text)
-            return
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        os.fchmod(fd, 0o600)  # also when the file existed with wider permissions
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-
-
-def _load_toml(path: str | os.PathLike[str]) -> dict[str, Any]:
-    try:
-        with open(path, "rb") as fh:
-            return tomllib.load(fh)
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"{os.fspath(path)}: invalid TOML: {exc}") from exc
-    except OSError as exc:
-        raise ConfigError(f"cannot read cluster file {os.fspath(path)}: {exc}") from exc
-
-
-# -------------------------------------------------------------------- TOML out
-
-_BARE_KEY = re.compile(r"^[A-Za-z0-9_-]+$")
-
-
-def _toml_key(key: str) -> str:
-    return key if _BARE_KEY.match(key) else _toml_str(key)
-
-
-def _toml_str(s: str) -> str:
-    out = ['"']
-    for ch in s:
-        code = ord(ch)
-        if ch == '"':
-            out.append('\\"')
-        elif ch == "\\":
-            out.append("\\\\")
-        elif ch == "\n":
-            out.append("\\n")
-        elif ch == "\t":
-            out.append("\\t")
-        elif code < 0x20 or code == 0x7F:
-            out.append(f"\\u{code:04X}")
-        else:
-            out.append(ch)
-    out.append('"')
-    return "".join(out)
-
-
-def _toml_value(v: object) -> str:
-    if isinstance(v, (bool, np.bool_)):
-        return "true" if v else "false"
-    if _is_int(v):
-        return str(int(v))  # type: ignore[call-overload]
-    if isinstance(v, (float, np.floating)):
-        f = float(v)
-        if math.isnan(f):
-            return "nan"
-        if math.isinf(f):
-            return "inf" if f > 0 else "-inf"
-        return repr(f)
-    if isinstance(v, str):
-        return _toml_str(v)
-    if isinstance(v, (list, tuple)):
-        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
-    raise ConfigError(f"cannot write {type(v).__name__} value {v!r} to TOML")
-
-
-def _is_table_array(v: object) -> bool:
-    return isinstance(v, (list, tuple)) and len(v) > 0 and all(isinstance(x, Mapping) for x in v)
-
-
-def _emit_table(lines: list[str], path: list[str], d: Mapping[str, Any], header: str | None) -> None:
-    scalars = [k for k, v in d.items() if not isinstance(v, Mapping) and not _is_table_array(v)]
-    # a plain table holding only sub-tables needs no header of its own
-    if header is not None and (header.startswith("[[") or scalars or not d):
-        if lines:
-            lines.append("")
-        lines.append(header)
-    for k, v in d.items():
-        if not isinstance(v, Mapping) and not _is_table_array(v):
-            lines.append(f"{_toml_key(k)} = {_toml_value(v)}")
-    for k, v in d.items():
-        sub = path + [_toml_key(k)]
-        if isinstance(v, Mapping):
-            _emit_table(lines, sub, v, "[" + ".".join(sub) + "]")
-        elif _is_table_array(v):
-            for item in v:
-                _emit_table(lines, sub, item, "[[" + ".".join(sub) + "]]")
-
-
-def dumps_toml(d: Mapping[str, Any]) -> str:
-    """Serialise a nested dict of str/int/float/bool/lists/tables to TOML text.
-
-    Only what cluster files need; ``tomllib.loads(dumps_toml(d)) == d`` for such dicts.
-
-    >>> print(dumps_toml({"servers": {"s0": {"host": "h", "port": 1}}}))
-    [servers.s0]
-    host = "h"
-    port = 1
-    <BLANKLINE>
-    """
-    lines: list[str] = []
-    _emit_table(lines, [], d, None)
-    return "\n".join(lines) + "\n"
