@@ -17,8 +17,8 @@ from typing import Any, Literal
 import pytest
 
 from flexemr import ClusterConfig, EmbeddingClient
-from flexemr._demo import CONFIGURATIONS, TECHNIQUES, configure, detect_support, run_demo
-from flexemr._report import cost_notes, plot_configurations
+from flexemr.apps.demo import CONFIGURATIONS, TECHNIQUES, configure, detect_support, run_demo
+from flexemr.apps.report import cost_notes, plot_configurations
 
 ROOT = Path(__file__).resolve().parents[2]
 ENV = {**os.environ, "PYTHONPATH": str(ROOT)}

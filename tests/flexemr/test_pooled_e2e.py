@@ -10,7 +10,7 @@ import pytest
 from flexemr import FlexEMRError, InputError, JaggedBatch, LocalCluster, ShardingPlan, TableSpec
 from flexemr.core.pooling import pool
 from flexemr.core.remap import build_remap, profile_accesses
-from flexemr._workload import PROFILE_2022, generate
+from flexemr.apps.workload import PROFILE_2022, generate
 
 SPECS = [
     TableSpec("user", 5000, 16, "float32"),
@@ -204,7 +204,7 @@ async def test_two_processes_remap_cache_pooling() -> None:
         assert m.cache_hits > 0 and m.pooled_subrequests > 0 and m.errors == 0
 
 
-@pytest.mark.parametrize("module", ["flexemr.core.poolwire", "flexemr._locality"])
+@pytest.mark.parametrize("module", ["flexemr.core.poolwire", "flexemr.server.pooling"])
 def test_locality_doctests(module: str) -> None:
     import doctest
     import importlib
@@ -222,7 +222,7 @@ async def test_a_pooling_channel_closing_under_a_blocked_send_leaves_no_unretrie
 
     import rdmaio
 
-    from flexemr._locality import PoolChannel
+    from flexemr.client.pooled import PoolChannel
     from flexemr.core.metrics import LocalityMetrics
 
     class Channel:                                   # a scripted rdmaio channel: no credits, then closed

@@ -14,7 +14,7 @@ from flexemr.core.jagged import JaggedBatch
 from flexemr.core.plan import ShardingPlan
 from flexemr.core.spec import TableSpec
 from flexemr.core.remap import RowRemap, build_remap, count_reads, profile_accesses, remap_batch
-from flexemr._workload import PROFILE_2022, generate
+from flexemr.apps.workload import PROFILE_2022, generate
 from flexemr.testing import lookup_locally
 
 

@@ -21,7 +21,7 @@ from flexemr import (
 )
 from flexemr.core.meta import ServerMeta, decode_meta, encode_meta
 from flexemr.core.toml import dumps_toml
-from flexemr._replica import Backoff
+from flexemr.client.replica import Backoff
 
 SPECS = [TableSpec("user", 4000, 16), TableSpec("item", 600, 8, "float16")]
 

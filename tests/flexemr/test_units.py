@@ -33,7 +33,7 @@ from flexemr import (
 from flexemr.core.init import BLOCK_ROWS, init_rows
 from flexemr.core.meta import HEADER, MAGIC, ServerMeta, ShardEntry, decode_meta, encode_meta
 
-MODULES = ["flexemr.core.init", "flexemr.core.meta", "flexemr.core.metrics", "flexemr._server", "flexemr._client",
+MODULES = ["flexemr.core.init", "flexemr.core.meta", "flexemr.core.metrics", "flexemr.server.server", "flexemr.client.client",
            "flexemr.core.errors"]
 
 

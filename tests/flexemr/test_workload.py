@@ -8,7 +8,7 @@ import pytest
 from flexemr.core.errors import InputError
 from flexemr.core.jagged import JaggedBatch
 from flexemr.core.spec import TableSpec
-from flexemr._workload import (
+from flexemr.apps.workload import (
     PROFILE_2021,
     PROFILE_2022,
     TARGET_2021,

@@ -21,7 +21,7 @@ With a ``versioned`` plan every shard is laid out as header+row slots plus a
 control block (:mod:`flexemr.core.versioned`), always in the arena (``.npy``
 tables are copied in), and registered read/write/atomic so rankers can
 update rows with one-sided writes (``docs/reliability.md``).
-4. the pooling service (:class:`flexemr._locality.PoolService`) is served on
+4. the pooling service (:class:`flexemr.server.pooling.PoolService`) is served on
    the message channel ``"flexemr/pool"``: a ranker sends the ids of a
    batch's rows this server holds, grouped by bag, and gets one partial sum
    (or max) per bag back -- hierarchical pooling (``docs/locality.md``);
@@ -53,14 +53,14 @@ import numpy as np
 import numpy.typing as npt
 import rdmaio
 
-from .core.errors import ClosedError, ConfigError
-from .core.init import check_seed, init_shard
-from ._locality import PoolService
-from .core.poolwire import POOL_CHANNEL
-from .core.meta import ARENA_REGION, META_REGION, ServerMeta, ShardEntry, encode_meta
-from .core.config import ClusterConfig, ServerAddress
-from .core.plan import Shard, ShardingPlan
-from .core.versioned import CTL_GEN, CTL_LOCK, CTL_MEMBERS, ctl_offset, pack_slots, region_bytes, row_data
+from ..core.errors import ClosedError, ConfigError
+from ..core.init import check_seed, init_shard
+from .pooling import PoolService
+from ..core.poolwire import POOL_CHANNEL
+from ..core.meta import ARENA_REGION, META_REGION, ServerMeta, ShardEntry, encode_meta
+from ..core.config import ClusterConfig, ServerAddress
+from ..core.plan import Shard, ShardingPlan
+from ..core.versioned import CTL_GEN, CTL_LOCK, CTL_MEMBERS, ctl_offset, pack_slots, region_bytes, row_data
 
 __all__ = ["EmbeddingServer"]
 

@@ -1,6 +1,6 @@
 """The ranker: serve a DLRM whose embedding tables live on embedding servers.
 
-:class:`Ranker` turns a stream of requests (:class:`~flexemr._trace.TraceBatch`:
+:class:`Ranker` turns a stream of requests (:class:`~flexemr.apps.trace.TraceBatch`:
 dense features + jagged ids per table) into click-through rates::
 
     request --lookup (EmbeddingClient.lookup_jagged, sum-pooled)--> pooled [B, 26, d]
@@ -17,10 +17,10 @@ servers' seed).  Two fetch paths:
   reads outstanding), pooled on the ranker — the baseline;
 * otherwise ``client.lookup_jagged(batch, pooling="sum")`` with whatever the
   client was configured with (coalescing always; cache, server-side pooling
-  and prefetch when the build has them, see :mod:`flexemr._demo`).
+  and prefetch when the build has them, see :mod:`flexemr.apps.demo`).
 
 ``prefetch=N`` pipelines the ranker itself: the lookups of the next ``N``
-batches run (:class:`flexemr._prefetch.Prefetcher`) while the DLRM runs on
+batches run (:class:`flexemr.client.prefetch.Prefetcher`) while the DLRM runs on
 the current one in a worker thread.
 
 ``flexemr rank --config cluster.toml [--trace FILE | --criteo FILE | --generate N]``
@@ -47,16 +47,16 @@ import numpy as np
 import numpy.typing as npt
 import rdmaio
 
-from ._cli import blocking_section, check_range, run_interruptible
-from ._client import EmbeddingClient
-from ._criteo import read_criteo
-from ._dlrm import DLRM, ReferenceTables, head_of
-from .core.errors import ConfigError, InputError
-from .core.jagged import JaggedBatch, pool_bags
-from .core.config import ClusterConfig
-from ._prefetch import Prefetcher
-from .core.spec import TableSpec
-from ._trace import TraceBatch, generate_trace, read_trace
+from .cli import blocking_section, check_range, run_interruptible
+from ..client.client import EmbeddingClient
+from .criteo import read_criteo
+from .dlrm import DLRM, ReferenceTables, head_of
+from ..core.errors import ConfigError, InputError
+from ..core.jagged import JaggedBatch, pool_bags
+from ..core.config import ClusterConfig
+from ..client.prefetch import Prefetcher
+from ..core.spec import TableSpec
+from .trace import TraceBatch, generate_trace, read_trace
 
 __all__ = ["RankResult", "Ranker", "cache_counts", "configure", "configure_gen", "format_results", "main", "main_gen",
            "network_bytes"]
@@ -536,11 +536,11 @@ def configure_gen(p: argparse.ArgumentParser) -> None:
 
 def main_gen(args: argparse.Namespace) -> int:
     """Run ``flexemr gen``."""
-    from ._criteo import write_sample
-    from ._dlrm import criteo_specs
-    from .core.config import ServerAddress
-    from .core.plan import ShardingPlan
-    from ._trace import write_trace
+    from .criteo import write_sample
+    from .dlrm import criteo_specs
+    from ..core.config import ServerAddress
+    from ..core.plan import ShardingPlan
+    from .trace import write_trace
 
     check_range("--scale", args.scale, above=0)
     check_range("--dim", args.dim, 1)

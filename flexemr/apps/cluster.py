@@ -42,14 +42,14 @@ import numpy as np
 import numpy.typing as npt
 import rdmaio.testing
 
-from ._client import EmbeddingClient
-from .core.errors import ClosedError, ConfigError, FlexEMRError
-from .core.init import build_model, check_seed, init_table
-from .core.config import ClusterConfig, ServerAddress
-from .core.plan import ShardingPlan
-from .core.remap import RowRemap
-from ._server import EmbeddingServer
-from .core.spec import TableSpec
+from ..client.client import EmbeddingClient
+from ..core.errors import ClosedError, ConfigError, FlexEMRError
+from ..core.init import build_model, check_seed, init_table
+from ..core.config import ClusterConfig, ServerAddress
+from ..core.plan import ShardingPlan
+from ..core.remap import RowRemap
+from ..server.server import EmbeddingServer
+from ..core.spec import TableSpec
 
 __all__ = ["LocalCluster"]
 

@@ -34,7 +34,7 @@ real traces); the real dataset is never downloaded or shipped.
 >>> parse_criteo(b"1\\t\\t5" + b"\\t" * 36 + b"\\n", first_line=7)
 Traceback (most recent call last):
 ...
-flexemr._criteo.CriteoFormatError: line 7: expected 40 tab-separated fields, found 39
+flexemr.apps.criteo.CriteoFormatError: line 7: expected 40 tab-separated fields, found 39
 """
 
 from __future__ import annotations
@@ -47,11 +47,11 @@ from pathlib import Path
 import numpy as np
 import numpy.typing as npt
 
-from ._dlrm import CATEGORICAL_FEATURES, CRITEO_KAGGLE_CARDINALITIES, NUM_DENSE, dense_transform
-from .core.errors import InputError
-from .core.jagged import JaggedBatch
-from .core.spec import TableSpec
-from ._workload import PROFILE_2022, Profile, generate
+from .dlrm import CATEGORICAL_FEATURES, CRITEO_KAGGLE_CARDINALITIES, NUM_DENSE, dense_transform
+from ..core.errors import InputError
+from ..core.jagged import JaggedBatch
+from ..core.spec import TableSpec
+from .workload import PROFILE_2022, Profile, generate
 
 __all__ = [
     "CRITEO_POSITIVE_RATE",
@@ -331,7 +331,7 @@ def write_sample(path: str | os.PathLike[str], samples: int, *, seed: int = 0,
                  has_label: bool = True) -> Path:
     """Write ``samples`` synthetic lines in Criteo's TSV format to ``path`` (returned).
 
-    Categorical ids come from :func:`flexemr._workload.generate` over tables of
+    Categorical ids come from :func:`flexemr.apps.workload.generate` over tables of
     the given ``cardinalities`` (default: Criteo Kaggle's), one id per feature,
     encoded as 8-digit hex (``id * 0x9E3779B1 + salt mod 2**32``, a bijection);
     each feature is missing with its own rate (0-30 %).  Labels are clicks

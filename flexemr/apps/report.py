@@ -20,7 +20,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from .core.errors import ConfigError
+from ..core.errors import ConfigError
 
 __all__ = ["APPS_EXTRA", "cost_notes", "plot_configurations", "require_matplotlib"]
 

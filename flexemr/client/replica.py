@@ -65,9 +65,9 @@ import numpy as np
 import numpy.typing as npt
 import rdmaio
 
-from .core.errors import TransportError
-from .core.plan import Shard, ShardingPlan
-from .core.versioned import (
+from ..core.errors import TransportError
+from ..core.plan import Shard, ShardingPlan
+from ..core.versioned import (
     CTL_GEN,
     CTL_LOCK,
     HEADER_BYTES,

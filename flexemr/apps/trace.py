@@ -43,12 +43,12 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from ._criteo import synthetic_dense
-from ._dlrm import NUM_DENSE, dense_transform
-from .core.errors import InputError
-from .core.jagged import JaggedBatch
-from .core.spec import TableSpec
-from ._workload import PROFILE_2022, Profile, generate
+from .criteo import synthetic_dense
+from .dlrm import NUM_DENSE, dense_transform
+from ..core.errors import InputError
+from ..core.jagged import JaggedBatch
+from ..core.spec import TableSpec
+from .workload import PROFILE_2022, Profile, generate
 
 __all__ = ["FORMAT", "VERSION", "Trace", "TraceBatch", "TraceFormatError", "generate_trace", "read_trace",
            "write_trace"]
@@ -207,7 +207,7 @@ def generate_trace(specs: Sequence[TableSpec], batches: int, batch_size: int, po
                    seed: int = 0, profile: Profile = PROFILE_2022, layout_seed: int = 0) -> list[TraceBatch]:
     """``batches`` synthetic requests over ``specs``: ids from the calibrated workload generator
     (batches share one hot-row layout, like a stream), dense features from
-    :func:`flexemr._criteo.synthetic_dense` through DLRM's log transform."""
+    :func:`flexemr.apps.criteo.synthetic_dense` through DLRM's log transform."""
     out = []
     for i in range(int(batches)):
         rng = np.random.default_rng([int(seed), i, 0x7ACE])

@@ -44,9 +44,9 @@ from typing import Literal
 import numpy as np
 import numpy.typing as npt
 
-from .core.errors import ConfigError, InputError
-from .core.jagged import JaggedBatch
-from .core.spec import TableSpec
+from ..core.errors import ConfigError, InputError
+from ..core.jagged import JaggedBatch
+from ..core.spec import TableSpec
 
 __all__ = [
     "PROFILE_2021",

@@ -2,18 +2,18 @@
 
 What it does:
 
-1. builds the 26 Criteo-Kaggle-shaped tables (:func:`flexemr._dlrm.criteo_specs`,
+1. builds the 26 Criteo-Kaggle-shaped tables (:func:`flexemr.apps.dlrm.criteo_specs`,
    scaled to ~128 MiB unless ``--scale`` says otherwise) and the DLRM;
 2. starts ``--servers`` embedding servers, each in its own process on
    loopback (:class:`~flexemr.LocalCluster`, transport ``auto``: verbs when an
    RDMA device is up, else tcp);
 3. generates a request stream with the calibrated workload generator
-   (:func:`flexemr._trace.generate_trace`);
+   (:func:`flexemr.apps.trace.generate_trace`);
 4. ranks it once per *configuration* of the lookup techniques (the table
    :data:`CONFIGURATIONS`), checking CTRs of a sample of every batch against
    the local reference model;
 5. prints a table and writes ``report.json``, ``report.png`` and
-   ``report.svg`` (:func:`flexemr._report.plot_configurations`: throughput,
+   ``report.svg`` (:func:`flexemr.apps.report.plot_configurations`: throughput,
    bytes per sample and p50/p99 latency per configuration, with a caption
    saying what each turns on, how many batches it ran, and why it is slower
    than a simpler configuration where it is) to ``--out``.
@@ -56,15 +56,15 @@ from typing import Any
 
 import numpy as np
 
-from ._cli import blocking_section, check_range, run_interruptible
-from ._client import EmbeddingClient
-from ._cluster import LocalCluster
-from ._dlrm import DLRM, ReferenceTables, auto_scale, criteo_specs
-from .core.errors import ConfigError, FlexEMRError
-from ._rank import Ranker, format_results
-from ._report import cost_notes, plot_configurations, require_matplotlib
-from ._trace import generate_trace
-from ._workload import PROFILE_2022
+from .cli import blocking_section, check_range, run_interruptible
+from ..client.client import EmbeddingClient
+from .cluster import LocalCluster
+from .dlrm import DLRM, ReferenceTables, auto_scale, criteo_specs
+from ..core.errors import ConfigError, FlexEMRError
+from .rank import Ranker, format_results
+from .report import cost_notes, plot_configurations, require_matplotlib
+from .trace import generate_trace
+from .workload import PROFILE_2022
 
 __all__ = ["CONFIGURATIONS", "TECHNIQUES", "Configuration", "Support", "Technique", "configure", "detect_support",
            "main", "run_demo"]

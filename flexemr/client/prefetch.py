@@ -42,7 +42,7 @@ from dataclasses import dataclass
 from types import TracebackType
 from typing import Generic, TypeVar
 
-from .core.errors import ClosedError, ConfigError
+from ..core.errors import ClosedError, ConfigError
 
 __all__ = ["PrefetchStats", "PrefetchStream", "Prefetcher"]
 

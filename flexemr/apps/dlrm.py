@@ -42,10 +42,10 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from .core.errors import ConfigError, InputError
-from .core.init import BLOCK_ROWS, check_seed, init_rows
-from .core.jagged import JaggedBatch, pool_bags
-from .core.spec import TableSpec
+from ..core.errors import ConfigError, InputError
+from ..core.init import BLOCK_ROWS, check_seed, init_rows
+from ..core.jagged import JaggedBatch, pool_bags
+from ..core.spec import TableSpec
 
 __all__ = [
     "CATEGORICAL_FEATURES",

@@ -60,7 +60,7 @@ Reliability (``docs/reliability.md``)
     backoff, re-validates the metadata and (versioned plans) resyncs before
     routing reads back.  Versioned tables are read as header+row slots and
     validated per batch (:mod:`flexemr.core.versioned`); :meth:`EmbeddingClient.update`
-    writes rows with the protocol of :mod:`flexemr._replica`.
+    writes rows with the protocol of :mod:`flexemr.client.replica`.
 """
 
 from __future__ import annotations
@@ -78,17 +78,17 @@ import numpy as np
 import numpy.typing as npt
 import rdmaio
 
-from .core.errors import ClosedError, ConfigError, FlexEMRError, InputError, MetadataError, TransportError
-from .core.cache import AdaptiveCapacity, CachePolicy, RowCache
-from .core.errors import UnknownTableError
-from .core.jagged import JaggedBatch
-from ._locality import PoolChannel
-from .core.metrics import LocalityMetrics, ReliabilityMetrics
-from .core.poolwire import POOL_CHANNEL, decode_response, encode_request
-from .core.meta import HEADER, MAX_META_BYTES, META_REGION, ServerMeta, decode_meta
-from .core.config import ClusterConfig
-from .core.plan import Shard, ShardingPlan, validate_ids
-from .core.pooling import (
+from ..core.errors import ClosedError, ConfigError, FlexEMRError, InputError, MetadataError, TransportError
+from ..core.cache import AdaptiveCapacity, CachePolicy, RowCache
+from ..core.errors import UnknownTableError
+from ..core.jagged import JaggedBatch
+from .pooled import PoolChannel
+from ..core.metrics import LocalityMetrics, ReliabilityMetrics
+from ..core.poolwire import POOL_CHANNEL, decode_response, encode_request
+from ..core.meta import HEADER, MAX_META_BYTES, META_REGION, ServerMeta, decode_meta
+from ..core.config import ClusterConfig
+from ..core.plan import Shard, ShardingPlan, validate_ids
+from ..core.pooling import (
     PartialPool,
     PoolMode,
     _segment_reduce,
@@ -98,12 +98,12 @@ from .core.pooling import (
     pool,
     server_partial_pool,
 )
-from ._prefetch import Prefetcher, PrefetchStream
-from .core.remap import RowRemap
-from ._replica import Backoff, ShardWriter
-from .core.spec import TableSpec
-from .core.split import SplitLookup, split_lookup
-from .core.versioned import Ctl, ctl_offset, region_bytes, row_data, slot_bytes, validate_slots
+from .prefetch import Prefetcher, PrefetchStream
+from ..core.remap import RowRemap
+from .replica import Backoff, ShardWriter
+from ..core.spec import TableSpec
+from ..core.split import SplitLookup, split_lookup
+from ..core.versioned import Ctl, ctl_offset, region_bytes, row_data, slot_bytes, validate_slots
 
 __all__ = ["MAX_WINDOW_US", "EmbeddingClient", "ReliabilityMetrics"]
 
@@ -1207,7 +1207,7 @@ class EmbeddingClient:
         cache entries of the rows are dropped at once; other clients' caches
         find the shard's ``GEN`` moved on their next hit and re-read
         (``docs/reliability.md``, "Cache coherence").  Protocol:
-        :mod:`flexemr._replica`.
+        :mod:`flexemr.client.replica`.
 
         Raises, before any network traffic, :class:`UnknownTableError`,
         :class:`ConfigError` (plan not versioned), :class:`LookupIdError` or
@@ -1587,7 +1587,7 @@ class EmbeddingClient:
         ``batches`` (sync or async iterable) yields :class:`JaggedBatch` es, or
         ``(JaggedBatch, per_sample_weights)`` pairs with ``pooled``.  The
         lookups of the next ``depth`` batches run while the consumer holds the
-        current result (FBGEMM-style prefetch on :class:`~flexemr._prefetch.Prefetcher`);
+        current result (FBGEMM-style prefetch on :class:`~flexemr.client.prefetch.Prefetcher`);
         results come in order.  ``pooled=None`` gives :meth:`lookup_jagged`
         rows, else :meth:`lookup_pooled` with that mode.  With a cache, the
         rows the lookahead reads land in the cache.  Use ``async with`` (or
@@ -1801,7 +1801,7 @@ class EmbeddingClient:
         ``MEMBERS`` and raises ``GEN``, while other clients may still reach the fenced
         replica, which misses that update.  So a batch reads, after its lookups began, the
         control words of every replica it can reach; the one with the highest ``GEN`` holds
-        every update acknowledged before (invariant (c) of :mod:`flexemr._replica`), and
+        every update acknowledged before (invariant (c) of :mod:`flexemr.client.replica`), and
         only the replicas in its ``MEMBERS`` hold them too.  Rows read from any other
         replica are read again from one of those; the client stops reading from the
         stale one and resyncs it in the background (:meth:`_refresh_region`).
