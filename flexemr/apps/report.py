@@ -120,7 +120,7 @@ def plot_configurations(path: str | os.PathLike[str], title: str, rows: Sequence
     ys = list(range(len(rows)))[::-1]
     colors = ["#3465a4", "#cc6600", "#4e9a06", "#75507b"]
     panels: list[tuple[str, str, list[list[float]], list[str]]] = [
-        (f"throughput (higher is better)", throughput_label, [col("samples_per_s")], [throughput_label]),
+        ("throughput (higher is better)", throughput_label, [col("samples_per_s")], [throughput_label]),
         ("network bytes per sample (lower is better)", "KiB/sample", [col("bytes_per_sample", 1 / 1024)],
          ["KiB/sample"]),
         ("batch latency (lower is better)", "ms", [col("p50_ms"), col("p99_ms")], ["p50", "p99"]),

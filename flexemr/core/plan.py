@@ -702,9 +702,9 @@ class ShardingPlan:
             return f"tables only here: {sorted(here - there)}, only there: {sorted(there - here)}"
         for name, spec in self._tables.items():
             o = other._tables[name]
-            for field in ("num_rows", "dim", "dtype"):
-                if getattr(spec, field) != getattr(o, field):
-                    return f"table {name!r}: {field} {getattr(spec, field)} vs {getattr(o, field)}"
+            for attr in ("num_rows", "dim", "dtype"):
+                if getattr(spec, attr) != getattr(o, attr):
+                    return f"table {name!r}: {attr} {getattr(spec, attr)} vs {getattr(o, attr)}"
         for name, shards in self._shards.items():
             others = other._shards[name]
             if len(shards) != len(others):
