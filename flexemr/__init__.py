@@ -11,8 +11,9 @@ layers, each importing only the ones above it (``tests/test_layers.py``)::
     core/        pure numpy, no I/O: errors, spec, plan, config (TOML), split,
                  jagged, pooling, poolwire (the pooling RPC's codec), versioned,
                  meta, init, remap, cache (RowCache), metrics
-    client/      the ranker: EmbeddingClient (client.py), the pooling channel
-                 (pooled.py), prefetch, replica (updates, resync)
+    client/      the ranker: EmbeddingClient (client.py, a facade) configured by
+                 ClientOptions (options.py), over peers, batcher, coherence,
+                 cache, pooled, prefetch, replica
     server/      EmbeddingServer (server.py), the pooling service (pooling.py)
     apps/        the command line (cli.py), LocalCluster (cluster.py), demo, rank,
                  dlrm, criteo, trace, workload, report
@@ -26,6 +27,7 @@ global: no logging configuration, no environment edits.
 
 from .apps.cluster import LocalCluster
 from .client.client import EmbeddingClient
+from .client.options import ClientOptions
 from .core.config import ClusterConfig, ServerAddress
 from .core.errors import (
     ClosedError,
@@ -50,6 +52,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "ClientMetrics",
+    "ClientOptions",
     "ClosedError",
     "ClusterConfig",
     "ConfigError",

@@ -43,13 +43,13 @@ import numpy.typing as npt
 import rdmaio.testing
 
 from ..client.client import EmbeddingClient
+from ..core.config import ClusterConfig, ServerAddress
 from ..core.errors import ClosedError, ConfigError, FlexEMRError
 from ..core.init import build_model, check_seed, init_table
-from ..core.config import ClusterConfig, ServerAddress
 from ..core.plan import ShardingPlan
 from ..core.remap import RowRemap
-from ..server.server import EmbeddingServer
 from ..core.spec import TableSpec
+from ..server.server import EmbeddingServer
 
 __all__ = ["LocalCluster"]
 
@@ -152,11 +152,7 @@ class LocalCluster:
         if remap is not None:
             if not isinstance(remap, RowRemap):
                 raise ConfigError(f"remap must be a RowRemap, got {type(remap).__name__}")
-            for t in remap.tables:
-                if t not in self.plan.tables:
-                    raise ConfigError(f"remap table {t!r} is not in the plan")
-                if remap.physical_to_logical(t).size != self.plan.spec(t).num_rows:
-                    raise ConfigError(f"remap of table {t!r} does not cover its {self.plan.spec(t).num_rows} rows")
+            remap.gather_arrays(self.plan)  # ConfigError unless it fits the plan
         self.remap = remap
         self._npy: dict[str, Path] = {}
         self.seed = check_seed(seed)

@@ -47,10 +47,10 @@ from pathlib import Path
 import numpy as np
 import numpy.typing as npt
 
-from .dlrm import CATEGORICAL_FEATURES, CRITEO_KAGGLE_CARDINALITIES, NUM_DENSE, dense_transform
 from ..core.errors import InputError
 from ..core.jagged import JaggedBatch
 from ..core.spec import TableSpec
+from .dlrm import CATEGORICAL_FEATURES, CRITEO_KAGGLE_CARDINALITIES, NUM_DENSE, dense_transform
 from .workload import PROFILE_2022, Profile, generate
 
 __all__ = [

@@ -19,9 +19,10 @@ What it does:
    than a simpler configuration where it is) to ``--out``.
 
 Techniques and how each maps to :class:`~flexemr.EmbeddingClient` (the
-:data:`TECHNIQUES` table).  Support is detected from the client's signature
-and methods, so a build without a technique shows it as "n/a" and a build
-that adds it is picked up without editing this file:
+:data:`TECHNIQUES` table).  Support is detected from the fields of
+:class:`~flexemr.ClientOptions` and the client's methods, so a build without
+a technique shows it as "n/a" and a build that adds it is picked up without
+editing this file:
 
 ============  =======================================  ==========================================
 technique     on                                       off
@@ -42,25 +43,26 @@ by themselves when the demo process dies (they watch their stdin).
 from __future__ import annotations
 
 import argparse
-import inspect
+import dataclasses
 import json
 import os
 import platform
 import sys
 import time
 import typing
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from .cli import blocking_section, check_range, run_interruptible
 from ..client.client import EmbeddingClient
+from ..client.options import ClientOptions
+from ..core.errors import ConfigError, FlexEMRError
+from .cli import blocking_section, check_range, run_interruptible
 from .cluster import LocalCluster
 from .dlrm import DLRM, ReferenceTables, auto_scale, criteo_specs
-from ..core.errors import ConfigError, FlexEMRError
 from .rank import Ranker, format_results
 from .report import cost_notes, plot_configurations, require_matplotlib
 from .trace import generate_trace
@@ -129,9 +131,8 @@ class Support:
     how: str
 
 
-def _switch_value(param: inspect.Parameter, annotation: Any, on: bool, amount: int) -> Any:
-    """The value of keyword ``param`` that switches its technique on/off (by its default's type or ``Literal``)."""
-    default = param.default
+def _switch_value(default: Any, annotation: Any, on: bool, amount: int) -> Any:
+    """The value of an option (its ``default``, its ``annotation``) that switches its technique on/off."""
     if isinstance(default, bool):
         return on
     if isinstance(default, int):
@@ -146,11 +147,16 @@ def _switch_value(param: inspect.Parameter, annotation: Any, on: bool, amount: i
     return amount if on else None
 
 
-def detect_support(client_cls: type[Any] = EmbeddingClient, *, cache_bytes: int = 32 << 20) -> dict[str, Support]:
-    """Which :data:`TECHNIQUES` ``client_cls`` has, and the keywords switching each (see module docstring)."""
-    params = inspect.signature(client_cls).parameters
+def detect_support(options_cls: type[Any] = ClientOptions, client_cls: type[Any] = EmbeddingClient, *,
+                   cache_bytes: int = 32 << 20) -> dict[str, Support]:
+    """Which :data:`TECHNIQUES` a build has, and the options switching each (see module docstring).
+
+    Options are the fields of the dataclass ``options_cls``
+    (:class:`~flexemr.ClientOptions`), methods those of ``client_cls``.
+    """
+    options = {f.name: f for f in dataclasses.fields(options_cls)}
     try:  # resolves string annotations (``from __future__ import annotations``) such as Literal[...] aliases
-        hints = typing.get_type_hints(client_cls.__init__)
+        hints = typing.get_type_hints(options_cls)
     except Exception:  # noqa: BLE001 - unresolvable annotations: fall back to the defaults' types
         hints = {}
     out: dict[str, Support] = {}
@@ -159,12 +165,13 @@ def detect_support(client_cls: type[Any] = EmbeddingClient, *, cache_bytes: int 
             out[t.key] = Support(True, {}, {}, "EmbeddingClient.lookup_jagged vs one rdmaio read per id")
             continue
         amount = cache_bytes if t.key == "cache" else 1
-        opt = params.get(t.option) if t.option else None
+        opt = options.get(t.option) if t.option else None
         has_method = bool(t.method) and callable(getattr(client_cls, t.method or "", None))
         if opt is not None and t.option:
-            ann = hints.get(opt.name, opt.annotation)
-            out[t.key] = Support(True, {t.option: _switch_value(opt, ann, True, amount)},
-                                 {t.option: _switch_value(opt, ann, False, amount)},
+            default = None if opt.default is dataclasses.MISSING else opt.default
+            ann = hints.get(opt.name, opt.type)
+            out[t.key] = Support(True, {t.option: _switch_value(default, ann, True, amount)},
+                                 {t.option: _switch_value(default, ann, False, amount)},
                                  f"EmbeddingClient({t.option}=...)")
         elif has_method:
             out[t.key] = Support(True, {}, {}, f"EmbeddingClient.{t.method}()")
@@ -231,8 +238,13 @@ def _say(msg: str) -> None:
     print(f"flexemr demo: {msg}", flush=True)
 
 
-async def run_demo(args: argparse.Namespace, *, client_cls: type = EmbeddingClient) -> dict[str, Any]:
-    """Run the demo (module docstring); returns the report dict (also written to ``--out``)."""
+async def run_demo(args: argparse.Namespace, *, client_cls: type = EmbeddingClient,
+                   options_cls: type = ClientOptions) -> dict[str, Any]:
+    """Run the demo (module docstring); returns the report dict (also written to ``--out``).
+
+    ``client_cls`` / ``options_cls``: the client and its options dataclass
+    (another build's, in tests); :func:`detect_support` reads which techniques they have.
+    """
     check_range("--servers", args.servers, 1, 64)
     check_range("--batches", args.batches, 1)
     check_range("--batch-size", args.batch_size, 1)
@@ -253,7 +265,7 @@ async def run_demo(args: argparse.Namespace, *, client_cls: type = EmbeddingClie
     configs = [c for c in CONFIGURATIONS if not args.only or c.name in args.only]
     if not configs:
         raise ConfigError(f"--only matches no configuration; names: {[c.name for c in CONFIGURATIONS]}")
-    support = detect_support(client_cls, cache_bytes=int(args.cache_mb * (1 << 20)))
+    support = detect_support(options_cls, client_cls, cache_bytes=int(args.cache_mb * (1 << 20)))
     with blocking_section():
         batches = generate_trace(specs, args.batches + 1, args.batch_size, args.pooling, seed=args.seed)
     ids_per_batch = float(np.mean([len(b.sparse) for b in batches]))

@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import inspect
+import dataclasses
 import json
 import os
 import secrets
@@ -47,15 +47,16 @@ import numpy as np
 import numpy.typing as npt
 import rdmaio
 
-from .cli import blocking_section, check_range, run_interruptible
 from ..client.client import EmbeddingClient
-from .criteo import read_criteo
-from .dlrm import DLRM, ReferenceTables, head_of
+from ..client.options import ClientOptions
+from ..client.prefetch import Prefetcher
+from ..core.config import ClusterConfig
 from ..core.errors import ConfigError, InputError
 from ..core.jagged import JaggedBatch, pool_bags
-from ..core.config import ClusterConfig
-from ..client.prefetch import Prefetcher
 from ..core.spec import TableSpec
+from .cli import blocking_section, check_range, run_interruptible
+from .criteo import read_criteo
+from .dlrm import DLRM, ReferenceTables, head_of
 from .trace import TraceBatch, generate_trace, read_trace
 
 __all__ = ["RankResult", "Ranker", "cache_counts", "configure", "configure_gen", "format_results", "main", "main_gen",
@@ -370,13 +371,12 @@ def format_results(rows: Sequence[Mapping[str, Any]], techniques: Sequence[str] 
 
 
 #: EmbeddingClient keywords that --client-option may not set (the command sets them itself).
-_RESERVED_OPTIONS = frozenset({"config", "transport", "engine"})
+_RESERVED_OPTIONS = frozenset({"transport", "engine"})
 
 
 def client_option_names() -> list[str]:
-    """The keyword arguments of :class:`EmbeddingClient` that ``--client-option`` accepts."""
-    params = inspect.signature(EmbeddingClient).parameters
-    return sorted(n for n, p in params.items() if p.kind is p.KEYWORD_ONLY and n not in _RESERVED_OPTIONS)
+    """The :class:`~flexemr.ClientOptions` fields that ``--client-option`` accepts."""
+    return sorted(f.name for f in dataclasses.fields(ClientOptions) if f.name not in _RESERVED_OPTIONS)
 
 
 def _parse_option(item: str) -> tuple[str, Any]:
@@ -412,7 +412,7 @@ def techniques(client: EmbeddingClient, *, naive: bool = False, prefetch: int = 
     cache = client.cache
     if cache is not None:
         on.append(f"cache {cache.capacity * cache.slot_bytes / (1 << 20):.0f} MiB")
-    if client.server_pooling:
+    if client.options.server_pooling:
         on.append("server pooling")
     if prefetch:
         on.append(f"prefetch {prefetch}")

@@ -43,11 +43,11 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from .criteo import synthetic_dense
-from .dlrm import NUM_DENSE, dense_transform
 from ..core.errors import InputError
 from ..core.jagged import JaggedBatch
 from ..core.spec import TableSpec
+from .criteo import synthetic_dense
+from .dlrm import NUM_DENSE, dense_transform
 from .workload import PROFILE_2022, Profile, generate
 
 __all__ = ["FORMAT", "VERSION", "Trace", "TraceBatch", "TraceFormatError", "generate_trace", "read_trace",

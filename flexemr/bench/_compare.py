@@ -51,11 +51,11 @@ import numpy as np
 import rdmaio
 
 from ..apps.cluster import LocalCluster
+from ..apps.workload import PROFILE_2022, generate, reuse_stats
 from ..core.init import build_model
 from ..core.jagged import JaggedBatch
 from ..core.pooling import pool
 from ..core.spec import TableSpec
-from ..apps.workload import PROFILE_2022, generate, reuse_stats
 from . import _peers
 from ._args import add_config_arguments, config_from_args
 from ._lookup import _naive

@@ -49,13 +49,13 @@ import numpy as np
 import numpy.typing as npt
 import rdmaio
 
-from ..client.client import EmbeddingClient
 from ..apps.cluster import LocalCluster
+from ..apps.workload import PROFILE_2022, generate, reuse_stats
+from ..client.client import EmbeddingClient
 from ..core.jagged import JaggedBatch
 from ..core.pooling import pool
 from ..core.remap import build_remap, profile_accesses
 from ..core.spec import TableSpec
-from ..apps.workload import PROFILE_2022, generate, reuse_stats
 from ._args import add_config_arguments, config_from_args
 from ._lookup import _naive
 

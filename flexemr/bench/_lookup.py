@@ -36,8 +36,8 @@ import numpy as np
 import numpy.typing as npt
 import rdmaio
 
-from ..client.client import EmbeddingClient
 from ..apps.cluster import LocalCluster
+from ..client.client import EmbeddingClient
 from ..core.jagged import JaggedBatch
 from ..core.spec import TableSpec
 from ._args import add_config_arguments, config_from_args

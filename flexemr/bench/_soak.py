@@ -50,8 +50,8 @@ import numpy as np
 import numpy.typing as npt
 import rdmaio
 
-from ..client.client import EmbeddingClient
 from ..apps.cluster import LocalCluster
+from ..client.client import EmbeddingClient
 from ..core.errors import ConfigError, FlexEMRError
 from ..core.spec import TableSpec
 from ._args import add_config_arguments, config_from_args

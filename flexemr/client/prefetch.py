@@ -40,11 +40,16 @@ from collections import deque
 from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Iterable, Iterator
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
-from ..core.errors import ClosedError, ConfigError
+import numpy.typing as npt
 
-__all__ = ["PrefetchStats", "PrefetchStream", "Prefetcher"]
+from ..core.errors import ClosedError, ConfigError, InputError
+from ..core.jagged import JaggedBatch
+from ..core.metrics import LocalityMetrics
+from ..core.pooling import PoolMode
+
+__all__ = ["PrefetchStats", "PrefetchStream", "Prefetcher", "lookahead"]
 
 B = TypeVar("B")
 R = TypeVar("R")
@@ -199,3 +204,36 @@ class Prefetcher(Generic[B, R]):
     def stream(self, batches: AsyncIterable[B] | Iterable[B]) -> PrefetchStream[B, R]:
         """A :class:`PrefetchStream` over ``batches`` (sync or async iterable)."""
         return PrefetchStream(self.fetch, batches, self.depth)
+
+
+Rows = dict[str, npt.NDArray[Any]]
+
+
+def lookahead(
+    batches: Any,
+    depth: int,
+    pooled: PoolMode | None,
+    lookup_jagged: Callable[[JaggedBatch], Awaitable[Rows]],
+    lookup_pooled: Callable[..., Awaitable[Rows]],
+    metrics: LocalityMetrics,
+) -> PrefetchStream[Any, Rows]:
+    """The stream of :meth:`flexemr.EmbeddingClient.prefetch` (the client's lookups passed in).
+
+    ``batches`` yields :class:`~flexemr.JaggedBatch` es, or ``(batch,
+    per_sample_weights)`` pairs with ``pooled``; each is fetched with
+    ``lookup_jagged(batch)`` or ``lookup_pooled(batch, mode=pooled,
+    per_sample_weights=...)`` and counted in ``metrics.prefetched_batches``.
+    """
+    if pooled not in (None, "sum", "mean", "max"):
+        raise InputError(f"pooled must be None, 'sum', 'mean' or 'max', got {pooled!r}")
+
+    async def fetch(item: Any) -> Rows:
+        jb, w = item if isinstance(item, tuple) else (item, None)
+        metrics.prefetched_batches += 1
+        if pooled is None:
+            if w is not None:
+                raise InputError("per_sample_weights need pooled=...")
+            return await lookup_jagged(jb)
+        return await lookup_pooled(jb, mode=pooled, per_sample_weights=w)
+
+    return Prefetcher(fetch, depth).stream(batches)

@@ -47,7 +47,7 @@ Resync protocol (:meth:`ShardWriter.sync`, when a server (re)connects)
 Failure model: fail-stop servers (crash, kill, hang).  Fencing is one
 writer's decision: other clients may still reach a replica it fenced, so
 readers check, per batch, that they read members of the highest-``GEN``
-replica (``EmbeddingClient._check_members``).  A partition that hides every
+replica (:meth:`flexemr.client.coherence.Coherence.check_members`).  A partition that hides every
 in-service replica of a shard from a reader but not a fenced one is not
 handled.  An update is lost only if every in-service replica of its shard dies.
 """
@@ -65,8 +65,9 @@ import numpy as np
 import numpy.typing as npt
 import rdmaio
 
-from ..core.errors import TransportError
-from ..core.plan import Shard, ShardingPlan
+from ..core.errors import ConfigError, FlexEMRError, InputError, TransportError
+from ..core.metrics import ReliabilityMetrics
+from ..core.plan import Shard, ShardingPlan, validate_ids
 from ..core.versioned import (
     CTL_GEN,
     CTL_LOCK,
@@ -78,7 +79,7 @@ from ..core.versioned import (
     versions_of,
 )
 
-__all__ = ["Backoff", "ReplicaDown", "ReplicaHost", "ShardWriter", "row_runs"]
+__all__ = ["Backoff", "ReplicaDown", "ReplicaHost", "ShardWriter", "check_update", "last_wins", "row_runs"]
 
 log = logging.getLogger(__name__)
 
@@ -87,6 +88,37 @@ IntArray = npt.NDArray[np.int64]
 _U1 = np.uint64(1)
 #: Bytes per single read/write of a shard copy.
 _COPY_CHUNK = 32 << 20
+
+
+def check_update(plan: ShardingPlan, table: str, ids: object, rows: object) -> tuple[IntArray, npt.NDArray[Any]]:
+    """The ids and rows of an update of ``table`` (:meth:`flexemr.EmbeddingClient.update`), checked.
+
+    :class:`UnknownTableError`, :class:`ConfigError` (plan not versioned),
+    :class:`LookupIdError` or :class:`InputError` (``rows`` not an ndarray of
+    the table dtype and shape ``[len(ids), dim]``).
+    """
+    spec = plan.spec(table)
+    if not plan.versioned:
+        raise ConfigError(f"table {table!r} is not updatable: the plan is not versioned "
+                          f"(ShardingPlan.row_wise(..., versioned=True) or [sharding] versioned = true)")
+    arr = validate_ids(spec, ids)
+    if not isinstance(rows, np.ndarray):
+        raise InputError(f"table {table!r}: rows must be a numpy array, got {type(rows).__name__}")
+    if rows.dtype != spec.np_dtype:
+        raise InputError(f"table {table!r}: rows must have dtype {spec.np_dtype.name}, got {rows.dtype}")
+    if rows.shape != (arr.size, spec.dim):
+        raise InputError(f"table {table!r}: rows must have shape ({arr.size}, {spec.dim}), got {rows.shape}")
+    return arr, rows
+
+
+def last_wins(ids: IntArray, rows: npt.NDArray[Any]) -> tuple[IntArray, npt.NDArray[Any]]:
+    """Sorted unique ``ids`` and, for each, its row of the last occurrence.
+
+    >>> [a.tolist() for a in last_wins(np.array([5, 2, 5]), np.array([[1], [2], [3]]))]
+    [[2, 5], [[2], [3]]]
+    """
+    uniq, last_rev = np.unique(ids[::-1], return_index=True)
+    return uniq, rows[ids.size - 1 - last_rev]
 
 
 class Backoff:
@@ -335,6 +367,30 @@ class ShardWriter:
                     await self._unlock_all(shard, locked)
                 waited.update(missing)
                 await asyncio.gather(*(self._host.wait_connected(s, self.reconnect_wait) for s in missing))
+
+    async def update_table(self, table: str, rows: IntArray, data: npt.NDArray[Any],
+                           reliability: ReliabilityMetrics) -> None:
+        """:meth:`update` every shard of ``table`` that sorted unique ``rows`` touch, concurrently.
+
+        Raises the first failure (a :class:`TransportError` for anything not a
+        flexemr error); counted in ``reliability`` (``updates``, ``rows_updated``,
+        ``failed_updates``).
+        """
+        shard_of = self._plan.route(table, rows)
+        cuts = np.flatnonzero(np.diff(shard_of)) + 1
+        bounds = zip(np.concatenate(([0], cuts)).tolist(), np.concatenate((cuts, [rows.size])).tolist())
+        shards = self._plan.shards[table]
+        results = await asyncio.gather(
+            *(self.update(shards[int(shard_of[lo])], rows[lo:hi], data[lo:hi]) for lo, hi in bounds),
+            return_exceptions=True)
+        for r in results:
+            if isinstance(r, BaseException):
+                reliability.failed_updates += 1
+                if isinstance(r, (FlexEMRError, asyncio.CancelledError)):
+                    raise r
+                raise TransportError(f"update of table {table!r} failed: {r}") from r
+        reliability.updates += 1
+        reliability.rows_updated += int(rows.size)
 
     async def _write_rows(self, shard: Shard, server: str, rows: IntArray, data: npt.NDArray[Any]) -> None:
         spec = self._plan.spec(shard.table)

@@ -130,6 +130,23 @@ class RowRemap:
         """Logical row of every physical id."""
         return self._map(self._p2l, table, ids)
 
+    def gather_arrays(self, plan: ShardingPlan) -> dict[str, IntArray]:
+        """Per remapped table, the read-only logical -> physical array (``out[t][ids]`` translates ids).
+
+        :class:`~flexemr.core.errors.ConfigError` unless every remapped table is
+        in ``plan`` with as many rows.
+
+        >>> plan = ShardingPlan.row_wise([TableSpec("t", 3, 2)], ["s0"])
+        >>> RowRemap({"t": [2, 0, 1]}).gather_arrays(plan)["t"].tolist()
+        [1, 2, 0]
+        """
+        for t, l2p in self._l2p.items():
+            if t not in plan.tables:
+                raise ConfigError(f"remap table {t!r} is not in the plan")
+            if l2p.size != plan.spec(t).num_rows:
+                raise ConfigError(f"remap of table {t!r} has {l2p.size} rows, the table {plan.spec(t).num_rows}")
+        return dict(self._l2p)
+
     def apply_to_table(self, table: str, array: npt.NDArray[Any]) -> npt.NDArray[Any]:
         """``array`` (``[num_rows, ...]``, logical order) reordered for the servers: physical row ``p`` is logical row ``p2l[p]``."""
         p2l = self._get(self._p2l, table)

@@ -53,14 +53,14 @@ import numpy as np
 import numpy.typing as npt
 import rdmaio
 
+from ..core.config import ClusterConfig, ServerAddress
 from ..core.errors import ClosedError, ConfigError
 from ..core.init import check_seed, init_shard
-from .pooling import PoolService
-from ..core.poolwire import POOL_CHANNEL
 from ..core.meta import ARENA_REGION, META_REGION, ServerMeta, ShardEntry, encode_meta
-from ..core.config import ClusterConfig, ServerAddress
 from ..core.plan import Shard, ShardingPlan
+from ..core.poolwire import POOL_CHANNEL
 from ..core.versioned import CTL_GEN, CTL_LOCK, CTL_MEMBERS, ctl_offset, pack_slots, region_bytes, row_data
+from .pooling import PoolService
 
 __all__ = ["EmbeddingServer"]
 

@@ -59,13 +59,14 @@ async def test_lookup_matches_local_model(cluster: LocalCluster) -> None:
 async def test_ids_are_validated_once_and_reach_the_splitter_sorted_unique(
         cluster: LocalCluster, monkeypatch: pytest.MonkeyPatch) -> None:
     """A lookup validates its ids once; the batch hands the splitter sorted unique ids (its fast path)."""
+    import flexemr.client.batcher
     import flexemr.client.client
     import flexemr.core.split
 
     client = await cluster.client()
     validated: list[str] = []
     splits: list[bool] = []
-    validate, split = flexemr.client.client.validate_ids, flexemr.client.client.split_lookup
+    validate, split = flexemr.client.client.validate_ids, flexemr.client.batcher.split_lookup
 
     def counting_validate(spec: TableSpec, ids: object) -> npt.NDArray[np.int64]:
         validated.append(spec.name)
@@ -79,7 +80,7 @@ async def test_ids_are_validated_once_and_reach_the_splitter_sorted_unique(
         raise AssertionError("the splitter validated ids again")
 
     monkeypatch.setattr(flexemr.client.client, "validate_ids", counting_validate)
-    monkeypatch.setattr(flexemr.client.client, "split_lookup", recording_split)
+    monkeypatch.setattr(flexemr.client.batcher, "split_lookup", recording_split)
     monkeypatch.setattr(flexemr.core.split, "validate_ids", boom)
     model = cluster.model()
     ids = np.array([4999, 1, 1, 77, 3000, 1])

@@ -16,17 +16,17 @@ async def test_lookup_pooled_validates_before_opening_pool_channels() -> None:
         bad_id = JaggedBatch(["t"], np.array([1, 100]), lengths=np.array([2]))
         with pytest.raises(LookupIdError):
             await client.lookup_pooled(bad_id, "sum")
-        assert client._pool_channels == {}
+        assert client._pooler.channels == {}
         unknown = JaggedBatch(["nope"], np.array([1]), lengths=np.array([1]))
         with pytest.raises(UnknownTableError):
             await client.lookup_pooled(unknown, "sum")
-        assert client._pool_channels == {}
+        assert client._pooler.channels == {}
         assert client.metrics.lookups == 0
         # a valid pooled lookup still opens them and works
         ok = JaggedBatch(["t"], np.array([1, 2, 60, 61]), lengths=np.array([4]))
         got = (await client.lookup_pooled(ok, "sum"))["t"]
         np.testing.assert_allclose(got[0], cluster.model()["t"][[1, 2, 60, 61]].sum(axis=0), rtol=1e-5)
-        assert set(client._pool_channels) == set(cluster.plan.servers)
+        assert set(client._pooler.channels) == set(cluster.plan.servers)
 
 
 async def test_aclose_fails_pooled_lookups_with_closed_error_not_cancelled() -> None:

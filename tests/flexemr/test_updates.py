@@ -351,8 +351,8 @@ async def test_a_replica_fenced_by_another_writer_is_never_read(cached: bool) ->
         async def unreachable(server: str, timeout: float) -> None:
             raise TransportError(f"{server} is unreachable from this client")
 
-        writer._open_peer = unreachable                 # type: ignore[method-assign]
-        writer._writer.reconnect_wait = 0.1
+        writer._peers._open_peer = unreachable          # type: ignore[method-assign]
+        writer._peers.writer.reconnect_wait = 0.1
         writer.peer_failed(fenced, TransportError("simulated timeout"))
         new = np.full((ids.size, 8), 7.0, dtype=np.float32)
         await writer.update("emb", ids, new)            # acknowledged by the other replica alone
