@@ -13,7 +13,7 @@ layers, each importing only the ones above it (``tests/test_layers.py``)::
                  meta, init, remap, cache (RowCache), metrics
     client/      the ranker: EmbeddingClient (client.py, a facade) configured by
                  ClientOptions (options.py), over peers, batcher, coherence,
-                 cache, pooled, prefetch, replica
+                 cache, pooled, prefetch, replica; leak (unclosed clients)
     server/      EmbeddingServer (server.py), the pooling service (pooling.py)
     apps/        the command line (cli.py), LocalCluster (cluster.py), demo, rank,
                  dlrm, criteo, trace, workload, report

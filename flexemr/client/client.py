@@ -9,7 +9,8 @@ translates logical ids to physical ones (``remap``) and hands the work to its co
     prefetch.py   Prefetcher: lookahead of the next batches
     replica.py    ShardWriter: the update and resync protocols
 
-configured by one :class:`~flexemr.client.options.ClientOptions`.
+configured by one :class:`~flexemr.client.options.ClientOptions`; a client
+never closed is caught by :mod:`flexemr.client.leak`.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import asyncio
 import logging
 import os
 import time
+import weakref
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -36,6 +38,7 @@ from ..core.pooling import PoolMode
 from .batcher import Batcher, Request
 from .cache import ClientCache
 from .coherence import Coherence
+from .leak import creation_site, leaked
 from .options import ClientOptions
 from .peers import Peers
 from .pooled import Pooler, split_weights
@@ -72,6 +75,8 @@ class EmbeddingClient:
 
     A lookup whose server breaks fails over to another replica of the shard
     or, with none left, raises :class:`TransportError` (``docs/reliability.md``).
+    Close a client (``async with``, :meth:`aclose`): one garbage collected
+    unclosed warns with :class:`ResourceWarning` (:mod:`flexemr.client.leak`).
     """
 
     def __init__(self, config: ClusterConfig, options: ClientOptions | None = None, **overrides: Any) -> None:
@@ -90,6 +95,8 @@ class EmbeddingClient:
                                 self._coherence, self._cache)
         self._pooler = Pooler(self.plan, options, self.metrics, self._peers, self._batcher, self._coherence,
                               self._cache)
+        self._where = creation_site()
+        self._finalizer: weakref.finalize | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._connected = False
         self._closed = False
@@ -135,6 +142,7 @@ class EmbeddingClient:
             await self._teardown()
             raise
         self._connected = True
+        self._finalizer = weakref.finalize(self, leaked, self._where, peers, self._batcher)
         log.info("client connected to %d servers (%s)", len(peers.peers) - len(down), peers.engine.transport)
         peers.reconnect_in_background(down)
         return self
@@ -379,6 +387,8 @@ class EmbeddingClient:
         if self._closed:
             return
         self._closed = self._peers.closed = True
+        if self._finalizer is not None:
+            self._finalizer.detach()
         await self._teardown()
 
     async def __aenter__(self) -> EmbeddingClient:

@@ -470,3 +470,13 @@ class Peers:
                         await p.ep.aclose()
         for p in self.peers.values():
             p.ep = None
+
+    def abort(self) -> None:
+        """Synchronous :meth:`aclose` (an owned engine, or this client's endpoints, closed at once)."""
+        self.closed = True
+        if self._engine is not None and self._own_engine:
+            self._engine.abort()
+        for p in self.peers.values():
+            if p.ep is not None:
+                p.ep.abort()
+            p.ep = None
