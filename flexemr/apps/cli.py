@@ -1,4 +1,4 @@
-"""The ``flexemr`` command line: the applications' command table and what every command shares.
+"""The ``flexemr`` command line: the applications' command table, :func:`main` and ``flexemr serve``.
 
 Commands live in :data:`COMMANDS`, a table of :class:`Command` entries (name ->
 argument set-up + runner); adding one is one entry::
@@ -7,10 +7,8 @@ argument set-up + runner); adding one is one entry::
 
 ``flexemr/__main__.py`` (the ``flexemr`` script, ``python -m flexemr``) runs
 :func:`main` on this table plus the benchmarks' commands (``bench``, ``soak``:
-:data:`flexemr.bench.__main__.CLI_COMMANDS`).  Shared by every command:
-one-line usage errors (:class:`ArgumentParser`), option checks
-(:func:`check_range`), SIGINT/SIGTERM handling (:func:`run_interruptible`,
-:func:`blocking_section`) and one-line error messages (:func:`main`).
+:data:`flexemr.bench.__main__.CLI_COMMANDS`).  :func:`main` turns every error
+into one line; what the commands share otherwise is in :mod:`flexemr.apps.cli_support`.
 
 ``serve``
     ``flexemr serve --config cluster.toml --server s0 [--seed 0] [--npy TABLE=PATH ...]``
@@ -29,8 +27,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
-import errno
 import json
 import logging
 import os
@@ -38,129 +34,19 @@ import signal
 import sys
 import threading
 import traceback
-from collections.abc import Callable, Coroutine, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, NoReturn, TypeVar
 
 import rdmaio
 
 from ..core.config import ClusterConfig
-from ..core.errors import ConfigError, FlexEMRError
+from ..core.errors import FlexEMRError
 from ..server.server import EmbeddingServer
+from .cli_support import ArgumentParser, Interrupted, check_range, describe_os_error
 
-__all__ = ["COMMANDS", "ArgumentParser", "Command", "Interrupted", "blocking_section", "build_parser", "check_range",
-           "describe_os_error", "main", "run_interruptible"]
+__all__ = ["COMMANDS", "Command", "build_parser", "main"]
 
-T = TypeVar("T")
 log = logging.getLogger("flexemr")
-
-
-
-class ArgumentParser(argparse.ArgumentParser):
-    """``argparse.ArgumentParser`` whose usage errors are one line (and exit code 2).
-
-    >>> ArgumentParser(prog="flexemr x").format_usage().startswith("usage: flexemr x")
-    True
-    """
-
-    def error(self, message: str) -> NoReturn:
-        print(f"{self.prog}: error: {message} (see {self.prog} --help)", file=sys.stderr)
-        sys.exit(2)
-
-
-def check_range(option: str, value: float | None, lo: float | None = None, hi: float | None = None, *,
-                above: float | None = None) -> None:
-    """:class:`ConfigError` unless ``lo <= value <= hi`` (and ``value > above``); ``None`` passes.
-
-    >>> check_range("--batch-size", 0, 1)
-    Traceback (most recent call last):
-        ...
-    flexemr.core.errors.ConfigError: --batch-size must be >= 1, got 0
-    """
-    if value is None:
-        return
-    if above is not None and not value > above:
-        raise ConfigError(f"{option} must be > {above:g}, got {value:g}")
-    if lo is not None and value < lo:
-        raise ConfigError(f"{option} must be >= {lo:g}, got {value:g}")
-    if hi is not None and value > hi:
-        raise ConfigError(f"{option} must be <= {hi:g}, got {value:g}")
-
-
-class Interrupted(Exception):
-    """SIGINT or SIGTERM stopped a command (:func:`run_interruptible`); ``signum`` says which."""
-
-    def __init__(self, signum: int) -> None:
-        super().__init__(signal.Signals(signum).name)
-        self.signum = signum
-
-
-def run_interruptible(make: Callable[[], Coroutine[Any, Any, T]]) -> T:
-    """Run ``make()`` on rdmaio's event loop; SIGINT/SIGTERM cancel it and raise :class:`Interrupted`.
-
-    Cancelling (instead of dying at once) lets every ``async with`` of the
-    command unwind: a :class:`~flexemr.LocalCluster` stops its servers and
-    removes its temporary directory, clients close their connections.  A
-    second signal while that happens is ignored.
-    """
-
-    async def guarded() -> T:
-        loop = asyncio.get_running_loop()
-        task = asyncio.current_task()
-        assert task is not None
-        got: list[int] = []
-
-        def on_signal(signum: int) -> None:
-            if not got:
-                got.append(signum)
-                task.cancel()
-
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, on_signal, sig)
-        try:
-            return await make()
-        except asyncio.CancelledError:
-            if got:
-                raise Interrupted(got[0]) from None
-            raise
-        finally:
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                loop.remove_signal_handler(sig)
-
-    return rdmaio.run(guarded())
-
-
-@contextlib.contextmanager
-def blocking_section() -> Iterator[None]:
-    """Long synchronous work inside :func:`run_interruptible` (generating or reading requests, building
-    tables): a signal raises :class:`Interrupted` at once, since the event loop, blocked here, could
-    not run its handler until the work ends.  Hold no resource that needs an ``await`` to release."""
-
-    def raise_now(signum: int, frame: object) -> None:
-        raise Interrupted(signum)
-
-    previous: dict[int, Any] = {}
-    try:
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            previous[sig] = signal.signal(sig, raise_now)
-    except ValueError:  # not the main thread: nothing to catch here
-        pass
-    try:
-        yield
-    finally:
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
-
-
-def describe_os_error(exc: OSError) -> str:
-    """One line for an ``OSError``: what failed and on which file."""
-    what = exc.strerror or str(exc)
-    if exc.filename is not None:
-        hint = ""
-        if exc.errno == errno.ENOENT:
-            hint = " (does the directory exist?)" if os.path.dirname(os.fspath(exc.filename)) else ""
-        return f"{what}: {os.fspath(exc.filename)}{hint}"
-    return what
 
 
 # ----------------------------------------------------------------- commands

@@ -60,7 +60,7 @@ import numpy as np
 from ..client.client import EmbeddingClient
 from ..client.options import ClientOptions
 from ..core.errors import ConfigError, FlexEMRError
-from .cli import blocking_section, check_range, run_interruptible
+from .cli_support import blocking_section, check_range, run_interruptible
 from .cluster import LocalCluster
 from .dlrm import DLRM, ReferenceTables, auto_scale, criteo_specs
 from .rank import Ranker, format_results

@@ -54,7 +54,7 @@ from ..core.config import ClusterConfig
 from ..core.errors import ConfigError, InputError
 from ..core.jagged import JaggedBatch, pool_bags
 from ..core.spec import TableSpec
-from .cli import blocking_section, check_range, run_interruptible
+from .cli_support import blocking_section, check_range, run_interruptible
 from .criteo import read_criteo
 from .dlrm import DLRM, ReferenceTables, head_of
 from .trace import TraceBatch, generate_trace, read_trace

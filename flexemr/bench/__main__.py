@@ -16,8 +16,9 @@ import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from ..apps.cli import ArgumentParser, Command
+from ..apps.cli import Command
 from ..apps.cli import main as flexemr_main
+from ..apps.cli_support import ArgumentParser
 from . import _compare, _locality, _lookup, _soak
 
 __all__ = ["CLI_COMMANDS", "COMMANDS", "BenchCommand", "main"]

@@ -24,7 +24,7 @@ from collections.abc import Mapping
 from dataclasses import fields
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from ..apps.cli import check_range
+from ..apps.cli_support import check_range
 
 if TYPE_CHECKING:
     from _typeshed import DataclassInstance
