@@ -21,7 +21,7 @@ import numpy.typing as npt
 import rdmaio
 
 import flexemr
-from flexemr._pooling import pool
+from flexemr.core.pooling import pool
 
 
 class Mismatch(Exception):

@@ -1,32 +1,35 @@
 """FlexEMR — disaggregated embedding serving on top of :mod:`rdmaio`.
 
 Embedding tables live on embedding servers; rankers fetch rows with one-sided
-RDMA reads.  Layout: the public names below are re-exported from private
-modules, one responsibility each::
+RDMA reads.
 
-    _errors.py    exception hierarchy (root: FlexEMRError; builtin bases too)
-    _spec.py      TableSpec: name, shape and dtype of a table
-    _plan.py      Shard, ShardingPlan (range routing), ServerAddress, ClusterConfig (TOML)
-    _split.py     split_lookup: ids -> deduplicated, coalesced per-shard reads (pure numpy)
-    _jagged.py    JaggedBatch (KeyedJaggedTensor layout), pool_bags
-    _init.py      deterministic table values: a pure function of (seed, table, rows)
-    _meta.py      the "flexemr/meta" region: a length-prefixed msgpack shard map
-    _metrics.py   ClientMetrics: counters and log2 latency histograms
-    _server.py    EmbeddingServer: registers shards, publishes metadata, serves reads
-    _client.py    EmbeddingClient: lookups, request coalescing, in-flight dedup,
-                  pooled lookups, ranker cache, prefetch, remap (docs/locality.md)
-    _locality.py  hierarchical pooling over the "flexemr/pool" channel, LocalityMetrics
-    _cluster.py   LocalCluster: N servers on loopback (own processes) + clients
-    __main__.py   the command line (``flexemr serve ...``)
-    bench/        ``python -m flexemr.bench lookup`` / ``locality``
+The public API is exactly the names re-exported below (``__all__``); every
+other module is internal, whatever its name (modules inside the layer
+folders carry no leading underscore: the folder says what they are).  The
+layers, each importing only the ones above it (``tests/test_layers.py``)::
+
+    core/        pure numpy, no I/O: errors, spec, plan, config (TOML), split,
+                 jagged, pooling, poolwire (the pooling RPC's codec), versioned,
+                 meta, init, remap, cache (RowCache), metrics
+    client/      the ranker: EmbeddingClient (client.py, a facade) configured by
+                 ClientOptions (options.py), over peers, batcher, coherence,
+                 cache, pooled, prefetch, replica; leak (unclosed clients)
+    server/      EmbeddingServer (server.py), the pooling service (pooling.py)
+    apps/        the command line (cli.py), LocalCluster (cluster.py), demo, rank,
+                 dlrm, criteo, trace, workload, report
+    bench/       ``python -m flexemr.bench ...`` (may use apps)
+    testing.py   test oracles (core only)
+    __main__.py  the ``flexemr`` command: the apps' commands plus bench's
 
 flexemr imports only rdmaio's public names.  Importing flexemr changes nothing
 global: no logging configuration, no environment edits.
 """
 
-from ._client import EmbeddingClient
-from ._cluster import LocalCluster
-from ._errors import (
+from .apps.cluster import LocalCluster
+from .client.client import EmbeddingClient
+from .client.options import ClientOptions
+from .core.config import ClusterConfig, ServerAddress
+from .core.errors import (
     ClosedError,
     ConfigError,
     FlexEMRError,
@@ -36,20 +39,20 @@ from ._errors import (
     TransportError,
     UnknownTableError,
 )
-from ._init import build_model
-from ._jagged import JaggedBatch, pool_bags
-from ._locality import LocalityMetrics
-from ._metrics import ClientMetrics, LatencyHistogram
-from ._plan import ClusterConfig, ServerAddress, Shard, ShardingPlan
-from ._remap import RowRemap
-from ._server import EmbeddingServer
-from ._spec import TableSpec
-from ._split import SplitLookup, SubRequest, split_lookup
+from .core.init import build_model
+from .core.jagged import JaggedBatch, pool_bags
+from .core.metrics import ClientMetrics, LatencyHistogram, LocalityMetrics
+from .core.plan import Shard, ShardingPlan
+from .core.remap import RowRemap
+from .core.spec import TableSpec
+from .core.split import SplitLookup, SubRequest, split_lookup
+from .server.server import EmbeddingServer
 
 __version__ = "0.1.0"
 
 __all__ = [
     "ClientMetrics",
+    "ClientOptions",
     "ClosedError",
     "ClusterConfig",
     "ConfigError",

@@ -1,269 +1,33 @@
-"""``flexemr`` command line: ``python -m flexemr <command> ...`` (or the ``flexemr`` script).
+"""``flexemr`` command line (the ``flexemr`` script, ``python -m flexemr``): the entry point.
 
-Commands live in :data:`COMMANDS`, a table of :class:`Command` entries (name ->
-argument set-up + runner); adding one is one entry::
-
-    COMMANDS["demo"] = Command("run the demo", _demo_args, _demo_main)
-
-``serve``
-    ``flexemr serve --config cluster.toml --server s0 [--seed 0] [--npy TABLE=PATH ...]``
-    runs one embedding server until SIGINT/SIGTERM (exit code 0).  When the
-    server listens it prints one line to stdout::
-
-        flexemr: server s0 ready on 127.0.0.1:7000 (2 shards, 1.0 MiB, tcp)
-
-    or, with ``--ready-json``, one JSON object
-    ``{"event": "ready", "server": "s0", "host": ..., "port": ..., "pid": ...}``.
-    ``--exit-on-stdin-eof`` also stops it when its standard input closes (how
-    :class:`flexemr.LocalCluster` makes sure no server outlives its parent).
+The commands are the applications' (:data:`flexemr.apps.cli.COMMANDS`: serve,
+demo, rank, gen) and the benchmarks' (:data:`flexemr.bench.__main__.CLI_COMMANDS`:
+bench, soak); parsing, signals and error lines are :mod:`flexemr.apps.cli`'s.
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
-import json
-import logging
-import os
-import signal
 import sys
-import threading
-import traceback
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Sequence
 
-import rdmaio
+from .apps import cli
+from .bench.__main__ import CLI_COMMANDS
 
-from ._cli import ArgumentParser, Interrupted, check_range, describe_os_error
-from ._errors import FlexEMRError
-from ._plan import ClusterConfig
-from ._server import EmbeddingServer
+__all__ = ["COMMANDS", "build_parser", "main"]
 
-__all__ = ["COMMANDS", "Command", "main"]
-
-log = logging.getLogger("flexemr")
-
-
-@dataclass(frozen=True)
-class Command:
-    """One subcommand: help text, argument set-up and the function that runs it (returns the exit code)."""
-
-    help: str
-    configure: Callable[[argparse.ArgumentParser], None]
-    run: Callable[[argparse.Namespace], int]
-
-
-# ------------------------------------------------------------------- serve
-
-
-def _serve_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", required=True, help="cluster TOML file")
-    p.add_argument("--server", required=True, help="this server's name in the cluster file")
-    p.add_argument("--host", help="listen on this host instead of the cluster file's")
-    p.add_argument("--port", type=int, help="listen on this port instead of the cluster file's (0: any)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the random table initialisation (default 0)")
-    p.add_argument("--npy", action="append", default=[], metavar="TABLE=PATH",
-                   help="serve TABLE from a .npy file (memory-mapped); repeatable")
-    p.add_argument("--transport", default="auto", choices=["auto", "tcp", "verbs"], help="rdmaio transport")
-    p.add_argument("--workers", type=int, default=2, help="rdmaio progress workers (default 2)")
-    p.add_argument("--ready-json", action="store_true", help="announce readiness as one JSON line on stdout")
-    p.add_argument("--exit-on-stdin-eof", action="store_true", help="shut down when stdin is closed")
-
-
-def _parse_npy(items: Sequence[str]) -> dict[str, str]:
-    out: dict[str, str] = {}
-    for item in items:
-        table, sep, path = item.partition("=")
-        if not sep or not table or not path:
-            raise FlexEMRError(f"--npy expects TABLE=PATH, got {item!r}")
-        out[table] = path
-    return out
-
-
-def _watch_stdin(loop: asyncio.AbstractEventLoop, stop: asyncio.Event) -> None:
-    def run() -> None:
-        try:
-            while os.read(0, 65536):  # raw fd: no buffered-IO lock held at interpreter exit
-                pass
-        except (OSError, ValueError):
-            pass
-        loop.call_soon_threadsafe(stop.set)
-
-    threading.Thread(target=run, name="flexemr-stdin-watch", daemon=True).start()
-
-
-async def _serve(args: argparse.Namespace) -> int:
-    check_range("--workers", args.workers, 1, 64)
-    if args.port is not None:
-        check_range("--port", args.port, 0, 65535)
-    config = ClusterConfig.from_toml(args.config)
-    server = EmbeddingServer(config, args.server, host=args.host, port=args.port, seed=args.seed,
-                             npy=_parse_npy(args.npy), transport=args.transport,
-                             engine_options={"workers": args.workers})
-    loop = asyncio.get_running_loop()
-    stop = asyncio.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
-    if args.exit_on_stdin_eof:
-        _watch_stdin(loop, stop)
-    try:
-        async with server:
-            addr = server.address
-            if args.ready_json:
-                line = json.dumps({"event": "ready", "server": server.name, "host": addr.host, "port": addr.port,
-                                   "pid": os.getpid(), "transport": server.engine.transport})
-            else:
-                line = (f"flexemr: server {server.name} ready on {addr} ({len(server.shards)} shards, "
-                        f"{server.arena_bytes / (1 << 20):.1f} MiB, {server.engine.transport})")
-            print(line, flush=True)
-            await stop.wait()
-            log.info("server %s shutting down", server.name)
-    finally:
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.remove_signal_handler(sig)
-    return 0
-
-
-def _serve_main(args: argparse.Namespace) -> int:
-    return rdmaio.run(_serve(args))
-
-
-# ------------------------------------------------ demo / rank / gen (modules imported when the parser is built)
-
-
-def _demo_args(p: argparse.ArgumentParser) -> None:
-    from ._demo import configure
-
-    configure(p)
-
-
-def _demo_main(args: argparse.Namespace) -> int:
-    from ._demo import main as demo
-
-    return demo(args)
-
-
-def _rank_args(p: argparse.ArgumentParser) -> None:
-    from ._rank import configure
-
-    configure(p)
-
-
-def _rank_main(args: argparse.Namespace) -> int:
-    from ._rank import main as rank
-
-    return rank(args)
-
-
-def _gen_args(p: argparse.ArgumentParser) -> None:
-    from ._rank import configure_gen
-
-    configure_gen(p)
-
-
-def _gen_main(args: argparse.Namespace) -> int:
-    from ._rank import main_gen
-
-    return main_gen(args)
-
-
-def _bench_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("argv", nargs=argparse.REMAINDER, help="python -m flexemr.bench arguments (default: compare)")
-    p.prefix_chars = "\0"  # hand every argument, options and -h included, to flexemr.bench's own parser
-
-
-def _bench_main(args: argparse.Namespace) -> int:
-    from .bench.__main__ import main as bench
-
-    argv = list(args.argv)
-    if not argv or (argv[0].startswith("-") and argv[0] not in ("-h", "--help")):
-        argv.insert(0, "compare")  # `flexemr bench --json` is `flexemr bench compare --json`
-    return bench(argv, prog="flexemr bench")
-
-
-def _soak_args(p: argparse.ArgumentParser) -> None:
-    from .bench._soak import configure
-
-    configure(p)
-
-
-def _soak_main(args: argparse.Namespace) -> int:
-    from .bench._soak import main as soak
-
-    return soak(args)
-
-
-# -------------------------------------------------------------------- table
-
-#: Subcommands: name -> :class:`Command`.
-COMMANDS: dict[str, Command] = {
-    "serve": Command("run one embedding server of a cluster file", _serve_args, _serve_main),
-    "demo": Command("serve a DLRM end to end on local embedding servers (no configuration)", _demo_args, _demo_main),
-    "rank": Command("rank requests with a DLRM against running `flexemr serve` servers", _rank_args, _rank_main),
-    "gen": Command("write a Criteo-shaped cluster file, a synthetic Criteo TSV or a lookup trace", _gen_args,
-                   _gen_main),
-    "bench": Command("benchmarks (python -m flexemr.bench); default: compare, side by side with peers",
-                     _bench_args, _bench_main),
-    "soak": Command("reliability soak: lookups and updates while servers are killed (= flexemr bench soak)",
-                    _soak_args, _soak_main),
-}
+#: Every subcommand of ``flexemr``: name -> :class:`flexemr.apps.cli.Command`.
+COMMANDS: dict[str, cli.Command] = {**cli.COMMANDS, **CLI_COMMANDS}
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The argument parser with one sub-parser per entry of :data:`COMMANDS`."""
-    parser = ArgumentParser(prog="flexemr", description="FlexEMR disaggregated embedding serving")
-    parser.add_argument("-v", "--verbose", action="count", default=0,
-                        help="more logging, and tracebacks with errors (repeatable; also after the command)")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for name, cmd in COMMANDS.items():
-        p = sub.add_parser(name, help=cmd.help, description=cmd.help)
-        cmd.configure(p)
-        if name != "bench":  # bench hands every argument to its own parser
-            p.add_argument("-v", "--verbose", dest="verbose_after", action="count", default=0,
-                           help="more logging, and tracebacks with errors (repeatable)")
-    return parser
+    """The ``flexemr`` argument parser (one sub-parser per entry of :data:`COMMANDS`)."""
+    return cli.build_parser(COMMANDS)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the command line; returns the exit code.
-
-    2 for usage errors (argparse), 1 for every other error -- one line on
-    stderr, ``flexemr <command>: error: ...``, with a traceback only with
-    ``-v`` -- and 128 + the signal number when SIGINT (130) or SIGTERM (143)
-    stopped the command.
-    """
-    parser = build_parser()
-    args, extra = parser.parse_known_args(argv)
-    if extra:  # said by the command's own parser: "flexemr serve: error: unrecognized arguments: ..."
-        sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
-        sub.choices[args.command].error(f"unrecognized arguments: {' '.join(extra)}")
-    verbose = args.verbose + getattr(args, "verbose_after", 0)
-    level = logging.WARNING - 10 * min(verbose, 2)
-    logging.basicConfig(level=level, stream=sys.stderr, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    name = args.command
-
-    def fail(message: str) -> int:
-        if verbose:
-            traceback.print_exc()
-        print(f"flexemr {name}: error: {message}", file=sys.stderr)
-        return 1
-
-    try:
-        return COMMANDS[name].run(args)
-    except Interrupted as exc:
-        print(f"flexemr {name}: stopped by {exc}; what it started was shut down", file=sys.stderr)
-        return 128 + exc.signum
-    except KeyboardInterrupt:
-        print(f"flexemr {name}: interrupted", file=sys.stderr)
-        return 130
-    except (FlexEMRError, rdmaio.RdmaioError) as exc:
-        return fail(str(exc))
-    except OSError as exc:
-        return fail(describe_os_error(exc))
-    except MemoryError as exc:
-        return fail(f"out of memory ({exc or 'allocation failed'}): make the tables or batches smaller")
-    except Exception as exc:  # noqa: BLE001 - a bug: still one line, the traceback with -v
-        return fail(f"unexpected {type(exc).__name__}: {exc} (a bug; run with -v for the traceback and report it)")
+    """Run ``flexemr`` with ``argv`` (default ``sys.argv[1:]``); returns the exit code (:func:`flexemr.apps.cli.main`)."""
+    return cli.main(argv, COMMANDS)
 
 
 if __name__ == "__main__":

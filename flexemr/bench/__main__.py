@@ -4,6 +4,9 @@ Subcommands are a table (:data:`COMMANDS`): name -> :class:`BenchCommand`
 (help text, argument set-up, runner returning the exit code).  Add one with::
 
     COMMANDS["locality"] = BenchCommand("...", _locality.configure, _locality.main)
+
+:data:`CLI_COMMANDS` are the benchmarks' entries of the ``flexemr`` command
+line (``flexemr bench ...``, ``flexemr soak ...``; ``flexemr/__main__.py``).
 """
 
 from __future__ import annotations
@@ -13,10 +16,12 @@ import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from .._cli import ArgumentParser
+from ..apps.cli import Command
+from ..apps.cli import main as flexemr_main
+from ..apps.cli_support import ArgumentParser
 from . import _compare, _locality, _lookup, _soak
 
-__all__ = ["COMMANDS", "BenchCommand", "main"]
+__all__ = ["CLI_COMMANDS", "COMMANDS", "BenchCommand", "main"]
 
 
 @dataclass(frozen=True)
@@ -47,10 +52,33 @@ def main(argv: Sequence[str] | None = None, *, prog: str = "python -m flexemr.be
     return COMMANDS[args.command].run(args)
 
 
-def _cli() -> int:
-    from ..__main__ import main as flexemr
+# ------------------------------------------------ entries of the flexemr command line
 
-    return flexemr(["bench", *sys.argv[1:]])
+
+def _bench_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("argv", nargs=argparse.REMAINDER, help="python -m flexemr.bench arguments (default: compare)")
+    p.prefix_chars = "\0"  # hand every argument, options and -h included, to flexemr.bench's own parser
+
+
+def _bench_main(args: argparse.Namespace) -> int:
+    argv = list(args.argv)
+    if not argv or (argv[0].startswith("-") and argv[0] not in ("-h", "--help")):
+        argv.insert(0, "compare")  # `flexemr bench --json` is `flexemr bench compare --json`
+    return main(argv, prog="flexemr bench")
+
+
+#: ``flexemr bench`` and ``flexemr soak``: name -> :class:`flexemr.apps.cli.Command`.
+CLI_COMMANDS: dict[str, Command] = {
+    "bench": Command("benchmarks (python -m flexemr.bench); default: compare, side by side with peers",
+                     _bench_args, _bench_main),
+    "soak": Command("reliability soak: lookups and updates while servers are killed (= flexemr bench soak)",
+                    _soak.configure, _soak.main),
+}
+
+
+def _cli() -> int:
+    """``python -m flexemr.bench ...``: ``flexemr bench ...`` (the same parsing and one-line errors)."""
+    return flexemr_main(["bench", *sys.argv[1:]], CLI_COMMANDS)
 
 
 if __name__ == "__main__":

@@ -14,7 +14,7 @@ Cfg(rows=7, naive_ids=5, redis=False)
 >>> config_from_args(Cfg, p.parse_args(["--rows", "0"]))
 Traceback (most recent call last):
     ...
-flexemr._errors.ConfigError: --rows must be >= 1, got 0
+flexemr.core.errors.ConfigError: --rows must be >= 1, got 0
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from collections.abc import Mapping
 from dataclasses import fields
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from .._cli import check_range
+from ..apps.cli_support import check_range
 
 if TYPE_CHECKING:
     from _typeshed import DataclassInstance

@@ -1,7 +1,7 @@
 """``python -m flexemr.bench compare [--json]`` (also plain ``flexemr bench``): one workload, side by side.
 
-Workload: :func:`flexemr._workload.generate` with
-:data:`~flexemr._workload.PROFILE_2022` (reuse calibrated to Meta's 2022
+Workload: :func:`flexemr.apps.workload.generate` with
+:data:`~flexemr.apps.workload.PROFILE_2022` (reuse calibrated to Meta's 2022
 ``dlrm_datasets`` traces): ``--tables`` (8) float32 tables of ``--rows``
 (500,000) rows x ``--dim`` (64); batches of ``--batch`` (2048) samples with
 Poisson bags of mean ``--pooling`` (32) ids per table; ``sum`` pooling.
@@ -50,12 +50,12 @@ from typing import Any
 import numpy as np
 import rdmaio
 
-from .._cluster import LocalCluster
-from .._init import build_model
-from .._jagged import JaggedBatch
-from .._pooling import pool
-from .._spec import TableSpec
-from .._workload import PROFILE_2022, generate, reuse_stats
+from ..apps.cluster import LocalCluster
+from ..apps.workload import PROFILE_2022, generate, reuse_stats
+from ..core.init import build_model
+from ..core.jagged import JaggedBatch
+from ..core.pooling import pool
+from ..core.spec import TableSpec
 from . import _peers
 from ._args import add_config_arguments, config_from_args
 from ._lookup import _naive

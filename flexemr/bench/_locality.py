@@ -1,6 +1,6 @@
 """``python -m flexemr.bench locality [--json]``: bytes and samples/s of the locality techniques.
 
-Workload: :func:`flexemr._workload.generate` with :data:`~flexemr._workload.PROFILE_2022`
+Workload: :func:`flexemr.apps.workload.generate` with :data:`~flexemr.apps.workload.PROFILE_2022`
 (reuse calibrated to Meta's 2022 ``dlrm_datasets`` traces) — ``--tables`` (8)
 float32 tables of ``--rows`` (1,000,000) rows x ``--dim`` (64), batches of
 ``--batch`` (2048) samples with Poisson bags of mean ``--pooling`` (32) ids
@@ -49,13 +49,13 @@ import numpy as np
 import numpy.typing as npt
 import rdmaio
 
-from .._client import EmbeddingClient
-from .._cluster import LocalCluster
-from .._jagged import JaggedBatch
-from .._pooling import pool
-from .._remap import build_remap, profile_accesses
-from .._spec import TableSpec
-from .._workload import PROFILE_2022, generate, reuse_stats
+from ..apps.cluster import LocalCluster
+from ..apps.workload import PROFILE_2022, generate, reuse_stats
+from ..client.client import EmbeddingClient
+from ..core.jagged import JaggedBatch
+from ..core.pooling import pool
+from ..core.remap import build_remap, profile_accesses
+from ..core.spec import TableSpec
 from ._args import add_config_arguments, config_from_args
 from ._lookup import _naive
 

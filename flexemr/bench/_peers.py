@@ -1,7 +1,7 @@
 """Peer systems that ``python -m flexemr.bench compare`` measures next to flexemr.
 
 Both peers answer the same pooled lookups (``sum`` pooling of every bag of a
-:class:`~flexemr._jagged.JaggedBatch`) as flexemr does, on the same batches,
+:class:`~flexemr.core.jagged.JaggedBatch`) as flexemr does, on the same batches,
 and are checked against the local numpy reference before they are timed:
 
 ``redis``
@@ -54,8 +54,8 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from .._jagged import JaggedBatch
-from .._pooling import pool
+from ..core.jagged import JaggedBatch
+from ..core.pooling import pool
 
 __all__ = [
     "REDIS",

@@ -50,10 +50,10 @@ import numpy as np
 import numpy.typing as npt
 import rdmaio
 
-from .._client import EmbeddingClient
-from .._cluster import LocalCluster
-from .._errors import ConfigError, FlexEMRError
-from .._spec import TableSpec
+from ..apps.cluster import LocalCluster
+from ..client.client import EmbeddingClient
+from ..core.errors import ConfigError, FlexEMRError
+from ..core.spec import TableSpec
 from ._args import add_config_arguments, config_from_args
 
 __all__ = ["HELP", "SoakConfig", "SoakResult", "Truth", "configure", "main", "run_soak"]

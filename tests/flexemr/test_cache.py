@@ -10,8 +10,8 @@ from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
-from flexemr._cache import AdaptiveCapacity, RowCache
-from flexemr._errors import ConfigError, InputError
+from flexemr.core.cache import AdaptiveCapacity, RowCache
+from flexemr.core.errors import ConfigError, InputError
 
 TABLES = ("a", "b")
 DIM = 2
@@ -19,7 +19,7 @@ ids_st = st.lists(st.integers(0, 11), min_size=0, max_size=10)
 
 
 class _Model:
-    """Reference semantics, one id at a time (see flexemr._cache's module docstring)."""
+    """Reference semantics, one id at a time (see flexemr.core.cache's module docstring)."""
 
     def __init__(self, capacity: int, policy: str) -> None:
         self.capacity = capacity

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from flexemr import JaggedBatch, LocalCluster, TableSpec
-from flexemr._pooling import pool
+from flexemr.core.pooling import pool
 
 SPECS = [TableSpec("user", 4000, 16, "float32"), TableSpec("item", 2500, 8, "float16")]
 

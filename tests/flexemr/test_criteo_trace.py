@@ -7,10 +7,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from flexemr._criteo import CriteoFormatError, hash_ids, parse_criteo, read_criteo, write_sample
-from flexemr._dlrm import criteo_specs
-from flexemr._errors import InputError
-from flexemr._trace import TraceBatch, TraceFormatError, generate_trace, read_trace, write_trace
+from flexemr.apps.criteo import CriteoFormatError, hash_ids, parse_criteo, read_criteo, write_sample
+from flexemr.apps.dlrm import criteo_specs
+from flexemr.core.errors import InputError
+from flexemr.apps.trace import TraceBatch, TraceFormatError, generate_trace, read_trace, write_trace
 
 LINE = "1\t5\t-2\t\t0\t1\t2\t3\t4\t5\t6\t7\t8\t9\t" + "\t".join(["68fd1e64", ""] * 13)
 
@@ -89,7 +89,7 @@ def test_trace_round_trip_and_validation(tmp_path: Path) -> None:
         read_trace(tmp_path / "other.npz")
 
 
-@pytest.mark.parametrize("module", ["flexemr._dlrm", "flexemr._criteo", "flexemr._trace"])
+@pytest.mark.parametrize("module", ["flexemr.apps.dlrm", "flexemr.apps.criteo", "flexemr.apps.trace"])
 def test_docstring_examples_run(module: str) -> None:
     import doctest
     import importlib

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import re
@@ -12,13 +13,13 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
 import pytest
 
 from flexemr import ClusterConfig, EmbeddingClient
-from flexemr._demo import CONFIGURATIONS, TECHNIQUES, configure, detect_support, run_demo
-from flexemr._report import cost_notes, plot_configurations
+from flexemr.apps.demo import CONFIGURATIONS, TECHNIQUES, configure, detect_support, run_demo
+from flexemr.apps.report import cost_notes, plot_configurations
 
 ROOT = Path(__file__).resolve().parents[2]
 ENV = {**os.environ, "PYTHONPATH": str(ROOT)}
@@ -49,33 +50,51 @@ def test_report_figure_has_every_panel_caption_and_note(tmp_path: Path) -> None:
         assert expected in text, expected
 
 
-def test_detect_support_follows_the_client_signature() -> None:
+def test_detect_support_follows_the_client_options() -> None:
+    @dataclasses.dataclass(frozen=True)
     class Old:
-        def __init__(self, config: Any, *, transport: str = "auto", coalesce_window_us: int = 0) -> None: ...
+        transport: str = "auto"
+        coalesce_window_us: int = 0
 
+    @dataclasses.dataclass(frozen=True)
     class New:
-        def __init__(self, config: Any, *, cache_bytes: int = 0, server_pooling: bool = True,
-                     prefetch: Literal["off", "on"] = "off") -> None: ...
+        cache_bytes: int = 0
+        server_pooling: bool = True
+        prefetch: Literal["off", "on"] = "off"
 
-    old = detect_support(Old)
+    class NoPrefetchMethod:
+        prefetch = None
+
+    old = detect_support(Old, NoPrefetchMethod)
     assert old["coalescing"].available and not any(old[k].available for k in ("cache", "pooling", "prefetch"))
-    new = detect_support(New, cache_bytes=1234)
+    new = detect_support(New, NoPrefetchMethod, cache_bytes=1234)
     assert new["cache"].on == {"cache_bytes": 1234} and new["cache"].off == {"cache_bytes": 0}
     assert new["pooling"].on == {"server_pooling": True} and new["pooling"].off == {"server_pooling": False}
     assert new["prefetch"].on == {"prefetch": "on"} and new["prefetch"].off == {"prefetch": "off"}
+    this = detect_support()  # this build: ClientOptions' fields and EmbeddingClient.prefetch
+    assert all(this[k].available for k in ("coalescing", "cache", "pooling", "prefetch"))
+    assert this["cache"].on == {"cache_bytes": 32 << 20} and this["pooling"].off == {"server_pooling": False}
+    assert this["prefetch"].how == "EmbeddingClient.prefetch()"
     assert {c.name for c in CONFIGURATIONS} >= {"baseline (all off)", "all on"}
     assert [t.key for t in TECHNIQUES] == ["coalescing", "cache", "pooling", "prefetch"]
 
 
+@dataclasses.dataclass(frozen=True)
+class _CoalescingOnlyOptions:
+    """The options of a build that has only coalescing (no cache/pooling options)."""
+
+    transport: str = "auto"
+    coalesce_window_us: int = 0
+
+
 class _CoalescingOnlyClient(EmbeddingClient):
-    """A client as in a build that has only coalescing (no cache/pooling/prefetch options)."""
+    """A client as in a build that has only coalescing (no cache/pooling/prefetch)."""
 
     prefetch = None  # type: ignore[assignment]
 
     def __init__(self, config: ClusterConfig, *, transport: str = "auto", coalesce_window_us: int = 0) -> None:
-        extra = {k: v for k, v in (("cache_bytes", 0), ("server_pooling", False))
-                 if k in EmbeddingClient.__init__.__code__.co_varnames}
-        super().__init__(config, transport=transport, coalesce_window_us=coalesce_window_us, **extra)
+        super().__init__(config, transport=transport, coalesce_window_us=coalesce_window_us, cache_bytes=0,
+                         server_pooling=False)
 
 
 async def test_missing_techniques_show_as_not_available(tmp_path: Path) -> None:
@@ -84,7 +103,7 @@ async def test_missing_techniques_show_as_not_available(tmp_path: Path) -> None:
     args = p.parse_args(["--batches", "2", "--batch-size", "32", "--scale", "0.001", "--out", str(tmp_path),
                          "--transport", "tcp", "--no-progress", "--only", "coalescing", "--only", "all on",
                          "--only", "coalescing+cache"])
-    report = await run_demo(args, client_cls=_CoalescingOnlyClient)
+    report = await run_demo(args, client_cls=_CoalescingOnlyClient, options_cls=_CoalescingOnlyOptions)
     rows = {r["name"]: r for r in report["configurations"]}
     assert rows["coalescing"]["batches"] == 2 and rows["coalescing"]["max_abs_err"] < 1e-5
     for name in ("all on", "coalescing+cache"):

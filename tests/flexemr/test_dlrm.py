@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from flexemr import LocalCluster, TableSpec, build_model
-from flexemr._dlrm import (
+from flexemr.apps.dlrm import (
     CRITEO_KAGGLE_CARDINALITIES,
     DLRM,
     ReferenceTables,
@@ -15,9 +15,9 @@ from flexemr._dlrm import (
     head_of,
     scaled_rows,
 )
-from flexemr._errors import ConfigError, InputError
-from flexemr._rank import Ranker
-from flexemr._trace import generate_trace
+from flexemr.core.errors import ConfigError, InputError
+from flexemr.apps.rank import Ranker
+from flexemr.apps.trace import generate_trace
 
 SMALL = criteo_specs(scale=2e-4, dim=16)
 

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
+from typing import Any
 
 import numpy as np
+import numpy.typing as npt
+import pytest
 import pytest_asyncio
 
 from flexemr import JaggedBatch, LocalCluster, TableSpec, pool_bags
@@ -51,6 +54,41 @@ async def test_lookup_matches_local_model(cluster: LocalCluster) -> None:
             expect = model[spec.name][np.asarray(ids, dtype=np.int64)]
             assert rows.dtype == spec.np_dtype and rows.shape == (len(ids), spec.dim)
             assert np.array_equal(rows, expect)
+
+
+async def test_ids_are_validated_once_and_reach_the_splitter_sorted_unique(
+        cluster: LocalCluster, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A lookup validates its ids once; the batch hands the splitter sorted unique ids (its fast path)."""
+    import flexemr.client.batcher
+    import flexemr.client.client
+    import flexemr.core.split
+
+    client = await cluster.client()
+    validated: list[str] = []
+    splits: list[bool] = []
+    validate, split = flexemr.client.client.validate_ids, flexemr.client.batcher.split_lookup
+
+    def counting_validate(spec: TableSpec, ids: object) -> npt.NDArray[np.int64]:
+        validated.append(spec.name)
+        return validate(spec, ids)
+
+    def recording_split(*args: Any, **kwargs: Any) -> Any:
+        splits.append(kwargs.get("sorted_unique", False))
+        return split(*args, **kwargs)
+
+    def boom(*args: object) -> None:
+        raise AssertionError("the splitter validated ids again")
+
+    monkeypatch.setattr(flexemr.client.client, "validate_ids", counting_validate)
+    monkeypatch.setattr(flexemr.client.batcher, "split_lookup", recording_split)
+    monkeypatch.setattr(flexemr.core.split, "validate_ids", boom)
+    model = cluster.model()
+    ids = np.array([4999, 1, 1, 77, 3000, 1])
+    got = await client.lookup_many({"user": ids, "item": ids[ids < 3001]})
+    assert np.array_equal(got["user"], model["user"][ids])
+    assert np.array_equal(got["item"], model["item"][ids[ids < 3001]])
+    assert sorted(validated) == ["item", "user"]
+    assert splits and all(splits)
 
 
 async def test_lookup_many_and_jagged(cluster: LocalCluster) -> None:

@@ -9,8 +9,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from flexemr._errors import InputError, UnknownTableError
-from flexemr._jagged import JaggedBatch, pool_bags
+from flexemr.core.errors import InputError, UnknownTableError
+from flexemr.core.jagged import JaggedBatch, pool_bags
 
 per_key_lists = st.integers(0, 6).flatmap(
     lambda batch: st.dictionaries(

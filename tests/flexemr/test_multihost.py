@@ -37,7 +37,7 @@ from flexemr import (
     TableSpec,
     build_model,
 )
-from flexemr._pooling import pool
+from flexemr.core.pooling import pool
 
 from .netns import Netns, NetnsLab, require
 

@@ -7,10 +7,20 @@ import asyncio
 import numpy as np
 import pytest
 
-from flexemr import FlexEMRError, InputError, JaggedBatch, LocalCluster, ShardingPlan, TableSpec
-from flexemr._pooling import pool
-from flexemr._remap import build_remap, profile_accesses
-from flexemr._workload import PROFILE_2022, generate
+from flexemr import (
+    ClosedError,
+    FlexEMRError,
+    InputError,
+    JaggedBatch,
+    LocalCluster,
+    LookupIdError,
+    ShardingPlan,
+    TableSpec,
+    UnknownTableError,
+)
+from flexemr.core.pooling import pool
+from flexemr.core.remap import build_remap, profile_accesses
+from flexemr.apps.workload import PROFILE_2022, generate
 
 SPECS = [
     TableSpec("user", 5000, 16, "float32"),
@@ -118,7 +128,7 @@ async def test_cost_model_choice_is_used() -> None:
 
 async def test_failed_pooling_requests_fall_back_to_raw_reads() -> None:
     """A pooling channel that breaks or answers with an error costs bytes, never the lookup."""
-    from flexemr._locality import encode_error
+    from flexemr.core.poolwire import encode_error
 
     spec = TableSpec("t", 4000, 32, "float32")
     async with LocalCluster([spec], servers=2, seed=3, in_process=True, transport="tcp") as cluster:
@@ -172,6 +182,44 @@ async def test_apis_and_errors() -> None:
         assert (await client.lookup_pooled(empty))["user"].tolist() == [[0.0] * 16] * 3
 
 
+async def test_lookup_pooled_validates_before_opening_pool_channels() -> None:
+    """Bad ids / unknown tables must raise before any network traffic (no pooling channel opened)."""
+    spec = TableSpec("t", 100, 8, "float32")
+    async with LocalCluster([spec], servers=2, seed=1, in_process=True, transport="tcp") as cluster:
+        client = await cluster.client(server_pooling=True)
+        bad_id = JaggedBatch(["t"], np.array([1, 100]), lengths=np.array([2]))
+        with pytest.raises(LookupIdError):
+            await client.lookup_pooled(bad_id, "sum")
+        assert client._pooler.channels == {}
+        unknown = JaggedBatch(["nope"], np.array([1]), lengths=np.array([1]))
+        with pytest.raises(UnknownTableError):
+            await client.lookup_pooled(unknown, "sum")
+        assert client._pooler.channels == {}
+        assert client.metrics.lookups == 0
+        # a valid pooled lookup still opens them and works
+        ok = JaggedBatch(["t"], np.array([1, 2, 60, 61]), lengths=np.array([4]))
+        got = (await client.lookup_pooled(ok, "sum"))["t"]
+        np.testing.assert_allclose(got[0], cluster.model()["t"][[1, 2, 60, 61]].sum(axis=0), rtol=1e-5)
+        assert set(client._pooler.channels) == set(cluster.plan.servers)
+
+
+async def test_aclose_fails_pooled_lookups_with_closed_error_not_cancelled() -> None:
+    """aclose() while pooled lookups wait for the pooling channels to open: ClosedError, not CancelledError."""
+    spec = TableSpec("t", 10_000, 16, "float32")
+    async with LocalCluster([spec], servers=2, seed=1, in_process=True, transport="tcp") as cluster:
+        client = await cluster.client(server_pooling=True)
+        rng = np.random.default_rng(0)
+        jb = JaggedBatch(["t"], rng.integers(0, 10_000, size=400), lengths=np.full(10, 40))
+        tasks = [asyncio.ensure_future(client.lookup_pooled(jb, "sum")) for _ in range(3)]
+        await asyncio.sleep(0)  # the lookups now wait for the channel-opening task
+        await client.aclose()
+        done, pending = await asyncio.wait(tasks, timeout=5)
+        assert not pending
+        for t in tasks:
+            assert not t.cancelled()
+            assert isinstance(t.exception(), ClosedError)
+
+
 async def test_column_wise_tables_fall_back_to_raw_reads() -> None:
     async with LocalCluster(SPECS[:1], servers=2, seed=4, plan="column_wise", in_process=True,
                             transport="tcp") as cluster:
@@ -204,12 +252,12 @@ async def test_two_processes_remap_cache_pooling() -> None:
         assert m.cache_hits > 0 and m.pooled_subrequests > 0 and m.errors == 0
 
 
-def test_locality_doctests() -> None:
+@pytest.mark.parametrize("module", ["flexemr.core.poolwire", "flexemr.server.pooling"])
+def test_locality_doctests(module: str) -> None:
     import doctest
+    import importlib
 
-    import flexemr._locality
-
-    result = doctest.testmod(flexemr._locality)
+    result = doctest.testmod(importlib.import_module(module))
     assert result.attempted > 0 and result.failed == 0
 
 
@@ -222,7 +270,8 @@ async def test_a_pooling_channel_closing_under_a_blocked_send_leaves_no_unretrie
 
     import rdmaio
 
-    from flexemr._locality import LocalityMetrics, PoolChannel
+    from flexemr.client.pooled import PoolChannel
+    from flexemr.core.metrics import LocalityMetrics
 
     class Channel:                                   # a scripted rdmaio channel: no credits, then closed
         max_message = 1 << 16

@@ -9,9 +9,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from flexemr._errors import InputError
-from flexemr._jagged import pool_bags
-from flexemr._pooling import (
+from flexemr.core.errors import InputError
+from flexemr.core.jagged import pool_bags
+from flexemr.core.pooling import (
     choose_pooling,
     combine_partials,
     pool,

@@ -7,8 +7,8 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from flexemr._errors import ConfigError
-from flexemr._prefetch import Prefetcher
+from flexemr.core.errors import ConfigError
+from flexemr.client.prefetch import Prefetcher
 
 
 class Recorder:

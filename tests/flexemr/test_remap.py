@@ -9,13 +9,13 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from flexemr._errors import ConfigError, LookupIdError, UnknownTableError
-from flexemr._jagged import JaggedBatch
-from flexemr._plan import ShardingPlan
-from flexemr._spec import TableSpec
-from flexemr._split import lookup_locally
-from flexemr._remap import RowRemap, build_remap, count_reads, profile_accesses, remap_batch
-from flexemr._workload import PROFILE_2022, generate
+from flexemr.core.errors import ConfigError, LookupIdError, UnknownTableError
+from flexemr.core.jagged import JaggedBatch
+from flexemr.core.plan import ShardingPlan
+from flexemr.core.spec import TableSpec
+from flexemr.core.remap import RowRemap, build_remap, count_reads, profile_accesses, remap_batch
+from flexemr.apps.workload import PROFILE_2022, generate
+from flexemr.testing import lookup_locally
 
 
 @settings(max_examples=100, deadline=None)

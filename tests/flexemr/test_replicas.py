@@ -19,9 +19,9 @@ from flexemr import (
     TableSpec,
     TransportError,
 )
-from flexemr._meta import ServerMeta, decode_meta, encode_meta
-from flexemr._plan import dumps_toml
-from flexemr._replica import Backoff
+from flexemr.core.meta import ServerMeta, decode_meta, encode_meta
+from flexemr.core.toml import dumps_toml
+from flexemr.client.replica import Backoff
 
 SPECS = [TableSpec("user", 4000, 16), TableSpec("item", 600, 8, "float16")]
 
@@ -222,7 +222,7 @@ async def test_a_failed_client_engine_is_reported_not_retried() -> None:
         with pytest.raises(TransportError, match="engine failed"):
             await client.lookup("user", [1, 2, 3])
         await asyncio.sleep(0.1)
-        assert all(p.task is None or p.task.done() for p in client._peers.values()), "reconnecting forever"
+        assert all(p.task is None or p.task.done() for p in client._peers.peers.values()), "reconnecting forever"
 
 
 async def test_hung_server_fails_over_within_op_timeout() -> None:

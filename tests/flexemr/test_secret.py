@@ -18,7 +18,7 @@ from flexemr import (
     TransportError,
 )
 from flexemr.__main__ import main
-from flexemr._init import build_model
+from flexemr.core.init import build_model
 
 
 async def test_cluster_secret_is_required_and_sufficient(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -12,33 +12,19 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from flexemr._errors import (
+from flexemr.core.errors import (
     ConfigError,
     FlexEMRError,
     InputError,
     LookupIdError,
     UnknownTableError,
 )
-from flexemr._plan import (
-    ClusterConfig,
-    ServerAddress,
-    Shard,
-    ShardingPlan,
-    dumps_toml,
-    validate_ids,
-)
-from flexemr._spec import TableSpec
-from flexemr._split import (
-    SplitLookup,
-    SubRequest,
-    execute_locally,
-    execute_subrequests,
-    lookup_locally,
-    merge_lookups,
-    merge_subrequests,
-    shard_region_array,
-    split_lookup,
-)
+from flexemr.core.config import ClusterConfig, ServerAddress
+from flexemr.core.plan import Shard, ShardingPlan, validate_ids
+from flexemr.core.toml import dumps_toml
+from flexemr.core.spec import TableSpec
+from flexemr.core.split import SplitLookup, SubRequest, split_lookup
+from flexemr.testing import execute_locally, execute_subrequests, lookup_locally, shard_region_array
 
 SETTINGS = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
@@ -217,46 +203,59 @@ def test_staging_layout_contract(pl: Any, seed: int) -> None:
 
 
 @SETTINGS
-@given(plan_and_lookups(max_callers=8), st.integers(0, 2**32 - 1), st.sampled_from([1, 8, 64]))
-def test_merged_concurrent_callers_assemble(pl: Any, seed: int, align: int) -> None:
-    plan, lookups = pl
-    model = make_model(plan, seed)
-    splits = [split_lookup(plan, t, ids) for t, ids in lookups]
-    merged = merge_lookups(splits, align=align)
-    regions = [(s.server, s.region_name) for s in merged.subrequests]
-    assert len(regions) == len(set(regions))
-    assert sum(s.num_reads for s in merged.subrequests) == sum(s.num_reads for s in splits)
-    assert all(b % align == 0 for b in merged.bases)
-    staging = execute_locally(plan, model, merged)
-    for (t, ids), out in zip(lookups, merged.assemble(staging)):
-        assert same(out, model[t][ids.astype(np.int64)])
-    grouped = merged.by_server()
-    assert sum(len(v) for v in grouped.values()) == len(merged.subrequests)
+@given(plan_and_lookups(), st.sampled_from([None, 64, 1 << 20]))
+def test_sorted_unique_fast_path_equals_the_general_path(pl: Any, max_bytes: int | None) -> None:
+    plan, [(table, ids)] = pl
+    uniq = np.unique(ids.astype(np.int64))
+    try:
+        slow = split_lookup(plan, table, ids, max_read_bytes=max_bytes)
+    except InputError:  # a shard row wider than max_bytes: the fast path refuses it the same way
+        with pytest.raises(InputError):
+            split_lookup(plan, table, uniq, max_read_bytes=max_bytes, sorted_unique=True)
+        return
+    fast = split_lookup(plan, table, uniq, max_read_bytes=max_bytes, sorted_unique=True)
+    assert fast.unique_ids is uniq and fast.ids is uniq          # used as given: no copy
+    assert np.array_equal(fast.inverse, np.arange(uniq.size))
+    assert np.array_equal(fast.unique_ids, slow.unique_ids)
+    assert (fast.staging_bytes, fast.blocks, fast.full_width) == (slow.staging_bytes, slow.blocks, slow.full_width)
+    assert len(fast.subrequests) == len(slow.subrequests)
+    for f, s in zip(fast.subrequests, slow.subrequests):
+        assert (f.server, f.shard_index, f.region_name) == (s.server, s.shard_index, s.region_name)
+        for name in ("local_offsets", "remote_offsets", "lengths"):
+            assert np.array_equal(getattr(f, name), getattr(s, name))
 
 
-@SETTINGS
-@given(plan_and_lookups(max_callers=6), st.integers(0, 2**32 - 1), st.lists(st.integers(0, 50), min_size=6, max_size=6))
-def test_merge_subrequests_with_manual_bases(pl: Any, seed: int, gaps: list[int]) -> None:
-    """Callers staged at arbitrary (gapped) bases of one shared buffer."""
-    plan, lookups = pl
-    model = make_model(plan, seed)
-    splits = [split_lookup(plan, t, ids) for t, ids in lookups]
-    bases, pos = [], 0
-    for sp, gap in zip(splits, gaps):
-        pos += gap
-        bases.append(pos)
-        pos += sp.staging_bytes
-    groups: dict[str, tuple[list[SubRequest], list[int]]] = {}
-    for sp, base in zip(splits, bases):
-        for sub in sp.subrequests:
-            g = groups.setdefault(sub.region_name, ([], []))
-            g[0].append(sub)
-            g[1].append(base)
-    merged = [merge_subrequests(subs, b) for subs, b in groups.values()]
-    staging = np.zeros(pos, np.uint8)
-    execute_subrequests(plan, model, merged, staging)
-    for (t, ids), sp, base in zip(lookups, splits, bases):
-        assert same(sp.assemble(staging[base : base + sp.staging_bytes]), model[t][ids.astype(np.int64)])
+def test_sorted_unique_fast_path_neither_validates_nor_deduplicates(monkeypatch: pytest.MonkeyPatch) -> None:
+    import flexemr.core.split
+
+    plan = ShardingPlan.row_wise([TableSpec("t", 50, 2)], ["s0", "s1"])
+    uniq = np.array([1, 2, 3, 30, 49])
+    expected = split_lookup(plan, "t", uniq)
+
+    def boom(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the fast path must not call this")
+
+    monkeypatch.setattr(flexemr.core.split, "validate_ids", boom)
+    monkeypatch.setattr(np, "unique", boom)
+    fast = split_lookup(plan, "t", uniq, sorted_unique=True)
+    monkeypatch.undo()
+    assert [s.lengths.tolist() for s in fast.subrequests] == [s.lengths.tolist() for s in expected.subrequests]
+    model = {"t": np.arange(100, dtype=np.float32).reshape(50, 2)}
+    assert same(fast.assemble(execute_locally(plan, model, fast)), model["t"][uniq])
+
+
+@pytest.mark.parametrize(("ids", "error"), [
+    ([1, 2], InputError),                             # not an ndarray
+    (np.array([1, 2], dtype=np.int32), InputError),   # not int64
+    (np.array([[1, 2]]), InputError),                 # not 1-D
+    (np.array([-1, 2]), LookupIdError),               # first id below 0
+    (np.array([1, 50]), LookupIdError),               # last id past the table
+])
+def test_sorted_unique_fast_path_rejects_what_it_can_check_in_constant_time(ids: Any, error: type) -> None:
+    plan = ShardingPlan.row_wise([TableSpec("t", 50, 2)], ["s0"])
+    with pytest.raises(error, match="'t'"):
+        split_lookup(plan, "t", ids, sorted_unique=True)
+    assert split_lookup(plan, "t", np.zeros(0, np.int64), sorted_unique=True).staging_bytes == 0
 
 
 @SETTINGS
@@ -360,15 +359,7 @@ def test_execute_rejects_out_of_bounds_reads() -> None:
         execute_subrequests(plan, {"t": np.zeros((4, 2), np.float64)}, [bad], np.zeros(64, np.uint8))
 
 
-def test_merge_subrequests_rejects_mismatch() -> None:
-    a = SubRequest("s0", 0, "t/0", np.array([0]), np.array([0]), np.array([4]))
-    b = SubRequest("s1", 0, "t/0", np.array([0]), np.array([0]), np.array([4]))
-    with pytest.raises(InputError):
-        merge_subrequests([a, b], [0, 4])
-    with pytest.raises(InputError):
-        merge_subrequests([a], [0, 4])
-    with pytest.raises(InputError):
-        merge_subrequests([], [])
+def test_subrequest_rejects_arrays_of_different_sizes() -> None:
     with pytest.raises(InputError):
         SubRequest("s0", 0, "t/0", np.array([0, 1]), np.array([0]), np.array([4]))
 

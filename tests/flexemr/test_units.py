@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import doctest
+import gc
 import importlib
-import logging
+import pkgutil
 import subprocess
 import sys
 from pathlib import Path
@@ -30,15 +31,15 @@ from flexemr import (
     TransportError,
     build_model,
 )
-from flexemr._init import BLOCK_ROWS, init_rows
-from flexemr._meta import HEADER, MAGIC, ServerMeta, ShardEntry, decode_meta, encode_meta
+from flexemr.core.init import BLOCK_ROWS, init_rows
+from flexemr.core.meta import HEADER, MAGIC, ServerMeta, ShardEntry, decode_meta, encode_meta
 
-MODULES = ["flexemr._init", "flexemr._meta", "flexemr._metrics", "flexemr._server", "flexemr._client",
-           "flexemr._errors"]
+MODULES = sorted(m.name for m in pkgutil.walk_packages(flexemr.__path__, "flexemr."))
 
 
 @pytest.mark.parametrize("name", MODULES)
 def test_doctests(name: str) -> None:
+    """Every docstring example of every flexemr module runs (the server's is a loopback round trip)."""
     result = doctest.testmod(importlib.import_module(name), optionflags=doctest.ELLIPSIS)
     assert result.failed == 0
 
@@ -214,6 +215,41 @@ async def test_client_rejects_a_different_plan() -> None:
         with pytest.raises(MetadataError):
             await client.connect()
         await client.aclose()
+
+
+async def test_an_unclosed_client_warns_where_it_was_created_and_frees_its_engine() -> None:
+    plan = ShardingPlan.row_wise([TableSpec("a", 100, 4)], ["s0"])
+    async with EmbeddingServer(plan, "s0", transport="tcp") as server:
+        config = ClusterConfig(plan, {"s0": server.address})
+        never_connected = EmbeddingClient(config, transport="tcp")
+        del never_connected  # holds nothing: no warning (filterwarnings = error would fail the test)
+        gc.collect()
+        client = EmbeddingClient(config, transport="tcp"); line = sys._getframe().f_lineno  # noqa: E702
+        await client.connect()
+        assert (await client.lookup("a", [1])).shape == (1, 4)
+        engine = client.engine
+        with pytest.warns(ResourceWarning, match=rf"unclosed EmbeddingClient created at .*test_units\.py:{line}\b"):
+            del client
+            gc.collect()
+        assert engine.closed  # the owned engine (its workers, memory, connections) is freed with the client
+        closed = EmbeddingClient(config, transport="tcp")
+        async with closed:
+            pass
+        del closed  # closed: no warning
+        gc.collect()
+
+
+async def test_an_unclosed_client_on_a_borrowed_engine_frees_only_its_endpoints() -> None:
+    import rdmaio
+
+    plan = ShardingPlan.row_wise([TableSpec("a", 100, 4)], ["s0"])
+    async with EmbeddingServer(plan, "s0", transport="tcp") as server, rdmaio.Engine(transport="tcp") as engine:
+        client = await EmbeddingClient(ClusterConfig(plan, {"s0": server.address}), engine=engine).connect()
+        ep = client.endpoint("s0")
+        with pytest.warns(ResourceWarning, match="unclosed EmbeddingClient"):
+            del client
+            gc.collect()
+        assert ep.closed and not engine.closed
 
 
 async def test_client_connect_errors() -> None:

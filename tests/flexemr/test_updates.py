@@ -18,7 +18,7 @@ from flexemr import (
     TransportError,
     UnknownTableError,
 )
-from flexemr._versioned import CTL_GEN, ctl_offset, row_data, validate_slots
+from flexemr.core.versioned import CTL_GEN, ctl_offset, row_data, validate_slots
 
 DIM = 96  # 384-byte rows: several copies per row on the wire
 SPECS = [TableSpec("emb", 3000, DIM), TableSpec("small", 64, 4, "float16")]
@@ -140,7 +140,7 @@ async def test_update_is_visible_to_every_later_lookup_and_cache() -> None:
 
 async def test_another_clients_update_reaches_every_rankers_cache() -> None:
     from flexemr import JaggedBatch
-    from flexemr._pooling import pool
+    from flexemr.core.pooling import pool
 
     async with LocalCluster(SPECS, servers=3, seed=5, replicas=2, versioned=True, in_process=True,
                             transport="tcp") as cluster:
@@ -351,8 +351,8 @@ async def test_a_replica_fenced_by_another_writer_is_never_read(cached: bool) ->
         async def unreachable(server: str, timeout: float) -> None:
             raise TransportError(f"{server} is unreachable from this client")
 
-        writer._open_peer = unreachable                 # type: ignore[method-assign]
-        writer._writer.reconnect_wait = 0.1
+        writer._peers._open_peer = unreachable          # type: ignore[method-assign]
+        writer._peers.writer.reconnect_wait = 0.1
         writer.peer_failed(fenced, TransportError("simulated timeout"))
         new = np.full((ids.size, 8), 7.0, dtype=np.float32)
         await writer.update("emb", ids, new)            # acknowledged by the other replica alone

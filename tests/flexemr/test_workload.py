@@ -5,10 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from flexemr._errors import InputError
-from flexemr._jagged import JaggedBatch
-from flexemr._spec import TableSpec
-from flexemr._workload import (
+from flexemr.core.errors import InputError
+from flexemr.core.jagged import JaggedBatch
+from flexemr.core.spec import TableSpec
+from flexemr.apps.workload import (
     PROFILE_2021,
     PROFILE_2022,
     TARGET_2021,

@@ -1,0 +1,1 @@
+"""The ranker side: EmbeddingClient and the components it is made of."""

@@ -1,0 +1,1 @@
+"""The embedding server: shards in registered memory, metadata, the pooling service."""

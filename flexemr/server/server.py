@@ -1,0 +1,427 @@
+"""The embedding server: holds shards in registered memory, serves one-sided reads.
+
+An :class:`EmbeddingServer` is passive once started: rankers read rows with
+one-sided rdmaio reads and the server's CPU only runs the rdmaio responders.
+Start-up:
+
+1. every shard the plan puts on this server gets memory: seeded random values
+   (:mod:`flexemr.core.init`, a pure function of ``(seed, table, rows, cols)``)
+   written into one *arena* array, shard after shard at 64-byte aligned
+   offsets, or — for tables given as ``.npy`` files — a copy-on-write memory
+   map of the file (full-width shards are registered in place, no copy);
+2. each shard is registered as its own read-only region and exposed under
+   :attr:`Shard.region_name`; the arena is registered once more as a whole
+   (``"flexemr/arena"``) so a client can read rows of many shards with one
+   ``read_batch``;
+3. the metadata blob (:mod:`flexemr.core.meta`: plan, shard map, remote keys, a
+   random *incarnation* id drawn at this start) is registered and exposed as
+   ``"flexemr/meta"``;
+
+With a ``versioned`` plan every shard is laid out as header+row slots plus a
+control block (:mod:`flexemr.core.versioned`), always in the arena (``.npy``
+tables are copied in), and registered read/write/atomic so rankers can
+update rows with one-sided writes (``docs/reliability.md``).
+4. the pooling service (:class:`flexemr.server.pooling.PoolService`) is served on
+   the message channel ``"flexemr/pool"``: a ranker sends the ids of a
+   batch's rows this server holds, grouped by bag, and gets one partial sum
+   (or max) per bag back -- hierarchical pooling (``docs/locality.md``);
+5. the listener accepts any number of rankers.
+
+>>> import asyncio, rdmaio
+>>> from flexemr.core.spec import TableSpec
+>>> from flexemr.core.plan import ShardingPlan
+>>> plan = ShardingPlan.row_wise([TableSpec("t", 100, 4)], ["s0"])
+>>> async def main():
+...     async with EmbeddingServer(plan, "s0", transport="tcp") as server:
+...         return server.address.port > 0, server.shard_array("t/0").shape
+>>> rdmaio.run(main())
+(True, (100, 4))
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import logging
+import os
+import secrets
+import socket
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+import rdmaio
+
+from ..core.config import ClusterConfig, ServerAddress
+from ..core.errors import ClosedError, ConfigError
+from ..core.init import check_seed, init_shard
+from ..core.meta import ARENA_REGION, META_REGION, ServerMeta, ShardEntry, encode_meta
+from ..core.plan import Shard, ShardingPlan
+from ..core.poolwire import POOL_CHANNEL
+from ..core.versioned import CTL_GEN, CTL_LOCK, CTL_MEMBERS, ctl_offset, pack_slots, region_bytes, row_data
+from .pooling import PoolService
+
+__all__ = ["EmbeddingServer"]
+
+log = logging.getLogger(__name__)
+
+_ALIGN = 64
+
+
+def _load_npy(path: str | os.PathLike[str], table: str, shape: tuple[int, int], dtype: np.dtype[Any]) -> np.ndarray:
+    try:
+        arr = np.load(path, mmap_mode="c", allow_pickle=False)
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"table {table!r}: cannot memory-map {os.fspath(path)}: {exc}") from exc
+    if arr.shape != shape or arr.dtype != dtype:
+        raise ConfigError(f"table {table!r}: {os.fspath(path)} holds {arr.shape} {arr.dtype}, "
+                          f"the plan says {shape} {dtype.name}")
+    return arr
+
+
+def _bind_error(addr: ServerAddress, exc: OSError) -> str:
+    """One line saying why a server cannot listen on ``addr`` and what to do about it."""
+    where = f"cannot listen on {addr}"
+    if isinstance(exc, socket.gaierror):
+        return f"{where}: cannot resolve host {addr.host!r} ({exc.strerror}); give an address or a name this host resolves"
+    if exc.errno == errno.EADDRINUSE:
+        return f"{where}: the port is in use (another server?); stop it or pick a free port (--port, 0 = any)"
+    if exc.errno == errno.EADDRNOTAVAIL:
+        return (f"{where}: this host has no address {addr.host}; listen on one of its addresses "
+                f"(--host, e.g. 0.0.0.0 for all) while rankers dial the cluster file's")
+    if exc.errno == errno.EACCES:
+        return f"{where}: permission denied (ports below 1024 need privileges; pick another with --port)"
+    return f"{where}: {exc.strerror or exc}"
+
+
+async def _check_bindable(addr: ServerAddress) -> None:
+    """Raise :class:`ConfigError` (see :func:`_bind_error`) unless a listener could bind ``addr`` now."""
+    loop = asyncio.get_running_loop()
+    try:
+        infos = await loop.getaddrinfo(addr.host, addr.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+        family, type_, proto, _, sockaddr = infos[0]
+        with socket.socket(family, type_, proto) as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind(sockaddr)
+    except OSError as exc:
+        raise ConfigError(_bind_error(addr, exc)) from exc
+
+
+class EmbeddingServer:
+    """One embedding server of a plan (an async context manager).
+
+    Parameters
+    ----------
+    config:
+        A :class:`ClusterConfig` (address taken from it) or a bare
+        :class:`ShardingPlan` (listens on ``host``/``port``, default
+        ``127.0.0.1`` and a free port).
+    name:
+        This server's name in the plan.
+    host, port:
+        Override the listening address (``port=0``: any free port; the bound
+        one is :attr:`address`).
+    seed:
+        Seed of the random initialisation (:mod:`flexemr.core.init`).
+    npy:
+        ``{table: path}`` of ``.npy`` files (``[num_rows, dim]`` of the table
+        dtype) to serve instead of random values; memory-mapped copy-on-write.
+    transport:
+        rdmaio transport: ``"auto"`` (verbs when an RDMA device is up, else tcp),
+        ``"tcp"`` or ``"verbs"``.  Ignored when ``engine`` is given.
+    engine:
+        An existing :class:`rdmaio.Engine` to use (not closed by the server).
+    engine_options:
+        Extra keyword arguments for :class:`rdmaio.Engine` (e.g. ``workers``).
+
+    Use ``async with EmbeddingServer(...) as server`` (or :meth:`start` /
+    :meth:`aclose`); :meth:`serve_forever` waits until the server is closed.
+    """
+
+    def __init__(
+        self,
+        config: ClusterConfig | ShardingPlan,
+        name: str,
+        *,
+        host: str | None = None,
+        port: int | None = None,
+        seed: int = 0,
+        npy: Mapping[str, str | os.PathLike[str]] | None = None,
+        transport: str = "auto",
+        engine: rdmaio.Engine | None = None,
+        engine_options: Mapping[str, Any] | None = None,
+    ) -> None:
+        if isinstance(config, ClusterConfig):
+            plan = config.plan
+            default = config.address(name) if name in plan.servers else ServerAddress("127.0.0.1", 0)
+        elif isinstance(config, ShardingPlan):
+            plan = config
+            default = ServerAddress("127.0.0.1", 0)
+        else:
+            raise ConfigError(f"expected ClusterConfig or ShardingPlan, got {type(config).__name__}")
+        if name not in plan.servers:
+            raise ConfigError(f"unknown server {name!r}; the plan has {list(plan.servers)}")
+        self.plan = plan
+        self.name = name
+        self._bind = ServerAddress(default.host if host is None else host, default.port if port is None else port)
+        self.seed = check_seed(seed)
+        self._npy = dict(npy or {})
+        for table in self._npy:
+            plan.spec(table)  # UnknownTableError for a table the plan lacks
+        if engine is not None and not isinstance(engine, rdmaio.Engine):
+            raise ConfigError(f"engine must be an rdmaio.Engine, got {type(engine).__name__}")
+        self._engine = engine
+        self._own_engine = engine is None
+        self._engine_kwargs: dict[str, Any] = {"transport": transport, "workers": 2, **(engine_options or {})}
+        secret = config.secret if isinstance(config, ClusterConfig) else None
+        if secret is not None:  # the cluster file's secret authenticates every rdmaio connection
+            self._engine_kwargs.setdefault("secret", secret)
+        self.shards: tuple[Shard, ...] = plan.regions_on(name)
+        self._arrays: dict[str, npt.NDArray[Any]] = {}
+        self._region_bufs: dict[str, npt.NDArray[Any]] = {}
+        self._regions: list[rdmaio.MemoryRegion] = []
+        self._exposed: list[str] = []
+        self._pool_served = False
+        self._listener: rdmaio.Listener | None = None
+        self._address: ServerAddress | None = None
+        self._closed = asyncio.Event()
+        self._started = False
+        self._closing = False
+        self.arena_bytes = 0
+        self.pool_service: PoolService | None = None
+        #: Random id of this start of the server (published in the metadata).
+        self.incarnation = secrets.randbits(63)
+
+    def __repr__(self) -> str:
+        where = str(self._address) if self._address else "not started"
+        return f"<EmbeddingServer {self.name} {where} shards={len(self.shards)}>"
+
+    # ---------------------------------------------------------------- memory
+
+    def _allocate(self) -> tuple[npt.NDArray[np.uint8] | None, dict[str, int]]:
+        """Fill shard memory: arena offsets for seeded (and copied) shards, mmap views for npy ones."""
+        if self.plan.versioned:
+            return self._allocate_versioned()
+        offsets: dict[str, int] = {}
+        pos = 0
+        in_place: dict[str, npt.NDArray[Any]] = {}
+        maps: dict[str, np.ndarray] = {}
+        for sh in self.shards:
+            spec = self.plan.spec(sh.table)
+            if sh.table in self._npy:
+                if sh.table not in maps:
+                    maps[sh.table] = _load_npy(self._npy[sh.table], sh.table, (spec.num_rows, spec.dim),
+                                               spec.np_dtype)
+                view = maps[sh.table][sh.row_start : sh.row_end, sh.col_start : sh.col_end]
+                if view.flags.c_contiguous and view.flags.writeable:
+                    in_place[sh.region_name] = view
+                    continue
+            offsets[sh.region_name] = pos
+            pos += -(-sh.nbytes(spec) // _ALIGN) * _ALIGN
+        arena = np.empty(pos, dtype=np.uint8) if pos else None
+        for sh in self.shards:
+            spec = self.plan.spec(sh.table)
+            if sh.region_name in in_place:
+                self._arrays[sh.region_name] = in_place[sh.region_name]
+                continue
+            assert arena is not None
+            off = offsets[sh.region_name]
+            out = arena[off : off + sh.nbytes(spec)].view(spec.np_dtype).reshape(sh.num_rows, sh.num_cols)
+            if sh.table in maps:
+                out[...] = maps[sh.table][sh.row_start : sh.row_end, sh.col_start : sh.col_end]
+            else:
+                init_shard(spec, sh, self.seed, out=out)
+            self._arrays[sh.region_name] = out
+        for name, arr in self._arrays.items():
+            self._region_bufs[name] = arr
+        self.arena_bytes = pos
+        return arena, offsets
+
+    def _allocate_versioned(self) -> tuple[npt.NDArray[np.uint8] | None, dict[str, int]]:
+        """Versioned layout: every shard as slots (version 0) + control block, back to back in the arena."""
+        offsets: dict[str, int] = {}
+        pos = 0
+        for sh in self.shards:
+            offsets[sh.region_name] = pos
+            pos += -(-region_bytes(self.plan.spec(sh.table), sh.num_rows) // _ALIGN) * _ALIGN
+        arena = np.zeros(pos, dtype=np.uint8) if pos else None
+        maps: dict[str, np.ndarray] = {}
+        for sh in self.shards:
+            spec = self.plan.spec(sh.table)
+            assert arena is not None
+            off = offsets[sh.region_name]
+            buf = arena[off : off + region_bytes(spec, sh.num_rows)]
+            if sh.table in self._npy:
+                if sh.table not in maps:
+                    maps[sh.table] = _load_npy(self._npy[sh.table], sh.table, (spec.num_rows, spec.dim),
+                                               spec.np_dtype)
+                values = np.asarray(maps[sh.table][sh.row_start : sh.row_end])
+            else:
+                values = init_shard(spec, sh, self.seed)
+            cut = ctl_offset(spec, sh.num_rows)
+            rows = np.arange(sh.row_start, sh.row_end, dtype=np.int64)
+            slots = buf[:cut].reshape(sh.num_rows, -1)
+            slots[...] = pack_slots(spec, values, rows, np.zeros(sh.num_rows, dtype=np.uint64))
+            ctl = buf[cut : cut + 24].view(np.uint64)
+            ctl[CTL_LOCK // 8], ctl[CTL_GEN // 8] = 0, 0
+            ctl[CTL_MEMBERS // 8] = (1 << len(sh.replicas)) - 1
+            self._arrays[sh.region_name] = row_data(spec, slots)
+            self._region_bufs[sh.region_name] = buf
+        self.arena_bytes = pos
+        return arena, offsets
+
+    def shard_slots(self, region_name: str) -> npt.NDArray[np.uint8]:
+        """The raw bytes of a shard region (versioned: slots + control block)."""
+        try:
+            return self._region_bufs[region_name]
+        except KeyError:
+            raise ConfigError(f"server {self.name!r} holds no region {region_name!r}") from None
+
+    def shard_array(self, region_name: str) -> npt.NDArray[Any]:
+        """The ``[rows, cols]`` array backing a shard region (after :meth:`start`)."""
+        try:
+            return self._arrays[region_name]
+        except KeyError:
+            raise ConfigError(f"server {self.name!r} holds no region {region_name!r}") from None
+
+    # ------------------------------------------------------------- lifecycle
+
+    async def start(self) -> EmbeddingServer:
+        """Allocate and register the shards, publish the metadata, listen. Idempotent."""
+        if self._closing:
+            raise ClosedError(f"server {self.name!r} is closed")
+        if self._started:
+            return self
+        try:
+            if self._engine is None:
+                self._engine = rdmaio.Engine(**self._engine_kwargs)
+            engine = self._engine
+            await engine.start()
+            await _check_bindable(self._bind)  # before allocating what may be gigabytes
+            try:
+                arena, offsets = await asyncio.get_running_loop().run_in_executor(None, self._allocate)
+            except MemoryError as exc:
+                need = sum(region_bytes(self.plan.spec(sh.table), sh.num_rows) if self.plan.versioned
+                           else sh.nbytes(self.plan.spec(sh.table)) for sh in self.shards)
+                raise ConfigError(f"server {self.name!r}: cannot allocate its shards ({need / (1 << 30):.1f} GiB; "
+                                  f"{exc or 'out of memory'}): spread the tables over more servers or make them "
+                                  f"smaller") from None
+            arena_key: bytes | None = None
+            if arena is not None:
+                arena_mr = engine.register(arena, access=rdmaio.Access.READ)
+                self._regions.append(arena_mr)
+                self._expose(ARENA_REGION, arena_mr)
+                arena_key = arena_mr.remote_key().to_bytes()
+            entries = []
+            versioned = self.plan.versioned
+            access = rdmaio.Access.ALL if versioned else rdmaio.Access.READ
+            for sh in self.shards:
+                spec = self.plan.spec(sh.table)
+                arr = self._region_bufs[sh.region_name]
+                mr = engine.register(arr, access=access)
+                self._regions.append(mr)
+                self._expose(sh.region_name, mr)
+                nbytes = region_bytes(spec, sh.num_rows) if versioned else sh.nbytes(spec)
+                entries.append(ShardEntry(sh.region_name, sh.table, sh.index, (sh.row_start, sh.row_end),
+                                          (sh.col_start, sh.col_end), nbytes, mr.remote_key().to_bytes(),
+                                          offsets.get(sh.region_name)))
+            npy_tables = sorted(t for t in self._npy if any(s.table == t for s in self.shards))
+            init: dict[str, Any] = {"kind": "random", "seed": self.seed}
+            if npy_tables:
+                init = {"kind": "mixed", "seed": self.seed, "npy": npy_tables}
+            blob = encode_meta(ServerMeta(self.name, engine.transport, self.plan.to_dict(), init, arena_key,
+                                          tuple(entries), self.incarnation,
+                                          "versioned" if versioned else "plain"))
+            meta_buf = np.frombuffer(bytearray(blob), dtype=np.uint8)
+            meta_mr = engine.register(meta_buf, access=rdmaio.Access.READ)
+            self._regions.append(meta_mr)
+            self._expose(META_REGION, meta_mr)
+            self.pool_service = PoolService(self.plan, self.shards, self._arrays)
+            engine.serve_channel(POOL_CHANNEL, self._serve_pool)
+            self._pool_served = True
+            try:
+                self._listener = await engine.listen(self._bind.host, self._bind.port)
+            except OSError as exc:
+                raise ConfigError(_bind_error(self._bind, exc)) from exc
+            self._address = ServerAddress(self._bind.host, self._listener.port)
+        except BaseException:
+            await self._teardown()
+            raise
+        self._started = True
+        log.info("server %s listening on %s (%d shards, %d arena bytes, %s)", self.name, self._address,
+                 len(self.shards), self.arena_bytes, engine.transport)
+        return self
+
+    async def _serve_pool(self, ch: rdmaio.Channel) -> None:
+        """Channel handler of ``"flexemr/pool"`` (ends at once when the server is closing)."""
+        if self._closing or self.pool_service is None:
+            return
+        await self.pool_service.serve(ch)
+
+    def _expose(self, name: str, mr: rdmaio.MemoryRegion) -> None:
+        assert self._engine is not None
+        self._engine.expose(name, mr)
+        self._exposed.append(name)
+
+    @property
+    def address(self) -> ServerAddress:
+        """Where the server listens (the bound port when started with port 0)."""
+        if self._address is None:
+            raise ClosedError(f"server {self.name!r} is not started")
+        return self._address
+
+    @property
+    def engine(self) -> rdmaio.Engine:
+        """The rdmaio engine serving this server's regions."""
+        if self._engine is None:
+            raise ClosedError(f"server {self.name!r} is not started")
+        return self._engine
+
+    @property
+    def closed(self) -> bool:
+        return self._closing
+
+    async def serve_forever(self) -> None:
+        """Start if needed, then wait until :meth:`aclose` is called."""
+        await self.start()
+        await self._closed.wait()
+
+    async def _teardown(self) -> None:
+        engine = self._engine
+        if engine is None:
+            return
+        if self._own_engine:
+            await engine.aclose()
+        else:
+            if self._listener is not None:
+                await self._listener.aclose()
+            for name in self._exposed:
+                engine.unexpose(name)
+            if self._pool_served:
+                engine.unserve_channel(POOL_CHANNEL)
+                self._pool_served = False
+            for mr in self._regions:
+                mr.close()
+        self._listener = None
+        self._exposed.clear()
+        self._regions.clear()
+
+    async def aclose(self) -> None:
+        """Stop listening, drop the sessions and release all memory. Idempotent."""
+        if self._closing:
+            return
+        self._closing = True
+        try:
+            await self._teardown()
+        finally:
+            self._arrays.clear()
+            self._region_bufs.clear()
+            self._closed.set()
+            log.info("server %s closed", self.name)
+
+    async def __aenter__(self) -> EmbeddingServer:
+        return await self.start()
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
