@@ -104,6 +104,8 @@ class LocalCluster:
         With a plan kind: every shard on ``replicas`` servers, and updatable
         (versioned) rows (``docs/reliability.md``).
 
+    Notes
+    -----
     Failure injection (tests, soak): :meth:`kill` (SIGKILL by default, or
     SIGSTOP to hang a server), :meth:`resume` (SIGCONT) and :meth:`restart`
     (a fresh server process on the same port).

@@ -1,16 +1,10 @@
 """The ranker side: :class:`EmbeddingClient`, a facade that validates its input (once, before any I/O),
 translates logical ids to physical ones (``remap``) and hands the work to its components::
 
-    peers.py      Peers: connections, metadata checks, routes, failover, reconnect
-    batcher.py    Batcher: coalescing window, in-flight dedup, staging, reads
-    coherence.py  Coherence: epochs, GEN tokens, members of versioned shards
-    cache.py      ClientCache: probe, fill, adaptive capacity
-    pooled.py     Pooler: pooled lookups, the pooling RPC channel
-    prefetch.py   Prefetcher: lookahead of the next batches
-    replica.py    ShardWriter: the update and resync protocols
-
-configured by one :class:`~flexemr.client.options.ClientOptions`; a client
-never closed is caught by :mod:`flexemr.client.leak`.
+peers (connections, routes, failover), batcher (coalescing, reads), coherence, cache, pooled
+(pooling RPC), prefetch, replica (updates, resync) -- see ``flexemr/client/__init__.py`` --
+configured by one :class:`~flexemr.client.options.ClientOptions`; access.py adds the replica
+plumbing and the options as attributes; leak.py catches a client never closed.
 """
 
 from __future__ import annotations
@@ -35,6 +29,7 @@ from ..core.meta import ServerMeta
 from ..core.metrics import LocalityMetrics, ReliabilityMetrics
 from ..core.plan import ShardingPlan, validate_ids
 from ..core.pooling import PoolMode
+from .access import ClientAccess
 from .batcher import Batcher, Request
 from .cache import ClientCache
 from .coherence import Coherence
@@ -52,7 +47,7 @@ log = logging.getLogger(__name__)
 IntArray = npt.NDArray[np.int64]
 
 
-class EmbeddingClient:
+class EmbeddingClient(ClientAccess):
     """Connects to every server of a cluster and looks embedding rows up.
 
     >>> # async with EmbeddingClient(ClusterConfig.from_toml("cluster.toml"), cache_bytes=64 << 20) as client:
@@ -73,6 +68,8 @@ class EmbeddingClient:
         :class:`ClientOptions` fields by keyword (``EmbeddingClient(config,
         cache_bytes=64 << 20)``), applied on top of ``options``.
 
+    Notes
+    -----
     A lookup whose server breaks fails over to another replica of the shard
     or, with none left, raises :class:`TransportError` (``docs/reliability.md``).
     Close a client (``async with``, :meth:`aclose`): one garbage collected
@@ -117,7 +114,7 @@ class EmbeddingClient:
         """Connect to every server, read each one's metadata and check it against the plan.
 
         With a versioned plan the replicas of every shard are then checked
-        (and brought) in sync (:meth:`ShardWriter.sync`) before reads use them.
+        (and brought) in sync (the resync protocol of ``docs/reliability.md``) before reads use them.
 
         A server that cannot be reached (refused, timed out) is tolerated when
         every shard it holds has another replica that is reachable: the client

@@ -117,6 +117,8 @@ class ClientOptions:
         Versioned tables: how long :meth:`~flexemr.EmbeddingClient.update`
         waits for a shard lock.
 
+    Examples
+    --------
     >>> ClientOptions(adaptive=True)
     Traceback (most recent call last):
         ...

@@ -135,6 +135,8 @@ class EmbeddingServer:
     engine_options:
         Extra keyword arguments for :class:`rdmaio.Engine` (e.g. ``workers``).
 
+    Notes
+    -----
     Use ``async with EmbeddingServer(...) as server`` (or :meth:`start` /
     :meth:`aclose`); :meth:`serve_forever` waits until the server is closed.
     """

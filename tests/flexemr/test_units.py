@@ -287,3 +287,20 @@ async def test_small_requests_are_split() -> None:
         ids = np.arange(0, 1000, 10)                     # 100 separate reads
         assert np.array_equal(await client.lookup("a", ids), c.model()["a"][ids])
         assert client.metrics.subrequests == 34 and client.metrics.reads == 100
+
+
+async def test_client_keeps_its_replica_plumbing_and_options_as_attributes() -> None:
+    from flexemr import ClientOptions, LocalCluster, TableSpec
+
+    async with LocalCluster([TableSpec("t", 100, 4)], servers=2, seed=1, replicas=2, in_process=True,
+                            transport="tcp") as cluster:
+        client = await cluster.client(cache_bytes=1 << 16, server_pooling=False)
+        assert client.server_pooling is False and client.cache_bytes == 1 << 16
+        assert client.max_batch_rows == ClientOptions().max_batch_rows
+        assert client.replica_endpoint("s0") is client.endpoint("s0")
+        region = cluster.plan.shards["t"][0].region_name
+        assert client.replica_key("s0", region) == client.shard_key(region, "s0")
+        assert await client.wait_connected("s1", 1.0)
+        import pytest
+        with pytest.raises(AttributeError, match="no attribute 'frobnicate'"):
+            client.frobnicate  # noqa: B018
