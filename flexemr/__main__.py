@@ -7,7 +7,9 @@ argument set-up + runner); adding one is one entry::
 
 ``serve``
     ``flexemr serve --config cluster.toml --server s0 [--seed 0] [--npy TABLE=PATH ...]``
-    runs one embedding server until SIGINT/SIGTERM (exit code 0).  When the
+    runs one embedding server until SIGINT/SIGTERM (exit code 0).  Tables
+    whose ``[[tables]]`` entry says ``npy = "path"`` (relative to the cluster
+    file) are served from that file, as with ``--npy``.  When the
     server listens it prints one line to stdout::
 
         flexemr: server s0 ready on 127.0.0.1:7000 (2 shards, 1.0 MiB, tcp)
@@ -36,7 +38,7 @@ import rdmaio
 
 from ._cli import ArgumentParser, Interrupted, check_range, describe_os_error
 from ._errors import FlexEMRError
-from ._plan import ClusterConfig
+from ._plan import ClusterConfig, table_files
 from ._server import EmbeddingServer
 
 __all__ = ["COMMANDS", "Command", "main"]
@@ -97,8 +99,9 @@ async def _serve(args: argparse.Namespace) -> int:
     if args.port is not None:
         check_range("--port", args.port, 0, 65535)
     config = ClusterConfig.from_toml(args.config)
+    npy = {**table_files(args.config), **_parse_npy(args.npy)}  # --npy overrides the file's npy = "..."
     server = EmbeddingServer(config, args.server, host=args.host, port=args.port, seed=args.seed,
-                             npy=_parse_npy(args.npy), transport=args.transport,
+                             npy=npy, transport=args.transport,
                              engine_options={"workers": args.workers})
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()

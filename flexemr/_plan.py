@@ -55,6 +55,7 @@ __all__ = [
     "Shard",
     "ShardingPlan",
     "dumps_toml",
+    "table_files",
     "validate_ids",
 ]
 
@@ -623,7 +624,7 @@ class ShardingPlan:
         raw_tables = d.get("tables")
         if not isinstance(raw_tables, list) or not raw_tables:
             raise ConfigError("cluster description needs a non-empty 'tables' array")
-        specs = [TableSpec.from_dict(t) for t in raw_tables]
+        specs = [TableSpec.from_dict(_without_npy(t)) for t in raw_tables]
         names = [s.name for s in specs]
         if len(set(names)) != len(names):
             raise ConfigError(f"duplicate table names in {names}")
@@ -751,6 +752,43 @@ def _replicate(shards: dict[str, list[Shard]], servers: tuple[str, ...], replica
     return {t: [Shard(s.table, s.server, s.row_start, s.row_end, s.col_start, s.col_end, s.index,
                       tuple(servers[(pos[s.server] + k) % n] for k in range(1, replicas))) for s in lst]
             for t, lst in shards.items()}
+
+
+def _without_npy(entry: object) -> object:
+    """A ``[[tables]]`` entry without its optional ``npy`` key (checked here; :func:`table_files` reads it)."""
+    if not isinstance(entry, Mapping) or "npy" not in entry:
+        return entry
+    path = entry["npy"]
+    if not isinstance(path, str) or not path:
+        raise ConfigError(f"table {entry.get('name')!r}: npy must be a non-empty path string, got {path!r}")
+    return {k: v for k, v in entry.items() if k != "npy"}
+
+
+def table_files(path: str | os.PathLike[str]) -> dict[str, str]:
+    """``{table: .npy path}`` of the cluster file's ``[[tables]]`` entries that name one (``npy = "..."``).
+
+    A relative path is taken relative to the cluster file's directory, so a
+    directory holding the file and its tables can move as a whole.
+    ``flexemr serve`` serves those tables from these files (``--npy`` flags
+    override them).
+
+    A cluster file written by ``flexemr.torch.export`` looks like::
+
+        [[tables]]
+        name = "t_user"
+        num_rows = 1000
+        dim = 64
+        npy = "t_user.npy"      # -> {"t_user": "<the file's directory>/t_user.npy"}
+    """
+    d = _load_toml(path)
+    raw = d.get("tables")
+    out: dict[str, str] = {}
+    base = os.path.dirname(os.path.abspath(os.fspath(path)))
+    for entry in raw if isinstance(raw, list) else []:
+        if isinstance(entry, Mapping) and "npy" in entry:
+            _without_npy(entry)  # validates the value
+            out[str(entry.get("name"))] = os.path.join(base, os.path.expanduser(entry["npy"]))
+    return out
 
 
 def _shard_from_dict(entry: object, specs: Mapping[str, TableSpec]) -> Shard:
