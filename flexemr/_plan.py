@@ -754,7 +754,7 @@ def _replicate(shards: dict[str, list[Shard]], servers: tuple[str, ...], replica
             for t, lst in shards.items()}
 
 
-def _without_npy(entry: object) -> object:
+def _without_npy(entry: Any) -> Any:
     """A ``[[tables]]`` entry without its optional ``npy`` key (checked here; :func:`table_files` reads it)."""
     if not isinstance(entry, Mapping) or "npy" not in entry:
         return entry
