@@ -21,6 +21,14 @@ Paths, in report order:
     ``EmbeddingClient.lookup_pooled(batch, "sum")`` with the default client
     (dedup, coalesced reads, server-side pooling by the cost model; no cache)
     against ``--servers`` (2) embedding servers, each in its own process;
+``flexemr-torch``
+    the same lookups through :class:`flexemr.torch.RemoteEmbeddingBagCollection`
+    inside a torch ranker (the module plus a linear head, called with a
+    ``KeyedJaggedTensor`` from a plain thread, as a torch model is): the
+    same cluster, batches and client options as ``flexemr``, so its ratio to
+    ``flexemr`` is what the torch layer costs (KJT conversion, the hop to
+    the client thread, the ``KeyedTensor``); skipped with a reason when
+    torch or torchrec is missing (``make torch``);
 ``redis``
     a private ``redis-server`` holding the rows, one pipelined ``MGET`` per
     table and batch, pooled in numpy (:mod:`flexemr.bench._peers`); skipped
@@ -34,12 +42,13 @@ Columns: samples/s (pooled lookups of whole batches), rows/s (ids answered,
 duplicates included), bytes over the network per sample (one-sided read
 payload plus pooling messages for flexemr; RESP request and reply bytes for
 Redis; ``ids x row_bytes`` for naive), and ratios of samples/s to flexemr and
-to local.  ``--no-redis`` / ``--no-torchrec`` skip a peer on purpose.
+to local.  ``--no-redis`` / ``--no-torchrec`` / ``--no-torch`` skip a path on purpose.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import os
 import platform
@@ -51,6 +60,7 @@ import numpy as np
 import rdmaio
 
 from .._cluster import LocalCluster
+from .._plan import ClusterConfig
 from .._init import build_model
 from .._jagged import JaggedBatch
 from .._pooling import pool
@@ -59,13 +69,16 @@ from .._workload import PROFILE_2022, generate, reuse_stats
 from . import _peers
 from ._args import add_config_arguments, config_from_args
 from ._lookup import _naive
-from ._peers import Model, PathResult, Pooled, check_pooled, measured
+from ._peers import Model, PathResult, Pooled, check_pooled, measured, skipped
 
 __all__ = ["HELP", "PATHS", "CompareConfig", "configure", "main", "measure"]
 
-HELP = "one workload side by side: local, naive, flexemr, redis and torchrec (samples/s, bytes/sample, ratios)"
+HELP = ("one workload side by side: local, naive, flexemr, flexemr-torch, redis and torchrec "
+        "(samples/s, bytes/sample, ratios)")
+#: The remote TorchRec module inside a torch ranker (flexemr.torch).
+FLEXEMR_TORCH = "flexemr-torch"
 #: Paths, in report order.
-PATHS = ("local", "naive", "flexemr", _peers.REDIS, _peers.TORCHREC)
+PATHS = ("local", "naive", "flexemr", FLEXEMR_TORCH, _peers.REDIS, _peers.TORCHREC)
 
 
 @dataclass(frozen=True)
@@ -85,6 +98,7 @@ class CompareConfig:
     seed: int = 0
     redis: bool = True
     torchrec: bool = True
+    torch: bool = True
 
 
 def _local(model: Model, jb: JaggedBatch) -> Pooled:
@@ -113,6 +127,8 @@ async def _cluster_paths(cfg: CompareConfig, specs: list[TableSpec], model: Mode
                         f"{m.reads / len(timed):,.0f} reads + {m.pooled_subrequests / len(timed):,.0f} pooling RPCs "
                         f"per batch, {cfg.servers} servers")
 
+        flex_torch = (await _flexemr_torch(cfg, cluster.config, warm, timed, ref) if cfg.torch
+                      else skipped(FLEXEMR_TORCH, "disabled (--no-torch)"))
         naive_s, naive_n = await _naive(client, timed[0], cfg.naive_ids, model)  # checks the rows it read
     ids_per_sample = float(np.mean([len(jb) / jb.batch_size for jb in timed]))
     per_id = naive_s / naive_n
@@ -120,7 +136,79 @@ async def _cluster_paths(cfg: CompareConfig, specs: list[TableSpec], model: Mode
     naive = PathResult("naive", 1.0 / per_id / ids_per_sample, 1.0 / per_id, ids_per_sample * row_bytes,
                        per_id * ids_per_sample * cfg.batch * 1e3, True, None,
                        f"1 read/id, timed on {naive_n:,} ids, extrapolated")
-    return {"naive": naive, "flexemr": flex}, transport, startup_s
+    return {"naive": naive, "flexemr": flex, FLEXEMR_TORCH: flex_torch}, transport, startup_s
+
+
+def _torch_missing() -> str | None:
+    """``None`` when flexemr.torch can run (torch and torchrec import), else why not."""
+    try:
+        import flexemr.torch as ft
+    except ImportError as exc:
+        return str(exc)
+    return ft.torchrec_missing()
+
+
+async def _flexemr_torch(cfg: CompareConfig, config: ClusterConfig, warm: list[JaggedBatch], timed: list[JaggedBatch],
+                         ref: Pooled) -> PathResult:
+    """The ``flexemr-torch`` path (module docstring), checked against ``ref`` first.
+
+    All of it (importing torch included, which takes seconds) runs in a worker
+    thread, as a torch ranker would, so this event loop keeps serving the
+    other paths' client meanwhile.
+    """
+    return await asyncio.to_thread(_flexemr_torch_sync, cfg, config, warm, timed, ref)
+
+
+def _flexemr_torch_sync(cfg: CompareConfig, config: ClusterConfig, warm: list[JaggedBatch],
+                        timed: list[JaggedBatch], ref: Pooled) -> PathResult:
+    missing = _torch_missing()
+    if missing:
+        return skipped(FLEXEMR_TORCH, missing)
+    import torch
+
+    import flexemr.torch as ft
+
+    specs = list(config.plan.tables.values())
+    remote = ft.RemoteEmbeddingBagCollection(ft.embedding_bag_configs(specs), config, transport=cfg.transport)
+
+    class Ranker(torch.nn.Module):
+        """The torch ranker: remote pooled embeddings, then a linear head to one CTR per sample."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.ebc = remote
+            self.head = torch.nn.Linear(sum(s.dim for s in specs), 1)
+
+        def forward(self, kjt: Any) -> Any:
+            return torch.sigmoid(self.head(self.ebc(kjt).values())).squeeze(1)
+
+    async def reset(c: Any) -> None:
+        c.metrics.reset()
+
+    async def net_bytes(c: Any) -> int:
+        return int(c.metrics.network_bytes)
+
+    try:
+        ranker = Ranker()
+        warm_k = [ft.kjt_from_jagged(jb) for jb in warm]      # the ranker's input: converting it is not timed
+        timed_k = [ft.kjt_from_jagged(jb) for jb in timed]
+        with torch.inference_mode():
+            first = remote(timed_k[0]).to_dict()
+            check_pooled(FLEXEMR_TORCH, {t: v.numpy() for t, v in first.items()}, ref)
+            for k in warm_k:
+                ranker(k)
+            remote.client_thread.call(reset)
+            t0 = time.perf_counter()
+            for k in timed_k:
+                ranker(k)
+            dt = time.perf_counter() - t0
+        nbytes = remote.client_thread.call(net_bytes)
+    finally:
+        remote.close()
+    samples = sum(jb.batch_size for jb in timed)
+    note = (f"RemoteEmbeddingBagCollection + Linear head (torch {torch.__version__}), forward from a thread; "
+            "same cluster and client options as flexemr")
+    return measured(FLEXEMR_TORCH, timed, dt, nbytes / samples, note)
 
 
 def measure(cfg: CompareConfig) -> dict[str, Any]:
@@ -188,14 +276,14 @@ def format_table(res: dict[str, Any]) -> str:
          f"{cfg['pooling']:g} ({wl['ids_per_sample']:.1f} ids/sample), sum pooling; {cfg['warmup']} warm-up + "
          f"{cfg['batches']} timed batches, seed {cfg['seed']}; wall {res['wall_s']:.0f} s"),
         "",
-        (f"{'path':<10}{'samples/s':>11}{'rows/s':>10}{'net B/sample':>14}{'batch ms':>10}{'vs flexemr':>12}"
+        (f"{'path':<14}{'samples/s':>11}{'rows/s':>10}{'net B/sample':>14}{'batch ms':>10}{'vs flexemr':>12}"
          f"{'vs local':>10}  note"),
     ]
     for r in res["results"]:
         if r["skipped"]:
-            lines.append(f"{r['path']:<10}  skipped: {r['skipped']}")
+            lines.append(f"{r['path']:<14}  skipped: {r['skipped']}")
             continue
-        lines.append(f"{r['path']:<10}{_rate(r['samples_per_s']):>11}{_rate(r['rows_per_s']):>10}"
+        lines.append(f"{r['path']:<14}{_rate(r['samples_per_s']):>11}{_rate(r['rows_per_s']):>10}"
                      f"{r['bytes_per_sample']:>14,.0f}{r['batch_ms']:>10.1f}{_ratio(r['vs_flexemr']):>12}"
                      f"{_ratio(r['vs_local']):>10}  {r['note']}")
     return "\n".join(lines)
@@ -208,7 +296,8 @@ def configure(p: argparse.ArgumentParser) -> None:
     add_config_arguments(p, d, {"pooling": "mean ids per sample and table (Poisson)",
                                 "warmup": "warm-up batches per path", "batches": "timed batches per path",
                                 "naive_ids": "ids timed on the naive path", "redis": "skip the Redis peer",
-                                "torchrec": "skip the TorchRec peer"})
+                                "torchrec": "skip the TorchRec peer",
+                                "torch": "skip the flexemr-torch path (the remote TorchRec module)"})
 
 
 def main(args: argparse.Namespace) -> int:
