@@ -43,6 +43,8 @@ from ._module import RemoteEmbeddingBagCollection, swap_embeddings
 
 __all__ = ["LOCAL", "REMOTE", "build_dlrm", "run_dlrm"]
 
+torchrec()  # the demo is TorchRec's model: without torchrec, importing it is a DependencyError naming the steps
+
 #: Row names.
 LOCAL = "torchrec local"
 REMOTE = "torchrec remote"

@@ -506,23 +506,6 @@ def test_import_flexemr_does_not_import_torch() -> None:
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
 
 
-def test_missing_torchrec_is_one_line_naming_the_install_steps() -> None:
-    code = ("import sys; sys.modules['torchrec'] = None\n"
-            "import flexemr.torch as ft\n"
-            "from flexemr import TableSpec\n"
-            "assert ft.torchrec_missing() is not None\n"
-            "try:\n"
-            "    ft.RemoteEmbeddingBagCollection([], 'cluster.toml')\n"
-            "except ft.DependencyError as exc:\n"
-            "    print(exc)\n")
-    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT,
-                         env={**os.environ, "PYTHONPATH": str(ROOT)})
-    assert res.returncode == 0, res.stderr
-    line = res.stdout.strip()
-    assert "\n" not in line and "torchrec" in line and "make torch" in line
-    assert "--no-deps fbgemm-gpu-cpu==1.8.0 torchrec==1.8.0" in line and "torch==2.13.0" in line
-
-
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine (GPU path untested here)")
 def test_outputs_land_on_the_gpu_through_pinned_memory(ebcs: tuple[Any, Any], client: Any) -> None:
     plain, _ = ebcs
