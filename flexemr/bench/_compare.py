@@ -27,8 +27,9 @@ Paths, in report order:
     ``KeyedJaggedTensor`` from a plain thread, as a torch model is): the
     same cluster, batches and client options as ``flexemr``, so its ratio to
     ``flexemr`` is what the torch layer costs (KJT conversion, the hop to
-    the client thread, the ``KeyedTensor``); skipped with a reason when
-    torch or torchrec is missing (``make torch``);
+    the client thread, the ``KeyedTensor``).  The two take turns batch by
+    batch, so that whatever else loads the machine weighs on both alike.
+    Skipped with a reason when torch or torchrec is missing (``make torch``);
 ``redis``
     a private ``redis-server`` holding the rows, one pipelined ``MGET`` per
     table and batch, pooled in numpy (:mod:`flexemr.bench._peers`); skipped
@@ -107,7 +108,9 @@ def _local(model: Model, jb: JaggedBatch) -> Pooled:
 
 async def _cluster_paths(cfg: CompareConfig, specs: list[TableSpec], model: Model, warm: list[JaggedBatch],
                          timed: list[JaggedBatch], ref: Pooled) -> tuple[dict[str, PathResult], str, float]:
-    """``naive`` and ``flexemr`` against a :class:`LocalCluster`; returns (results, transport, start-up s)."""
+    """``naive``, ``flexemr`` and ``flexemr-torch`` against a :class:`LocalCluster`; returns (results, transport,
+    start-up s).  ``flexemr`` and ``flexemr-torch`` take turns batch by batch, so that whatever else loads the
+    machine meanwhile weighs on both alike."""
     t0 = time.perf_counter()
     async with LocalCluster(specs, servers=cfg.servers, seed=cfg.seed, transport=cfg.transport) as cluster:
         startup_s = time.perf_counter() - t0
@@ -116,19 +119,27 @@ async def _cluster_paths(cfg: CompareConfig, specs: list[TableSpec], model: Mode
         check_pooled("flexemr", await client.lookup_pooled(timed[0], "sum"), ref)
         for jb in warm:
             await client.lookup_pooled(jb, "sum")
-        client.metrics.reset()
-        t0 = time.perf_counter()
-        for jb in timed:
-            await client.lookup_pooled(jb, "sum")
-        dt = time.perf_counter() - t0
-        m = client.metrics
-        samples = sum(jb.batch_size for jb in timed)
-        flex = measured("flexemr", timed, dt, m.network_bytes / samples,
-                        f"{m.reads / len(timed):,.0f} reads + {m.pooled_subrequests / len(timed):,.0f} pooling RPCs "
-                        f"per batch, {cfg.servers} servers")
-
-        flex_torch = (await _flexemr_torch(cfg, cluster.config, warm, timed, ref) if cfg.torch
-                      else skipped(FLEXEMR_TORCH, "disabled (--no-torch)"))
+        # set up, checked and warmed up in a worker thread (importing torch takes seconds: this loop keeps going)
+        tp = (await asyncio.to_thread(_TorchPath.start, cfg, cluster.config, warm, timed, ref) if cfg.torch
+              else skipped(FLEXEMR_TORCH, "disabled (--no-torch)"))
+        try:
+            client.metrics.reset()
+            dt = torch_dt = 0.0
+            for i, jb in enumerate(timed):
+                t0 = time.perf_counter()
+                await client.lookup_pooled(jb, "sum")
+                dt += time.perf_counter() - t0
+                if isinstance(tp, _TorchPath):
+                    torch_dt += await asyncio.to_thread(tp.batch, i)
+            m = client.metrics
+            samples = sum(jb.batch_size for jb in timed)
+            flex = measured("flexemr", timed, dt, m.network_bytes / samples,
+                            f"{m.reads / len(timed):,.0f} reads + {m.pooled_subrequests / len(timed):,.0f} pooling "
+                            f"RPCs per batch, {cfg.servers} servers")
+            flex_torch = await asyncio.to_thread(tp.result, torch_dt) if isinstance(tp, _TorchPath) else tp
+        finally:
+            if isinstance(tp, _TorchPath):
+                tp.close()
         naive_s, naive_n = await _naive(client, timed[0], cfg.naive_ids, model)  # checks the rows it read
     ids_per_sample = float(np.mean([len(jb) / jb.batch_size for jb in timed]))
     per_id = naive_s / naive_n
@@ -148,67 +159,80 @@ def _torch_missing() -> str | None:
     return ft.torchrec_missing()
 
 
-async def _flexemr_torch(cfg: CompareConfig, config: ClusterConfig, warm: list[JaggedBatch], timed: list[JaggedBatch],
-                         ref: Pooled) -> PathResult:
-    """The ``flexemr-torch`` path (module docstring), checked against ``ref`` first.
+class _TorchPath:
+    """The ``flexemr-torch`` path (module docstring): the remote module inside a torch ranker, timed batch by batch.
 
-    All of it (importing torch included, which takes seconds) runs in a worker
-    thread, as a torch ranker would, so this event loop keeps serving the
-    other paths' client meanwhile.
+    Every method blocks: call them from a worker thread, as a torch ranker runs.
     """
-    return await asyncio.to_thread(_flexemr_torch_sync, cfg, config, warm, timed, ref)
 
+    def __init__(self, ft: Any, torch: Any, remote: Any, ranker: Any, timed_k: list[Any],
+                 timed: list[JaggedBatch]) -> None:
+        self.ft, self.torch, self.remote, self.ranker = ft, torch, remote, ranker
+        self.timed_k, self.timed = timed_k, timed
 
-def _flexemr_torch_sync(cfg: CompareConfig, config: ClusterConfig, warm: list[JaggedBatch],
-                        timed: list[JaggedBatch], ref: Pooled) -> PathResult:
-    missing = _torch_missing()
-    if missing:
-        return skipped(FLEXEMR_TORCH, missing)
-    import torch
+    @classmethod
+    def start(cls, cfg: CompareConfig, config: ClusterConfig, warm: list[JaggedBatch], timed: list[JaggedBatch],
+              ref: Pooled) -> _TorchPath | PathResult:
+        """Build the ranker, check it against ``ref`` and warm it up (or the reason the path is skipped)."""
+        missing = _torch_missing()
+        if missing:
+            return skipped(FLEXEMR_TORCH, missing)
+        import torch
 
-    import flexemr.torch as ft
+        import flexemr.torch as ft
 
-    specs = list(config.plan.tables.values())
-    remote = ft.RemoteEmbeddingBagCollection(ft.embedding_bag_configs(specs), config, transport=cfg.transport)
+        specs = list(config.plan.tables.values())
+        remote = ft.RemoteEmbeddingBagCollection(ft.embedding_bag_configs(specs), config, transport=cfg.transport)
 
-    class Ranker(torch.nn.Module):
-        """The torch ranker: remote pooled embeddings, then a linear head to one CTR per sample."""
+        class Ranker(torch.nn.Module):
+            """The torch ranker: remote pooled embeddings, then a linear head to one CTR per sample."""
 
-        def __init__(self) -> None:
-            super().__init__()
-            self.ebc = remote
-            self.head = torch.nn.Linear(sum(s.dim for s in specs), 1)
+            def __init__(self) -> None:
+                super().__init__()
+                self.ebc = remote
+                self.head = torch.nn.Linear(sum(s.dim for s in specs), 1)
 
-        def forward(self, kjt: Any) -> Any:
-            return torch.sigmoid(self.head(self.ebc(kjt).values())).squeeze(1)
+            def forward(self, kjt: Any) -> Any:
+                return torch.sigmoid(self.head(self.ebc(kjt).values())).squeeze(1)
 
-    async def reset(c: Any) -> None:
-        c.metrics.reset()
+        try:
+            path = cls(ft, torch, remote, Ranker(), [ft.kjt_from_jagged(jb) for jb in timed], timed)
+            with torch.inference_mode():  # the ranker's input is a KJT: converting the batches is not timed
+                first = remote(path.timed_k[0]).to_dict()
+                check_pooled(FLEXEMR_TORCH, {t: v.numpy() for t, v in first.items()}, ref)
+                for jb in warm:
+                    path.ranker(ft.kjt_from_jagged(jb))
+            remote.client_thread.call(_reset_metrics)
+        except BaseException:
+            remote.close()
+            raise
+        return path
 
-    async def net_bytes(c: Any) -> int:
-        return int(c.metrics.network_bytes)
-
-    try:
-        ranker = Ranker()
-        warm_k = [ft.kjt_from_jagged(jb) for jb in warm]      # the ranker's input: converting it is not timed
-        timed_k = [ft.kjt_from_jagged(jb) for jb in timed]
-        with torch.inference_mode():
-            first = remote(timed_k[0]).to_dict()
-            check_pooled(FLEXEMR_TORCH, {t: v.numpy() for t, v in first.items()}, ref)
-            for k in warm_k:
-                ranker(k)
-            remote.client_thread.call(reset)
+    def batch(self, i: int) -> float:
+        """Seconds the ranker takes for timed batch ``i``."""
+        with self.torch.inference_mode():
             t0 = time.perf_counter()
-            for k in timed_k:
-                ranker(k)
-            dt = time.perf_counter() - t0
-        nbytes = remote.client_thread.call(net_bytes)
-    finally:
-        remote.close()
-    samples = sum(jb.batch_size for jb in timed)
-    note = (f"RemoteEmbeddingBagCollection + Linear head (torch {torch.__version__}), forward from a thread; "
-            "same cluster and client options as flexemr")
-    return measured(FLEXEMR_TORCH, timed, dt, nbytes / samples, note)
+            self.ranker(self.timed_k[i])
+            return time.perf_counter() - t0
+
+    def result(self, seconds: float) -> PathResult:
+        """The path's result after every timed batch ran in ``seconds`` in all."""
+        nbytes = self.remote.client_thread.call(_network_bytes)
+        samples = sum(jb.batch_size for jb in self.timed)
+        note = (f"RemoteEmbeddingBagCollection + Linear head (torch {self.torch.__version__}), forward from a "
+                "thread; same cluster, client options and batches as flexemr, in turns")
+        return measured(FLEXEMR_TORCH, self.timed, seconds, nbytes / samples, note)
+
+    def close(self) -> None:
+        self.remote.close()
+
+
+async def _reset_metrics(client: Any) -> None:
+    client.metrics.reset()
+
+
+async def _network_bytes(client: Any) -> int:
+    return int(client.metrics.network_bytes)
 
 
 def measure(cfg: CompareConfig) -> dict[str, Any]:

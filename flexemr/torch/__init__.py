@@ -35,7 +35,6 @@ except ImportError as _exc:  # pragma: no cover - exercised where torch is not i
     raise _DependencyError(f"flexemr.torch needs torch ({_exc}); {_STEPS}") from _exc
 
 from ._convert import (
-    Pooling,
     embedding_bag_configs,
     embedding_names,
     jagged_from_kjt,
@@ -56,7 +55,6 @@ __all__ = [
     "ClientThread",
     "DependencyError",
     "Export",
-    "Pooling",
     "RemoteEmbeddingBagCollection",
     "embedding_bag_configs",
     "embedding_names",

@@ -35,8 +35,9 @@ __all__ = ["Export", "export"]
 
 PlanKind = Literal["row_wise", "table_wise", "column_wise"]
 
-_BUILDERS: dict[str, Callable[..., ShardingPlan]] = {"row_wise": ShardingPlan.row_wise, "table_wise": ShardingPlan.table_wise,
-             "column_wise": ShardingPlan.column_wise}
+_BUILDERS: dict[str, Callable[..., ShardingPlan]] = {"row_wise": ShardingPlan.row_wise,
+                                                     "table_wise": ShardingPlan.table_wise,
+                                                     "column_wise": ShardingPlan.column_wise}
 _SAFE = re.compile(r"^[A-Za-z0-9_.-]+$")
 
 

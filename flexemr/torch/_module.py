@@ -52,8 +52,6 @@ if TYPE_CHECKING:
 
 __all__ = ["RemoteEmbeddingBagCollection", "swap_embeddings"]
 
-ClientLike = ClientThread | ClusterConfig | EmbeddingClient | str | os.PathLike[str]
-
 
 @dataclass(frozen=True)
 class _Slot:
@@ -129,8 +127,9 @@ class RemoteEmbeddingBagCollection(nn.Module):
 
     _anchor: torch.Tensor
 
-    def __init__(self, tables: Sequence[EmbeddingBagConfig], client: ClientLike, *, is_weighted: bool = False,
-                 device: torch.device | str | None = None, **client_options: Any) -> None:
+    def __init__(self, tables: Sequence[EmbeddingBagConfig],
+                 client: ClientThread | ClusterConfig | EmbeddingClient | str | os.PathLike[str], *,
+                 is_weighted: bool = False, device: torch.device | str | None = None, **client_options: Any) -> None:
         super().__init__()
         torchrec()  # the output type is TorchRec's: fail here, with the install steps, when it is missing
         configs = _configs(tables)
@@ -208,7 +207,7 @@ class RemoteEmbeddingBagCollection(nn.Module):
     # ------------------------------------------------------------ EBC interface
 
     def embedding_bag_configs(self) -> list[EmbeddingBagConfig]:
-        """The ``EmbeddingBagConfig`` s the module was built with (as ``EmbeddingBagCollection.embedding_bag_configs``)."""
+        """The ``EmbeddingBagConfig`` s it was built with (as ``EmbeddingBagCollection.embedding_bag_configs()``)."""
         return self._configs
 
     def is_weighted(self) -> bool:
@@ -232,7 +231,8 @@ class RemoteEmbeddingBagCollection(nn.Module):
 
     def extra_repr(self) -> str:
         tables = ", ".join(f"{s.name}[{s.num_rows}x{s.dim}]" for s in self._specs)
-        return f"tables=[{tables}], weighted={self._is_weighted}, device={self.device}, servers={len(self._runner.config.plan.servers)}"
+        servers = len(self._runner.config.plan.servers)
+        return f"tables=[{tables}], weighted={self._is_weighted}, device={self.device}, servers={servers}"
 
     # ------------------------------------------------------------ forward
 
@@ -325,6 +325,20 @@ class RemoteEmbeddingBagCollection(nn.Module):
         req = self._prepare(features)
         return self._assemble(req, await self._runner.acall(self._lookup_all(req)))
 
+    # ------------------------------------------------------------ copying
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> RemoteEmbeddingBagCollection:
+        """A module on the same client thread (``copy.deepcopy(model)`` of a swapped model works)."""
+        self._check_open()
+        twin = RemoteEmbeddingBagCollection(self._configs, self._runner, is_weighted=self._is_weighted,
+                                            device=self.device)
+        memo[id(self)] = twin
+        return twin
+
+    def __getstate__(self) -> dict[str, Any]:
+        raise TypeError("a RemoteEmbeddingBagCollection cannot be pickled (it holds a client thread and its "
+                        "connections); save the local model, or its tables with flexemr.torch.export")
+
     # ------------------------------------------------------------ closing
 
     def _check_open(self) -> None:
@@ -351,8 +365,8 @@ def _ebc_type() -> type:
     return torchrec().EmbeddingBagCollection  # type: ignore[no-any-return]
 
 
-def swap_embeddings(model: nn.Module, client: ClientLike, *, device: torch.device | str | None = None,
-                    **client_options: Any) -> nn.Module:
+def swap_embeddings(model: nn.Module, client: ClientThread | ClusterConfig | EmbeddingClient | str | os.PathLike[str],
+                    *, device: torch.device | str | None = None, **client_options: Any) -> nn.Module:
     """Replace every ``EmbeddingBagCollection`` in ``model`` with a :class:`RemoteEmbeddingBagCollection`.
 
     Every replacement shares one :class:`ClientThread` (``client`` itself

@@ -538,3 +538,36 @@ def test_module_moves_with_to(ebcs: tuple[Any, Any], client: Any) -> None:
     kt = remote(_random_kjt(np.random.default_rng(0), cfgs, 4))
     assert kt.values().device.type == "meta" and tuple(kt.values().shape) == (4, 32)
     remote.close()
+
+
+def test_api_reference_is_current() -> None:
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("gen_api", ROOT / "docs" / "gen_api.py")
+    assert spec is not None and spec.loader is not None
+    gen = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gen)
+    committed = (ROOT / "docs" / "api" / "flexemr.torch.md").read_text()
+    assert committed == gen.generate("flexemr.torch"), (
+        "docs/api/flexemr.torch.md is stale; regenerate it with: "
+        "python docs/gen_api.py flexemr.torch > docs/api/flexemr.torch.md")
+    for name in ft.__all__:
+        assert f"\n## {name}\n" in committed
+
+
+def test_deepcopy_shares_the_client_thread_and_pickling_is_refused(ebcs: tuple[Any, Any], client: Any) -> None:
+    import pickle
+
+    plain, _ = ebcs
+    cfgs = plain.embedding_bag_configs()
+    model = torch.nn.Sequential(ft.RemoteEmbeddingBagCollection(cfgs, client))
+    twin = copy.deepcopy(model)
+    assert twin[0] is not model[0] and twin[0].client_thread is client
+    kjt = _random_kjt(np.random.default_rng(3), cfgs, 8)
+    with torch.no_grad():
+        _assert_same(twin[0](kjt), plain(kjt), cfgs)
+    model[0].close()
+    assert not twin[0].closed       # each copy holds the thread on its own
+    with pytest.raises(TypeError, match="cannot be pickled"):
+        pickle.dumps(twin)
+    twin[0].close()
