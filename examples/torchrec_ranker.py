@@ -123,11 +123,11 @@ def start_servers(commands: list[str]) -> list[subprocess.Popen[str]]:
 
 def run(args: argparse.Namespace, out: Path) -> None:
     try:
-        import torch
-
-        import flexemr.torch as ft
-    except ImportError as exc:  # torch missing: the message names the install steps
+        import flexemr.torch as ft  # first: without torch, its error names the install steps
+    except ImportError as exc:
         raise ExampleError(str(exc)) from None
+    import torch
+
     missing = ft.torchrec_missing()
     if missing:
         raise ExampleError(missing)
