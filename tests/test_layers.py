@@ -11,8 +11,9 @@ flexemr's layers (``flexemr/__init__.py`` and ``docs/architecture.md``)::
     client    the ranker                  core (and rdmaio's public names)
     server    the embedding server        core (and rdmaio's public names)
     testing   test oracles                core
-    apps      cli, LocalCluster, demo...  core, client, server
-    bench     benchmarks                  core, client, server, apps
+    torch     TorchRec modules (extra)    core, client
+    apps      cli, LocalCluster, demo...  core, client, server, torch
+    bench     benchmarks                  core, client, server, apps, torch
     __main__  the ``flexemr`` command     apps, bench
     flexemr   the package (re-exports)    core, client, server, apps; imported by nobody
 """
@@ -128,8 +129,9 @@ FLEXEMR_LAYERS: dict[str, set[str]] = {
     "flexemr.client": {"flexemr.core"},
     "flexemr.server": {"flexemr.core"},
     "flexemr.testing": {"flexemr.core"},
-    "flexemr.apps": {"flexemr.core", "flexemr.client", "flexemr.server"},
-    "flexemr.bench": {"flexemr.core", "flexemr.client", "flexemr.server", "flexemr.apps"},
+    "flexemr.torch": {"flexemr.core", "flexemr.client"},
+    "flexemr.apps": {"flexemr.core", "flexemr.client", "flexemr.server", "flexemr.torch"},
+    "flexemr.bench": {"flexemr.core", "flexemr.client", "flexemr.server", "flexemr.apps", "flexemr.torch"},
     "flexemr.__main__": {"flexemr.apps", "flexemr.bench"},
     "flexemr": {"flexemr.core", "flexemr.client", "flexemr.server", "flexemr.apps"},
 }

@@ -39,7 +39,7 @@ from dataclasses import dataclass
 
 import rdmaio
 
-from ..core.config import ClusterConfig
+from ..core.config import ClusterConfig, table_files
 from ..core.errors import FlexEMRError
 from ..server.server import EmbeddingServer
 from .cli_support import ArgumentParser, Interrupted, check_range, describe_os_error
@@ -106,7 +106,8 @@ async def _serve(args: argparse.Namespace) -> int:
         check_range("--port", args.port, 0, 65535)
     config = ClusterConfig.from_toml(args.config)
     server = EmbeddingServer(config, args.server, host=args.host, port=args.port, seed=args.seed,
-                             npy=_parse_npy(args.npy), transport=args.transport,
+                             npy={**table_files(args.config), **_parse_npy(args.npy)},  # --npy overrides the file
+                             transport=args.transport,
                              engine_options={"workers": args.workers})
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()

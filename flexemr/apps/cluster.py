@@ -17,6 +17,13 @@ directory and served from it (``--npy``); clients get ``remap=`` by default,
 so lookups still use logical ids and :meth:`LocalCluster.model` stays the
 logical model.
 
+With ``weights={table: array}`` (a trained model's tables) those tables are
+written to ``.npy`` files the same way and served from them instead of the
+seeded values; :meth:`LocalCluster.model` returns them::
+
+    async with LocalCluster(specs, servers=2, weights={"user": trained}) as cluster:
+        assert (cluster.model()["user"] == trained).all()
+
 Servers bind port 0 and report the port they got on stdout; the cluster then
 writes the final cluster file (``cluster.config_path``).  Every process is
 stopped on exit — also when start-up fails or the task is cancelled: the
@@ -45,7 +52,7 @@ import rdmaio.testing
 from ..client.client import EmbeddingClient
 from ..core.config import ClusterConfig, ServerAddress
 from ..core.errors import ClosedError, ConfigError, FlexEMRError
-from ..core.init import build_model, check_seed, init_table
+from ..core.init import check_seed, init_table
 from ..core.plan import ShardingPlan
 from ..core.remap import RowRemap
 from ..core.spec import TableSpec
@@ -103,6 +110,12 @@ class LocalCluster:
     replicas, versioned:
         With a plan kind: every shard on ``replicas`` servers, and updatable
         (versioned) rows (``docs/reliability.md``).
+    weights:
+        ``{table: [num_rows, dim] array}`` of the table's dtype: servers hold
+        these values instead of seeded ones (written to ``.npy`` files in the
+        cluster's temporary directory at :meth:`start`).  Tables not named
+        here are seeded.  A wrong table, shape or dtype raises
+        :class:`ConfigError`.
 
     Notes
     -----
@@ -128,6 +141,7 @@ class LocalCluster:
         remap: RowRemap | None = None,
         replicas: int = 1,
         versioned: bool = False,
+        weights: Mapping[str, npt.ArrayLike] | None = None,
     ) -> None:
         spec_list = list(specs.values()) if isinstance(specs, Mapping) else list(specs)
         if isinstance(plan, ShardingPlan):
@@ -156,6 +170,7 @@ class LocalCluster:
                 raise ConfigError(f"remap must be a RowRemap, got {type(remap).__name__}")
             remap.gather_arrays(self.plan)  # ConfigError unless it fits the plan
         self.remap = remap
+        self.weights = self._check_weights(weights)
         self._npy: dict[str, Path] = {}
         self.seed = check_seed(seed)
         self.in_process = in_process
@@ -206,10 +221,32 @@ class LocalCluster:
         except KeyError:
             raise ConfigError(f"no in-process server {name!r}") from None
 
+    def _check_weights(self, weights: Mapping[str, npt.ArrayLike] | None) -> dict[str, npt.NDArray[Any]]:
+        if weights is None:
+            return {}
+        if not isinstance(weights, Mapping):
+            raise ConfigError(f"weights must be a mapping {{table: array}}, got {type(weights).__name__}")
+        out: dict[str, npt.NDArray[Any]] = {}
+        for table, values in weights.items():
+            if table not in self.plan.tables:
+                raise ConfigError(f"weights for table {table!r}, which is not in the plan "
+                                  f"(tables: {sorted(self.plan.tables)})")
+            spec = self.plan.spec(table)
+            arr = np.asarray(values)
+            if arr.shape != (spec.num_rows, spec.dim):
+                raise ConfigError(f"weights of table {table!r} have shape {arr.shape}, "
+                                  f"the table is {(spec.num_rows, spec.dim)}")
+            if arr.dtype != spec.np_dtype:
+                raise ConfigError(f"weights of table {table!r} are {arr.dtype}, the table is {spec.dtype} "
+                                  f"(convert them with .astype({spec.dtype!r}) or change the TableSpec)")
+            out[table] = arr
+        return out
+
     def model(self) -> dict[str, npt.NDArray[Any]]:
-        """Every table as a local array, regenerated from the seed (no data transferred)."""
+        """Every table as a local array: the given ``weights``, the rest regenerated from the seed."""
         if self._model is None:
-            self._model = build_model(self.plan, self.seed)
+            self._model = {name: self.weights[name] if name in self.weights else init_table(spec, self.seed)
+                           for name, spec in self.plan.tables.items()}
         return self._model
 
     # ------------------------------------------------------------- lifecycle
@@ -222,8 +259,8 @@ class LocalCluster:
             return self
         self._tmp = tempfile.TemporaryDirectory(prefix="flexemr-cluster-")
         try:
-            if self.remap is not None:
-                await asyncio.get_running_loop().run_in_executor(None, self._write_remapped)
+            if self.remap is not None or self.weights:
+                await asyncio.get_running_loop().run_in_executor(None, self._write_npy)
             if self.in_process:
                 addrs = await self._start_in_process()
             else:
@@ -236,12 +273,16 @@ class LocalCluster:
         self._started = True
         return self
 
-    def _write_remapped(self) -> None:
-        """One ``.npy`` per remapped table, rows in physical order (runs in a worker thread)."""
-        assert self._tmp is not None and self.remap is not None
-        for t in self.remap.tables:
-            path = Path(self._tmp.name) / f"remap-{len(self._npy)}.npy"
-            np.save(path, self.remap.apply_to_table(t, init_table(self.plan.spec(t), self.seed)))
+    def _write_npy(self) -> None:
+        """One ``.npy`` per remapped or given table, rows in physical order (runs in a worker thread)."""
+        assert self._tmp is not None
+        remapped = set(self.remap.tables) if self.remap is not None else set()
+        for t in sorted(remapped | set(self.weights)):
+            values = self.weights[t] if t in self.weights else init_table(self.plan.spec(t), self.seed)
+            if self.remap is not None and t in remapped:
+                values = self.remap.apply_to_table(t, values)
+            path = Path(self._tmp.name) / f"table-{len(self._npy)}.npy"
+            np.save(path, np.ascontiguousarray(values))
             self._npy[t] = path
 
     async def _start_in_process(self) -> dict[str, ServerAddress]:

@@ -34,6 +34,11 @@ pooling       ``server_pooling=True``                   ``server_pooling=False``
 prefetch      ``client.prefetch(batches, depth=1)``     sequential: look up, then run the model
 ============  =======================================  ==========================================
 
+``--model torchrec`` runs TorchRec's DLRM instead (:mod:`flexemr.apps.torch_demo`,
+the ``torch`` extra): servers holding its EmbeddingBagCollection's weights,
+the model with that EBC swapped for a remote one, CTRs checked against the
+same model run locally; rows ``torchrec local`` and ``torchrec remote``.
+
 The process cleans up after itself: every server is stopped and the
 cluster's temporary directory removed when the demo ends, fails or is
 stopped by SIGINT (Ctrl-C, exit code 130) or SIGTERM (143); servers also exit
@@ -50,7 +55,7 @@ import platform
 import sys
 import time
 import typing
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -232,6 +237,9 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--only", action="append", default=[], metavar="NAME",
                    help="run only this configuration (repeatable); names as printed")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--model", choices=["numpy", "torchrec"], default="numpy",
+                   help="numpy: flexemr's DLRM, every technique (default); torchrec: TorchRec's DLRM with its "
+                        "EmbeddingBagCollection served remotely (needs the torch extra: make torch)")
 
 
 def _say(msg: str) -> None:
@@ -254,6 +262,8 @@ async def run_demo(args: argparse.Namespace, *, client_cls: type = EmbeddingClie
     check_range("--cache-mb", args.cache_mb, 0)
     check_range("--check-samples", args.check_samples, 0)
     require_matplotlib()
+    if getattr(args, "model", "numpy") == "torchrec":
+        return await _run_torchrec(args)
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     t_begin = time.perf_counter()
@@ -356,6 +366,71 @@ async def run_demo(args: argparse.Namespace, *, client_cls: type = EmbeddingClie
     return report
 
 
+async def _run_torchrec(args: argparse.Namespace) -> dict[str, Any]:
+    """``--model torchrec``: the demo's tables and requests through :func:`flexemr.apps.torch_demo.run_dlrm`."""
+    with blocking_section():
+        from . import torch_demo  # torch (and then torchrec): a DependencyError names the install steps
+    out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    t_begin = time.perf_counter()
+    scale = args.scale if args.scale is not None else auto_scale(args.dim)
+    specs = criteo_specs(scale, args.dim)
+    with blocking_section():
+        batches = generate_trace(specs, args.batches + 1, args.batch_size, args.pooling, seed=args.seed)
+    _say(f"{len(specs)} Criteo-shaped tables x dim {args.dim} (scale {scale:g}: {sum(s.num_rows for s in specs):,} "
+         f"rows, {sum(s.nbytes for s in specs) / (1 << 20):.0f} MiB) in a TorchRec EmbeddingBagCollection, "
+         f"TorchRec's DLRM; {args.batches} batches x {args.batch_size} samples x ~{args.pooling:g} ids/table")
+    progress = _Progress(not args.no_progress)
+
+    def bar(name: str) -> Callable[[int, int], None]:
+        progress.label = name
+        return progress.update
+
+    res = await torch_demo.run_dlrm(specs, [(b.dense, b.sparse) for b in batches], servers=args.servers,
+                                    transport=args.transport, seed=args.seed, seconds=args.seconds,
+                                    check_samples=args.check_samples, say=_say, progress=bar)
+    progress.clear()
+    support = detect_support()
+    on = {torch_demo.LOCAL: frozenset(), torch_demo.REMOTE: frozenset({"coalescing", "pooling"})}
+    rows = res["rows"]
+    for r in rows:
+        r["techniques"] = {t.key: ("on" if t.key in on[r["name"]] else "off") if r["name"] == torch_demo.REMOTE
+                           else "-" for t in TECHNIQUES}
+        r["available"], r["note"], r["cost_note"] = True, None, None
+    remote = next(r for r in rows if r["name"] == torch_demo.REMOTE)
+    checked = args.check_samples > 0
+    err = remote["max_abs_err"]
+    passed = bool(remote["batches"]) and (not checked or (err is not None and err <= MAX_ABS_ERR))
+    report: dict[str, Any] = {
+        "flexemr_demo": 1, "model_kind": "torchrec",
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform()},
+        "transport": res["transport"], "servers": args.servers, "server_pids": res["pids"],
+        "tables": {"count": len(specs), "dim": args.dim, "scale": scale, "rows": sum(s.num_rows for s in specs),
+                   "bytes": sum(s.nbytes for s in specs), "num_rows": {s.name: s.num_rows for s in specs}},
+        "model": {**res["model"], "seed": args.seed},
+        "workload": {"batches": args.batches, "batch_size": args.batch_size, "pooling_factor": args.pooling,
+                     "profile": PROFILE_2022.to_dict(), "seconds_per_configuration": args.seconds},
+        "techniques": {t.key: {"available": support[t.key].available, "how": support[t.key].how,
+                               "on": support[t.key].on, "off": support[t.key].off, "what": t.what}
+                       for t in TECHNIQUES},
+        "configurations": rows,
+        "check": {"samples_per_batch": args.check_samples, "max_abs_err": err, "tolerance": MAX_ABS_ERR,
+                  "skipped": not checked, "refused": [], "passed": passed,
+                  "against": "the same TorchRec model with its local EmbeddingBagCollection"},
+        "elapsed_s": time.perf_counter() - t_begin,
+    }
+    (out_dir / "report.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
+    figures = plot_configurations(out_dir / "report.png",
+                                  f"flexemr demo --model torchrec: TorchRec's DLRM, 26 Criteo-shaped tables on "
+                                  f"{args.servers} servers ({res['transport']}), batches of {args.batch_size} samples",
+                                  rows, {torch_demo.LOCAL: "the EmbeddingBagCollection in this process (reference)",
+                                         torch_demo.REMOTE: "RemoteEmbeddingBagCollection: coalescing + pooling"},
+                                  {})
+    report["files"] = {"json": str(out_dir / "report.json"), "png": str(figures[0]), "svg": str(figures[1])}
+    return report
+
+
 def print_report(report: Mapping[str, Any]) -> None:
     """The human-readable summary of a demo report."""
     print()
@@ -375,7 +450,8 @@ def print_report(report: Mapping[str, Any]) -> None:
     if chk["skipped"]:
         print(f"\nCTR check skipped (--check-samples 0) - {verdict}")
     else:
-        print(f"\nCTR check against the local reference model ({chk['samples_per_batch']} samples per batch): "
+        print(f"\nCTR check against {chk.get('against', 'the local reference model')} "
+              f"({chk['samples_per_batch']} samples per batch): "
               f"max abs error {'none measured' if err is None else format(err, '.1e')} - {verdict}")
     if chk["refused"]:
         print(f"configurations the client refused: {', '.join(chk['refused'])} - FAILED")

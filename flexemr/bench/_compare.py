@@ -21,6 +21,15 @@ Paths, in report order:
     ``EmbeddingClient.lookup_pooled(batch, "sum")`` with the default client
     (dedup, coalesced reads, server-side pooling by the cost model; no cache)
     against ``--servers`` (2) embedding servers, each in its own process;
+``flexemr-torch``
+    the same lookups through :class:`flexemr.torch.RemoteEmbeddingBagCollection`
+    inside a torch ranker (the module plus a linear head, called with a
+    ``KeyedJaggedTensor`` from a plain thread, as a torch model is): the
+    same cluster, batches and client options as ``flexemr``, so its ratio to
+    ``flexemr`` is what the torch layer costs (KJT conversion, the hop to
+    the client thread, the ``KeyedTensor``).  The two take turns batch by
+    batch, so that whatever else loads the machine weighs on both alike.
+    Skipped with a reason when torch or torchrec is missing (``make torch``);
 ``redis``
     a private ``redis-server`` holding the rows, one pipelined ``MGET`` per
     table and batch, pooled in numpy (:mod:`flexemr.bench._peers`); skipped
@@ -34,12 +43,13 @@ Columns: samples/s (pooled lookups of whole batches), rows/s (ids answered,
 duplicates included), bytes over the network per sample (one-sided read
 payload plus pooling messages for flexemr; RESP request and reply bytes for
 Redis; ``ids x row_bytes`` for naive), and ratios of samples/s to flexemr and
-to local.  ``--no-redis`` / ``--no-torchrec`` skip a peer on purpose.
+to local.  ``--no-redis`` / ``--no-torchrec`` / ``--no-torch`` skip a path on purpose.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import os
 import platform
@@ -52,6 +62,7 @@ import rdmaio
 
 from ..apps.cluster import LocalCluster
 from ..apps.workload import PROFILE_2022, generate, reuse_stats
+from ..core.config import ClusterConfig
 from ..core.init import build_model
 from ..core.jagged import JaggedBatch
 from ..core.pooling import pool
@@ -59,13 +70,16 @@ from ..core.spec import TableSpec
 from . import _peers
 from ._args import add_config_arguments, config_from_args
 from ._lookup import _naive
-from ._peers import Model, PathResult, Pooled, check_pooled, measured
+from ._peers import Model, PathResult, Pooled, check_pooled, measured, skipped
 
 __all__ = ["HELP", "PATHS", "CompareConfig", "configure", "main", "measure"]
 
-HELP = "one workload side by side: local, naive, flexemr, redis and torchrec (samples/s, bytes/sample, ratios)"
+HELP = ("one workload side by side: local, naive, flexemr, flexemr-torch, redis and torchrec "
+        "(samples/s, bytes/sample, ratios)")
+#: The remote TorchRec module inside a torch ranker (flexemr.torch).
+FLEXEMR_TORCH = "flexemr-torch"
 #: Paths, in report order.
-PATHS = ("local", "naive", "flexemr", _peers.REDIS, _peers.TORCHREC)
+PATHS = ("local", "naive", "flexemr", FLEXEMR_TORCH, _peers.REDIS, _peers.TORCHREC)
 
 
 @dataclass(frozen=True)
@@ -85,6 +99,7 @@ class CompareConfig:
     seed: int = 0
     redis: bool = True
     torchrec: bool = True
+    torch: bool = True
 
 
 def _local(model: Model, jb: JaggedBatch) -> Pooled:
@@ -93,7 +108,9 @@ def _local(model: Model, jb: JaggedBatch) -> Pooled:
 
 async def _cluster_paths(cfg: CompareConfig, specs: list[TableSpec], model: Model, warm: list[JaggedBatch],
                          timed: list[JaggedBatch], ref: Pooled) -> tuple[dict[str, PathResult], str, float]:
-    """``naive`` and ``flexemr`` against a :class:`LocalCluster`; returns (results, transport, start-up s)."""
+    """``naive``, ``flexemr`` and ``flexemr-torch`` against a :class:`LocalCluster`; returns (results, transport,
+    start-up s).  ``flexemr`` and ``flexemr-torch`` take turns batch by batch, so that whatever else loads the
+    machine meanwhile weighs on both alike."""
     t0 = time.perf_counter()
     async with LocalCluster(specs, servers=cfg.servers, seed=cfg.seed, transport=cfg.transport) as cluster:
         startup_s = time.perf_counter() - t0
@@ -102,17 +119,27 @@ async def _cluster_paths(cfg: CompareConfig, specs: list[TableSpec], model: Mode
         check_pooled("flexemr", await client.lookup_pooled(timed[0], "sum"), ref)
         for jb in warm:
             await client.lookup_pooled(jb, "sum")
-        client.metrics.reset()
-        t0 = time.perf_counter()
-        for jb in timed:
-            await client.lookup_pooled(jb, "sum")
-        dt = time.perf_counter() - t0
-        m = client.metrics
-        samples = sum(jb.batch_size for jb in timed)
-        flex = measured("flexemr", timed, dt, m.network_bytes / samples,
-                        f"{m.reads / len(timed):,.0f} reads + {m.pooled_subrequests / len(timed):,.0f} pooling RPCs "
-                        f"per batch, {cfg.servers} servers")
-
+        # set up, checked and warmed up in a worker thread (importing torch takes seconds: this loop keeps going)
+        tp = (await asyncio.to_thread(_TorchPath.start, cfg, cluster.config, warm, timed, ref) if cfg.torch
+              else skipped(FLEXEMR_TORCH, "disabled (--no-torch)"))
+        try:
+            client.metrics.reset()
+            dt = torch_dt = 0.0
+            for i, jb in enumerate(timed):
+                t0 = time.perf_counter()
+                await client.lookup_pooled(jb, "sum")
+                dt += time.perf_counter() - t0
+                if isinstance(tp, _TorchPath):
+                    torch_dt += await asyncio.to_thread(tp.batch, i)
+            m = client.metrics
+            samples = sum(jb.batch_size for jb in timed)
+            flex = measured("flexemr", timed, dt, m.network_bytes / samples,
+                            f"{m.reads / len(timed):,.0f} reads + {m.pooled_subrequests / len(timed):,.0f} pooling "
+                            f"RPCs per batch, {cfg.servers} servers")
+            flex_torch = await asyncio.to_thread(tp.result, torch_dt) if isinstance(tp, _TorchPath) else tp
+        finally:
+            if isinstance(tp, _TorchPath):
+                tp.close()
         naive_s, naive_n = await _naive(client, timed[0], cfg.naive_ids, model)  # checks the rows it read
     ids_per_sample = float(np.mean([len(jb) / jb.batch_size for jb in timed]))
     per_id = naive_s / naive_n
@@ -120,7 +147,92 @@ async def _cluster_paths(cfg: CompareConfig, specs: list[TableSpec], model: Mode
     naive = PathResult("naive", 1.0 / per_id / ids_per_sample, 1.0 / per_id, ids_per_sample * row_bytes,
                        per_id * ids_per_sample * cfg.batch * 1e3, True, None,
                        f"1 read/id, timed on {naive_n:,} ids, extrapolated")
-    return {"naive": naive, "flexemr": flex}, transport, startup_s
+    return {"naive": naive, "flexemr": flex, FLEXEMR_TORCH: flex_torch}, transport, startup_s
+
+
+def _torch_missing() -> str | None:
+    """``None`` when flexemr.torch can run (torch and torchrec import), else why not."""
+    try:
+        import flexemr.torch as ft
+    except ImportError as exc:
+        return str(exc)
+    return ft.torchrec_missing()
+
+
+class _TorchPath:
+    """The ``flexemr-torch`` path (module docstring): the remote module inside a torch ranker, timed batch by batch.
+
+    Every method blocks: call them from a worker thread, as a torch ranker runs.
+    """
+
+    def __init__(self, ft: Any, torch: Any, remote: Any, ranker: Any, timed_k: list[Any],
+                 timed: list[JaggedBatch]) -> None:
+        self.ft, self.torch, self.remote, self.ranker = ft, torch, remote, ranker
+        self.timed_k, self.timed = timed_k, timed
+
+    @classmethod
+    def start(cls, cfg: CompareConfig, config: ClusterConfig, warm: list[JaggedBatch], timed: list[JaggedBatch],
+              ref: Pooled) -> _TorchPath | PathResult:
+        """Build the ranker, check it against ``ref`` and warm it up (or the reason the path is skipped)."""
+        missing = _torch_missing()
+        if missing:
+            return skipped(FLEXEMR_TORCH, missing)
+        import torch
+
+        import flexemr.torch as ft
+
+        specs = list(config.plan.tables.values())
+        remote = ft.RemoteEmbeddingBagCollection(ft.embedding_bag_configs(specs), config, transport=cfg.transport)
+
+        class Ranker(torch.nn.Module):
+            """The torch ranker: remote pooled embeddings, then a linear head to one CTR per sample."""
+
+            def __init__(self) -> None:
+                super().__init__()
+                self.ebc = remote
+                self.head = torch.nn.Linear(sum(s.dim for s in specs), 1)
+
+            def forward(self, kjt: Any) -> Any:
+                return torch.sigmoid(self.head(self.ebc(kjt).values())).squeeze(1)
+
+        try:
+            path = cls(ft, torch, remote, Ranker(), [ft.kjt_from_jagged(jb) for jb in timed], timed)
+            with torch.inference_mode():  # the ranker's input is a KJT: converting the batches is not timed
+                first = remote(path.timed_k[0]).to_dict()
+                check_pooled(FLEXEMR_TORCH, {t: v.numpy() for t, v in first.items()}, ref)
+                for jb in warm:
+                    path.ranker(ft.kjt_from_jagged(jb))
+            remote.client_thread.call(_reset_metrics)
+        except BaseException:
+            remote.close()
+            raise
+        return path
+
+    def batch(self, i: int) -> float:
+        """Seconds the ranker takes for timed batch ``i``."""
+        with self.torch.inference_mode():
+            t0 = time.perf_counter()
+            self.ranker(self.timed_k[i])
+            return time.perf_counter() - t0
+
+    def result(self, seconds: float) -> PathResult:
+        """The path's result after every timed batch ran in ``seconds`` in all."""
+        nbytes = self.remote.client_thread.call(_network_bytes)
+        samples = sum(jb.batch_size for jb in self.timed)
+        note = (f"RemoteEmbeddingBagCollection + Linear head (torch {self.torch.__version__}), forward from a "
+                "thread; same cluster, client options and batches as flexemr, in turns")
+        return measured(FLEXEMR_TORCH, self.timed, seconds, nbytes / samples, note)
+
+    def close(self) -> None:
+        self.remote.close()
+
+
+async def _reset_metrics(client: Any) -> None:
+    client.metrics.reset()
+
+
+async def _network_bytes(client: Any) -> int:
+    return int(client.metrics.network_bytes)
 
 
 def measure(cfg: CompareConfig) -> dict[str, Any]:
@@ -188,14 +300,14 @@ def format_table(res: dict[str, Any]) -> str:
          f"{cfg['pooling']:g} ({wl['ids_per_sample']:.1f} ids/sample), sum pooling; {cfg['warmup']} warm-up + "
          f"{cfg['batches']} timed batches, seed {cfg['seed']}; wall {res['wall_s']:.0f} s"),
         "",
-        (f"{'path':<10}{'samples/s':>11}{'rows/s':>10}{'net B/sample':>14}{'batch ms':>10}{'vs flexemr':>12}"
+        (f"{'path':<14}{'samples/s':>11}{'rows/s':>10}{'net B/sample':>14}{'batch ms':>10}{'vs flexemr':>12}"
          f"{'vs local':>10}  note"),
     ]
     for r in res["results"]:
         if r["skipped"]:
-            lines.append(f"{r['path']:<10}  skipped: {r['skipped']}")
+            lines.append(f"{r['path']:<14}  skipped: {r['skipped']}")
             continue
-        lines.append(f"{r['path']:<10}{_rate(r['samples_per_s']):>11}{_rate(r['rows_per_s']):>10}"
+        lines.append(f"{r['path']:<14}{_rate(r['samples_per_s']):>11}{_rate(r['rows_per_s']):>10}"
                      f"{r['bytes_per_sample']:>14,.0f}{r['batch_ms']:>10.1f}{_ratio(r['vs_flexemr']):>12}"
                      f"{_ratio(r['vs_local']):>10}  {r['note']}")
     return "\n".join(lines)
@@ -208,7 +320,8 @@ def configure(p: argparse.ArgumentParser) -> None:
     add_config_arguments(p, d, {"pooling": "mean ids per sample and table (Poisson)",
                                 "warmup": "warm-up batches per path", "batches": "timed batches per path",
                                 "naive_ids": "ids timed on the naive path", "redis": "skip the Redis peer",
-                                "torchrec": "skip the TorchRec peer"})
+                                "torchrec": "skip the TorchRec peer",
+                                "torch": "skip the flexemr-torch path (the remote TorchRec module)"})
 
 
 def main(args: argparse.Namespace) -> int:

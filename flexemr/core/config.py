@@ -9,11 +9,11 @@ from types import MappingProxyType
 from typing import Any
 
 from .errors import ConfigError
-from .plan import ShardingPlan
+from .plan import ShardingPlan, without_npy
 from .spec import _is_int
 from .toml import dumps_toml, load_toml
 
-__all__ = ["ClusterConfig", "ServerAddress"]
+__all__ = ["ClusterConfig", "ServerAddress", "table_files"]
 
 
 @dataclass(frozen=True)
@@ -162,3 +162,30 @@ class ClusterConfig:
         os.fchmod(fd, 0o600)  # also when the file existed with wider permissions
         with os.fdopen(fd, "w", encoding="utf-8") as fh:
             fh.write(text)
+
+
+def table_files(path: str | os.PathLike[str]) -> dict[str, str]:
+    """``{table: .npy path}`` of the cluster file's ``[[tables]]`` entries that name one (``npy = "..."``).
+
+    A relative path is taken relative to the cluster file's directory, so a
+    directory holding the file and its tables can move as a whole.
+    ``flexemr serve`` serves those tables from these files (``--npy`` flags
+    override them).
+
+    A cluster file written by ``flexemr.torch.export`` looks like::
+
+        [[tables]]
+        name = "t_user"
+        num_rows = 1000
+        dim = 64
+        npy = "t_user.npy"      # -> {"t_user": "<the file's directory>/t_user.npy"}
+    """
+    d = load_toml(path)
+    raw = d.get("tables")
+    out: dict[str, str] = {}
+    base = os.path.dirname(os.path.abspath(os.fspath(path)))
+    for entry in raw if isinstance(raw, list) else []:
+        if isinstance(entry, Mapping) and "npy" in entry:
+            without_npy(entry)  # validates the value
+            out[str(entry.get("name"))] = os.path.join(base, os.path.expanduser(entry["npy"]))
+    return out

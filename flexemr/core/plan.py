@@ -45,7 +45,7 @@ from .errors import ConfigError, InputError, LookupIdError, UnknownTableError
 from .spec import TableSpec, _is_int
 from .toml import dumps_toml, load_toml
 
-__all__ = ["SHARDING_KINDS", "RangeTable", "Shard", "ShardingPlan", "validate_ids"]
+__all__ = ["SHARDING_KINDS", "RangeTable", "Shard", "ShardingPlan", "validate_ids", "without_npy"]
 
 #: Values accepted for ``[sharding] kind`` in a cluster file.
 SHARDING_KINDS: tuple[str, ...] = ("row_wise", "table_wise", "column_wise", "explicit")
@@ -612,7 +612,7 @@ class ShardingPlan:
         raw_tables = d.get("tables")
         if not isinstance(raw_tables, list) or not raw_tables:
             raise ConfigError("cluster description needs a non-empty 'tables' array")
-        specs = [TableSpec.from_dict(t) for t in raw_tables]
+        specs = [TableSpec.from_dict(without_npy(t)) for t in raw_tables]
         names = [s.name for s in specs]
         if len(set(names)) != len(names):
             raise ConfigError(f"duplicate table names in {names}")
@@ -740,6 +740,16 @@ def _replicate(shards: dict[str, list[Shard]], servers: tuple[str, ...], replica
     return {t: [Shard(s.table, s.server, s.row_start, s.row_end, s.col_start, s.col_end, s.index,
                       tuple(servers[(pos[s.server] + k) % n] for k in range(1, replicas))) for s in lst]
             for t, lst in shards.items()}
+
+
+def without_npy(entry: Any) -> Any:
+    """A ``[[tables]]`` entry without its optional ``npy`` key (checked here; :func:`~flexemr.core.config.table_files` reads it)."""
+    if not isinstance(entry, Mapping) or "npy" not in entry:
+        return entry
+    path = entry["npy"]
+    if not isinstance(path, str) or not path:
+        raise ConfigError(f"table {entry.get('name')!r}: npy must be a non-empty path string, got {path!r}")
+    return {k: v for k, v in entry.items() if k != "npy"}
 
 
 def _shard_from_dict(entry: object, specs: Mapping[str, TableSpec]) -> Shard:

@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 
 from flexemr.bench import _peers
-from flexemr.bench._compare import PATHS
+from flexemr.bench._compare import FLEXEMR_TORCH, PATHS, _torch_missing
 
 TINY = ["--tables", "2", "--rows", "4000", "--dim", "16", "--batch", "64", "--pooling", "4", "--warmup", "1",
         "--batches", "2", "--naive-ids", "300", "--servers", "2", "--transport", "tcp"]
@@ -66,6 +66,12 @@ def test_compare_json() -> None:
         assert "MGET" in rows["redis"]["note"]
     else:
         assert rows["redis"]["skipped"] == redis_reason
+    torch_reason = _torch_missing()
+    if torch_reason is None:  # the remote TorchRec module in a torch ranker: same rows, same bytes as flexemr
+        _measured(rows[FLEXEMR_TORCH])
+        assert 0 < rows[FLEXEMR_TORCH]["bytes_per_sample"] < rows["naive"]["bytes_per_sample"]
+    else:
+        assert rows[FLEXEMR_TORCH]["skipped"] == torch_reason and "make torch" in torch_reason
     torchrec_reason = _peers.torchrec_missing()
     if torchrec_reason is None:
         _measured(rows["torchrec"])
@@ -76,9 +82,10 @@ def test_compare_json() -> None:
 
 
 def test_flexemr_bench_defaults_to_compare() -> None:
-    res = _run("-m", "flexemr", "bench", "--json", "--no-redis", "--no-torchrec", *TINY)
+    res = _run("-m", "flexemr", "bench", "--json", "--no-redis", "--no-torchrec", "--no-torch", *TINY)
     rows = {r["path"]: r for r in res["results"]}
     _measured(rows["flexemr"])
+    assert rows[FLEXEMR_TORCH]["skipped"] == "disabled (--no-torch)"
     assert rows["redis"]["skipped"] == "disabled (--no-redis)"
     assert rows["torchrec"]["skipped"] == "disabled (--no-torchrec)"
 
