@@ -21,12 +21,9 @@ import asyncio
 import collections
 import logging
 import threading
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any, Protocol
 
 from ._native._rdmaio_native import ffi, lib
-
-if TYPE_CHECKING:
-    pass
 
 __all__ = ["CompletionSink", "Worker"]
 

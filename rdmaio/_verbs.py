@@ -97,8 +97,6 @@ WC_WR_FLUSH_ERR = 5
 WC_REM_INV_REQ_ERR = 9
 WC_REM_ACCESS_ERR = 10
 WC_REM_OP_ERR = 11
-WC_RETRY_EXC_ERR = 12
-WC_RNR_RETRY_EXC_ERR = 13
 _WC_NAMES = {
     0: "success", 1: "local length error", 2: "local QP operation error", 3: "local EE context error",
     4: "local protection error", 5: "work request flushed", 6: "memory window bind error",
