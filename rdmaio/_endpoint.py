@@ -43,8 +43,9 @@ from ._errors import (
 )
 from ._keys import Access, RemoteKey
 from ._region import MemoryRegion
-from ._tcp import TcpQueuePair, TcpResponder, describe_death
-from ._verbs import check_remote, check_remote_batch
+from .transports._ibv import check_remote, check_remote_batch
+from .transports.base import NO_KEY
+from .transports.tcp import TcpQueuePair, TcpResponder, describe_death
 from ._wire import MAX_BATCH, MAX_OP_BYTES, ControlCodec, Op
 
 if TYPE_CHECKING:
@@ -129,7 +130,7 @@ async def open_endpoint(engine: Engine, host: str, port: int, timeout: float) ->
     loop = asyncio.get_running_loop()
     opener = None
     if engine._verbs is not None:  # verbs: QP attributes travel in hello/welcome, no data connections
-        from ._verbs import open_verbs_endpoint
+        from .transports.verbs import open_verbs_endpoint
 
         opener = open_verbs_endpoint(engine, host, port)
     nqp = engine._nqp
@@ -450,7 +451,7 @@ class Endpoint:
             raise UsageError(f"expected a RemoteKey, got {type(key).__name__}")
         if key.transport != self._engine.transport:
             raise UsageError(f"a {key.transport} key cannot be used on a {self._engine.transport} endpoint")
-        return key if self._verbs else key.rkey  # verbs queue pairs need the address too
+        return key
 
     async def _single(self, op: Op, what: str, mr: MemoryRegion, local_offset: int, key: RemoteKey,
                       remote_offset: int, length: int) -> None:
@@ -472,7 +473,7 @@ class Endpoint:
             return
         await self._post_single(op, what, mr, local_offset, rkey, remote_offset, length)
 
-    async def _post_single(self, op: Op, what: str, mr: MemoryRegion, local_offset: int, rkey: int,
+    async def _post_single(self, op: Op, what: str, mr: MemoryRegion, local_offset: int, rkey: RemoteKey,
                            remote_offset: int, length: int) -> int:
         if length > MAX_OP_BYTES:
             raise UsageError(f"one operation moves at most {MAX_OP_BYTES} bytes")
@@ -674,4 +675,4 @@ class Endpoint:
         qp = self._qp()
         if not qp._free:
             await qp.wait_slot()
-        await qp.post(Op.NOP, 0, 0, secrets.randbits(32), 0, 0, None, "ping")
+        await qp.post(Op.NOP, NO_KEY, 0, secrets.randbits(32), 0, 0, None, "ping")

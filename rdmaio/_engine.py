@@ -36,12 +36,13 @@ from ._native._rdmaio_native import ffi, lib
 from ._progress import Batch, Worker
 from ._region import MemoryRegion
 from ._endpoint import host_identity
-from ._tcp import TcpQueuePair, TcpResponder, describe_death
+from .transports.tcp import TcpQueuePair, TcpResponder, describe_death
 from ._wire import ControlCodec
 
 if TYPE_CHECKING:
     from ._endpoint import Endpoint
-    from ._verbs import ServerSession, VerbsContext
+    from .transports._ibv import VerbsContext
+    from .transports.verbs import ServerSession
 
 __all__ = ["Engine", "Listener", "available_transports"]
 
@@ -56,7 +57,7 @@ def available_transports() -> dict[str, str | None]:
 
     Probing verbs loads libibverbs (the optional ``_rdmaio_verbs`` extension) on first use.
     """
-    from ._verbs import unavailable_reason
+    from .transports._ibv import unavailable_reason
 
     return {"tcp": None, "verbs": unavailable_reason()}
 
@@ -166,13 +167,13 @@ class Engine:
         if not qp_per_worker and workers > 8:
             raise UsageError("a shared queue pair can be polled by at most 8 workers")
         if device is not None or port is not None or gid_index is not None:
-            from ._verbs import check_device_args
+            from .transports._ibv import check_device_args
 
             check_device_args(device, port, gid_index)
         self.transport = _resolve_transport(transport)
         self._verbs: VerbsContext | None = None
         if self.transport == "verbs":  # opens the device now: TransportUnavailableError if it cannot
-            from ._verbs import VerbsContext
+            from .transports._ibv import VerbsContext
 
             self._verbs = VerbsContext(device, port, gid_index)
         self.progress = progress
@@ -363,7 +364,7 @@ class Engine:
         mr._release()
 
     def _verbs_worker(self, i: int) -> Worker:
-        from ._verbs import VerbsWorker
+        from .transports._ibv import VerbsWorker
 
         assert self._verbs is not None and self._loop is not None
         return VerbsWorker(i, self, self.progress, self._loop, self._verbs)
@@ -709,7 +710,10 @@ class Listener:
             if self.unix_name is not None:
                 welcome.update(unix=self.unix_name, host=host_identity())
             if engine._verbs is not None:  # create + connect this session's QPs, answer with their attributes
-                session.verbs = engine._verbs.accept(hello, nqp, engine)
+                from .transports._ibv import parse_qp_attrs
+                from .transports.verbs import ServerSession
+
+                session.verbs = ServerSession(engine._verbs, parse_qp_attrs(hello.get("qps"), nqp), engine)
                 for i, vqp in enumerate(session.verbs.qps):  # [verbs channels] client -> server writes
                     vqp.on_imm = session.route_imm
                     vqp._on_broken = functools.partial(session.fail_channels, qp_index=i)
@@ -812,12 +816,11 @@ class Listener:
         if engine._channel_bytes + need > engine._channel_memory:
             return {"t": "error", "id": rid, "code": "busy",
                     "message": f"channel memory budget ({engine._channel_memory} bytes) exhausted"}
-        key_arg: Any = remote if session.verbs is not None else remote.rkey  # verbs QPs need the address too
         recv_mr = engine.register(recv_ring, access=Access.WRITE)
         send_mr = engine.register(send_ring, access=Access.NONE)
 
         ch = bind_channel(msg["name"], chan, slots, slot_size, (recv_ring, send_ring), (recv_mr, send_mr), qp,
-                          key_arg, session.channels,
+                          remote, session.channels,
                           close_handshake=session.verbs is not None)  # [verbs channels] see _channel.py
         engine._channel_bytes += need
         release = ch._release

@@ -154,7 +154,7 @@ class Worker:
             self.c = None
 
     # -- the native worker (overridden by transports with another completion source,
-    #    e.g. rdmaio._verbs.VerbsWorker; the batch arrays keep the same field names) --
+    #    e.g. rdmaio.transports._ibv.VerbsWorker; the batch arrays keep the same field names) --
     def _native_new(self, cq_depth: int) -> Any:
         c = lib.rio_worker_new(cq_depth)
         if c == ffi.NULL:

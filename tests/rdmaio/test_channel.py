@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator
 import pytest
 
 import rdmaio
+from rdmaio.transports.base import NO_KEY
 from tests.rdmaio.peers import peer_process
 from tests.rdmaio.transports import config_params
 
@@ -257,7 +258,7 @@ async def test_close_waits_for_the_peers_in_flight_write(
     await asyncio.sleep(0.5)
     await ep.ping()
     for qp in ep._qps:  # every queue pair still works (on verbs: neither went to the error state)
-        await asyncio.wait_for(qp.post(rdmaio._wire.Op.NOP, 0, 0, 1, 0, 0, None, "ping"), 5)
+        await asyncio.wait_for(qp.post(rdmaio._wire.Op.NOP, NO_KEY, 0, 1, 0, 0, None, "ping"), 5)
     assert ep.broken is None
     if client.transport == "verbs":
         assert outcome == [None], "the close handshake keeps the ring until in-flight writes landed"

@@ -21,17 +21,26 @@ INTERNAL = {
     "rdmaio._endpoint": {"host_identity", "open_endpoint"},
     "rdmaio._errors": {"error_for_status"},
     "rdmaio._progress": {"CompletionSink", "Worker"},
-    "rdmaio._tcp": {"TcpQueuePair", "TcpResponder", "describe_death"},
-    "rdmaio._verbs": {"ServerSession", "VerbsContext", "VerbsQueuePair", "VerbsWorker", "check_device_args",
-                      "check_remote", "check_remote_batch", "open_verbs_endpoint", "unavailable_reason"},
+    "rdmaio.transports.base": {"Pending", "QueuePair"},
+    "rdmaio.transports.tcp": {"TcpQueuePair", "TcpResponder", "describe_death"},
+    "rdmaio.transports._ibv": {"VerbsContext", "VerbsWorker", "as_int", "check_device_args", "check_remote",
+                               "check_remote_batch", "parse_qp_attrs", "unavailable_reason"},
+    "rdmaio.transports.verbs": {"ServerSession", "VerbsQueuePair", "open_verbs_endpoint"},
     "rdmaio._wire": {"ControlCodec", "Op", "Request", "RequestDecoder", "Response", "ResponseDecoder", "Status",
                      "encode_request", "encode_response"},
 }
 
 
+#: subpackages that are internal as a whole (their modules need not start with "_")
+INTERNAL_PACKAGES = ["rdmaio.transports"]
+
+
 def _private_modules() -> list[str]:
-    return sorted(f"rdmaio.{m.name}" for m in pkgutil.iter_modules(rdmaio.__path__)
-                  if m.name.startswith("_") and not m.ispkg)
+    mods = [f"rdmaio.{m.name}" for m in pkgutil.iter_modules(rdmaio.__path__) if m.name.startswith("_") and not m.ispkg]
+    for pkg in INTERNAL_PACKAGES:
+        path = importlib.import_module(pkg).__path__
+        mods += [f"{pkg}.{m.name}" for m in pkgutil.iter_modules(path) if not m.ispkg]
+    return sorted(mods)
 
 
 def _public_defs(modname: str) -> set[str]:

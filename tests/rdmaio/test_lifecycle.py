@@ -138,7 +138,7 @@ async def test_broken_callbacks_fire_once_when_an_idle_peer_goes_away(progress: 
 async def test_a_queue_pair_that_cannot_attach_leaves_no_trace_in_the_workers() -> None:
     import socket
 
-    from rdmaio._tcp import TcpQueuePair
+    from rdmaio.transports.tcp import TcpQueuePair
 
     async with rdmaio.Engine(transport="tcp", workers=2, progress="thread") as engine:
         good, bad = engine._workers

@@ -104,7 +104,7 @@ async def test_slot_waiter_cancelled_after_its_wakeup_passes_the_slot_on() -> No
     # A completion frees a slot and wakes one waiter; if that waiter is cancelled in the
     # same loop iteration (e.g. its wait_for timed out), the next waiter must get the slot
     # instead of hanging until some other operation completes.
-    from rdmaio._tcp import _Pending
+    from rdmaio.transports.base import Pending as _Pending
 
     async with rdmaio.Engine(transport="tcp", workers=1, heartbeat=0) as server, \
             rdmaio.Engine(transport="tcp", workers=1, sq_depth=1, heartbeat=0) as client:

@@ -155,8 +155,11 @@ async def test_server_writes_with_imm_to_the_client(imm_pair: tuple) -> None:  #
     src = np.full(4096, 7, dtype=np.uint8)
     src_mr = server.register(src, access=rdmaio.Access.NONE)
     sqp = _server_qps(lst)[1]  # the server's side of the client's QP 1
-    futs = [sqp.post(rdmaio._wire.Op.WRITE_IMM, ring_mr.remote_key(), 0, 4096, k, src_mr.addr, src_mr, "t")
-            for k in range(150)]
+    futs = []
+    for k in range(150):  # more than sq_depth: posting waits for slots
+        if not sqp._free:
+            await sqp.wait_slot()
+        futs.append(sqp.post(rdmaio._wire.Op.WRITE_IMM, ring_mr.remote_key(), 0, 4096, k, src_mr.addr, src_mr, "t"))
     await asyncio.gather(*futs)
     await _until(lambda: len(got) >= 150)
     assert got == [(1, k) for k in range(150)]

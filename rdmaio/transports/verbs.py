@@ -43,50 +43,29 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import importlib
 import itertools
 import logging
 import os
 import secrets
-from typing import TYPE_CHECKING, Any, Awaitable, Callable
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from ._errors import (
-    ClosedError,
-    EndpointBrokenError,
-    ProtocolError,
-    RemoteAccessError,
-    TimeoutError,
-    TransportUnavailableError,
-    UsageError,
-    error_for_status,
-)
-from ._keys import Access, RemoteKey
-from ._progress import Worker
-from ._wire import Op, Status
+from .._errors import ClosedError, EndpointBrokenError, ProtocolError, UsageError, error_for_status
+from .._keys import Access, RemoteKey
+from .._wire import Op, Status
+from ._ibv import VerbsContext, VerbsWorker, as_int, parse_qp_attrs
+from .base import BrokenHook, ImmHook, Pending, QueuePair
 
 if TYPE_CHECKING:
-    from ._endpoint import Endpoint
-    from ._engine import Engine
-    from ._progress import CompletionSink
-    from ._region import MemoryRegion
+    from .._endpoint import Endpoint
+    from .._engine import Engine
+    from .._region import MemoryRegion
 
-__all__ = [
-    "ServerSession",
-    "VerbsContext",
-    "VerbsQueuePair",
-    "VerbsWorker",
-    "check_remote",
-    "check_remote_batch",
-    "open_verbs_endpoint",
-    "unavailable_reason",
-]
+__all__ = ["ServerSession", "VerbsQueuePair", "open_verbs_endpoint"]
 
 log = logging.getLogger(__name__)
-
-BUILT_WITHOUT = ("rdmaio was built without libibverbs headers "
-                 "(apt-get install libibverbs-dev, then reinstall rdmaio)")
 
 # enum ibv_wc_status (stable ABI values)
 WC_SUCCESS = 0
@@ -111,284 +90,28 @@ _RECOVERABLE = {WC_REM_ACCESS_ERR: Status.INVALID_KEY, WC_REM_INV_REQ_ERR: Statu
                 WC_REM_OP_ERR: Status.INVALID_REQUEST, WC_LOC_PROT_ERR: Status.INVALID_REQUEST,
                 WC_LOC_LEN_ERR: Status.INVALID_REQUEST, WC_LOC_QP_OP_ERR: Status.INVALID_REQUEST}
 
-_NEEDS = {Op.READ: Access.READ, Op.READ_BATCH: Access.READ, Op.WRITE: Access.WRITE,
-          Op.WRITE_BATCH: Access.WRITE, Op.WRITE_IMM: Access.WRITE, Op.FETCH_ADD: Access.ATOMIC,
-          Op.CMP_SWAP: Access.ATOMIC}
 _RV_OP = {Op.READ: 1, Op.READ_BATCH: 1, Op.WRITE: 2, Op.WRITE_BATCH: 2, Op.FETCH_ADD: 3, Op.CMP_SWAP: 4}
 
-_ext: tuple[Any, Any] | None = None
-
-
-def _load() -> tuple[Any, Any]:
-    """The verbs extension's ``(ffi, lib)``, imported on first use."""
-    global _ext
-    if _ext is None:
-        try:
-            mod = importlib.import_module("rdmaio._native._rdmaio_verbs")
-        except ModuleNotFoundError:
-            raise TransportUnavailableError(BUILT_WITHOUT) from None
-        except ImportError as exc:
-            raise TransportUnavailableError(
-                f"libibverbs could not be loaded ({exc}); apt-get install libibverbs1 ibverbs-providers") from None
-        _ext = (mod.ffi, mod.lib)
-    return _ext
-
-
-def unavailable_reason() -> str | None:
-    """``None`` if an RDMA device with an ACTIVE port exists, else why verbs cannot run."""
-    try:
-        ffi, lib = _load()
-    except TransportUnavailableError as exc:
-        return str(exc)
-    info = ffi.new("char[1024]")
-    n = lib.rv_probe(info, 1024)
-    if n > 0:
-        return None
-    if n < 0:
-        return (f"no active RDMA device (ibv_get_device_list found none: {os.strerror(-n)}; "
-                "this kernel has no RDMA stack loaded — try modprobe rdma_rxe / your NIC's driver)")
-    found = ffi.string(info).decode(errors="replace")
-    return "no active RDMA device (ibv_get_device_list found none" + (f" ACTIVE; devices: {found})" if found else ")")
-
-
-# -- local checks against a remote key -----------------------------------------------
-
-def _refuse(status: Status, what: str) -> RemoteAccessError:
-    exc = error_for_status(int(status), what)
-    return type(exc)(f"{exc} (checked locally against the remote key)", int(status))
-
-
-def check_remote(op: Op, what: str, key: RemoteKey, offset: int, length: int) -> None:
-    """Raise what the target would: access rights, bounds, atomic alignment (before posting)."""
-    need = _NEEDS.get(op)
-    if need is not None and not key.access & need:
-        raise _refuse(Status.ACCESS, what)
-    if offset > key.length or length > key.length - offset:
-        raise _refuse(Status.BOUNDS, what)
-    if need is Access.ATOMIC and (key.addr + offset) % 8:
-        raise _refuse(Status.ALIGN, what)
-
-
-def check_remote_batch(op: Op, what: str, key: RemoteKey, offsets: np.ndarray, lengths: np.ndarray) -> None:
-    """:func:`check_remote` for ``uint64`` arrays: one bad entry refuses the whole batch."""
-    need = _NEEDS.get(op)
-    if need is not None and not key.access & need:
-        raise _refuse(Status.ACCESS, what)
-    limit = np.uint64(key.length)
-    if bool(np.any((offsets > limit) | (lengths > limit - np.minimum(offsets, limit)))):
-        raise _refuse(Status.BOUNDS, what)
-
-
-# -- engine-level context ------------------------------------------------------------
-
-def check_device_args(device: Any, port: Any, gid_index: Any) -> None:
-    """UsageError unless ``Engine(device=, port=, gid_index=)`` are None or plausible."""
-    if device is not None and (not isinstance(device, str) or not device or len(device) > 63 or "\0" in device):
-        raise UsageError("device must be a non-empty RDMA device name such as 'mlx5_0' or 'rxe0'")
-    if port is not None and (not isinstance(port, int) or isinstance(port, bool) or not 1 <= port <= 255):
-        raise UsageError("port must be an int in 1..255")
-    if gid_index is not None and (not isinstance(gid_index, int) or isinstance(gid_index, bool)
-                                  or not 0 <= gid_index <= 4095):
-        raise UsageError("gid_index must be an int in 0..4095")
-
-
-def _as_int(v: Any, lo: int, hi: int, what: str) -> int:
-    if not isinstance(v, int) or isinstance(v, bool) or not lo <= v <= hi:
-        raise ProtocolError(f"bad {what} in the queue-pair attributes: {v!r}")
-    return v
-
-
-def _parse_qp_attrs(raw: Any, n: int) -> list[dict[str, Any]]:
-    """Validate the peer's ``[{qpn, psn, gid, lid, mtu}]`` list (ProtocolError if malformed)."""
-    if not isinstance(raw, list) or len(raw) != n:
-        raise ProtocolError(f"expected {n} queue-pair attribute maps")
-    out = []
-    for a in raw:
-        if not isinstance(a, dict):
-            raise ProtocolError("queue-pair attributes must be maps")
-        gid = a.get("gid")
-        if not isinstance(gid, bytes) or len(gid) != 16:
-            raise ProtocolError("queue-pair gid must be 16 bytes")
-        out.append({
-            "qpn": _as_int(a.get("qpn"), 1, 0xFFFFFF, "qpn"),
-            "psn": _as_int(a.get("psn"), 0, 0xFFFFFF, "psn"),
-            "lid": _as_int(a.get("lid", 0), 0, 0xFFFF, "lid"),
-            "mtu": _as_int(a.get("mtu", 0), 0, 5, "mtu"),
-            "gid": gid,
-        })
-    return out
-
-
-class VerbsContext:
-    """Device, port, GID, PD and the registration cache of one engine."""
-
-    def __init__(self, device: str | None = None, port: int | None = None, gid_index: int | None = None) -> None:
-        check_device_args(device, port, gid_index)
-        reason = unavailable_reason()
-        if reason is not None:
-            raise TransportUnavailableError(f"transport 'verbs' unavailable: {reason}")
-        ffi, lib = _load()
-        self._ffi, self._lib = ffi, lib
-        err = ffi.new("char[256]")
-        c = lib.rv_open(device.encode() if device else ffi.NULL, port or 0,
-                        -1 if gid_index is None else gid_index, err, 256)
-        if c == ffi.NULL:
-            raise TransportUnavailableError(
-                f"transport 'verbs' unavailable: {ffi.string(err).decode(errors='replace')}")
-        self.c = c
-        self.device = ffi.string(c.name).decode()
-        self.port = int(c.port)
-        self.gid_index = int(c.gid_index)
-        self.gid = bytes(ffi.buffer(c.gid, 16))
-        self.lid = int(c.lid)
-        self.mtu = int(c.active_mtu)
-        self.max_msg = max(4096, min(int(c.max_msg_sz), 1 << 30))
-        #: send-queue depth in WRs; a chunk (one doorbell) chains at most half of it
-        self.sq_wrs = max(16, min(int(c.max_qp_wr), 2048))
-        self.chunk_wrs = self.sq_wrs // 2
-        self.rd_atomic = max(1, min(int(c.max_qp_rd_atom), int(c.max_qp_init_rd_atom), 16))
-        self.cqe = max(256, min(int(c.max_cqe), 65536))
-        self.atomics = int(c.atomic_cap) != 0
-        self._cache: dict[tuple[int, int, int], list[Any]] = {}  # key -> [rv_mr, refs]
-        self._ping = np.zeros(1, dtype=np.uint64)
-        self._ping_addr = int(self._ping.ctypes.data)
-        self._ping_rkey = self.register(self._ping_addr, 8, Access.READ)[1]
-        self._closed = False
-
-    def __repr__(self) -> str:
-        return f"<VerbsContext {self.device} port {self.port} gid[{self.gid_index}]>"
-
-    # memory --------------------------------------------------------------------
-    def register(self, addr: int, length: int, access: Access) -> tuple[int, int]:
-        """``(lkey, rkey)`` for the range; registering the same range+access again only counts a reference."""
-        k = (addr, length, int(access))
-        ent = self._cache.get(k)
-        if ent is not None:
-            ent[1] += 1
-            return int(ent[0].lkey), int(ent[0].rkey)
-        errp = self._ffi.new("int *")
-        m = self._lib.rv_reg(self.c, addr, length, int(access), errp)
-        if m == self._ffi.NULL:
-            code = int(errp[0])
-            hint = " (raise the locked-memory limit: ulimit -l unlimited)" if code in (12, 1, 14) else ""
-            raise UsageError(f"ibv_reg_mr of {length} bytes failed: {os.strerror(code)}{hint}")
-        self._cache[k] = [m, 1]
-        return int(m.lkey), int(m.rkey)
-
-    def unregister(self, addr: int, length: int, access: Access) -> None:
-        """Drop one reference; the NIC registration goes with the last one."""
-        k = (addr, length, int(access))
-        ent = self._cache.get(k)
-        if ent is None:
-            return
-        ent[1] -= 1
-        if ent[1] <= 0:
-            del self._cache[k]
-            self._lib.rv_dereg(ent[0])
-
-    def close(self) -> None:
-        """Deregister everything and release the PD and device (after QPs and workers are gone)."""
-        if self._closed:
-            return
-        self._closed = True
-        for m, _ in self._cache.values():
-            self._lib.rv_dereg(m)
-        self._cache.clear()
-        self._lib.rv_close(self.c)
-        self.c = None
-
-    # queue pairs -------------------------------------------------------------------
-    def qp_attrs(self, qpn: int, psn: int) -> dict[str, Any]:
-        return {"qpn": qpn, "psn": psn, "gid": self.gid, "lid": self.lid, "mtu": self.mtu}
-
-    def connect_qp(self, q: Any, remote: dict[str, Any], my_psn: int) -> None:
-        """INIT -> RTR -> RTS towards ``remote`` (path MTU: the smaller active MTU)."""
-        ffi, lib = self._ffi, self._lib
-        mtu = min(self.mtu, remote["mtu"]) if remote["mtu"] else self.mtu
-        gid = ffi.new("uint8_t[16]", remote["gid"])
-        rc = lib.rv_qp_rtr(q, remote["qpn"], remote["psn"], gid, remote["lid"], mtu)
-        if rc:
-            raise EndpointBrokenError(f"queue pair to RTR failed: {os.strerror(-rc)}")
-        rc = lib.rv_qp_rts(q, my_psn)
-        if rc:
-            raise EndpointBrokenError(f"queue pair to RTS failed: {os.strerror(-rc)}")
-
-    def rq_depth(self, sq_depth: int) -> int:
-        """Receive WRs kept posted per QP: ``sq_depth`` (the peer's operations in flight per QP
-        with equal settings), at least 64, at most what the device allows."""
-        return max(64, min(sq_depth, int(self.c.max_qp_wr)))
-
-    def new_qp(self, worker: VerbsWorker, conn_id: int, max_wr: int, rq_depth: int) -> Any:
-        errp = self._ffi.new("int *")
-        q = self._lib.rv_qp_new(self.c, worker.c, conn_id, max_wr, rq_depth, self.rd_atomic, errp)
-        if q == self._ffi.NULL:
-            raise EndpointBrokenError(f"ibv_create_qp failed: {os.strerror(int(errp[0]))}")
-        return q
-
-    def accept(self, hello: dict[str, Any], nqp: int, engine: Engine) -> ServerSession:
-        """Listener side of the handshake: QPs connected to the client's (ProtocolError if malformed)."""
-        return ServerSession(self, _parse_qp_attrs(hello.get("qps"), nqp), engine)
-
-
-# -- progress ---------------------------------------------------------------------------
-
-class VerbsWorker(Worker):
-    """A worker whose completion source is a completion channel + CQ (``rv_worker``).
-
-    Thread mode blocks in ``poll()`` on the channel fd and a wake eventfd with the GIL
-    released; loop mode registers the (non-blocking) channel fd with ``add_reader``.
-    Either way a round acks channel events in batches, re-arms the CQ and polls it
-    once more after re-arming, so no completion is left behind without an event.
-    """
-
-    _has_rx = True  # WRITE_WITH_IMM arrivals: rx_conn / rx_imm, filled by rv_worker_poll
-
-    def __init__(self, index: int, sink: CompletionSink, mode: str, loop: asyncio.AbstractEventLoop,
-                 vctx: VerbsContext, cq_depth: int = 4096) -> None:
-        self._vctx = vctx
-        self._lib = vctx._lib
-        super().__init__(index, sink, mode, loop, cq_depth)
-
-    def _native_new(self, cq_depth: int) -> Any:
-        c = self._lib.rv_worker_new(self._vctx.c, cq_depth, self._vctx.cqe)
-        if c == self._vctx._ffi.NULL:
-            raise OSError("could not create a completion channel and CQ")
-        return c
-
-    def _native_poll(self, timeout_ms: int) -> int:
-        return int(self._lib.rv_worker_poll(self.c, timeout_ms))
-
-    def _native_backlog(self) -> bool:
-        return bool(self._lib.rv_worker_backlog(self.c))
-
-    def _native_wake(self) -> None:
-        self._lib.rv_worker_wake(self.c)
-
-    def _native_free(self) -> None:
-        self._lib.rv_worker_free(self.c)
-
-    def _fd(self) -> int:
-        return int(self.c.fd)
+ControlHook = Callable[[dict[str, Any]], Awaitable[dict[str, Any]]]
 
 
 # -- initiator queue pair -------------------------------------------------------------------
 
-class _Req:
-    __slots__ = ("fut", "mr", "keep", "what", "left", "timer", "value")
+class _Req(Pending):
+    """A verbs operation: a :class:`Pending` split into ``left`` chunks still on the NIC or waiting."""
 
-    def __init__(self, fut: asyncio.Future[int], mr: MemoryRegion | None, keep: Any, what: str) -> None:
-        self.fut = fut
-        self.mr = mr
-        self.keep = keep
-        self.what = what
+    __slots__ = ("slot", "left", "value")
+
+    def __init__(self, fut: asyncio.Future[int], mr: MemoryRegion | None, keep: Any, what: str, slot: int) -> None:
+        super().__init__(fut, mr, keep, what)
+        self.slot = slot
         self.left = 0
-        self.timer: asyncio.TimerHandle | None = None
         self.value = 0
 
 
 class _Chunk:
     """One doorbell's worth of a request: kind 0 contiguous r/w, 1 batch r/w, 2 atomic, 3 ping,
-    4 write ending in WRITE_WITH_IMM."""
+    4 write ending in WRITE_WITH_IMM.  ``slot`` >= 0: the result lands in that scratch word."""
 
     __slots__ = ("req", "kind", "args", "nwr", "slot")
 
@@ -400,62 +123,57 @@ class _Chunk:
         self.slot = slot
 
 
-class VerbsQueuePair:
-    """One RC queue pair (owned by one worker) with TcpQueuePair's initiator interface.
+class VerbsQueuePair(QueuePair):
+    """One RC queue pair (owned by one worker).
+
+    Operations are keyed by their slot in ``_pending``; their chunks posted on
+    the NIC are keyed by work-request id in ``_posted``.
 
     ``passive``: the listener's side of a session.  It initiates only channel writes;
     the client drives recovery (``qp_reset``), so an error completion here fails what
     is in flight and marks the QP broken until :meth:`revive` after the reset.
     """
 
-    #: receives every WRITE_WITH_IMM immediate that lands through this QP (set by the owner)
-    on_imm: Callable[[int], None] | None = None
+    __slots__ = ("_v", "_lib", "_ffi", "index", "_passive", "_control", "_q", "qpn", "_scratch", "_scratch_addr",
+                 "_scratch_lkey", "_seq", "_conn_hi", "_credits", "_max_msg", "_chunk_wrs", "_posted", "_backlog",
+                 "_flushed", "_recovering", "_recovery", "_remote", "_ping", "recoveries")
 
     def __init__(self, vctx: VerbsContext, loop: asyncio.AbstractEventLoop, conn_id: int, index: int,
-                 worker: VerbsWorker, depth: int, op_timeout: float | None,
-                 on_broken: Callable[[BaseException], None], passive: bool = False) -> None:
+                 worker: VerbsWorker, depth: int, op_timeout: float | None, on_broken: BrokenHook,
+                 on_imm: ImmHook | None = None, control: ControlHook | None = None, passive: bool = False) -> None:
+        super().__init__(loop, conn_id, depth, op_timeout, on_broken, on_imm)
         self._v = vctx
         self._lib = vctx._lib
         self._ffi = vctx._ffi
-        self._loop = loop
-        self.conn_id = conn_id
         self.index = index
-        self._depth = depth
-        self._op_timeout = op_timeout
-        self._on_broken = on_broken
         self._passive = passive
+        #: sends a control request to the peer (recovery's qp_reset)
+        self._control = control
         self._q = vctx.new_qp(worker, conn_id, vctx.sq_wrs, vctx.rq_depth(depth))
         self.qpn = int(self._q.qpn)
-        self._scratch = np.zeros(depth, dtype=np.uint64)  # atomic results, ping target
+        self._scratch = np.zeros(depth, dtype=np.uint64)  # atomic results, ping target: one word per slot
         self._scratch_addr = int(self._scratch.ctypes.data)
         try:
             self._scratch_lkey = vctx.register(self._scratch_addr, self._scratch.nbytes, Access.NONE)[0]
         except BaseException:
             self._lib.rv_qp_free(self._q)
             raise
-        self._slots = list(range(depth - 1, -1, -1))
         self._seq = itertools.count(1)
         self._conn_hi = conn_id << 32
         self._credits = vctx.sq_wrs
         self._max_msg = vctx.max_msg
         self._chunk_wrs = vctx.chunk_wrs
-        self._pending: dict[int, _Chunk] = {}
+        self._posted: dict[int, _Chunk] = {}
         self._backlog: collections.deque[_Chunk] = collections.deque()
         self._flushed: list[_Chunk] = []
-        self._nreq = 0
-        self._slot_waiters: collections.deque[asyncio.Future[None]] = collections.deque()
         self._recovering = False
         self._recovery: asyncio.Task[None] | None = None
         self._remote: dict[str, Any] | None = None
         self._ping: tuple[int, int] = (0, 0)
-        #: the endpoint's control request function (set once the endpoint exists)
-        self._control: Callable[[dict[str, Any]], Awaitable[dict[str, Any]]] | None = None
         self.recoveries = 0
-        self.broken: BaseException | None = None
-        self._closed = False
 
     def __repr__(self) -> str:
-        return f"<VerbsQueuePair qpn={self.qpn} in_flight={self._nreq}>"
+        return f"<VerbsQueuePair qpn={self.qpn} in_flight={len(self._pending)}>"
 
     # -- setup -----------------------------------------------------------------------
     def connect(self, remote: dict[str, Any], my_psn: int, ping: tuple[int, int]) -> None:
@@ -464,47 +182,27 @@ class VerbsQueuePair:
         self._v.connect_qp(self._q, remote, my_psn)
 
     @property
-    def in_flight(self) -> int:
-        return self._nreq
-
-    @property
     def rq_posted(self) -> int:
         """Receive WRs currently posted (diagnostics)."""
         return int(self._lib.rv_qp_rq_posted(self._q)) if self._q is not None else 0
 
-    def _on_imm(self, imm: int) -> None:
-        """A WRITE_WITH_IMM landed through this QP (called by Engine._on_batch)."""
-        if self.on_imm is not None:
-            self.on_imm(imm)
-
-    @property
-    def _free(self) -> bool:
-        return self._nreq < self._depth
-
     # -- posting ---------------------------------------------------------------------
-    async def wait_slot(self) -> None:
-        while self._nreq >= self._depth:
-            self._check()
-            fut = self._loop.create_future()
-            self._slot_waiters.append(fut)
-            await fut
-        self._check()
-
-    def _check(self) -> None:
-        if self.broken is not None:
-            raise EndpointBrokenError(f"endpoint is broken: {self.broken}") from self.broken
-        if self._closed:
-            raise ClosedError("endpoint is closed")
-
-    def post(self, op: Op, key: Any, remote: int, arg0: int, arg1: int, local: int,
+    def post(self, op: Op, key: RemoteKey, remote: int, arg0: int, arg1: int, local: int,
              mr: MemoryRegion | None, what: str) -> asyncio.Future[int]:
-        """One read/write/atomic/ping; ``key`` is the :class:`RemoteKey` (checked by the endpoint)."""
+        """One read/write/atomic/ping (``key`` checked by the endpoint against the request)."""
         self._check()
         fut: asyncio.Future[int] = self._loop.create_future()
-        req = _Req(fut, mr, None, what)
+        if op is Op.READ or op is Op.WRITE:
+            if arg0 == 0:
+                fut.set_result(0)
+                return fut
+        elif op is not Op.WRITE_IMM and op is not Op.FETCH_ADD and op is not Op.CMP_SWAP and op is not Op.NOP:
+            raise UsageError(f"operation {op!r} is not a single operation")
+        slot = self._free.pop()
+        req = _Req(fut, mr, None, what, slot)
+        lkey = mr._key & 0xFFFFFFFF if mr is not None else 0
         if op is Op.WRITE_IMM:  # arg0 = length, arg1 = immediate; data chunks first, the imm last
             length = arg0
-            lkey = mr._key & 0xFFFFFFFF if mr is not None else 0
             span = self._max_msg * self._chunk_wrs
             raddr = key.addr + remote
             chunks = []
@@ -517,10 +215,6 @@ class VerbsQueuePair:
                                  max(1, -(-n // self._max_msg))))
         elif op is Op.READ or op is Op.WRITE:
             length = arg0
-            if length == 0:
-                fut.set_result(0)
-                return fut
-            lkey = mr._key & 0xFFFFFFFF if mr is not None else 0
             rop = _RV_OP[op]
             span = self._max_msg * self._chunk_wrs
             chunks = []
@@ -529,18 +223,14 @@ class VerbsQueuePair:
                 n = min(span, length - lo)
                 chunks.append(_Chunk(req, 0, (rop, raddr + lo, n, local + lo, key.rkey, lkey),
                                      -(-n // self._max_msg)))
-        elif op is Op.FETCH_ADD or op is Op.CMP_SWAP:
-            slot = self._slots.pop()
-            chunks = [_Chunk(req, 2, (_RV_OP[op], key.addr + remote, key.rkey, arg0, arg1), 1, slot)]
         elif op is Op.NOP:
-            slot = self._slots.pop()
             chunks = [_Chunk(req, 3, (), 1, slot)]
         else:
-            raise UsageError(f"operation {op!r} is not a single operation")
+            chunks = [_Chunk(req, 2, (_RV_OP[op], key.addr + remote, key.rkey, arg0, arg1), 1, slot)]
         self._start(req, chunks)
         return fut
 
-    def post_batch(self, op: Op, key: Any, remote: np.ndarray, lengths: np.ndarray, local: np.ndarray,
+    def post_batch(self, op: Op, key: RemoteKey, remote: np.ndarray, lengths: np.ndarray, local: np.ndarray,
                    mr: MemoryRegion, what: str) -> asyncio.Future[int]:
         """Many reads or writes of one region (``uint64`` arrays, kept alive until completion)."""
         self._check()
@@ -551,7 +241,7 @@ class VerbsQueuePair:
         if total == 0:
             fut.set_result(0)
             return fut
-        req = _Req(fut, mr, (remote, lengths, local), what)
+        req = _Req(fut, mr, (remote, lengths, local), what, self._free.pop())
         args = (_RV_OP[op], key.addr, key.rkey, mr._key & 0xFFFFFFFF)
         cap = self._chunk_wrs
         chunks = []
@@ -574,12 +264,8 @@ class VerbsQueuePair:
         return fut
 
     def _start(self, req: _Req, chunks: list[_Chunk]) -> None:
-        self._nreq += 1
+        self._track(req.slot, req)
         req.left = len(chunks)
-        if req.mr is not None:
-            req.mr._pin()
-        if self._op_timeout is not None:
-            req.timer = self._loop.call_later(self._op_timeout, self._expire, req)
         for ch in chunks:
             if self._recovering or self._backlog or ch.nwr > self._credits:
                 self._backlog.append(ch)
@@ -610,7 +296,7 @@ class VerbsQueuePair:
             self._backlog.appendleft(ch)
             self._die(EndpointBrokenError(f"ibv_post_send failed: {os.strerror(-rc)}"))
             return False
-        self._pending[wr] = ch
+        self._posted[wr] = ch
         self._credits -= ch.nwr
         return True
 
@@ -624,33 +310,20 @@ class VerbsQueuePair:
     # -- completion ------------------------------------------------------------------
     def _chunk_done(self, ch: _Chunk, exc: BaseException | None) -> None:
         req = ch.req
-        if ch.slot >= 0:
-            if exc is None:
-                req.value = int(self._scratch[ch.slot])
-            if self.broken is None and not self._closed:
-                self._slots.append(ch.slot)
-            ch.slot = -1
-        if exc is not None and not req.fut.done():
-            req.fut.set_exception(exc)
+        if exc is not None:
+            if not req.fut.done():
+                req.fut.set_exception(exc)
+        elif ch.slot >= 0:
+            req.value = int(self._scratch[ch.slot])
         req.left -= 1
         if req.left > 0:
             return
-        self._nreq -= 1
-        if req.timer is not None:
-            req.timer.cancel()
-        if req.mr is not None:
-            req.mr._unpin()
-        req.keep = None
+        self._finish(req.slot)
         if not req.fut.done():
             req.fut.set_result(req.value)
-        while self._slot_waiters:
-            w = self._slot_waiters.popleft()
-            if not w.done():
-                w.set_result(None)
-                break
 
     def _complete(self, wr: int, status: int, value: int) -> None:
-        ch = self._pending.pop(wr, None)
+        ch = self._posted.pop(wr, None)
         if ch is None:
             return  # a flush of an unsignalled WR of a finished chunk, or a stale completion
         if status == WC_SUCCESS:
@@ -660,12 +333,11 @@ class VerbsQueuePair:
                 self._pump()
             return
         if self.broken is not None or self._closed:
-            err = (type(self.broken)(str(self.broken)) if self.broken is not None
-                   else ClosedError("endpoint closed"))
-            self._chunk_done(ch, err)
+            self._chunk_done(ch, type(self.broken)(str(self.broken)) if self.broken is not None
+                             else ClosedError("endpoint closed"))
             return
         if self._passive:  # the client resets this QP (qp_reset): fail what is in flight until then
-            self._pending[wr] = ch
+            self._posted[wr] = ch
             self._die(EndpointBrokenError(f"{ch.req.what} to the client failed: "
                                           f"{_WC_NAMES.get(status, f'status {status}')}"))
             return
@@ -678,13 +350,8 @@ class VerbsQueuePair:
             self._chunk_done(ch, type(exc)(f"{exc} ({_WC_NAMES.get(status, status)} from the NIC)", int(mapped)))
             self._begin_recovery()
             return
-        self._pending[wr] = ch
+        self._posted[wr] = ch
         self._die(EndpointBrokenError(f"{ch.req.what} failed: {_WC_NAMES.get(status, f'status {status}')}"))
-
-    def _expire(self, req: _Req) -> None:
-        if not req.fut.done():
-            # the transfer may still land: the memory stays pinned until it does
-            req.fut.set_exception(TimeoutError(f"{req.what} did not complete within {self._op_timeout} s"))
 
     def _on_dead(self, code: int) -> None:
         self._die(EndpointBrokenError(f"queue pair error event {code}"))
@@ -694,15 +361,11 @@ class VerbsQueuePair:
         fail whatever was still in flight and accept new work again."""
         if self._closed:
             return
-        err = EndpointBrokenError("the queue pair was reset while the operation was in flight")
-        pending = list(self._pending.values())
-        self._pending.clear()
+        self._drop_chunks()
         self.broken = None
-        for ch in pending:
-            self._chunk_done(ch, err)
-        self._fail_unposted(err)
+        self._fail_all(EndpointBrokenError("the queue pair was reset while the operation was in flight"),
+                       release=True)
         self._credits = self._v.sq_wrs
-        self._slots = list(range(self._depth - 1, -1, -1))
 
     # -- recovery after a remote error ---------------------------------------------------
     def _begin_recovery(self) -> None:
@@ -716,7 +379,7 @@ class VerbsQueuePair:
     async def _recover(self) -> None:
         try:
             deadline = self._loop.time() + 5.0
-            while self._pending:  # every posted chunk reports: success, error or flush
+            while self._posted:  # every posted chunk reports: success, error or flush
                 if self._loop.time() > deadline:
                     raise EndpointBrokenError("the queue pair did not flush after an error")
                 await asyncio.sleep(0.001)
@@ -731,7 +394,7 @@ class VerbsQueuePair:
             reply = await self._control({"t": "qp_reset", "qp": self.index, "psn": psn})
             if reply.get("t") != "qp_reset_ok":
                 raise EndpointBrokenError(f"peer could not reset its queue pair: {reply.get('message')}")
-            peer_psn = _as_int(reply.get("psn"), 0, 0xFFFFFF, "psn")
+            peer_psn = as_int(reply.get("psn"), 0, 0xFFFFFF, "psn")
             if self.broken is not None or self._closed:
                 return
             self._v.connect_qp(self._q, {**self._remote, "psn": peer_psn}, psn)
@@ -748,47 +411,26 @@ class VerbsQueuePair:
             self._die(err)
 
     # -- death and close ------------------------------------------------------------------
-    def _die(self, exc: BaseException) -> None:
-        if self.broken is not None or self._closed:
-            return
-        self.broken = exc
+    def _halt(self, exc: BaseException) -> None:
         self._lib.rv_qp_error(self._q)  # outstanding WRs flush; the NIC stops touching memory
-        self._fail_unposted(exc)
-        for ch in self._pending.values():  # memory stays pinned until the flush (or close)
-            if not ch.req.fut.done():
-                ch.req.fut.set_exception(type(exc)(str(exc)))
-        while self._slot_waiters:
-            w = self._slot_waiters.popleft()
-            if not w.done():
-                w.set_exception(type(exc)(str(exc)))
-        self._on_broken(exc)
-
-    def _fail_unposted(self, exc: BaseException) -> None:
-        rest = list(self._backlog) + self._flushed
+        rest = list(self._backlog) + self._flushed  # never (re)posted: nothing touches their memory
         self._backlog.clear()
         self._flushed = []
         for ch in rest:
             self._chunk_done(ch, type(exc)(str(exc)))
+        self._fail_all(exc, release=False)  # posted ones stay pinned until their flush (or close)
 
-    def close(self, exc: BaseException | None = None) -> None:
-        """Destroy the QP (the NIC no longer touches any buffer), fail what is still pending."""
-        if self._closed:
-            return
-        self._closed = True
+    def _drop_chunks(self) -> None:
+        self._posted.clear()
+        self._backlog.clear()
+        self._flushed = []
+
+    def _destroy(self) -> None:
         if self._recovery is not None:
             self._recovery.cancel()
-        self._lib.rv_qp_free(self._q)
+        self._lib.rv_qp_free(self._q)  # the NIC no longer touches any buffer
         self._q = None
-        err = exc or ClosedError("endpoint closed with the operation in flight")
-        self._fail_unposted(err)
-        pending = list(self._pending.values())
-        self._pending.clear()
-        for ch in pending:
-            self._chunk_done(ch, type(err)(str(err)))
-        while self._slot_waiters:
-            w = self._slot_waiters.popleft()
-            if not w.done():
-                w.set_exception(type(err)(str(err)))
+        self._drop_chunks()
         self._v.unregister(self._scratch_addr, self._scratch.nbytes, Access.NONE)
 
 
@@ -836,7 +478,7 @@ class ServerSession:
         i = msg.get("qp")
         if not isinstance(i, int) or isinstance(i, bool) or not 0 <= i < len(self.qps):
             raise ProtocolError(f"qp_reset names no queue pair: {i!r}")
-        client_psn = _as_int(msg.get("psn"), 0, 0xFFFFFF, "psn")
+        client_psn = as_int(msg.get("psn"), 0, 0xFFFFFF, "psn")
         qp = self.qps[i]
         rc = self._v._lib.rv_qp_reset(qp._q)
         if rc:
@@ -860,7 +502,7 @@ class ServerSession:
 
 async def open_verbs_endpoint(engine: Engine, host: str, port: int) -> Endpoint:
     """Create the QPs, exchange their attributes in hello/welcome, connect them, build the endpoint."""
-    from ._endpoint import Endpoint, _dial
+    from .._endpoint import Endpoint, _dial
 
     loop = asyncio.get_running_loop()
     vctx = engine._verbs
@@ -879,7 +521,7 @@ async def open_verbs_endpoint(engine: Engine, host: str, port: int) -> Endpoint:
         hello = {"t": "hello", "v": 1, "transport": "verbs", "nqp": len(qps), "hb": engine._heartbeat,
                  "qps": [vctx.qp_attrs(qp.qpn, psn) for qp, psn in zip(qps, psns)]}
         ctl, codec, welcome = await _dial(loop, host, port, hello, "welcome", secret=engine._secret)
-        remote = _parse_qp_attrs(welcome.get("qps"), len(qps))
+        remote = parse_qp_attrs(welcome.get("qps"), len(qps))
         ping = welcome.get("ping")
         if not (isinstance(ping, list) and len(ping) == 2 and all(isinstance(x, int) for x in ping)):
             raise ProtocolError("welcome lacks the ping region")
