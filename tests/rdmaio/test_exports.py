@@ -18,6 +18,7 @@ import rdmaio
 INTERNAL = {
     "rdmaio._auth": {"client_mac", "context", "new_nonce", "resolve_secret", "server_proof", "verify"},
     "rdmaio._channel": {"bind_channel", "make_rings", "pack_imm", "unpack_imm"},
+    "rdmaio._control": {"ClientProtocol", "ServerProtocol", "State"},
     "rdmaio._endpoint": {"host_identity", "open_endpoint"},
     "rdmaio._errors": {"error_for_status"},
     "rdmaio._progress": {"CompletionSink", "Worker"},
