@@ -1,4 +1,13 @@
-"""The transport seam: the queue-pair bookkeeping every transport shares.
+"""The transport seam: what a transport provides, and the queue-pair bookkeeping all share.
+
+A transport (:class:`Transport`, one instance per engine) makes workers,
+registers memory and hands out keys for it, dials a peer's listener for an
+endpoint (:meth:`Transport.dial` -> :class:`ClientLink`) and accepts a session
+for a listener (:meth:`Transport.accept` -> :class:`ServerLink`).  Links own
+their queue pairs; the engine, endpoints and listeners never look at which
+transport they run on.  A new transport is one module with a :class:`Transport`
+subclass, named in :data:`rdmaio.transports.TRANSPORTS` (and given a wire id in
+:class:`~rdmaio.RemoteKey`), that passes ``rdmaio.testing.check_queue_pair``.
 
 A *queue pair* is the initiator side of one connection to a peer: operations
 are posted on it and complete later, in any order, when the transport's
@@ -32,21 +41,26 @@ side, after the QP went through RESET).
 
 from __future__ import annotations
 
+import abc
 import asyncio
 import collections
-from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+import socket
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 import numpy as np
 
-from .._errors import ClosedError, EndpointBrokenError, TimeoutError, error_for_status
+from .._errors import ClosedError, EndpointBrokenError, ProtocolError, TimeoutError, error_for_status
 from .._keys import Access, RemoteKey
+from .._progress import Router, Worker
 from .._wire import Op
 
 if TYPE_CHECKING:
     from .._region import MemoryRegion
 
-__all__ = ["NO_KEY", "Pending", "QueuePair"]
+__all__ = ["NO_KEY", "ClientLink", "LinkHooks", "ListenSide", "Peer", "Pending", "QpOptions", "QueuePair",
+           "ServerLink", "SessionHooks", "Transport", "TransportOptions"]
 
 #: the key argument of operations that touch no remote memory (ping)
 NO_KEY = RemoteKey("none", 0, 0, 0, Access.NONE)
@@ -241,3 +255,188 @@ class QueuePair:
         self._destroy()
         self._fail_all(exc if exc is not None else ClosedError("endpoint closed with the operation in flight"),
                        release=True)
+
+
+# -- what an engine gives its transport ----------------------------------------------------------
+
+@dataclass(frozen=True)
+class TransportOptions:
+    """The engine options transports read when they are opened (each uses what applies to it)."""
+
+    max_regions: int = 4096
+    poll_spin_us: int = 50
+    same_host_fast_path: bool = True
+    device: str | None = None
+    port: int | None = None
+    gid_index: int | None = None
+
+
+@dataclass(frozen=True)
+class QpOptions:
+    """Engine-wide settings for the queue pairs a transport creates (fixed once the engine started)."""
+
+    loop: asyncio.AbstractEventLoop
+    router: Router
+    workers: Sequence[Worker]
+    #: queue pairs per endpoint (one per worker, or one shared by all workers)
+    nqp: int
+    #: ``Engine(qp_per_worker=False)``: the single queue pair is polled by every worker
+    shared: bool
+    depth: int
+    op_timeout: float | None
+    socket_buffer: int
+    same_host_fast_path: bool
+
+
+@dataclass(frozen=True)
+class LinkHooks:
+    """Where an endpoint's connections report (none of these keeps the endpoint alive)."""
+
+    #: the link broke: the endpoint fails everything in flight
+    on_broken: Callable[[BaseException], None]
+    #: a WRITE_WITH_IMM from the peer landed (channels)
+    on_imm: Callable[[int], None]
+    #: one control request to the peer, answered by its reply (verbs QP recovery)
+    request: Callable[[dict[str, Any]], Awaitable[dict[str, Any]]]
+
+
+@dataclass(frozen=True)
+class SessionHooks:
+    """Where a listener session's connections report."""
+
+    #: queue pair ``index`` (None: every queue pair of the session) can no longer write to the client
+    on_broken: Callable[[BaseException, int | None], None]
+    on_imm: Callable[[int], None]
+
+
+class Peer(Protocol):
+    """The peer's listener, as a dialling transport sees it (the endpoint's socket glue)."""
+
+    async def hello(self, fields: dict[str, Any]) -> dict[str, Any]:
+        """Open the control connection with a ``hello`` carrying ``fields``; the peer's ``welcome``."""
+        ...
+
+    async def attach(self, first: dict[str, Any], unix: str | None = None) -> socket.socket:
+        """Open one more connection (over the UNIX socket ``unix`` if given) whose first message is
+        ``first``; the socket once the peer answered ``attached``."""
+        ...
+
+
+# -- the transport ---------------------------------------------------------------------------------
+
+class ClientLink(abc.ABC):
+    """A transport's side of one endpoint: its queue pairs and whatever carries them."""
+
+    def __init__(self) -> None:
+        self.qps: list[QueuePair] = []
+
+    async def reverse(self, peer: Peer) -> None:  # noqa: B027 - most transports need nothing
+        """Make sure the peer can write to this side (channels' server-to-client messages)."""
+
+    @abc.abstractmethod
+    def close(self) -> None:
+        """Close every connection of the link (idempotent)."""
+
+
+class ServerLink(abc.ABC):
+    """A transport's side of one session a listener serves."""
+
+    def welcome(self) -> dict[str, Any]:
+        """Fields the transport adds to the session's ``welcome``."""
+        return {}
+
+    def attach(self, sock: socket.socket, qp: int) -> None:
+        """Take over ``sock``, a data connection for queue pair ``qp`` (ProtocolError if unexpected)."""
+        raise ProtocolError("this session has no data connections to attach")
+
+    def attach_reverse(self, sock: socket.socket) -> None:
+        """Take over ``sock`` as the queue pair on which this side writes to the client."""
+        raise ProtocolError("this session has no reverse queue pair to attach")
+
+    def reset(self, msg: dict[str, Any]) -> dict[str, Any]:
+        """Answer a ``qp_reset`` request (the reply message)."""
+        raise ProtocolError("this session has no queue pairs to reset")
+
+    @abc.abstractmethod
+    def imm_qp(self, chan: int) -> QueuePair | None:
+        """The queue pair on which channel ``chan`` writes to the client (None: not attached yet)."""
+
+    @abc.abstractmethod
+    def close(self) -> None:
+        """Close every connection of the session (idempotent)."""
+
+
+@dataclass
+class ListenSide:
+    """What a transport adds to one listener: more sockets to accept on, fields for every welcome."""
+
+    sockets: list[socket.socket]
+    welcome: dict[str, Any]
+
+    def close(self) -> None:
+        for s in self.sockets:
+            s.close()
+
+
+class Transport(abc.ABC):
+    """One engine's transport: workers, memory registration, dialling and accepting."""
+
+    name: ClassVar[str]
+    #: channels: the side that closes first keeps its ring until the peer's CLOSE answers (``_channel.py``)
+    close_handshake: ClassVar[bool] = False
+    #: requests are checked locally against the RemoteKey before posting (:meth:`check`)
+    prechecks: ClassVar[bool] = False
+
+    @classmethod
+    def unavailable_reason(cls) -> str | None:
+        """None if the transport can run here, else why not."""
+        return None
+
+    @abc.abstractmethod
+    def __init__(self, options: TransportOptions) -> None:
+        """Open the transport (TransportUnavailableError if it cannot run)."""
+
+    @abc.abstractmethod
+    def worker(self, index: int, router: Router, mode: str, loop: asyncio.AbstractEventLoop) -> Worker:
+        """Progress context ``index``; its completions go to ``router``."""
+
+    # memory (rdmaio._region.RegionBackend)
+    @abc.abstractmethod
+    def register(self, addr: int, length: int, access: Access) -> tuple[int, int]:
+        """Make ``[addr, addr+length)`` reachable with ``access``: ``(key, index)`` of the region."""
+
+    @abc.abstractmethod
+    def key(self, mr: MemoryRegion) -> RemoteKey:
+        """The capability for ``mr``."""
+
+    def revoke(self, mr: MemoryRegion) -> None:  # noqa: B027
+        """New remote requests on ``mr`` fail from now on."""
+
+    def busy(self, mr: MemoryRegion) -> int:
+        """Remote requests still executing on ``mr``."""
+        return 0
+
+    def release(self, mr: MemoryRegion) -> None:  # noqa: B027
+        """Drop the registration of a region nothing uses any more."""
+
+    def check(self, op: Op, what: str, key: RemoteKey, offset: int, length: int) -> None:
+        """Raise what the target would, before posting (only when :attr:`prechecks`)."""
+
+    def check_batch(self, op: Op, what: str, key: RemoteKey, offsets: np.ndarray, lengths: np.ndarray) -> None:
+        """:meth:`check` for a batch: one bad entry refuses it all."""
+
+    # connections
+    @abc.abstractmethod
+    async def dial(self, opts: QpOptions, hooks: LinkHooks, peer: Peer) -> ClientLink:
+        """Connect an endpoint's queue pairs to the peer (the control connection is ``peer.hello``)."""
+
+    @abc.abstractmethod
+    def accept(self, hello: dict[str, Any], opts: QpOptions, hooks: SessionHooks) -> ServerLink:
+        """A listener's side of a new session, from the client's ``hello`` (ProtocolError if malformed)."""
+
+    def listen(self, backlog: int) -> ListenSide:
+        """Extra sockets and welcome fields for a new listener."""
+        return ListenSide([], {})
+
+    def close(self) -> None:  # noqa: B027
+        """Release the transport (after every connection and worker is gone)."""

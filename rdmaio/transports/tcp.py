@@ -19,24 +19,43 @@ the region table and executes them on registered memory.
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
-from typing import TYPE_CHECKING, Any, Callable
+import secrets
+import socket
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .._errors import EndpointBrokenError, ProtocolError
-from .._keys import RemoteKey
+from .._errors import EndpointBrokenError, ProtocolError, UsageError
+from .._keys import Access, RemoteKey
 from .._native._rdmaio_native import ffi, lib
+from .._progress import Router, Worker
 from .._wire import Op
-from .base import BrokenHook, ImmHook, Pending, QueuePair
+from .base import (
+    BrokenHook,
+    ClientLink,
+    ImmHook,
+    LinkHooks,
+    ListenSide,
+    Peer,
+    Pending,
+    QpOptions,
+    QueuePair,
+    ServerLink,
+    SessionHooks,
+    Transport,
+    TransportOptions,
+)
 
 if TYPE_CHECKING:
-    import socket
-
-    from .._progress import Worker
     from .._region import MemoryRegion
 
-__all__ = ["TcpQueuePair", "TcpResponder", "describe_death"]
+__all__ = ["TcpClientLink", "TcpQueuePair", "TcpResponder", "TcpServerLink", "TcpTransport", "describe_death",
+           "host_identity"]
+
+log = logging.getLogger(__name__)
 
 KIND_RESPONDER = 1
 KIND_INITIATOR = 2
@@ -193,11 +212,15 @@ class TcpQueuePair(QueuePair):
 class TcpResponder:
     """Target side of one queue pair; served entirely by the native worker."""
 
+    __slots__ = ("_sock", "conn_id", "_on_dead_cb", "on_imm", "_c")
+
     def __init__(self, sock: socket.socket, conn_id: int, rtable: Any, worker: Worker,
-                 on_dead: Callable[[TcpResponder, int], None]) -> None:
+                 on_dead: Callable[[TcpResponder, int], None], on_imm: ImmHook | None = None) -> None:
         self._sock = sock
         self.conn_id = conn_id
         self._on_dead_cb = on_dead
+        #: called with the immediate of every WRITE_IMM that lands through this queue pair
+        self.on_imm = on_imm
         self._c = lib.rio_conn_new(sock.fileno(), conn_id, KIND_RESPONDER, rtable, 0)
         if self._c == ffi.NULL:
             raise MemoryError("could not allocate a native connection")
@@ -205,9 +228,6 @@ class TcpResponder:
         if rc:
             lib.rio_conn_close(self._c)
             raise OSError(-rc, os.strerror(-rc))
-
-    #: called with the immediate of every WRITE_IMM that lands through this queue pair
-    on_imm: Callable[[int], None] | None = None
 
     def _complete(self, wr: int, status: int, value: int) -> None:  # responders have no completions
         pass
@@ -224,3 +244,206 @@ class TcpResponder:
             lib.rio_conn_close(self._c)
             self._c = None
             self._sock.close()
+
+
+def host_identity() -> str:
+    """This host and network namespace: equal on both ends means a UNIX socket reaches the peer."""
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            boot = f.read().strip()
+        netns = os.stat("/proc/self/ns/net").st_ino
+    except OSError:
+        return ""
+    return f"{boot}/{netns}"
+
+
+# -- the transport -----------------------------------------------------------------------------------
+
+class TcpTransport(Transport):
+    """Stream sockets; the region table the native responders check requests against."""
+
+    name = "tcp"
+
+    def __init__(self, options: TransportOptions) -> None:
+        self._rt = lib.rio_rtable_new(options.max_regions)
+        if self._rt == ffi.NULL:
+            raise MemoryError("could not allocate the region table")
+        self._max_regions = options.max_regions
+        self._spin_us = options.poll_spin_us
+        self._same_host = options.same_host_fast_path
+
+    def worker(self, index: int, router: Router, mode: str, loop: asyncio.AbstractEventLoop) -> Worker:
+        w = Worker(index, router, mode, loop)
+        w.c.spin_us = self._spin_us
+        return w
+
+    # -- memory: the native region table --------------------------------------------------------
+    def register(self, addr: int, length: int, access: Access) -> tuple[int, int]:
+        if not access:  # local use only: peers never see it
+            return 0, -1
+        key = 0
+        while key == 0:
+            key = secrets.randbits(64)
+        index = lib.rio_rtable_insert(self._rt, key, addr, length, int(access))
+        if index < 0:
+            raise UsageError(f"region table full ({self._max_regions} regions): close unused regions")
+        return key, index
+
+    def key(self, mr: MemoryRegion) -> RemoteKey:
+        return RemoteKey("tcp", 0, mr._key, mr.length, mr.access, mr._index)
+
+    def revoke(self, mr: MemoryRegion) -> None:
+        if mr._index >= 0 and self._rt is not None:
+            lib.rio_rtable_invalidate(self._rt, mr._index)
+
+    def busy(self, mr: MemoryRegion) -> int:
+        if mr._index < 0 or self._rt is None:
+            return 0
+        return int(lib.rio_rtable_busy(self._rt, mr._index))
+
+    # -- connections ---------------------------------------------------------------------------
+    async def dial(self, opts: QpOptions, hooks: LinkHooks, peer: Peer) -> TcpClientLink:
+        """Control connection, then one data connection per queue pair."""
+        welcome = await peer.hello({})
+        # same host and network namespace: data connections over the listener's UNIX socket
+        unix = welcome.get("unix")
+        local = (opts.same_host_fast_path and isinstance(unix, str) and bool(unix)
+                 and welcome.get("host") == host_identity() != "")
+        link = TcpClientLink(self, opts, hooks, welcome["session"], unix if local else None)
+        try:
+            for i in range(opts.nqp):
+                sock = await peer.attach({"t": "attach", "session": link.session, "qp": i}, link.unix)
+                link.add_qp(sock, i)
+        except BaseException:
+            link.close()
+            raise
+        return link
+
+    def accept(self, hello: dict[str, Any], opts: QpOptions, hooks: SessionHooks) -> TcpServerLink:
+        return TcpServerLink(self, opts, hooks, hello["nqp"])
+
+    def listen(self, backlog: int) -> ListenSide:
+        """The same-host fast path: an abstract UNIX socket peers on this host and netns attach through."""
+        if not self._same_host:
+            return ListenSide([], {})
+        name = f"rdmaio-{os.getpid()}-{secrets.token_hex(8)}"
+        u = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            u.bind("\0" + name)
+            u.listen(backlog)
+            u.setblocking(False)
+        except OSError as exc:  # no abstract sockets here: TCP only
+            u.close()
+            log.debug("no UNIX fast path: %s", exc)
+            return ListenSide([], {})
+        return ListenSide([u], {"unix": name, "host": host_identity()})
+
+    def close(self) -> None:
+        if self._rt is not None:
+            lib.rio_rtable_free(self._rt)
+            self._rt = None
+
+
+class TcpClientLink(ClientLink):
+    """An endpoint's data connections, and the reverse queue pair its peer writes to it on."""
+
+    def __init__(self, transport: TcpTransport, opts: QpOptions, hooks: LinkHooks, session: bytes,
+                 unix: str | None) -> None:
+        super().__init__()
+        self._t = transport
+        self._opts = opts
+        self._hooks = hooks
+        self.session = session
+        self.unix = unix
+        self._reverse: TcpResponder | None = None
+        self._reverse_lock = asyncio.Lock()
+        self._closed = False
+
+    def add_qp(self, sock: socket.socket, i: int) -> None:
+        o = self._opts
+        workers = list(o.workers) if o.shared else [o.workers[i % len(o.workers)]]
+        try:
+            qp = o.router.open(lambda cid: TcpQueuePair(o.loop, sock, cid, workers, o.depth, o.op_timeout,
+                                                        self._hooks.on_broken))
+        except BaseException:
+            sock.close()
+            raise
+        self.qps.append(qp)
+
+    async def reverse(self, peer: Peer) -> None:
+        """Channels: tcp queue pairs carry requests one way, so the peer writes to us on one we attach."""
+        async with self._reverse_lock:
+            if self._reverse is not None or self._closed:
+                return
+            sock = await peer.attach({"t": "attach_reverse", "session": self.session}, self.unix)
+            o = self._opts
+            try:
+                self._reverse = o.router.open(lambda cid: TcpResponder(sock, cid, self._t._rt, o.workers[0],
+                                                                       self._reverse_dead, self._hooks.on_imm))
+            except BaseException:
+                sock.close()
+                raise
+
+    def _reverse_dead(self, responder: TcpResponder, code: int) -> None:
+        self._opts.router.close(responder)
+        self._hooks.on_broken(EndpointBrokenError(f"reverse queue pair: {describe_death(code)}"))
+
+    def close(self) -> None:
+        self._closed = True
+        router = self._opts.router
+        if self._reverse is not None:
+            router.close(self._reverse)
+        for qp in self.qps:
+            router.close(qp)
+
+
+class TcpServerLink(ServerLink):
+    """A session's responders (one per client queue pair) and its reverse queue pair."""
+
+    def __init__(self, transport: TcpTransport, opts: QpOptions, hooks: SessionHooks, nqp: int) -> None:
+        self._t = transport
+        self._opts = opts
+        self._hooks = hooks
+        self._nqp = nqp
+        self.responders: list[TcpResponder] = []
+        self.attached: set[int] = set()
+        self.reverse: TcpQueuePair | None = None
+
+    def attach(self, sock: socket.socket, qp: int) -> None:
+        if not isinstance(qp, int) or isinstance(qp, bool) or not 0 <= qp < self._nqp or qp in self.attached:
+            raise ProtocolError(f"bad or duplicate queue pair index {qp!r}")
+        o = self._opts
+        if o.socket_buffer:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, o.socket_buffer)
+        worker = o.workers[qp % len(o.workers)]
+        r = o.router.open(lambda cid: TcpResponder(sock, cid, self._t._rt, worker, self._responder_dead,
+                                                   self._hooks.on_imm))
+        self.attached.add(qp)
+        self.responders.append(r)
+
+    def attach_reverse(self, sock: socket.socket) -> None:
+        if self.reverse is not None:
+            raise ProtocolError("the session already has a reverse queue pair")
+        o = self._opts
+        self.reverse = o.router.open(lambda cid: TcpQueuePair(o.loop, sock, cid, [o.workers[0]], o.depth,
+                                                              o.op_timeout, self._reverse_broken))
+
+    def _reverse_broken(self, exc: BaseException) -> None:
+        self._hooks.on_broken(exc, None)
+
+    def _responder_dead(self, responder: TcpResponder, code: int) -> None:
+        if code != 0:
+            log.info("queue pair %d closed: %s", responder.conn_id, describe_death(code))
+        self._opts.router.close(responder)
+
+    def imm_qp(self, chan: int) -> QueuePair | None:
+        return self.reverse
+
+    def close(self) -> None:
+        router = self._opts.router
+        if self.reverse is not None:
+            router.close(self.reverse)
+            self.reverse = None
+        for r in self.responders:
+            router.close(r)
+        self.responders.clear()

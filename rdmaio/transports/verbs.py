@@ -1,18 +1,17 @@
-"""The verbs transport: RC queue pairs on an RDMA NIC (libibverbs), same interface as tcp.
+"""The verbs transport: RC queue pairs on an RDMA NIC (libibverbs), behind the same seam as tcp.
 
 Pieces (the C hot path is ``rdmaio/_native/verbs.c``, an optional cffi extension
 loaded lazily — importing rdmaio never loads libibverbs):
 
-* :func:`unavailable_reason` — why verbs cannot run here (no headers at build
-  time, libibverbs missing, no ACTIVE port), or ``None``.
-* :class:`VerbsContext` — one per engine: device/port/GID choice, protection
-  domain, the memory-registration cache (keyed by ``(address, length, access)``,
-  ref-counted), local pre-checks of remote keys, the listener's server sessions.
-* :class:`VerbsWorker` — a :class:`rdmaio._progress.Worker` whose completion
-  source is a completion channel + CQ instead of an epoll set.
-* :class:`VerbsQueuePair` — the initiator side of one RC QP, with the interface
-  the :class:`~rdmaio.Endpoint` uses on :class:`~rdmaio._tcp.TcpQueuePair`.
-* :class:`ServerSession` — the target side: QPs connected to a client's; the
+* :class:`VerbsTransport` — one per engine, around the device layer of
+  :mod:`rdmaio.transports._ibv` (device/port/GID choice, protection domain, the
+  registration cache, :class:`~rdmaio.transports._ibv.VerbsWorker` polling a
+  completion channel + CQ, local pre-checks of remote keys).
+* :class:`VerbsQueuePair` — the initiator side of one RC QP, on the shared
+  bookkeeping of :class:`~rdmaio.transports.base.QueuePair`.
+* :class:`VerbsClientLink` — an endpoint's QPs, connected through the
+  attributes exchanged in ``hello``/``welcome`` (no data connections).
+* :class:`VerbsServerLink` — the target side: QPs connected to a client's; the
   NIC serves every one-sided request.  They are :class:`VerbsQueuePair` objects
   too (``passive``), because a channel server initiates WRITE_WITH_IMM on them.
 
@@ -20,8 +19,8 @@ WRITE_WITH_IMM: RC QPs are bidirectional, so every QP (client and server side)
 keeps a pool of zero-length receive WRs posted (``rq_depth``, from ``sq_depth``)
 that ``rv_worker_poll`` refills in C, below half, with one chained
 ``ibv_post_recv``; arrivals come back as the worker batch's ``rx_conn/rx_imm``
-arrays and :meth:`VerbsQueuePair._on_imm` hands each immediate to its router
-(``Endpoint._route_imm`` or ``_Session.route_imm``).
+arrays and :meth:`VerbsQueuePair._on_imm` hands each immediate to the link's
+``on_imm`` hook (the endpoint's or the listener session's channel routing).
 
 Posting: a request becomes one or a few *chunks*; a chunk is one chained WR
 list posted with one ``ibv_post_send`` (one doorbell) whose last WR alone is
@@ -54,16 +53,36 @@ import numpy as np
 
 from .._errors import ClosedError, EndpointBrokenError, ProtocolError, UsageError, error_for_status
 from .._keys import Access, RemoteKey
+from .._progress import Router, Worker
 from .._wire import Op, Status
-from ._ibv import VerbsContext, VerbsWorker, as_int, parse_qp_attrs
-from .base import BrokenHook, ImmHook, Pending, QueuePair
+from ._ibv import (
+    VerbsContext,
+    VerbsWorker,
+    as_int,
+    check_remote,
+    check_remote_batch,
+    parse_qp_attrs,
+    unavailable_reason,
+)
+from .base import (
+    BrokenHook,
+    ClientLink,
+    ImmHook,
+    LinkHooks,
+    Peer,
+    Pending,
+    QpOptions,
+    QueuePair,
+    ServerLink,
+    SessionHooks,
+    Transport,
+    TransportOptions,
+)
 
 if TYPE_CHECKING:
-    from .._endpoint import Endpoint
-    from .._engine import Engine
     from .._region import MemoryRegion
 
-__all__ = ["ServerSession", "VerbsQueuePair", "open_verbs_endpoint"]
+__all__ = ["VerbsClientLink", "VerbsQueuePair", "VerbsServerLink", "VerbsTransport"]
 
 log = logging.getLogger(__name__)
 
@@ -434,35 +453,123 @@ class VerbsQueuePair(QueuePair):
         self._v.unregister(self._scratch_addr, self._scratch.nbytes, Access.NONE)
 
 
-# -- target side -----------------------------------------------------------------------------
+# -- the transport ----------------------------------------------------------------------------
 
-class ServerSession:
+class VerbsTransport(Transport):
+    """RC queue pairs on an RDMA NIC: the engine's device context, its registration cache."""
+
+    name = "verbs"
+    close_handshake = True  # see _channel.py "Closing on verbs"
+    prechecks = True  # RC NICs report every refusal alike, and break both QPs on it
+
+    @classmethod
+    def unavailable_reason(cls) -> str | None:
+        return unavailable_reason()
+
+    def __init__(self, options: TransportOptions) -> None:
+        # opens the device now: TransportUnavailableError if it cannot
+        self.vctx = VerbsContext(options.device, options.port, options.gid_index)
+
+    def worker(self, index: int, router: Router, mode: str, loop: asyncio.AbstractEventLoop) -> Worker:
+        return VerbsWorker(index, router, mode, loop, self.vctx)
+
+    # -- memory: NIC registrations (cached); key = rkey << 32 | lkey ---------------------------------
+    def register(self, addr: int, length: int, access: Access) -> tuple[int, int]:
+        lkey, rkey = self.vctx.register(addr, length, access)
+        return (rkey << 32) | lkey, -1
+
+    def key(self, mr: MemoryRegion) -> RemoteKey:
+        return RemoteKey("verbs", mr.addr, mr._key >> 32, mr.length, mr.access, 0)
+
+    def release(self, mr: MemoryRegion) -> None:
+        # the NIC registration stays valid until here: a closed region in use stays reachable
+        self.vctx.unregister(mr.addr, mr.length, mr.access)
+
+    def check(self, op: Op, what: str, key: RemoteKey, offset: int, length: int) -> None:
+        check_remote(op, what, key, offset, length)
+
+    def check_batch(self, op: Op, what: str, key: RemoteKey, offsets: np.ndarray, lengths: np.ndarray) -> None:
+        check_remote_batch(op, what, key, offsets, lengths)
+
+    # -- connections ---------------------------------------------------------------------------
+    async def dial(self, opts: QpOptions, hooks: LinkHooks, peer: Peer) -> VerbsClientLink:
+        """Create the QPs, exchange their attributes in hello/welcome, connect them (no data connections)."""
+        link = VerbsClientLink(self.vctx, opts, hooks)
+        try:
+            psns = [secrets.randbits(24) for _ in link.qps]
+            welcome = await peer.hello({"qps": [self.vctx.qp_attrs(qp.qpn, psn) for qp, psn in zip(link.vqps, psns)]})
+            remote = parse_qp_attrs(welcome.get("qps"), len(link.qps))
+            ping = welcome.get("ping")
+            if not (isinstance(ping, list) and len(ping) == 2 and all(isinstance(x, int) for x in ping)):
+                raise ProtocolError("welcome lacks the ping region")
+            for qp, r, psn in zip(link.vqps, remote, psns):
+                qp.connect(r, psn, (ping[0] & ((1 << 64) - 1), ping[1] & 0xFFFFFFFF))
+        except BaseException:
+            link.close()
+            raise
+        return link
+
+    def accept(self, hello: dict[str, Any], opts: QpOptions, hooks: SessionHooks) -> VerbsServerLink:
+        """Listener side of the handshake: QPs connected to the client's (ProtocolError if malformed)."""
+        return VerbsServerLink(self.vctx, parse_qp_attrs(hello.get("qps"), hello["nqp"]), opts, hooks)
+
+    def close(self) -> None:
+        self.vctx.close()
+
+
+def _new_qp(vctx: VerbsContext, opts: QpOptions, i: int, on_broken: BrokenHook, on_imm: ImmHook,
+            control: ControlHook | None, passive: bool) -> VerbsQueuePair:
+    w = opts.workers[i % len(opts.workers)]
+    assert isinstance(w, VerbsWorker)
+    return opts.router.open(lambda cid: VerbsQueuePair(vctx, opts.loop, cid, i, w, opts.depth, opts.op_timeout,
+                                                       on_broken, on_imm, control, passive))
+
+
+def _index_hook(hook: Callable[[BaseException, int | None], None], i: int) -> BrokenHook:
+    return lambda exc: hook(exc, i)
+
+
+class VerbsClientLink(ClientLink):
+    """An endpoint's RC QPs (QP ``i`` on worker ``i``); the server's channel writes land through them."""
+
+    def __init__(self, vctx: VerbsContext, opts: QpOptions, hooks: LinkHooks) -> None:
+        super().__init__()
+        self._router = opts.router
+        self.vqps: list[VerbsQueuePair] = []
+        try:
+            for i in range(opts.nqp):
+                self.vqps.append(_new_qp(vctx, opts, i, hooks.on_broken, hooks.on_imm, hooks.request, False))
+        except BaseException:
+            self.close()
+            raise
+        self.qps = list(self.vqps)
+
+    def close(self) -> None:
+        for qp in self.vqps:
+            self._router.close(qp)
+
+
+class VerbsServerLink(ServerLink):
     """The listener's QPs for one client session.
 
     The NIC serves the client's one-sided requests on them without Python.  They
-    are passive :class:`VerbsQueuePair` objects registered in ``engine._conns``:
-    their receive queues take the client's WRITE_WITH_IMM (routed to ``on_imm``,
-    set by the listener's session) and channel servers post WRITE_WITH_IMM towards
-    the client on them (QP ``i`` is connected to the client's QP ``i``).
+    are passive :class:`VerbsQueuePair` objects: their receive queues take the
+    client's WRITE_WITH_IMM (``hooks.on_imm``) and channel servers post
+    WRITE_WITH_IMM towards the client on them (QP ``i`` is connected to the
+    client's QP ``i``, so a channel's two directions share one RC connection).
     """
 
-    def __init__(self, vctx: VerbsContext, client_qps: list[dict[str, Any]], engine: Engine) -> None:
+    def __init__(self, vctx: VerbsContext, client_qps: list[dict[str, Any]], opts: QpOptions,
+                 hooks: SessionHooks) -> None:
         self._v = vctx
-        self._engine = engine
+        self._router = opts.router
         self._client = client_qps
         self.qps: list[VerbsQueuePair] = []
         self.attrs: list[dict[str, Any]] = []
-        loop = engine._loop
-        assert loop is not None
-        workers = engine._workers
         try:
             for i, remote in enumerate(client_qps):
-                w = workers[i % len(workers)]
-                assert isinstance(w, VerbsWorker)
-                qp = VerbsQueuePair(vctx, loop, engine._new_conn_id(), i, w, engine._sq_depth, engine._op_timeout,
-                                    lambda exc: None, passive=True)
+                qp = _new_qp(vctx, opts, i, _index_hook(hooks.on_broken, i), hooks.on_imm, None, True)
                 self.qps.append(qp)
-                engine._conns[qp.conn_id] = qp
                 psn = secrets.randbits(24)
                 vctx.connect_qp(qp._q, remote, psn)
                 self.attrs.append(vctx.qp_attrs(qp.qpn, psn))
@@ -470,7 +577,7 @@ class ServerSession:
             self.close()
             raise
 
-    def welcome_fields(self) -> dict[str, Any]:
+    def welcome(self) -> dict[str, Any]:
         return {"qps": self.attrs, "ping": [self._v._ping_addr, self._v._ping_rkey]}
 
     def reset(self, msg: dict[str, Any]) -> dict[str, Any]:
@@ -491,51 +598,10 @@ class ServerSession:
             return {"t": "error", "id": msg["id"], "code": "reset", "message": str(exc)}
         return {"t": "qp_reset_ok", "id": msg["id"], "psn": psn}
 
+    def imm_qp(self, chan: int) -> QueuePair | None:
+        return self.qps[chan % len(self.qps)]
+
     def close(self) -> None:
         for qp in self.qps:
-            self._engine._conns.pop(qp.conn_id, None)
-            qp.close()
+            self._router.close(qp)
         self.qps.clear()
-
-
-# -- client handshake ---------------------------------------------------------------------------
-
-async def open_verbs_endpoint(engine: Engine, host: str, port: int) -> Endpoint:
-    """Create the QPs, exchange their attributes in hello/welcome, connect them, build the endpoint."""
-    from .._endpoint import Endpoint, _dial
-
-    loop = asyncio.get_running_loop()
-    vctx = engine._verbs
-    assert vctx is not None
-    workers = engine._workers
-    qps: list[VerbsQueuePair] = []
-    ctl = None
-    try:
-        for i in range(engine._nqp):
-            conn_id = engine._new_conn_id()
-            w = workers[i % len(workers)]
-            assert isinstance(w, VerbsWorker)
-            qps.append(VerbsQueuePair(vctx, loop, conn_id, i, w, engine._sq_depth, engine._op_timeout,
-                                      lambda exc: None))
-        psns = [secrets.randbits(24) for _ in qps]
-        hello = {"t": "hello", "v": 1, "transport": "verbs", "nqp": len(qps), "hb": engine._heartbeat,
-                 "qps": [vctx.qp_attrs(qp.qpn, psn) for qp, psn in zip(qps, psns)]}
-        ctl, codec, welcome = await _dial(loop, host, port, hello, "welcome", secret=engine._secret)
-        remote = parse_qp_attrs(welcome.get("qps"), len(qps))
-        ping = welcome.get("ping")
-        if not (isinstance(ping, list) and len(ping) == 2 and all(isinstance(x, int) for x in ping)):
-            raise ProtocolError("welcome lacks the ping region")
-        for qp, r, psn in zip(qps, remote, psns):
-            qp.connect(r, psn, (ping[0] & ((1 << 64) - 1), ping[1] & 0xFFFFFFFF))
-        ep = Endpoint(engine, (host, port), ctl, codec, [], qps=qps)
-    except BaseException:
-        for qp in qps:
-            qp.close()
-        if ctl is not None:
-            ctl.close()
-        raise
-    for qp in qps:
-        qp._on_broken = ep._on_broken
-        qp._control = ep._request
-        qp.on_imm = ep._route_imm  # the server's channel writes land through our QPs
-    return ep

@@ -77,7 +77,7 @@ async def test_a_failed_progress_worker_fails_operations_instead_of_stranding_th
         own = await client.listen()               # the failed engine must stop accepting, too
         assert client.failure is None
         # The worker's epoll descriptor now names a pipe: its next epoll_wait fails (EINVAL).
-        worker = client._workers[0]
+        worker = client._core.workers[0]
         r, w = os.pipe()
         os.dup2(r, worker._fd())
         os.close(r)
@@ -141,7 +141,7 @@ async def test_a_queue_pair_that_cannot_attach_leaves_no_trace_in_the_workers() 
     from rdmaio.transports.tcp import TcpQueuePair
 
     async with rdmaio.Engine(transport="tcp", workers=2, progress="thread") as engine:
-        good, bad = engine._workers
+        good, bad = engine._core.workers
         r, w = os.pipe()
         os.dup2(r, bad._fd())             # epoll_ctl on the second worker now fails (EINVAL)
         os.close(r)
@@ -162,15 +162,15 @@ async def test_an_endpoint_whose_second_queue_pair_cannot_attach_leaves_nothing_
     async with rdmaio.Engine(transport="tcp") as server, \
             rdmaio.Engine(transport="tcp", workers=2, progress="thread", same_host_fast_path=False) as client:
         lst = await server.listen()
-        good, bad = client._workers
+        good, bad = client._core.workers
         r, w = os.pipe()
         os.dup2(r, bad._fd())             # the queue pair of worker 1 cannot attach
         os.close(r)
         os.close(w)
-        conns = dict(client._conns)
+        conns = client._core.router.owners()
         with pytest.raises(Exception):
             await client.connect("127.0.0.1", lst.port)
-        assert client._conns == conns, "queue pairs of the failed endpoint are still registered"
+        assert client._core.router.owners() == conns, "queue pairs of the failed endpoint are still registered"
         with open(f"/proc/self/fdinfo/{good._fd()}") as f:
             watched = [int(line.split()[1]) for line in f if line.startswith("tfd:")]
         assert watched == [good.c.wakefd], "worker 0 still polls a queue pair of the failed endpoint"

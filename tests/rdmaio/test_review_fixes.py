@@ -24,7 +24,7 @@ async def stalled_pair() -> AsyncIterator[tuple[rdmaio.Engine, rdmaio.Engine, rd
         ep = await client.connect("127.0.0.1", lst.port)
         key = await ep.remote_key("t")
         loop = asyncio.get_running_loop()
-        w = server._workers[0]
+        w = server._core.workers[0]
 
         def stall() -> None:
             loop.remove_reader(w._fd())

@@ -59,7 +59,7 @@ async def test_registration_cache_shares_one_nic_registration(ctx: tuple) -> Non
     await ep.read(b, 0, key, 0, 4096)  # still registered: b holds a reference
     assert np.array_equal(buf, table[:4096])
     b.close()
-    assert (buf.ctypes.data, 4096, int(rdmaio.Access.READ | rdmaio.Access.WRITE)) not in client._verbs._cache
+    assert (buf.ctypes.data, 4096, int(rdmaio.Access.READ | rdmaio.Access.WRITE)) not in client._core.transport.vctx._cache
 
 
 async def test_batches_larger_than_one_doorbell(ctx: tuple) -> None:  # type: ignore[type-arg]
@@ -94,8 +94,8 @@ async def imm_pair(request: pytest.FixtureRequest) -> AsyncIterator[tuple[rdmaio
 
 def _server_qps(lst: rdmaio.Listener) -> list:  # type: ignore[type-arg]
     (session,) = lst._sessions.values()
-    assert session.verbs is not None
-    return session.verbs.qps
+    assert session.link is not None
+    return session.link.qps
 
 
 async def _until(cond: object, timeout: float = 10.0) -> None:
