@@ -13,7 +13,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import sys
+import warnings
 import weakref
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -24,9 +27,47 @@ from ._region import RegionTable
 from .transports import open_transport
 from .transports.base import QpOptions, Transport, TransportOptions
 
-__all__ = ["Config", "Core"]
+__all__ = ["Config", "Core", "creation_site", "warn_unclosed"]
 
 log = logging.getLogger(__name__)
+
+_PACKAGE = os.path.dirname(os.path.abspath(__file__))
+
+
+def creation_site() -> str:
+    """``file:line`` of the first caller outside rdmaio (for the unclosed-resource warning)."""
+    f = sys._getframe(1)
+    while f is not None and f.f_code.co_filename.startswith(_PACKAGE):
+        f = f.f_back  # type: ignore[assignment]
+    return f"{f.f_code.co_filename}:{f.f_lineno}" if f is not None else "?"
+
+
+def _release(what: str, release: Callable[[], None]) -> None:
+    try:
+        release()
+    except Exception:  # noqa: BLE001 - a finalizer must not raise; say what could not be freed
+        log.exception("releasing an unclosed %s", what)
+
+
+def warn_unclosed(what: str, site: str, loop: asyncio.AbstractEventLoop | None, release: Callable[[], None]) -> None:
+    """A finalizer's body: free what an unclosed object held, then say so with a ResourceWarning.
+
+    Garbage collection may run it on any thread.  Off the loop's thread, while the
+    loop runs, the release is handed to the loop (asyncio objects are not thread-safe).
+    """
+    try:
+        running: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
+    except RuntimeError:
+        running = None
+    if loop is not None and running is not loop and loop.is_running():
+        try:
+            loop.call_soon_threadsafe(_release, what, release)
+        except RuntimeError:  # closed meanwhile: nothing runs on it any more
+            _release(what, release)
+    else:
+        _release(what, release)
+    warnings.warn(f"unclosed {what} created at {site}: it was released when collected; close it with aclose() "
+                  f"(or use 'async with')", ResourceWarning, stacklevel=2)
 
 
 @dataclass(frozen=True)
@@ -79,7 +120,7 @@ class Core:
         self.channel_handlers: dict[str, ChannelHandler] = {}
         self.channel_bytes = 0  # rings of channels peers opened to this engine
         self.listeners: set[_Listener] = set()
-        self.endpoints: set[Any] = set()
+        self.endpoints: weakref.WeakSet[Any] = weakref.WeakSet()  # an endpoint its owner dropped goes
         self.failure: str | None = None
         self.closed = False
 

@@ -53,6 +53,8 @@ from ._sockets import PeerDialer
 from ._wire import MAX_BATCH, MAX_OP_BYTES, Op
 from .transports.base import NO_KEY, ClientLink, LinkHooks, QueuePair
 
+from ._core import creation_site, warn_unclosed
+
 if TYPE_CHECKING:
     from ._core import Core
 
@@ -90,6 +92,28 @@ def _weak_request(ep: Endpoint) -> Callable[[dict[str, Any]], Awaitable[dict[str
         return await live._request(msg)
 
     return request
+
+
+class _Resources:
+    """What an endpoint holds outside itself; released by :meth:`Endpoint.abort` or its finalizer."""
+
+    __slots__ = ("link", "ctl", "tasks", "channels")
+
+    def __init__(self, channels: dict[int, Channel]) -> None:
+        self.link: ClientLink | None = None
+        self.ctl: socket.socket | None = None
+        self.tasks: list[asyncio.Task[None]] = []
+        self.channels = channels
+
+    def release(self) -> None:
+        for t in self.tasks:
+            t.cancel()
+        for ch in list(self.channels.values()):
+            ch._abort()
+        if self.link is not None:
+            self.link.close()
+        if self.ctl is not None:
+            self.ctl.close()
 
 
 async def _read_control(ref: weakref.ref[Endpoint], loop: asyncio.AbstractEventLoop, sock: socket.socket,
@@ -199,10 +223,10 @@ class Endpoint:
         self._stripe = core.config.stripe_bytes
         #: channels opened on this endpoint; the link routes the peer's immediates here
         self._channels: dict[int, Channel] = {}
-        self._reader: asyncio.Task[None] | None = None
-        self._pinger: asyncio.Task[None] | None = None
         self._ping_task: asyncio.Task[None] | None = None
         self._last_rx = self._loop.time()
+        self._res = _Resources(self._channels)
+        self._finalizer: weakref.finalize | None = None
 
     async def _open(self, timeout: float) -> None:
         """The handshake: the transport dials the peer through this endpoint's control connection."""
@@ -215,7 +239,8 @@ class Endpoint:
         hooks = LinkHooks(_weak(self._on_broken), functools.partial(route_imm, self._channels), _weak_request(self))
         try:
             try:
-                self._link = await asyncio.wait_for(self._transport.dial(opts, hooks, dialer), timeout)
+                self._link = self._res.link = await asyncio.wait_for(self._transport.dial(opts, hooks, dialer),
+                                                                     timeout)
             except asyncio.TimeoutError:
                 raise TimeoutError(f"connecting to {host}:{port} took longer than {timeout} s") from None
             except RdmaioError:  # ours already say what happened (some are OSErrors too: keep them as they are)
@@ -232,12 +257,17 @@ class Endpoint:
         self._ctl, self._proto = dialer.control
         self._qps = self._link.qps
         self._last = self._qps[0]
+        res = self._res
+        res.ctl = self._ctl
         ref = weakref.ref(self)
-        self._reader = self._loop.create_task(_read_control(ref, self._loop, self._ctl, self._proto))
+        res.tasks.append(self._loop.create_task(_read_control(ref, self._loop, self._ctl, self._proto)))
         self._last_rx = self._loop.time()
         if c.heartbeat:
-            self._pinger = self._loop.create_task(_heartbeat(ref, self._loop, c.heartbeat, c.dead_peer_timeout))
+            res.tasks.append(self._loop.create_task(_heartbeat(ref, self._loop, c.heartbeat, c.dead_peer_timeout)))
         core.endpoints.add(self)
+        # dropped without aclose()/abort(): its connections are closed when it is collected, with a warning
+        self._finalizer = weakref.finalize(self, warn_unclosed, repr(self), creation_site(), self._loop, res.release)
+        self._finalizer.atexit = False
 
     def __repr__(self) -> str:
         state = "closed" if self._closed else "broken" if self.broken else "open"
@@ -356,19 +386,15 @@ class Endpoint:
         if self._closed:
             return
         self._closed = True
+        if self._finalizer is not None:
+            self._finalizer.detach()
         self._broken_callbacks.clear()
-        for t in (self._reader, self._pinger, self._ping_task):
-            if t is not None:
-                t.cancel()
-        for ch in list(self._channels.values()):
-            ch._abort()
-        if self._link is not None:
-            self._link.close()
+        if self._ping_task is not None:
+            self._ping_task.cancel()
+        self._res.release()
         for fut in self._requests.values():
             if not fut.done():
                 fut.set_exception(ClosedError("endpoint closed"))
-        if self._ctl is not None:
-            self._ctl.close()
         self._core.endpoints.discard(self)
 
     async def __aenter__(self) -> Endpoint:

@@ -14,11 +14,12 @@ from __future__ import annotations
 
 import asyncio
 import secrets
+import weakref
 from typing import Any, Literal
 
 from . import _auth as auth
 from ._channel import ChannelHandler
-from ._core import Config, Core
+from ._core import Config, Core, creation_site, warn_unclosed
 from ._endpoint import Endpoint, open_endpoint
 from ._errors import EndpointBrokenError, TimeoutError, UsageError
 from ._keys import Access
@@ -149,6 +150,10 @@ class Engine:
         self.transport = self._core.transport.name
         self.progress = progress
         self.num_workers = workers
+        # never closed: its threads and native memory are released when it is collected, with a warning
+        self._site = creation_site()
+        self._finalizer = weakref.finalize(self, warn_unclosed, repr(self), self._site, None, self._core.abort)
+        self._finalizer.atexit = False
 
     def __repr__(self) -> str:
         return (f"<Engine transport={self.transport} workers={self.num_workers} progress={self.progress}"
@@ -161,11 +166,16 @@ class Engine:
         core.check_open()
         if core.loop is not None:
             return self
+        loop = asyncio.get_running_loop()
         try:
-            core.start(asyncio.get_running_loop())
+            core.start(loop)
         except BaseException:
             self.abort()
             raise
+        # from now on a finalizer hands the release to the loop (the workers post to it)
+        self._finalizer.detach()
+        self._finalizer = weakref.finalize(self, warn_unclosed, repr(self), self._site, loop, core.abort)
+        self._finalizer.atexit = False
         return self
 
     async def __aenter__(self) -> Engine:
@@ -190,6 +200,7 @@ class Engine:
 
     def abort(self) -> None:
         """Close everything now; pending operations fail with :class:`ClosedError`. Idempotent."""
+        self._finalizer.detach()
         self._core.abort()
 
     @property

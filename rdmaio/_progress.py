@@ -149,6 +149,7 @@ class Worker:
         self._scheduled = False
         self._qlock = threading.Lock()
         self._reader = False
+        self._free_on_exit = False
 
     def start(self) -> None:
         if self._mode == "thread":
@@ -191,6 +192,14 @@ class Worker:
 
     # -- thread mode ----------------------------------------------------------
     def _run(self) -> None:
+        try:
+            self._rounds()
+        finally:
+            if self._free_on_exit:  # freed from this very thread (by a finalizer GC ran here)
+                self._native_free()
+                self.c = None
+
+    def _rounds(self) -> None:
         poll = self._native_poll
         while not self._stopping:
             n = poll(-1)
@@ -227,10 +236,12 @@ class Worker:
     def stop(self) -> None:
         """Stop the driver (joins the thread); the native worker stays until :meth:`free`."""
         self._stopping = True
-        if self._thread is not None:
+        t = self._thread
+        if t is not None:
             self._native_wake()
-            self._thread.join()
-            self._thread = None
+            if t is not threading.current_thread():  # on it (a finalizer run by GC there): it exits by itself
+                t.join()
+                self._thread = None
         if self._reader:
             try:
                 self._loop.remove_reader(self._fd())
@@ -239,9 +250,14 @@ class Worker:
             self._reader = False
 
     def free(self) -> None:
-        if self.c is not None:
-            self._native_free()
-            self.c = None
+        """Free the native worker (after :meth:`stop`)."""
+        if self.c is None:
+            return
+        if self._thread is not None and self._thread is threading.current_thread():
+            self._free_on_exit = True  # this thread still runs its round: it frees the worker on the way out
+            return
+        self._native_free()
+        self.c = None
 
     # -- the native worker (overridden by transports with another completion source,
     #    e.g. rdmaio.transports._ibv.VerbsWorker; the batch arrays keep the same field names) --

@@ -49,6 +49,7 @@ async def test_echo_round_trips(engines: tuple[rdmaio.Engine, rdmaio.Engine, rdm
             await ch.send([b"ping ", str(i).encode()])
             assert await ch.recv() == f"ping {i}!".encode()
         assert 0 <= ch.credits <= ch.slots
+    await ep.aclose()
 
 
 @pytest.mark.parametrize("seed", range(4))
@@ -90,6 +91,7 @@ async def test_slow_receiver_random_interleavings_lose_nothing(
     for k in range(4):  # each sender's messages arrive exactly once, in its order
         assert [m for m in got if m[0] == k] == sent[k]
     assert min(credits_seen) >= 0 and max(credits_seen) <= 8
+    await ep.aclose()
 
 
 async def test_sender_out_of_credits_waits_and_is_woken_by_close(
@@ -116,6 +118,7 @@ async def test_sender_out_of_credits_waits_and_is_woken_by_close(
     with pytest.raises(rdmaio.ClosedError):
         await ch.recv()
     del handler_saw
+    await ep.aclose()
 
 
 async def test_client_close_ends_the_server_handler(
@@ -141,6 +144,7 @@ async def test_client_close_ends_the_server_handler(
     assert received == [b"one", b"two"]  # messages sent before close are still delivered
     with pytest.raises(rdmaio.ClosedError):
         await ch.send([b"after close"])
+    await ep.aclose()
 
 
 async def test_many_channels_and_refusals(engines: tuple[rdmaio.Engine, rdmaio.Engine, rdmaio.Listener]) -> None:
@@ -175,6 +179,7 @@ async def test_many_channels_and_refusals(engines: tuple[rdmaio.Engine, rdmaio.E
     assert await chans[1].recv() == b"STILL"
     for c in chans:
         await c.aclose()
+    await ep.aclose()
 
 
 @pytest.mark.parametrize("config", config_params())
@@ -224,6 +229,7 @@ async def test_close_while_the_peer_streams_keeps_the_endpoint_usable(
     async with await ep.channel("firehose", slots=4, slot_size=64 << 10) as ch:
         assert await ch.recv() == bytes(4) * (15 << 10)
     assert ep.broken is None
+    await ep.aclose()
 
 
 async def test_close_waits_for_the_peers_in_flight_write(
@@ -262,6 +268,7 @@ async def test_close_waits_for_the_peers_in_flight_write(
     assert ep.broken is None
     if client.transport == "verbs":
         assert outcome == [None], "the close handshake keeps the ring until in-flight writes landed"
+    await ep.aclose()
 
 
 async def test_channel_memory_is_bounded() -> None:

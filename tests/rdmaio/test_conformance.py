@@ -329,6 +329,7 @@ async def test_listener_survives_a_closing_client(pair: Pair) -> None:
     ep = await pair.client.connect("127.0.0.1", pair.listener.port)
     await ep.read(pair.local_mr, 0, pair.key, 0, 8)
     assert np.array_equal(pair.local[:8], pair.table[:8])
+    await ep.aclose()
 
 
 @pytest.mark.parametrize("config", config_params())
