@@ -7,7 +7,8 @@ for a listener (:meth:`Transport.accept` -> :class:`ServerLink`).  Links own
 their queue pairs; the engine, endpoints and listeners never look at which
 transport they run on.  A new transport is one module with a :class:`Transport`
 subclass, named in :data:`rdmaio.transports.TRANSPORTS` (and given a wire id in
-:class:`~rdmaio.RemoteKey`), that passes ``rdmaio.testing.check_queue_pair``.
+:class:`~rdmaio.RemoteKey`), whose queue pair passes the suite of
+``tests/rdmaio/test_queue_pairs.py``.
 
 A *queue pair* is the initiator side of one connection to a peer: operations
 are posted on it and complete later, in any order, when the transport's
