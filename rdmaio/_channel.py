@@ -45,14 +45,20 @@ import asyncio
 import collections
 import struct
 from collections.abc import Awaitable, Callable, Iterable
-from typing import Any, Union
+from typing import TYPE_CHECKING, Any, Union
 
 import numpy as np
 
 from ._errors import ClosedError, EndpointBrokenError, ProtocolError, UsageError
 from ._wire import Op
 
-__all__ = ["Channel", "ChannelHandler", "MAX_CHANNELS", "MAX_RING_BYTES", "MAX_SLOTS"]
+if TYPE_CHECKING:
+    from ._keys import RemoteKey
+    from ._region import MemoryRegion
+    from .transports.base import QueuePair
+
+__all__ = ["Channel", "ChannelHandler", "MAX_CHANNELS", "MAX_RING_BYTES", "MAX_SLOTS", "bind_channel", "make_rings",
+           "route_imm"]
 
 SLOT_MASK = 0xFFF
 CREDIT_ONLY = 0xFFF
@@ -330,13 +336,14 @@ class Channel:
 
 
 def bind_channel(name: str, chan: int, slots: int, slot_size: int, rings: tuple[np.ndarray, np.ndarray],
-                 mrs: tuple[Any, Any], qp: Any, key: Any, registry: dict[int, Channel],
-                 close_handshake: bool) -> Channel:
+                 mrs: tuple[MemoryRegion, MemoryRegion], qp: QueuePair, key: RemoteKey, registry: dict[int, Channel],
+                 close_handshake: bool, on_release: Callable[[], None] | None = None) -> Channel:
     """A channel whose messages go out as WRITE_IMMs on ``qp`` into the peer's ring ``key``.
 
     ``rings``/``mrs`` are (receive, staging) arrays and their registrations; the
-    channel enters ``registry`` (where incoming immediates are routed) and leaves
-    it, releasing both registrations, when it closes.  Used by both ends.
+    channel enters ``registry`` (where incoming immediates are routed: :func:`route_imm`)
+    and leaves it, releasing both registrations and calling ``on_release``, when it
+    closes.  Used by both ends.
     """
     recv_mr, send_mr = mrs
 
@@ -349,11 +356,21 @@ def bind_channel(name: str, chan: int, slots: int, slot_size: int, rings: tuple[
         registry.pop(chan, None)
         recv_mr.close()
         send_mr.close()
+        if on_release is not None:
+            on_release()
 
     ch = Channel(name, chan, slots, slot_size, rings[0], rings[1], post, release)
     ch._close_handshake = close_handshake
     registry[chan] = ch
     return ch
+
+
+def route_imm(registry: dict[int, Channel], imm: int) -> None:
+    """Hand an immediate that landed in our memory to the channel it names (if still open)."""
+    chan, credits, slot = unpack_imm(imm)
+    ch = registry.get(chan)
+    if ch is not None:
+        ch._on_imm(credits, slot)
 
 
 def make_rings(slots: int, slot_size: int) -> tuple[np.ndarray, np.ndarray]:

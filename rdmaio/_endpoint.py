@@ -1,37 +1,43 @@
 """Endpoints: the initiator's handle on one peer.
 
-An endpoint owns one control connection (msgpack requests such as
-:meth:`Endpoint.remote_key`) and N queue pairs, one per worker thread, each
-owned by exactly one worker (``Engine(qp_per_worker=False)`` instead shares one
-queue pair between all workers, for comparison).
+An endpoint owns one control connection (requests such as
+:meth:`Endpoint.remote_key`, heartbeats) and the transport's
+:class:`~rdmaio.transports.base.ClientLink`: N queue pairs, one per worker,
+each owned by exactly one worker (``Engine(qp_per_worker=False)`` instead
+shares one queue pair between all workers, for comparison).  It never looks
+at which transport it runs on.
 
 How operations are spread over queue pairs: each call goes to the queue pair
-with the fewest requests in flight (on verbs: posted work-request chunks);
-ties go to the queue pair used last, so a caller that waits for each operation
-keeps one warm path (same socket, same worker thread on both sides) while
-concurrent callers spread over all of them.
-A batch travels as one request on one queue pair (split into chunks of at most
-:data:`~rdmaio._wire.MAX_BATCH` entries, each placed the same way).  A single
-read or write of at least ``Engine(stripe_bytes=...)`` bytes is striped in
-equal chunks over all queue pairs and completes when every chunk has.
+with the fewest operations in flight; ties go to the queue pair used last, so
+a caller that waits for each operation keeps one warm path (same connection,
+same worker thread on both sides) while concurrent callers spread over all of
+them.  A batch travels as one request on one queue pair (split into requests
+of at most :data:`~rdmaio._wire.MAX_BATCH` entries, each placed the same way).
+A single read or write of at least ``Engine(stripe_bytes=...)`` bytes is
+striped in equal chunks over all queue pairs and completes when every chunk
+has.
+
+Nothing an endpoint starts keeps it alive: its reader and heartbeat tasks and
+its queue pairs' hooks hold it weakly, so an endpoint its owner dropped is
+collected (and warns if it was not closed).
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import itertools
-import os
 import secrets
 import socket
+import weakref
 from collections.abc import Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from ._channel import MAX_CHANNELS, Channel, bind_channel, make_rings, unpack_imm
-from . import _auth as auth
+from ._channel import MAX_CHANNELS, Channel, bind_channel, make_rings, route_imm
+from ._control import ClientProtocol
 from ._errors import (
-    AuthenticationError,
     ChannelRefusedError,
     ClosedError,
     EndpointBrokenError,
@@ -43,136 +49,118 @@ from ._errors import (
 )
 from ._keys import Access, RemoteKey
 from ._region import MemoryRegion
-from ._tcp import TcpQueuePair, TcpResponder, describe_death
-from ._verbs import check_remote, check_remote_batch
-from ._wire import MAX_BATCH, MAX_OP_BYTES, ControlCodec, Op
+from ._sockets import PeerDialer
+from ._wire import MAX_BATCH, MAX_OP_BYTES, Op
+from .transports.base import NO_KEY, ClientLink, LinkHooks, QueuePair
+
+from ._core import creation_site, warn_unclosed
 
 if TYPE_CHECKING:
-    from ._engine import Engine
+    from ._core import Core
 
-__all__ = ["Endpoint", "host_identity", "open_endpoint"]
+__all__ = ["Endpoint", "open_endpoint"]
 
 _U64 = (1 << 64) - 1
 
 
-async def _recv_message(loop: asyncio.AbstractEventLoop, sock: socket.socket, codec: ControlCodec) -> dict[str, Any]:
-    while (msg := codec.next_event()) is None:
-        data = await loop.sock_recv(sock, 65536)
-        if not data:
-            raise EndpointBrokenError("peer closed the connection during the handshake")
-        codec.receive_data(data)
-    if msg["t"] == "error":
-        if msg.get("code") == "auth":
-            raise AuthenticationError(f"peer refused authentication: {msg.get('message')}")
-        raise ProtocolError(f"peer refused: {msg.get('message')}")
-    return msg
+async def open_endpoint(core: Core, host: str, port: int, timeout: float) -> Endpoint:
+    """Connect an endpoint to the listener at ``host:port`` (the whole handshake within ``timeout``)."""
+    ep = Endpoint(core, (host, port))
+    await ep._open(timeout)
+    return ep
 
 
-def host_identity() -> str:
-    """This host and network namespace: equal on both ends means a UNIX socket reaches the peer."""
+def _weak(method: Callable[..., None]) -> Callable[..., None]:
+    """``method``, called only while its object is alive (hooks must not keep an endpoint alive)."""
+    ref = weakref.WeakMethod(method)
+
+    def call(*args: Any) -> None:
+        m = ref()
+        if m is not None:
+            m(*args)
+
+    return call
+
+
+def _weak_request(ep: Endpoint) -> Callable[[dict[str, Any]], Awaitable[dict[str, Any]]]:
+    ref = weakref.ref(ep)
+
+    async def request(msg: dict[str, Any]) -> dict[str, Any]:
+        live = ref()
+        if live is None:
+            raise ClosedError("endpoint is gone")
+        return await live._request(msg)
+
+    return request
+
+
+class _Resources:
+    """What an endpoint holds outside itself; released by :meth:`Endpoint.abort` or its finalizer."""
+
+    __slots__ = ("link", "ctl", "tasks", "channels")
+
+    def __init__(self, channels: dict[int, Channel]) -> None:
+        self.link: ClientLink | None = None
+        self.ctl: socket.socket | None = None
+        self.tasks: list[asyncio.Task[None]] = []
+        self.channels = channels
+
+    def release(self) -> None:
+        for t in self.tasks:
+            t.cancel()
+        for ch in list(self.channels.values()):
+            ch._abort()
+        if self.link is not None:
+            self.link.close()
+        if self.ctl is not None:
+            self.ctl.close()
+
+
+async def _read_control(ref: weakref.ref[Endpoint], loop: asyncio.AbstractEventLoop, sock: socket.socket,
+                        proto: ClientProtocol) -> None:
+    """Replies from the peer, matched to their requests (holds the endpoint only while handling them)."""
     try:
-        with open("/proc/sys/kernel/random/boot_id") as f:
-            boot = f.read().strip()
-        netns = os.stat("/proc/self/ns/net").st_ino
-    except OSError:
-        return ""
-    return f"{boot}/{netns}"
+        while True:
+            data = await loop.sock_recv(sock, 65536)
+            ep = ref()
+            if ep is None:
+                return
+            if not data:
+                raise EndpointBrokenError("peer closed the control connection")
+            ep._last_rx = loop.time()
+            proto.receive_data(data)
+            while (msg := proto.next_event()) is not None:
+                ep._on_reply(msg)
+            del ep
+    except asyncio.CancelledError:
+        raise
+    except (OSError, ProtocolError, EndpointBrokenError) as exc:
+        ep = ref()
+        if ep is not None:
+            ep._on_broken(exc if isinstance(exc, EndpointBrokenError) else EndpointBrokenError(str(exc)))
 
 
-async def _dial(loop: asyncio.AbstractEventLoop, host: str, port: int, first: dict[str, Any],
-                expect: str, bufsize: int = 0, unix: str | None = None, secret: bytes | None = None
-                ) -> tuple[socket.socket, ControlCodec, dict[str, Any]]:
-    """Connect, send ``first``, answer a challenge if the listener sends one (see
-    :mod:`rdmaio._auth`), and return the reply of type ``expect``."""
-    addr: str | tuple[Any, ...]
-    if unix is not None:
-        family, type_, proto, addr = socket.AF_UNIX, socket.SOCK_STREAM, 0, "\0" + unix
-    else:
-        infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-        family, type_, proto, _, addr = infos[0]
-    sock = socket.socket(family, type_, proto)
+async def _heartbeat(ref: weakref.ref[Endpoint], loop: asyncio.AbstractEventLoop, interval: float,
+                     dead_after: float) -> None:
+    """Ping the peer; declare it dead after ``dead_after`` s without any message from it."""
     try:
-        sock.setblocking(False)
-        if family != socket.AF_UNIX:
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        if bufsize:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, bufsize)
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, bufsize)
-        await loop.sock_connect(sock, addr)
-        codec = ControlCodec()
-        await loop.sock_sendall(sock, codec.encode(first))
-        msg = await _recv_message(loop, sock, codec)
-        if msg["t"] == "challenge":
-            if secret is None:
-                raise AuthenticationError("the peer requires authentication: give the engine the cluster's "
-                                          "secret (Engine(secret=...) or RDMAIO_SECRET)")
-            ns, nc, ctx = msg["nonce"], auth.new_nonce(), auth.context(first)
-            if not isinstance(ns, bytes) or len(ns) != auth.NONCE_BYTES:
-                raise ProtocolError("malformed authentication challenge")
-            await loop.sock_sendall(sock, codec.encode({"t": "auth", "nonce": nc,
-                                                        "mac": auth.client_mac(secret, ns, nc, ctx)}))
-            msg = await _recv_message(loop, sock, codec)
-            if not auth.verify(auth.server_proof(secret, ns, nc, ctx), msg.get("proof")):
-                raise AuthenticationError("the peer could not prove it knows the shared secret")
-        elif secret is not None:
-            raise AuthenticationError("the peer did not authenticate itself (does it have the shared secret?)")
-        if msg["t"] != expect:
-            raise ProtocolError(f"expected {expect!r} from the peer, got {msg['t']!r}")
-        return sock, codec, msg
-    except BaseException:
-        sock.close()
-        raise
-
-
-async def open_endpoint(engine: Engine, host: str, port: int, timeout: float) -> Endpoint:
-    """Handshake: one control connection, then one data connection per queue pair."""
-    loop = asyncio.get_running_loop()
-    opener = None
-    if engine._verbs is not None:  # verbs: QP attributes travel in hello/welcome, no data connections
-        from ._verbs import open_verbs_endpoint
-
-        opener = open_verbs_endpoint(engine, host, port)
-    nqp = engine._nqp
-    socks: list[socket.socket] = []
-
-    async def handshake() -> Endpoint:
-        hello = {"t": "hello", "v": 1, "transport": "tcp", "nqp": nqp, "hb": engine._heartbeat}
-        ctl, codec, welcome = await _dial(loop, host, port, hello, "welcome", secret=engine._secret)
-        socks.append(ctl)
-        session = welcome["session"]
-        # same host and network namespace: data connections over the listener's UNIX socket
-        unix = welcome.get("unix")
-        local = (engine._same_host_fast_path and isinstance(unix, str) and bool(unix)
-                 and welcome.get("host") == host_identity() != "")
-        for i in range(nqp):
-            s, c, _ = await _dial(loop, host, port, {"t": "attach", "session": session, "qp": i}, "attached",
-                                  engine._socket_buffer, unix if local else None, engine._secret)
-            if c.buffered():
-                s.close()
-                raise ProtocolError("peer sent data before the queue pair was attached")
-            socks.append(s)
-        ep = Endpoint(engine, (host, port), ctl, codec, socks[1:])
-        ep._session, ep._unix = session, (unix if local else None)
-        return ep
-
-    try:
-        return await asyncio.wait_for(handshake() if opener is None else opener, timeout)
-    except asyncio.TimeoutError:
-        for s in socks:
-            s.close()
-        raise TimeoutError(f"connecting to {host}:{port} took longer than {timeout} s") from None
-    except RdmaioError:  # ours already say what happened (some are OSErrors too: keep them as they are)
-        for s in socks:
-            s.close()
-        raise
-    except OSError as exc:
-        for s in socks:
-            s.close()
-        raise EndpointBrokenError(f"cannot connect to {host}:{port}: {exc}") from exc
-    except BaseException:
-        for s in socks:
-            s.close()
-        raise
+        while True:
+            await asyncio.sleep(interval)
+            ep = ref()
+            if ep is None or ep.broken is not None or ep._closed:
+                return
+            silent = loop.time() - ep._last_rx
+            if silent > dead_after:
+                ep._on_broken(EndpointBrokenError(f"no message from the peer for {silent:.1f} s "
+                                                  f"(heartbeat timeout {dead_after} s)"))
+                return
+            # never wait on the send here (a peer that stopped reading must not stall the
+            # silence check) and never queue a second ping behind a blocked one
+            if ep._ping_task is None or ep._ping_task.done():
+                ep._ping_task = loop.create_task(ep._send_ping())
+            del ep
+    except asyncio.CancelledError:
+        pass
 
 
 async def _wait_all(aws: Sequence[Awaitable[Any]]) -> None:
@@ -212,56 +200,74 @@ class Endpoint:
     operation is in flight.
     """
 
-    def __init__(self, engine: Engine, peer: tuple[str, int], ctl: socket.socket, codec: ControlCodec,
-                 data_socks: list[socket.socket], qps: list[Any] | None = None) -> None:
-        self._engine = engine
-        loop = engine._loop
-        assert loop is not None, "endpoints are built by a started engine"
-        self._loop: asyncio.AbstractEventLoop = loop
+    def __init__(self, core: Core, peer: tuple[str, int]) -> None:
+        opts = core.check_started()
+        self._core = core
+        self._transport = core.transport
+        self._loop: asyncio.AbstractEventLoop = opts.loop
         self.peer = peer
-        self._ctl = ctl
-        self._codec = codec
-        self._qps: list[TcpQueuePair] = []
+        self._link: ClientLink | None = None
+        self._qps: list[QueuePair] = []
+        self._last: QueuePair  # set by _open
+        self._dialer: PeerDialer | None = None
+        self._ctl: socket.socket | None = None
+        self._proto: ClientProtocol | None = None
+        self._ctl_lock = asyncio.Lock()
         self._requests: dict[int, asyncio.Future[dict[str, Any]]] = {}
         self._req_ids = itertools.count(1)
         self._closed = False
         self.broken: BaseException | None = None
         self._broken_callbacks: list[Callable[[BaseException], object]] = []
-        #: verbs: remote keys are checked locally before posting (the NIC cannot tell the errors apart)
-        self._verbs = engine._verbs is not None
-        workers = engine._workers
-        for vqp in qps or ():  # verbs queue pairs, already connected by open_verbs_endpoint
-            engine._conns[vqp.conn_id] = vqp
-            self._qps.append(vqp)
-        try:
-            for i, s in enumerate(data_socks):
-                conn_id = engine._new_conn_id()
-                attach = workers if not engine._qp_per_worker else [workers[i % len(workers)]]
-                qp = TcpQueuePair(self._loop, s, conn_id, attach, engine._sq_depth, engine._op_timeout,
-                                  self._on_broken)
-                engine._conns[conn_id] = qp
-                self._qps.append(qp)
-        except BaseException:  # the caller closes the sockets; the queue pairs built so far go too
-            for qp in self._qps:
-                engine._conns.pop(qp.conn_id, None)
-                qp.close()
-            raise
-        self._last = self._qps[0]
-        # channels: tcp — the reverse queue pair on which the peer writes to us; verbs — our own
-        # QPs (open_verbs_endpoint sets their on_imm to _route_imm)
-        self._session: bytes | None = None
-        self._unix: str | None = None
-        self._reverse: TcpResponder | None = None
-        self._reverse_lock = asyncio.Lock()
+        #: the transport refuses requests locally, before posting (verbs: the NIC cannot tell errors apart)
+        self._prechecks = self._transport.prechecks
+        self._stripe = core.config.stripe_bytes
+        #: channels opened on this endpoint; the link routes the peer's immediates here
         self._channels: dict[int, Channel] = {}
-        self._reader = self._loop.create_task(self._read_control())
-        self._last_rx = self._loop.time()
-        self._ctl_lock = asyncio.Lock()
         self._ping_task: asyncio.Task[None] | None = None
-        self._pinger: asyncio.Task[None] | None = None
-        if engine._heartbeat:
-            self._pinger = self._loop.create_task(self._heartbeat(engine._heartbeat, engine._dead_peer_timeout))
-        engine._endpoints.add(self)
+        self._last_rx = self._loop.time()
+        self._res = _Resources(self._channels)
+        self._finalizer: weakref.finalize | None = None
+
+    async def _open(self, timeout: float) -> None:
+        """The handshake: the transport dials the peer through this endpoint's control connection."""
+        core = self._core
+        opts = core.check_started()
+        c = core.config
+        host, port = self.peer
+        hello = {"t": "hello", "v": 1, "transport": self._transport.name, "nqp": opts.nqp, "hb": c.heartbeat}
+        self._dialer = dialer = PeerDialer(self._loop, host, port, hello, c.secret, c.socket_buffer)
+        hooks = LinkHooks(_weak(self._on_broken), functools.partial(route_imm, self._channels), _weak_request(self))
+        try:
+            try:
+                self._link = self._res.link = await asyncio.wait_for(self._transport.dial(opts, hooks, dialer),
+                                                                     timeout)
+            except asyncio.TimeoutError:
+                raise TimeoutError(f"connecting to {host}:{port} took longer than {timeout} s") from None
+            except RdmaioError:  # ours already say what happened (some are OSErrors too: keep them as they are)
+                raise
+            except OSError as exc:
+                raise EndpointBrokenError(f"cannot connect to {host}:{port}: {exc}") from exc
+            assert dialer.control is not None
+            if self.broken is not None:
+                raise self.broken
+        except BaseException:
+            self.abort()
+            dialer.close()
+            raise
+        self._ctl, self._proto = dialer.control
+        self._qps = self._link.qps
+        self._last = self._qps[0]
+        res = self._res
+        res.ctl = self._ctl
+        ref = weakref.ref(self)
+        res.tasks.append(self._loop.create_task(_read_control(ref, self._loop, self._ctl, self._proto)))
+        self._last_rx = self._loop.time()
+        if c.heartbeat:
+            res.tasks.append(self._loop.create_task(_heartbeat(ref, self._loop, c.heartbeat, c.dead_peer_timeout)))
+        core.endpoints.add(self)
+        # dropped without aclose()/abort(): its connections are closed when it is collected, with a warning
+        self._finalizer = weakref.finalize(self, warn_unclosed, repr(self), creation_site(), self._loop, res.release)
+        self._finalizer.atexit = False
 
     def __repr__(self) -> str:
         state = "closed" if self._closed else "broken" if self.broken else "open"
@@ -276,50 +282,25 @@ class Endpoint:
         return len(self._qps)
 
     # -- control ----------------------------------------------------------------
-    async def _heartbeat(self, interval: float, dead_after: float) -> None:
-        """Ping the peer; declare it dead after ``dead_after`` s without any message from it."""
-        try:
-            while self.broken is None and not self._closed:
-                await asyncio.sleep(interval)
-                silent = self._loop.time() - self._last_rx
-                if silent > dead_after:
-                    self._on_broken(EndpointBrokenError(f"no message from the peer for {silent:.1f} s "
-                                                        f"(heartbeat timeout {dead_after} s)"))
-                    return
-                # never wait on the send here (a peer that stopped reading must not stall the
-                # silence check) and never queue a second ping behind a blocked one
-                if self._ping_task is None or self._ping_task.done():
-                    self._ping_task = self._loop.create_task(self._send_ping())
-        except asyncio.CancelledError:
-            pass
-
     async def _send_ping(self) -> None:
         try:
             await self._send_control({"t": "ping"})
-        except OSError as exc:
+        except (OSError, ProtocolError) as exc:
             self._on_broken(EndpointBrokenError(f"control connection failed: {exc}"))
 
     async def _send_control(self, msg: dict[str, Any]) -> None:
         """Send one control frame; frames never interleave (requests, pings and bye share the socket)."""
+        assert self._ctl is not None and self._proto is not None
         async with self._ctl_lock:
-            await self._loop.sock_sendall(self._ctl, self._codec.encode(msg))
+            await self._loop.sock_sendall(self._ctl, self._proto.send(msg))
 
-    async def _read_control(self) -> None:
-        try:
-            while True:
-                data = await self._loop.sock_recv(self._ctl, 65536)
-                if not data:
-                    raise EndpointBrokenError("peer closed the control connection")
-                self._last_rx = self._loop.time()
-                self._codec.receive_data(data)
-                for msg in self._codec.next_events():
-                    fut = self._requests.pop(msg.get("id", -1), None)
-                    if fut is not None and not fut.done():
-                        fut.set_result(msg)
-        except asyncio.CancelledError:
-            raise
-        except (OSError, ProtocolError, EndpointBrokenError) as exc:
-            self._on_broken(exc if isinstance(exc, EndpointBrokenError) else EndpointBrokenError(str(exc)))
+    def _on_reply(self, msg: dict[str, Any]) -> None:
+        if msg["t"] == "bye":
+            self._on_broken(EndpointBrokenError("peer closed the control connection"))
+            return
+        fut = self._requests.pop(msg.get("id", -1), None)
+        if fut is not None and not fut.done():
+            fut.set_result(msg)
 
     async def _request(self, msg: dict[str, Any]) -> dict[str, Any]:
         self._check()
@@ -395,7 +376,7 @@ class Endpoint:
                     await asyncio.sleep(0.001)
                 try:
                     await asyncio.wait_for(self._send_control({"t": "bye"}), 0.5)
-                except (OSError, asyncio.TimeoutError):
+                except (OSError, ProtocolError, asyncio.TimeoutError):
                     pass  # the connection closes below either way
         finally:
             self.abort()
@@ -405,25 +386,16 @@ class Endpoint:
         if self._closed:
             return
         self._closed = True
+        if self._finalizer is not None:
+            self._finalizer.detach()
         self._broken_callbacks.clear()
-        self._reader.cancel()
-        if self._pinger is not None:
-            self._pinger.cancel()
         if self._ping_task is not None:
             self._ping_task.cancel()
-        for ch in list(self._channels.values()):
-            ch._abort()
-        if self._reverse is not None:
-            self._engine._conns.pop(self._reverse.conn_id, None)
-            self._reverse.close()
-        for qp in self._qps:
-            self._engine._conns.pop(qp.conn_id, None)
-            qp.close()
+        self._res.release()
         for fut in self._requests.values():
             if not fut.done():
                 fut.set_exception(ClosedError("endpoint closed"))
-        self._ctl.close()
-        self._engine._endpoints.discard(self)
+        self._core.endpoints.discard(self)
 
     async def __aenter__(self) -> Endpoint:
         return self
@@ -432,7 +404,7 @@ class Endpoint:
         await self.aclose()
 
     # -- one-sided operations ----------------------------------------------------
-    def _qp(self) -> TcpQueuePair:
+    def _qp(self) -> QueuePair:
         """The least-loaded queue pair; ties keep the last one used."""
         best = self._last
         load = len(best._pending)
@@ -445,12 +417,12 @@ class Endpoint:
         self._last = best
         return best
 
-    def _key(self, key: RemoteKey) -> Any:
+    def _key(self, key: RemoteKey) -> RemoteKey:
         if not isinstance(key, RemoteKey):
             raise UsageError(f"expected a RemoteKey, got {type(key).__name__}")
-        if key.transport != self._engine.transport:
-            raise UsageError(f"a {key.transport} key cannot be used on a {self._engine.transport} endpoint")
-        return key if self._verbs else key.rkey  # verbs queue pairs need the address too
+        if key.transport != self._transport.name:
+            raise UsageError(f"a {key.transport} key cannot be used on a {self._transport.name} endpoint")
+        return key
 
     async def _single(self, op: Op, what: str, mr: MemoryRegion, local_offset: int, key: RemoteKey,
                       remote_offset: int, length: int) -> None:
@@ -461,9 +433,9 @@ class Endpoint:
         mr._check_local(local_offset, length)
         if not 0 <= remote_offset <= _U64:
             raise UsageError("remote offset must be in 0..2**64-1")
-        if self._verbs:
-            check_remote(op, what, key, remote_offset, length)
-        stripe = self._engine._stripe_bytes
+        if self._prechecks:
+            self._transport.check(op, what, key, remote_offset, length)
+        stripe = self._stripe
         if stripe and length >= stripe and len(self._qps) > 1:
             n = len(self._qps)
             bounds = [length * i // n for i in range(n + 1)]
@@ -472,7 +444,7 @@ class Endpoint:
             return
         await self._post_single(op, what, mr, local_offset, rkey, remote_offset, length)
 
-    async def _post_single(self, op: Op, what: str, mr: MemoryRegion, local_offset: int, rkey: int,
+    async def _post_single(self, op: Op, what: str, mr: MemoryRegion, local_offset: int, rkey: RemoteKey,
                            remote_offset: int, length: int) -> int:
         if length > MAX_OP_BYTES:
             raise UsageError(f"one operation moves at most {MAX_OP_BYTES} bytes")
@@ -510,8 +482,8 @@ class Endpoint:
             return
         if int((lo + ln).max()) > mr.length or np.any(lo + ln < lo):
             raise UsageError(f"a local range lies outside the {mr.length}-byte region")
-        if self._verbs:
-            check_remote_batch(op, what, key, ro, ln)
+        if self._prechecks:
+            self._transport.check_batch(op, what, key, ro, ln)
         local = lo + np.uint64(mr.addr)
         chunks = [(start, min(start + MAX_BATCH, lo.size)) for start in range(0, lo.size, MAX_BATCH)]
         for start, end in chunks:  # every check before anything is posted
@@ -555,8 +527,8 @@ class Endpoint:
             raise UsageError("remote offset must be in 0..2**64-1")
         if not (-(1 << 63) <= a <= _U64 and -(1 << 63) <= b <= _U64):
             raise UsageError("atomic operands must fit in 64 bits")
-        if self._verbs:
-            check_remote(op, what, key, offset, 8)
+        if self._prechecks:
+            self._transport.check(op, what, key, offset, 8)
         qp = self._qp()
         if not qp._free:
             await qp.wait_slot()
@@ -588,8 +560,8 @@ class Endpoint:
         mr._check_local(local_offset, length)
         if not 0 <= remote_offset <= _U64 or length > MAX_OP_BYTES:
             raise UsageError("remote offset must be in 0..2**64-1 and one write moves at most MAX_OP_BYTES")
-        if self._verbs:  # [verbs channels] refused locally, as for write (the NIC would break the QP)
-            check_remote(Op.WRITE_IMM, "write_with_imm", key, remote_offset, length)
+        if self._prechecks:  # refused locally, as for write (verbs: the NIC would break the QP)
+            self._transport.check(Op.WRITE_IMM, "write_with_imm", key, remote_offset, length)
         qp = self._qp()
         if not qp._free:
             await qp.wait_slot()
@@ -606,11 +578,11 @@ class Endpoint:
         if not isinstance(name, str) or not name:
             raise UsageError("channel names are non-empty strings")
         recv_ring, send_ring = make_rings(slots, slot_size)
-        if not self._verbs:  # tcp QPs are one-directional: the server writes to us on a reverse one
-            await self._ensure_reverse()  # (verbs: RC QPs are bidirectional, the server uses its side)
-        engine = self._engine
-        recv_mr = engine.register(recv_ring, access=Access.WRITE)
-        send_mr = engine.register(send_ring, access=Access.NONE)
+        assert self._link is not None and self._dialer is not None
+        await self._link.reverse(self._dialer)  # the way the peer writes to us (tcp: a reverse queue pair)
+        regions = self._core.regions
+        recv_mr = regions.register(recv_ring, Access.WRITE)
+        send_mr = regions.register(send_ring, Access.NONE)
         try:
             reply = await self._request({"t": "channel_open", "name": name, "slots": slots, "slot_size": slot_size,
                                          "ring": recv_mr.remote_key().to_bytes()})
@@ -621,11 +593,11 @@ class Endpoint:
                 raise ProtocolError(f"peer assigned a bad channel id {chan!r}")
             remote = RemoteKey.from_bytes(reply["ring"])
             try:  # the server's ring must take every slot we may write
-                key_arg = self._key(remote)
-                if self._verbs:
-                    check_remote(Op.WRITE_IMM, "channel_open", remote, 0, slots * slot_size)
-                elif remote.length < slots * slot_size or not remote.access & Access.WRITE:
+                self._key(remote)
+                if remote.length < slots * slot_size or not remote.access & Access.WRITE:
                     raise UsageError("ring too small or not writable")
+                if self._prechecks:
+                    self._transport.check(Op.WRITE_IMM, "channel_open", remote, 0, slots * slot_size)
             except Exception as exc:
                 raise ProtocolError(f"peer sent an unusable ring key for channel {name!r}: {exc}") from None
         except BaseException:
@@ -635,38 +607,8 @@ class Endpoint:
         # one queue pair per channel: its messages stay in order (on verbs the server answers on
         # the same RC connection, from its side)
         qp = self._qps[chan % len(self._qps)]
-
-        # [verbs channels] close handshake: see _channel.py "Closing on verbs"
-        return bind_channel(name, chan, slots, slot_size, (recv_ring, send_ring), (recv_mr, send_mr), qp, key_arg,
-                            self._channels, close_handshake=self._verbs)
-
-    async def _ensure_reverse(self) -> None:
-        async with self._reverse_lock:
-            if self._reverse is not None:
-                return
-            engine = self._engine
-            sock, codec, _ = await _dial(self._loop, self.peer[0], self.peer[1],
-                                         {"t": "attach_reverse", "session": self._session}, "attached",
-                                         engine._socket_buffer, self._unix, engine._secret)
-            if codec.buffered():
-                sock.close()
-                raise ProtocolError("peer sent data before the reverse queue pair was attached")
-            conn_id = engine._new_conn_id()
-            responder = TcpResponder(sock, conn_id, engine._rt, engine._workers[0], self._reverse_dead)
-            responder.on_imm = self._route_imm
-            engine._conns[conn_id] = responder
-            self._reverse = responder
-
-    def _route_imm(self, imm: int) -> None:
-        chan, credits, slot = unpack_imm(imm)
-        ch = self._channels.get(chan)
-        if ch is not None:
-            ch._on_imm(credits, slot)
-
-    def _reverse_dead(self, responder: TcpResponder, code: int) -> None:
-        self._engine._conns.pop(responder.conn_id, None)
-        responder.close()
-        self._on_broken(EndpointBrokenError(f"reverse queue pair: {describe_death(code)}"))
+        return bind_channel(name, chan, slots, slot_size, (recv_ring, send_ring), (recv_mr, send_mr), qp, remote,
+                            self._channels, close_handshake=self._transport.close_handshake)
 
     async def ping(self) -> None:
         """A round trip through one queue pair's responder (no memory touched)."""
@@ -674,4 +616,4 @@ class Endpoint:
         qp = self._qp()
         if not qp._free:
             await qp.wait_slot()
-        await qp.post(Op.NOP, 0, 0, secrets.randbits(32), 0, 0, None, "ping")
+        await qp.post(Op.NOP, NO_KEY, 0, secrets.randbits(32), 0, 0, None, "ping")

@@ -13,6 +13,10 @@ services every ready connection in C and collects completions into arrays.
 ``progress="loop"``
     No thread: the worker's epoll fd is registered with ``loop.add_reader``
     and rounds run on the loop thread with a zero timeout.
+
+Every batch goes to one :class:`Router`, the only place that knows which
+object owns a connection id: it hands the ids out, keeps the table and routes
+each completion, immediate and death event to its owner.
 """
 
 from __future__ import annotations
@@ -21,14 +25,12 @@ import asyncio
 import collections
 import logging
 import threading
-from typing import TYPE_CHECKING, Any, Protocol
+from collections.abc import Callable
+from typing import Any, Protocol, TypeVar
 
 from ._native._rdmaio_native import ffi, lib
 
-if TYPE_CHECKING:
-    pass
-
-__all__ = ["CompletionSink", "Worker"]
+__all__ = ["CompletionSink", "Connection", "Router", "Worker"]
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +43,91 @@ class CompletionSink(Protocol):
 
     def _on_worker_failed(self, index: int, err: int) -> None:
         """The worker's poll failed for good (``err`` an errno): nothing it owns completes any more."""
+
+
+class Connection(Protocol):
+    """What a router routes to: a queue pair or a responder, known by its connection id."""
+
+    conn_id: int
+
+    def _complete(self, wr: int, status: int, value: int) -> None: ...
+
+    def _on_imm(self, imm: int) -> None: ...
+
+    def _on_dead(self, code: int) -> None: ...
+
+    def close(self) -> None: ...
+
+
+C = TypeVar("C", bound=Connection)
+
+
+class Router:
+    """Connection ids and completion routing, in one place.
+
+    Each native connection carries a 32-bit id that its worker reports with
+    every completion, receive event and death.  Connections enter the table
+    through :meth:`open` (which picks the id) and leave it through
+    :meth:`close`; nothing else writes it.  ``on_worker_failed(index, errno)``
+    is told when a worker's poll fails for good.
+    """
+
+    __slots__ = ("_owners", "_last", "_on_worker_failed_cb")
+
+    def __init__(self, on_worker_failed: Callable[[int, int], None]) -> None:
+        self._owners: dict[int, Connection] = {}
+        self._last = 0
+        self._on_worker_failed_cb = on_worker_failed
+
+    def __len__(self) -> int:
+        return len(self._owners)
+
+    def owners(self) -> list[Connection]:
+        return list(self._owners.values())
+
+    def open(self, make: Callable[[int], C]) -> C:
+        """``make(conn_id)`` with a fresh id (never 0, never one in use); the result is routed to from now on."""
+        cid = self._last
+        while True:
+            cid = cid % 0xFFFFFFFF + 1
+            if cid not in self._owners:
+                break
+        self._last = cid
+        conn = make(cid)
+        self._owners[cid] = conn
+        return conn
+
+    def close(self, conn: Connection) -> None:
+        """Stop routing to ``conn`` and close it (idempotent)."""
+        if self._owners.get(conn.conn_id) is conn:
+            del self._owners[conn.conn_id]
+        conn.close()
+
+    def close_all(self) -> None:
+        owners = list(self._owners.values())
+        self._owners.clear()
+        for conn in owners:
+            conn.close()
+
+    # -- the completion sink of every worker --------------------------------------------
+    def _on_batch(self, batch: Batch) -> None:
+        conns, wrs, statuses, values, ev_conns, ev_codes, rx_conns, rx_imms = batch
+        get = self._owners.get
+        for i in range(len(wrs)):
+            owner = get(conns[i])
+            if owner is not None:
+                owner._complete(wrs[i], statuses[i], values[i])
+        for c, imm in zip(rx_conns, rx_imms):  # WRITE_IMM landed in our memory
+            owner = get(c)
+            if owner is not None:
+                owner._on_imm(imm)
+        for c, code in zip(ev_conns, ev_codes):
+            owner = get(c)
+            if owner is not None:
+                owner._on_dead(code)
+
+    def _on_worker_failed(self, index: int, err: int) -> None:
+        self._on_worker_failed_cb(index, err)
 
 
 class Worker:
@@ -62,6 +149,7 @@ class Worker:
         self._scheduled = False
         self._qlock = threading.Lock()
         self._reader = False
+        self._free_on_exit = False
 
     def start(self) -> None:
         if self._mode == "thread":
@@ -104,6 +192,14 @@ class Worker:
 
     # -- thread mode ----------------------------------------------------------
     def _run(self) -> None:
+        try:
+            self._rounds()
+        finally:
+            if self._free_on_exit:  # freed from this very thread (by a finalizer GC ran here)
+                self._native_free()
+                self.c = None
+
+    def _rounds(self) -> None:
         poll = self._native_poll
         while not self._stopping:
             n = poll(-1)
@@ -140,10 +236,12 @@ class Worker:
     def stop(self) -> None:
         """Stop the driver (joins the thread); the native worker stays until :meth:`free`."""
         self._stopping = True
-        if self._thread is not None:
+        t = self._thread
+        if t is not None:
             self._native_wake()
-            self._thread.join()
-            self._thread = None
+            if t is not threading.current_thread():  # on it (a finalizer run by GC there): it exits by itself
+                t.join()
+                self._thread = None
         if self._reader:
             try:
                 self._loop.remove_reader(self._fd())
@@ -152,12 +250,17 @@ class Worker:
             self._reader = False
 
     def free(self) -> None:
-        if self.c is not None:
-            self._native_free()
-            self.c = None
+        """Free the native worker (after :meth:`stop`)."""
+        if self.c is None:
+            return
+        if self._thread is not None and self._thread is threading.current_thread():
+            self._free_on_exit = True  # this thread still runs its round: it frees the worker on the way out
+            return
+        self._native_free()
+        self.c = None
 
     # -- the native worker (overridden by transports with another completion source,
-    #    e.g. rdmaio._verbs.VerbsWorker; the batch arrays keep the same field names) --
+    #    e.g. rdmaio.transports._ibv.VerbsWorker; the batch arrays keep the same field names) --
     def _native_new(self, cq_depth: int) -> Any:
         c = lib.rio_worker_new(cq_depth)
         if c == ffi.NULL:

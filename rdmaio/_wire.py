@@ -281,10 +281,6 @@ class ControlCodec:
         self._sent_preamble = False
         self._error: ProtocolError | None = None
 
-    @staticmethod
-    def preamble() -> bytes:
-        return PREAMBLE
-
     def encode(self, msg: dict[str, Any]) -> bytes:
         """Frame ``msg``; the first frame a codec encodes carries the preamble."""
         body = msgpack.packb(msg, use_bin_type=True)

@@ -178,3 +178,32 @@ def test_the_checks_see_cycles_lazy_imports_and_upward_imports(tmp_path: Path) -
         "pkg.low.a (pkg.low) imports pkg.high.b (pkg.high); pkg.low may import only []"]
     with pytest.raises(AssertionError, match="in no layer"):
         _layer_of("other.x", layers)
+
+
+# --------------------------------------------------------------------------- rdmaio
+
+#: rdmaio's layers (``docs/architecture.md``): the public front (engine, endpoint, listener)
+#: sits on the core, the control plane and the transports; transports see only the memory
+#: layer and the wire/progress plumbing below them, never the front.
+RDMAIO_FRONT = {"rdmaio._engine", "rdmaio._endpoint", "rdmaio._listener", "rdmaio"}
+
+
+def test_rdmaio_import_graph_has_no_cycle() -> None:
+    graph = _graph("rdmaio")
+    assert "rdmaio._region" in graph["rdmaio.transports.base"]  # under TYPE_CHECKING: still an edge
+    assert "rdmaio._native._rdmaio_native" not in graph  # compiled: not a source module
+    assert graph["rdmaio"] >= {"rdmaio._engine", "rdmaio._endpoint", "rdmaio.transports"}
+    cycle = _cycle(graph)
+    assert cycle is None, "import cycle: " + " -> ".join(cycle or [])
+
+
+def test_rdmaio_transports_never_reach_back_into_the_front() -> None:
+    graph = _graph("rdmaio")
+    bad = {m: sorted(graph[m] & RDMAIO_FRONT) for m in graph if m.startswith("rdmaio.transports")
+           and graph[m] & RDMAIO_FRONT}
+    assert bad == {}
+
+
+def test_rdmaio_module_sizes() -> None:
+    lines = {mod: len(path.read_text().splitlines()) for mod, path in _modules("rdmaio").items()}
+    assert {m: n for m, n in lines.items() if n > 800} == {}

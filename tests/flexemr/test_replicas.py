@@ -209,7 +209,7 @@ async def test_a_failed_client_engine_is_reported_not_retried() -> None:
     async with LocalCluster(SPECS, servers=2, seed=5, transport="tcp", in_process=True) as cluster:
         client = await cluster.client(engine_options={"progress": "thread", "workers": 1})
         await client.lookup("user", [1, 2, 3])
-        worker = client.engine._workers[0]
+        worker = client.engine._core.workers[0]
         r, w = os.pipe()
         os.dup2(r, worker._fd())          # the client's only progress worker fails on its next poll
         os.close(r)

@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator
 import pytest
 
 import rdmaio
+from rdmaio.transports.base import NO_KEY
 from tests.rdmaio.peers import peer_process
 from tests.rdmaio.transports import config_params
 
@@ -48,6 +49,7 @@ async def test_echo_round_trips(engines: tuple[rdmaio.Engine, rdmaio.Engine, rdm
             await ch.send([b"ping ", str(i).encode()])
             assert await ch.recv() == f"ping {i}!".encode()
         assert 0 <= ch.credits <= ch.slots
+    await ep.aclose()
 
 
 @pytest.mark.parametrize("seed", range(4))
@@ -89,6 +91,7 @@ async def test_slow_receiver_random_interleavings_lose_nothing(
     for k in range(4):  # each sender's messages arrive exactly once, in its order
         assert [m for m in got if m[0] == k] == sent[k]
     assert min(credits_seen) >= 0 and max(credits_seen) <= 8
+    await ep.aclose()
 
 
 async def test_sender_out_of_credits_waits_and_is_woken_by_close(
@@ -115,6 +118,7 @@ async def test_sender_out_of_credits_waits_and_is_woken_by_close(
     with pytest.raises(rdmaio.ClosedError):
         await ch.recv()
     del handler_saw
+    await ep.aclose()
 
 
 async def test_client_close_ends_the_server_handler(
@@ -140,6 +144,7 @@ async def test_client_close_ends_the_server_handler(
     assert received == [b"one", b"two"]  # messages sent before close are still delivered
     with pytest.raises(rdmaio.ClosedError):
         await ch.send([b"after close"])
+    await ep.aclose()
 
 
 async def test_many_channels_and_refusals(engines: tuple[rdmaio.Engine, rdmaio.Engine, rdmaio.Listener]) -> None:
@@ -174,6 +179,7 @@ async def test_many_channels_and_refusals(engines: tuple[rdmaio.Engine, rdmaio.E
     assert await chans[1].recv() == b"STILL"
     for c in chans:
         await c.aclose()
+    await ep.aclose()
 
 
 @pytest.mark.parametrize("config", config_params())
@@ -223,6 +229,7 @@ async def test_close_while_the_peer_streams_keeps_the_endpoint_usable(
     async with await ep.channel("firehose", slots=4, slot_size=64 << 10) as ch:
         assert await ch.recv() == bytes(4) * (15 << 10)
     assert ep.broken is None
+    await ep.aclose()
 
 
 async def test_close_waits_for_the_peers_in_flight_write(
@@ -257,10 +264,11 @@ async def test_close_waits_for_the_peers_in_flight_write(
     await asyncio.sleep(0.5)
     await ep.ping()
     for qp in ep._qps:  # every queue pair still works (on verbs: neither went to the error state)
-        await asyncio.wait_for(qp.post(rdmaio._wire.Op.NOP, 0, 0, 1, 0, 0, None, "ping"), 5)
+        await asyncio.wait_for(qp.post(rdmaio._wire.Op.NOP, NO_KEY, 0, 1, 0, 0, None, "ping"), 5)
     assert ep.broken is None
     if client.transport == "verbs":
         assert outcome == [None], "the close handshake keeps the ring until in-flight writes landed"
+    await ep.aclose()
 
 
 async def test_channel_memory_is_bounded() -> None:

@@ -7,6 +7,7 @@ filled with a known pattern, and an initiator engine with an endpoint to it.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
@@ -258,6 +259,31 @@ async def test_local_misuse_is_a_usage_error(pair: Pair) -> None:
         pair.client.register(np.zeros((4, 4))[:, 0])
 
 
+@pytest.mark.parametrize("op", ["read", "write", "fetch_add", "compare_swap", "write_with_imm"])
+async def test_out_of_range_remote_offset_is_a_usage_error_and_leaks_no_slot(op: str) -> None:
+    async with rdmaio.Engine(transport="tcp", workers=1, heartbeat=0) as server, \
+            rdmaio.Engine(transport="tcp", workers=1, sq_depth=2, heartbeat=0) as client:
+        table = np.zeros(4096, dtype=np.uint8)
+        server.expose("t", server.register(table, access=rdmaio.Access.ALL))
+        lst = await server.listen()
+        ep = await client.connect("127.0.0.1", lst.port)
+        key = await ep.remote_key("t")
+        mr = client.register(np.zeros(64, dtype=np.uint8))
+        bad = 1 << 64
+        calls = {
+            "read": lambda: ep.read(mr, 0, key, bad, 8),
+            "write": lambda: ep.write(mr, 0, key, bad, 8),
+            "fetch_add": lambda: ep.fetch_add(key, bad, 1),
+            "compare_swap": lambda: ep.compare_swap(key, bad, 0, 1),
+            "write_with_imm": lambda: ep.write_with_imm(mr, 0, key, bad, 8, 1),
+        }
+        for _ in range(4):  # more than sq_depth: a leaked slot would hang the next call
+            with pytest.raises(rdmaio.UsageError):
+                await asyncio.wait_for(calls[op](), 5)
+        await asyncio.wait_for(ep.read(mr, 0, key, 0, 8), 5)
+        await ep.aclose()
+
+
 # -- lifecycle -------------------------------------------------------------------------
 
 async def test_close_twice_and_use_after_close(pair: Pair) -> None:
@@ -310,6 +336,70 @@ async def test_cancelled_read_keeps_its_memory_until_the_transfer_ends(pair: Pai
     await pair.ep.read(pair.local_mr, 0, pair.key, 0, 64)  # the endpoint is healthy
 
 
+# tcp, with the target's responders held back (its worker polls on the loop, reader removed)
+
+@contextlib.asynccontextmanager
+async def stalled_pair() -> AsyncIterator[tuple[rdmaio.Engine, rdmaio.Engine, rdmaio.Endpoint, rdmaio.RemoteKey,
+                                                 np.ndarray, list[object]]]:
+    """A client endpoint to a server whose responders can be stalled (loop progress, reader removed)."""
+    async with rdmaio.Engine(transport="tcp", workers=1, progress="loop", heartbeat=0) as server, \
+            rdmaio.Engine(transport="tcp", workers=1, heartbeat=0) as client:
+        table = np.arange(4096, dtype=np.uint64).view(np.uint8)
+        server.expose("t", server.register(table, access=rdmaio.Access.ALL))
+        lst = await server.listen()
+        ep = await client.connect("127.0.0.1", lst.port)
+        key = await ep.remote_key("t")
+        loop = asyncio.get_running_loop()
+        w = server._core.workers[0]
+
+        def stall() -> None:
+            loop.remove_reader(w._fd())
+
+        def resume() -> None:
+            loop.add_reader(w._fd(), w._poll_on_loop)
+            loop.call_soon(w._poll_on_loop)
+
+        yield server, client, ep, key, table, [stall, resume]
+
+
+async def test_broken_endpoint_never_writes_local_memory_of_failed_operations() -> None:
+    # The endpoint breaks (heartbeat timeout, control connection lost, another queue pair
+    # died) while a read is in flight on a queue pair that is still alive: the read fails
+    # and its memory is unpinned, so a late response must not land in it any more.
+    async with stalled_pair() as (server, client, ep, key, table, (stall, resume)):
+        raw = bytearray(64)
+        mr = client.register(raw)
+        stall()
+        t1 = asyncio.ensure_future(ep.read(mr, 0, key, 8, 32))
+        t2 = asyncio.ensure_future(ep.read_batch(mr, np.array([32, 40]), key, np.array([64, 72]),
+                                                 np.array([8, 8])))
+        await asyncio.sleep(0.05)
+        ep._on_broken(rdmaio.EndpointBrokenError("simulated heartbeat timeout"))
+        for t in (t1, t2):
+            with pytest.raises(rdmaio.EndpointBrokenError):
+                await t
+        mr.close()  # nothing uses the region any more: its buffer is released
+        resume()
+        await asyncio.sleep(0.2)
+        assert raw == bytearray(64), "a failed operation's memory was written after it failed"
+        await ep.aclose()
+
+
+async def test_read_batch_lengths_mutated_after_posting_cannot_overflow_local_region() -> None:
+    async with stalled_pair() as (server, client, ep, key, table, (stall, resume)):
+        raw = np.zeros(64, dtype=np.uint8)
+        mr = client.register(raw[:16])
+        lengths = np.array([8, 8], dtype=np.uint64)
+        stall()
+        t = asyncio.ensure_future(ep.read_batch(mr, np.array([0, 8]), key, np.array([0, 8]), lengths))
+        await asyncio.sleep(0.05)
+        lengths[:] = [0, 16]  # the caller reuses its array while the batch is in flight
+        resume()
+        await t
+        assert not raw[16:].any(), "bytes landed outside the registered local region"
+        assert np.array_equal(raw[:16], table[:16])
+        await ep.aclose()
+
 async def test_endpoint_context_manager_and_engine_close_with_ops_in_flight(pair: Pair) -> None:
     async with await pair.client.connect("127.0.0.1", pair.listener.port) as ep2:
         await ep2.read(pair.local_mr, 0, pair.key, 0, 8)
@@ -329,6 +419,7 @@ async def test_listener_survives_a_closing_client(pair: Pair) -> None:
     ep = await pair.client.connect("127.0.0.1", pair.listener.port)
     await ep.read(pair.local_mr, 0, pair.key, 0, 8)
     assert np.array_equal(pair.local[:8], pair.table[:8])
+    await ep.aclose()
 
 
 @pytest.mark.parametrize("config", config_params())
@@ -440,7 +531,7 @@ async def test_same_host_fast_path_choice(fast_path: bool) -> None:
         table = pattern(1 << 20, seed=11)
         server.expose("t", server.register(table))
         lst = await server.listen()
-        assert lst.unix_name
+        assert lst._side.welcome.get("unix")  # the listener offers its same-host UNIX socket
         ep = await client.connect("127.0.0.1", lst.port)
         families = {qp._sock.family for qp in ep._qps}
         assert families == ({socket.AF_UNIX} if fast_path else {socket.AF_INET})

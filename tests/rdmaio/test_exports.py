@@ -17,21 +17,36 @@ import rdmaio
 # in a private module must be exported from rdmaio or added here, deliberately.
 INTERNAL = {
     "rdmaio._auth": {"client_mac", "context", "new_nonce", "resolve_secret", "server_proof", "verify"},
-    "rdmaio._channel": {"bind_channel", "make_rings", "pack_imm", "unpack_imm"},
-    "rdmaio._endpoint": {"host_identity", "open_endpoint"},
+    "rdmaio._channel": {"bind_channel", "make_rings", "pack_imm", "route_imm", "unpack_imm"},
+    "rdmaio._control": {"ClientProtocol", "ServerProtocol", "State"},
+    "rdmaio._core": {"Config", "Core", "creation_site", "warn_unclosed"},
+    "rdmaio._endpoint": {"open_endpoint"},
     "rdmaio._errors": {"error_for_status"},
-    "rdmaio._progress": {"CompletionSink", "Worker"},
-    "rdmaio._tcp": {"TcpQueuePair", "TcpResponder", "describe_death"},
-    "rdmaio._verbs": {"ServerSession", "VerbsContext", "VerbsQueuePair", "VerbsWorker", "check_device_args",
-                      "check_remote", "check_remote_batch", "open_verbs_endpoint", "unavailable_reason"},
+    "rdmaio._progress": {"CompletionSink", "Connection", "Router", "Worker"},
+    "rdmaio._region": {"RegionBackend", "RegionTable"},
+    "rdmaio._sockets": {"PeerDialer", "dial", "receive"},
     "rdmaio._wire": {"ControlCodec", "Op", "Request", "RequestDecoder", "Response", "ResponseDecoder", "Status",
                      "encode_request", "encode_response"},
+    "rdmaio.transports": {"open_transport"},
+    "rdmaio.transports.base": {"ClientLink", "LinkHooks", "ListenSide", "Peer", "Pending", "QpOptions", "QueuePair",
+                               "ServerLink", "SessionHooks", "Transport", "TransportOptions"},
+    "rdmaio.transports.tcp": {"TcpClientLink", "TcpQueuePair", "TcpResponder", "TcpServerLink", "TcpTransport",
+                              "describe_death", "host_identity"},
+    "rdmaio.transports._ibv": {"VerbsContext", "VerbsWorker", "as_int", "check_device_args", "check_remote",
+                               "check_remote_batch", "parse_qp_attrs", "unavailable_reason"},
+    "rdmaio.transports.verbs": {"VerbsClientLink", "VerbsQueuePair", "VerbsServerLink", "VerbsTransport"},
 }
+
+#: subpackages that are internal as a whole (their modules need not start with "_")
+INTERNAL_PACKAGES = ["rdmaio.transports"]
 
 
 def _private_modules() -> list[str]:
-    return sorted(f"rdmaio.{m.name}" for m in pkgutil.iter_modules(rdmaio.__path__)
-                  if m.name.startswith("_") and not m.ispkg)
+    mods = [f"rdmaio.{m.name}" for m in pkgutil.iter_modules(rdmaio.__path__) if m.name.startswith("_") and not m.ispkg]
+    for pkg in INTERNAL_PACKAGES:
+        path = importlib.import_module(pkg).__path__
+        mods += [pkg] + [f"{pkg}.{m.name}" for m in pkgutil.iter_modules(path) if not m.ispkg]
+    return sorted(mods)
 
 
 def _public_defs(modname: str) -> set[str]:

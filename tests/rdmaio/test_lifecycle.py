@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import os
 import threading
 
@@ -10,6 +11,7 @@ import numpy as np
 import pytest
 
 import rdmaio
+from rdmaio._progress import Worker
 
 
 def open_fds() -> int:
@@ -77,7 +79,7 @@ async def test_a_failed_progress_worker_fails_operations_instead_of_stranding_th
         own = await client.listen()               # the failed engine must stop accepting, too
         assert client.failure is None
         # The worker's epoll descriptor now names a pipe: its next epoll_wait fails (EINVAL).
-        worker = client._workers[0]
+        worker = client._core.workers[0]
         r, w = os.pipe()
         os.dup2(r, worker._fd())
         os.close(r)
@@ -138,10 +140,10 @@ async def test_broken_callbacks_fire_once_when_an_idle_peer_goes_away(progress: 
 async def test_a_queue_pair_that_cannot_attach_leaves_no_trace_in_the_workers() -> None:
     import socket
 
-    from rdmaio._tcp import TcpQueuePair
+    from rdmaio.transports.tcp import TcpQueuePair
 
     async with rdmaio.Engine(transport="tcp", workers=2, progress="thread") as engine:
-        good, bad = engine._workers
+        good, bad = engine._core.workers
         r, w = os.pipe()
         os.dup2(r, bad._fd())             # epoll_ctl on the second worker now fails (EINVAL)
         os.close(r)
@@ -162,15 +164,128 @@ async def test_an_endpoint_whose_second_queue_pair_cannot_attach_leaves_nothing_
     async with rdmaio.Engine(transport="tcp") as server, \
             rdmaio.Engine(transport="tcp", workers=2, progress="thread", same_host_fast_path=False) as client:
         lst = await server.listen()
-        good, bad = client._workers
+        good, bad = client._core.workers
         r, w = os.pipe()
         os.dup2(r, bad._fd())             # the queue pair of worker 1 cannot attach
         os.close(r)
         os.close(w)
-        conns = dict(client._conns)
+        conns = client._core.router.owners()
         with pytest.raises(Exception):
             await client.connect("127.0.0.1", lst.port)
-        assert client._conns == conns, "queue pairs of the failed endpoint are still registered"
+        assert client._core.router.owners() == conns, "queue pairs of the failed endpoint are still registered"
         with open(f"/proc/self/fdinfo/{good._fd()}") as f:
             watched = [int(line.split()[1]) for line in f if line.startswith("tfd:")]
         assert watched == [good.c.wakefd], "worker 0 still polls a queue pair of the failed endpoint"
+
+
+# -- what is never closed is released when collected, with a ResourceWarning ----------------------
+
+def worker_threads() -> list[str]:
+    return [t.name for t in threading.enumerate() if t.name.startswith("rdmaio-worker")]
+
+
+@pytest.mark.parametrize("progress", ["thread", "loop"])
+async def test_an_unclosed_engine_warns_and_releases_its_threads_and_memory(progress: str) -> None:
+    before = worker_threads()
+    engine = rdmaio.Engine(transport="tcp", workers=2, progress=progress)  # type: ignore[arg-type]
+    await engine.start()
+    mr = engine.register(np.zeros(64, dtype=np.uint8))
+    lst = await engine.listen()
+    assert len(worker_threads()) == len(before) + (2 if progress == "thread" else 0)
+    core = engine._core
+    with pytest.warns(ResourceWarning, match=r"unclosed <Engine transport=tcp .*> created at .*test_lifecycle\.py:\d+"):
+        del engine
+        gc.collect()
+    assert core.closed and lst.closed and mr.closed and mr._view is None
+    assert core.workers == [] and worker_threads() == before
+
+
+def test_an_engine_never_started_warns_too() -> None:
+    engine = rdmaio.Engine(transport="tcp")
+    core = engine._core
+    with pytest.warns(ResourceWarning, match="unclosed <Engine"):
+        del engine
+        gc.collect()
+    assert core.closed
+
+
+async def test_a_closed_engine_or_endpoint_does_not_warn() -> None:
+    async with rdmaio.Engine(transport="tcp") as server, rdmaio.Engine(transport="tcp") as client:
+        lst = await server.listen()
+        ep = await client.connect("127.0.0.1", lst.port)
+        await ep.aclose()
+        del ep
+        other = rdmaio.Engine(transport="tcp")
+        other.abort()
+        del other
+        gc.collect()  # a warning here would fail the test (pytest: filterwarnings = error)
+
+
+async def test_an_unclosed_endpoint_warns_and_releases_its_queue_pairs() -> None:
+    async with rdmaio.Engine(transport="tcp") as server, \
+            rdmaio.Engine(transport="tcp", workers=2, same_host_fast_path=False) as client:
+        table = np.arange(4096, dtype=np.uint8)
+        server.expose("t", server.register(table))
+        lst = await server.listen()
+        await asyncio.sleep(0.05)
+        conns, fds = len(client._core.router), open_fds()
+        ep = await client.connect("127.0.0.1", lst.port)
+        key = await ep.remote_key("t")
+        out = client.register(np.zeros(64, dtype=np.uint8))
+        await ep.read(out, 0, key, 0, 64)
+        assert len(client._core.router) == conns + 2 and open_fds() > fds
+        with pytest.warns(ResourceWarning, match=r"unclosed <Endpoint 127\.0\.0\.1:\d+ qps=2 open> created at "
+                                                 r".*test_lifecycle\.py:\d+"):
+            del ep
+            gc.collect()
+        assert len(client._core.router) == conns and not client._core.endpoints
+        for _ in range(100):  # the server ends the session: its control connection saw EOF
+            if not lst._sessions and open_fds() == fds:
+                break
+            await asyncio.sleep(0.01)
+        assert not lst._sessions and open_fds() == fds, "sockets of the collected endpoint are still open"
+
+
+async def test_a_finalizer_run_off_the_loop_thread_hands_the_release_to_the_loop() -> None:
+    engine = rdmaio.Engine(transport="tcp", workers=1, progress="thread")
+    await engine.start()
+    core = engine._core
+    with pytest.warns(ResourceWarning, match="unclosed <Engine"):  # (warnings of any thread are recorded)
+        t = threading.Thread(target=engine._finalizer)  # as if garbage collection ran it on another thread
+        t.start()
+        t.join()
+    assert not core.closed, "the engine was released off its loop's thread"
+    await asyncio.sleep(0)
+    assert core.closed and core.workers == []
+
+
+def test_a_worker_stopped_and_freed_from_its_own_thread_frees_itself_on_the_way_out() -> None:
+    class Sink:
+        def _on_batch(self, batch: object) -> None:
+            pass
+
+        def _on_worker_failed(self, index: int, err: int) -> None:
+            pass
+
+    loop = asyncio.new_event_loop()
+    try:
+        w = Worker(0, Sink(), "thread", loop)
+        seen: list[object] = []
+        real_poll = w._native_poll
+
+        def poll(timeout_ms: int) -> int:
+            if not seen:  # a finalizer that garbage collection runs on this very thread
+                w.stop()
+                w.free()
+                seen.append(w.c)  # still in use by this thread: not freed under it
+            return real_poll(0)
+
+        w._native_poll = poll  # type: ignore[method-assign]
+        w.start()
+        thread = w._thread
+        assert thread is not None
+        thread.join(5)
+        assert not thread.is_alive() and seen and seen[0] is not None
+        assert w.c is None, "the worker thread did not free its native worker when it left"
+    finally:
+        loop.close()

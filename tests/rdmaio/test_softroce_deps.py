@@ -7,6 +7,7 @@ prints a dry run, and the real ``apt-get install`` call is recorded, not run.
 from __future__ import annotations
 
 import subprocess
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -104,3 +105,18 @@ def test_guestcheck_catches_a_wrong_sort(monkeypatch: pytest.MonkeyPatch) -> Non
     problems = guestcheck.check(arrays=40)
     assert problems and all(p.startswith("np.sort wrong on") for p in problems)
     assert guestcheck.main() == 1
+
+
+def test_the_runner_runs_by_path_without_rdmaio_built(tmp_path: Path) -> None:
+    """scripts/system-deps.sh and make clean run softroce.py by path before rdmaio is built: the
+    runner and its image half are stdlib only and must not import rdmaio (numpy, the native code)."""
+    script = Path(softroce.__file__)
+    probe = tmp_path / "probe.py"
+    probe.write_text("import runpy, sys\nsys.argv = [sys.argv[1], '--clean', '--cache', sys.argv[2]]\n"
+                     "try:\n    runpy.run_path(sys.argv[0], run_name='__main__')\nexcept SystemExit as e:\n"
+                     "    assert e.code == 0, e.code\n"
+                     "assert 'numpy' not in sys.modules and 'rdmaio._engine' not in sys.modules, sorted(sys.modules)\n"
+                     "print('ok')\n")
+    out = subprocess.run([sys.executable, "-S", str(probe), str(script), str(tmp_path / "none")],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stdout + out.stderr

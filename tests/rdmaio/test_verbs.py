@@ -59,7 +59,7 @@ async def test_registration_cache_shares_one_nic_registration(ctx: tuple) -> Non
     await ep.read(b, 0, key, 0, 4096)  # still registered: b holds a reference
     assert np.array_equal(buf, table[:4096])
     b.close()
-    assert (buf.ctypes.data, 4096, int(rdmaio.Access.READ | rdmaio.Access.WRITE)) not in client._verbs._cache
+    assert (buf.ctypes.data, 4096, int(rdmaio.Access.READ | rdmaio.Access.WRITE)) not in client._core.transport.vctx._cache
 
 
 async def test_batches_larger_than_one_doorbell(ctx: tuple) -> None:  # type: ignore[type-arg]
@@ -94,8 +94,8 @@ async def imm_pair(request: pytest.FixtureRequest) -> AsyncIterator[tuple[rdmaio
 
 def _server_qps(lst: rdmaio.Listener) -> list:  # type: ignore[type-arg]
     (session,) = lst._sessions.values()
-    assert session.verbs is not None
-    return session.verbs.qps
+    assert session.link is not None
+    return session.link.qps
 
 
 async def _until(cond: object, timeout: float = 10.0) -> None:
@@ -155,8 +155,11 @@ async def test_server_writes_with_imm_to_the_client(imm_pair: tuple) -> None:  #
     src = np.full(4096, 7, dtype=np.uint8)
     src_mr = server.register(src, access=rdmaio.Access.NONE)
     sqp = _server_qps(lst)[1]  # the server's side of the client's QP 1
-    futs = [sqp.post(rdmaio._wire.Op.WRITE_IMM, ring_mr.remote_key(), 0, 4096, k, src_mr.addr, src_mr, "t")
-            for k in range(150)]
+    futs = []
+    for k in range(150):  # more than sq_depth: posting waits for slots
+        if not sqp._free:
+            await sqp.wait_slot()
+        futs.append(sqp.post(rdmaio._wire.Op.WRITE_IMM, ring_mr.remote_key(), 0, 4096, k, src_mr.addr, src_mr, "t"))
     await asyncio.gather(*futs)
     await _until(lambda: len(got) >= 150)
     assert got == [(1, k) for k in range(150)]

@@ -12,7 +12,7 @@ import sys
 import pytest
 
 import rdmaio
-from rdmaio import _verbs
+from rdmaio.transports import _ibv as _verbs
 
 NO_DEVICE = rdmaio.available_transports()["verbs"]
 needs_no_device = pytest.mark.skipif(NO_DEVICE is None, reason="an active RDMA device exists here")
