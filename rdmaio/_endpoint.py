@@ -142,17 +142,31 @@ async def _read_control(ref: weakref.ref[Endpoint], loop: asyncio.AbstractEventL
 
 async def _heartbeat(ref: weakref.ref[Endpoint], loop: asyncio.AbstractEventLoop, interval: float,
                      dead_after: float) -> None:
-    """Ping the peer; declare it dead after ``dead_after`` s without any message from it."""
+    """Ping the peer; declare it dead after ``dead_after`` s without any message from it.
+
+    Silence is counted in time this event loop was responsive: while our own loop
+    is stalled (a long callback, thousands of completions at once, an emulated
+    CPU) the peer's answers cannot be read either, so the time this task wakes
+    up late is not held against the peer.
+    """
+    seen = -1.0
+    stalled = 0.0  # how late this task woke up since the peer was last heard from
     try:
         while True:
+            slept = loop.time()
             await asyncio.sleep(interval)
+            now = loop.time()
             ep = ref()
             if ep is None or ep.broken is not None or ep._closed:
                 return
-            silent = loop.time() - ep._last_rx
-            if silent > dead_after:
-                ep._on_broken(EndpointBrokenError(f"no message from the peer for {silent:.1f} s "
-                                                  f"(heartbeat timeout {dead_after} s)"))
+            if ep._last_rx != seen:
+                seen, stalled = ep._last_rx, 0.0
+            stalled += max(0.0, now - slept - interval)
+            silent = now - ep._last_rx
+            if silent - stalled > dead_after:
+                ep._on_broken(EndpointBrokenError(
+                    f"no message from the peer for {silent:.1f} s (heartbeat timeout {dead_after} s"
+                    + (f"; this event loop was stalled {stalled:.1f} s of it)" if stalled >= 0.1 else ")")))
                 return
             # never wait on the send here (a peer that stopped reading must not stall the
             # silence check) and never queue a second ping behind a blocked one

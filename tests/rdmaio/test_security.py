@@ -145,6 +145,27 @@ async def test_a_hung_peer_fails_operations_within_the_heartbeat_bound() -> None
             assert elapsed < 4.0, f"failed after {elapsed:.1f} s; bound is ~dead_peer_timeout + heartbeat"
 
 
+async def test_a_stalled_event_loop_does_not_declare_a_healthy_peer_dead() -> None:
+    """Our own loop stalls (a long callback; thousands of completions at once; an emulated CPU):
+    the peer's pongs cannot be read meanwhile, so that time must not count as the peer's silence."""
+    with peer_process("peer_server.py", "tcp", "thread", str(1 << 20)) as (proc, port):
+        async with rdmaio.Engine(transport="tcp", heartbeat=0.2, dead_peer_timeout=0.8) as client:
+            ep = await client.connect("127.0.0.1", port)
+            key = await ep.remote_key("table")
+            mr = client.register(np.zeros(1 << 20, dtype=np.uint8))
+            for _ in range(3):
+                time.sleep(1.5)                          # the loop is blocked for ~2x the silence bound
+                await asyncio.sleep(0.5)                 # the heartbeat runs: the peer answers
+                assert ep.broken is None, ep.broken
+            await ep.read(mr, 0, key, 0, 64)
+            os.kill(proc.pid, signal.SIGSTOP)            # a peer that is really silent is still caught
+            _wait_stopped(proc.pid)
+            t0 = time.monotonic()
+            while ep.broken is None and time.monotonic() - t0 < 5:
+                await asyncio.sleep(0.05)
+            assert isinstance(ep.broken, rdmaio.EndpointBrokenError) and time.monotonic() - t0 < 2.5
+
+
 async def test_connect_retries_with_backoff_until_the_listener_appears() -> None:
     s = socket.socket()
     s.bind(("127.0.0.1", 0))
