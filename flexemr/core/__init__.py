@@ -1,0 +1,1 @@
+"""pure compute, no I/O"""
