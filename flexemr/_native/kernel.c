@@ -131,38 +131,33 @@ FXK_INLINE ctx_t make_ctx(const fxk_job *j) {
     return c;
 }
 
-FXK_INLINE int64_t id_at(const ctx_t *c, int64_t k) {
-    return c->wide ? ((const int64_t *)c->ids)[k] : (int64_t)((const int32_t *)c->ids)[k];
+/* id k; `wide` (int64 ids) is a compile-time constant in the loops */
+FXK_INLINE int64_t id_at(const ctx_t *c, int64_t k, const int wide) {
+    return wide ? ((const int64_t *)c->ids)[k] : (int64_t)((const int32_t *)c->ids)[k];
 }
 
 FXK_INLINE const char *row_at(const ctx_t *c, int64_t id) {
     return (const char *)(c->base + (uintptr_t)id * (uintptr_t)c->stride);
 }
 
-/* Prefetch `bytes` (a compile-time constant) of the row of id k + FXK_PREFETCH,
- * from element `col` on.  Prefetches never fault, but only valid rows are named. */
-FXK_INLINE void prefetch_ahead(const ctx_t *c, int64_t k, int64_t col_bytes, const int bytes) {
-#if FXK_PREFETCH > 0
-    int64_t kp = k + FXK_PREFETCH;
-    if (FXK_LIKELY(kp < c->n_ids)) {
-        int64_t id = id_at(c, kp);
-        if (FXK_LIKELY((uint64_t)id < c->num_rows)) {
-            const char *p = row_at(c, id) + col_bytes;
-            for (int off = 0; off < bytes; off += 64) __builtin_prefetch(p + off, 0, 3);
-        }
-    }
-#else
-    (void)c; (void)k; (void)col_bytes; (void)bytes;
-#endif
+/* Prefetch `bytes` (a compile-time constant) of row `id` from byte col_bytes
+ * on.  The id is not checked: a prefetch never faults (whatever the address),
+ * and the id is checked before its row is read, FXK_PREFETCH ids later. */
+FXK_INLINE void prefetch_row(const ctx_t *c, int64_t id, int64_t col_bytes, const int bytes) {
+    const char *p = (const char *)(c->base + (uintptr_t)id * (uintptr_t)c->stride + (uintptr_t)col_bytes);
+    for (int off = 0; off < bytes; off += 64) __builtin_prefetch(p + off, 0, 3);
 }
+
+/* Ids k < prefetch_end(c) have an id FXK_PREFETCH positions ahead to prefetch. */
+FXK_INLINE int64_t prefetch_end(const ctx_t *c) { return FXK_PREFETCH > 0 ? c->n_ids - FXK_PREFETCH : INT64_MIN; }
 
 /* The last n < 8 columns from col on, element by element (one vector's worth at most). */
 FXK_INLINE int tail_f(const ctx_t *c, int64_t k0, int64_t k1, int64_t col, int n, float *dst, float scale,
-                      const int kind, const int dtype) {
+                      const int kind, const int dtype, const int wide) {
     const int es = dtype_size(dtype);
     float acc[8] = {0};
     for (int64_t k = k0; k < k1; k++) {
-        int64_t id = id_at(c, k);
+        int64_t id = id_at(c, k, wide);
         if (FXK_UNLIKELY((uint64_t)id >= c->num_rows)) return -1;
         const char *r = row_at(c, id) + col * es;
         float w = kind == K_WSUM ? c->weights[k] : 1.0f;
@@ -178,10 +173,10 @@ FXK_INLINE int tail_f(const ctx_t *c, int64_t k0, int64_t k1, int64_t col, int n
 }
 
 FXK_INLINE int tail_d(const ctx_t *c, int64_t k0, int64_t k1, int64_t col, int n, double *dst, double scale,
-                      const int kind) {
+                      const int kind, const int wide) {
     double acc[8] = {0};
     for (int64_t k = k0; k < k1; k++) {
-        int64_t id = id_at(c, k);
+        int64_t id = id_at(c, k, wide);
         if (FXK_UNLIKELY((uint64_t)id >= c->num_rows)) return -1;
         const char *r = row_at(c, id) + col * 8;
         double w = kind == K_WSUM ? (double)c->weights[k] : 1.0;
@@ -196,26 +191,30 @@ FXK_INLINE int tail_d(const ctx_t *c, int64_t k0, int64_t k1, int64_t col, int n
     return 0;
 }
 
-/* Rows of ids k0..k1 copied to out rows k0..k1. */
-static int gather_range(const fxk_job *j, int64_t k0, int64_t k1) {
-    const ctx_t cs = make_ctx(j), *c = &cs;
-    const size_t nbytes = (size_t)(c->dim * dtype_size(j->dtype));
-    for (int64_t k = k0; k < k1; k++) {
-        int64_t id = id_at(c, k);
-        if (FXK_UNLIKELY((uint64_t)id >= c->num_rows)) return -1;
-#if FXK_PREFETCH > 0
-        int64_t kp = k + FXK_PREFETCH;
-        if (FXK_LIKELY(kp < c->n_ids)) {
-            int64_t ip = id_at(c, kp);
-            if (FXK_LIKELY((uint64_t)ip < c->num_rows)) {
-                const char *p = row_at(c, ip);
-                for (size_t off = 0; off < nbytes && off < 512; off += 64) __builtin_prefetch(p + off, 0, 3);
-            }
-        }
-#endif
-        memcpy((char *)j->out + k * j->out_stride, row_at(c, id), nbytes);
-    }
+/* Row of id k copied to out row k; -1 on a bad id. */
+FXK_INLINE int copy_row(const fxk_job *j, const ctx_t *c, int64_t k, size_t nbytes, const int wide, const int pf) {
+    int64_t id = id_at(c, k, wide);
+    if (FXK_UNLIKELY((uint64_t)id >= c->num_rows)) return -1;
+    if (pf) prefetch_row(c, id_at(c, k + FXK_PREFETCH, wide), 0, 256);
+    memcpy((char *)j->out + k * j->out_stride, row_at(c, id), nbytes);
     return 0;
+}
+
+FXK_INLINE int gather_ids(const fxk_job *j, const ctx_t *c, int64_t k0, int64_t k1, const int wide) {
+    const size_t nbytes = (size_t)(c->dim * dtype_size(j->dtype));
+    int64_t k = k0, kpf = prefetch_end(c);
+    if (kpf > k1) kpf = k1;
+    for (; k < kpf; k++)
+        if (copy_row(j, c, k, nbytes, wide, 1)) return -1;
+    for (; k < k1; k++)
+        if (copy_row(j, c, k, nbytes, wide, 0)) return -1;
+    return 0;
+}
+
+/* Rows of ids k0..k1 copied to out rows k0..k1 (the first 256 bytes of a row are prefetched). */
+static int gather_range(const fxk_job *j, int64_t k0, int64_t k1) {
+    const ctx_t c = make_ctx(j);
+    return c.wide ? gather_ids(j, &c, k0, k1, 1) : gather_ids(j, &c, k0, k1, 0);
 }
 
 /* ------------------------------------------------------------ code paths */
