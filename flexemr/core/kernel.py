@@ -78,8 +78,10 @@ _DTYPES: dict[np.dtype[Any], int] = {
     np.dtype(np.uint8): lib.FXK_U8,
 }
 _MODES: dict[str, int] = {"sum": lib.FXK_SUM, "mean": lib.FXK_MEAN, "max": lib.FXK_MAX}
+_ACC: dict[np.dtype[Any], np.dtype[Any]] = {dt: accumulation_dtype(dt) for dt in _DTYPES}
 _INT32 = np.dtype(np.int32)
 _INT64 = np.dtype(np.int64)
+_ID_DTYPES = (_INT32, _INT64)
 _F32 = np.dtype(np.float32)
 
 
@@ -136,23 +138,28 @@ def _check_threads(n: object) -> int:
 # ------------------------------------------------------------------ arguments
 
 
-def _addr(a: npt.NDArray[Any]) -> int:
-    return int(a.__array_interface__["data"][0])
+def _ptr(a: npt.NDArray[Any], ctype: str = "char[]") -> Any:
+    """A cdata pointing at ``a``'s first element (keeps ``a`` alive when it is contiguous)."""
+    if a.flags.c_contiguous:
+        return ffi.from_buffer(ctype, a)  # about 0.3 us; the array interface costs 1.5 us
+    return ffi.cast("void *", a.__array_interface__["data"][0])
 
 
 def _rows(rows: object, what: str = "rows", *, any_dtype: bool = False) -> npt.NDArray[Any]:
-    arr = np.asarray(rows)
+    arr = rows if type(rows) is np.ndarray else np.asarray(rows)
     if arr.ndim != 2:
         raise InputError(f"{what} must be a 2-D [num_rows, dim] array, got shape {arr.shape}")
     if not any_dtype and arr.dtype not in _DTYPES:
         raise InputError(f"{what} dtype must be one of float16, float32, float64, int8, uint8 (native byte "
                          f"order), got {arr.dtype}")
-    if arr.shape[1] > 1 and arr.strides[1] != arr.itemsize:
+    if arr.shape[0] > 0 and arr.shape[1] > 1 and arr.strides[1] != arr.itemsize:
         raise InputError(f"{what} must have contiguous rows (strides[1] == itemsize), got strides {arr.strides}")
     return arr
 
 
 def _ids(ids: object, what: str = "ids") -> npt.NDArray[Any]:
+    if type(ids) is np.ndarray and ids.ndim == 1 and ids.dtype in _ID_DTYPES and ids.flags.c_contiguous:
+        return ids
     arr = np.asarray(ids)
     if arr.size == 0 and arr.dtype.kind == "f":  # [] -> float64
         arr = arr.astype(np.int64)
@@ -167,6 +174,9 @@ def _ids(ids: object, what: str = "ids") -> npt.NDArray[Any]:
 
 
 def _offsets(offsets: object) -> npt.NDArray[np.int64]:
+    if type(offsets) is np.ndarray and offsets.ndim == 1 and offsets.dtype == _INT64 and offsets.size and \
+            offsets.flags.c_contiguous:
+        return offsets
     arr = np.asarray(offsets)
     if arr.ndim != 1 or arr.size == 0 or (arr.dtype.kind not in "iu"):
         raise InputError(f"offsets must be a 1-D integer array of B + 1 >= 1 entries, got shape {arr.shape} "
@@ -198,7 +208,7 @@ def _out(out: object | None, shape: tuple[int, int], dtype: np.dtype[Any]) -> np
     if not out.flags.writeable:
         raise InputError("out is read-only")
     n, dim = shape
-    if dim > 1 and out.strides[1] != out.itemsize:
+    if n > 0 and dim > 1 and out.strides[1] != out.itemsize:
         raise InputError(f"out must have contiguous rows (strides[1] == itemsize), got strides {out.strides}")
     if n > 1 and abs(out.strides[0]) < dim * out.itemsize:
         raise InputError(f"rows of out overlap (strides {out.strides} for {dim} elements per row)")
@@ -243,7 +253,7 @@ class _Call:
         ids = _ids(job.ids)
         offs = _offsets(job.offsets)
         w = _weights(job.weights, ids.size, str(job.mode))
-        out = _out(job.out, (offs.size - 1, rows.shape[1]), accumulation_dtype(rows.dtype))
+        out = _out(job.out, (offs.size - 1, rows.shape[1]), _ACC[rows.dtype])
         try:
             fill = float(job.fill)
         except (TypeError, ValueError):
@@ -251,13 +261,15 @@ class _Call:
         j = self.jobs[i]
         self._table(j, rows, _DTYPES[rows.dtype], rows.shape[1], ids)
         j.mode = mode
-        j.offsets = ffi.cast("const int64_t *", _addr(offs))
+        j.offsets = _ptr(offs, "int64_t[]")
         j.num_bags = offs.size - 1
-        j.weights = ffi.NULL if w is None else ffi.cast("const float *", _addr(w))
-        j.fill = fill
-        j.out = ffi.cast("void *", _addr(out))
+        if w is not None:
+            j.weights = _ptr(w, "float[]")
+        if fill:
+            j.fill = fill
+        j.out = _ptr(out)
         j.out_stride = out.strides[0]
-        self.keep += [rows, offs, w]
+        self.keep += (rows, offs, w)
         self.ids.append(ids)
         self.outs.append(out)
 
@@ -268,8 +280,7 @@ class _Call:
         j = self.jobs[i]
         self._table(j, rows, lib.FXK_U8, rows.shape[1] * rows.itemsize, ids)
         j.mode = lib.FXK_GATHER
-        j.offsets = ffi.NULL
-        j.out = ffi.cast("void *", _addr(out))
+        j.out = _ptr(out)
         j.out_stride = out.strides[0]
         self.keep.append(rows)
         self.ids.append(ids)
@@ -277,13 +288,13 @@ class _Call:
 
     @staticmethod
     def _table(j: Any, rows: npt.NDArray[Any], dtype: int, dim: int, ids: npt.NDArray[Any]) -> None:
-        j.rows = ffi.cast("const void *", _addr(rows))
-        j.row_offset = 0
+        # the job array comes zeroed from ffi.new: zero fields (row_offset, weights, fill) stay unset
+        j.rows = _ptr(rows)
         j.row_stride = rows.strides[0]
         j.num_rows = rows.shape[0]
         j.dim = dim
         j.dtype = dtype
-        j.ids = ffi.cast("const void *", _addr(ids))
+        j.ids = _ptr(ids)
         j.id_bytes = ids.itemsize
         j.n_ids = ids.size
 
