@@ -13,7 +13,7 @@ import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from . import _compare, _locality, _lookup
+from . import _compare, _kernel, _locality, _lookup
 
 __all__ = ["COMMANDS", "BenchCommand", "main"]
 
@@ -32,6 +32,7 @@ COMMANDS: dict[str, BenchCommand] = {
     "lookup": BenchCommand(_lookup.HELP, _lookup.configure, _lookup.main),
     "locality": BenchCommand(_locality.HELP, _locality.configure, _locality.main),
     "compare": BenchCommand(_compare.HELP, _compare.configure, _compare.main),
+    "kernel": BenchCommand(_kernel.HELP, _kernel.configure, _kernel.main),
 }
 
 

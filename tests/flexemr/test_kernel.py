@@ -453,3 +453,52 @@ def test_bad_offsets(offsets: Any) -> None:
 def test_bad_arguments(call: Any, match: str) -> None:
     with pytest.raises(InputError, match=match):
         call(np.ones((3, 4), np.float32))
+
+
+def test_zero_bags_into_any_view() -> None:
+    """A [0, dim] out may have any strides (numpy gives zero-size views odd ones)."""
+    t = np.ones((3, 4), np.float32)
+    out = np.full((0, 11), np.nan, np.float32)[:, 4:8]
+    assert pool(t, [], [0], out=out).shape == (0, 4)
+    assert pool(np.ones((0, 4), np.float32)[:, ::2], [], [0, 0]).tolist() == [[0.0, 0.0]]
+
+
+# ------------------------------------------------------------------ benchmark
+
+
+def test_bench_kernel_runs_and_reports() -> None:
+    from flexemr.bench import _kernel
+
+    cfg = _kernel.KernelConfig(tables=2, rows=3000, dim=16, batch=64, pooling=4.0, warmup=1, batches=2, repeats=1,
+                               threads=2, torchrec=False)
+    res = _kernel.measure(cfg)
+    rows = {(r["path"], r["threads"]): r for r in res["results"]}
+    assert set(rows) == {(p, t) for p in _kernel.PATHS for t in (2, 1)}
+    for t in (2, 1):
+        for p in ("numpy", "native"):
+            r = rows[(p, t)]
+            assert r["verified"] and r["skipped"] is None and r["samples_per_s"] > 0 and r["timed_batches"] == 2
+            assert r["rows_per_s"] > r["samples_per_s"] and r["vs_torchrec"] is None
+        assert rows[("torchrec", t)]["skipped"] == "disabled (--no-torchrec)"
+    assert set(res["overhead_us"]) >= {"pool_1", "pool_many_8", "native_8", "threaded"}
+    text = _kernel.format_table(res)
+    assert "native" in text and "skipped: disabled (--no-torchrec)" in text
+
+
+def test_bench_kernel_callgrind_parsing(tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    from flexemr.bench import _kernel
+
+    prefix = str(tmp_path / "cg.out")
+    for name, total in (("cg.out.1", 0), ("cg.out.2", 500), ("cg.out.10", 7), ("cg.out", 9)):
+        (tmp_path / name).write_text(f"events: Ir\nsummary: {total}\ntotals: {total}\n")
+    assert _kernel._dump_counts(prefix) == [0, 500, 7, 9]  # parts in numeric order, the final file last
+    monkeypatch.setattr(_kernel.shutil, "which", lambda name: None)
+    res = _kernel.callgrind(_kernel.KernelConfig())
+    assert res["skipped"].startswith("valgrind not installed")
+    assert "skipped: valgrind not installed" in _kernel.format_callgrind(res)
+
+
+def test_bench_kernel_is_registered() -> None:
+    from flexemr.bench.__main__ import COMMANDS
+
+    assert "kernel" in COMMANDS and "torchrec" in COMMANDS["kernel"].help.lower()
