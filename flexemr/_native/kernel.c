@@ -41,7 +41,7 @@
 
 /* ids ahead whose rows are prefetched (0 disables prefetching) */
 #ifndef FXK_PREFETCH
-#define FXK_PREFETCH 8
+#define FXK_PREFETCH 24
 #endif
 /* most worker threads the pool starts */
 #define FXK_MAX_WORKERS 63
@@ -370,7 +370,7 @@ static struct {
     batch_t *batch;
 } P = {PTHREAD_MUTEX_INITIALIZER, PTHREAD_COND_INITIALIZER, PTHREAD_COND_INITIALIZER, 0, 0, 0, 0, 0, 0, 0, NULL};
 
-static int64_t inline_work = 1 << 15;
+static int64_t inline_work = 1 << 21; /* ~150 us of work: below, waking a worker costs more than it saves here */
 static pthread_once_t atfork_once = PTHREAD_ONCE_INIT;
 
 static void *worker_main(void *arg) {

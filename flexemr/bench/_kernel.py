@@ -193,9 +193,11 @@ def overhead(dim: int = 64) -> dict[str, float]:
     ``pool_1``: :func:`~flexemr.core.kernel.pool` of one bag of one id
     (argument checks, the native call); ``pool_many_8``: 8 such jobs in one
     :func:`~flexemr.core.kernel.pool_many`; ``native_8``: the bare native
-    call of those 8 jobs (``fxk_run``, no Python checks); ``threaded``:
-    time of a call split over 2 threads minus the same call on one
-    (work just above the inline threshold: the cost of waking a worker).
+    call of those 8 jobs (``fxk_run``, no Python checks); ``parallel``: what
+    splitting a small call (1024 ids of ``dim``) over 2 threads adds to it
+    (waking a worker, waiting for it), measured with the inline threshold
+    lifted; ``inline_work``: the threshold (ids x dim) below which calls run
+    on the caller's thread only.
     """
     table = np.ones((1000, dim), np.float32)
     ids, offs = np.array([3], np.int64), np.array([0, 1], np.int64)
@@ -206,24 +208,24 @@ def overhead(dim: int = 64) -> dict[str, float]:
         "pool_many_8": _median_us(lambda: kernel.pool_many(jobs, threads=1), 1000),
     }
     arr = ffi.new("fxk_job[]", 8)
-    keep = []
     for i in range(8):
         j = arr[i]
         j.rows, j.row_stride, j.num_rows, j.dim = ffi.cast("void *", table.ctypes.data), table.strides[0], 1000, dim
         j.dtype, j.mode, j.ids, j.id_bytes, j.n_ids = lib.FXK_F32, lib.FXK_SUM, ffi.cast("void *", ids.ctypes.data), 8, 1
         j.offsets, j.num_bags = ffi.cast("int64_t *", offs.ctypes.data), 1
         j.out, j.out_stride = ffi.cast("void *", out.ctypes.data), out.strides[0]
-        keep.append(j)
     res["native_8"] = _median_us(lambda: lib.fxk_run(arr, 8, 1), 5000)
-    n_ids = 2 * int(lib.fxk_inline_work()) // dim + 64
-    rng = np.random.default_rng(0)
-    big_ids = rng.integers(0, 1000, n_ids)
-    big_offs = np.arange(0, n_ids + 1, 16) if n_ids % 16 == 0 else np.append(np.arange(0, n_ids, 16), n_ids)
-    one = _median_us(lambda: kernel.pool(table, big_ids, big_offs, threads=1), 300)
-    two = _median_us(lambda: kernel.pool(table, big_ids, big_offs, threads=2), 300)
-    res["threaded_call_us"] = two
-    res["single_call_us"] = one
-    res["threaded"] = two - one
+    big_ids = np.random.default_rng(0).integers(0, 1000, 1024)
+    big_offs = np.arange(0, 1025, 32)
+    inline = int(lib.fxk_inline_work())
+    lib.fxk_set_inline_work(0)
+    try:
+        one = _median_us(lambda: kernel.pool(table, big_ids, big_offs, threads=1), 500)
+        two = _median_us(lambda: kernel.pool(table, big_ids, big_offs, threads=2), 500)
+    finally:
+        lib.fxk_set_inline_work(inline)
+    res.update({"small_call_1_thread": one, "small_call_2_threads": two, "parallel": two - one,
+                "inline_work": float(inline)})
     return res
 
 
@@ -415,8 +417,9 @@ def format_table(res: dict[str, Any]) -> str:
                      f"{r['batch_ms_median']:>10.2f}{r['batch_ms_min']:>8.2f}{vs:>13}  {r['note']}")
     o = res["overhead_us"]
     lines += ["", (f"per-call overhead (us, medians): pool() of 1 id {o['pool_1']:.1f}; pool_many() of 8 such jobs "
-                   f"{o['pool_many_8']:.1f}; bare native call of 8 jobs {o['native_8']:.2f}; waking a worker "
-                   f"{o['threaded']:+.1f} ({o['single_call_us']:.0f} -> {o['threaded_call_us']:.0f})")]
+                   f"{o['pool_many_8']:.1f}; bare native call of 8 jobs {o['native_8']:.2f}; 2 threads on a call of "
+                   f"1024 ids {o['parallel']:+.1f} ({o['small_call_1_thread']:.0f} -> {o['small_call_2_threads']:.0f}), "
+                   f"so calls below {o['inline_work']:,.0f} ids x dim run inline")]
     return "\n".join(lines)
 
 

@@ -480,7 +480,7 @@ def test_bench_kernel_runs_and_reports() -> None:
             assert r["verified"] and r["skipped"] is None and r["samples_per_s"] > 0 and r["timed_batches"] == 2
             assert r["rows_per_s"] > r["samples_per_s"] and r["vs_torchrec"] is None
         assert rows[("torchrec", t)]["skipped"] == "disabled (--no-torchrec)"
-    assert set(res["overhead_us"]) >= {"pool_1", "pool_many_8", "native_8", "threaded"}
+    assert set(res["overhead_us"]) >= {"pool_1", "pool_many_8", "native_8", "parallel", "inline_work"}
     text = _kernel.format_table(res)
     assert "native" in text and "skipped: disabled (--no-torchrec)" in text
 
