@@ -34,7 +34,7 @@ from flexemr._pooling import pool as oracle_pool
 from flexemr.core import kernel
 from flexemr.core.kernel import PoolJob, gather, pool, pool_many
 
-SETTINGS = settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+SETTINGS = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 DTYPES = [np.float16, np.float32, np.float64, np.int8, np.uint8]
 # around the vector widths: 4 and 8 lanes, chunks of 1, 2, 4 and 8 vectors, scalar tails
 DIMS = [1, 2, 3, 4, 5, 7, 8, 9, 12, 15, 16, 17, 24, 31, 32, 33, 40, 48, 63, 64, 65, 72, 100, 127, 128, 129]
@@ -231,6 +231,13 @@ def test_empty_cases() -> None:
     with pytest.raises(InputError, match="id 4 at position 1"):
         pool(np.ones((4, 0), np.float32), [1, 4], [0, 2])  # no columns: ids are still checked
     assert gather(t, []).shape == (0, 3)
+
+
+def test_docstring_examples_run() -> None:
+    import doctest
+
+    result = doctest.testmod(kernel, optionflags=doctest.ELLIPSIS)
+    assert result.attempted > 5 and result.failed == 0
 
 
 def test_accumulation_dtype_is_the_oracles() -> None:
