@@ -140,7 +140,7 @@ FXK_INLINE const char *row_at(const ctx_t *c, int64_t id) {
     return (const char *)(c->base + (uintptr_t)id * (uintptr_t)c->stride);
 }
 
-/* Prefetch `bytes` (a compile-time constant) of row `id` from byte col_bytes
+/* Prefetch `bytes` (a compile-time constant in the pooling loops) of row `id` from byte col_bytes
  * on.  The id is not checked: a prefetch never faults (whatever the address),
  * and the id is checked before its row is read, FXK_PREFETCH ids later. */
 FXK_INLINE void prefetch_row(const ctx_t *c, int64_t id, int64_t col_bytes, const int bytes) {
@@ -191,27 +191,29 @@ FXK_INLINE int tail_d(const ctx_t *c, int64_t k0, int64_t k1, int64_t col, int n
     return 0;
 }
 
-/* Row of id k copied to out row k; -1 on a bad id. */
-FXK_INLINE int copy_row(const fxk_job *j, const ctx_t *c, int64_t k, size_t nbytes, const int wide, const int pf) {
+/* Row of id k copied to out row k (prefetching the first pf_bytes of the
+ * row FXK_PREFETCH ids ahead); -1 on a bad id. */
+FXK_INLINE int copy_row(const fxk_job *j, const ctx_t *c, int64_t k, size_t nbytes, const int wide, int pf_bytes) {
     int64_t id = id_at(c, k, wide);
     if (FXK_UNLIKELY((uint64_t)id >= c->num_rows)) return -1;
-    if (pf) prefetch_row(c, id_at(c, k + FXK_PREFETCH, wide), 0, 256);
+    if (pf_bytes) prefetch_row(c, id_at(c, k + FXK_PREFETCH, wide), 0, pf_bytes);
     memcpy((char *)j->out + k * j->out_stride, row_at(c, id), nbytes);
     return 0;
 }
 
 FXK_INLINE int gather_ids(const fxk_job *j, const ctx_t *c, int64_t k0, int64_t k1, const int wide) {
     const size_t nbytes = (size_t)(c->dim * dtype_size(j->dtype));
+    const int pf_bytes = nbytes < 256 ? (int)nbytes : 256;
     int64_t k = k0, kpf = prefetch_end(c);
     if (kpf > k1) kpf = k1;
     for (; k < kpf; k++)
-        if (copy_row(j, c, k, nbytes, wide, 1)) return -1;
+        if (copy_row(j, c, k, nbytes, wide, pf_bytes)) return -1;
     for (; k < k1; k++)
         if (copy_row(j, c, k, nbytes, wide, 0)) return -1;
     return 0;
 }
 
-/* Rows of ids k0..k1 copied to out rows k0..k1 (the first 256 bytes of a row are prefetched). */
+/* Rows of ids k0..k1 copied to out rows k0..k1 (up to 256 bytes of a row are prefetched). */
 static int gather_range(const fxk_job *j, int64_t k0, int64_t k1) {
     const ctx_t c = make_ctx(j);
     return c.wide ? gather_ids(j, &c, k0, k1, 1) : gather_ids(j, &c, k0, k1, 0);
