@@ -2,7 +2,7 @@
 #   make demo   the main job (flexemr demo): embedding servers on loopback + a DLRM ranker, no configuration
 #   make test   every test, including the verbs suite inside the Soft-RoCE VM
 # Also: make docs   the docs site into site/ (API pages from the docstrings, search)
-.PHONY: demo test bench docs clean
+.PHONY: demo test bench torch docs clean
 
 demo: .venv/.installed
 	.venv/bin/python -m flexemr demo
@@ -24,6 +24,10 @@ docs: .venv/.docs-installed
 .venv/.docs-installed: pyproject.toml setup.py
 	bash scripts/install.sh apps,docs
 	touch $@
+
+# TorchRec on the CPU (pinned CPU torch build), the peer of the compare and kernel benchmarks
+torch: .venv/.installed
+	bash scripts/install-torch.sh
 
 clean:
 	rm -rf .venv build site *.egg-info .cache .pytest_cache report.json report.png report.svg

@@ -1,4 +1,4 @@
-# The native parts of rdmaio are compiled by cffi in API mode when the package is
+# The native parts of rdmaio (and flexemr's embedding kernel) are compiled by cffi in API mode when the package is
 # installed; everything else is in pyproject.toml.  The verbs data path is optional:
 # it is built only when the libibverbs headers are present (apt-get install
 # libibverbs-dev), so the package installs everywhere.
@@ -13,7 +13,7 @@ try:
 finally:
     sys.path.pop(0)
 
-cffi_modules = ["rdmaio/_native/build.py:ffibuilder"]
+cffi_modules = ["rdmaio/_native/build.py:ffibuilder", "flexemr/_native/build.py:ffibuilder"]
 if have_verbs_headers():
     cffi_modules.append("rdmaio/_native/verbs_build.py:ffibuilder")
 

@@ -1,0 +1,90 @@
+/* flexemr embedding kernel: fused gather + reduce (EmbeddingBag pooling) and
+ * strided row gather, over rows read in place, parallel over bags and tables.
+ *
+ * This header is also the cffi cdef (flexemr/_native/build.py): plain
+ * declarations only, no preprocessor beyond what cffi accepts.
+ *
+ * A job (fxk_job) describes one table.  Row r of the table is read at
+ *     (const char *)rows + row_offset + r * row_stride
+ * and holds `dim` elements of `dtype`.  Bag b covers ids[offsets[b] ..
+ * offsets[b+1]) and its result is written at
+ *     (char *)out + b * out_stride
+ * as `dim` elements of the accumulation type (float32, or float64 for
+ * float64 tables).  For FXK_GATHER, offsets/weights/fill are unused: row
+ * ids[k] is copied byte for byte to out + k * out_stride (dim elements of
+ * dtype, i.e. dim * itemsize bytes).
+ *
+ * Every id is checked against num_rows before its row is touched; offsets
+ * are checked (offsets[0] == 0, non-decreasing, offsets[num_bags] == n_ids)
+ * before any bag is reduced.  A failing job sets `status` (and, for a bad id,
+ * `bad_pos`: the position of the first bad id in ids); its output is then
+ * unspecified but nothing outside the rows, ids, offsets, weights and out
+ * ranges described above is read or written.
+ */
+
+/* dtypes of the rows */
+#define FXK_F16 0
+#define FXK_F32 1
+#define FXK_F64 2
+#define FXK_I8 3
+#define FXK_U8 4
+
+/* modes */
+#define FXK_SUM 0
+#define FXK_MEAN 1
+#define FXK_MAX 2
+#define FXK_GATHER 3
+
+/* status codes (fxk_job.status and fxk_run's return value) */
+#define FXK_OK 0
+#define FXK_EBADID 1
+#define FXK_EOFFSETS 2
+#define FXK_EARG 3
+#define FXK_ENOMEM 4
+
+typedef struct {
+    /* the table */
+    const void *rows;
+    int64_t row_offset;      /* bytes from rows to the data of row 0 */
+    int64_t row_stride;      /* bytes between consecutive rows (may be negative) */
+    int64_t num_rows;
+    int64_t dim;             /* elements per row */
+    int32_t dtype;           /* FXK_F16 .. FXK_U8 */
+    int32_t mode;            /* FXK_SUM, FXK_MEAN, FXK_MAX or FXK_GATHER */
+    /* ids and bags */
+    const void *ids;
+    int32_t id_bytes;        /* 4 (int32 ids) or 8 (int64 ids) */
+    int32_t _pad;
+    int64_t n_ids;
+    const int64_t *offsets;  /* [num_bags + 1]; unused for FXK_GATHER */
+    int64_t num_bags;        /* unused for FXK_GATHER (one output row per id) */
+    const float *weights;    /* NULL or [n_ids] (sum and mean only) */
+    double fill;             /* value of every element of an empty bag */
+    /* output */
+    void *out;
+    int64_t out_stride;      /* bytes between consecutive output rows */
+    /* results */
+    int32_t status;          /* FXK_OK or an error code */
+    int32_t _pad2;
+    int64_t bad_pos;         /* FXK_EBADID: position of the first bad id; else -1 */
+} fxk_job;
+
+/* Run n_jobs jobs with up to `threads` threads (the caller's included).
+ * Small calls run on the caller's thread only.  Returns FXK_OK when every
+ * job succeeded, else the status of the first failing job. */
+int fxk_run(fxk_job *jobs, int64_t n_jobs, int threads);
+
+/* Worker threads currently alive in the pool (0 before the first parallel call). */
+int fxk_pool_size(void);
+
+/* Work (in element operations: ids x dim) below which a call runs inline. */
+int64_t fxk_inline_work(void);
+void fxk_set_inline_work(int64_t work);
+
+/* Code path of the pooling loops: "avx2" (x86-64 with AVX2, FMA and F16C)
+ * or "baseline" (portable), chosen from the CPU at the first call. */
+const char *fxk_isa(void);
+
+/* Use code path `name` from now on (process-wide); 0, or -1 when this build
+ * or CPU does not have it. */
+int fxk_use_isa(const char *name);
