@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from ..apps.cli import Command
 from ..apps.cli import main as flexemr_main
 from ..apps.cli_support import ArgumentParser
-from . import _compare, _kernel, _locality, _lookup, _soak
+from . import _compare, _kernel, _locality, _lookup, _skew, _soak
 
 __all__ = ["CLI_COMMANDS", "COMMANDS", "BenchCommand", "main"]
 
@@ -40,6 +40,7 @@ COMMANDS: dict[str, BenchCommand] = {
     "compare": BenchCommand(_compare.HELP, _compare.configure, _compare.main),
     "soak": BenchCommand(_soak.HELP, _soak.configure, _soak.main),
     "kernel": BenchCommand(_kernel.HELP, _kernel.configure, _kernel.main),
+    "skew": BenchCommand(_skew.HELP, _skew.configure, _skew.main),
 }
 
 
