@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from ..apps.cli import Command
 from ..apps.cli import main as flexemr_main
 from ..apps.cli_support import ArgumentParser
-from . import _compare, _kernel, _locality, _lookup, _skew, _soak
+from . import _compare, _kernel, _locality, _lookup, _priority, _skew, _soak
 
 __all__ = ["CLI_COMMANDS", "COMMANDS", "BenchCommand", "main"]
 
@@ -41,6 +41,7 @@ COMMANDS: dict[str, BenchCommand] = {
     "soak": BenchCommand(_soak.HELP, _soak.configure, _soak.main),
     "kernel": BenchCommand(_kernel.HELP, _kernel.configure, _kernel.main),
     "skew": BenchCommand(_skew.HELP, _skew.configure, _skew.main),
+    "priority": BenchCommand(_priority.HELP, _priority.configure, _priority.main),
 }
 
 

@@ -84,9 +84,10 @@ class Recorder:
 
 
 async def closed_loop(step: Callable[[int], Awaitable[int]], *, workers: int, seconds: float,
-                      warmup: float) -> Recorder:
+                      warmup: float, think: float = 0.0) -> Recorder:
     """``workers`` tasks each calling ``step(worker)`` back to back (it returns the samples it served):
-    ``warmup`` seconds untimed, then ``seconds`` timed (every call's latency recorded)."""
+    ``warmup`` seconds untimed, then ``seconds`` timed (every call's latency recorded); ``think``: seconds
+    each task pauses after a call (not part of its latency)."""
     rec = Recorder()
     timing = False
     deadline = time.monotonic() + warmup + seconds
@@ -98,6 +99,8 @@ async def closed_loop(step: Callable[[int], Awaitable[int]], *, workers: int, se
             if timing:
                 rec.latencies.append(time.perf_counter() - t0)
                 rec.samples += n
+            if think:
+                await asyncio.sleep(think)
 
     tasks = [asyncio.ensure_future(worker(i)) for i in range(workers)]
     try:
