@@ -183,3 +183,55 @@ async def test_traffic_migrates_off_a_stalled_server_and_nothing_in_flight_fails
         assert (await asyncio.wait_for(first, 20) == model[:64]).all()
         assert client.metrics.replica_moves >= 1 and client.metrics.errors == 0
         assert client.reliability.peer_failures == 0 and client.healthy()
+
+
+async def test_versioned_reads_under_migration_are_never_torn_nor_older_than_an_acknowledged_update() -> None:
+    """A writer updates hot rows over and over while readers (load-aware, reads cut over both replicas,
+    a row cache) have their replica choice pushed back and forth: every row read is whole (all columns
+    of one update) and never older than the last update acknowledged before the lookup began."""
+    specs = [TableSpec("emb", 2000, 8)]
+    async with LocalCluster(specs, servers=2, seed=6, replicas=2, versioned=True, in_process=True,
+                            transport="tcp") as cluster:
+        writer = await cluster.client()
+        readers = [await cluster.client(split_bytes=512, cache_bytes=32 << 10) for _ in range(2)]
+        hot = np.arange(0, 2000, 9)                       # rows of both shards
+        initial = cluster.model()["emb"]
+        acked = 0                                         # the last acknowledged generation
+        stop = asyncio.Event()
+        reads = 0
+
+        async def write() -> None:
+            nonlocal acked
+            for g in range(1, 41):
+                await writer.update("emb", hot, np.full((hot.size, 8), float(g), dtype=np.float32))
+                acked = g
+                await asyncio.sleep(0)
+            stop.set()
+
+        async def read(k: int) -> None:
+            nonlocal reads
+            client = readers[k % 2]
+            tracker = client._lanes.tracker
+            rng = np.random.default_rng(k)
+            while not stop.is_set():
+                slow = ("s0", "s1")[int(rng.integers(2))]    # push the choice towards the other replica
+                tracker.observe(slow, work=1 << 16, ahead=0, seconds=float(rng.uniform(0.001, 0.05)))
+                floor = acked
+                ids = np.concatenate([hot[rng.permutation(hot.size)[:40]], rng.integers(0, 2000, 20)])
+                rows = await asyncio.wait_for(client.lookup("emb", ids), 20)
+                is_hot = np.isin(ids, hot)
+                assert (rows[~is_hot] == initial[ids[~is_hot]]).all()
+                h, original = rows[is_hot], (rows[is_hot] == initial[ids[is_hot]]).all(axis=1)
+                whole = (h == h[:, :1]).all(axis=1) & (h[:, 0] >= 1)
+                assert (original | whole).all(), "torn row"
+                assert not (original & (floor > 0)).any() and (h[whole, 0] >= floor).all(), \
+                    f"read older than the acknowledged update {floor}"
+                reads += 1
+
+        await asyncio.wait_for(asyncio.gather(write(), *(read(k) for k in range(4))), 90)
+        final = await readers[0].lookup("emb", hot)
+        assert (final == 40.0).all()
+        moves = sum(r.metrics.replica_moves for r in readers)
+        assert reads >= 20 and moves >= 5 and sum(r.metrics.split_reads for r in readers) >= 1
+        assert sum(r.metrics.off_primary_reads for r in readers) >= 1
+        assert all(r.metrics.errors == 0 and r.reliability.stale_replica_reads == 0 for r in readers)
