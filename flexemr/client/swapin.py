@@ -148,6 +148,34 @@ class SwapIn:
             take = {t: per_table[t][:k] for t, k in counts.items()}
         return {t: np.unique(v) for t, v in take.items()}
 
+    def _admit(self, wanted: dict[str, IntArray]) -> dict[str, IntArray]:
+        """Predicted rows worth their slots: all while the cache has free slots, then only those seen
+        more often (sketch) than the cached rows they would evict (TinyLFU-style admission), so a
+        prediction never pushes out rows more likely to be used than itself."""
+        rows = self.cache.rows
+        pred = [(t, ids, self.hot.estimate(t, ids)) for t, ids in wanted.items() if ids.size]
+        n = sum(int(ids.size) for _, ids, _ in pred)
+        free = rows.capacity - len(rows)
+        if n <= free or not pred:
+            return wanted
+        est = np.concatenate([e for _, _, e in pred]).astype(np.float64)
+        order = np.argsort(-est, kind="stable")
+        victims = rows.coldest(n - free)
+        vest = np.sort(np.concatenate([self.hot.estimate(t, v) for t, v in victims.items()] or
+                                      [np.zeros(0)]).astype(np.float64))
+        better = est[order][free:free + vest.size] > vest[: n - free]
+        k = free + (int(better.size) if better.all() else int(np.argmin(better)))
+        keep = np.zeros(n, dtype=bool)
+        keep[order[:k]] = True
+        out: dict[str, IntArray] = {}
+        pos = 0
+        for t, ids, _ in pred:
+            sel = ids[keep[pos:pos + ids.size]]
+            pos += ids.size
+            if sel.size:
+                out[t] = sel
+        return out
+
     async def _swap_in(self) -> None:
         try:
             while self._budget > 0 and not self.closed:
@@ -173,8 +201,8 @@ class SwapIn:
                 for b in batches:
                     for t in set(b.rows) | set(b.needs):
                         reading.setdefault(t, []).extend([*b.needs.get(t, []), b.rows.get(t, np.zeros(0, np.int64))])
-            wanted = self._pick(self.predict_rows, predict=True,
-                                reading={t: np.concatenate(v) for t, v in reading.items() if v})
+            wanted = self._admit(self._pick(self.predict_rows, predict=True,
+                                            reading={t: np.concatenate(v) for t, v in reading.items() if v}))
             got = await self._read(wanted)
             self.metrics.predicted_rows += got
         except (FlexEMRError, OSError) as exc:

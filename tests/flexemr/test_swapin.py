@@ -193,3 +193,29 @@ async def test_predictive_prefetch_reads_what_the_next_batches_need() -> None:
     with pytest.raises(ConfigError, match="predict_rows"):
         from flexemr import ClientOptions
         ClientOptions(predict_rows=10)
+
+
+async def test_predictions_never_push_out_rows_seen_more_often() -> None:
+    """Admission of predicted rows: all of them while the cache has free slots; once it is full, only
+    rows the sketch saw more often than the cached rows they would evict."""
+    specs = [TableSpec("user", 4000, 16)]
+    async with LocalCluster(specs, servers=1, seed=1, in_process=True, transport="tcp") as cluster:
+        client = await cluster.client(cache_bytes=100 * ROW, predict_rows=50)
+        swap, cache = client._swap, client.cache
+        assert swap is not None and cache is not None
+        cold, warm = np.arange(1000, 1050), np.arange(2000, 2050)
+        assert swap._admit({"user": cold})["user"].tolist() == cold.tolist()     # empty cache: free slots
+        for _ in range(4):                                                        # 100 rows seen 4 times
+            await client.lookup("user", np.arange(100))
+        if swap.predicting is not None:
+            await asyncio.wait_for(swap.predicting, 10)
+        assert len(cache) == 100 and cache.contains("user", np.arange(100)).all()
+        swap.hot.observe("user", cold)                                            # cold rows: seen once
+        for _ in range(6):                                                        # warm rows: seen 6 times
+            swap.hot.observe("user", warm)
+        assert swap._admit({"user": cold}) == {}
+        assert swap._admit({"user": warm})["user"].tolist() == warm.tolist()
+        got = swap._admit({"user": np.concatenate([cold[:10], warm[:10]])})
+        assert got["user"].tolist() == warm[:10].tolist()
+        coldest = cache.coldest(10)
+        assert set(coldest) == {"user"} and coldest["user"].size == 10
