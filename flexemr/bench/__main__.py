@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from ..apps.cli import Command
 from ..apps.cli import main as flexemr_main
 from ..apps.cli_support import ArgumentParser
-from . import _compare, _kernel, _locality, _lookup, _priority, _skew, _soak, _swapin
+from . import _compare, _kernel, _locality, _lookup, _predict, _priority, _skew, _soak, _swapin
 
 __all__ = ["CLI_COMMANDS", "COMMANDS", "BenchCommand", "main"]
 
@@ -43,6 +43,7 @@ COMMANDS: dict[str, BenchCommand] = {
     "skew": BenchCommand(_skew.HELP, _skew.configure, _skew.main),
     "priority": BenchCommand(_priority.HELP, _priority.configure, _priority.main),
     "swapin": BenchCommand(_swapin.HELP, _swapin.configure, _swapin.main),
+    "predict": BenchCommand(_predict.HELP, _predict.configure, _predict.main),
 }
 
 
