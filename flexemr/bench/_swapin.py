@@ -117,7 +117,7 @@ def batches_to_steady(rates: npt.NDArray[np.float64], target: float, smooth: int
     return (int(hit[0]) + 1, True) if hit.size else (int(rates.size), False)
 
 
-def _zipf_ids(rng: np.random.Generator, n: int, p: npt.NDArray[np.float64],
+def _zipf_ids(rng: np.random.Generator, n: int, p: npt.NDArray[np.floating[Any]],
               perm: npt.NDArray[np.int64]) -> npt.NDArray[np.int64]:
     return perm[rng.choice(p.size, n, p=p)]
 

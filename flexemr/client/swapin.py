@@ -162,7 +162,7 @@ class SwapIn:
         order = np.argsort(-est, kind="stable")
         victims = rows.coldest(n - free)
         vest = np.sort(np.concatenate([self.hot.estimate(t, v) for t, v in victims.items()] or
-                                      [np.zeros(0)]).astype(np.float64))
+                                      [np.zeros(0, dtype=np.int64)]).astype(np.float64))
         better = est[order][free:free + vest.size] > vest[: n - free]
         k = free + (int(better.size) if better.all() else int(np.argmin(better)))
         keep = np.zeros(n, dtype=bool)
