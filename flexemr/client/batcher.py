@@ -268,6 +268,9 @@ class Batcher:
         self.peers = peers
         self.coherence = coherence
         self.cache = cache
+        #: [swapin] background reads (swap-in, predictions): not the ranker's load, so they neither feed
+        #: nor reset the adaptive cache capacity (else a swap-in after a grow would shrink the cache again)
+        self.background = False
         self.window_us = options.coalesce_window_us
         self.max_batch_rows = options.max_batch_rows
         self.max_reads = options.max_reads_per_request
@@ -497,7 +500,7 @@ class Batcher:
         if b is None:
             return
         self.pending = None
-        if self.cache is not None:
+        if self.cache is not None and not self.background:
             self.cache.idle_check()
         b.epoch = self.coherence.epoch
         shared = 0
@@ -573,7 +576,7 @@ class Batcher:
             if b.gens:
                 self.coherence.observe(b.gens)
             m.batch_latency.observe(time.perf_counter() - t0)
-            if self.cache is not None:
+            if self.cache is not None and not self.background:
                 self.cache.batch_done(b.rows)
         except asyncio.CancelledError:
             b.error = ClosedError("client closed while the lookup was in flight")

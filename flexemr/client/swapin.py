@@ -65,6 +65,7 @@ class SwapIn:
         self.metrics = metrics
         self.cache = cache
         self.batcher = batcher
+        batcher.background = True  # its reads are not the ranker's load (adaptive capacity)
         self.chunk = options.swapin_chunk_rows
         self.predict_rows = options.predict_rows
         self.enabled = options.swapin and cache.adaptive is not None
