@@ -21,6 +21,13 @@ replica with the smallest prediction; when they are larger than
 finishes at the same predicted time (water filling), which spreads one hot
 shard over all its replicas.
 
+A request still outstanding is evidence too: a server whose oldest
+outstanding request has waited ``age`` seconds behind ``units`` of work
+serves at most ``units / age`` per second, so its seconds per unit are taken
+as at least ``age / units``.  A server that stops answering (stalled, its
+link saturated) thus loses traffic while nothing completes on it, not only
+once its requests complete late.
+
 A server not used for a while keeps an old estimate: the estimate decays,
 with half-life ``half_life`` seconds, towards the best estimate of any
 server, so it is tried again (and measured anew) once it may have recovered.
@@ -54,7 +61,8 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from itertools import count
 
 __all__ = ["READ_COST", "REQUEST_COST", "LoadTracker", "ServerLoad", "work_of"]
 
@@ -86,6 +94,8 @@ class ServerLoad:
     updated: float = -math.inf  #: clock of the last measurement
     requests: int = 0           #: requests completed
     work: int = 0               #: work units completed
+    #: outstanding requests, oldest first: token -> (start clock, work ahead + own work)
+    inflight: dict[int, tuple[float, int]] = field(default_factory=dict)
 
 
 class LoadTracker:
@@ -106,6 +116,7 @@ class LoadTracker:
         self.half_life = float(half_life)
         self.clock = clock
         self.servers: dict[str, ServerLoad] = {}
+        self._tokens = count()
 
     def _get(self, server: str) -> ServerLoad:
         s = self.servers.get(server)
@@ -115,21 +126,24 @@ class LoadTracker:
 
     # ------------------------------------------------------------ accounting
 
-    def begin(self, server: str, work: int) -> tuple[float, int]:
-        """A request of ``work`` units is sent to ``server``: ``(start clock, work ahead of it)``."""
+    def begin(self, server: str, work: int) -> tuple[float, int, int]:
+        """A request of ``work`` units is sent to ``server``: ``(start clock, work ahead of it, token)``."""
         s = self._get(server)
         ahead = s.outstanding
         s.outstanding += int(work)
         s.outstanding_requests += 1
-        return self.clock(), ahead
+        t0, token = self.clock(), next(self._tokens)
+        s.inflight[token] = (t0, ahead + int(work))
+        return t0, ahead, token
 
-    def end(self, server: str, work: int, started: tuple[float, int], ok: bool = True) -> None:
+    def end(self, server: str, work: int, started: tuple[float, int, int], ok: bool = True) -> None:
         """The request :meth:`begin` returned ``started`` for completed (``ok``) or failed."""
         s = self._get(server)
         s.outstanding = max(0, s.outstanding - int(work))
         s.outstanding_requests = max(0, s.outstanding_requests - 1)
+        t0, ahead, token = started
+        s.inflight.pop(token, None)
         if ok:
-            t0, ahead = started
             self.observe(server, work, ahead, self.clock() - t0)
 
     def observe(self, server: str, work: int, ahead: int, seconds: float) -> None:
@@ -153,12 +167,16 @@ class LoadTracker:
         return min(known) if known else _PRIOR_SPU
 
     def _decayed(self, s: ServerLoad, best: float | None = None) -> float:
-        if s.requests == 0:
-            return self._best() if best is None else best
         ref = self._best() if best is None else best
-        age = max(self.clock() - s.updated, 0.0)
-        keep = 0.5 ** (age / self.half_life)
-        return ref + (s.spu - ref) * keep
+        if s.requests == 0:
+            est = ref
+        else:
+            age = max(self.clock() - s.updated, 0.0)
+            est = ref + (s.spu - ref) * 0.5 ** (age / self.half_life)
+        if s.inflight:  # the oldest outstanding request bounds the rate from below (module docstring)
+            t0, units = next(iter(s.inflight.values()))
+            est = max(est, (self.clock() - t0) / max(units, 1))
+        return est
 
     def spu(self, server: str) -> float:
         """Seconds per work unit now assumed for ``server`` (decayed towards the best server's)."""

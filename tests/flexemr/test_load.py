@@ -73,6 +73,22 @@ def test_an_old_estimate_decays_to_the_best_server() -> None:
     assert t.choose(["b", "a"], 10) == "b"
 
 
+def test_a_stalled_server_loses_traffic_while_nothing_completes_on_it() -> None:
+    clock = Clock()
+    t = LoadTracker(clock=clock)
+    t.observe("a", work=1000, ahead=0, seconds=0.0001)    # a measured 10x faster than b
+    t.observe("b", work=1000, ahead=0, seconds=0.001)
+    started = t.begin("a", 1000)
+    assert t.choose(["a", "b"], 1000) == "a"              # (1000 + 1000) x 0.1 us < 1000 x 1 us
+    clock.t = 0.01                                        # a's request has waited 10 ms for 1000 units
+    assert t.spu("a") == pytest.approx(1e-5)              # at least 10 us / unit: it serves no faster
+    assert t.choose(["a", "b"], 1000) == "b"
+    clock.t = 0.011
+    t.end("a", 1000, started)                             # it answered at last: the bound goes away
+    assert t.servers["a"].inflight == {}
+    assert t.spu("a") < t.spu("b") * 10
+
+
 def test_split_equalises_predicted_completion() -> None:
     t = LoadTracker(clock=Clock())
     t.observe("a", work=1000, ahead=0, seconds=0.001)     # 1 us / unit
