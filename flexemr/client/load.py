@@ -23,10 +23,11 @@ shard over all its replicas.
 
 A request still outstanding is evidence too: a server whose oldest
 outstanding request has waited ``age`` seconds behind ``units`` of work
-serves at most ``units / age`` per second, so its seconds per unit are taken
-as at least ``age / units``.  A server that stops answering (stalled, its
-link saturated) thus loses traffic while nothing completes on it, not only
-once its requests complete late.
+serves at most ``units / age`` per second.  Once that bound exceeds
+``STALL_FACTOR`` (4) times the estimate -- the request is late by far, not
+by the usual jitter -- the bound is the estimate.  A server that stops
+answering (stalled, its link cut) thus loses traffic while nothing
+completes on it, not only once its requests complete late.
 
 A server not used for a while keeps an old estimate: the estimate decays,
 with half-life ``half_life`` seconds, towards the best estimate of any
@@ -64,12 +65,14 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from itertools import count
 
-__all__ = ["READ_COST", "REQUEST_COST", "LoadTracker", "ServerLoad", "work_of"]
+__all__ = ["READ_COST", "REQUEST_COST", "STALL_FACTOR", "LoadTracker", "ServerLoad", "work_of"]
 
 #: Work units (bytes) one read entry costs beyond its payload.
 READ_COST = 64
 #: Work units (bytes) one request costs beyond its reads.
 REQUEST_COST = 2048
+#: An outstanding request counts as evidence of a stall once it has waited this many times its prediction.
+STALL_FACTOR = 4.0
 #: Prior seconds per unit of a server never measured (and no other server measured): ~1 GB/s.
 _PRIOR_SPU = 1e-9
 
@@ -173,9 +176,11 @@ class LoadTracker:
         else:
             age = max(self.clock() - s.updated, 0.0)
             est = ref + (s.spu - ref) * 0.5 ** (age / self.half_life)
-        if s.inflight:  # the oldest outstanding request bounds the rate from below (module docstring)
+        if s.inflight:  # the oldest outstanding request, late by far, bounds the rate (module docstring)
             t0, units = next(iter(s.inflight.values()))
-            est = max(est, (self.clock() - t0) / max(units, 1))
+            bound = (self.clock() - t0) / max(units, 1)
+            if bound > STALL_FACTOR * est:
+                est = bound
         return est
 
     def spu(self, server: str) -> float:
