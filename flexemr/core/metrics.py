@@ -172,6 +172,15 @@ class LocalityMetrics(ClientMetrics):
         pool_fallbacks       pooling requests that failed (channel broken or refused, bad response) and
                              were served by raw reads pooled on the ranker instead
         prefetched_batches   batches fetched through client.prefetch()
+        replica_moves        times the replicas serving a shard's reads changed from one batch to the next
+                             (load-aware reads moving traffic; flexemr.client.load)
+        off_primary_reads    shard reads of a batch that did not use the shard's primary
+        split_reads          shard reads of a batch cut over several replicas
+        priority_lookups     lookups sent in the priority lane (flexemr.client.lanes)
+        priority_demoted     priority=True lookups larger than priority_max_rows, sent as bulk
+        swapin_rows          rows read into the cache in the background after it grew (flexemr.client.swapin)
+        swapin_rounds        background swap-in reads
+        predicted_rows       rows read ahead into the cache because the predictor expects them
 
     ``network_bytes`` = ``bytes_read + pool_bytes_sent + pool_bytes_received``.
 
@@ -199,13 +208,22 @@ class LocalityMetrics(ClientMetrics):
     pool_bytes_received: int = 0
     pool_fallbacks: int = 0
     prefetched_batches: int = 0
+    replica_moves: int = 0
+    off_primary_reads: int = 0
+    split_reads: int = 0
+    priority_lookups: int = 0
+    priority_demoted: int = 0
+    swapin_rows: int = 0
+    swapin_rounds: int = 0
+    predicted_rows: int = 0
 
     _COUNTERS: ClassVar[tuple[str, ...]] = ClientMetrics._COUNTERS + (
         "cache_hits", "cache_misses", "cache_inserts", "cache_evictions", "cache_invalidations", "cache_stale_hits",
         "cache_resizes",
         "cache_capacity", "pooled_lookups", "pooled_subrequests", "raw_subrequests", "pooled_bags", "pooled_rows",
         "local_pooled_rows", "pool_bytes_sent", "pool_bytes_received", "pool_fallbacks",
-        "prefetched_batches")
+        "prefetched_batches", "replica_moves", "off_primary_reads", "split_reads", "priority_lookups",
+        "priority_demoted", "swapin_rows", "swapin_rounds", "predicted_rows")
 
     @property
     def network_bytes(self) -> int:
