@@ -359,6 +359,56 @@ def test_the_ray_page_runs_as_written(ray_cluster: Any, deployment: RayCluster, 
     print(f"docs/ray.md: {len(commands)} commands ran as written", flush=True)
 
 
+def test_autoscaled_rankers_get_serves_autoscaling_config() -> None:
+    """--max-replicas: the Serve deployment autoscales between the bounds (checked without a cluster)."""
+    reason = ray_missing()
+    if reason is not None:
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"Ray is required in CI: {reason}")
+        pytest.skip(reason)
+    from flexemr.ray import ranker_deployment
+
+    app = ranker_deployment("a", RankerOptions(replicas=None, min_replicas=1, max_replicas=3, max_batch_size=16))
+    cfg = app._bound_deployment._deployment_config
+    auto = cfg.autoscaling_config
+    assert (auto.min_replicas, auto.max_replicas, auto.target_ongoing_requests) == (1, 3, 4.0)
+    fixed = ranker_deployment("b", RankerOptions(replicas=3))._bound_deployment._deployment_config
+    assert fixed.num_replicas == 3 and fixed.autoscaling_config is None
+
+
+def test_draining_a_replicated_server_actor_fails_no_http_request(deployment: RayCluster) -> None:
+    """RayCluster.drain: the server leaves for good; the rankers move its reads to the other replicas."""
+    url = deployment.url
+    assert url is not None
+    batches = generate_trace(SPECS, 4, 32, 3.0, seed=6)
+    bodies = [encode_request(b.dense, b.sparse) for b in batches]
+    stop = threading.Event()
+    results: list[int] = []
+
+    def load() -> None:
+        i = 0
+        while not stop.is_set():
+            results.append(_post(url, bodies[i % len(bodies)])[0])
+            i += 1
+
+    loader = threading.Thread(target=load, daemon=True)
+    loader.start()
+    try:
+        time.sleep(1.0)
+        before = len(results)
+        took = deployment.drain("s2", timeout=5.0)
+        assert 0 <= took <= 5.0 + 1.0
+        assert deployment.servers()["s2"]["state"] == "closed"
+        deadline = time.monotonic() + 60
+        while len(results) < before + 10 and time.monotonic() < deadline:
+            time.sleep(0.2)
+    finally:
+        stop.set()
+        loader.join(60)
+    assert len(results) >= before + 10 and set(results) == {200}, f"{results.count(200)} of {len(results)} were 200"
+    print(f"s2 drained in {took:.2f} s; {len(results)} HTTP requests, all 200", flush=True)
+
+
 def test_down_removes_everything(ray_cluster: Any, deployment: RayCluster) -> None:
     import ray
     from ray import serve
