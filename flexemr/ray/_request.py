@@ -190,6 +190,8 @@ def parse_request(body: bytes | str | Mapping[str, Any], model: RankModel, plan:
             obj = json.loads(body)
         except (ValueError, UnicodeDecodeError) as exc:
             raise InputError(f"the request is not JSON: {exc}") from None
+        except RecursionError:
+            raise InputError("the request is not JSON this ranker reads: nested too deeply") from None
     else:
         obj = body
     if not isinstance(obj, Mapping) or set(obj) != {"dense", "sparse"}:
@@ -207,7 +209,10 @@ def parse_request(body: bytes | str | Mapping[str, Any], model: RankModel, plan:
                              f"{len(row) if isinstance(row, list) else type(row).__name__}")
         if not all(type(v) in (int, float) for v in row):
             raise InputError(f"dense[{i}] must hold numbers, got {next(v for v in row if type(v) not in (int, float))!r}")
-    wide = np.asarray(raw_dense, dtype=np.float64)
+    try:
+        wide = np.asarray(raw_dense, dtype=np.float64)
+    except OverflowError:
+        raise InputError("dense features must be finite float32 numbers") from None
     if not (np.isfinite(wide).all() and np.abs(wide).max() <= np.finfo(np.float32).max):
         raise InputError("dense features must be finite float32 numbers")
     dense = wide.astype(np.float32)

@@ -66,6 +66,8 @@ def test_a_request_parses_in_both_forms_and_round_trips() -> None:
     (json.dumps(_request(dense=[[1, 2, "x"], [3, 4, 5]])), r"dense\[0\] must hold numbers"),
     (json.dumps(_request(dense=[[1, 2, True], [3, 4, 5]])), r"dense\[0\] must hold numbers"),
     (json.dumps(_request(dense=[[1, 2, 1e300], [3, 4, 5]])), "finite"),
+    (json.dumps(_request(dense=[[1, 2, 10**400], [3, 4, 5]])), "finite"),
+    ("[" * 100_000 + "]" * 100_000, "nested too deeply"),
     (json.dumps(_request(sparse=[1])), "'sparse' must be an object"),
     (json.dumps(_request(sparse={"a": [[1], []]})), r"missing \['b'\]"),
     (json.dumps(_request(sparse={"a": [[1], []], "b": [[1], []], "c": [[], []]})), r"unknown \['c'\]"),
