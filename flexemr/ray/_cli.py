@@ -198,8 +198,9 @@ def _down(args: argparse.Namespace) -> int:
 def _rank(args: argparse.Namespace) -> int:
     from ..apps.dlrm import DLRM, ReferenceTables
     from ..apps.trace import generate_trace
-    from ._http import check_result, rank_over_http
+    from ._http import check_result, rank_over_http, split_url
 
+    split_url(args.url)  # a bad URL is refused before any work
     check_range("--generate", args.generate, 1)
     check_range("--batch-size", args.batch_size, 1)
     check_range("--concurrency", args.concurrency, 1, 256)

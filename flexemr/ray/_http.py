@@ -25,7 +25,7 @@ from ..apps.trace import TraceBatch
 from ..core.errors import ConfigError, FlexEMRError
 from ._request import encode_request
 
-__all__ = ["HttpRankResult", "rank_over_http"]
+__all__ = ["HttpRankResult", "check_result", "rank_over_http", "split_url"]
 
 
 @dataclass
@@ -48,7 +48,8 @@ class HttpRankResult:
         return asdict(self)
 
 
-def _split(url: str) -> tuple[str, int, str]:
+def split_url(url: str) -> tuple[str, int, str]:
+    """``(host, port, path)`` of an ``http://`` URL (:class:`~flexemr.ConfigError` otherwise)."""
     u = urllib.parse.urlsplit(url)
     if u.scheme != "http" or not u.hostname:
         raise ConfigError(f"--url must be http://HOST:PORT/PATH, got {url!r}")
@@ -73,7 +74,7 @@ def rank_over_http(url: str, batches: Sequence[TraceBatch], *, concurrency: int 
     """Rank ``batches`` (the first ``warmup`` untimed) over HTTP; every batch goes out once."""
     if concurrency < 1:
         raise ConfigError(f"concurrency must be >= 1, got {concurrency}")
-    host, port, path = _split(url)
+    host, port, path = split_url(url)
     bodies = [encode_request(b.dense, b.sparse) for b in batches]
     result = HttpRankResult(concurrency=concurrency)
     errs: list[float] = []
