@@ -97,6 +97,14 @@ class ServerActor:
         return took
 
 
+class _DetachedInGroupFilter(logging.Filter):
+    """Drops Ray's warning that a restartable detached actor in a placement group dies with the group:
+    the server actors are meant to (the group is removed by :func:`down` only)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "restartable detached actor with a placement group" not in record.getMessage()
+
+
 def _init(address: str | None) -> Any:
     ray = _ray()
     if not ray.is_initialized():
@@ -286,15 +294,20 @@ def up(config: ClusterConfig | str | os.PathLike[str], *, name: str = "flexemr",
         server_opts = {"seed": seed, "npy": {**files, **(npy or {})}, "transport": transport, "workers": workers,
                        "ports": ports, "metrics": metrics}
         actor_cls = ray.remote(ServerActor)
+        quiet = _DetachedInGroupFilter()
+        logging.getLogger("ray.actor").addFilter(quiet)
         extra = {k: v for k, v in res.items() if k not in ("CPU", "GPU", "memory")}
         actors = []
-        for i, s in enumerate(servers):
-            actors.append(actor_cls.options(
-                name=server_actor_name(name, s), namespace=NAMESPACE, lifetime="detached",
-                max_restarts=max_restarts, max_concurrency=4, num_cpus=res.get("CPU", 0),
-                resources=extra or None, memory=res.get("memory"),
-                scheduling_strategy=PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=i),
-            ).remote(name, s, server_opts))
+        try:
+            for i, s in enumerate(servers):
+                actors.append(actor_cls.options(
+                    name=server_actor_name(name, s), namespace=NAMESPACE, lifetime="detached",
+                    max_restarts=max_restarts, max_concurrency=4, num_cpus=res.get("CPU", 0),
+                    resources=extra or None, memory=res.get("memory"),
+                    scheduling_strategy=PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=i),
+                ).remote(name, s, server_opts))
+        finally:
+            logging.getLogger("ray.actor").removeFilter(quiet)
         try:
             ray.get([a.status.remote() for a in actors], timeout=timeout)
         except ray.exceptions.RayActorError as exc:

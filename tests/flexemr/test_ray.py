@@ -308,6 +308,7 @@ def test_the_cli_drives_a_deployment(ray_cluster: Any, deployment: RayCluster, t
             "--seed", "2", "--ranker-cpus", "0.25", "--write-config", str(written))
     assert r.returncode == 0, r.stderr[-3000:]
     assert "flexemr ray: cli is up: 2 servers on 2 Ray nodes" in r.stdout, r.stdout
+    assert "restartable detached actor" not in r.stderr  # Ray's warning about what down() relies on
     url = next(line.split("rankers at ")[1] for line in r.stdout.splitlines() if "rankers at " in line)
     assert url.endswith("/cli") and url.startswith("http://127.0.0.1:")  # Serve's port: the first deployment's
     assert ClusterConfig.from_toml(written).plan == plan
