@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import time
 from collections.abc import Mapping
 from typing import Any
@@ -311,7 +312,7 @@ def up(config: ClusterConfig | str | os.PathLike[str], *, name: str = "flexemr",
         try:
             ray.get([a.status.remote() for a in actors], timeout=timeout)
         except ray.exceptions.RayActorError as exc:
-            raise ConfigError(f"an embedding server could not start: {exc}") from None
+            raise ConfigError(f"an embedding server could not start: {_reason(exc)}") from None
         except ray.exceptions.GetTimeoutError:
             raise ConfigError(f"the embedding servers were not ready within {timeout:.0f} s") from None
         ray.get(reg.set_extra.remote("placement_group", pg), timeout=60)
@@ -329,6 +330,16 @@ def up(config: ClusterConfig | str | os.PathLike[str], *, name: str = "flexemr",
         _teardown(ray, name, reg, pg, drain_timeout=0.0)
         raise
     return RayCluster(name)
+
+
+def _reason(exc: BaseException) -> str:
+    """The last line of a Ray actor error (the actor's own exception, ``Type: message``) without Ray's
+    traceback, colours and module paths."""
+    lines = [ln.strip() for ln in re.sub(r"\x1b\[[0-9;]*m", "", str(exc)).splitlines() if ln.strip()]
+    if not lines:
+        return type(exc).__name__
+    m = re.match(r"^(?:[\w]+\.)*(\w+: .*)$", lines[-1])
+    return m.group(1) if m else lines[-1]
 
 
 def _serve_http(host: str, port: int) -> tuple[str, int]:

@@ -34,7 +34,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 import rdmaio
-from flexemr import ClusterConfig, EmbeddingClient, ServerAddress, ShardingPlan
+from flexemr import ClosedError, ClusterConfig, ConfigError, EmbeddingClient, ServerAddress, ShardingPlan
 from flexemr.apps.dlrm import DLRM, ReferenceTables, criteo_specs
 from flexemr.apps.trace import generate_trace
 from flexemr.core.versioned import ctl_offset, region_bytes, row_data
@@ -289,6 +289,25 @@ def test_a_killed_server_actor_comes_back_in_service_with_nothing_lost(deploymen
         loop.call_soon_threadsafe(loop.stop)
         thread.join(10)
         loop.close()
+
+
+def test_a_server_that_cannot_start_fails_up_and_leaves_nothing(deployment: RayCluster) -> None:
+    """Its port is taken: up() raises ConfigError saying so, and removes what it created."""
+    from ray.util import placement_group_table
+
+    plan = ShardingPlan.row_wise(criteo_specs(scale=1e-3, dim=8), ["a", "b"])
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        cfg = ClusterConfig(plan, {"a": ServerAddress("127.0.0.1", port), "b": ServerAddress("127.0.0.1", port)})
+        in_use = r"could not start: ConfigError: cannot listen on 127.0.0.1:\d+: the port is in use"
+        with pytest.raises(ConfigError, match=in_use):
+            up(cfg, name="bad", transport="tcp", ranker=None, timeout=120)
+    with pytest.raises(ClosedError, match="no flexemr deployment 'bad'"):
+        RayCluster("bad")
+    assert all(pg["state"] == "REMOVED" for pg in placement_group_table().values() if pg["name"] == "bad/servers")
+    assert deployment.servers()["s0"]["state"] == "ready"  # the other deployment is untouched
 
 
 def test_the_cli_drives_a_deployment(ray_cluster: Any, deployment: RayCluster, tmp_path: Path) -> None:
