@@ -300,6 +300,12 @@ class Endpoint:
     def num_queue_pairs(self) -> int:
         return len(self._qps)
 
+    @property
+    def slot_waits(self) -> int:
+        """Operations that waited for a free slot on one of this endpoint's queue pairs (all slots --
+        the queue pair's send credits -- were taken by operations in flight); cumulative, read-only."""
+        return sum(qp.slot_waits for qp in self._qps)
+
     # -- control ----------------------------------------------------------------
     async def _send_ping(self) -> None:
         try:

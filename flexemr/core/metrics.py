@@ -77,6 +77,20 @@ class LatencyHistogram:
         idx = int(np.searchsorted(np.cumsum(self.counts), q * n, side="left"))
         return float(self.upper_bounds_us()[min(idx, NUM_BUCKETS - 1)])
 
+    def cumulative_buckets(self, last: int = 27) -> list[tuple[float, int]]:
+        """``[(upper bound in seconds, latencies below it)]`` for buckets ``0..last``, then
+        ``(inf, count)``: the shape of a Prometheus histogram (bucket ``last`` = 2**last us;
+        27: about 134 s).
+
+        >>> h = LatencyHistogram()
+        >>> h.observe(np.array([0.5e-6, 3e-6, 5.0]))
+        >>> h.cumulative_buckets(3)
+        [(1e-06, 1), (2e-06, 1), (4e-06, 2), (8e-06, 2), (inf, 3)]
+        """
+        cum = np.cumsum(self.counts[: last + 1]).tolist()
+        bounds = (self.upper_bounds_us()[: last + 1] * 1e-6).tolist()
+        return [*zip(bounds, (int(c) for c in cum)), (float("inf"), self.count)]
+
     def snapshot(self) -> dict[str, Any]:
         """Plain-dict view: non-empty buckets, count, mean and p50/p99 bounds (us)."""
         nz = np.flatnonzero(self.counts)
