@@ -71,6 +71,14 @@ COUNTERS: dict[str, tuple[str, str]] = {
     "pool_bytes_received": ("pool_received_bytes", "Bytes of pooling responses"),
     "pool_fallbacks": ("pool_fallbacks", "Pooling requests that failed and were served by reads instead"),
     "prefetched_batches": ("prefetched_batches", "Batches fetched through client.prefetch()"),
+    "replica_moves": ("replica_moves", "Changes of the replicas serving a shard's reads between batches"),
+    "off_primary_reads": ("off_primary_reads", "Shard reads of a batch that did not use the shard's primary"),
+    "split_reads": ("split_reads", "Shard reads of a batch cut over several replicas"),
+    "priority_lookups": ("priority_lookups", "Lookups sent on the priority lane"),
+    "priority_demoted": ("priority_demoted", "priority=True lookups larger than priority_max_rows, sent as bulk"),
+    "swapin_rows": ("swapin_rows", "Rows read into the cache in the background after it grew"),
+    "swapin_rounds": ("swapin_rounds", "Background swap-in reads"),
+    "predicted_rows": ("predicted_rows", "Rows read ahead into the cache because the predictor expects them"),
 }
 #: ``client.metrics`` fields that are gauges, not counters
 GAUGES: dict[str, tuple[str, str]] = {
