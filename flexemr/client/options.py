@@ -14,7 +14,7 @@ flexemr.core.errors.ConfigError: coalesce_window_us must be an int in [0, 10000]
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, fields, replace
 from types import MappingProxyType
 from typing import Any
@@ -116,6 +116,10 @@ class ClientOptions:
     update_lock_timeout:
         Versioned tables: how long :meth:`~flexemr.EmbeddingClient.update`
         waits for a shard lock.
+    resync_progress:
+        Called while a resync copies a shard to a replica that fell behind:
+        ``resync_progress(region, bytes copied, bytes to copy)`` (e.g. a
+        progress bar; ``flexemr rank`` shows one).  ``None``: not called.
 
     Examples
     --------
@@ -148,6 +152,7 @@ class ClientOptions:
     reconnect_cap: float = 2.0
     torn_timeout: float = 2.0
     update_lock_timeout: float = 10.0
+    resync_progress: Callable[[str, int, int], None] | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.transport, str):
@@ -187,6 +192,8 @@ class ClientOptions:
         object.__setattr__(self, "server_pooling", bool(self.server_pooling))
         if self.adaptive and not self.cache_bytes:
             raise ConfigError("adaptive=True needs cache_bytes > 0")
+        if self.resync_progress is not None and not callable(self.resync_progress):
+            raise ConfigError(f"resync_progress must be callable, got {type(self.resync_progress).__name__}")
 
     @classmethod
     def merged(cls, options: ClientOptions | None = None, **overrides: Any) -> ClientOptions:
