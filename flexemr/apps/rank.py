@@ -25,7 +25,11 @@ the current one in a worker thread.
 
 ``flexemr rank --config cluster.toml [--trace FILE | --criteo FILE | --generate N]``
 runs it against a cluster started with ``flexemr serve`` and prints the
-same table as ``flexemr demo``.
+same table as ``flexemr demo``; ``--criteo`` takes Criteo TSV (``.tsv``,
+``.txt``, compressed ``.gz`` ...) or Parquet (``.parquet``), read by
+:func:`flexemr.apps.criteo.read_criteo`.  Progress bars (``--progress``,
+:mod:`flexemr.apps.progress`): reading the input, ranking, and a resync's
+shard copies when a replica comes back during the run.
 """
 
 from __future__ import annotations
@@ -55,8 +59,10 @@ from ..core.errors import ConfigError, InputError
 from ..core.jagged import JaggedBatch, pool_bags
 from ..core.spec import TableSpec
 from .cli_support import blocking_section, check_range, run_interruptible
-from .criteo import read_criteo
+from .criteo import criteo_format, read_criteo, write_sample
 from .dlrm import DLRM, ReferenceTables, head_of
+from .progress import Bars, as_callback
+from .progress import add_option as add_progress_option
 from .trace import TraceBatch, generate_trace, read_trace
 
 __all__ = ["RankResult", "Ranker", "cache_counts", "configure", "configure_gen", "format_results", "main", "main_gen",
@@ -371,7 +377,7 @@ def format_results(rows: Sequence[Mapping[str, Any]], techniques: Sequence[str] 
 
 
 #: EmbeddingClient keywords that --client-option may not set (the command sets them itself).
-_RESERVED_OPTIONS = frozenset({"transport", "engine"})
+_RESERVED_OPTIONS = frozenset({"transport", "engine", "resync_progress"})
 
 
 def client_option_names() -> list[str]:
@@ -424,7 +430,9 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", required=True, help="cluster TOML file of running `flexemr serve` servers")
     src = p.add_mutually_exclusive_group()
     src.add_argument("--trace", help="replay a trace file (.npz, docs/trace-format.md)")
-    src.add_argument("--criteo", help="rank the samples of a Criteo-format TSV file (26 tables needed)")
+    src.add_argument("--criteo", metavar="FILE",
+                     help="rank the samples of a Criteo file: TSV (.tsv, .txt; compressed .gz, .bz2, .zst) or "
+                          "Parquet (.parquet); 26 tables needed")
     src.add_argument("--generate", type=int, metavar="N", help="rank N generated batches (default 10)")
     p.add_argument("--batch-size", type=int, default=512,
                    help="samples per batch for --generate/--criteo (default 512)")
@@ -443,6 +451,16 @@ def configure(p: argparse.ArgumentParser) -> None:
                    help="rdmaio transport: verbs when an RDMA device is up, else tcp (default auto)")
     p.add_argument("--seconds", type=float, help="stop timing after this many seconds (default: rank every batch)")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
+    add_progress_option(p)
+
+
+def _read_criteo(path: str, specs: Sequence[TableSpec], batch_size: int, bars: Bars) -> list[TraceBatch]:
+    """The samples of a Criteo file as batches of requests, with a bar over the file."""
+    parquet = criteo_format(path) == "parquet"
+    with bars.bar(desc=f"reading {os.path.basename(path)}", unit="row" if parquet else "B",
+                  unit_scale=True) as bar:
+        return [TraceBatch(r.dense_features(), r.jagged(specs), r.labels)
+                for r in read_criteo(path, batch_size=batch_size, progress=as_callback(bar))]
 
 
 def _batches(args: argparse.Namespace, config: ClusterConfig) -> tuple[list[TraceBatch], list[TableSpec]]:
@@ -459,9 +477,7 @@ def _batches(args: argparse.Namespace, config: ClusterConfig) -> tuple[list[Trac
         names = {s.name for s in specs}
         if names == {f"C{i}" for i in range(1, 27)}:
             specs = [config.plan.spec(f"C{i}") for i in range(1, 27)]
-        out = [TraceBatch(r.dense_features(), r.jagged(specs), r.labels)
-               for r in read_criteo(args.criteo, batch_size=args.batch_size)]
-        return out, specs
+        return _read_criteo(args.criteo, specs, args.batch_size, Bars.from_args(args)), specs
     n = args.generate if args.generate is not None else 10
     return generate_trace(specs, n + 1, args.batch_size, args.pooling, seed=args.seed), specs
 
@@ -475,16 +491,33 @@ async def _rank(args: argparse.Namespace) -> dict[str, Any]:
             raise InputError("no samples to rank (is the input file empty?)")
         model = DLRM(specs, seed=args.model_seed, dense_features=int(batches[0].dense.shape[1]))
         reference = ReferenceTables(specs, args.seed) if args.check_samples > 0 else None
+    bars = Bars.from_args(args)
+    copying: dict[str, Any] = {}            # region -> the bar of its resync copy
+
+    def resync_progress(region: str, done: int, total: int) -> None:
+        bar = copying.get(region)
+        if bar is None:
+            bar = copying[region] = bars.bar(desc=f"resync {region}", unit="B", unit_scale=True)
+        as_callback(bar)(done, total)
+        if done >= total:
+            copying.pop(region).close()
+
     try:
-        client = EmbeddingClient(config, transport=args.transport, **options)
+        client = EmbeddingClient(config, transport=args.transport, resync_progress=resync_progress, **options)
     except TypeError as exc:  # a value of the wrong kind for an option
         raise ConfigError(f"--client-option: {exc}") from None
-    async with client:
-        ranker = Ranker(model, client, naive=args.naive, prefetch=args.prefetch, reference=reference,
-                        check_samples=args.check_samples)
-        name = techniques(client, naive=args.naive, prefetch=args.prefetch)
-        res = await ranker.run(batches, name=name, warmup=1 if len(batches) > 1 else 0, seconds=args.seconds)
-        transport = client.engine.transport
+    try:
+        async with client:
+            ranker = Ranker(model, client, naive=args.naive, prefetch=args.prefetch, reference=reference,
+                            check_samples=args.check_samples)
+            name = techniques(client, naive=args.naive, prefetch=args.prefetch)
+            with bars.bar(desc="ranking", unit="batch") as bar:
+                res = await ranker.run(batches, name=name, warmup=1 if len(batches) > 1 else 0,
+                                       seconds=args.seconds, progress=as_callback(bar))
+            transport = client.engine.transport
+    finally:
+        for bar in copying.values():
+            bar.close()
     return {"transport": transport, "model": repr(model), "client_options": options, "result": res.to_dict()}
 
 
@@ -512,7 +545,8 @@ def main(args: argparse.Namespace) -> int:
 def configure_gen(p: argparse.ArgumentParser) -> None:
     """Arguments of ``flexemr gen {cluster,criteo,trace}``."""
     p.add_argument("what", choices=["cluster", "criteo", "trace"],
-                   help="cluster: a Criteo-shaped cluster TOML; criteo: a synthetic Criteo TSV; trace: a lookup trace")
+                   help="cluster: a Criteo-shaped cluster TOML; criteo: synthetic Criteo samples (TSV or Parquet); "
+                        "trace: a lookup trace")
     p.add_argument("--out", "-o", required=True, help="file to write")
     p.add_argument("--servers", default="127.0.0.1:7400,127.0.0.1:7401",
                    help="cluster: comma-separated HOST:PORT of the servers (named s0, s1, ...)")
@@ -521,7 +555,10 @@ def configure_gen(p: argparse.ArgumentParser) -> None:
     p.add_argument("--scale", type=float, help="cluster/trace: Criteo cardinality scale (default ~128 MiB in all)")
     p.add_argument("--dim", type=int, default=16, help="cluster/trace: embedding dimension")
     p.add_argument("--config", help="trace: take the tables from this cluster file instead of --scale/--dim")
-    p.add_argument("--samples", type=int, default=10_000, help="criteo: lines to write")
+    p.add_argument("--samples", type=int, default=10_000, help="criteo: samples to write")
+    p.add_argument("--format", choices=["tsv", "parquet"],
+                   help="criteo: tsv (compressed when -o ends in .gz, .bz2, .zst or .lz4) or parquet "
+                        "(default: parquet when -o ends in .parquet or .pq, else tsv)")
     p.add_argument("--batches", type=int, default=10, help="trace: batches")
     p.add_argument("--batch-size", type=int, default=512, help="trace: samples per batch")
     p.add_argument("--pooling", type=float, default=8.0, help="trace: mean ids per sample and table")
@@ -532,11 +569,11 @@ def configure_gen(p: argparse.ArgumentParser) -> None:
                              "authenticated; at least 4 characters)")
     secret.add_argument("--random-secret", action="store_true",
                         help="cluster: write a fresh random shared secret (32 hex digits)")
+    add_progress_option(p)
 
 
 def main_gen(args: argparse.Namespace) -> int:
     """Run ``flexemr gen``."""
-    from .criteo import write_sample
     from .dlrm import criteo_specs
     from ..core.config import ServerAddress
     from ..core.plan import ShardingPlan
@@ -551,6 +588,12 @@ def main_gen(args: argparse.Namespace) -> int:
     out_dir = os.path.dirname(os.path.abspath(args.out))
     if not os.path.isdir(out_dir):
         raise ConfigError(f"-o {args.out}: directory {out_dir} does not exist")
+    fmt = getattr(args, "format", None)
+    if fmt is not None and args.what != "criteo":
+        raise ConfigError(f"--format is for gen criteo, not gen {args.what}")
+    if fmt is not None and fmt != criteo_format(args.out):
+        want = "end in .parquet or .pq" if fmt == "parquet" else "not end in .parquet or .pq"
+        raise ConfigError(f"--format {fmt}: -o {args.out} must {want} (readers tell the format by the name)")
     if args.what == "cluster":
         addrs: dict[str, ServerAddress] = {}
         seen: set[tuple[str, int]] = set()
@@ -578,8 +621,11 @@ def main_gen(args: argparse.Namespace) -> int:
               f"{sum(s.nbytes for s in specs) / (1 << 20):.0f} MiB"
               f"{', with a shared secret (keep the file private)' if secret else ''}")
     elif args.what == "criteo":
-        write_sample(args.out, args.samples, seed=args.seed)
-        print(f"flexemr gen: wrote {args.out}: {args.samples} synthetic Criteo-format lines")
+        fmt = criteo_format(args.out)
+        with Bars.from_args(args).bar(desc=f"writing {os.path.basename(args.out)}", unit="sample",
+                                      unit_scale=True) as bar:
+            write_sample(args.out, args.samples, seed=args.seed, format=fmt, progress=as_callback(bar))
+        print(f"flexemr gen: wrote {args.out}: {args.samples} synthetic Criteo samples ({fmt})")
     else:
         specs = (list(ClusterConfig.from_toml(args.config).plan.tables.values()) if args.config
                  else criteo_specs(args.scale, args.dim))

@@ -14,25 +14,19 @@ Agg backend (no display needed); ``import flexemr`` never imports it.
 
 from __future__ import annotations
 
-import importlib.util
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from ..core.errors import ConfigError
+from .extras import APPS_EXTRA, require
 
 __all__ = ["APPS_EXTRA", "cost_notes", "plot_configurations", "require_matplotlib"]
 
-#: The optional dependency group with matplotlib (``pip install 'flexemr[apps]'``).
-APPS_EXTRA = "apps"
-
 
 def require_matplotlib() -> None:
-    """:class:`ConfigError` (one line) unless matplotlib can be imported."""
-    if importlib.util.find_spec("matplotlib") is None:
-        raise ConfigError(f"the report needs matplotlib, from the {APPS_EXTRA!r} extra: "
-                          f"pip install 'flexemr[{APPS_EXTRA}]' (make demo installs it)")
+    """:class:`~flexemr.ConfigError` (one line naming the ``apps`` extra) unless matplotlib can be imported."""
+    require("matplotlib", "the report")
 
 
 def _kb(row: Mapping[str, Any]) -> float:
