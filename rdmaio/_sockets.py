@@ -32,10 +32,31 @@ async def receive(loop: asyncio.AbstractEventLoop, sock: socket.socket, proto: C
         if idle is None:
             data = await loop.sock_recv(sock, 65536)
         else:
-            data = await asyncio.wait_for(loop.sock_recv(sock, 65536), idle)
+            data = await _recv_within(loop, sock, idle)
         if not data:
             return None
         proto.receive_data(data)
+
+
+async def _recv_within(loop: asyncio.AbstractEventLoop, sock: socket.socket, idle: float) -> bytes:
+    """``sock_recv``, or :class:`asyncio.TimeoutError` after ``idle`` s of silence counted while this
+    event loop was responsive: time the loop itself was stalled (a long callback, a flood of
+    completions, an emulated CPU) is not held against the peer, which could not be read meanwhile."""
+    recv = asyncio.ensure_future(loop.sock_recv(sock, 65536))
+    step = min(idle, 0.5)
+    quiet = 0.0
+    try:
+        while True:
+            started = loop.time()
+            done, _ = await asyncio.wait({recv}, timeout=step)
+            if done:
+                return recv.result()
+            quiet += min(loop.time() - started, step)
+            if quiet >= idle:
+                raise asyncio.TimeoutError
+    finally:
+        if not recv.done():
+            recv.cancel()
 
 
 async def dial(loop: asyncio.AbstractEventLoop, host: str, port: int, first: dict[str, Any], *,

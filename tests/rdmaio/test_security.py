@@ -166,6 +166,26 @@ async def test_a_stalled_event_loop_does_not_declare_a_healthy_peer_dead() -> No
             assert isinstance(ep.broken, rdmaio.EndpointBrokenError) and time.monotonic() - t0 < 2.5
 
 
+async def test_a_stalled_event_loop_does_not_make_a_listener_drop_its_clients() -> None:
+    """Listener and client on one stalled loop (the verbs conformance run in an emulated VM): the
+    listener's "no heartbeat for 10 x hb" check must not count the stall against the client."""
+    async with rdmaio.Engine(transport="tcp", heartbeat=0.1, dead_peer_timeout=0.5) as server, \
+            rdmaio.Engine(transport="tcp", heartbeat=0.1, dead_peer_timeout=0.5) as client:
+        table = np.arange(4096, dtype=np.uint8)
+        server.expose("t", server.register(table))
+        listener = await server.listen("127.0.0.1", 0)
+        ep = await client.connect("127.0.0.1", listener.port)
+        key = await ep.remote_key("t")
+        out = client.register(np.zeros(64, dtype=np.uint8))
+        for _ in range(2):
+            time.sleep(2.0)                              # 2x the listener's 1 s silence bound, 4x the client's
+            await asyncio.sleep(0.4)
+            assert ep.broken is None, ep.broken
+        await ep.read(out, 0, key, 64, 64)
+        assert out.buffer.tolist() == list(range(64, 128))
+        await ep.aclose()
+
+
 async def test_connect_retries_with_backoff_until_the_listener_appears() -> None:
     s = socket.socket()
     s.bind(("127.0.0.1", 0))
