@@ -30,6 +30,10 @@ def require(module: str, purpose: str, *, dist: str | None = None) -> None:
 
     ``purpose`` says what needs it; ``dist``: the pip name when it differs from the module's.
     """
-    if importlib.util.find_spec(module) is None:
+    try:
+        found = importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):        # a parent package missing, or a module without a spec
+        found = False
+    if not found:
         raise ConfigError(f"{purpose} needs {dist or module}, from the {APPS_EXTRA!r} extra: "
                           f"pip install 'flexemr[{APPS_EXTRA}]' (make demo installs it)")

@@ -19,10 +19,11 @@ False
 from __future__ import annotations
 
 import argparse
+import io
 import sys
 import threading
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, redirect_stdout
 from dataclasses import dataclass
 from typing import Any, TextIO
 
@@ -113,25 +114,59 @@ class Bars:
     @contextmanager
     def ticker(self, desc: str, *, interval: float = 0.5) -> Iterator[Any]:
         """A bar without a total for work that reports no steps: the time it has run, redrawn every
-        ``interval`` seconds by a daemon thread until the ``with`` block ends."""
+        ``interval`` seconds by a daemon thread until the ``with`` block ends -- or until the block first
+        prints to stdout (its results), so that the bar never mixes with them."""
         bar = self.bar(desc=desc, bar_format="{desc}: running for {elapsed}")
         if not self.enabled:
             yield bar
             return
         stop = threading.Event()
+        lock = threading.Lock()
 
         def redraw() -> None:
             while not stop.wait(interval):
-                bar.update(0)        # redraws (after the bar's delay), and close() then clears the line
+                with lock:
+                    if not stop.is_set():
+                        bar.update(0)        # redraws (after the bar's delay); close() then clears the line
+
+        def finish() -> None:
+            with lock:
+                if not stop.is_set():
+                    stop.set()
+                    bar.close()
 
         thread = threading.Thread(target=redraw, name="flexemr-progress", daemon=True)
         thread.start()
         try:
-            yield bar
+            with redirect_stdout(_FirstWrite(sys.stdout, finish)):
+                yield bar
         finally:
-            stop.set()
+            finish()
             thread.join()
-            bar.close()
+
+
+class _FirstWrite(io.TextIOBase):
+    """A text stream that calls ``before()`` once, before the first write, then writes to ``out``."""
+
+    def __init__(self, out: TextIO, before: Callable[[], None]) -> None:
+        super().__init__()
+        self._out = out
+        self._before: Callable[[], None] | None = before
+
+    def write(self, text: str) -> int:
+        if self._before is not None and text:
+            before, self._before = self._before, None
+            before()
+        return self._out.write(text)
+
+    def flush(self) -> None:
+        self._out.flush()
+
+    def isatty(self) -> bool:
+        return self._out.isatty()
+
+    def fileno(self) -> int:
+        return self._out.fileno()
 
 
 def as_callback(bar: Any) -> Callable[[int, int], None]:
