@@ -21,7 +21,7 @@ from ..apps.cli import main as flexemr_main
 from ..apps.cli_support import ArgumentParser
 from ..apps.progress import Bars
 from ..apps.progress import add_option as add_progress_option
-from . import _compare, _kernel, _locality, _lookup, _soak
+from . import _compare, _criteo, _kernel, _locality, _lookup, _soak
 
 __all__ = ["CLI_COMMANDS", "COMMANDS", "BenchCommand", "main"]
 
@@ -44,6 +44,7 @@ COMMANDS: dict[str, BenchCommand] = {
     "compare": BenchCommand(_compare.HELP, _compare.configure, _compare.main),
     "soak": BenchCommand(_soak.HELP, _soak.configure, _soak.main),
     "kernel": BenchCommand(_kernel.HELP, _kernel.configure, _kernel.main),
+    "criteo": BenchCommand(_criteo.HELP, _criteo.configure, _criteo.main, own_progress=True),
 }
 
 
