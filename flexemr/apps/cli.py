@@ -21,6 +21,10 @@ into one line; what the commands share otherwise is in :mod:`flexemr.apps.cli_su
     ``{"event": "ready", "server": "s0", "host": ..., "port": ..., "pid": ...}``.
     ``--exit-on-stdin-eof`` also stops it when its standard input closes (how
     :class:`flexemr.LocalCluster` makes sure no server outlives its parent).
+    Filling the shards (seeded values, or rows copied from ``.npy`` files)
+    shows a progress bar on stderr when it takes more than a second and
+    stderr is a terminal (``--progress`` / ``--no-progress``:
+    :mod:`flexemr.apps.progress`).
 """
 
 from __future__ import annotations
@@ -43,6 +47,8 @@ from ..core.config import ClusterConfig, table_files
 from ..core.errors import FlexEMRError
 from ..server.server import EmbeddingServer
 from .cli_support import ArgumentParser, Interrupted, check_range, describe_os_error
+from .progress import Bars, as_callback
+from .progress import add_option as add_progress_option
 
 __all__ = ["COMMANDS", "Command", "build_parser", "main"]
 
@@ -76,6 +82,7 @@ def _serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--workers", type=int, default=2, help="rdmaio progress workers (default 2)")
     p.add_argument("--ready-json", action="store_true", help="announce readiness as one JSON line on stdout")
     p.add_argument("--exit-on-stdin-eof", action="store_true", help="shut down when stdin is closed")
+    add_progress_option(p)
 
 
 def _parse_npy(items: Sequence[str]) -> dict[str, str]:
@@ -105,10 +112,11 @@ async def _serve(args: argparse.Namespace) -> int:
     if args.port is not None:
         check_range("--port", args.port, 0, 65535)
     config = ClusterConfig.from_toml(args.config)
+    bar = Bars.from_args(args).bar(desc=f"filling the shards of {args.server}", unit="B", unit_scale=True)
     server = EmbeddingServer(config, args.server, host=args.host, port=args.port, seed=args.seed,
                              npy={**table_files(args.config), **_parse_npy(args.npy)},  # --npy overrides the file
                              transport=args.transport,
-                             engine_options={"workers": args.workers})
+                             engine_options={"workers": args.workers}, fill_progress=as_callback(bar))
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -117,6 +125,7 @@ async def _serve(args: argparse.Namespace) -> int:
         _watch_stdin(loop, stop)
     try:
         async with server:
+            bar.close()                                    # cleared before the ready line
             addr = server.address
             if args.ready_json:
                 line = json.dumps({"event": "ready", "server": server.name, "host": addr.host, "port": addr.port,
@@ -128,6 +137,7 @@ async def _serve(args: argparse.Namespace) -> int:
             await stop.wait()
             log.info("server %s shutting down", server.name)
     finally:
+        bar.close()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.remove_signal_handler(sig)
     return 0

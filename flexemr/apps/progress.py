@@ -1,13 +1,13 @@
 """Progress bars of the commands, drawn by tqdm (the ``apps`` extra) on stderr.
 
 Every command that shows progress (``flexemr demo``, ``rank``, ``gen``,
-``bench``) takes ``--progress`` / ``--no-progress`` (:func:`add_option`).
-Without either, bars are shown only when stderr is a terminal, and only for
-work that lasts longer than a second (:attr:`Bars.delay`); ``--progress``
-shows them at once, also into a pipe or a file; ``--no-progress`` never.
-tqdm is imported only when a bar is drawn: with bars off, nothing needs it,
-and a missing tqdm with bars on is one :class:`~flexemr.ConfigError` line
-naming the extra.
+``bench``, ``serve``) takes ``--progress`` / ``--no-progress`` (:func:`add_option`).
+Without either, bars are shown only when stderr is a terminal (and tqdm is
+installed), and only for work that lasts longer than a second
+(:attr:`Bars.delay`); ``--progress`` shows them at once, also into a pipe or
+a file; ``--no-progress`` never.  tqdm is imported only when a bar is drawn:
+with bars off, nothing needs it, and a missing tqdm with ``--progress`` is one
+:class:`~flexemr.ConfigError` line naming the extra.
 
 >>> bars = Bars.from_flag(False)
 >>> with bars.bar(total=3, desc="demo") as bar:
@@ -19,6 +19,7 @@ False
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import io
 import sys
 import threading
@@ -33,6 +34,13 @@ __all__ = ["AUTO_DELAY", "Bars", "add_option", "as_callback"]
 
 #: Seconds a bar waits before it appears when shown because stderr is a terminal (not forced by --progress).
 AUTO_DELAY = 1.0
+
+
+def _have_tqdm() -> bool:
+    try:
+        return importlib.util.find_spec("tqdm") is not None
+    except (ImportError, ValueError):
+        return False
 
 
 def add_option(p: argparse.ArgumentParser) -> None:
@@ -89,7 +97,7 @@ class Bars:
             tty = out.isatty()
         except (AttributeError, ValueError):   # closed or not a real stream
             tty = False
-        return cls(tty, AUTO_DELAY, stream)
+        return cls(tty and _have_tqdm(), AUTO_DELAY, stream)   # not asked for: no bars rather than an error
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> Bars:
