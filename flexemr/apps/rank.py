@@ -629,8 +629,12 @@ def main_gen(args: argparse.Namespace) -> int:
     else:
         specs = (list(ClusterConfig.from_toml(args.config).plan.tables.values()) if args.config
                  else criteo_specs(args.scale, args.dim))
-        batches = generate_trace(specs, args.batches, args.batch_size, args.pooling, seed=args.seed)
-        write_trace(args.out, batches, num_rows={s.name: s.num_rows for s in specs})
+        bars = Bars.from_args(args)
+        with bars.bar(desc="generating batches", total=args.batches, unit="batch") as bar:
+            batches = generate_trace(specs, args.batches, args.batch_size, args.pooling, seed=args.seed,
+                                     progress=as_callback(bar))
+        with bars.ticker(f"writing {os.path.basename(args.out)}"):
+            write_trace(args.out, batches, num_rows={s.name: s.num_rows for s in specs})
         print(f"flexemr gen: wrote {args.out}: {args.batches} batches x {args.batch_size} samples, "
               f"{len(specs)} tables")
     return 0

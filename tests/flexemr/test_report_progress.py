@@ -145,3 +145,19 @@ def test_the_ticker_runs_until_the_first_result_line(capsys: pytest.CaptureFixtu
     assert "flexemr bench x: running for 00:00" in drawn
     assert after.endswith("\r") and err.getvalue() == after              # cleared before the result, then quiet
     assert capsys.readouterr().out == "result\n"
+
+
+@tqdm_missing
+def test_gen_trace_shows_its_batches_and_the_write_only_when_asked(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    argv = [sys.executable, "-m", "flexemr", "gen", "trace", "--batches", "3", "--batch-size", "64"]
+    quiet = subprocess.run([*argv, "-o", str(tmp_path / "a.npz")], capture_output=True, text=True, timeout=120)
+    assert quiet.returncode == 0 and quiet.stderr == ""                  # a pipe: no bars unless asked
+    shown = subprocess.run([*argv, "-o", str(tmp_path / "b.npz"), "--progress"], capture_output=True, text=True,
+                           timeout=120)
+    assert shown.returncode == 0, shown.stderr
+    assert "generating batches:   0%" in shown.stderr and "/3 " in shown.stderr and "writing b.npz" in shown.stderr
+    assert shown.stdout.startswith(f"flexemr gen: wrote {tmp_path / 'b.npz'}: 3 batches x 64 samples")
+    assert (tmp_path / "a.npz").read_bytes() == (tmp_path / "b.npz").read_bytes()
