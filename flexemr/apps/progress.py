@@ -180,11 +180,12 @@ class _FirstWrite(io.TextIOBase):
 def as_callback(bar: Any) -> Callable[[int, int], None]:
     """``callback(done, total)`` that moves ``bar`` to ``done`` of ``total`` (what :meth:`Ranker.run
     <flexemr.apps.rank.Ranker.run>`, :func:`~flexemr.apps.criteo.read_criteo` and
-    :func:`~flexemr.apps.criteo.write_sample` call)."""
+    :func:`~flexemr.apps.criteo.write_sample` call); a ``total`` of 0 or less: not known."""
 
     def callback(done: int, total: int) -> None:
-        if bar.total != total:
-            bar.total = total
+        want = total if total > 0 else None
+        if bar.total != want:
+            bar.total = want
         if done > bar.n:
             bar.update(done - bar.n)
 

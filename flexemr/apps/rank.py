@@ -27,7 +27,9 @@ the current one in a worker thread.
 runs it against a cluster started with ``flexemr serve`` and prints the
 same table as ``flexemr demo``; ``--criteo`` takes Criteo TSV (``.tsv``,
 ``.txt``, compressed ``.gz`` ...) or Parquet (``.parquet``), read by
-:func:`flexemr.apps.criteo.read_criteo`.  Progress bars (``--progress``,
+:func:`flexemr.apps.criteo.read_criteo` as it is ranked: a worker thread
+reads and hashes at most :data:`READ_AHEAD` batches ahead, so memory stays
+bounded whatever the file's size.  Progress bars (``--progress``,
 :mod:`flexemr.apps.progress`): reading the input, ranking, and a resync's
 shard copies when a replica comes back during the run.
 """
@@ -36,14 +38,18 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import dataclasses
+import itertools
 import json
 import os
+import queue
 import secrets
 import sys
+import threading
 import time
 from collections import deque
-from collections.abc import AsyncGenerator, Callable, Iterator, Mapping, Sequence
+from collections.abc import AsyncGenerator, Callable, Generator, Iterable, Iterator, Mapping, Sequence, Sized
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -65,8 +71,8 @@ from .progress import Bars, as_callback
 from .progress import add_option as add_progress_option
 from .trace import TraceBatch, generate_trace, read_trace
 
-__all__ = ["RankResult", "Ranker", "cache_counts", "configure", "configure_gen", "format_results", "main", "main_gen",
-           "network_bytes"]
+__all__ = ["READ_AHEAD", "RankResult", "Ranker", "cache_counts", "configure", "configure_gen", "format_results", "main",
+           "main_gen", "network_bytes"]
 
 F32 = npt.NDArray[np.float32]
 Progress = Callable[[int, int], None]
@@ -241,14 +247,21 @@ class Ranker:
 
     # -------------------------------------------------------------- running
 
-    async def run(self, batches: Sequence[TraceBatch], *, name: str = "ranker", warmup: int = 1,
+    async def run(self, batches: Iterable[TraceBatch], *, name: str = "ranker", warmup: int = 1,
                   seconds: float | None = None, progress: Progress | None = None) -> RankResult:
         """Rank ``batches``: the first ``warmup`` untimed (but checked), then the rest — or as many as fit in
-        ``seconds`` (at least one) — timed.  Returns the measurements."""
-        if not batches:
+        ``seconds`` (at least one) — timed.  Returns the measurements.
+
+        ``batches`` may be a stream (an iterator, e.g. a file read as it is ranked): it is consumed once, and
+        only the batches in flight are held.  Without a next batch after the warm-up, the warm-up batches are
+        timed again."""
+        it = iter(batches)
+        warm = list(zip(range(warmup), it))
+        first = next(it, None)
+        if first is None and not warm:
             raise InputError("no batches to rank")
-        warm = list(enumerate(batches[:warmup]))
-        timed = list(enumerate(batches))[warmup:] or warm
+        timed: Iterable[tuple[int, TraceBatch]] = (warm if first is None else
+                                                   enumerate(itertools.chain([first], it), start=len(warm)))
         result = RankResult(name)
         errs: list[float] = []
         checked = 0
@@ -262,7 +275,8 @@ class Ranker:
         nb0, nr0 = self.naive_bytes, self.naive_reads
         latencies: list[float] = []
         ctr_sum = 0.0
-        total = len(timed)
+        ids = 0
+        total = (len(batches) - len(warm) or len(warm)) if isinstance(batches, Sized) else 0  # 0: not known
         deadline = None if seconds is None else time.perf_counter() + seconds
 
         def source() -> Iterator[tuple[int, TraceBatch]]:
@@ -305,11 +319,12 @@ class Ranker:
                 ctr_sum += float(ctr.sum(dtype=np.float64))
                 result.samples += b.batch_size
                 result.batches += 1
+                ids += len(b.sparse)
                 k, e = self._check(i, b, ctr)
                 checked += k
                 errs.append(e)
                 if progress is not None:
-                    progress(result.batches, total)
+                    progress(result.batches, total)   # total 0: a stream of unknown length
         finally:
             await gen.aclose()
         result.seconds = time.perf_counter() - t_start
@@ -325,7 +340,6 @@ class Ranker:
         else:
             result.bytes_per_sample = (network_bytes(snap1) - network_bytes(snap0)) / s
             result.reads_per_sample = (int(snap1.get("reads", 0)) - int(snap0.get("reads", 0))) / s
-        ids = sum(len(b.sparse) for _, b in timed[: result.batches])
         result.ids_per_sample = ids / s
         cache1 = cache_counts(self.client)
         if cache0 is not None and cache1 is not None:
@@ -454,16 +468,75 @@ def configure(p: argparse.ArgumentParser) -> None:
     add_progress_option(p)
 
 
-def _read_criteo(path: str, specs: Sequence[TableSpec], batch_size: int, bars: Bars) -> list[TraceBatch]:
-    """The samples of a Criteo file as batches of requests, with a bar over the file."""
-    parquet = criteo_format(path) == "parquet"
-    with bars.bar(desc=f"reading {os.path.basename(path)}", unit="row" if parquet else "B",
-                  unit_scale=True) as bar:
-        return [TraceBatch(r.dense_features(), r.jagged(specs), r.labels)
-                for r in read_criteo(path, batch_size=batch_size, progress=as_callback(bar))]
+#: Batches of a Criteo file read and hashed ahead of the ranker (what ``rank --criteo`` holds at most, with the
+#: reader's block and the batches in flight)
+READ_AHEAD = 4
 
 
-def _batches(args: argparse.Namespace, config: ClusterConfig) -> tuple[list[TraceBatch], list[TableSpec]]:
+def _read_ahead(items: Iterator[TraceBatch], depth: int) -> Generator[TraceBatch, None, None]:
+    """``items``, produced by a worker thread at most ``depth`` ahead of the consumer (pyarrow and numpy release the
+    GIL: reading overlaps ranking).  An error of ``items`` is raised here; closing this generator stops the worker
+    and closes ``items``."""
+    q: queue.Queue[tuple[TraceBatch | None, BaseException | None]] = queue.Queue(depth)
+    stop = threading.Event()
+
+    def put(item: tuple[TraceBatch | None, BaseException | None]) -> bool:
+        while not stop.is_set():
+            try:
+                q.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def work() -> None:
+        try:
+            for b in items:
+                if not put((b, None)):
+                    return
+            put((None, None))
+        except BaseException as exc:  # noqa: BLE001 - handed to the consumer, raised there
+            put((None, exc))
+        finally:
+            close = getattr(items, "close", None)
+            if close is not None:
+                close()
+
+    worker = threading.Thread(target=work, name="flexemr-read-ahead", daemon=True)
+    worker.start()
+    try:
+        while True:
+            b, exc = q.get()
+            if exc is not None:
+                raise exc
+            if b is None:
+                return
+            yield b
+    finally:
+        stop.set()
+        worker.join()
+
+
+def _criteo_batches(path: str, specs: Sequence[TableSpec], batch_size: int,
+                    bar: Any) -> Generator[TraceBatch, None, None]:
+    """The samples of a Criteo file as a stream of requests, read as they are ranked (:data:`READ_AHEAD`)."""
+    records = read_criteo(path, batch_size=batch_size, progress=as_callback(bar))
+
+    def batches() -> Iterator[TraceBatch]:
+        try:
+            for r in records:
+                yield TraceBatch(r.dense_features(), r.jagged(specs), r.labels)
+        finally:
+            close = getattr(records, "close", None)      # a generator: closes the file
+            if close is not None:
+                close()
+
+    return _read_ahead(batches(), READ_AHEAD)
+
+
+def _batches(args: argparse.Namespace, config: ClusterConfig,
+             stack: contextlib.ExitStack) -> tuple[Iterable[TraceBatch], list[TableSpec]]:
+    """The requests to rank (a list, or for ``--criteo`` a stream closed with ``stack``) and their tables."""
     specs = list(config.plan.tables.values())
     if args.trace:
         trace = read_trace(args.trace)
@@ -477,7 +550,12 @@ def _batches(args: argparse.Namespace, config: ClusterConfig) -> tuple[list[Trac
         names = {s.name for s in specs}
         if names == {f"C{i}" for i in range(1, 27)}:
             specs = [config.plan.spec(f"C{i}") for i in range(1, 27)]
-        return _read_criteo(args.criteo, specs, args.batch_size, Bars.from_args(args)), specs
+        parquet = criteo_format(args.criteo) == "parquet"
+        bar = stack.enter_context(Bars.from_args(args).bar(desc=f"reading {os.path.basename(args.criteo)}",
+                                                            unit="row" if parquet else "B", unit_scale=True))
+        stream = _criteo_batches(args.criteo, specs, args.batch_size, bar)
+        stack.callback(stream.close)      # registered after the bar: the reader stops before its bar closes
+        return stream, specs
     n = args.generate if args.generate is not None else 10
     return generate_trace(specs, n + 1, args.batch_size, args.pooling, seed=args.seed), specs
 
@@ -485,12 +563,26 @@ def _batches(args: argparse.Namespace, config: ClusterConfig) -> tuple[list[Trac
 async def _rank(args: argparse.Namespace) -> dict[str, Any]:
     config = ClusterConfig.from_toml(args.config)
     options = dict(_parse_option(o) for o in args.client_option)
-    with blocking_section():
-        batches, specs = _batches(args, config)
-        if not batches:
-            raise InputError("no samples to rank (is the input file empty?)")
-        model = DLRM(specs, seed=args.model_seed, dense_features=int(batches[0].dense.shape[1]))
-        reference = ReferenceTables(specs, args.seed) if args.check_samples > 0 else None
+    with contextlib.ExitStack() as stack:
+        with blocking_section():
+            batches, specs = _batches(args, config, stack)
+            if isinstance(batches, Sequence):
+                first = batches[0] if batches else None
+                warmup = 1 if len(batches) > 1 else 0
+            else:                             # a stream: look at its first batch, then rank it too
+                it = iter(batches)
+                first = next(it, None)
+                batches, warmup = itertools.chain([] if first is None else [first], it), 1
+            if first is None:
+                raise InputError("no samples to rank (is the input file empty?)")
+            model = DLRM(specs, seed=args.model_seed, dense_features=int(first.dense.shape[1]))
+            reference = ReferenceTables(specs, args.seed) if args.check_samples > 0 else None
+        return await _rank_batches(args, config, options, batches, warmup, model, reference)
+
+
+async def _rank_batches(args: argparse.Namespace, config: ClusterConfig, options: dict[str, Any],
+                        batches: Iterable[TraceBatch], warmup: int, model: DLRM,
+                        reference: ReferenceTables | None) -> dict[str, Any]:
     bars = Bars.from_args(args)
     copying: dict[str, Any] = {}            # region -> the bar of its resync copy
 
@@ -512,8 +604,8 @@ async def _rank(args: argparse.Namespace) -> dict[str, Any]:
                             check_samples=args.check_samples)
             name = techniques(client, naive=args.naive, prefetch=args.prefetch)
             with bars.bar(desc="ranking", unit="batch") as bar:
-                res = await ranker.run(batches, name=name, warmup=1 if len(batches) > 1 else 0,
-                                       seconds=args.seconds, progress=as_callback(bar))
+                res = await ranker.run(batches, name=name, warmup=warmup, seconds=args.seconds,
+                                       progress=as_callback(bar))
             transport = client.engine.transport
     finally:
         for bar in copying.values():

@@ -9,7 +9,9 @@ from __future__ import annotations
 import bz2
 import gzip
 import hashlib
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -371,3 +373,42 @@ def test_docstring_examples_run(module: str) -> None:
 
     result = doctest.testmod(importlib.import_module(module), optionflags=doctest.ELLIPSIS)
     assert result.attempted > 0 and result.failed == 0
+
+
+# ----------------------------------------------------- rank --criteo: a stream read ahead, bounded
+
+
+def test_rank_reads_a_criteo_file_ahead_by_at_most_a_few_batches() -> None:
+    """rank --criteo holds READ_AHEAD batches (plus the one being made and the one being ranked), not the file;
+    an error of the reader reaches the ranker; stopping early stops the reader and closes its file."""
+    import threading
+    import time
+
+    from flexemr.apps.rank import READ_AHEAD, _read_ahead
+
+    made: list[int] = []
+    closed = threading.Event()
+
+    def source(n: int, fail_at: int | None = None) -> Iterator[Any]:
+        try:
+            for i in range(n):
+                if i == fail_at:
+                    raise CriteoFormatError(i + 1, "field I1: expected an integer, got 'x'", "day.tsv")
+                made.append(i)
+                yield i
+        finally:
+            closed.set()
+
+    stream = _read_ahead(source(1000), READ_AHEAD)
+    for k, item in enumerate(stream):
+        assert item == k
+        time.sleep(0.01 if k < 3 else 0)
+        assert len(made) <= k + READ_AHEAD + 2, (k, len(made))           # never the whole file
+        if k == 20:
+            break
+    stream.close()
+    assert closed.wait(5) and len(made) <= 21 + READ_AHEAD + 2
+    made.clear()
+    with pytest.raises(CriteoFormatError, match="day.tsv:line 8: field I1"):
+        list(_read_ahead(source(100, fail_at=7), READ_AHEAD))
+    assert made == list(range(7))
