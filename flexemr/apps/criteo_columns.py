@@ -44,12 +44,18 @@ _DEC[45] = 10
 _HEX2 = np.where((_HEX[:, None] < 16) & (_HEX[None, :] < 16),
                  (_HEX[None, :].astype(np.uint16) << 4) | _HEX[:, None], 0xFFFF).astype(np.uint16).reshape(-1)
 
+_PYARROW: Any = None
+
+
 def arrow() -> Any:
     """pyarrow (:class:`~flexemr.ConfigError` naming the ``apps`` extra when it is missing)."""
-    require("pyarrow", "reading and writing Criteo files")
-    import pyarrow
+    global _PYARROW
+    if _PYARROW is None:                 # looked for once: the reader asks per column and block
+        require("pyarrow", "reading and writing Criteo files")
+        import pyarrow
 
-    return pyarrow
+        _PYARROW = pyarrow
+    return _PYARROW
 
 
 class BadValue(Exception):

@@ -222,8 +222,11 @@ def test_reader_input_errors(tmp_path: Path) -> None:
 def test_missing_pyarrow_is_one_line_naming_the_extra(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     import importlib.util
 
+    from flexemr.apps import criteo_columns
+
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "pyarrow" else real(name, *a))
+    monkeypatch.setattr(criteo_columns, "_PYARROW", None)        # as in a process that has not found it yet
     (tmp_path / "s.tsv").write_text(LINE + "\n")
     for call in (lambda: next(read_criteo(tmp_path / "s.tsv")), lambda: parse_criteo(b"x"),
                  lambda: write_sample(tmp_path / "w.tsv", 3)):
