@@ -161,3 +161,17 @@ def test_gen_trace_shows_its_batches_and_the_write_only_when_asked(tmp_path: Pat
     assert "generating batches:   0%" in shown.stderr and "/3 " in shown.stderr and "writing b.npz" in shown.stderr
     assert shown.stdout.startswith(f"flexemr gen: wrote {tmp_path / 'b.npz'}: 3 batches x 64 samples")
     assert (tmp_path / "a.npz").read_bytes() == (tmp_path / "b.npz").read_bytes()
+
+
+def test_bars_not_asked_for_are_off_without_tqdm_and_asked_for_say_which_extra(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """flexemr serve needs no apps extra: on a terminal without tqdm it draws no bar; --progress says what is missing."""
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "tqdm" else real(name, *a))
+    assert Bars.from_flag(None, _Tty()).enabled is False
+    with Bars.from_flag(None, _Tty()).bar(total=3) as bar:
+        bar.update(3)
+    with pytest.raises(ConfigError, match="^progress bars \\(--progress\\) needs tqdm, from the 'apps' extra"):
+        Bars.from_flag(True, io.StringIO()).bar(total=3)
