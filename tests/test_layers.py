@@ -214,3 +214,26 @@ def test_rdmaio_transports_never_reach_back_into_the_front() -> None:
 def test_rdmaio_module_sizes() -> None:
     lines = {mod: len(path.read_text().splitlines()) for mod, path in _modules("rdmaio").items()}
     assert {m: n for m, n in lines.items() if n > 800} == {}
+
+
+# --------------------------------------------------------------------------- optional libraries
+
+#: The apps extra's libraries (figures, progress bars, Criteo/Parquet files): imported where used, never on import.
+APPS_LIBRARIES = ("matplotlib", "tqdm", "pyarrow")
+
+
+def test_importing_the_packages_imports_no_optional_library() -> None:
+    """``import rdmaio`` loads none of the apps extra's libraries nor flexemr's TOML writer; ``import flexemr``
+    (and the ``flexemr`` command's module, which builds every command) none of the apps extra's."""
+    import subprocess
+    import sys
+
+    code = ("import sys\n"
+            "import rdmaio\n"
+            "rd = sorted(m for m in sys.modules if m.split('.')[0] in {libs!r} + ('tomli_w',))\n"
+            "import flexemr, flexemr.__main__, flexemr.apps.demo, flexemr.apps.rank, flexemr.bench.__main__\n"
+            "fx = sorted(m for m in sys.modules if m.split('.')[0] in {libs!r})\n"
+            "assert not rd and not fx, (rd, fx)\n"
+            "assert 'flexemr.apps.criteo' in sys.modules and 'tomli_w' in sys.modules\n").format(libs=APPS_LIBRARIES)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr

@@ -34,6 +34,10 @@ into one line; what the commands share otherwise is in :mod:`flexemr.apps.cli_su
     ``flexemr health --port P [--host H] [--live]``: asks a server's
     ``/readyz`` (``--live``: ``/healthz``), prints the answer, exits 0 when it
     is healthy, 1 otherwise (an exec probe for Kubernetes or systemd).
+    Filling the shards (seeded values, or rows copied from ``.npy`` files)
+    shows a progress bar on stderr when it takes more than a second and
+    stderr is a terminal (``--progress`` / ``--no-progress``:
+    :mod:`flexemr.apps.progress`).
 """
 
 from __future__ import annotations
@@ -58,6 +62,8 @@ from ..core.config import ClusterConfig, table_files
 from ..core.errors import FlexEMRError
 from ..server.server import EmbeddingServer
 from .cli_support import ArgumentParser, Interrupted, check_range, describe_os_error
+from .progress import Bars, as_callback
+from .progress import add_option as add_progress_option
 
 __all__ = ["COMMANDS", "Command", "build_parser", "main"]
 
@@ -97,6 +103,7 @@ def _serve_args(p: argparse.ArgumentParser) -> None:
                    help="listen for metrics on this host (default: the server's listening host)")
     p.add_argument("--drain-timeout", type=float, default=10.0, metavar="SECONDS",
                    help="on SIGTERM, drain for at most this long before closing (default 10)")
+    add_progress_option(p)
 
 
 def _parse_npy(items: Sequence[str]) -> dict[str, str]:
@@ -129,10 +136,11 @@ async def _serve(args: argparse.Namespace) -> int:
         check_range("--metrics-port", args.metrics_port, 0, 65535)
     check_range("--drain-timeout", args.drain_timeout, 0)
     config = ClusterConfig.from_toml(args.config)
+    bar = Bars.from_args(args).bar(desc=f"filling the shards of {args.server}", unit="B", unit_scale=True)
     server = EmbeddingServer(config, args.server, host=args.host, port=args.port, seed=args.seed,
                              npy={**table_files(args.config), **_parse_npy(args.npy)},  # --npy overrides the file
                              transport=args.transport,
-                             engine_options={"workers": args.workers})
+                             engine_options={"workers": args.workers}, fill_progress=as_callback(bar))
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     signals = 0
@@ -161,6 +169,7 @@ async def _serve(args: argparse.Namespace) -> int:
             host = args.metrics_host or (args.host if args.host is not None else config.address(args.server).host)
             metrics = serve_metrics(server, host, args.metrics_port, loop=loop, registry=registry)
         async with server:
+            bar.close()                                    # cleared before the ready line
             addr = server.address
             if args.ready_json:
                 line = json.dumps({"event": "ready", "server": server.name, "host": addr.host, "port": addr.port,
@@ -177,6 +186,7 @@ async def _serve(args: argparse.Namespace) -> int:
     finally:
         if metrics is not None:
             metrics.close()
+        bar.close()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.remove_signal_handler(sig)
     return 0

@@ -53,6 +53,7 @@ import asyncio
 import json
 import os
 import platform
+import sys
 import time
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -61,6 +62,7 @@ import numpy as np
 import rdmaio
 
 from ..apps.cluster import LocalCluster
+from ..apps.report import PLOT_HELP, check_plot_path, plot_compare
 from ..apps.workload import PROFILE_2022, generate, reuse_stats
 from ..core.config import ClusterConfig
 from ..core.init import build_model
@@ -317,6 +319,7 @@ def configure(p: argparse.ArgumentParser) -> None:
     """Arguments of ``python -m flexemr.bench compare``."""
     d = CompareConfig()
     p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--plot", metavar="PATH", help=PLOT_HELP)
     add_config_arguments(p, d, {"pooling": "mean ids per sample and table (Poisson)",
                                 "warmup": "warm-up batches per path", "batches": "timed batches per path",
                                 "naive_ids": "ids timed on the naive path", "redis": "skip the Redis peer",
@@ -326,7 +329,11 @@ def configure(p: argparse.ArgumentParser) -> None:
 
 def main(args: argparse.Namespace) -> int:
     """Run with parsed arguments; prints a table (or, with ``--json``, the whole result as one JSON object)."""
+    plot = check_plot_path(args.plot) if args.plot else None
     res = measure(config_from_args(CompareConfig, args))
     print(json.dumps(res, indent=2) if args.json else format_table(res), flush=True)
+    if plot is not None:
+        png, svg = plot_compare(plot, res)
+        print(f"wrote {png} and {svg}", file=sys.stderr if args.json else sys.stdout)
     return 0
 

@@ -41,6 +41,7 @@ import asyncio
 import json
 import os
 import platform
+import sys
 import time
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -50,6 +51,7 @@ import numpy.typing as npt
 import rdmaio
 
 from ..apps.cluster import LocalCluster
+from ..apps.report import PLOT_HELP, check_plot_path, plot_locality
 from ..apps.workload import PROFILE_2022, generate, reuse_stats
 from ..client.client import EmbeddingClient
 from ..core.jagged import JaggedBatch
@@ -217,6 +219,7 @@ def configure(p: argparse.ArgumentParser) -> None:
     """Arguments of ``python -m flexemr.bench locality``."""
     d = LocalityConfig()
     p.add_argument("--json", action="store_true", help="print one JSON object keyed by configuration")
+    p.add_argument("--plot", metavar="PATH", help=PLOT_HELP)
     add_config_arguments(p, d, {"pooling": "mean ids per sample and table (Poisson)",
                                 "warmup": "warm-up batches per configuration",
                                 "batches": "timed batches per configuration",
@@ -226,9 +229,13 @@ def configure(p: argparse.ArgumentParser) -> None:
 
 def main(args: argparse.Namespace) -> int:
     """Run with parsed arguments; prints a table, or with ``--json`` one JSON object keyed by configuration."""
+    plot = check_plot_path(args.plot) if args.plot else None
     res = rdmaio.run(measure(config_from_args(LocalityConfig, args)))
     if args.json:
         print(json.dumps(res["results"]))  # {config: {"bytes_per_sample", "samples_per_s", ...}}
     else:
         _print(res)
+    if plot is not None:
+        png, svg = plot_locality(plot, res)
+        print(f"wrote {png} and {svg}", file=sys.stderr if args.json else sys.stdout)
     return 0

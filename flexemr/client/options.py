@@ -14,7 +14,7 @@ flexemr.core.errors.ConfigError: coalesce_window_us must be an int in [0, 10000]
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, fields, replace
 from types import MappingProxyType
 from typing import Any
@@ -157,6 +157,10 @@ class ClientOptions:
         Predictive prefetch (needs ``cache_bytes``): after every lookup, read
         up to this many uncached rows the frequency-and-recency predictor
         expects next into the cache in the background (``0``: off).
+    resync_progress:
+        Called while a resync copies a shard to a replica that fell behind:
+        ``resync_progress(region, bytes copied, bytes to copy)`` (e.g. a
+        progress bar; ``flexemr rank`` shows one).  ``None``: not called.
 
     Examples
     --------
@@ -200,6 +204,7 @@ class ClientOptions:
     swapin: bool = True
     swapin_chunk_rows: int = 4096
     predict_rows: int = 0
+    resync_progress: Callable[[str, int, int], None] | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.transport, str):
@@ -245,6 +250,8 @@ class ClientOptions:
             raise ConfigError("priority=True needs priority_lane=True")
         if self.predict_rows and not self.cache_bytes:
             raise ConfigError("predict_rows > 0 needs cache_bytes > 0 (predicted rows are read into the cache)")
+        if self.resync_progress is not None and not callable(self.resync_progress):
+            raise ConfigError(f"resync_progress must be callable, got {type(self.resync_progress).__name__}")
 
     @classmethod
     def merged(cls, options: ClientOptions | None = None, **overrides: Any) -> ClientOptions:

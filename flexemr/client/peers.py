@@ -101,6 +101,7 @@ class Peers:
                                                for sh in shards}
         self.writer = ShardWriter(self, self.plan, token=secrets.randbits(63) | 1,
                                   lock_timeout=float(options.update_lock_timeout))
+        self.writer.on_copy = options.resync_progress
         self.resyncing: set[str] = set()  # regions a background resync is bringing back (stale_replica)
         self.tasks: set[asyncio.Task[None]] = set()  # background resyncs
         #: called with a server's name when it fails (e.g. its pooling channel is dropped)

@@ -9,6 +9,8 @@ Start-up:
    written into one *arena* array, shard after shard at 64-byte aligned
    offsets, or — for tables given as ``.npy`` files — a copy-on-write memory
    map of the file (full-width shards are registered in place, no copy);
+   ``fill_progress(bytes filled, bytes to fill)`` follows this, a few MiB
+   at a time (``flexemr serve`` draws it as a progress bar);
 2. each shard is registered as its own read-only region and exposed under
    :attr:`Shard.region_name`; the arena is registered once more as a whole
    (``"flexemr/arena"``) so a client can read rows of many shards with one
@@ -60,7 +62,7 @@ import os
 import secrets
 import socket
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -70,7 +72,7 @@ import rdmaio
 
 from ..core.config import ClusterConfig, ServerAddress
 from ..core.errors import ClosedError, ConfigError
-from ..core.init import check_seed, init_shard
+from ..core.init import BLOCK_ROWS, check_seed, init_rows, init_shard
 from ..core.meta import ARENA_REGION, META_REGION, ServerMeta, ShardEntry, encode_meta
 from ..core.metrics import LatencyHistogram
 from ..core.plan import Shard, ShardingPlan
@@ -83,6 +85,8 @@ __all__ = ["EmbeddingServer", "ServerState", "ServerStats"]
 log = logging.getLogger(__name__)
 
 _ALIGN = 64
+#: Rows filled between two ``fill_progress`` calls (16 MiB of a 64-wide float32 table).
+_FILL_ROWS = 16 * BLOCK_ROWS
 
 #: :attr:`EmbeddingServer.state` (module docstring: the lifecycle)
 ServerState = Literal["new", "starting", "ready", "draining", "closed"]
@@ -193,6 +197,11 @@ class EmbeddingServer:
         An existing :class:`rdmaio.Engine` to use (not closed by the server).
     engine_options:
         Extra keyword arguments for :class:`rdmaio.Engine` (e.g. ``workers``).
+    fill_progress:
+        Called as ``fill_progress(bytes filled, bytes to fill)`` while
+        :meth:`start` fills the shards (seeded values, or rows copied from
+        ``.npy`` files), every few MiB and once at the end, from a worker
+        thread; ``None``: not called.
 
     Notes
     -----
@@ -212,6 +221,7 @@ class EmbeddingServer:
         transport: str = "auto",
         engine: rdmaio.Engine | None = None,
         engine_options: Mapping[str, Any] | None = None,
+        fill_progress: Callable[[int, int], None] | None = None,
     ) -> None:
         if isinstance(config, ClusterConfig):
             plan = config.plan
@@ -230,6 +240,9 @@ class EmbeddingServer:
         self._npy = dict(npy or {})
         for table in self._npy:
             plan.spec(table)  # UnknownTableError for a table the plan lacks
+        if fill_progress is not None and not callable(fill_progress):
+            raise ConfigError(f"fill_progress must be callable, got {type(fill_progress).__name__}")
+        self._fill_progress = fill_progress
         if engine is not None and not isinstance(engine, rdmaio.Engine):
             raise ConfigError(f"engine must be an rdmaio.Engine, got {type(engine).__name__}")
         self._engine = engine
@@ -263,6 +276,21 @@ class EmbeddingServer:
 
     # ---------------------------------------------------------------- memory
 
+    def _reporter(self, total: int) -> Callable[..., None]:
+        """``report(n, final=False)``: ``n`` more bytes filled; calls ``fill_progress`` at most every 16 MiB,
+        and once with ``final=True``."""
+        done, told = 0, 0
+        callback = self._fill_progress
+
+        def report(n: int, final: bool = False) -> None:
+            nonlocal done, told
+            done += n
+            if callback is not None and (final or done - told >= 16 << 20):
+                told = done
+                callback(total if final else done, total)   # at the end: all, alignment padding included
+
+        return report
+
     def _allocate(self) -> tuple[npt.NDArray[np.uint8] | None, dict[str, int]]:
         """Fill shard memory: arena offsets for seeded (and copied) shards, mmap views for npy ones."""
         if self.plan.versioned:
@@ -284,6 +312,8 @@ class EmbeddingServer:
             offsets[sh.region_name] = pos
             pos += -(-sh.nbytes(spec) // _ALIGN) * _ALIGN
         arena = np.empty(pos, dtype=np.uint8) if pos else None
+        report = self._reporter(sum(sh.nbytes(self.plan.spec(sh.table)) for sh in self.shards
+                                    if sh.region_name not in in_place))
         for sh in self.shards:
             spec = self.plan.spec(sh.table)
             if sh.region_name in in_place:
@@ -292,11 +322,20 @@ class EmbeddingServer:
             assert arena is not None
             off = offsets[sh.region_name]
             out = arena[off : off + sh.nbytes(spec)].view(spec.np_dtype).reshape(sh.num_rows, sh.num_cols)
-            if sh.table in maps:
-                out[...] = maps[sh.table][sh.row_start : sh.row_end, sh.col_start : sh.col_end]
-            else:
-                init_shard(spec, sh, self.seed, out=out)
+            row_bytes = sh.num_cols * spec.np_dtype.itemsize
+            # chunks of rows (a Python loop over chunks only), cut at multiples of _FILL_ROWS in the table so
+            # that no seeded block of rows is drawn twice
+            cuts = [sh.row_start, *range((sh.row_start // _FILL_ROWS + 1) * _FILL_ROWS, sh.row_end, _FILL_ROWS),
+                    sh.row_end]
+            for a, b in zip(cuts, cuts[1:]):
+                lo, hi = a - sh.row_start, b - sh.row_start
+                if sh.table in maps:
+                    out[lo:hi] = maps[sh.table][a:b, sh.col_start : sh.col_end]
+                else:
+                    init_rows(spec, self.seed, a, b, sh.col_start, sh.col_end, out=out[lo:hi])
+                report((hi - lo) * row_bytes)
             self._arrays[sh.region_name] = out
+        report(0, final=True)
         for name, arr in self._arrays.items():
             self._region_bufs[name] = arr
         self.arena_bytes = pos
@@ -311,6 +350,7 @@ class EmbeddingServer:
             pos += -(-region_bytes(self.plan.spec(sh.table), sh.num_rows) // _ALIGN) * _ALIGN
         arena = np.zeros(pos, dtype=np.uint8) if pos else None
         maps: dict[str, np.ndarray] = {}
+        report = self._reporter(pos)
         for sh in self.shards:
             spec = self.plan.spec(sh.table)
             assert arena is not None
@@ -332,6 +372,8 @@ class EmbeddingServer:
             ctl[CTL_MEMBERS // 8] = (1 << len(sh.replicas)) - 1
             self._arrays[sh.region_name] = row_data(spec, slots)
             self._region_bufs[sh.region_name] = buf
+            report(buf.nbytes)
+        report(0, final=True)
         self.arena_bytes = pos
         return arena, offsets
 

@@ -12,6 +12,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -88,6 +89,24 @@ def test_flexemr_bench_defaults_to_compare() -> None:
     assert rows[FLEXEMR_TORCH]["skipped"] == "disabled (--no-torch)"
     assert rows["redis"]["skipped"] == "disabled (--no-redis)"
     assert rows["torchrec"]["skipped"] == "disabled (--no-torchrec)"
+
+
+def test_compare_plot_and_progress(tmp_path: Path) -> None:
+    """--plot draws the figure after the run; --progress shows how long it has been running, on stderr only."""
+    pytest.importorskip("matplotlib", reason="--plot needs matplotlib, from the apps extra (make demo)")
+    pytest.importorskip("tqdm", reason="--progress needs tqdm, from the apps extra (make demo)")
+    proc = subprocess.run([sys.executable, "-m", "flexemr", "bench", "compare", "--json", "--progress", "--plot",
+                           str(tmp_path / "cmp.png"), "--no-redis", "--no-torchrec", "--no-torch", *TINY],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = json.loads(proc.stdout)                         # stdout stays one JSON object
+    assert "flexemr bench compare: running for 00:0" in proc.stderr
+    assert f"wrote {tmp_path / 'cmp.png'} and {tmp_path / 'cmp.svg'}" in proc.stderr
+    assert (tmp_path / "cmp.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    svg = (tmp_path / "cmp.svg").read_text()
+    for r in res["results"]:
+        assert r["path"] in svg
+    assert "samples/s (log scale)" in svg and "KiB/sample" in svg and "redis: skipped (disabled" in svg
 
 
 def test_redis_server_is_stopped_on_error() -> None:

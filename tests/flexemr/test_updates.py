@@ -274,8 +274,13 @@ async def test_replica_down_during_update_is_resynced() -> None:
     async with LocalCluster(SPECS, servers=3, seed=4, replicas=2, versioned=True, in_process=True,
                             transport="tcp") as cluster:
         model = {k: v.copy() for k, v in cluster.model().items()}
-        client = await cluster.client(reconnect_base=0.02, reconnect_cap=0.1)
-        bystander = await cluster.client(reconnect_base=0.02, reconnect_cap=0.1)
+        copies: list[tuple[str, int, int]] = []         # what resync_progress was told
+
+        def progress(region: str, done: int, total: int) -> None:
+            copies.append((region, done, total))
+
+        client = await cluster.client(reconnect_base=0.02, reconnect_cap=0.1, resync_progress=progress)
+        bystander = await cluster.client(reconnect_base=0.02, reconnect_cap=0.1, resync_progress=progress)
         await cluster.kill("s1")
         upd = np.arange(0, 3000, 7)                      # rows of every shard; s1 holds two of them
         vals = np.random.default_rng(1).standard_normal((upd.size, DIM)).astype(np.float32)
@@ -286,6 +291,12 @@ async def test_replica_down_during_update_is_resynced() -> None:
         assert await bystander.wait_healthy(5.0)         # the bystander resyncs (copies) before routing there
         assert await client.wait_healthy(5.0)
         assert bystander.reliability.resync_copies + client.reliability.resync_copies == 2
+        # each copy was reported: read from the in-sync replica, then written to s1, up to the whole image
+        finished = {r for r, done, total in copies if done == total}
+        assert len(finished) == 2 and all(0 < done <= total for _, done, total in copies)
+        shard_bytes = {sh.region_name: ctl_offset(SPECS[0] if sh.table == "emb" else SPECS[1], sh.num_rows)
+                       for sh in cluster.plan.shards["emb"] + cluster.plan.shards["small"]}
+        assert {(r, total) for r, _, total in copies} == {(r, 2 * shard_bytes[r]) for r in finished}
         # now every shard that s1 holds is read from s1 alone: kill its partners one at a time
         for partner in ("s0", "s2"):
             await cluster.kill(partner)
