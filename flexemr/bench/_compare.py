@@ -80,7 +80,7 @@ from ..core.spec import TableSpec
 from . import _peers
 from ._args import add_config_arguments, config_from_args
 from ._lookup import _naive
-from ._peers import CpuClock, Model, PathResult, Pooled, check_pooled, measured, skipped
+from ._peers import CpuClock, Model, PathResult, Pooled, check_pooled, measured, settle, skipped
 
 __all__ = ["HELP", "PATHS", "CompareConfig", "configure", "main", "measure"]
 
@@ -142,6 +142,7 @@ async def _cluster_paths(cfg: CompareConfig, specs: list[TableSpec], model: Mode
               else skipped(FLEXEMR_TORCH, "disabled (--no-torch)"))
         try:
             client.metrics.reset()
+            settle()
             dt = torch_dt = 0.0
             cpu, torch_cpu = CpuClock(pids), CpuClock(pids)
             for i, jb in enumerate(timed):
@@ -162,6 +163,7 @@ async def _cluster_paths(cfg: CompareConfig, specs: list[TableSpec], model: Mode
         finally:
             if isinstance(tp, _TorchPath):
                 tp.close()
+        settle()
         with CpuClock(pids) as naive_cpu:
             naive_s, naive_n = await _naive(client, timed[0], cfg.naive_ids, model)  # checks the rows it read
     ids_per_sample = float(np.mean([len(jb) / jb.batch_size for jb in timed]))
@@ -272,6 +274,7 @@ def measure(cfg: CompareConfig) -> dict[str, Any]:
     check_pooled("local", _local(model, timed[0]), ref)
     for jb in warm:
         _local(model, jb)
+    settle()
     with CpuClock() as cpu:
         t0 = time.perf_counter()
         for jb in timed:
