@@ -461,15 +461,22 @@ def transfer_bytes(
 
 
 @dataclass
-class _Ewma:
-    """Exponentially weighted mean of seconds per row, and how many lookups ago it was last fed."""
+class _Samples:
+    """The last few measurements (seconds per id) of one way, and how many lookups ago it was last fed."""
 
-    value: float | None = None
+    window: int = 5
+    values: list[float] = field(default_factory=list)
     age: int = 0
 
-    def add(self, seconds_per_row: float, alpha: float) -> None:
-        self.value = seconds_per_row if self.value is None else (1 - alpha) * self.value + alpha * seconds_per_row
+    def add(self, seconds_per_id: float) -> None:
+        self.values.append(seconds_per_id)
+        del self.values[: -self.window]
         self.age = 0
+
+    @property
+    def value(self) -> float | None:
+        """The median of the samples kept (robust to the odd lookup slowed by something else)."""
+        return float(np.median(self.values)) if self.values else None
 
 
 def _min_paying_rows(dim: int, itemsize: int) -> int:
@@ -486,43 +493,47 @@ class PoolingCost:
 
     Two ways to serve a pooled lookup, and what each was measured to cost on
     this client (:meth:`observe`): seconds per id of whole lookups (wall
-    time from the call to the result), an exponentially weighted mean
-    (``alpha``) per way.  A lookup takes the cheaper one (:meth:`choose`).
-    The other way is tried again, for one lookup, once its measurement is
-    ``explore_every`` lookups old (the first time after ``first_explore``
-    lookups), so a change of load or workload is noticed at the price of one
-    lookup in ``explore_every``.  Whole lookups are measured because their
-    parts overlap (requests to every server, raw reads): the time of a part
-    says little about the lookup's.
+    time from the call to the result); each way keeps its last ``window``
+    measurements and is judged by their median, so the odd lookup slowed by
+    something else does not decide.  A lookup takes the cheaper way
+    (:meth:`choose`).  The first ``first_explore`` lookups ask servers to
+    pool; then the two ways take turns until each has ``min_samples``
+    measurements; afterwards the other way is tried again, for one lookup,
+    once its last measurement is ``explore_every`` lookups old, so a change
+    of load or workload is noticed at the price of one lookup in
+    ``explore_every``.  Whole lookups are measured because their parts
+    overlap (requests to every server, raw reads): the time of a part says
+    little about the lookup's.
 
     Inside a lookup that asks servers to pool, the byte model is the rule
     per shard (:meth:`prior`): its server pools its rows of a table when at
     least half of them lie in bags that :func:`choose_pooling` would have it
     pool, i.e. bags of at least 2 rows (for every float table: one row per
     bag moves as many bytes either way, and costs the server's CPU); the
-    other shards' rows are read raw.  Until both ways are measured, servers
-    pool (by that rule).
+    other shards' rows are read raw.
 
-    >>> cost = PoolingCost(first_explore=1)
+    >>> cost = PoolingCost(first_explore=1, min_samples=1)
     >>> cost.choose()                          # nothing measured: servers pool
     True
     >>> cost.observe(True, 1000, 0.004)
-    >>> cost.choose()                          # raw reads not measured for a while: tried once
+    >>> cost.choose()                          # raw reads not measured yet: tried
     False
     >>> cost.observe(False, 1000, 0.001)
     >>> cost.choose()                          # measured: raw reads 4x faster per id
     False
     """
 
-    alpha: float = 0.25
-    explore_every: int = 32
+    window: int = 5
+    min_samples: int = 3
+    explore_every: int = 16
     first_explore: int = 4
-    pooled: _Ewma = field(default_factory=_Ewma)
-    raw: _Ewma = field(default_factory=_Ewma)
+    pooled: _Samples = field(default_factory=_Samples)
+    raw: _Samples = field(default_factory=_Samples)
     _min_rows: dict[tuple[int, int], int] = field(default_factory=dict)
+    _lookups: int = 0
 
     def __post_init__(self) -> None:
-        self.raw.age = self.explore_every - self.first_explore - 1
+        self.pooled.window = self.raw.window = self.window
 
     def prior(self, dim: int, itemsize: int, offsets: IntArray, rows: int) -> bool:
         """The byte model's choice for one shard's ``rows`` rows of a table (``offsets``: their bags, dense)."""
@@ -540,16 +551,22 @@ class PoolingCost:
     def choose(self) -> bool:
         """Whether the next lookup asks servers to pool (``False``: raw reads only)."""
         p, r = self.pooled, self.raw
+        self._lookups += 1
         p.age += 1
         r.age += 1
-        choice = p.value is None or r.value is None or p.value <= r.value
-        this, other = (p, r) if choice else (r, p)
-        if other.age >= self.explore_every and this.value is not None:  # try the other way once
-            other.age = 0
+        if self._lookups <= self.first_explore:
+            return True
+        if len(p.values) < self.min_samples or len(r.values) < self.min_samples:  # take turns
+            return len(r.values) >= len(p.values)
+        pv, rv = p.value, r.value
+        assert pv is not None and rv is not None
+        choice = pv <= rv
+        other = r if choice else p
+        if other.age >= self.explore_every:  # try the other way once
             return not choice
         return choice
 
     def observe(self, pooled: bool, ids: int, seconds: float) -> None:
         """A lookup of ``ids`` ids took ``seconds``; ``pooled``: servers were asked to pool."""
         if ids > 0:
-            (self.pooled if pooled else self.raw).add(seconds / ids, self.alpha)
+            (self.pooled if pooled else self.raw).add(seconds / ids)
