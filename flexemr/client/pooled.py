@@ -444,8 +444,7 @@ class Pooler:
             reqs.append((lp.tab.table, lp.tab.spec, lp.uniq))
             live.append(lp)
             m.local_pooled_rows += int(lp.ids.size)
-            shards = self.plan.shards[lp.tab.table]
-            m.raw_subrequests += len({shards[i].server for i in np.unique(self.plan.route(lp.tab.table, lp.uniq)).tolist()})
+            m.raw_subrequests += len(self._servers_of(lp.tab.table, lp.uniq))
         if not reqs:
             return
 
@@ -454,6 +453,15 @@ class Pooler:
             lp.tab.pool(rows, lp.inverse if idx is None else idx[lp.inverse], lp.offsets, lp.weights)
 
         await self.batcher.fetch_rows(reqs, probe=self.plan.versioned, use=use)
+
+    def _servers_of(self, table: str, uniq: IntArray) -> set[str]:
+        """Servers holding rows of ``uniq`` (sorted unique ids: O(bands log n), no per-id routing)."""
+        rt = self.plan.range_table(table)
+        starts = rt.starts
+        first = np.searchsorted(uniq, starts)                     # first id at or after each band start
+        end = np.append(first[1:], uniq.size)
+        shards = self.plan.shards[table]
+        return {shards[int(rt.first_shard[b])].server for b in np.flatnonzero(end > first).tolist()}
 
     async def _rpc(self, r: _Remote) -> None:
         """One server's pooling request; its partials are added into the results (raw reads if it fails)."""
