@@ -37,6 +37,7 @@ import numpy as np
 
 from ._channel import MAX_CHANNELS, Channel, bind_channel, make_rings, route_imm
 from ._control import ClientProtocol
+from ._credits import Credits
 from ._errors import (
     ChannelRefusedError,
     ClosedError,
@@ -63,9 +64,11 @@ __all__ = ["Endpoint", "open_endpoint"]
 _U64 = (1 << 64) - 1
 
 
-async def open_endpoint(core: Core, host: str, port: int, timeout: float) -> Endpoint:
+async def open_endpoint(core: Core, host: str, port: int, timeout: float,
+                        credits: Credits | None = None) -> Endpoint:
     """Connect an endpoint to the listener at ``host:port`` (the whole handshake within ``timeout``)."""
     ep = Endpoint(core, (host, port))
+    ep.credits = credits
     await ep._open(timeout)
     return ep
 
@@ -241,6 +244,8 @@ class Endpoint:
         self._last_rx = self._loop.time()
         self._res = _Resources(self._channels)
         self._finalizer: weakref.finalize | None = None
+        #: the :class:`Credits` window every one-sided operation takes from (``Engine.connect(credits=...)``)
+        self.credits: Credits | None = None
 
     async def _open(self, timeout: float) -> None:
         """The handshake: the transport dials the peer through this endpoint's control connection."""
@@ -294,6 +299,12 @@ class Endpoint:
     @property
     def num_queue_pairs(self) -> int:
         return len(self._qps)
+
+    @property
+    def slot_waits(self) -> int:
+        """Operations that waited for a free slot on one of this endpoint's queue pairs (all slots --
+        the queue pair's send credits -- were taken by operations in flight); cumulative, read-only."""
+        return sum(qp.slot_waits for qp in self._qps)
 
     # -- control ----------------------------------------------------------------
     async def _send_ping(self) -> None:
@@ -449,14 +460,21 @@ class Endpoint:
             raise UsageError("remote offset must be in 0..2**64-1")
         if self._prechecks:
             self._transport.check(op, what, key, remote_offset, length)
-        stripe = self._stripe
-        if stripe and length >= stripe and len(self._qps) > 1:
-            n = len(self._qps)
-            bounds = [length * i // n for i in range(n + 1)]
-            await _wait_all([self._post_single(op, what, mr, local_offset + lo, rkey, remote_offset + lo, hi - lo)
-                             for lo, hi in zip(bounds[:-1], bounds[1:])])
-            return
-        await self._post_single(op, what, mr, local_offset, rkey, remote_offset, length)
+        credits = self.credits
+        if credits is not None:
+            await credits.acquire(length)
+        try:
+            stripe = self._stripe
+            if stripe and length >= stripe and len(self._qps) > 1:
+                n = len(self._qps)
+                bounds = [length * i // n for i in range(n + 1)]
+                await _wait_all([self._post_single(op, what, mr, local_offset + lo, rkey, remote_offset + lo,
+                                                   hi - lo) for lo, hi in zip(bounds[:-1], bounds[1:])])
+                return
+            await self._post_single(op, what, mr, local_offset, rkey, remote_offset, length)
+        finally:
+            if credits is not None:
+                credits.release(length)
 
     async def _post_single(self, op: Op, what: str, mr: MemoryRegion, local_offset: int, rkey: RemoteKey,
                            remote_offset: int, length: int) -> int:
@@ -504,18 +522,26 @@ class Endpoint:
             if int(ln[start:end].sum()) > MAX_OP_BYTES:
                 raise UsageError(f"one batch request moves at most {MAX_OP_BYTES} bytes "
                                  f"(entries {start}..{end - 1} move more)")
+        credits = self.credits
+        nbytes = int(ln.sum()) if credits is not None else 0
+        if credits is not None:
+            await credits.acquire(nbytes)
         futs: list[asyncio.Future[int]] = []
         try:
-            for start, end in chunks:
-                qp = self._qp()
-                if not qp._free:
-                    await qp.wait_slot()
-                futs.append(qp.post_batch(op, rkey, ro[start:end], ln[start:end], local[start:end], mr, what))
-        except BaseException:
-            if futs:  # collect what was posted before failing (no orphaned futures)
-                await asyncio.gather(*futs, return_exceptions=True)
-            raise
-        await _wait_all(futs)
+            try:
+                for start, end in chunks:
+                    qp = self._qp()
+                    if not qp._free:
+                        await qp.wait_slot()
+                    futs.append(qp.post_batch(op, rkey, ro[start:end], ln[start:end], local[start:end], mr, what))
+            except BaseException:
+                if futs:  # collect what was posted before failing (no orphaned futures)
+                    await asyncio.gather(*futs, return_exceptions=True)
+                raise
+            await _wait_all(futs)
+        finally:
+            if credits is not None:
+                credits.release(nbytes)
 
     async def read_batch(self, local_mr: MemoryRegion, local_offsets: Any, key: RemoteKey, remote_offsets: Any,
                          lengths: Any) -> None:
@@ -543,10 +569,17 @@ class Endpoint:
             raise UsageError("atomic operands must fit in 64 bits")
         if self._prechecks:
             self._transport.check(op, what, key, offset, 8)
-        qp = self._qp()
-        if not qp._free:
-            await qp.wait_slot()
-        return await qp.post(op, rkey, offset, a & _U64, b & _U64, 0, None, what)
+        credits = self.credits
+        if credits is not None:
+            await credits.acquire(8)
+        try:
+            qp = self._qp()
+            if not qp._free:
+                await qp.wait_slot()
+            return await qp.post(op, rkey, offset, a & _U64, b & _U64, 0, None, what)
+        finally:
+            if credits is not None:
+                credits.release(8)
 
     async def fetch_add(self, key: RemoteKey, offset: int, value: int) -> int:
         """Atomically add ``value`` (mod 2**64) to the 8-byte aligned word; returns the old value."""

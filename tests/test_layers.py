@@ -15,7 +15,9 @@ flexemr's layers (``flexemr/__init__.py`` and ``docs/architecture.md``)::
     torch     TorchRec modules (extra)    core, client
     apps      cli, LocalCluster, demo...  core, client, server, torch
     bench     benchmarks                  core, client, server, apps, torch
-    __main__  the ``flexemr`` command     apps, bench
+    ray       on Ray (extra): actors,     core, client, server, apps
+              Serve rankers, its CLI
+    __main__  the ``flexemr`` command     apps, bench, ray
     flexemr   the package (re-exports)    core, client, server, apps; imported by nobody
 """
 
@@ -135,7 +137,9 @@ FLEXEMR_LAYERS: dict[str, set[str]] = {
     "flexemr.apps": {"flexemr.core", "flexemr.client", "flexemr.server", "flexemr.torch"},
     "flexemr.bench": {"flexemr.core", "flexemr.client", "flexemr.server", "flexemr.apps", "flexemr.torch",
                       "flexemr._native"},  # the kernel bench counts instructions inside the native calls
-    "flexemr.__main__": {"flexemr.apps", "flexemr.bench"},
+    # flexemr.ray runs the apps' servers and rankers on Ray: at the level of bench, above apps
+    "flexemr.ray": {"flexemr.core", "flexemr.client", "flexemr.server", "flexemr.apps"},
+    "flexemr.__main__": {"flexemr.apps", "flexemr.bench", "flexemr.ray"},
     "flexemr": {"flexemr.core", "flexemr.client", "flexemr.server", "flexemr.apps"},
 }
 

@@ -243,6 +243,27 @@ class DLRM:
         """MLP weights and biases (embedding tables excluded)."""
         return sum(int(w.size + b.size) for w, b in self.bottom_layers + self.top_layers)
 
+    @property
+    def activation_bytes_per_sample(self) -> int:
+        """NN memory one sample needs during :meth:`forward`: every float32 array it makes, per sample.
+
+        Dense input, each bottom layer's output, the stacked embeddings, the
+        interaction input ``t`` (``n x dim``), its Gram matrix (``n x n``), the
+        pairs, the top input, each top layer's output and the result -- their
+        sum, an upper bound of the peak (numpy frees some before others are
+        made).  A ranker declares it to its client
+        (``ClientOptions(nn_sample_bytes=...)``) so the cache gets what the NN
+        leaves of the memory budget (:class:`~flexemr.core.capacity.ActivationCapacity`).
+
+        >>> DLRM([TableSpec("a", 10, 4)], bottom=(8,), top=(8,)).activation_bytes_per_sample   # 4 * (13+12+4+8+4+1+5+9+1)
+        228
+        """
+        n = len(self.tables) + 1
+        floats = (self.dense_features + sum(int(w.shape[1]) for w, _ in self.bottom_layers)
+                  + len(self.tables) * self.dim + n * self.dim + n * n + self.num_pairs
+                  + self.dim + self.num_pairs + sum(int(w.shape[1]) for w, _ in self.top_layers) + 1)
+        return 4 * floats
+
     # ------------------------------------------------------------ forward
 
     @staticmethod

@@ -476,6 +476,8 @@ async def _rank(args: argparse.Namespace) -> dict[str, Any]:
             raise InputError("no samples to rank (is the input file empty?)")
         model = DLRM(specs, seed=args.model_seed, dense_features=int(batches[0].dense.shape[1]))
         reference = ReferenceTables(specs, args.seed) if args.check_samples > 0 else None
+    if options.get("adaptive") and "nn_sample_bytes" not in options:  # the cache gets what the NN leaves
+        options["nn_sample_bytes"] = model.activation_bytes_per_sample
     try:
         client = EmbeddingClient(config, transport=args.transport, **options)
     except TypeError as exc:  # a value of the wrong kind for an option

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from ..apps.cli import Command
 from ..apps.cli import main as flexemr_main
 from ..apps.cli_support import ArgumentParser
-from . import _compare, _kernel, _locality, _lookup, _soak
+from . import _compare, _kernel, _locality, _lookup, _predict, _priority, _skew, _soak, _swapin
 
 __all__ = ["CLI_COMMANDS", "COMMANDS", "BenchCommand", "main"]
 
@@ -40,6 +40,10 @@ COMMANDS: dict[str, BenchCommand] = {
     "compare": BenchCommand(_compare.HELP, _compare.configure, _compare.main),
     "soak": BenchCommand(_soak.HELP, _soak.configure, _soak.main),
     "kernel": BenchCommand(_kernel.HELP, _kernel.configure, _kernel.main),
+    "skew": BenchCommand(_skew.HELP, _skew.configure, _skew.main),
+    "priority": BenchCommand(_priority.HELP, _priority.configure, _priority.main),
+    "swapin": BenchCommand(_swapin.HELP, _swapin.configure, _swapin.main),
+    "predict": BenchCommand(_predict.HELP, _predict.configure, _predict.main),
 }
 
 

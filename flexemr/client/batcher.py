@@ -47,6 +47,7 @@ Reads and failover
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 from collections.abc import Callable
@@ -65,6 +66,8 @@ from ..core.split import SplitLookup, split_lookup
 from ..core.versioned import Ctl, ctl_offset, row_data, slot_bytes, validate_slots
 from .cache import ClientCache
 from .coherence import Coherence, GenCheck, GenToken
+from .lanes import ReadLane
+from .load import LoadTracker
 from .options import ClientOptions
 from .peers import Peers, Route
 
@@ -257,13 +260,19 @@ class Batcher:
 
     def __init__(self, plan: ShardingPlan, options: ClientOptions, metrics: LocalityMetrics,
                  reliability: ReliabilityMetrics, peers: Peers, coherence: Coherence,
-                 cache: ClientCache | None) -> None:
+                 cache: ClientCache | None, lane: ReadLane | None = None) -> None:
         self.plan = plan
+        #: [lanes] which replica and endpoint each read takes, and its credits (flexemr.client.lanes)
+        self.lane = lane if lane is not None else ReadLane("bulk", peers, LoadTracker(), metrics, balanced=False,
+                                                           split_bytes=1 << 62)
         self.metrics = metrics
         self.reliability = reliability
         self.peers = peers
         self.coherence = coherence
         self.cache = cache
+        #: [swapin] background reads (swap-in, predictions): not the ranker's load, so they neither feed
+        #: nor reset the adaptive cache capacity (else a swap-in after a grow would shrink the cache again)
+        self.background = False
         self.window_us = options.coalesce_window_us
         self.max_batch_rows = options.max_batch_rows
         self.max_reads = options.max_reads_per_request
@@ -524,7 +533,7 @@ class Batcher:
         if b is None:
             return
         self.pending = None
-        if self.cache is not None:
+        if self.cache is not None and not self.background:
             self.cache.idle_check()
         b.epoch = self.coherence.epoch
         shared = 0
@@ -588,9 +597,9 @@ class Batcher:
                 for (region, server), w in zip(ctl_pins, words.tolist()):
                     if (region, server) not in unread:
                         ctls[region][server] = Ctl(*w)
-                served = await self.coherence.check_members(
+                tokens = await self.coherence.check_members(
                     b.allowed, served, ctls, row_regions, lambda stale: self._reread(b, st, items, stale))
-                b.gens = {r: (served[r].server, served[r].incarnation, ctls[r][served[r].server].gen)
+                b.gens = {r: (tokens[r].server, tokens[r].incarnation, ctls[r][tokens[r].server].gen)
                           for r in b.gen_regions}
             for (split, base, nbytes), table in zip(splits, b.rows):
                 if table in self.vslot:
@@ -600,7 +609,7 @@ class Batcher:
             if b.gens:
                 self.coherence.observe(b.gens)
             m.batch_latency.observe(time.perf_counter() - t0)
-            if self.cache is not None:
+            if self.cache is not None and not self.background:
                 self.cache.batch_done(b.rows)
         except asyncio.CancelledError:
             b.error = ClosedError("client closed while the lookup was in flight")
@@ -624,13 +633,14 @@ class Batcher:
             if b.refs == 0:
                 self.release(b)
 
-    async def _reread(self, b: Batch, st: Staging, items: list[Item], regions: list[str]) -> dict[str, Route]:
+    async def _reread(self, b: Batch, st: Staging, items: list[Item],
+                      regions: list[str]) -> dict[str, list[Route]]:
         """Read the row groups of ``regions`` again (their replica was out of service)."""
         more, _ = await self.read_items(b, st, [it for it in items if it.pin is None and it.region in regions])
         return more
 
     async def read_items(self, b: Batch, st: Staging,
-                         items: list[Item]) -> tuple[dict[str, Route], set[tuple[str, str]]]:
+                         items: list[Item]) -> tuple[dict[str, list[Route]], set[tuple[str, str]]]:
         """Issue the reads of ``items``; a failed server's share is re-read elsewhere.
 
         Each round groups the reads by the server (and key) now serving their
@@ -638,26 +648,27 @@ class Batcher:
         which drops it from every route) and is re-issued in the next round.
         Rounds end when everything landed or a region has no replica left
         (:class:`TransportError`).  Items pinned to a replica are never re-issued
-        elsewhere.  Returns the route that served each region (unpinned items)
+        elsewhere.  Returns the routes that served each region (unpinned items; several when the
+        lane cut a region's reads over its replicas)
         and the ``(region, server)`` of every pinned item that could not be read.
         """
         m = self.metrics
         peers = self.peers
         step = self.max_reads
-        served: dict[str, Route] = {}
+        served: dict[str, list[Route]] = {}
         unread: set[tuple[str, str]] = set()
         pending = items
         while pending:
             groups: dict[tuple[str, str], tuple[Route, list[Item], list[IntArray]]] = {}
+            # [lanes] the lane picks the replica(s) of every region (by load: it may cut a region's reads)
+            routed = self.lane.routes([it for it in pending if it.pin is None], b.allowed)
             for item in pending:
-                if item.pin is None:
-                    route = peers.pick(item.region, b.allowed.get(item.region))
-                else:
-                    pinned = peers.routes.get((item.pin, item.region)) if peers.live(item.pin) else None
-                    if pinned is None:
+                if item.pin is not None:
+                    if not peers.live(item.pin) or (item.pin, item.region) not in peers.routes:
                         unread.add((item.region, item.pin))
                         continue
-                    route = pinned
+                    routed.append((item, self.lane.route(item.pin, item.region)))
+            for item, route in routed:
                 g = groups.get(route.group)
                 if g is None:
                     g = groups[route.group] = (route, [], [])
@@ -672,7 +683,8 @@ class Batcher:
                 m.bytes_read += int(ln.sum())
                 chunks = _chunks(ln, step, _MAX_REQUEST_BYTES)
                 m.subrequests += len(chunks)
-                coros = [route.endpoint.read_batch(st.mr, lo[s:e], route.key, ro[s:e], ln[s:e]) for s, e in chunks]
+                coros = [self.lane.issue(route.server, int(ln[s:e].sum()), e - s, functools.partial(  # [lanes] credits, load
+                    route.endpoint.read_batch, st.mr, lo[s:e], route.key, ro[s:e], ln[s:e])) for s, e in chunks]
                 if len(coros) == 1:
                     await coros[0]
                     return
@@ -694,7 +706,9 @@ class Batcher:
             pending = []
             for (route, its, _), r in zip(glist, results):
                 if r is None:
-                    served.update((item.region, route) for item in its if item.pin is None)
+                    for item in its:
+                        if item.pin is None and route not in served.setdefault(item.region, []):
+                            served[item.region].append(route)
                     continue
                 if not isinstance(r, rdmaio.RdmaioError) or isinstance(r, rdmaio.UsageError):
                     raise r

@@ -544,6 +544,26 @@ class RowCache:
         self._index = _HashIndex(capacity)
         self._index.put_absent(keys, new_slots)
 
+    def coldest(self, n: int) -> dict[str, IntArray]:
+        """The (up to) ``n`` cached rows the policy would evict next, per table (no use, nothing evicted).
+
+        >>> c = RowCache(3, row_bytes=4)
+        >>> c.insert("t", [1, 2, 3], np.zeros((3, 1), np.float32)); _ = c.lookup("t", [1])
+        >>> {t: v.tolist() for t, v in c.coldest(2).items()}
+        {'t': [2, 3]}
+        """
+        occ = np.flatnonzero(self._slot_key >= 0)
+        if n <= 0 or occ.size == 0:
+            return {}
+        if self._policy == "lru":
+            order = np.argsort(self._last_use[occ], kind="stable")
+        else:
+            order = np.lexsort((self._last_use[occ], self._freq[occ]))
+        keys = self._slot_key[occ[order[:n]]]
+        names = {i: t for t, i in self._tables.items()}
+        tidx = keys >> _ROW_BITS
+        return {names[int(i)]: np.sort(keys[tidx == i] & _MAX_ROW) for i in np.unique(tidx).tolist()}
+
     def entries(self, table: str) -> tuple[IntArray, IntArray, IntArray]:
         """``(ids, last_use, frequency)`` of the cached rows of ``table``, sorted by id (for inspection)."""
         tidx = self._table_index(table, create=False)

@@ -86,6 +86,14 @@ CASES: list[tuple[str, list[str], str, int]] = [
     ("bench-tables", ["bench", "compare", "--tables", "0"], "--tables must be >= 1", 1),
     ("bench-pooling", ["bench", "locality", "--pooling", "0"], "--pooling must be > 0", 1),
     ("soak-seconds", ["soak", "--seconds", "-1"], "--seconds must be > 0", 1),
+    # ray (checked before Ray is imported or a Ray cluster is asked)
+    ("ray-unknown", ["ray", "frob"], "invalid choice: 'frob'", 2),
+    ("ray-workers", ["ray", "up", "--config", "{c}", "--workers", "0"], "--workers must be >= 1", 1),
+    ("ray-client-option", ["ray", "up", "--config", "{c}", "--client-option", "foo"], "expects KEY=VALUE", 1),
+    ("ray-missing-config", ["ray", "up", "--config", "{dir}/nope.toml"], "cannot read cluster file", 1),
+    ("ray-url", ["ray", "rank", "--url", "ftp://x/y", "--config", "{c}", "--generate", "1", "--batch-size", "2"],
+     "--url must be http://HOST:PORT/PATH", 1),
+    ("ray-drain-timeout", ["ray", "down", "--drain-timeout", "-1"], "--drain-timeout must be >= 0", 1),
     # usage
     ("unknown-command", ["frob"], "invalid choice: 'frob'", 2),
     ("bad-option", ["serve", "--config", "{c}", "--server", "s0", "--bogus"], "unrecognized arguments: --bogus", 2),
@@ -128,7 +136,7 @@ def test_every_bad_input_gets_one_line(files: dict[str, str]) -> None:
     problems = []
     for (name, _, needle, code), argv, r in zip(CASES, argvs, results):
         lines = r.stderr.strip().splitlines()
-        cmd = argv[0] if argv[0] in ("serve", "rank", "gen", "demo", "bench", "soak") else ""
+        cmd = argv[0] if argv[0] in ("serve", "rank", "gen", "demo", "bench", "soak", "ray") else ""
         prefix = f"flexemr {cmd}".strip() + ": error: "
         if r.returncode != code or len(lines) != 1 or needle not in lines[0] or not lines[0].startswith(prefix) \
                 or "Traceback" in r.stderr:

@@ -342,7 +342,7 @@ async def test_a_replica_fenced_by_another_writer_is_never_read(cached: bool) ->
     async with LocalCluster(specs, servers=2, seed=3, replicas=2, versioned=True, in_process=True,
                             transport="tcp") as cluster:
         shard = cluster.plan.shards["emb"][0]
-        fenced = shard.replicas[0]                      # the primary: what a reader reads first
+        fenced = shard.replicas[0]                      # the primary
         ids = np.arange(shard.row_start, shard.row_start + 20)
         reader = await cluster.client(cache_bytes=1 << 20 if cached else 0)
         assert np.array_equal(await reader.lookup("emb", ids), cluster.model()["emb"][ids])   # cached now
@@ -357,6 +357,9 @@ async def test_a_replica_fenced_by_another_writer_is_never_read(cached: bool) ->
         new = np.full((ids.size, 8), 7.0, dtype=np.float32)
         await writer.update("emb", ids, new)            # acknowledged by the other replica alone
         assert writer.reliability.fenced >= 1
+        # load-aware reads would pick whichever replica looks faster: make it the fenced one
+        other = [s for s in shard.replicas if s != fenced][0]
+        reader._lanes.tracker.observe(other, work=1 << 10, ahead=0, seconds=100.0)
         got = await reader.lookup("emb", ids)
         assert np.array_equal(got, new), "a lookup begun after the update returned the fenced replica's rows"
         assert reader.reliability.stale_replica_reads >= 1
