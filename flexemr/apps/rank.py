@@ -62,7 +62,8 @@ from ..client.options import ClientOptions
 from ..client.prefetch import Prefetcher
 from ..core.config import ClusterConfig
 from ..core.errors import ConfigError, InputError
-from ..core.jagged import JaggedBatch, pool_bags
+from ..core import kernel
+from ..core.jagged import JaggedBatch
 from ..core.spec import TableSpec
 from .cli_support import blocking_section, check_range, run_interruptible
 from .criteo import criteo_format, read_criteo, write_sample
@@ -230,7 +231,7 @@ class Ranker:
         outs = []
         for (spec, base, count), t in zip(spans, self.model.tables):
             rows = buf[base : base + count * spec.row_bytes].view(spec.np_dtype).reshape(count, spec.dim)
-            outs.append(pool_bags(rows, batch.sparse.bag_offsets(t), "sum", dtype=np.float32))
+            outs.append(kernel.pool(rows, np.arange(count), batch.sparse.bag_offsets(t)).astype(np.float32, copy=False))
         return np.stack(outs, axis=1)
 
     # ------------------------------------------------------------- checking

@@ -12,7 +12,8 @@ Life of a lookup (``Batcher.lookup``, ids validated by the client)::
         split_lookup(sorted_unique=True: no second validation or unique; runs of
         consecutive rows -> one read), one read_batch per server (shards of a
         server share its arena region), all into one registered staging buffer
-    each caller: rows = staging_view[searchsorted(batch_rows, uniq)[inverse]]
+    each caller: the kernel gathers (or pools) its occurrences straight from
+        staging_view[searchsorted(batch_rows, uniq)[inverse]] (one copy)
 
 Coalescing window
     The first caller that adds rows to an empty pending batch schedules its
@@ -49,12 +50,14 @@ import asyncio
 import functools
 import logging
 import time
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import numpy as np
 import numpy.typing as npt
 import rdmaio
 
+from ..core import kernel
 from ..core.errors import ClosedError, FlexEMRError, TransportError
 from ..core.metrics import LocalityMetrics, ReliabilityMetrics
 from ..core.plan import ShardingPlan
@@ -68,16 +71,17 @@ from .load import LoadTracker
 from .options import ClientOptions
 from .peers import Peers, Route
 
-__all__ = ["Batch", "Batcher", "Item", "StagingPool", "caller_error", "unique_inverse"]
+__all__ = ["Batch", "Batcher", "Item", "RowUser", "StagingPool", "caller_error", "unique_inverse"]
 
 log = logging.getLogger(__name__)
 
 IntArray = npt.NDArray[np.int64]
 Request = tuple[str, TableSpec, IntArray]  #: (table, spec, sorted unique or raw physical ids)
+#: ``use(i, rows, idx)`` of :meth:`Batcher.fetch_rows`: request ``i``'s row ``j`` is ``rows[idx[j]]`` (``idx`` None: ``rows[j]``)
+RowUser = Callable[[int, npt.NDArray[Any], "IntArray | None"], None]
 
 _ALIGN = 64
 _MIN_STAGING = 1 << 16
-_EMPTY = np.zeros(0, dtype=np.int64)
 #: Longest single read, and most bytes per read_batch request (rdmaio caps a request at 1 GiB).
 _MAX_READ_BYTES = 64 << 20
 _MAX_REQUEST_BYTES = 256 << 20
@@ -226,14 +230,12 @@ class Batch:
 
 
 class _Job:
-    __slots__ = ("table", "spec", "ids", "uniq", "inverse", "sources", "hit", "hit_rows", "gen", "gen_batch")
+    __slots__ = ("table", "spec", "uniq", "sources", "hit", "hit_rows", "gen", "gen_batch")
 
-    def __init__(self, table: str, spec: TableSpec, ids: IntArray) -> None:
+    def __init__(self, table: str, spec: TableSpec, uniq: IntArray) -> None:
         self.table = table
         self.spec = spec
-        self.ids = ids
-        self.uniq: IntArray = _EMPTY
-        self.inverse: IntArray = _EMPTY
+        self.uniq: IntArray = uniq
         self.sources: list[Batch] = []
         self.hit: npt.NDArray[np.bool_] | None = None
         self.hit_rows: npt.NDArray[Any] | None = None
@@ -296,34 +298,52 @@ class Batcher:
     # ------------------------------------------------------------- lookups
 
     async def lookup(self, reqs: list[Request], t0: float) -> list[npt.NDArray[Any]]:
-        """Rows ``[len(ids), dim]`` per ``(table, spec, physical ids)`` (validated); ``t0``: when the call began."""
+        """Rows ``[len(ids), dim]`` per ``(table, spec, physical ids)`` (validated); ``t0``: when the call began.
+
+        One copy per row: the kernel gathers every occurrence straight from
+        the staging buffer its row landed in (or the cache's copy) into the
+        output.
+        """
         m = self.metrics
         m.lookups += 1
-        live: list[tuple[str, TableSpec, IntArray, IntArray]] = []
-        for table, spec, ids in reqs:
+        live: list[tuple[int, IntArray, IntArray]] = []
+        outs: list[npt.NDArray[Any]] = []
+        for i, (table, spec, ids) in enumerate(reqs):
+            outs.append(np.empty((ids.size, spec.dim), dtype=spec.np_dtype))
             if ids.size:
                 uniq, inverse = unique_inverse(ids, spec.num_rows)
                 m.ids_requested += int(ids.size)
-                live.append((table, spec, uniq, inverse))
+                live.append((i, uniq, inverse))
+
+        def put(k: int, rows: npt.NDArray[Any], idx: IntArray | None) -> None:
+            i, _, inverse = live[k]
+            kernel.gather(rows, inverse if idx is None else idx[inverse], out=outs[i])
+
         try:
-            rows = await self.fetch_unique([(t, s, u) for t, s, u, _ in live], probe=True)
+            await self.fetch_rows([(reqs[i][0], reqs[i][1], u) for i, u, _ in live], probe=True, use=put)
         except BaseException:
             m.errors += 1
             raise
-        got = iter(zip(live, rows))
-        outs: list[npt.NDArray[Any]] = []
-        for table, spec, ids in reqs:
-            if ids.size:
-                (_, _, _, inverse), r = next(got)
-                outs.append(r[inverse])
-            else:
-                outs.append(np.empty((0, spec.dim), dtype=spec.np_dtype))
         m.lookup_latency.observe(time.perf_counter() - t0)
         return outs
 
     async def fetch_unique(self, reqs: list[Request], *, probe: bool) -> list[npt.NDArray[Any]]:
-        """Rows ``[len(uniq), dim]`` for sorted unique physical ids, per request.
+        """Rows ``[len(uniq), dim]`` for sorted unique physical ids, per request (see :meth:`fetch_rows`)."""
+        outs: list[npt.NDArray[Any]] = [np.empty((0, spec.dim), dtype=spec.np_dtype) for _, spec, _ in reqs]
 
+        def keep(i: int, rows: npt.NDArray[Any], idx: IntArray | None) -> None:
+            outs[i] = kernel.gather(rows, np.arange(rows.shape[0]) if idx is None else idx)
+
+        await self.fetch_rows(reqs, probe=probe, use=keep)
+        return outs
+
+    async def fetch_rows(self, reqs: list[Request], *, probe: bool, use: RowUser) -> None:
+        """Read the rows of sorted unique physical ids, per request, and hand them to ``use``.
+
+        ``use(i, rows, idx)`` is called once per request ``i`` with a non-empty
+        id array, while the rows are valid: the row of ``uniq[j]`` is
+        ``rows[idx[j]]`` (``rows[j]`` when ``idx`` is ``None``); ``rows`` is
+        usually a view of a staging buffer, reused once ``use`` returns.
         ``probe``: look the ids up in the cache first (else the caller did).
         Misses go through in-flight dedup and the pending (coalescing) batch;
         the rows read are inserted into the cache unless an invalidation
@@ -347,8 +367,6 @@ class Batcher:
                         batches[id(b)] = b
             m.unique_ids += int(uniq.size)
             job.uniq = miss
-            job.inverse = np.arange(miss.size, dtype=np.int64)
-            job.ids = miss
             if miss.size:
                 job.sources = self._place(table, miss)
                 for b in job.sources:
@@ -368,22 +386,27 @@ class Batcher:
                 if job.gen is not None:
                     assert job.hit_rows is not None
                     await self.refresh_stale(job.table, job.spec, job.gen, job.hit_rows, job.gen_batch)
-            outs: list[npt.NDArray[Any]] = []
             epoch = self.coherence.epoch
-            for job in jobs:
+            for i, job in enumerate(jobs):
+                if job.uniq.size == 0 and job.hit is None:
+                    continue
+                fill = cache is not None and job.uniq.size > 0 and all(b.epoch == epoch for b in job.sources)
+                if job.hit is None and not fill:
+                    use(i, *self._source(job))
+                    continue
                 miss_rows = self._gather(job)
-                if cache is not None and job.uniq.size and all(b.epoch == epoch for b in job.sources):
+                if fill:
+                    assert cache is not None
                     cache.fill(job.table, job.uniq, miss_rows)
                 if job.hit is None:
-                    outs.append(miss_rows)
+                    use(i, miss_rows, None)
                     continue
                 rows = np.empty((job.hit.size, job.spec.dim), dtype=job.spec.np_dtype)
                 rows[job.hit] = job.hit_rows
                 rows[~job.hit] = miss_rows
-                outs.append(rows)
+                use(i, rows, None)
             if cache is not None:
                 cache.sync_metrics()
-            return outs
         finally:
             for b in batches.values():
                 b.refs -= 1
@@ -470,16 +493,26 @@ class Batcher:
                 self.timer = loop.call_later(self.window_us / 1e6, self.launch)
         return b
 
-    def _gather(self, job: _Job) -> npt.NDArray[Any]:
-        """Copy a caller's rows out of the staging views of the batches it depends on."""
-        spec = job.spec
-        if job.ids.size == 0:
-            return np.empty((0, spec.dim), dtype=spec.np_dtype)
+    def _source(self, job: _Job) -> tuple[npt.NDArray[Any], IntArray | None]:
+        """``(rows, idx)``: where a caller's rows are (``rows[idx[j]]`` is the row of ``job.uniq[j]``).
+
+        One batch holds them all (the usual case): its staging view, no copy;
+        else they are copied out of every batch (:meth:`_gather`).
+        """
         if len(job.sources) == 1:
             b = job.sources[0]
             rows = b.rows[job.table]
-            idx = job.inverse if rows.size == job.uniq.size else np.searchsorted(rows, job.uniq)[job.inverse]
-            return b.views[job.table][idx]
+            return b.views[job.table], None if rows.size == job.uniq.size else np.searchsorted(rows, job.uniq)
+        return self._gather(job), None
+
+    def _gather(self, job: _Job) -> npt.NDArray[Any]:
+        """Copy a caller's rows out of the staging views of the batches it depends on."""
+        spec = job.spec
+        if job.uniq.size == 0:
+            return np.empty((0, spec.dim), dtype=spec.np_dtype)
+        if len(job.sources) == 1:
+            rows, idx = self._source(job)
+            return kernel.gather(rows, np.arange(rows.shape[0]) if idx is None else idx)
         out = np.empty((job.uniq.size, spec.dim), dtype=spec.np_dtype)
         for b in job.sources:
             rows = b.rows[job.table]
@@ -487,7 +520,7 @@ class Batcher:
             np.minimum(pos, rows.size - 1, out=pos)
             hit = rows[pos] == job.uniq
             out[hit] = b.views[job.table][pos[hit]]
-        return out[job.inverse]
+        return out
 
     # ------------------------------------------------------------- batches
 

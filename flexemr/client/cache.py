@@ -72,6 +72,16 @@ class ClientCache:
         m.cache_misses += int(uniq.size) - nh
         return hit, hit_rows, nh
 
+    def probe_slots(self, table: str, uniq: IntArray) -> tuple[npt.NDArray[np.bool_], IntArray, int]:
+        """``(hit mask, slots of the hits, number of hits)``: :meth:`probe` without copying the rows, which
+        the caller reads in place from ``self.rows.rows_view(table)[slots]`` before anything is inserted."""
+        hit, slots = self.rows.lookup_slots(table, uniq)
+        nh = int(slots.size)
+        m = self.metrics
+        m.cache_hits += nh
+        m.cache_misses += int(uniq.size) - nh
+        return hit, slots, nh
+
     def fill(self, table: str, ids: IntArray, rows: npt.NDArray[Any]) -> None:
         """Cache rows just read."""
         self.rows.insert(table, ids, rows)

@@ -90,8 +90,9 @@ class ClientOptions:
         to the pooling cost model.
     server_pooling:
         Let :meth:`~flexemr.EmbeddingClient.lookup_pooled` ask servers to pool
-        (per ``(server, bag)`` by the cost model of
-        :func:`~flexemr.core.pooling.choose_pooling`).
+        when measured lookups say it is faster
+        (:class:`~flexemr.core.pooling.PoolingCost`; per shard by the byte
+        model of :func:`~flexemr.core.pooling.choose_pooling`).
     remap:
         A :class:`~flexemr.RowRemap` the servers' tables were stored with:
         ids are translated logical -> physical before splitting.
