@@ -82,6 +82,8 @@ class SwapIn:
 
     def observe(self, reqs: Sequence[tuple[str, TableSpec, IntArray]]) -> None:
         """The physical ids of one lookup (called before it is sent); may start a predictive read."""
+        if not (self.enabled or self.predict_rows):  # nothing reads the sketch: do not pay for it
+            return
         hot = self.hot
         hot.advance()
         for table, _, ids in reqs:

@@ -68,8 +68,8 @@ class FrequencySketch:
         if keys.size == 0:
             return
         cells = self._cells(keys)
-        for d in range(self.depth):
-            np.add.at(self.counts[d], cells[d], 1)
+        cells += (np.arange(self.depth, dtype=np.intp) * self.width)[:, None]  # one flat add for every row
+        np.add.at(self.counts.reshape(-1), cells.reshape(-1), 1)
         self._added += int(keys.size)
         if self._added >= self.reset_every:
             self.counts >>= 1
@@ -123,12 +123,15 @@ class HotRows:
             return
         self.sketch.add(self._keys(table, uniq))
         c = self._cands.setdefault(table, _Candidates())
-        ids_all = np.concatenate((c.ids, uniq))
-        last_all = np.concatenate((c.last, np.full(uniq.size, self.tick, dtype=np.int64)))
-        order = np.lexsort((-last_all, ids_all))  # by id, the latest tick first
-        ids_all, last_all = ids_all[order], last_all[order]
-        first = np.concatenate(([True], ids_all[1:] != ids_all[:-1]))
-        ids_all, last_all = ids_all[first], last_all[first]
+        # merge two sorted unique arrays: candidates seen again get this tick, new ones are inserted in order
+        pos = np.searchsorted(c.ids, uniq)
+        seen = pos < c.ids.size
+        seen[seen] = c.ids[pos[seen]] == uniq[seen]
+        last_all = c.last.copy()
+        last_all[pos[seen]] = self.tick
+        new = ~seen
+        ids_all = np.insert(c.ids, pos[new], uniq[new])
+        last_all = np.insert(last_all, pos[new], self.tick)
         if ids_all.size > self.limit:
             est = self.sketch.estimate(self._keys(table, ids_all))
             keep = np.sort(np.argpartition(-est, self.limit - 1)[: self.limit])

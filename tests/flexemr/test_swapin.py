@@ -7,6 +7,8 @@ from collections.abc import Awaitable, Callable
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from flexemr import ConfigError, JaggedBatch, LocalCluster, TableSpec
 from flexemr.apps.dlrm import DLRM
@@ -51,6 +53,27 @@ def test_hot_rows_rank_by_frequency_and_predict_with_recency() -> None:
     for i in range(20):                                   # the candidate set stays bounded
         hot.observe("t", np.arange(100 + 10 * i, 110 + 10 * i))
     assert hot.candidates("t").size == 8 and hot.hottest("u", 3).size == 0
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.lists(st.integers(0, 300), max_size=40), min_size=1, max_size=12))
+def test_hot_rows_track_every_candidate_and_when_it_was_last_seen(batches: list[list[int]]) -> None:
+    """Under the limit the candidates are exactly the ids seen, sorted, each with its last batch; the sketch's
+    estimate of an id is at least the number of batches it was seen in."""
+    hot = HotRows(limit=1000, width=1 << 12)
+    last: dict[int, int] = {}
+    seen: dict[int, int] = {}
+    for tick, ids in enumerate(batches):
+        hot.observe("t", np.array(ids, dtype=np.int64))
+        for i in set(ids):
+            last[i] = tick
+            seen[i] = seen.get(i, 0) + 1
+        hot.advance()
+    cands = hot.candidates("t")
+    assert cands.tolist() == sorted(last)
+    if cands.size:
+        assert hot._cands["t"].last.tolist() == [last[i] for i in sorted(last)]
+        assert (hot.estimate("t", cands) >= np.array([seen[i] for i in sorted(last)])).all()
 
 
 def test_activation_capacity_follows_the_window_of_batch_sizes() -> None:
