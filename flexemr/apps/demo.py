@@ -64,6 +64,8 @@ import numpy as np
 from ..client.client import EmbeddingClient
 from ..client.options import ClientOptions
 from ..core.errors import ConfigError, FlexEMRError
+from .blas import add_option as add_blas_option
+from .blas import limit_threads
 from .cli_support import blocking_section, check_range, run_interruptible
 from .cluster import LocalCluster
 from .dlrm import DLRM, ReferenceTables, auto_scale, criteo_specs
@@ -209,6 +211,7 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--only", action="append", default=[], metavar="NAME",
                    help="run only this configuration (repeatable); names as printed")
     add_progress_option(p)
+    add_blas_option(p)
     p.add_argument("--model", choices=["numpy", "torchrec"], default="numpy",
                    help="numpy: flexemr's DLRM, every technique (default); torchrec: TorchRec's DLRM with its "
                         "EmbeddingBagCollection served remotely (needs the torch extra: make torch)")
@@ -233,6 +236,9 @@ async def run_demo(args: argparse.Namespace, *, client_cls: type = EmbeddingClie
     check_range("--scale", args.scale, above=0)
     check_range("--cache-mb", args.cache_mb, 0)
     check_range("--check-samples", args.check_samples, 0)
+    check_range("--blas-threads", getattr(args, "blas_threads", 0), 0)
+    if getattr(args, "blas_threads", 0):
+        limit_threads(args.blas_threads)
     require_matplotlib()
     if getattr(args, "model", "numpy") == "torchrec":
         return await _run_torchrec(args)

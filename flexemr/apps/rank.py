@@ -65,6 +65,8 @@ from ..core.errors import ConfigError, InputError
 from ..core import kernel
 from ..core.jagged import JaggedBatch
 from ..core.spec import TableSpec
+from .blas import add_option as add_blas_option
+from .blas import limit_threads
 from .cli_support import blocking_section, check_range, run_interruptible
 from .criteo import criteo_format, read_criteo, write_sample
 from .dlrm import DLRM, ReferenceTables, head_of
@@ -420,6 +422,7 @@ def _validate_rank_args(args: argparse.Namespace) -> None:
     check_range("--check-samples", args.check_samples, 0)
     check_range("--prefetch", args.prefetch, 0)
     check_range("--seconds", args.seconds, above=0)
+    check_range("--blas-threads", getattr(args, "blas_threads", 0), 0)
 
 
 def techniques(client: EmbeddingClient, *, naive: bool = False, prefetch: int = 0) -> str:
@@ -466,6 +469,7 @@ def configure(p: argparse.ArgumentParser) -> None:
                    help="rdmaio transport: verbs when an RDMA device is up, else tcp (default auto)")
     p.add_argument("--seconds", type=float, help="stop timing after this many seconds (default: rank every batch)")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
+    add_blas_option(p)
     add_progress_option(p)
 
 
@@ -619,6 +623,8 @@ async def _rank_batches(args: argparse.Namespace, config: ClusterConfig, options
 def main(args: argparse.Namespace) -> int:
     """Run ``flexemr rank``; exit code 0, or 1 when a checked CTR differs from the reference by > 1e-4."""
     _validate_rank_args(args)
+    if getattr(args, "blas_threads", 0):
+        limit_threads(args.blas_threads)
     out = run_interruptible(lambda: _rank(args))
     res = out["result"]
     if args.json:
