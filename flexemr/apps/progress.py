@@ -7,7 +7,9 @@ installed), and only for work that lasts longer than a second
 (:attr:`Bars.delay`); ``--progress`` shows them at once, also into a pipe or
 a file; ``--no-progress`` never.  tqdm is imported only when a bar is drawn:
 with bars off, nothing needs it, and a missing tqdm with ``--progress`` is one
-:class:`~flexemr.ConfigError` line naming the extra.
+:class:`~flexemr.ConfigError` line naming the extra.  In a Jupyter kernel
+(the apps called from Python with ``Bars(True)``) bars are tqdm's notebook
+widgets (``tqdm.auto``).
 
 >>> bars = Bars.from_flag(False)
 >>> with bars.bar(total=3, desc="demo") as bar:
@@ -113,7 +115,10 @@ class Bars:
         if not self.enabled:
             return _Off()
         require("tqdm", "progress bars (--progress)")
-        from tqdm import tqdm
+        if self.file is None:     # a Jupyter kernel gets tqdm's notebook widget, a console the text bar
+            from tqdm.auto import tqdm
+        else:
+            from tqdm import tqdm
 
         return tqdm(total=total, desc=desc, unit=unit, unit_scale=unit_scale, leave=leave,
                     delay=self.delay if delay is None else delay, file=self.file or sys.stderr,

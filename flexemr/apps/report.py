@@ -155,15 +155,17 @@ def plot_panels(path: str | os.PathLike[str], title: str, labels: Sequence[str],
                 txt = "n/a" if v is None else _label(panel.fmt, v)
                 ax.text(max(b.get_x() + b.get_width(), floor), b.get_y() + b.get_height() / 2, " " + txt,
                         va="center", fontsize=8)
-        ax.set_title(panel.heading, fontsize=10)
+        many = len(panel.series) > 1
+        ax.set_title(panel.heading, fontsize=10, loc="left" if many else "center")
         ax.set_xlabel(panel.unit + (" (log scale)" if panel.log else ""), fontsize=9)
         ax.grid(axis="x", alpha=0.3)
         if panel.log and shown:
             ax.set_xlim(min(shown) / 3, max(shown) * 4)
         else:
             ax.margins(x=0.2)
-        if len(panel.series) > 1:
-            ax.legend(fontsize=8, loc="lower right")
+        if many:  # above the plot, right of its title: never over a bar's value label
+            ax.legend(fontsize=8, loc="lower right", bbox_to_anchor=(1.0, 1.0), ncol=len(panel.series),
+                      frameon=False, borderaxespad=0.1, handlelength=1.2, columnspacing=0.8)
     axes[0].set_yticks(ys)
     axes[0].set_yticklabels(labels, fontsize=8)
     top.suptitle(title, fontsize=12, x=0.01, ha="left")

@@ -130,6 +130,7 @@ class PoolChannel:
         self._futs[rid] = fut
         try:
             self._metrics.pool_bytes_sent += await send_message(self.channel, rid, parts)
+            self._metrics.pool_rpcs += 1
         except BaseException as exc:
             # the reader may have failed this future meanwhile (the channel closed while we
             # waited for credits): retrieve that, so it is not reported as never retrieved

@@ -177,6 +177,7 @@ class LocalityMetrics(ClientMetrics):
         cache_capacity       current capacity in rows (a gauge)
         pooled_lookups       lookup_pooled calls
         pooled_subrequests   (server, table) sub-requests sent as pooling RPCs
+        pool_rpcs            pooling RPCs sent (one per lookup and server: all its tables in one request)
         raw_subrequests      (server, table) sub-requests served by one-sided reads
         pooled_bags          (server, bag) partials computed by servers
         pooled_rows          rows pooled on servers (occurrences)
@@ -214,6 +215,7 @@ class LocalityMetrics(ClientMetrics):
     cache_capacity: int = 0
     pooled_lookups: int = 0
     pooled_subrequests: int = 0
+    pool_rpcs: int = 0
     raw_subrequests: int = 0
     pooled_bags: int = 0
     pooled_rows: int = 0
@@ -234,7 +236,7 @@ class LocalityMetrics(ClientMetrics):
     _COUNTERS: ClassVar[tuple[str, ...]] = ClientMetrics._COUNTERS + (
         "cache_hits", "cache_misses", "cache_inserts", "cache_evictions", "cache_invalidations", "cache_stale_hits",
         "cache_resizes",
-        "cache_capacity", "pooled_lookups", "pooled_subrequests", "raw_subrequests", "pooled_bags", "pooled_rows",
+        "cache_capacity", "pooled_lookups", "pooled_subrequests", "pool_rpcs", "raw_subrequests", "pooled_bags", "pooled_rows",
         "local_pooled_rows", "pool_bytes_sent", "pool_bytes_received", "pool_fallbacks",
         "prefetched_batches", "replica_moves", "off_primary_reads", "split_reads", "priority_lookups",
         "priority_demoted", "swapin_rows", "swapin_rounds", "predicted_rows")

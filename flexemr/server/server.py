@@ -62,7 +62,7 @@ import os
 import secrets
 import socket
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -121,15 +121,19 @@ class _CountedPoolService(PoolService):
         super().__init__(plan, shards, arrays)
         self._stats = stats
 
-    def handle(self, data: Buffer) -> list[Buffer]:
+    def handle_many(self, requests: Sequence[Buffer]) -> list[list[Buffer]]:
+        # the one entry of every request (serve -> submit -> one call per batch of waiting requests, run on a
+        # worker thread, one call at a time): each request of a call is counted with the call's compute time
         t0 = time.perf_counter()
-        out = super().handle(data)
+        outs = super().handle_many(requests)
+        dt = time.perf_counter() - t0
         st = self._stats
-        st.pool_latency.observe(time.perf_counter() - t0)
-        st.pool_requests += 1
-        st.pool_bytes_received += memoryview(data).nbytes
-        st.pool_bytes_sent += sum(memoryview(p).nbytes for p in out)
-        return out
+        for data, out in zip(requests, outs):
+            st.pool_latency.observe(dt)
+            st.pool_requests += 1
+            st.pool_bytes_received += memoryview(data).nbytes
+            st.pool_bytes_sent += sum(memoryview(p).nbytes for p in out)
+        return outs
 
 
 def _load_npy(path: str | os.PathLike[str], table: str, shape: tuple[int, int], dtype: np.dtype[Any]) -> np.ndarray:

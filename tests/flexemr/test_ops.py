@@ -92,10 +92,10 @@ async def test_a_running_server_is_scraped() -> None:
         assert _value(s, "flexemr_server_pool_sent_bytes_total", server="s0") > 0
         assert _value(s, "flexemr_server_pool_channels", server="s0") == 1
         assert s[("process_resident_memory_bytes", ())] > 0  # the process collector of flexemr serve
-        # both servers together answered every pooling sub-request the client sent
+        # both servers together answered every pooling request the client sent
         s1 = _samples((await _aget(cluster.metrics_url("s1") + "/metrics"))[1])
         assert requests + _value(s1, "flexemr_server_pool_requests_total", server="s1") \
-            == client.metrics.pooled_subrequests
+            == client.metrics.pool_rpcs
         assert await _aget(cluster.metrics_url("s0") + "/healthz") == (200, "ok\n")
         assert await _aget(cluster.metrics_url("s0") + "/readyz") == (200, "ready\n")
         code, body = await _aget(cluster.metrics_url("s0") + "/nope")
