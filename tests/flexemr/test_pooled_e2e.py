@@ -129,7 +129,8 @@ async def test_cost_model_choice_is_used() -> None:
 
 
 @pytest.mark.parametrize("transport", transports_xfail_verbs(
-    "the test counts requests inside a wall-clock pause (0.3-0.5 s) that one lookup outlasts in the emulated VM"))
+    "the test counts requests inside a wall-clock pause (0.3-0.5 s) that one lookup can outlast in the emulated "
+    "VM (failed in a loaded run, passed in the next)"))
 async def test_failed_pooling_requests_fall_back_to_raw_reads(transport: str) -> None:
     """A pooling channel that breaks or answers with an error costs bytes, never the lookup."""
     from flexemr.core.poolwire import encode_error
