@@ -10,7 +10,9 @@ demo: .venv/.installed
 test:
 	bash scripts/test.sh
 
+# the TorchRec CPU peer is installed first (idempotent), so that it is measured in the same run
 bench: .venv/.installed
+	bash scripts/install-torch.sh
 	.venv/bin/python -m rdmaio.bench
 	.venv/bin/python -m flexemr bench
 

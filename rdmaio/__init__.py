@@ -11,6 +11,7 @@ responsibility each (lower layers never import higher ones; see docs/architectur
     _region.py    MemoryRegion and the RegionTable that owns regions
     transports/   the transport seam (base.py) and the tcp and verbs transports
     _channel.py   two-sided message channels on write-with-immediate + credits
+    _credits.py   Credits: a FIFO window of operations and bytes (flow control per class of traffic)
     _core.py      an engine's state, shared by its listeners and endpoints
     _endpoint.py  Endpoint: read/write/batches/atomics, queue-pair selection
     _listener.py  Listener: sessions, key lookups, channel admission
@@ -21,6 +22,7 @@ Importing rdmaio changes nothing global: no logging config, no environment edits
 """
 
 from ._channel import Channel
+from ._credits import Credits
 from ._endpoint import Endpoint
 from ._engine import Engine
 from ._errors import (
@@ -57,6 +59,7 @@ __all__ = [
     "Channel",
     "ChannelRefusedError",
     "ClosedError",
+    "Credits",
     "Endpoint",
     "EndpointBrokenError",
     "Engine",

@@ -41,6 +41,7 @@ import numpy as np
 
 from ._channel import MAX_CHANNELS, Channel, bind_channel, make_rings, route_imm
 from ._control import ClientProtocol
+from ._credits import Credits
 from ._errors import (
     ChannelRefusedError,
     ClosedError,
@@ -67,10 +68,12 @@ __all__ = ["Endpoint", "open_endpoint"]
 _U64 = (1 << 64) - 1
 
 
-async def open_endpoint(core: Core, host: str, port: int, timeout: float, device: str | None = None) -> Endpoint:
+async def open_endpoint(core: Core, host: str, port: int, timeout: float, device: str | None = None,
+                        credits: Credits | None = None) -> Endpoint:
     """Connect an endpoint to the listener at ``host:port`` (the whole handshake within ``timeout``),
     on the NIC named ``device`` or else the one that reaches the peer."""
     ep = Endpoint(core, (host, port))
+    ep.credits = credits
     await ep._open(timeout, device)
     return ep
 
@@ -255,6 +258,8 @@ class Endpoint:
         self._last_rx = self._loop.time()
         self._res = _Resources(self._channels)
         self._finalizer: weakref.finalize | None = None
+        #: the :class:`Credits` window every one-sided operation takes from (``Engine.connect(credits=...)``)
+        self.credits: Credits | None = None
 
     async def _open(self, timeout: float, device: str | None = None) -> None:
         """The handshake: the transport dials the peer through this endpoint's control connection."""
@@ -361,6 +366,12 @@ class Endpoint:
         if not isinstance(us, int) or isinstance(us, bool) or not 0 <= us <= 10_000:
             raise UsageError("busy_poll_us must be an int in 0..10000")
         self._busy_poll = us
+
+    @property
+    def slot_waits(self) -> int:
+        """Operations that waited for a free slot on one of this endpoint's queue pairs (all slots --
+        the queue pair's send credits -- were taken by operations in flight); cumulative, read-only."""
+        return sum(qp.slot_waits for qp in self._qps)
 
     # -- control ----------------------------------------------------------------
     async def _send_ping(self) -> None:
@@ -526,6 +537,23 @@ class Endpoint:
             raise UsageError("remote offset must be in 0..2**64-1")
         if self._prechecks:
             self._transport.check(op, what, key, remote_offset, length)
+        credits = self.credits
+        if credits is not None:
+            return self._credited(credits, length, op, what, mr, local_offset, key, remote_offset, length)
+        return self._dispatch(op, what, mr, local_offset, key, remote_offset, length)
+
+    async def _credited(self, credits: Credits, nbytes: int, op: Op, what: str, mr: MemoryRegion,
+                        local_offset: int, key: RemoteKey, remote_offset: int, length: int) -> Any:
+        """:meth:`_dispatch` inside the endpoint's credit window (taken before posting, given back at the end)."""
+        await credits.acquire(nbytes)
+        try:
+            return await self._dispatch(op, what, mr, local_offset, key, remote_offset, length)
+        finally:
+            credits.release(nbytes)
+
+    def _dispatch(self, op: Op, what: str, mr: MemoryRegion, local_offset: int, key: RemoteKey,
+                  remote_offset: int, length: int) -> Awaitable[Any]:
+        """Post a checked read or write: striped, or on the chosen queue pair (busy-polled if asked)."""
         stripe = self._stripe
         if stripe and length >= stripe and len(self._qps) > 1:
             n = len(self._qps)
@@ -591,20 +619,28 @@ class Endpoint:
             if int(ln[start:end].sum()) > MAX_OP_BYTES:
                 raise UsageError(f"one batch request moves at most {MAX_OP_BYTES} bytes "
                                  f"(entries {start}..{end - 1} move more)")
+        credits = self.credits
+        nbytes = int(ln.sum()) if credits is not None else 0
+        if credits is not None:
+            await credits.acquire(nbytes)
         futs: list[asyncio.Future[int]] = []
         try:
-            for start, end in chunks:
-                qp = self._qp()
-                if not qp._free:
-                    await qp.wait_slot()
-                futs.append(qp.post_batch(op, rkey, ro[start:end], ln[start:end], local[start:end], mr, what))
-            if len(futs) == 1 and self._busy_poll and not futs[0].done():
-                qp.busy_poll(futs[0], self._busy_poll)
-        except BaseException:
-            if futs:  # collect what was posted before failing (no orphaned futures)
-                await asyncio.gather(*futs, return_exceptions=True)
-            raise
-        await _wait_all(futs)
+            try:
+                for start, end in chunks:
+                    qp = self._qp()
+                    if not qp._free:
+                        await qp.wait_slot()
+                    futs.append(qp.post_batch(op, rkey, ro[start:end], ln[start:end], local[start:end], mr, what))
+                if len(futs) == 1 and self._busy_poll and not futs[0].done():
+                    qp.busy_poll(futs[0], self._busy_poll)
+            except BaseException:
+                if futs:  # collect what was posted before failing (no orphaned futures)
+                    await asyncio.gather(*futs, return_exceptions=True)
+                raise
+            await _wait_all(futs)
+        finally:
+            if credits is not None:
+                credits.release(nbytes)
 
     async def read_batch(self, local_mr: MemoryRegion, local_offsets: Any, key: RemoteKey, remote_offsets: Any,
                          lengths: Any) -> None:
@@ -632,13 +668,20 @@ class Endpoint:
             raise UsageError("atomic operands must fit in 64 bits")
         if self._prechecks:
             self._transport.check(op, what, key, offset, 8)
-        qp = self._qp()
-        if not qp._free:
-            await qp.wait_slot()
-        fut = qp.post(op, rkey, offset, a & _U64, b & _U64, 0, None, what)
-        if self._busy_poll and not fut.done():
-            qp.busy_poll(fut, self._busy_poll)
-        return await fut
+        credits = self.credits
+        if credits is not None:
+            await credits.acquire(8)
+        try:
+            qp = self._qp()
+            if not qp._free:
+                await qp.wait_slot()
+            fut = qp.post(op, rkey, offset, a & _U64, b & _U64, 0, None, what)
+            if self._busy_poll and not fut.done():
+                qp.busy_poll(fut, self._busy_poll)
+            return await fut
+        finally:
+            if credits is not None:
+                credits.release(8)
 
     async def fetch_add(self, key: RemoteKey, offset: int, value: int) -> int:
         """Atomically add ``value`` (mod 2**64) to the 8-byte aligned word; returns the old value."""

@@ -22,6 +22,7 @@ from typing import Any, Literal
 from . import _auth as auth
 from ._channel import ChannelHandler
 from ._core import Config, Core, creation_site, warn_unclosed
+from ._credits import Credits
 from ._endpoint import Endpoint, open_endpoint
 from ._errors import EndpointBrokenError, TimeoutError, UsageError
 from ._keys import Access
@@ -350,7 +351,8 @@ class Engine:
         return Listener(self._core, host, port, backlog)
 
     async def connect(self, host: str, port: int, *, timeout: float | None = None, retries: int = 0,
-                      backoff: float = 0.05, max_backoff: float = 2.0, device: str | None = None) -> Endpoint:
+                      backoff: float = 0.05, max_backoff: float = 2.0, device: str | None = None,
+                      credits: Credits | None = None) -> Endpoint:
         """Open an :class:`Endpoint` to a peer engine's listener.
 
         With ``retries``, a refused or failed attempt is retried after an exponential
@@ -358,14 +360,25 @@ class Engine:
         retrying cannot fix (authentication, protocol) are raised at once.  ``device``
         places the endpoint on that NIC of a multi-device engine instead of the one
         that reaches ``host``.
+
+        ``credits``: a :class:`Credits` window every one-sided operation of the
+        endpoint takes from before it is posted (a read or write: its bytes; a batch
+        request: the bytes of all its entries, one operation; an atomic: 8 bytes) and
+        gives back when it has ended.  Endpoints to the same peer with separate windows
+        are separate classes of traffic: each has its own queue pairs and sockets, and
+        one class can never take the other's credits.  Several endpoints may share one
+        window.  Channel messages are flow-controlled by the channel's own credits.
         """
+        if credits is not None and not isinstance(credits, Credits):
+            raise UsageError(f"credits must be an rdmaio.Credits or None, got {type(credits).__name__}")
         core = self._core
         core.check_started()
         delay = backoff
         for attempt in range(retries + 1):
             try:
                 return await open_endpoint(core, host, port,
-                                           timeout if timeout is not None else core.config.connect_timeout, device)
+                                           timeout if timeout is not None else core.config.connect_timeout,
+                                           device, credits)
             except (EndpointBrokenError, TimeoutError):
                 if attempt == retries:
                     raise

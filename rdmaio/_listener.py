@@ -300,3 +300,8 @@ class Listener:
     @property
     def closed(self) -> bool:
         return self._closed
+
+    @property
+    def sessions(self) -> int:
+        """Control sessions open now (one per connected endpoint of a peer); read-only."""
+        return len(self._sessions)

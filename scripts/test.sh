@@ -2,7 +2,7 @@
 # The project's test command (README: `make test`).
 #
 # 1. system packages for the verbs suite (root + apt only), then .venv with the
-#    test, bench, apps and docs extras and the torch extra (make torch)
+#    test, bench, apps, docs and ray extras and the torch extra (make torch)
 # 2. the whole suite on this host (verbs tests skip here: no RDMA stack)
 # 3. the verbs suite inside the Soft-RoCE VM, then the flexemr end-to-end tests
 #    on verbs there, each with the number of tests executed printed and checked,
@@ -14,7 +14,7 @@ mkdir -p .cache
 
 have_vm=1
 bash scripts/system-deps.sh || have_vm=0
-bash scripts/install.sh test,bench,apps,docs
+bash scripts/install.sh test,bench,apps,docs,ray
 # the torch extra (flexemr.torch, the TorchRec peer): pinned CPU torch + TorchRec without deps
 bash scripts/install-torch.sh
 PY=.venv/bin/python

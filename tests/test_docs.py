@@ -32,7 +32,7 @@ from . import chromium
 pytestmark = pytest.mark.timeout(300)
 
 ROOT = Path(__file__).resolve().parent.parent
-PACKAGES = ("rdmaio", "flexemr", "flexemr.torch")
+PACKAGES = ("rdmaio", "flexemr", "flexemr.torch", "flexemr.ray")
 DOCS_TOOLS = (("mkdocs", "mkdocs"), ("material", "mkdocs-material"), ("mkdocstrings_handlers.python", "mkdocstrings[python]"))
 
 

@@ -15,7 +15,9 @@ flexemr's layers (``flexemr/__init__.py`` and ``docs/architecture.md``)::
     torch     TorchRec modules (extra)    core, client
     apps      cli, LocalCluster, demo...  core, client, server, torch
     bench     benchmarks                  core, client, server, apps, torch
-    __main__  the ``flexemr`` command     apps, bench
+    ray       on Ray (extra): actors,     core, client, server, apps
+              Serve rankers, its CLI
+    __main__  the ``flexemr`` command     apps, bench, ray
     flexemr   the package (re-exports)    core, client, server, apps; imported by nobody
 """
 
@@ -135,7 +137,9 @@ FLEXEMR_LAYERS: dict[str, set[str]] = {
     "flexemr.apps": {"flexemr.core", "flexemr.client", "flexemr.server", "flexemr.torch"},
     "flexemr.bench": {"flexemr.core", "flexemr.client", "flexemr.server", "flexemr.apps", "flexemr.torch",
                       "flexemr._native"},  # the kernel bench counts instructions inside the native calls
-    "flexemr.__main__": {"flexemr.apps", "flexemr.bench"},
+    # flexemr.ray runs the apps' servers and rankers on Ray: at the level of bench, above apps
+    "flexemr.ray": {"flexemr.core", "flexemr.client", "flexemr.server", "flexemr.apps"},
+    "flexemr.__main__": {"flexemr.apps", "flexemr.bench", "flexemr.ray"},
     "flexemr": {"flexemr.core", "flexemr.client", "flexemr.server", "flexemr.apps"},
 }
 
@@ -210,3 +214,26 @@ def test_rdmaio_transports_never_reach_back_into_the_front() -> None:
 def test_rdmaio_module_sizes() -> None:
     lines = {mod: len(path.read_text().splitlines()) for mod, path in _modules("rdmaio").items()}
     assert {m: n for m, n in lines.items() if n > 800} == {}
+
+
+# --------------------------------------------------------------------------- optional libraries
+
+#: The apps extra's libraries (figures, progress bars, Criteo/Parquet files): imported where used, never on import.
+APPS_LIBRARIES = ("matplotlib", "tqdm", "pyarrow")
+
+
+def test_importing_the_packages_imports_no_optional_library() -> None:
+    """``import rdmaio`` loads none of the apps extra's libraries nor flexemr's TOML writer; ``import flexemr``
+    (and the ``flexemr`` command's module, which builds every command) none of the apps extra's."""
+    import subprocess
+    import sys
+
+    code = ("import sys\n"
+            "import rdmaio\n"
+            "rd = sorted(m for m in sys.modules if m.split('.')[0] in {libs!r} + ('tomli_w',))\n"
+            "import flexemr, flexemr.__main__, flexemr.apps.demo, flexemr.apps.rank, flexemr.bench.__main__\n"
+            "fx = sorted(m for m in sys.modules if m.split('.')[0] in {libs!r})\n"
+            "assert not rd and not fx, (rd, fx)\n"
+            "assert 'flexemr.apps.criteo' in sys.modules and 'tomli_w' in sys.modules\n").format(libs=APPS_LIBRARIES)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr

@@ -22,6 +22,9 @@
 
 #include <pthread.h>
 #include <signal.h>
+#if defined(__GLIBC__) || defined(__linux__)
+#include <malloc.h>
+#endif
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -333,27 +336,35 @@ typedef struct {
     int64_t job, u0, u1;
 } task_t;
 
-typedef struct {
+typedef struct batch batch_t;
+struct batch {
     fxk_job *jobs;
     task_t *tasks;
     int64_t n_tasks;
     int64_t next; /* next task to take (atomic) */
     pool_fn pool;
-} batch_t;
+    void (*run)(batch_t *b, int64_t t); /* runs task t */
+    void *ctx;                          /* what `run` needs besides jobs/tasks */
+};
 
 static void fail(fxk_job *j, int code) {
     int expected = FXK_OK;
     __atomic_compare_exchange_n(&j->status, &expected, code, 0, __ATOMIC_RELAXED, __ATOMIC_RELAXED);
 }
 
+/* Task t of a pooling/gather batch: a range of units of one job. */
+static void run_job_task(batch_t *b, int64_t t) {
+    task_t *tk = &b->tasks[t];
+    fxk_job *j = &b->jobs[tk->job];
+    if (__atomic_load_n(&j->status, __ATOMIC_RELAXED) != FXK_OK) return;
+    if (run_range(j, tk->u0, tk->u1, b->pool)) fail(j, FXK_EBADID);
+}
+
 static void run_tasks(batch_t *b) {
     for (;;) {
         int64_t t = __atomic_fetch_add(&b->next, 1, __ATOMIC_RELAXED);
         if (t >= b->n_tasks) return;
-        task_t *tk = &b->tasks[t];
-        fxk_job *j = &b->jobs[tk->job];
-        if (__atomic_load_n(&j->status, __ATOMIC_RELAXED) != FXK_OK) continue;
-        if (run_range(j, tk->u0, tk->u1, b->pool)) fail(j, FXK_EBADID);
+        b->run(b, t);
     }
 }
 
@@ -497,7 +508,7 @@ int fxk_run(fxk_job *jobs, int64_t n_jobs, int threads) {
                 u0 = u1;
             }
         }
-        batch_t b = {jobs, tasks, n, 0, pool};
+        batch_t b = {jobs, tasks, n, 0, pool, run_job_task, NULL};
         int workers = threads - 1;
         if ((int64_t)workers > n - 1) workers = (int)(n - 1);
         if (workers > 0) run_parallel(&b, workers);
@@ -535,4 +546,23 @@ int fxk_use_isa(const char *name) {
         }
     }
     return -1;
+}
+
+/* ------------------------------------------------------------ partition */
+
+#include "partition.h"
+
+/* ------------------------------------------------------------ allocator */
+
+int fxk_tune_malloc(int64_t mmap_threshold, int64_t trim_threshold) {
+#if defined(M_MMAP_THRESHOLD) && defined(M_TRIM_THRESHOLD)
+    if (mmap_threshold < 0 || mmap_threshold > INT32_MAX || trim_threshold < 0 || trim_threshold > INT32_MAX) return -1;
+    if (!mallopt(M_MMAP_THRESHOLD, (int)mmap_threshold)) return -1;
+    if (!mallopt(M_TRIM_THRESHOLD, (int)trim_threshold)) return -1;
+    return 0;
+#else
+    (void)mmap_threshold;
+    (void)trim_threshold;
+    return -1;
+#endif
 }

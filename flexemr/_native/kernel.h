@@ -88,3 +88,57 @@ const char *fxk_isa(void);
 /* Use code path `name` from now on (process-wide); 0, or -1 when this build
  * or CPU does not have it. */
 int fxk_use_isa(const char *name);
+
+/* ------------------------------------------------------------ partition
+ *
+ * One table's occurrences (ids, bags by offsets) split by where their rows
+ * live, for hierarchical pooling: the table's rows are cut into bands, band i
+ * holding rows [band_start[i], band_start[i+1]) (the last one up to
+ * num_rows; band_start sorted, band_start[0] == 0).  An occurrence k whose id
+ * lies in band i goes to output slot band_slot[i] (when >= 0) as the id
+ * relative to its band, id - band_start[i], an int32 (and its weight, when
+ * weights are given); slots keep the bag grouping: slot s's occurrences of
+ * bag b are slot_ids[s][slot_offsets[s * (num_bags + 1) + b] ..
+ * slot_offsets[s * (num_bags + 1) + b + 1]), in the order of ids.
+ * Occurrences of a band whose slot is -1, and those with skip[k] != 0 (skip
+ * may be NULL), go to the rest: their positions k, by bag, in rest_pos[
+ * rest_offsets[b] .. rest_offsets[b + 1]) (rest_offsets and rest_pos may be
+ * NULL when nothing goes there; an occurrence that would is then FXK_EARG).
+ * slot_ids[s] and slot_weights[s] must hold n_ids entries (the most a slot
+ * can get); rest_pos too.  Ids are checked against num_rows (FXK_EBADID,
+ * bad_pos), offsets like a pooling job's (FXK_EOFFSETS); a band must hold
+ * fewer than 2^31 rows (FXK_EARG). */
+typedef struct {
+    const void *ids;
+    int32_t id_bytes;        /* 4 or 8 */
+    int32_t _pad;
+    int64_t n_ids;
+    const int64_t *offsets;  /* [num_bags + 1] */
+    int64_t num_bags;
+    int64_t num_rows;
+    const float *weights;    /* NULL or [n_ids] */
+    const uint8_t *skip;     /* NULL or [n_ids] */
+    const int64_t *band_start; /* [n_bands] */
+    const int32_t *band_slot;  /* [n_bands]: output slot, or -1 (the rest) */
+    int64_t n_bands;
+    int64_t n_slots;
+    int64_t *slot_offsets;   /* [n_slots * (num_bags + 1)] */
+    int32_t **slot_ids;      /* [n_slots] pointers to n_ids int32 each */
+    float **slot_weights;    /* [n_slots] pointers (with weights), or NULL */
+    int64_t *rest_offsets;   /* [num_bags + 1] or NULL */
+    int64_t *rest_pos;       /* [n_ids] or NULL */
+    int64_t rest_count;      /* result: occurrences in the rest */
+    int32_t status;
+    int32_t _pad2;
+    int64_t bad_pos;
+} fxk_part;
+
+/* Partition n parts (tables), spread over up to `threads` threads; returns
+ * FXK_OK or the status of the first failing part. */
+int fxk_partition(fxk_part *parts, int64_t n, int threads);
+
+/* glibc's malloc: blocks up to mmap_threshold bytes come from the heap, and
+ * the heap keeps up to trim_threshold free bytes instead of returning them
+ * (mallopt M_MMAP_THRESHOLD, M_TRIM_THRESHOLD).  0, or -1 where that is not
+ * available (another libc) or a value is refused. */
+int fxk_tune_malloc(int64_t mmap_threshold, int64_t trim_threshold);

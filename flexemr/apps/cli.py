@@ -12,15 +12,32 @@ into one line; what the commands share otherwise is in :mod:`flexemr.apps.cli_su
 
 ``serve``
     ``flexemr serve --config cluster.toml --server s0 [--seed 0] [--npy TABLE=PATH ...]``
-    runs one embedding server until SIGINT/SIGTERM (exit code 0).  When the
-    server listens it prints one line to stdout::
+    runs one embedding server until SIGINT/SIGTERM.  When the server listens it
+    prints one line to stdout::
 
         flexemr: server s0 ready on 127.0.0.1:7000 (2 shards, 1.0 MiB, tcp)
 
     or, with ``--ready-json``, one JSON object
-    ``{"event": "ready", "server": "s0", "host": ..., "port": ..., "pid": ...}``.
+    ``{"event": "ready", "server": "s0", "host": ..., "port": ..., "pid": ..., "metrics_port": ...}``.
     ``--exit-on-stdin-eof`` also stops it when its standard input closes (how
     :class:`flexemr.LocalCluster` makes sure no server outlives its parent).
+    ``--metrics-port P`` serves Prometheus metrics and the health endpoints
+    (``/metrics``, ``/healthz``, ``/readyz``: :mod:`flexemr.server.metrics`) on
+    ``--metrics-host`` (default: the listening host), port ``P`` (0: any free
+    port), from before the shards are loaded.  SIGTERM (or SIGINT, or stdin's
+    end) *drains* the server (:meth:`~flexemr.EmbeddingServer.drain`: not ready,
+    sessions ended so rankers move to replicas, in-flight work finished, at
+    most ``--drain-timeout`` s), then it exits with code 0; a second signal
+    during the drain closes it at once.
+
+``health``
+    ``flexemr health --port P [--host H] [--live]``: asks a server's
+    ``/readyz`` (``--live``: ``/healthz``), prints the answer, exits 0 when it
+    is healthy, 1 otherwise (an exec probe for Kubernetes or systemd).
+    Filling the shards (seeded values, or rows copied from ``.npy`` files)
+    shows a progress bar on stderr when it takes more than a second and
+    stderr is a terminal (``--progress`` / ``--no-progress``:
+    :mod:`flexemr.apps.progress`).
 """
 
 from __future__ import annotations
@@ -34,6 +51,8 @@ import signal
 import sys
 import threading
 import traceback
+import urllib.error
+import urllib.request
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
@@ -43,6 +62,8 @@ from ..core.config import ClusterConfig, table_files
 from ..core.errors import FlexEMRError
 from ..server.server import EmbeddingServer
 from .cli_support import ArgumentParser, Interrupted, check_range, describe_os_error
+from .progress import Bars, as_callback
+from .progress import add_option as add_progress_option
 
 __all__ = ["COMMANDS", "Command", "build_parser", "main"]
 
@@ -76,6 +97,13 @@ def _serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--workers", type=int, default=2, help="rdmaio progress workers (default 2)")
     p.add_argument("--ready-json", action="store_true", help="announce readiness as one JSON line on stdout")
     p.add_argument("--exit-on-stdin-eof", action="store_true", help="shut down when stdin is closed")
+    p.add_argument("--metrics-port", type=int, metavar="PORT",
+                   help="serve Prometheus metrics and /healthz, /readyz on this port (0: any; default: off)")
+    p.add_argument("--metrics-host", metavar="HOST",
+                   help="listen for metrics on this host (default: the server's listening host)")
+    p.add_argument("--drain-timeout", type=float, default=10.0, metavar="SECONDS",
+                   help="on SIGTERM, drain for at most this long before closing (default 10)")
+    add_progress_option(p)
 
 
 def _parse_npy(items: Sequence[str]) -> dict[str, str]:
@@ -104,30 +132,61 @@ async def _serve(args: argparse.Namespace) -> int:
     check_range("--workers", args.workers, 1, 64)
     if args.port is not None:
         check_range("--port", args.port, 0, 65535)
+    if args.metrics_port is not None:
+        check_range("--metrics-port", args.metrics_port, 0, 65535)
+    check_range("--drain-timeout", args.drain_timeout, 0)
     config = ClusterConfig.from_toml(args.config)
+    bar = Bars.from_args(args).bar(desc=f"filling the shards of {args.server}", unit="B", unit_scale=True)
     server = EmbeddingServer(config, args.server, host=args.host, port=args.port, seed=args.seed,
                              npy={**table_files(args.config), **_parse_npy(args.npy)},  # --npy overrides the file
                              transport=args.transport,
-                             engine_options={"workers": args.workers})
+                             engine_options={"workers": args.workers}, fill_progress=as_callback(bar))
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
+    signals = 0
+
+    def on_signal() -> None:
+        nonlocal signals
+        signals += 1
+        stop.set()
+        if signals > 1 and server.state == "draining":
+            log.warning("second signal: closing server %s without finishing the drain", server.name)
+            loop.create_task(server.aclose())
+
     for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(sig, on_signal)
     if args.exit_on_stdin_eof:
         _watch_stdin(loop, stop)
+    metrics = None
     try:
+        if args.metrics_port is not None:  # before the shards load: liveness answers, readiness says "starting"
+            from prometheus_client import CollectorRegistry, ProcessCollector
+
+            from ..server.metrics import serve_metrics
+
+            registry = CollectorRegistry()
+            ProcessCollector(registry=registry)
+            host = args.metrics_host or (args.host if args.host is not None else config.address(args.server).host)
+            metrics = serve_metrics(server, host, args.metrics_port, loop=loop, registry=registry)
         async with server:
+            bar.close()                                    # cleared before the ready line
             addr = server.address
             if args.ready_json:
                 line = json.dumps({"event": "ready", "server": server.name, "host": addr.host, "port": addr.port,
-                                   "pid": os.getpid(), "transport": server.engine.transport})
+                                   "pid": os.getpid(), "transport": server.engine.transport,
+                                   "metrics_port": None if metrics is None else metrics.port})
             else:
                 line = (f"flexemr: server {server.name} ready on {addr} ({len(server.shards)} shards, "
-                        f"{server.arena_bytes / (1 << 20):.1f} MiB, {server.engine.transport})")
+                        f"{server.arena_bytes / (1 << 20):.1f} MiB, {server.engine.transport})"
+                        + ("" if metrics is None else f"; metrics on {metrics.url}/metrics"))
             print(line, flush=True)
             await stop.wait()
-            log.info("server %s shutting down", server.name)
+            took = await server.drain(args.drain_timeout)
+            print(f"flexemr: server {server.name} drained in {took:.2f} s; exiting", file=sys.stderr, flush=True)
     finally:
+        if metrics is not None:
+            metrics.close()
+        bar.close()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.remove_signal_handler(sig)
     return 0
@@ -135,6 +194,34 @@ async def _serve(args: argparse.Namespace) -> int:
 
 def _serve_main(args: argparse.Namespace) -> int:
     return rdmaio.run(_serve(args))
+
+
+# ------------------------------------------------------------------ health
+
+
+def _health_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--host", default="127.0.0.1", help="the server's metrics host (default 127.0.0.1)")
+    p.add_argument("--port", type=int, required=True, help="the server's --metrics-port")
+    p.add_argument("--live", action="store_true", help="check liveness (/healthz) instead of readiness (/readyz)")
+    p.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for the answer (default 5)")
+
+
+def _health_main(args: argparse.Namespace) -> int:
+    check_range("--port", args.port, 1, 65535)
+    check_range("--timeout", args.timeout, above=0)
+    path = "/healthz" if args.live else "/readyz"
+    url = f"http://{args.host}:{args.port}{path}"
+    try:
+        with urllib.request.urlopen(url, timeout=args.timeout) as resp:  # noqa: S310 - http only, built above
+            print(f"flexemr health: {url}: {resp.read().decode(errors='replace').strip()}")
+            return 0
+    except urllib.error.HTTPError as exc:
+        body = exc.read().decode(errors="replace").strip()
+        print(f"flexemr health: {url}: {exc.code} {body}")
+        return 1
+    except (urllib.error.URLError, OSError) as exc:
+        reason = getattr(exc, "reason", exc)
+        raise FlexEMRError(f"cannot reach {url}: {reason}") from None
 
 
 # --------------------------------------- demo / rank / gen (modules imported when the parser is built)
@@ -181,6 +268,7 @@ def _gen_main(args: argparse.Namespace) -> int:
 #: The applications' subcommands: name -> :class:`Command` (``flexemr/__main__.py`` adds the benchmarks').
 COMMANDS: dict[str, Command] = {
     "serve": Command("run one embedding server of a cluster file", _serve_args, _serve_main),
+    "health": Command("ask a running server whether it is ready (or alive)", _health_args, _health_main),
     "demo": Command("serve a DLRM end to end on local embedding servers (no configuration)", _demo_args, _demo_main),
     "rank": Command("rank requests with a DLRM against running `flexemr serve` servers", _rank_args, _rank_main),
     "gen": Command("write a Criteo-shaped cluster file, a synthetic Criteo TSV or a lookup trace", _gen_args,

@@ -117,11 +117,16 @@ class LocalCluster:
         here are seeded.  A wrong table, shape or dtype raises
         :class:`ConfigError`.
 
+    metrics:
+        Serve every server's Prometheus metrics and health endpoints on a free
+        port (``flexemr serve --metrics-port 0``); :meth:`metrics_url` says where.
+
     Notes
     -----
     Failure injection (tests, soak): :meth:`kill` (SIGKILL by default, or
     SIGSTOP to hang a server), :meth:`resume` (SIGCONT) and :meth:`restart`
-    (a fresh server process on the same port).
+    (a fresh server process on the same port).  :meth:`drain` stops a server
+    the way an operator does (SIGTERM: :meth:`EmbeddingServer.drain`).
     """
 
     def __init__(
@@ -142,6 +147,7 @@ class LocalCluster:
         replicas: int = 1,
         versioned: bool = False,
         weights: Mapping[str, npt.ArrayLike] | None = None,
+        metrics: bool = False,
     ) -> None:
         spec_list = list(specs.values()) if isinstance(specs, Mapping) else list(specs)
         if isinstance(plan, ShardingPlan):
@@ -180,6 +186,9 @@ class LocalCluster:
         self.client_options = dict(client_options or {})
         self.startup_timeout = startup_timeout
         self.stop_timeout = stop_timeout
+        self.metrics = bool(metrics)
+        self._metrics_ports: dict[str, int] = {}
+        self._metrics_servers: dict[str, Any] = {}
         self._config: ClusterConfig | None = None
         self._tmp: tempfile.TemporaryDirectory[str] | None = None
         self._procs: dict[str, asyncio.subprocess.Process] = {}
@@ -213,6 +222,12 @@ class LocalCluster:
     def pids(self) -> dict[str, int]:
         """Server name -> process id (subprocess mode)."""
         return {name: p.pid for name, p in self._procs.items()}
+
+    def metrics_url(self, name: str) -> str:
+        """``http://host:port`` of server ``name``'s metrics and health endpoints (``metrics=True``)."""
+        if name not in self._metrics_ports:
+            raise ConfigError(f"server {name!r} serves no metrics (LocalCluster(metrics=True) starts them)")
+        return f"http://{self.host}:{self._metrics_ports[name]}"
 
     def server(self, name: str) -> EmbeddingServer:
         """An in-process server object (``in_process=True`` only)."""
@@ -290,8 +305,21 @@ class LocalCluster:
             server = EmbeddingServer(self.plan, name, host=self.host, port=0, seed=self.seed, npy=self._npy,
                                      transport=self.transport, engine_options={"workers": self.server_workers})
             self._servers[name] = server
+            await self._serve_metrics(name, server)
             await server.start()
         return {name: s.address for name, s in self._servers.items()}
+
+    async def _serve_metrics(self, name: str, server: EmbeddingServer) -> None:
+        if not self.metrics:
+            return
+        from ..server.metrics import serve_metrics
+
+        old = self._metrics_servers.pop(name, None)
+        if old is not None:
+            old.close()
+        ms = serve_metrics(server, self.host, self._metrics_ports.get(name, 0))
+        self._metrics_servers[name] = ms
+        self._metrics_ports[name] = ms.port
 
     async def _start_processes(self) -> dict[str, ServerAddress]:
         assert self._tmp is not None
@@ -311,6 +339,7 @@ class LocalCluster:
                 sys.executable, "-m", "flexemr", "serve", "--config", str(config_path), "--server", name,
                 "--seed", str(self.seed), "--transport", self.transport, "--workers", str(self.server_workers),
                 "--ready-json", "--exit-on-stdin-eof",
+                *(("--metrics-port", str(self._metrics_ports.get(name, 0))) if self.metrics else ()),
                 *(arg for t, path in self._npy.items() for arg in ("--npy", f"{t}={path}")),
                 stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=errlog,
             )
@@ -348,6 +377,25 @@ class LocalCluster:
         elif sig == signal.SIGSTOP:
             await _stopped(proc.pid, 5.0)
 
+    async def drain(self, name: str, timeout: float = 10.0) -> int | None:
+        """Drain server ``name`` as an operator would (module docstring of :mod:`flexemr.server.server`).
+
+        Subprocess mode: SIGTERM, then wait until the process exits; returns its
+        exit code (0 after a clean drain).  In-process: :meth:`EmbeddingServer.drain`
+        with ``timeout``; returns ``None``.
+        """
+        self._check_running(name)
+        if self.in_process:
+            await self._servers[name].drain(timeout)
+            return None
+        proc = self._procs[name]
+        if proc.returncode is None:
+            try:
+                proc.send_signal(signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+        return await proc.wait()
+
     async def resume(self, name: str) -> None:
         """SIGCONT a server stopped with ``kill(name, signal.SIGSTOP)``."""
         self._check_running(name)
@@ -372,6 +420,7 @@ class LocalCluster:
             server = EmbeddingServer(self.plan, name, host=addr.host, port=addr.port, seed=self.seed, npy=self._npy,
                                      transport=self.transport, engine_options={"workers": self.server_workers})
             self._servers[name] = server
+            await self._serve_metrics(name, server)
             await server.start()
             return
         old_proc = self._procs.get(name)
@@ -397,6 +446,8 @@ class LocalCluster:
             except ValueError:
                 continue
             if isinstance(msg, dict) and msg.get("event") == "ready":
+                if msg.get("metrics_port") is not None:
+                    self._metrics_ports[name] = int(msg["metrics_port"])
                 log.info("server %s (pid %d) ready on %s:%s", name, proc.pid, msg["host"], msg["port"])
                 return name, ServerAddress(str(msg["host"]), int(msg["port"]))
 
@@ -451,6 +502,8 @@ class LocalCluster:
                 await c.aclose()
             for s in self._servers.values():
                 await s.aclose()
+            for ms in self._metrics_servers.values():
+                ms.close()
             await asyncio.gather(*(self._stop_process(n, p) for n, p in self._procs.items()),
                                  return_exceptions=True)
         finally:

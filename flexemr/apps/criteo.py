@@ -1,6 +1,6 @@
-"""Criteo's TSV click-log format: a vectorised reader, id hashing and a synthetic sample writer.
+"""Criteo click logs: a pyarrow reader of TSV and Parquet files, id hashing and a synthetic sample writer.
 
-Format (Criteo Kaggle ``train.txt`` / Criteo 1TB ``day_N``): one sample per
+TSV format (Criteo Kaggle ``train.txt`` / Criteo 1TB ``day_N``): one sample per
 line, 40 tab-separated fields::
 
     label  I1 ... I13  C1 ... C26
@@ -8,20 +8,27 @@ line, 40 tab-separated fields::
 
 Any ``I``/``C`` field may be empty (missing); the label may not.  ``\\r\\n``
 line ends are accepted.  With ``has_label=False`` (Kaggle's ``test.txt``)
-lines have 39 fields.
+lines have 39 fields.  Compressed files are read as they are: ``.gz``,
+``.bz2``, ``.zst``, ``.lz4``.  Parquet (``.parquet``/``.pq``): columns named
+``label``, ``I1``..``I13``, ``C1``..``C26`` (other columns are ignored);
+``I`` columns integers, ``C`` columns hex strings or integers; a null is a
+missing value (:func:`write_sample` writes both formats).
 
-Parsing is vectorised per chunk of bytes: separators are found with one
-comparison over the chunk, every field's characters are gathered into a
-``[fields, max_len]`` matrix and converted column by column (at most 18
-steps), so no Python code runs per line or per field.  A malformed line
-raises :class:`CriteoFormatError` with its 1-based line number.
+Reading goes through pyarrow (the ``apps`` extra): ``pyarrow.csv``'s streaming
+reader splits lines and fields in C++ (every field as bytes), then each column
+is checked and converted whole -- integers by ``pyarrow.compute.cast`` after a
+byte-class check (decimal only: no spaces, ``+`` or ``0x``), hex strings by a
+table lookup and a few 64-bit shifts in numpy -- so no Python code runs per
+line or per field.  A malformed line raises :class:`CriteoFormatError` with
+its 1-based line number (for Parquet: its row number), naming the field and
+quoting the value.
 
 Categorical values become table rows with :func:`hash_ids`, a stable 64-bit
 mix (splitmix64 finaliser) of ``(value, feature)`` modulo the table size; a
 missing categorical value gives an empty bag.  Dense features go through
 DLRM's ``log(1 + max(x, 0))`` (:meth:`CriteoRecords.dense_features`).
 
-:func:`write_sample` writes *synthetic* files in this format (categorical
+:func:`write_sample` writes *synthetic* files in these formats (categorical
 values drawn from the calibrated workload generator, so they have the skew of
 real traces); the real dataset is never downloaded or shipped.
 
@@ -39,10 +46,13 @@ flexemr.apps.criteo.CriteoFormatError: line 7: expected 40 tab-separated fields,
 
 from __future__ import annotations
 
+import io
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import numpy.typing as npt
@@ -50,13 +60,18 @@ import numpy.typing as npt
 from ..core.errors import InputError
 from ..core.jagged import JaggedBatch
 from ..core.spec import TableSpec
+from .criteo_columns import BadValue, arrow, convert, field_names
 from .dlrm import CATEGORICAL_FEATURES, CRITEO_KAGGLE_CARDINALITIES, NUM_DENSE, dense_transform
 from .workload import PROFILE_2022, Profile, generate
+
+if TYPE_CHECKING:
+    import pyarrow as pa
 
 __all__ = [
     "CRITEO_POSITIVE_RATE",
     "CriteoFormatError",
     "CriteoRecords",
+    "criteo_format",
     "hash_ids",
     "parse_criteo",
     "read_criteo",
@@ -65,36 +80,37 @@ __all__ = [
 ]
 
 IntArray = npt.NDArray[np.int64]
+BoolArray = npt.NDArray[np.bool_]
+#: ``progress(done, total)``: bytes of the file read for TSV (compressed bytes when compressed), rows for Parquet.
+ReadProgress = Callable[[int, int], None]
 
 NUM_CAT = len(CATEGORICAL_FEATURES)
 #: Fraction of clicks in Criteo Kaggle's training set (about 25.6 %); used by :func:`write_sample`.
 CRITEO_POSITIVE_RATE = 0.256
-_TAB, _NL, _CR, _MINUS = 9, 10, 13, 45
-_MAX_DEC = 18  # digits that always fit in int64
-_MAX_HEX = 15
+_PARQUET_SUFFIXES = (".parquet", ".pq")
+_COMPRESSION = {".gz": "gzip", ".bz2": "bz2", ".zst": "zstd", ".lz4": "lz4"}
+_ARROW_BLOCK = 1 << 20             # pyarrow.csv's block: several per read block, parsed in parallel
+_WRITE_ROWS = 1 << 16               # rows per chunk (and Parquet row group) that write_sample writes
 
-_DEC = np.full(256, 255, dtype=np.uint8)
-_DEC[48:58] = np.arange(10)
-_HEX = _DEC.copy()
-_HEX[97:103] = np.arange(10, 16)
-_HEX[65:71] = np.arange(10, 16)
+_HEX_CHARS = np.frombuffer(b"0123456789abcdef", dtype=np.uint8)
 
 _M1 = np.uint64(0xBF58476D1CE4E5B9)
 _M2 = np.uint64(0x94D049BB133111EB)
 
 
 class CriteoFormatError(InputError):
-    """A line of a Criteo TSV file is malformed; :attr:`line` is its 1-based number."""
+    """A line of a Criteo file is malformed; :attr:`line` is its 1-based number (a row's, for Parquet)."""
 
-    def __init__(self, line: int, message: str, path: str | None = None) -> None:
+    def __init__(self, line: int, message: str, path: str | None = None, *, unit: str = "line") -> None:
         self.line = int(line)
         self.path = path
         where = f"{path}:" if path else ""
-        super().__init__(f"{where}line {self.line}: {message}")
+        super().__init__(f"{where}{unit} {self.line}: {message}")
 
 
-def _field_names(has_label: bool) -> list[str]:
-    return (["label"] if has_label else []) + [f"I{i}" for i in range(1, NUM_DENSE + 1)] + list(CATEGORICAL_FEATURES)
+def criteo_format(path: str | os.PathLike[str]) -> Literal["tsv", "parquet"]:
+    """``"parquet"`` for a name ending in ``.parquet`` or ``.pq``, else ``"tsv"`` (compressed or not)."""
+    return "parquet" if os.fspath(path).lower().endswith(_PARQUET_SUFFIXES) else "tsv"
 
 
 @dataclass(frozen=True)
@@ -109,7 +125,7 @@ class CriteoRecords:
 
     labels: npt.NDArray[np.int8]
     ints: IntArray
-    int_missing: npt.NDArray[np.bool_]
+    int_missing: BoolArray
     cats: IntArray
     first_line: int = 1
 
@@ -131,10 +147,10 @@ class CriteoRecords:
         rows = [t.num_rows if isinstance(t, TableSpec) else int(t) for t in tables]
         if keys is None:
             keys = [t.name if isinstance(t, TableSpec) else n for t, n in zip(tables, CATEGORICAL_FEATURES)]
-        present = self.cats >= 0                                       # [n, 26]
-        cols = self.cats.T                                             # feature-major, like the jagged layout
-        vals = [hash_ids(cols[f][present[:, f]], f, rows[f]) for f in range(NUM_CAT)]
-        lengths = present.T.reshape(-1).astype(np.int64)
+        cols = np.asarray(self.cats.T, order="C")                      # feature-major, like the jagged layout
+        present = cols >= 0                                            # [26, n]
+        vals = [hash_ids(cols[f][present[f]], f, rows[f]) for f in range(NUM_CAT)]
+        lengths = present.reshape(-1).astype(np.int64)
         return JaggedBatch(list(keys), np.concatenate(vals) if vals else np.zeros(0, np.int64), lengths=lengths)
 
     def slice(self, start: int, stop: int) -> CriteoRecords:
@@ -147,8 +163,12 @@ class CriteoRecords:
         """One record set of several (line numbers follow the first)."""
         if len(parts) == 1:
             return parts[0]
-        return CriteoRecords(np.concatenate([p.labels for p in parts]), np.concatenate([p.ints for p in parts]),
-                             np.concatenate([p.int_missing for p in parts]), np.concatenate([p.cats for p in parts]),
+
+        def join(arrays: Sequence[npt.NDArray[Any]]) -> npt.NDArray[Any]:   # feature-major, as the reader makes them
+            return np.concatenate([a.T for a in arrays], axis=1).T
+
+        return CriteoRecords(np.concatenate([p.labels for p in parts]), join([p.ints for p in parts]),
+                             join([p.int_missing for p in parts]), join([p.cats for p in parts]),
                              parts[0].first_line if parts else 1)
 
 
@@ -166,150 +186,262 @@ def hash_ids(values: npt.ArrayLike, feature: int, num_rows: int) -> IntArray:
         raise InputError(f"num_rows must be >= 1, got {num_rows}")
     salt = np.uint64((0x9E3779B97F4A7C15 * (int(feature) + 1)) & 0xFFFFFFFFFFFFFFFF)
     with np.errstate(over="ignore"):  # wrap-around arithmetic modulo 2**64 is the point
-        x = np.asarray(values, dtype=np.int64).astype(np.uint64) + salt
+        x = np.asarray(values, dtype=np.int64).view(np.uint64) + salt
         x ^= x >> np.uint64(30)
         x *= _M1
         x ^= x >> np.uint64(27)
         x *= _M2
         x ^= x >> np.uint64(31)
-    out: IntArray = (x % np.uint64(num_rows)).astype(np.int64)
+    np.remainder(x, np.uint64(num_rows), out=x)
+    out: IntArray = x.view(np.int64)
     return out
 
 
-def _parse_numbers(buf: npt.NDArray[np.uint8], starts: IntArray, lens: IntArray, hexa: bool,
-                   signed: bool) -> tuple[IntArray, npt.NDArray[np.bool_]]:
-    """Values of the fields ``buf[starts[i] : starts[i] + lens[i]]`` and whether each is well formed."""
-    n = starts.size
-    if n == 0:
-        return np.zeros(0, np.int64), np.ones(0, np.bool_)
-    limit = _MAX_HEX if hexa else _MAX_DEC + int(signed)
-    width = int(min(int(lens.max()), limit))
-    ok = lens <= limit
-    val = np.zeros(n, dtype=np.int64)
-    if width == 0:
-        return val, ok
-    cols = np.arange(width)
-    inside = cols[None, :] < lens[:, None]
-    ch = buf[np.where(inside, starts[:, None] + cols[None, :], 0)]
-    digit = (_HEX if hexa else _DEC)[ch]
-    base = 16 if hexa else 10
-    good = digit < base
-    neg = np.zeros(n, np.bool_)
-    if signed:
-        neg = (lens > 1) & (ch[:, 0] == _MINUS)
-        good[:, 0] |= neg
-    ok &= (good | ~inside).all(axis=1)
-    for c in range(width):
-        take = inside[:, c] & (digit[:, c] < base)
-        val = np.where(take, val * base + digit[:, c], val)
-    return np.where(neg, -val, val), ok
+# ------------------------------------------------------------------ TSV
+
+
+def _records(batch: pa.RecordBatch, first_line: int, has_label: bool) -> CriteoRecords:
+    labels, ints, int_missing, cats = convert(batch, has_label)
+    return CriteoRecords(labels, ints.T, int_missing.T, cats.T, first_line)
+
+
+#: pyarrow's integer parser also takes `` 5`` and ``0x10``: a block holding these bytes is read the strict way
+_SUSPECT = (b" ", b"x", b"X")
+
+
+@dataclass(frozen=True)
+class _Block:
+    """One parsed block of whole lines: its columns, its first line's number, the first line with a
+    wrong number of fields (``(line, fields)``, or ``None``)."""
+
+    batch: pa.RecordBatch
+    first_line: int
+    wrong: tuple[int, int] | None
+
+
+def _one_batch(table: pa.Table) -> pa.RecordBatch:
+    batches = table.combine_chunks().to_batches()
+    return batches[0] if batches else arrow().RecordBatch.from_pylist([], schema=table.schema)
+
+
+def _parse_block(data: bytes, first_line: int, has_label: bool) -> _Block:
+    """Split ``data`` (whole lines) into columns with pyarrow: labels and integers converted by pyarrow
+    (the fast way) unless ``data`` holds :data:`_SUSPECT` bytes or pyarrow refuses a value, every field as
+    bytes otherwise (the strict way: :func:`_records` checks and converts, and names what is wrong)."""
+    pa = arrow()
+    import pyarrow.csv as pacsv
+
+    names = field_names(has_label)
+    nf = len(names)
+    wrong: list[tuple[int | None, int]] = []
+
+    def on_invalid(row: Any) -> str:
+        wrong.append((row.number, row.actual_columns))
+        return "skip"
+
+    def read(typed: bool) -> Any:
+        wrong.clear()
+        types = {c: (pa.int8() if c == "label" else pa.int64()) if typed and c[0] in "lI" else pa.binary()
+                 for c in names}
+        return pacsv.read_csv(
+            pa.py_buffer(data),
+            read_options=pacsv.ReadOptions(column_names=names, block_size=_ARROW_BLOCK, use_threads=True),
+            parse_options=pacsv.ParseOptions(delimiter="\t", quote_char=False, escape_char=False, double_quote=False,
+                                             ignore_empty_lines=False, invalid_row_handler=on_invalid),
+            convert_options=pacsv.ConvertOptions(column_types=types, null_values=[""], strings_can_be_null=True))
+
+    table = None
+    if not any(s in data for s in _SUSPECT):
+        try:
+            table = read(typed=True)
+        except pa.ArrowInvalid:           # a value pyarrow cannot convert: the strict way says which
+            table = None
+    if table is None:
+        table = read(typed=False)
+    bad: list[tuple[int, int]] = []
+    if wrong:
+        number, fields = wrong[0]
+        if number is None:                # not numbered: count the fields of every line
+            number = next(i + 1 for i, text in enumerate(data.splitlines()) if text.count(b"\t") + 1 != nf)
+        bad.append((first_line - 1 + number, fields))
+    if data.startswith((b"\n", b"\r")) or b"\n\n" in data or b"\r\r" in data or b"\n\r" in data:
+        empty = next((i for i, text in enumerate(data.splitlines()) if not text), None)
+        if empty is not None:                           # pyarrow reads an empty line as a row of nulls
+            bad.append((first_line + empty, 1))
+    return _Block(_one_batch(table), first_line, min(bad) if bad else None)
+
+
+def _tsv_records(stream: Any, *, first_line: int, has_label: bool, block_bytes: int, path: str | None,
+                 progress: Callable[[], None] | None = None) -> Iterator[CriteoRecords]:
+    """The samples of the TSV ``stream`` (``read(n) -> bytes``), one :class:`CriteoRecords` per block.
+
+    A worker thread reads and splits the next block (:func:`_parse_block`) while this one is
+    converted: pyarrow and numpy release the GIL, so the two overlap on two cores.
+    """
+    pa = arrow()
+    nf = len(field_names(has_label))
+    state = {"rest": b"", "line": first_line}
+
+    def next_block() -> _Block | None:
+        rest = state["rest"]
+        assert isinstance(rest, bytes)
+        while True:
+            chunk = stream.read(block_bytes)
+            data = rest + chunk
+            if not chunk:
+                rest = b""
+                break
+            cut = data.rfind(b"\n") + 1
+            if cut:
+                data, rest = data[:cut], data[cut:]
+                break
+            rest = data
+        state["rest"] = rest
+        if not data:
+            return None
+        line = state["line"]
+        assert isinstance(line, int)
+        block = _parse_block(data, line, has_label)
+        state["line"] = line + block.batch.num_rows
+        return block
+
+    def fail(wrong: tuple[int, int]) -> CriteoFormatError:
+        return CriteoFormatError(wrong[0], f"expected {nf} tab-separated fields, found {wrong[1]}", path)
+
+    pool = ThreadPoolExecutor(1, thread_name_prefix="flexemr-criteo")
+    try:
+        ahead = pool.submit(next_block)
+        while True:
+            try:
+                block = ahead.result()
+            except (pa.ArrowException, OSError) as exc:
+                raise InputError(f"{path or 'Criteo data'}: cannot read the lines from {state['line']} on: "
+                                 f"{exc}") from None
+            if block is None:
+                return
+            ahead = pool.submit(next_block)
+            batch, n = block.batch, block.batch.num_rows
+            # after a skipped line (wrong field count) rows are shifted: only the rows before it are checked
+            limit = n if block.wrong is None else max(0, min(n, block.wrong[0] - block.first_line))
+            try:
+                recs = _records(batch.slice(0, limit) if limit < n else batch, block.first_line, has_label)
+            except BadValue as bad:
+                raise CriteoFormatError(block.first_line + bad.row, f"{bad.what}, got {bad.text!r}", path) from None
+            if block.wrong is not None:
+                raise fail(block.wrong)
+            if progress is not None:
+                progress()
+            yield recs
+    finally:
+        ahead.cancel()
+        pool.shutdown(wait=True)
 
 
 def parse_criteo(data: bytes | bytearray | memoryview, *, first_line: int = 1, has_label: bool = True,
                  path: str | None = None) -> CriteoRecords:
-    """Parse whole lines of Criteo TSV (the last newline may be missing)."""
-    nf = 1 + NUM_DENSE + NUM_CAT if has_label else NUM_DENSE + NUM_CAT
-    buf = np.frombuffer(data, dtype=np.uint8)
-    if buf.size == 0:
+    """Parse whole lines of Criteo TSV held in memory (the last newline may be missing)."""
+    arrow()
+    raw = bytes(data)
+    parts = list(_tsv_records(io.BytesIO(raw), first_line=first_line, has_label=has_label,
+                              block_bytes=max(1 << 20, len(raw)), path=path))
+    if not parts:
         return CriteoRecords(np.zeros(0, np.int8), np.zeros((0, NUM_DENSE), np.int64),
                              np.zeros((0, NUM_DENSE), np.bool_), np.zeros((0, NUM_CAT), np.int64), first_line)
-    if buf[-1] != _NL:
-        buf = np.concatenate([buf, np.array([_NL], np.uint8)])
-    cr = np.flatnonzero(buf[:-1] == _CR)
-    if cr.size:
-        crlf = cr[buf[cr + 1] == _NL]
-        if crlf.size:
-            buf = np.delete(buf, crlf)
-    nl = np.flatnonzero(buf == _NL)
-    seps = np.flatnonzero((buf == _TAB) | (buf == _NL))
-    line_of_sep = np.searchsorted(nl, seps)
-    fields = np.bincount(line_of_sep, minlength=nl.size)
-    bad = np.flatnonzero(fields != nf)
-    if bad.size:
-        i = int(bad[0])
-        raise CriteoFormatError(first_line + i, f"expected {nf} tab-separated fields, found {int(fields[i])}", path)
-    n = nl.size
-    flat_starts = np.empty(seps.size, dtype=np.int64)
-    flat_starts[0] = 0
-    flat_starts[1:] = seps[:-1] + 1
-    lens = (seps - flat_starts).reshape(n, nf)
-    starts = flat_starts.reshape(n, nf)
-    names = _field_names(has_label)
-    off = 1 if has_label else 0
+    return CriteoRecords.concat(parts)
 
-    def check(ok: npt.NDArray[np.bool_], col0: int, what: str) -> None:
-        if not ok.all():
-            r, c = np.argwhere(~ok)[0]
-            s, ln = int(starts[r, col0 + c]), int(lens[r, col0 + c])
-            text = bytes(buf[s : s + min(ln, 24)]).decode("latin-1")
-            raise CriteoFormatError(first_line + int(r), f"field {names[col0 + c]}: {what}, got {text!r}", path)
 
-    if has_label:
-        lab, ok = _parse_numbers(buf, starts[:, 0], lens[:, 0], hexa=False, signed=False)
-        check((ok & (lens[:, 0] > 0) & (lab <= 1))[:, None], 0, "label must be 0 or 1")
-        labels = lab.astype(np.int8)
-    else:
-        labels = np.full(n, -1, dtype=np.int8)
-    il, is_ = lens[:, off : off + NUM_DENSE], starts[:, off : off + NUM_DENSE]
-    ints, ok = _parse_numbers(buf, is_.reshape(-1), il.reshape(-1), hexa=False, signed=True)
-    check(ok.reshape(n, NUM_DENSE), off, "expected an integer")
-    cl, cs = lens[:, off + NUM_DENSE :], starts[:, off + NUM_DENSE :]
-    cats, ok = _parse_numbers(buf, cs.reshape(-1), cl.reshape(-1), hexa=True, signed=False)
-    check(ok.reshape(n, NUM_CAT), off + NUM_DENSE, "expected a hex string of at most 15 digits")
-    cats = np.where(cl.reshape(-1) == 0, -1, cats)
-    return CriteoRecords(labels, ints.reshape(n, NUM_DENSE), il == 0, cats.reshape(n, NUM_CAT), first_line)
+# --------------------------------------------------------------- reading
+
+
+def _open_tsv(name: str) -> tuple[Any, Any]:
+    """``(stream, raw file)`` of a TSV file, decompressed by its suffix (:data:`_COMPRESSION`)."""
+    pa = arrow()
+    codec = _COMPRESSION.get(os.path.splitext(name)[1].lower())
+    raw = pa.OSFile(name, "rb")
+    return (pa.CompressedInputStream(raw, codec) if codec else raw), raw
+
+
+def _parquet_records(name: str, *, has_label: bool, rows: int,
+                     progress: ReadProgress | None) -> Iterator[CriteoRecords]:
+    pa = arrow()
+    import pyarrow.parquet as pq
+
+    try:
+        pf = pq.ParquetFile(name)
+    except (pa.ArrowException, OSError) as exc:
+        raise InputError(f"cannot read Parquet file {name}: {exc}") from None
+    names = field_names(has_label)
+    lacking = [c for c in names if c not in pf.schema_arrow.names]
+    if lacking:
+        raise InputError(f"Parquet file {name} lacks Criteo columns {lacking[:6]}{' ...' if len(lacking) > 6 else ''} "
+                         f"(needs {names[0]}, ..., C26)")
+    total = pf.metadata.num_rows
+    row = 1
+    for batch in pf.iter_batches(batch_size=rows, columns=names):
+        try:
+            recs = _records(batch, row, has_label)
+        except BadValue as bad:
+            raise CriteoFormatError(row + bad.row, f"{bad.what}, got {bad.text!r}", name, unit="row") from None
+        except InputError as exc:
+            raise InputError(f"Parquet file {name}: {exc}") from None
+        row += batch.num_rows
+        if progress is not None:
+            progress(row - 1, total)
+        yield recs
 
 
 def read_criteo(path: str | os.PathLike[str], *, batch_size: int | None = None, has_label: bool = True,
-                chunk_bytes: int = 8 << 20) -> Iterator[CriteoRecords]:
-    """Yield the samples of a Criteo TSV file, ``batch_size`` at a time (the last batch may be
-    smaller), or chunk by chunk (about ``chunk_bytes`` each) when ``batch_size`` is ``None``."""
-    if batch_size is not None and (isinstance(batch_size, bool) or batch_size < 1):
+                chunk_bytes: int = 8 << 20, progress: ReadProgress | None = None) -> Iterator[CriteoRecords]:
+    """Yield the samples of a Criteo file (TSV, compressed TSV or Parquet: :func:`criteo_format`),
+    ``batch_size`` at a time (the last batch may be smaller), or block by block (about
+    ``chunk_bytes`` of TSV, or the rows in that many bytes of Parquet) when ``batch_size`` is ``None``.
+
+    ``progress(done, total)`` is called after each block (:data:`ReadProgress`).
+    """
+    if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1):
         raise InputError(f"batch_size must be a positive int, got {batch_size!r}")
     name = os.fspath(path)
     if not os.path.isfile(name):
         why = "no such file" if not os.path.exists(name) else "not a regular file"
         raise InputError(f"cannot read Criteo file {name}: {why}")
+    arrow()
+
+    def blocks() -> Iterator[CriteoRecords]:
+        if criteo_format(name) == "parquet":
+            yield from _parquet_records(name, has_label=has_label, rows=max(1, chunk_bytes // 256), progress=progress)
+            return
+        stream, raw = _open_tsv(name)
+        size = os.path.getsize(name)
+        tick = None if progress is None else (lambda: progress(min(raw.tell(), size), size))
+        try:
+            yield from _tsv_records(stream, first_line=1, has_label=has_label, block_bytes=int(chunk_bytes),
+                                    path=name, progress=tick)
+        finally:
+            stream.close()
+            raw.close()
+
+    if batch_size is None:
+        yield from blocks()
+        return
     pending: list[CriteoRecords] = []
     held = 0
-
-    def chunks() -> Iterator[CriteoRecords]:
-        line = 1
-        rest = b""
-        with open(name, "rb") as f:
-            while True:
-                block = f.read(chunk_bytes)
-                data = rest + block
-                if not block:
-                    if data:
-                        yield parse_criteo(data, first_line=line, has_label=has_label, path=name)
-                    return
-                cut = data.rfind(b"\n") + 1
-                if cut == 0:
-                    rest = data
-                    continue
-                recs = parse_criteo(memoryview(data)[:cut], first_line=line, has_label=has_label, path=name)
-                line += len(recs)
-                rest = data[cut:]
-                yield recs
-
-    for recs in chunks():
-        if batch_size is None:
-            yield recs
-            continue
+    for recs in blocks():
         pending.append(recs)
         held += len(recs)
         while held >= batch_size:
             allrecs = CriteoRecords.concat(pending)
             yield allrecs.slice(0, batch_size)
-            rest_recs = allrecs.slice(batch_size, len(allrecs))
-            pending = [rest_recs] if len(rest_recs) else []
-            held = len(rest_recs)
-    if batch_size is not None and held:
+            rest = allrecs.slice(batch_size, len(allrecs))
+            pending = [rest] if len(rest) else []
+            held = len(rest)
+    if held:
         yield CriteoRecords.concat(pending)
 
 
-def synthetic_dense(rng: np.random.Generator, n: int) -> tuple[IntArray, npt.NDArray[np.bool_]]:
+# --------------------------------------------------------------- writing
+
+
+def synthetic_dense(rng: np.random.Generator, n: int) -> tuple[IntArray, BoolArray]:
     """``n`` rows of 13 synthetic Criteo-like integer features and their missing mask.
 
     Counts are log-normal with a per-feature median (1 to ~2000); ``I2`` can be
@@ -326,20 +458,45 @@ def synthetic_dense(rng: np.random.Generator, n: int) -> tuple[IntArray, npt.NDA
     return vals, missing
 
 
+def _hex_strings(values: npt.NDArray[np.uint64], missing: BoolArray) -> pa.Array:
+    """A string array of 8-digit lowercase hex of 32-bit ``values`` (nulls where ``missing``)."""
+    pa = arrow()
+    present = ~missing
+    shifts = np.arange(28, -1, -4, dtype=np.uint64)
+    chars = _HEX_CHARS[((values[present][:, None] >> shifts[None, :]) & np.uint64(0xF)).astype(np.intp)]
+    offsets = np.zeros(values.size + 1, dtype=np.int32)
+    np.cumsum(present * 8, out=offsets[1:])
+    validity = pa.py_buffer(np.packbits(present, bitorder="little"))
+    return pa.Array.from_buffers(pa.string(), values.size, [validity, pa.py_buffer(offsets), pa.py_buffer(chars)],
+                                 null_count=int(missing.sum()))
+
+
 def write_sample(path: str | os.PathLike[str], samples: int, *, seed: int = 0,
                  cardinalities: Sequence[int] = CRITEO_KAGGLE_CARDINALITIES, profile: Profile = PROFILE_2022,
-                 has_label: bool = True) -> Path:
-    """Write ``samples`` synthetic lines in Criteo's TSV format to ``path`` (returned).
+                 has_label: bool = True, format: Literal["tsv", "parquet"] | None = None,
+                 progress: Callable[[int, int], None] | None = None) -> Path:
+    """Write ``samples`` synthetic Criteo samples to ``path`` (returned).
 
-    Categorical ids come from :func:`flexemr.apps.workload.generate` over tables of
-    the given ``cardinalities`` (default: Criteo Kaggle's), one id per feature,
-    encoded as 8-digit hex (``id * 0x9E3779B1 + salt mod 2**32``, a bijection);
-    each feature is missing with its own rate (0-30 %).  Labels are clicks
-    with probability :data:`CRITEO_POSITIVE_RATE`.  Deterministic in ``seed``.
+    ``format``: ``"tsv"`` (compressed when the name ends in ``.gz``, ``.bz2``,
+    ``.zst`` or ``.lz4``) or ``"parquet"`` (columns ``label`` int8,
+    ``I1``..``I13`` int64, ``C1``..``C26`` hex strings; nulls for missing
+    values); default :func:`criteo_format` of ``path``.  Categorical ids come
+    from :func:`flexemr.apps.workload.generate` over tables of the given
+    ``cardinalities`` (default: Criteo Kaggle's), one id per feature, encoded
+    as 8-digit hex (``id * 0x9E3779B1 + salt mod 2**32``, a bijection); each
+    feature is missing with its own rate (0-30 %).  Labels are clicks with
+    probability :data:`CRITEO_POSITIVE_RATE`.  Deterministic in ``seed``.
+    ``progress(rows written, samples)`` is called after each chunk of rows.
     """
     if len(cardinalities) != NUM_CAT:
         raise InputError(f"need {NUM_CAT} cardinalities, got {len(cardinalities)}")
+    fmt = format or criteo_format(path)
+    if fmt not in ("tsv", "parquet"):
+        raise InputError(f"format must be 'tsv' or 'parquet', got {fmt!r}")
+    pa = arrow()
     n = int(samples)
+    if progress is not None:
+        progress(0, n)
     rng = np.random.default_rng([int(seed), 0xC817E0])
     specs = [TableSpec(name, int(c), 1) for name, c in zip(CATEGORICAL_FEATURES, cardinalities)]
     jb = generate(specs, n, 1.0, profile, seed=int(seed), pooling="fixed")
@@ -348,17 +505,38 @@ def write_sample(path: str | os.PathLike[str], samples: int, *, seed: int = 0,
     hexvals = (ids * np.uint64(0x9E3779B1) + salt[None, :]) & np.uint64(0xFFFFFFFF)
     cat_missing = rng.random((n, NUM_CAT)) < np.random.default_rng(0xCA).uniform(0.0, 0.3, NUM_CAT)
     ints, int_missing = synthetic_dense(rng, n)
-    labels = (rng.random(n) < CRITEO_POSITIVE_RATE).astype(np.int64)
+    labels = (rng.random(n) < CRITEO_POSITIVE_RATE).astype(np.int8)
 
-    cols: list[list[str]] = []  # column-wise string conversion, then one join per line
-    if has_label:
-        cols.append(labels.astype(str).tolist())
-    for f in range(NUM_DENSE):
-        cols.append(np.where(int_missing[:, f], "", ints[:, f].astype(str)).tolist())
-    for f in range(NUM_CAT):
-        col = [format(v, "08x") for v in hexvals[:, f].tolist()]
-        cols.append([("" if m else v) for v, m in zip(col, cat_missing[:, f].tolist())])
+    names = field_names(has_label)
+    schema = pa.schema([(c, pa.int8() if c == "label" else pa.int64() if c.startswith("I") else pa.string())
+                        for c in names])
+
+    def chunk(a: int, b: int) -> Any:
+        cols = [pa.array(labels[a:b])] if has_label else []
+        cols += [pa.array(ints[a:b, f], mask=int_missing[a:b, f]) for f in range(NUM_DENSE)]
+        cols += [_hex_strings(np.ascontiguousarray(hexvals[a:b, f]), cat_missing[a:b, f]) for f in range(NUM_CAT)]
+        return pa.RecordBatch.from_arrays(cols, schema=schema)
+
     out = Path(path)
-    with open(out, "w", encoding="ascii", newline="\n") as fh:
-        fh.writelines("\t".join(row) + "\n" for row in zip(*cols))
+    try:
+        if fmt == "parquet":
+            import pyarrow.parquet as pq
+
+            writer: Any = pq.ParquetWriter(out, schema)
+        else:
+            import pyarrow.csv as pacsv
+
+            codec = _COMPRESSION.get(out.suffix.lower())
+            sink = pa.CompressedOutputStream(str(out), codec) if codec else pa.OSFile(str(out), "wb")
+            writer = pacsv.CSVWriter(sink, schema, write_options=pacsv.WriteOptions(
+                include_header=False, delimiter="\t", quoting_style="none"))
+        with writer:
+            for a in range(0, n, _WRITE_ROWS):
+                writer.write_batch(chunk(a, min(n, a + _WRITE_ROWS)))
+                if progress is not None:
+                    progress(min(n, a + _WRITE_ROWS), n)
+        if fmt == "tsv":
+            sink.close()
+    except pa.ArrowException as exc:
+        raise InputError(f"cannot write {out}: {exc}") from None
     return out

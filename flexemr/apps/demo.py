@@ -52,7 +52,6 @@ import dataclasses
 import json
 import os
 import platform
-import sys
 import time
 import typing
 from collections.abc import Callable, Mapping
@@ -68,6 +67,8 @@ from ..core.errors import ConfigError, FlexEMRError
 from .cli_support import blocking_section, check_range, run_interruptible
 from .cluster import LocalCluster
 from .dlrm import DLRM, ReferenceTables, auto_scale, criteo_specs
+from .progress import Bars, as_callback
+from .progress import add_option as add_progress_option
 from .rank import Ranker, format_results
 from .report import cost_notes, plot_configurations, require_matplotlib
 from .trace import generate_trace
@@ -185,35 +186,6 @@ def detect_support(options_cls: type[Any] = ClientOptions, client_cls: type[Any]
     return out
 
 
-# ------------------------------------------------------------- progress
-
-
-class _Progress:
-    """A one-line text progress bar on stderr (only when stderr is a terminal)."""
-
-    def __init__(self, enabled: bool) -> None:
-        self.enabled = enabled and sys.stderr.isatty()
-        self.label = ""
-        self._last = 0.0
-
-    def update(self, done: int, total: int, force: bool = False) -> None:
-        if not self.enabled:
-            return
-        now = time.monotonic()
-        if not force and now - self._last < 0.1 and done < total:
-            return
-        self._last = now
-        width = 30
-        fill = int(width * done / max(total, 1))
-        sys.stderr.write(f"\r  [{'#' * fill}{'.' * (width - fill)}] {self.label:<24} {done}/{total} batches ")
-        sys.stderr.flush()
-
-    def clear(self) -> None:
-        if self.enabled:
-            sys.stderr.write("\r" + " " * 78 + "\r")
-            sys.stderr.flush()
-
-
 # ------------------------------------------------------------------ running
 
 
@@ -236,7 +208,7 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default=".", help="directory for report.json and report.png (default: cwd)")
     p.add_argument("--only", action="append", default=[], metavar="NAME",
                    help="run only this configuration (repeatable); names as printed")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_progress_option(p)
     p.add_argument("--model", choices=["numpy", "torchrec"], default="numpy",
                    help="numpy: flexemr's DLRM, every technique (default); torchrec: TorchRec's DLRM with its "
                         "EmbeddingBagCollection served remotely (needs the torch extra: make torch)")
@@ -283,7 +255,7 @@ async def run_demo(args: argparse.Namespace, *, client_cls: type = EmbeddingClie
          f"{sum(s.num_rows for s in specs):,} rows, {table_bytes / (1 << 20):.0f} MiB), {model}")
     _say(f"workload: {args.batches} batches x {args.batch_size} samples x ~{args.pooling:g} ids/table "
          f"({ids_per_batch:,.0f} ids/batch, calibrated to Meta's 2022 DLRM traces)")
-    progress = _Progress(not args.no_progress)
+    bars = Bars.from_args(args)
     rows: list[dict[str, Any]] = []
     reference = ReferenceTables(specs, args.seed)
     async with LocalCluster(specs, servers=args.servers, seed=args.seed, transport=args.transport) as cluster:
@@ -308,7 +280,6 @@ async def run_demo(args: argparse.Namespace, *, client_cls: type = EmbeddingClie
                 s = support[t.key]
                 options.update(s.on if t.key in cfg.on else s.off)
             row["client_options"] = options
-            progress.label = cfg.name
             try:
                 client = client_cls(cluster.config, transport=args.transport, **options)
             except (FlexEMRError, TypeError, ValueError) as exc:
@@ -320,8 +291,8 @@ async def run_demo(args: argparse.Namespace, *, client_cls: type = EmbeddingClie
                 ranker = Ranker(model, client, naive="coalescing" not in cfg.on, prefetch=1 if prefetch else 0,
                                 reference=reference, check_samples=args.check_samples,
                                 client_prefetch=prefetch and callable(getattr(client, "prefetch", None)))
-                res = await ranker.run(batches, name=cfg.name, seconds=args.seconds, progress=progress.update)
-            progress.clear()
+                with bars.bar(desc=cfg.name, unit="batch", delay=0) as bar:
+                    res = await ranker.run(batches, name=cfg.name, seconds=args.seconds, progress=as_callback(bar))
             row.update(res.to_dict())
             rows.append(row)
             _say(f"{cfg.name}: {res.samples_per_s:,.0f} samples/s over {res.batches} batches")
@@ -380,16 +351,28 @@ async def _run_torchrec(args: argparse.Namespace) -> dict[str, Any]:
     _say(f"{len(specs)} Criteo-shaped tables x dim {args.dim} (scale {scale:g}: {sum(s.num_rows for s in specs):,} "
          f"rows, {sum(s.nbytes for s in specs) / (1 << 20):.0f} MiB) in a TorchRec EmbeddingBagCollection, "
          f"TorchRec's DLRM; {args.batches} batches x {args.batch_size} samples x ~{args.pooling:g} ids/table")
-    progress = _Progress(not args.no_progress)
+    bars = Bars.from_args(args)
+    current: list[Any] = []          # the bar of the model that runs now
+
+    def done() -> None:
+        while current:
+            current.pop().close()
 
     def bar(name: str) -> Callable[[int, int], None]:
-        progress.label = name
-        return progress.update
+        done()
+        current.append(bars.bar(desc=name, unit="batch", delay=0))
+        return as_callback(current[0])
 
-    res = await torch_demo.run_dlrm(specs, [(b.dense, b.sparse) for b in batches], servers=args.servers,
-                                    transport=args.transport, seed=args.seed, seconds=args.seconds,
-                                    check_samples=args.check_samples, say=_say, progress=bar)
-    progress.clear()
+    def say(message: str) -> None:   # a finished model's line replaces its bar
+        done()
+        _say(message)
+
+    try:
+        res = await torch_demo.run_dlrm(specs, [(b.dense, b.sparse) for b in batches], servers=args.servers,
+                                        transport=args.transport, seed=args.seed, seconds=args.seconds,
+                                        check_samples=args.check_samples, say=say, progress=bar)
+    finally:
+        done()
     support = detect_support()
     on = {torch_demo.LOCAL: frozenset(), torch_demo.REMOTE: frozenset({"coalescing", "pooling"})}
     rows = res["rows"]

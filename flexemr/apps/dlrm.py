@@ -35,6 +35,7 @@ is the pure local path the disaggregated one is checked against:
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -42,9 +43,10 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from ..core import kernel
 from ..core.errors import ConfigError, InputError
 from ..core.init import BLOCK_ROWS, check_seed, init_rows
-from ..core.jagged import JaggedBatch, pool_bags
+from ..core.jagged import JaggedBatch
 from ..core.spec import TableSpec
 
 __all__ = [
@@ -173,9 +175,15 @@ class ReferenceTables:
         return out
 
     def pooled(self, batch: JaggedBatch, tables: Sequence[str]) -> F32:
-        """``[batch_size, len(tables), dim]`` sum-pooled rows of ``batch`` (EmbeddingBag sum), float32."""
-        outs = [pool_bags(self.rows(t, batch.ids(t)), batch.bag_offsets(t), "sum", dtype=np.float32) for t in tables]
-        return np.stack(outs, axis=1) if outs else np.zeros((batch.batch_size, 0, 0), np.float32)
+        """``[batch_size, len(tables), dim]`` sum-pooled rows of ``batch`` (EmbeddingBag sum), float32.
+
+        Each distinct row is generated once; the native kernel pools them by bag.
+        """
+        jobs = []
+        for t in tables:
+            uniq, inverse = np.unique(batch.ids(t), return_inverse=True)
+            jobs.append(kernel.PoolJob(self.rows(t, uniq), inverse.reshape(-1), batch.bag_offsets(t)))
+        return _pool_stacked(jobs, batch.batch_size)
 
 
 class DLRM:
@@ -235,6 +243,27 @@ class DLRM:
         """MLP weights and biases (embedding tables excluded)."""
         return sum(int(w.size + b.size) for w, b in self.bottom_layers + self.top_layers)
 
+    @property
+    def activation_bytes_per_sample(self) -> int:
+        """NN memory one sample needs during :meth:`forward`: every float32 array it makes, per sample.
+
+        Dense input, each bottom layer's output, the stacked embeddings, the
+        interaction input ``t`` (``n x dim``), its Gram matrix (``n x n``), the
+        pairs, the top input, each top layer's output and the result -- their
+        sum, an upper bound of the peak (numpy frees some before others are
+        made).  A ranker declares it to its client
+        (``ClientOptions(nn_sample_bytes=...)``) so the cache gets what the NN
+        leaves of the memory budget (:class:`~flexemr.core.capacity.ActivationCapacity`).
+
+        >>> DLRM([TableSpec("a", 10, 4)], bottom=(8,), top=(8,)).activation_bytes_per_sample   # 4 * (13+12+4+8+4+1+5+9+1)
+        228
+        """
+        n = len(self.tables) + 1
+        floats = (self.dense_features + sum(int(w.shape[1]) for w, _ in self.bottom_layers)
+                  + len(self.tables) * self.dim + n * self.dim + n * n + self.num_pairs
+                  + self.dim + self.num_pairs + sum(int(w.shape[1]) for w, _ in self.top_layers) + 1)
+        return 4 * floats
+
     # ------------------------------------------------------------ forward
 
     @staticmethod
@@ -278,14 +307,33 @@ class DLRM:
         """Sum-pooled ``[B, num_tables, dim]`` embeddings from local tables (no network)."""
         if isinstance(tables, ReferenceTables):
             return tables.pooled(batch, self.tables)
-        outs = [pool_bags(np.asarray(tables[t])[batch.ids(t)], batch.bag_offsets(t), "sum", dtype=np.float32)
-                for t in self.tables]
-        return np.stack(outs, axis=1)
+        return _pool_stacked([kernel.PoolJob(np.asarray(tables[t]), batch.ids(t), batch.bag_offsets(t))
+                              for t in self.tables], batch.batch_size)
 
     def reference_forward(self, dense: npt.ArrayLike, batch: JaggedBatch,
                           tables: ReferenceTables | Mapping[str, npt.NDArray[Any]]) -> F32:
         """The pure local path: pool ``batch`` from local ``tables``, then :meth:`forward`."""
         return self.forward(dense, self.pool_local(batch, tables))
+
+
+def _pool_stacked(jobs: list[kernel.PoolJob], batch_size: int) -> F32:
+    """Sum-pool every job (one table each, same ``dim``) with the native kernel into ``[B, len(jobs), dim]`` float32.
+
+    Tables pooled in float32 (float32, float16, int8 rows) are written in
+    place into the stacked result; float64 tables are pooled in float64 and
+    then cast.
+    """
+    if not jobs:
+        return np.zeros((batch_size, 0, 0), np.float32)
+    dim = int(np.shape(jobs[0].rows)[1])
+    out: F32 = np.empty((batch_size, len(jobs), dim), np.float32)
+    direct = [dataclasses.replace(j, out=out[:, i, :]) for i, j in enumerate(jobs)
+              if np.asarray(j.rows).dtype != np.float64]
+    kernel.pool_many(direct)
+    for i, j in enumerate(jobs):
+        if np.asarray(j.rows).dtype == np.float64:
+            out[:, i, :] = kernel.pool(j.rows, j.ids, j.offsets)
+    return out
 
 
 def head_of(batch: JaggedBatch, samples: int) -> JaggedBatch:

@@ -25,21 +25,31 @@ the current one in a worker thread.
 
 ``flexemr rank --config cluster.toml [--trace FILE | --criteo FILE | --generate N]``
 runs it against a cluster started with ``flexemr serve`` and prints the
-same table as ``flexemr demo``.
+same table as ``flexemr demo``; ``--criteo`` takes Criteo TSV (``.tsv``,
+``.txt``, compressed ``.gz`` ...) or Parquet (``.parquet``), read by
+:func:`flexemr.apps.criteo.read_criteo` as it is ranked: a worker thread
+reads and hashes at most :data:`READ_AHEAD` batches ahead, so memory stays
+bounded whatever the file's size.  Progress bars (``--progress``,
+:mod:`flexemr.apps.progress`): reading the input, ranking, and a resync's
+shard copies when a replica comes back during the run.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import dataclasses
+import itertools
 import json
 import os
+import queue
 import secrets
 import sys
+import threading
 import time
 from collections import deque
-from collections.abc import AsyncGenerator, Callable, Iterator, Mapping, Sequence
+from collections.abc import AsyncGenerator, Callable, Generator, Iterable, Iterator, Mapping, Sequence, Sized
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -52,15 +62,18 @@ from ..client.options import ClientOptions
 from ..client.prefetch import Prefetcher
 from ..core.config import ClusterConfig
 from ..core.errors import ConfigError, InputError
-from ..core.jagged import JaggedBatch, pool_bags
+from ..core import kernel
+from ..core.jagged import JaggedBatch
 from ..core.spec import TableSpec
 from .cli_support import blocking_section, check_range, run_interruptible
-from .criteo import read_criteo
+from .criteo import criteo_format, read_criteo, write_sample
 from .dlrm import DLRM, ReferenceTables, head_of
+from .progress import Bars, as_callback
+from .progress import add_option as add_progress_option
 from .trace import TraceBatch, generate_trace, read_trace
 
-__all__ = ["RankResult", "Ranker", "cache_counts", "configure", "configure_gen", "format_results", "main", "main_gen",
-           "network_bytes"]
+__all__ = ["READ_AHEAD", "RankResult", "Ranker", "cache_counts", "configure", "configure_gen", "format_results", "main",
+           "main_gen", "network_bytes"]
 
 F32 = npt.NDArray[np.float32]
 Progress = Callable[[int, int], None]
@@ -218,7 +231,7 @@ class Ranker:
         outs = []
         for (spec, base, count), t in zip(spans, self.model.tables):
             rows = buf[base : base + count * spec.row_bytes].view(spec.np_dtype).reshape(count, spec.dim)
-            outs.append(pool_bags(rows, batch.sparse.bag_offsets(t), "sum", dtype=np.float32))
+            outs.append(kernel.pool(rows, np.arange(count), batch.sparse.bag_offsets(t)).astype(np.float32, copy=False))
         return np.stack(outs, axis=1)
 
     # ------------------------------------------------------------- checking
@@ -235,14 +248,21 @@ class Ranker:
 
     # -------------------------------------------------------------- running
 
-    async def run(self, batches: Sequence[TraceBatch], *, name: str = "ranker", warmup: int = 1,
+    async def run(self, batches: Iterable[TraceBatch], *, name: str = "ranker", warmup: int = 1,
                   seconds: float | None = None, progress: Progress | None = None) -> RankResult:
         """Rank ``batches``: the first ``warmup`` untimed (but checked), then the rest — or as many as fit in
-        ``seconds`` (at least one) — timed.  Returns the measurements."""
-        if not batches:
+        ``seconds`` (at least one) — timed.  Returns the measurements.
+
+        ``batches`` may be a stream (an iterator, e.g. a file read as it is ranked): it is consumed once, and
+        only the batches in flight are held.  Without a next batch after the warm-up, the warm-up batches are
+        timed again."""
+        it = iter(batches)
+        warm = list(zip(range(warmup), it))
+        first = next(it, None)
+        if first is None and not warm:
             raise InputError("no batches to rank")
-        warm = list(enumerate(batches[:warmup]))
-        timed = list(enumerate(batches))[warmup:] or warm
+        timed: Iterable[tuple[int, TraceBatch]] = (warm if first is None else
+                                                   enumerate(itertools.chain([first], it), start=len(warm)))
         result = RankResult(name)
         errs: list[float] = []
         checked = 0
@@ -256,7 +276,8 @@ class Ranker:
         nb0, nr0 = self.naive_bytes, self.naive_reads
         latencies: list[float] = []
         ctr_sum = 0.0
-        total = len(timed)
+        ids = 0
+        total = (len(batches) - len(warm) or len(warm)) if isinstance(batches, Sized) else 0  # 0: not known
         deadline = None if seconds is None else time.perf_counter() + seconds
 
         def source() -> Iterator[tuple[int, TraceBatch]]:
@@ -299,11 +320,12 @@ class Ranker:
                 ctr_sum += float(ctr.sum(dtype=np.float64))
                 result.samples += b.batch_size
                 result.batches += 1
+                ids += len(b.sparse)
                 k, e = self._check(i, b, ctr)
                 checked += k
                 errs.append(e)
                 if progress is not None:
-                    progress(result.batches, total)
+                    progress(result.batches, total)   # total 0: a stream of unknown length
         finally:
             await gen.aclose()
         result.seconds = time.perf_counter() - t_start
@@ -319,7 +341,6 @@ class Ranker:
         else:
             result.bytes_per_sample = (network_bytes(snap1) - network_bytes(snap0)) / s
             result.reads_per_sample = (int(snap1.get("reads", 0)) - int(snap0.get("reads", 0))) / s
-        ids = sum(len(b.sparse) for _, b in timed[: result.batches])
         result.ids_per_sample = ids / s
         cache1 = cache_counts(self.client)
         if cache0 is not None and cache1 is not None:
@@ -371,7 +392,7 @@ def format_results(rows: Sequence[Mapping[str, Any]], techniques: Sequence[str] 
 
 
 #: EmbeddingClient keywords that --client-option may not set (the command sets them itself).
-_RESERVED_OPTIONS = frozenset({"transport", "engine"})
+_RESERVED_OPTIONS = frozenset({"transport", "engine", "resync_progress"})
 
 
 def client_option_names() -> list[str]:
@@ -424,7 +445,9 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", required=True, help="cluster TOML file of running `flexemr serve` servers")
     src = p.add_mutually_exclusive_group()
     src.add_argument("--trace", help="replay a trace file (.npz, docs/trace-format.md)")
-    src.add_argument("--criteo", help="rank the samples of a Criteo-format TSV file (26 tables needed)")
+    src.add_argument("--criteo", metavar="FILE",
+                     help="rank the samples of a Criteo file: TSV (.tsv, .txt; compressed .gz, .bz2, .zst) or "
+                          "Parquet (.parquet); 26 tables needed")
     src.add_argument("--generate", type=int, metavar="N", help="rank N generated batches (default 10)")
     p.add_argument("--batch-size", type=int, default=512,
                    help="samples per batch for --generate/--criteo (default 512)")
@@ -443,9 +466,78 @@ def configure(p: argparse.ArgumentParser) -> None:
                    help="rdmaio transport: verbs when an RDMA device is up, else tcp (default auto)")
     p.add_argument("--seconds", type=float, help="stop timing after this many seconds (default: rank every batch)")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
+    add_progress_option(p)
 
 
-def _batches(args: argparse.Namespace, config: ClusterConfig) -> tuple[list[TraceBatch], list[TableSpec]]:
+#: Batches of a Criteo file read and hashed ahead of the ranker (what ``rank --criteo`` holds at most, with the
+#: reader's block and the batches in flight)
+READ_AHEAD = 4
+
+
+def _read_ahead(items: Iterator[TraceBatch], depth: int) -> Generator[TraceBatch, None, None]:
+    """``items``, produced by a worker thread at most ``depth`` ahead of the consumer (pyarrow and numpy release the
+    GIL: reading overlaps ranking).  An error of ``items`` is raised here; closing this generator stops the worker
+    and closes ``items``."""
+    q: queue.Queue[tuple[TraceBatch | None, BaseException | None]] = queue.Queue(depth)
+    stop = threading.Event()
+
+    def put(item: tuple[TraceBatch | None, BaseException | None]) -> bool:
+        while not stop.is_set():
+            try:
+                q.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def work() -> None:
+        try:
+            for b in items:
+                if not put((b, None)):
+                    return
+            put((None, None))
+        except BaseException as exc:  # noqa: BLE001 - handed to the consumer, raised there
+            put((None, exc))
+        finally:
+            close = getattr(items, "close", None)
+            if close is not None:
+                close()
+
+    worker = threading.Thread(target=work, name="flexemr-read-ahead", daemon=True)
+    worker.start()
+    try:
+        while True:
+            b, exc = q.get()
+            if exc is not None:
+                raise exc
+            if b is None:
+                return
+            yield b
+    finally:
+        stop.set()
+        worker.join()
+
+
+def _criteo_batches(path: str, specs: Sequence[TableSpec], batch_size: int,
+                    bar: Any) -> Generator[TraceBatch, None, None]:
+    """The samples of a Criteo file as a stream of requests, read as they are ranked (:data:`READ_AHEAD`)."""
+    records = read_criteo(path, batch_size=batch_size, progress=as_callback(bar))
+
+    def batches() -> Iterator[TraceBatch]:
+        try:
+            for r in records:
+                yield TraceBatch(r.dense_features(), r.jagged(specs), r.labels)
+        finally:
+            close = getattr(records, "close", None)      # a generator: closes the file
+            if close is not None:
+                close()
+
+    return _read_ahead(batches(), READ_AHEAD)
+
+
+def _batches(args: argparse.Namespace, config: ClusterConfig,
+             stack: contextlib.ExitStack) -> tuple[Iterable[TraceBatch], list[TableSpec]]:
+    """The requests to rank (a list, or for ``--criteo`` a stream closed with ``stack``) and their tables."""
     specs = list(config.plan.tables.values())
     if args.trace:
         trace = read_trace(args.trace)
@@ -459,9 +551,12 @@ def _batches(args: argparse.Namespace, config: ClusterConfig) -> tuple[list[Trac
         names = {s.name for s in specs}
         if names == {f"C{i}" for i in range(1, 27)}:
             specs = [config.plan.spec(f"C{i}") for i in range(1, 27)]
-        out = [TraceBatch(r.dense_features(), r.jagged(specs), r.labels)
-               for r in read_criteo(args.criteo, batch_size=args.batch_size)]
-        return out, specs
+        parquet = criteo_format(args.criteo) == "parquet"
+        bar = stack.enter_context(Bars.from_args(args).bar(desc=f"reading {os.path.basename(args.criteo)}",
+                                                            unit="row" if parquet else "B", unit_scale=True))
+        stream = _criteo_batches(args.criteo, specs, args.batch_size, bar)
+        stack.callback(stream.close)      # registered after the bar: the reader stops before its bar closes
+        return stream, specs
     n = args.generate if args.generate is not None else 10
     return generate_trace(specs, n + 1, args.batch_size, args.pooling, seed=args.seed), specs
 
@@ -469,22 +564,55 @@ def _batches(args: argparse.Namespace, config: ClusterConfig) -> tuple[list[Trac
 async def _rank(args: argparse.Namespace) -> dict[str, Any]:
     config = ClusterConfig.from_toml(args.config)
     options = dict(_parse_option(o) for o in args.client_option)
-    with blocking_section():
-        batches, specs = _batches(args, config)
-        if not batches:
-            raise InputError("no samples to rank (is the input file empty?)")
-        model = DLRM(specs, seed=args.model_seed, dense_features=int(batches[0].dense.shape[1]))
-        reference = ReferenceTables(specs, args.seed) if args.check_samples > 0 else None
+    with contextlib.ExitStack() as stack:
+        with blocking_section():
+            batches, specs = _batches(args, config, stack)
+            if isinstance(batches, Sequence):
+                first = batches[0] if batches else None
+                warmup = 1 if len(batches) > 1 else 0
+            else:                             # a stream: look at its first batch, then rank it too
+                it = iter(batches)
+                first = next(it, None)
+                batches, warmup = itertools.chain([] if first is None else [first], it), 1
+            if first is None:
+                raise InputError("no samples to rank (is the input file empty?)")
+            model = DLRM(specs, seed=args.model_seed, dense_features=int(first.dense.shape[1]))
+            reference = ReferenceTables(specs, args.seed) if args.check_samples > 0 else None
+        if options.get("adaptive") and "nn_sample_bytes" not in options:  # the cache gets what the NN leaves
+            options["nn_sample_bytes"] = model.activation_bytes_per_sample
+        return await _rank_batches(args, config, options, batches, warmup, model, reference)
+
+
+async def _rank_batches(args: argparse.Namespace, config: ClusterConfig, options: dict[str, Any],
+                        batches: Iterable[TraceBatch], warmup: int, model: DLRM,
+                        reference: ReferenceTables | None) -> dict[str, Any]:
+    bars = Bars.from_args(args)
+    copying: dict[str, Any] = {}            # region -> the bar of its resync copy
+
+    def resync_progress(region: str, done: int, total: int) -> None:
+        bar = copying.get(region)
+        if bar is None:
+            bar = copying[region] = bars.bar(desc=f"resync {region}", unit="B", unit_scale=True)
+        as_callback(bar)(done, total)
+        if done >= total:
+            copying.pop(region).close()
+
     try:
-        client = EmbeddingClient(config, transport=args.transport, **options)
+        client = EmbeddingClient(config, transport=args.transport, resync_progress=resync_progress, **options)
     except TypeError as exc:  # a value of the wrong kind for an option
         raise ConfigError(f"--client-option: {exc}") from None
-    async with client:
-        ranker = Ranker(model, client, naive=args.naive, prefetch=args.prefetch, reference=reference,
-                        check_samples=args.check_samples)
-        name = techniques(client, naive=args.naive, prefetch=args.prefetch)
-        res = await ranker.run(batches, name=name, warmup=1 if len(batches) > 1 else 0, seconds=args.seconds)
-        transport = client.engine.transport
+    try:
+        async with client:
+            ranker = Ranker(model, client, naive=args.naive, prefetch=args.prefetch, reference=reference,
+                            check_samples=args.check_samples)
+            name = techniques(client, naive=args.naive, prefetch=args.prefetch)
+            with bars.bar(desc="ranking", unit="batch") as bar:
+                res = await ranker.run(batches, name=name, warmup=warmup, seconds=args.seconds,
+                                       progress=as_callback(bar))
+            transport = client.engine.transport
+    finally:
+        for bar in copying.values():
+            bar.close()
     return {"transport": transport, "model": repr(model), "client_options": options, "result": res.to_dict()}
 
 
@@ -512,7 +640,8 @@ def main(args: argparse.Namespace) -> int:
 def configure_gen(p: argparse.ArgumentParser) -> None:
     """Arguments of ``flexemr gen {cluster,criteo,trace}``."""
     p.add_argument("what", choices=["cluster", "criteo", "trace"],
-                   help="cluster: a Criteo-shaped cluster TOML; criteo: a synthetic Criteo TSV; trace: a lookup trace")
+                   help="cluster: a Criteo-shaped cluster TOML; criteo: synthetic Criteo samples (TSV or Parquet); "
+                        "trace: a lookup trace")
     p.add_argument("--out", "-o", required=True, help="file to write")
     p.add_argument("--servers", default="127.0.0.1:7400,127.0.0.1:7401",
                    help="cluster: comma-separated HOST:PORT of the servers (named s0, s1, ...)")
@@ -521,7 +650,10 @@ def configure_gen(p: argparse.ArgumentParser) -> None:
     p.add_argument("--scale", type=float, help="cluster/trace: Criteo cardinality scale (default ~128 MiB in all)")
     p.add_argument("--dim", type=int, default=16, help="cluster/trace: embedding dimension")
     p.add_argument("--config", help="trace: take the tables from this cluster file instead of --scale/--dim")
-    p.add_argument("--samples", type=int, default=10_000, help="criteo: lines to write")
+    p.add_argument("--samples", type=int, default=10_000, help="criteo: samples to write")
+    p.add_argument("--format", choices=["tsv", "parquet"],
+                   help="criteo: tsv (compressed when -o ends in .gz, .bz2, .zst or .lz4) or parquet "
+                        "(default: parquet when -o ends in .parquet or .pq, else tsv)")
     p.add_argument("--batches", type=int, default=10, help="trace: batches")
     p.add_argument("--batch-size", type=int, default=512, help="trace: samples per batch")
     p.add_argument("--pooling", type=float, default=8.0, help="trace: mean ids per sample and table")
@@ -532,11 +664,11 @@ def configure_gen(p: argparse.ArgumentParser) -> None:
                              "authenticated; at least 4 characters)")
     secret.add_argument("--random-secret", action="store_true",
                         help="cluster: write a fresh random shared secret (32 hex digits)")
+    add_progress_option(p)
 
 
 def main_gen(args: argparse.Namespace) -> int:
     """Run ``flexemr gen``."""
-    from .criteo import write_sample
     from .dlrm import criteo_specs
     from ..core.config import ServerAddress
     from ..core.plan import ShardingPlan
@@ -551,6 +683,12 @@ def main_gen(args: argparse.Namespace) -> int:
     out_dir = os.path.dirname(os.path.abspath(args.out))
     if not os.path.isdir(out_dir):
         raise ConfigError(f"-o {args.out}: directory {out_dir} does not exist")
+    fmt = getattr(args, "format", None)
+    if fmt is not None and args.what != "criteo":
+        raise ConfigError(f"--format is for gen criteo, not gen {args.what}")
+    if fmt is not None and fmt != criteo_format(args.out):
+        want = "end in .parquet or .pq" if fmt == "parquet" else "not end in .parquet or .pq"
+        raise ConfigError(f"--format {fmt}: -o {args.out} must {want} (readers tell the format by the name)")
     if args.what == "cluster":
         addrs: dict[str, ServerAddress] = {}
         seen: set[tuple[str, int]] = set()
@@ -578,13 +716,20 @@ def main_gen(args: argparse.Namespace) -> int:
               f"{sum(s.nbytes for s in specs) / (1 << 20):.0f} MiB"
               f"{', with a shared secret (keep the file private)' if secret else ''}")
     elif args.what == "criteo":
-        write_sample(args.out, args.samples, seed=args.seed)
-        print(f"flexemr gen: wrote {args.out}: {args.samples} synthetic Criteo-format lines")
+        fmt = criteo_format(args.out)
+        with Bars.from_args(args).bar(desc=f"writing {os.path.basename(args.out)}", unit="sample",
+                                      unit_scale=True) as bar:
+            write_sample(args.out, args.samples, seed=args.seed, format=fmt, progress=as_callback(bar))
+        print(f"flexemr gen: wrote {args.out}: {args.samples} synthetic Criteo samples ({fmt})")
     else:
         specs = (list(ClusterConfig.from_toml(args.config).plan.tables.values()) if args.config
                  else criteo_specs(args.scale, args.dim))
-        batches = generate_trace(specs, args.batches, args.batch_size, args.pooling, seed=args.seed)
-        write_trace(args.out, batches, num_rows={s.name: s.num_rows for s in specs})
+        bars = Bars.from_args(args)
+        with bars.bar(desc="generating batches", total=args.batches, unit="batch") as bar:
+            batches = generate_trace(specs, args.batches, args.batch_size, args.pooling, seed=args.seed,
+                                     progress=as_callback(bar))
+        with bars.ticker(f"writing {os.path.basename(args.out)}"):
+            write_trace(args.out, batches, num_rows={s.name: s.num_rows for s in specs})
         print(f"flexemr gen: wrote {args.out}: {args.batches} batches x {args.batch_size} samples, "
               f"{len(specs)} tables")
     return 0

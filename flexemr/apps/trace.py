@@ -35,7 +35,7 @@ from __future__ import annotations
 import json
 import os
 import zipfile
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -204,10 +204,12 @@ def read_trace(path: str | os.PathLike[str]) -> Trace:
 
 
 def generate_trace(specs: Sequence[TableSpec], batches: int, batch_size: int, pooling_factor: float = 8.0, *,
-                   seed: int = 0, profile: Profile = PROFILE_2022, layout_seed: int = 0) -> list[TraceBatch]:
+                   seed: int = 0, profile: Profile = PROFILE_2022, layout_seed: int = 0,
+                   progress: Callable[[int, int], None] | None = None) -> list[TraceBatch]:
     """``batches`` synthetic requests over ``specs``: ids from the calibrated workload generator
     (batches share one hot-row layout, like a stream), dense features from
-    :func:`flexemr.apps.criteo.synthetic_dense` through DLRM's log transform."""
+    :func:`flexemr.apps.criteo.synthetic_dense` through DLRM's log transform.
+    ``progress(batches made, batches)`` is called after each batch."""
     out = []
     for i in range(int(batches)):
         rng = np.random.default_rng([int(seed), i, 0x7ACE])
@@ -216,4 +218,6 @@ def generate_trace(specs: Sequence[TableSpec], batches: int, batch_size: int, po
         sparse = generate(specs, batch_size, pooling_factor, profile, seed=int(seed) * 1_000_003 + i,
                           layout_seed=layout_seed)
         out.append(TraceBatch(dense_transform(ints), sparse, labels))
+        if progress is not None:
+            progress(i + 1, int(batches))
     return out

@@ -19,7 +19,9 @@ from dataclasses import dataclass
 from ..apps.cli import Command
 from ..apps.cli import main as flexemr_main
 from ..apps.cli_support import ArgumentParser
-from . import _compare, _kernel, _locality, _lookup, _soak
+from ..apps.progress import Bars
+from ..apps.progress import add_option as add_progress_option
+from . import _compare, _criteo, _kernel, _locality, _lookup, _predict, _priority, _skew, _soak, _swapin
 
 __all__ = ["CLI_COMMANDS", "COMMANDS", "BenchCommand", "main"]
 
@@ -31,6 +33,8 @@ class BenchCommand:
     help: str
     configure: Callable[[argparse.ArgumentParser], None]
     run: Callable[[argparse.Namespace], int]
+    #: it draws its own progress bars (else: a bar saying how long it has been running)
+    own_progress: bool = False
 
 
 #: Benchmarks: name -> :class:`BenchCommand`.
@@ -40,6 +44,11 @@ COMMANDS: dict[str, BenchCommand] = {
     "compare": BenchCommand(_compare.HELP, _compare.configure, _compare.main),
     "soak": BenchCommand(_soak.HELP, _soak.configure, _soak.main),
     "kernel": BenchCommand(_kernel.HELP, _kernel.configure, _kernel.main),
+    "skew": BenchCommand(_skew.HELP, _skew.configure, _skew.main),
+    "priority": BenchCommand(_priority.HELP, _priority.configure, _priority.main),
+    "swapin": BenchCommand(_swapin.HELP, _swapin.configure, _swapin.main),
+    "predict": BenchCommand(_predict.HELP, _predict.configure, _predict.main),
+    "criteo": BenchCommand(_criteo.HELP, _criteo.configure, _criteo.main, own_progress=True),
 }
 
 
@@ -48,9 +57,16 @@ def main(argv: Sequence[str] | None = None, *, prog: str = "python -m flexemr.be
     parser = ArgumentParser(prog=prog, description="FlexEMR benchmarks")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name, cmd in COMMANDS.items():
-        cmd.configure(sub.add_parser(name, help=cmd.help, description=cmd.help))
+        p = sub.add_parser(name, help=cmd.help, description=cmd.help)
+        cmd.configure(p)
+        if not cmd.own_progress:
+            add_progress_option(p)
     args = parser.parse_args(argv)
-    return COMMANDS[args.command].run(args)
+    cmd = COMMANDS[args.command]
+    if cmd.own_progress:
+        return cmd.run(args)
+    with Bars.from_args(args).ticker(f"{prog} {args.command}"):
+        return cmd.run(args)
 
 
 # ------------------------------------------------ entries of the flexemr command line

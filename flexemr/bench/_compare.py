@@ -12,7 +12,10 @@ batches and is checked against ``local`` before it is timed.
 Paths, in report order:
 
 ``local``
-    the limit: ``pool(model[t][ids], offsets)`` in numpy on an in-memory copy;
+    the embedding library a ranker would otherwise keep: every table pooled
+    by flexemr's native kernel (:func:`flexemr.core.kernel.pool_many`, one
+    call, :func:`~flexemr.core.kernel.get_threads` threads) from an
+    in-memory copy;
 ``naive``
     the naive disaggregated path: one rdmaio ``read`` per id (no dedup, no
     coalescing, 64 concurrent readers) against the same servers, pooled
@@ -39,11 +42,17 @@ Paths, in report order:
     (:mod:`flexemr.bench._peers`); skipped with a reason when torchrec is not
     installed.
 
-Columns: samples/s (pooled lookups of whole batches), rows/s (ids answered,
-duplicates included), bytes over the network per sample (one-sided read
-payload plus pooling messages for flexemr; RESP request and reply bytes for
-Redis; ``ids x row_bytes`` for naive), and ratios of samples/s to flexemr and
-to local.  ``--no-redis`` / ``--no-torchrec`` / ``--no-torch`` skip a path on purpose.
+Every path is checked against the numpy reference on one batch, then runs
+the ``--warmup`` batches, then the timed ones (naive reuses the warm
+cluster).  Columns: samples/s (pooled lookups of whole batches), rows/s (ids
+answered, duplicates included), bytes over the network per sample (one-sided
+read payload plus pooling messages for flexemr; RESP request and reply bytes
+for Redis; ``ids x row_bytes`` for naive), CPU microseconds per sample of the
+ranker (this process, all threads) and of the servers (the embedding server
+processes, or ``redis-server``), from the OS's accounting over the timed
+batches only (:class:`~flexemr.bench._peers.CpuClock`), and ratios of
+samples/s to flexemr and to local.  JSON: ``ranker_cpu_s_per_sample`` and
+``server_cpu_s_per_sample`` per entry.  ``--no-redis`` / ``--no-torchrec`` / ``--no-torch`` skip a path on purpose.
 """
 
 from __future__ import annotations
@@ -53,6 +62,7 @@ import asyncio
 import json
 import os
 import platform
+import sys
 import time
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -61,8 +71,10 @@ import numpy as np
 import rdmaio
 
 from ..apps.cluster import LocalCluster
+from ..apps.report import PLOT_HELP, check_plot_path, plot_compare
 from ..apps.workload import PROFILE_2022, generate, reuse_stats
 from ..core.config import ClusterConfig
+from ..core import kernel
 from ..core.init import build_model
 from ..core.jagged import JaggedBatch
 from ..core.pooling import pool
@@ -70,7 +82,7 @@ from ..core.spec import TableSpec
 from . import _peers
 from ._args import add_config_arguments, config_from_args
 from ._lookup import _naive
-from ._peers import Model, PathResult, Pooled, check_pooled, measured, skipped
+from ._peers import CpuClock, Model, PathResult, Pooled, check_pooled, measured, settle, skipped
 
 __all__ = ["HELP", "PATHS", "CompareConfig", "configure", "main", "measure"]
 
@@ -102,8 +114,15 @@ class CompareConfig:
     torch: bool = True
 
 
-def _local(model: Model, jb: JaggedBatch) -> Pooled:
+def _reference(model: Model, jb: JaggedBatch) -> Pooled:
+    """The numpy oracle every path is checked against."""
     return {t: pool(model[t][jb.ids(t)], jb.bag_offsets(t), "sum") for t in jb.keys}
+
+
+def _local(model: Model, jb: JaggedBatch) -> Pooled:
+    """The ``local`` path: every table pooled by the native kernel in one call."""
+    outs = kernel.pool_many([kernel.PoolJob(model[t], jb.ids(t), jb.bag_offsets(t)) for t in jb.keys])
+    return dict(zip(jb.keys, outs))
 
 
 async def _cluster_paths(cfg: CompareConfig, specs: list[TableSpec], model: Model, warm: list[JaggedBatch],
@@ -116,6 +135,7 @@ async def _cluster_paths(cfg: CompareConfig, specs: list[TableSpec], model: Mode
         startup_s = time.perf_counter() - t0
         client = await cluster.client()
         transport = client.engine.transport
+        pids = list(cluster.pids.values())
         check_pooled("flexemr", await client.lookup_pooled(timed[0], "sum"), ref)
         for jb in warm:
             await client.lookup_pooled(jb, "sum")
@@ -124,29 +144,37 @@ async def _cluster_paths(cfg: CompareConfig, specs: list[TableSpec], model: Mode
               else skipped(FLEXEMR_TORCH, "disabled (--no-torch)"))
         try:
             client.metrics.reset()
+            settle()
             dt = torch_dt = 0.0
+            cpu, torch_cpu = CpuClock(pids), CpuClock(pids)
             for i, jb in enumerate(timed):
-                t0 = time.perf_counter()
-                await client.lookup_pooled(jb, "sum")
-                dt += time.perf_counter() - t0
+                with cpu:
+                    t0 = time.perf_counter()
+                    await client.lookup_pooled(jb, "sum")
+                    dt += time.perf_counter() - t0
                 if isinstance(tp, _TorchPath):
-                    torch_dt += await asyncio.to_thread(tp.batch, i)
+                    with torch_cpu:
+                        torch_dt += await asyncio.to_thread(tp.batch, i)
             m = client.metrics
             samples = sum(jb.batch_size for jb in timed)
             flex = measured("flexemr", timed, dt, m.network_bytes / samples,
-                            f"{m.reads / len(timed):,.0f} reads + {m.pooled_subrequests / len(timed):,.0f} pooling "
-                            f"RPCs per batch, {cfg.servers} servers")
-            flex_torch = await asyncio.to_thread(tp.result, torch_dt) if isinstance(tp, _TorchPath) else tp
+                            f"{m.reads / len(timed):,.0f} reads + {m.pooled_subrequests / len(timed):,.0f} shards "
+                            f"pooled by servers per batch, {cfg.servers} servers", cpu=cpu)
+            flex_torch = (await asyncio.to_thread(tp.result, torch_dt, torch_cpu) if isinstance(tp, _TorchPath)
+                          else tp)
         finally:
             if isinstance(tp, _TorchPath):
                 tp.close()
-        naive_s, naive_n = await _naive(client, timed[0], cfg.naive_ids, model)  # checks the rows it read
+        settle()
+        with CpuClock(pids) as naive_cpu:
+            naive_s, naive_n = await _naive(client, timed[0], cfg.naive_ids, model)  # checks the rows it read
     ids_per_sample = float(np.mean([len(jb) / jb.batch_size for jb in timed]))
     per_id = naive_s / naive_n
     row_bytes = cfg.dim * 4
     naive = PathResult("naive", 1.0 / per_id / ids_per_sample, 1.0 / per_id, ids_per_sample * row_bytes,
                        per_id * ids_per_sample * cfg.batch * 1e3, True, None,
-                       f"1 read/id, timed on {naive_n:,} ids, extrapolated")
+                       f"1 read/id, timed on {naive_n:,} ids, extrapolated",
+                       naive_cpu.ranker_s / naive_n * ids_per_sample, naive_cpu.server_s / naive_n * ids_per_sample)
     return {"naive": naive, "flexemr": flex, FLEXEMR_TORCH: flex_torch}, transport, startup_s
 
 
@@ -215,13 +243,13 @@ class _TorchPath:
             self.ranker(self.timed_k[i])
             return time.perf_counter() - t0
 
-    def result(self, seconds: float) -> PathResult:
-        """The path's result after every timed batch ran in ``seconds`` in all."""
+    def result(self, seconds: float, cpu: CpuClock) -> PathResult:
+        """The path's result after every timed batch ran in ``seconds`` in all (using ``cpu``'s CPU time)."""
         nbytes = self.remote.client_thread.call(_network_bytes)
         samples = sum(jb.batch_size for jb in self.timed)
         note = (f"RemoteEmbeddingBagCollection + Linear head (torch {self.torch.__version__}), forward from a "
                 "thread; same cluster, client options and batches as flexemr, in turns")
-        return measured(FLEXEMR_TORCH, self.timed, seconds, nbytes / samples, note)
+        return measured(FLEXEMR_TORCH, self.timed, seconds, nbytes / samples, note, cpu=cpu)
 
     def close(self) -> None:
         self.remote.close()
@@ -242,13 +270,21 @@ def measure(cfg: CompareConfig) -> dict[str, Any]:
     stream = [generate(specs, cfg.batch, cfg.pooling, PROFILE_2022, seed=s) for s in range(cfg.warmup + cfg.batches)]
     warm, timed = stream[: cfg.warmup], stream[cfg.warmup:]
     model = build_model(specs, cfg.seed)  # exactly what seeded servers hold
-    ref = _local(model, timed[0])
+    ref = _reference(model, timed[0])
 
     res: dict[str, PathResult] = {}
-    t0 = time.perf_counter()
-    for jb in timed:
+    check_pooled("local", _local(model, timed[0]), ref)
+    for jb in warm:
         _local(model, jb)
-    res["local"] = measured("local", timed, time.perf_counter() - t0, 0.0, "numpy gather + pool, in memory")
+    settle()
+    with CpuClock() as cpu:
+        t0 = time.perf_counter()
+        for jb in timed:
+            _local(model, jb)
+        dt = time.perf_counter() - t0
+    res["local"] = measured("local", timed, dt, 0.0,
+                            f"native kernel pool_many, {kernel.get_threads()} threads ({kernel.isa()}), in memory",
+                            cpu=cpu)
 
     cluster_res, transport, startup_s = rdmaio.run(_cluster_paths(cfg, specs, model, warm, timed, ref))
     res.update(cluster_res)
@@ -290,6 +326,13 @@ def _ratio(x: float | None) -> str:
     return "-" if x is None else f"{x:.2f}x"
 
 
+def _cpu(r: dict[str, Any]) -> str:
+    a, b = r.get("ranker_cpu_s_per_sample"), r.get("server_cpu_s_per_sample")
+    if a is None or b is None:
+        return "-"
+    return f"{a * 1e6:.1f}+{b * 1e6:.1f}"
+
+
 def format_table(res: dict[str, Any]) -> str:
     """The human-readable report of :func:`measure`'s result."""
     cfg, wl = res["config"], res["workload"]
@@ -300,15 +343,16 @@ def format_table(res: dict[str, Any]) -> str:
          f"{cfg['pooling']:g} ({wl['ids_per_sample']:.1f} ids/sample), sum pooling; {cfg['warmup']} warm-up + "
          f"{cfg['batches']} timed batches, seed {cfg['seed']}; wall {res['wall_s']:.0f} s"),
         "",
-        (f"{'path':<14}{'samples/s':>11}{'rows/s':>10}{'net B/sample':>14}{'batch ms':>10}{'vs flexemr':>12}"
-         f"{'vs local':>10}  note"),
+        (f"{'path':<14}{'samples/s':>11}{'rows/s':>10}{'net B/sample':>14}{'batch ms':>10}{'cpu us/sample':>15}"
+         f"{'vs flexemr':>12}{'vs local':>10}  note"),
+        f"{'':<59}{'ranker+servers':>15}",
     ]
     for r in res["results"]:
         if r["skipped"]:
             lines.append(f"{r['path']:<14}  skipped: {r['skipped']}")
             continue
         lines.append(f"{r['path']:<14}{_rate(r['samples_per_s']):>11}{_rate(r['rows_per_s']):>10}"
-                     f"{r['bytes_per_sample']:>14,.0f}{r['batch_ms']:>10.1f}{_ratio(r['vs_flexemr']):>12}"
+                     f"{r['bytes_per_sample']:>14,.0f}{r['batch_ms']:>10.1f}{_cpu(r):>15}{_ratio(r['vs_flexemr']):>12}"
                      f"{_ratio(r['vs_local']):>10}  {r['note']}")
     return "\n".join(lines)
 
@@ -317,6 +361,7 @@ def configure(p: argparse.ArgumentParser) -> None:
     """Arguments of ``python -m flexemr.bench compare``."""
     d = CompareConfig()
     p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--plot", metavar="PATH", help=PLOT_HELP)
     add_config_arguments(p, d, {"pooling": "mean ids per sample and table (Poisson)",
                                 "warmup": "warm-up batches per path", "batches": "timed batches per path",
                                 "naive_ids": "ids timed on the naive path", "redis": "skip the Redis peer",
@@ -326,7 +371,11 @@ def configure(p: argparse.ArgumentParser) -> None:
 
 def main(args: argparse.Namespace) -> int:
     """Run with parsed arguments; prints a table (or, with ``--json``, the whole result as one JSON object)."""
+    plot = check_plot_path(args.plot) if args.plot else None
     res = measure(config_from_args(CompareConfig, args))
     print(json.dumps(res, indent=2) if args.json else format_table(res), flush=True)
+    if plot is not None:
+        png, svg = plot_compare(plot, res)
+        print(f"wrote {png} and {svg}", file=sys.stderr if args.json else sys.stdout)
     return 0
 

@@ -27,7 +27,8 @@ every configuration is checked against the local reference on a timed batch):
     frequency-aware remap profiled on ``--profile-batches`` (4) other batches
     (second cluster, servers store the remapped tables);
 ``local``
-    everything in local memory: ``pool(model[t][ids], offsets)`` in numpy.
+    everything in local memory, pooled by the native kernel
+    (:func:`flexemr.core.kernel.pool_many`, every table in one call).
 
 Bytes per sample: payload moved over the network — one-sided read payload
 plus pooling channel messages (frames and channel headers included); READ
@@ -41,6 +42,7 @@ import asyncio
 import json
 import os
 import platform
+import sys
 import time
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -50,10 +52,11 @@ import numpy.typing as npt
 import rdmaio
 
 from ..apps.cluster import LocalCluster
+from ..apps.report import PLOT_HELP, check_plot_path, plot_locality
 from ..apps.workload import PROFILE_2022, generate, reuse_stats
 from ..client.client import EmbeddingClient
 from ..core.jagged import JaggedBatch
-from ..core.pooling import pool
+from ..core import kernel
 from ..core.remap import build_remap, profile_accesses
 from ..core.spec import TableSpec
 from ._args import add_config_arguments, config_from_args
@@ -89,7 +92,8 @@ Model = dict[str, npt.NDArray[Any]]
 
 
 def _local(model: Model, jb: JaggedBatch) -> dict[str, npt.NDArray[Any]]:
-    return {t: pool(model[t][jb.ids(t)], jb.bag_offsets(t), "sum") for t in jb.keys}
+    outs = kernel.pool_many([kernel.PoolJob(model[t], jb.ids(t), jb.bag_offsets(t)) for t in jb.keys])
+    return dict(zip(jb.keys, outs))
 
 
 def _check(name: str, got: dict[str, npt.NDArray[Any]], want: dict[str, npt.NDArray[Any]]) -> None:
@@ -148,7 +152,9 @@ async def measure(cfg: LocalityConfig) -> dict[str, Any]:
     async with LocalCluster(specs, servers=cfg.servers, seed=cfg.seed, transport=cfg.transport) as cluster:
         model = await loop.run_in_executor(None, cluster.model)
         ref = _local(model, timed[0])
-        # local: gather + pool in numpy
+        # local: the native kernel on the in-memory model, warmed up like the clients
+        for jb in warm:
+            _local(model, jb)
         t0 = time.perf_counter()
         for jb in timed:
             _local(model, jb)
@@ -217,6 +223,7 @@ def configure(p: argparse.ArgumentParser) -> None:
     """Arguments of ``python -m flexemr.bench locality``."""
     d = LocalityConfig()
     p.add_argument("--json", action="store_true", help="print one JSON object keyed by configuration")
+    p.add_argument("--plot", metavar="PATH", help=PLOT_HELP)
     add_config_arguments(p, d, {"pooling": "mean ids per sample and table (Poisson)",
                                 "warmup": "warm-up batches per configuration",
                                 "batches": "timed batches per configuration",
@@ -226,9 +233,13 @@ def configure(p: argparse.ArgumentParser) -> None:
 
 def main(args: argparse.Namespace) -> int:
     """Run with parsed arguments; prints a table, or with ``--json`` one JSON object keyed by configuration."""
+    plot = check_plot_path(args.plot) if args.plot else None
     res = rdmaio.run(measure(config_from_args(LocalityConfig, args)))
     if args.json:
         print(json.dumps(res["results"]))  # {config: {"bytes_per_sample", "samples_per_s", ...}}
     else:
         _print(res)
+    if plot is not None:
+        png, svg = plot_locality(plot, res)
+        print(f"wrote {png} and {svg}", file=sys.stderr if args.json else sys.stdout)
     return 0

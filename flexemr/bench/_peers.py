@@ -38,9 +38,11 @@ raising.  Wrong rows are a bug and raise :class:`AssertionError`.
 from __future__ import annotations
 
 import contextlib
+import gc
 import importlib
 import importlib.util
 import logging
+import os
 import shutil
 import socket
 import subprocess
@@ -59,12 +61,15 @@ from ..core.pooling import pool
 
 __all__ = [
     "REDIS",
+    "CpuClock",
     "TORCHREC",
     "TORCHREC_NOT_INSTALLED",
     "PathResult",
     "bench_redis",
     "bench_torchrec",
     "check_pooled",
+    "settle",
+    "process_cpu_s",
     "redis_missing",
     "skipped",
     "torchrec_missing",
@@ -87,12 +92,71 @@ _REDIS_STOP_TIMEOUT = 5.0
 _MSET_CHUNK = 4096
 
 
+def process_cpu_s(pid: int) -> float:
+    """CPU seconds (user + system) that process ``pid`` has used, from the OS's accounting.
+
+    The sum of its threads' ``/proc/<pid>/task/<tid>/schedstat`` run times
+    (nanoseconds), else ``/proc/<pid>/stat``'s ``utime + stime`` (clock ticks:
+    coarser, but it includes threads that have exited).  0.0 where ``/proc``
+    is not there.
+    """
+    total, found = 0, False
+    try:
+        for tid in os.listdir(f"/proc/{pid}/task"):
+            try:
+                with open(f"/proc/{pid}/task/{tid}/schedstat") as f:
+                    total += int(f.read().split()[0])
+                found = True
+            except (OSError, ValueError, IndexError):
+                continue
+    except OSError:
+        pass
+    if found:
+        return total / 1e9
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return 0.0
+
+
+class CpuClock:
+    """CPU seconds of this process (the ranker) and of ``servers`` (pids), summed over timed intervals.
+
+    ``with clock:`` around each timed part; ``ranker_s`` and ``server_s``
+    then hold the CPU time used inside those parts only (this process: every
+    thread, :func:`time.process_time`; servers: :func:`process_cpu_s`).
+    """
+
+    def __init__(self, servers: Sequence[int] = ()) -> None:
+        self.servers = list(servers)
+        self.ranker_s = 0.0
+        self.server_s = 0.0
+        self._start = (0.0, 0.0)
+
+    def _now(self) -> tuple[float, float]:
+        return time.process_time(), sum(process_cpu_s(p) for p in self.servers)
+
+    def __enter__(self) -> CpuClock:
+        self._start = self._now()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        r, s = self._now()
+        self.ranker_s += r - self._start[0]
+        self.server_s += s - self._start[1]
+
+
 @dataclass
 class PathResult:
     """One measured path of the comparison (or the reason it was skipped).
 
     Rates are per second of wall time over the timed batches; bytes are
-    payload moved over the network per sample (0 for local paths).
+    payload moved over the network per sample (0 for local paths); CPU
+    seconds per sample of the ranker (this process, every thread) and of the
+    servers (their processes; 0 for local paths), from the OS's accounting
+    over the timed batches only.
     """
 
     name: str
@@ -103,12 +167,27 @@ class PathResult:
     verified: bool = False
     skipped: str | None = None
     note: str = ""
+    ranker_cpu_s_per_sample: float | None = None
+    server_cpu_s_per_sample: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-able form."""
         return {"path": self.name, "samples_per_s": self.samples_per_s, "rows_per_s": self.rows_per_s,
                 "bytes_per_sample": self.bytes_per_sample, "batch_ms": self.batch_ms, "verified": self.verified,
-                "skipped": self.skipped, "note": self.note}
+                "skipped": self.skipped, "note": self.note, "ranker_cpu_s_per_sample": self.ranker_cpu_s_per_sample,
+                "server_cpu_s_per_sample": self.server_cpu_s_per_sample}
+
+
+def settle() -> None:
+    """Collect garbage, then freeze every object alive (:func:`gc.freeze`), before a path's timed batches.
+
+    The set-up (the model, torch and torchrec: ~300k Python objects) makes a
+    full collection cost ~0.1-0.2 s here; frozen objects are not traversed
+    again, so such a collection does not land in whichever path happens to
+    trigger it (every path gets the same treatment).
+    """
+    gc.collect()
+    gc.freeze()
 
 
 def skipped(name: str, reason: str) -> PathResult:
@@ -117,12 +196,13 @@ def skipped(name: str, reason: str) -> PathResult:
 
 
 def measured(name: str, timed: Sequence[JaggedBatch], seconds: float, bytes_per_sample: float, note: str,
-             *, verified: bool = True) -> PathResult:
-    """A :class:`PathResult` for ``timed`` batches answered in ``seconds``."""
+             *, verified: bool = True, cpu: CpuClock | None = None) -> PathResult:
+    """A :class:`PathResult` for ``timed`` batches answered in ``seconds`` (using ``cpu``'s CPU time)."""
     samples = sum(jb.batch_size for jb in timed)
     ids = sum(len(jb) for jb in timed)
     return PathResult(name, samples / seconds, ids / seconds, bytes_per_sample, seconds / len(timed) * 1e3,
-                      verified, None, note)
+                      verified, None, note, None if cpu is None else cpu.ranker_s / samples,
+                      None if cpu is None else cpu.server_s / samples)
 
 
 def check_pooled(name: str, got: Pooled, want: Pooled, tol: float = 1e-4) -> None:
@@ -277,7 +357,7 @@ def bench_redis(model: Model, warm: Sequence[JaggedBatch], timed: Sequence[Jagge
     import redis
 
     try:
-        with redis_server() as (client, _pid):
+        with redis_server() as (client, pid):
             t0 = time.perf_counter()
             loaded = 0
             for t, ids in _touched([*warm, *timed]).items():
@@ -294,10 +374,12 @@ def bench_redis(model: Model, warm: Sequence[JaggedBatch], timed: Sequence[Jagge
             for jb in warm:
                 _redis_lookup(client, model, jb)
             nbytes = 0
-            t0 = time.perf_counter()
-            for jb in timed:
-                nbytes += _redis_lookup(client, model, jb)[1]
-            dt = time.perf_counter() - t0
+            settle()
+            with CpuClock([pid]) as cpu:
+                t0 = time.perf_counter()
+                for jb in timed:
+                    nbytes += _redis_lookup(client, model, jb)[1]
+                dt = time.perf_counter() - t0
             version = client.info("server").get("redis_version", "?")
     except (RuntimeError, OSError, redis.RedisError) as exc:
         return skipped(REDIS, f"redis failed: {exc}")
@@ -305,7 +387,7 @@ def bench_redis(model: Model, warm: Sequence[JaggedBatch], timed: Sequence[Jagge
     samples = sum(jb.batch_size for jb in timed)
     note = (f"redis {version}, {loaded:,} rows loaded in {load_s:.1f} s; pipelined MGET/table of unique ids, "
             f"pooled in numpy; redis-py {redis.__version__} ({parser})")
-    return measured(REDIS, timed, dt, nbytes / samples, note)
+    return measured(REDIS, timed, dt, nbytes / samples, note, cpu=cpu)
 
 
 # --------------------------------------------------------------------------- #
@@ -382,11 +464,13 @@ def bench_torchrec(model: Model, warm: Sequence[JaggedBatch], timed: Sequence[Ja
         check_pooled(TORCHREC, run(timed[0]), ref)
         for jb in warm:
             run(jb)
-        t0 = time.perf_counter()
-        for jb in timed:
-            run(jb)
-        dt = time.perf_counter() - t0
+        settle()
+        with CpuClock() as cpu:
+            t0 = time.perf_counter()
+            for jb in timed:
+                run(jb)
+            dt = time.perf_counter() - t0
     import torchrec
 
     note = f"torchrec {torchrec.__version__}, {kernel} on CPU, {torch.get_num_threads()} threads, FP32"
-    return measured(TORCHREC, timed, dt, 0.0, note)
+    return measured(TORCHREC, timed, dt, 0.0, note, cpu=cpu)

@@ -112,6 +112,8 @@ class SoakResult:
     stale_replica_reads: int = 0
     cached_hits: int = 0
     cached_stale_hits_reread: int = 0
+    off_primary_reads: int = 0
+    replica_moves: int = 0
     failure_reasons: dict[str, int] = field(default_factory=dict)
 
     @property
@@ -132,7 +134,8 @@ class SoakResult:
                 f"acknowledged updates lost={self.lost_updates}, failovers={self.failovers} "
                 f"resync copies={self.resync_copies} torn re-reads={self.torn_rereads} "
                 f"stale-replica re-reads={self.stale_replica_reads}, cached ranker: hits={self.cached_hits} "
-                f"stale hits re-read={self.cached_stale_hits_reread}")
+                f"stale hits re-read={self.cached_stale_hits_reread}, load-aware reads: off primary="
+                f"{self.off_primary_reads} replica moves={self.replica_moves}")
 
 
 class Truth:
@@ -296,6 +299,9 @@ async def run_soak(cfg: SoakConfig) -> SoakResult:
         res.stale_replica_reads = sum(r["stale_replica_reads"] for r in rel)
         res.cached_hits = cached.metrics.cache_hits
         res.cached_stale_hits_reread = cached.metrics.cache_stale_hits
+        # load-aware replica reads (the clients' default): shard reads served off the primary, moves
+        res.off_primary_reads = sum(c.metrics.off_primary_reads for c in (*clients, cached))
+        res.replica_moves = sum(c.metrics.replica_moves for c in (*clients, cached))
     res.failure_reasons = dict(reasons.most_common(10))
     return res
 

@@ -12,7 +12,8 @@ Life of a lookup (``Batcher.lookup``, ids validated by the client)::
         split_lookup(sorted_unique=True: no second validation or unique; runs of
         consecutive rows -> one read), one read_batch per server (shards of a
         server share its arena region), all into one registered staging buffer
-    each caller: rows = staging_view[searchsorted(batch_rows, uniq)[inverse]]
+    each caller: the kernel gathers (or pools) its occurrences straight from
+        staging_view[searchsorted(batch_rows, uniq)[inverse]] (one copy)
 
 Coalescing window
     The first caller that adds rows to an empty pending batch schedules its
@@ -46,14 +47,17 @@ Reads and failover
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import numpy as np
 import numpy.typing as npt
 import rdmaio
 
+from ..core import kernel
 from ..core.errors import ClosedError, FlexEMRError, TransportError
 from ..core.metrics import LocalityMetrics, ReliabilityMetrics
 from ..core.plan import ShardingPlan
@@ -62,19 +66,22 @@ from ..core.split import SplitLookup, split_lookup
 from ..core.versioned import Ctl, ctl_offset, row_data, slot_bytes, validate_slots
 from .cache import ClientCache
 from .coherence import Coherence, GenCheck, GenToken
+from .lanes import ReadLane
+from .load import LoadTracker
 from .options import ClientOptions
 from .peers import Peers, Route
 
-__all__ = ["Batch", "Batcher", "Item", "StagingPool", "caller_error", "unique_inverse"]
+__all__ = ["Batch", "Batcher", "Item", "RowUser", "StagingPool", "caller_error", "unique_inverse"]
 
 log = logging.getLogger(__name__)
 
 IntArray = npt.NDArray[np.int64]
 Request = tuple[str, TableSpec, IntArray]  #: (table, spec, sorted unique or raw physical ids)
+#: ``use(i, rows, idx)`` of :meth:`Batcher.fetch_rows`: request ``i``'s row ``j`` is ``rows[idx[j]]`` (``idx`` None: ``rows[j]``)
+RowUser = Callable[[int, npt.NDArray[Any], "IntArray | None"], None]
 
 _ALIGN = 64
 _MIN_STAGING = 1 << 16
-_EMPTY = np.zeros(0, dtype=np.int64)
 #: Longest single read, and most bytes per read_batch request (rdmaio caps a request at 1 GiB).
 _MAX_READ_BYTES = 64 << 20
 _MAX_REQUEST_BYTES = 256 << 20
@@ -223,14 +230,12 @@ class Batch:
 
 
 class _Job:
-    __slots__ = ("table", "spec", "ids", "uniq", "inverse", "sources", "hit", "hit_rows", "gen", "gen_batch")
+    __slots__ = ("table", "spec", "uniq", "sources", "hit", "hit_rows", "gen", "gen_batch")
 
-    def __init__(self, table: str, spec: TableSpec, ids: IntArray) -> None:
+    def __init__(self, table: str, spec: TableSpec, uniq: IntArray) -> None:
         self.table = table
         self.spec = spec
-        self.ids = ids
-        self.uniq: IntArray = _EMPTY
-        self.inverse: IntArray = _EMPTY
+        self.uniq: IntArray = uniq
         self.sources: list[Batch] = []
         self.hit: npt.NDArray[np.bool_] | None = None
         self.hit_rows: npt.NDArray[Any] | None = None
@@ -255,13 +260,19 @@ class Batcher:
 
     def __init__(self, plan: ShardingPlan, options: ClientOptions, metrics: LocalityMetrics,
                  reliability: ReliabilityMetrics, peers: Peers, coherence: Coherence,
-                 cache: ClientCache | None) -> None:
+                 cache: ClientCache | None, lane: ReadLane | None = None) -> None:
         self.plan = plan
+        #: [lanes] which replica and endpoint each read takes, and its credits (flexemr.client.lanes)
+        self.lane = lane if lane is not None else ReadLane("bulk", peers, LoadTracker(), metrics, balanced=False,
+                                                           split_bytes=1 << 62)
         self.metrics = metrics
         self.reliability = reliability
         self.peers = peers
         self.coherence = coherence
         self.cache = cache
+        #: [swapin] background reads (swap-in, predictions): not the ranker's load, so they neither feed
+        #: nor reset the adaptive cache capacity (else a swap-in after a grow would shrink the cache again)
+        self.background = False
         self.window_us = options.coalesce_window_us
         self.max_batch_rows = options.max_batch_rows
         self.max_reads = options.max_reads_per_request
@@ -287,34 +298,52 @@ class Batcher:
     # ------------------------------------------------------------- lookups
 
     async def lookup(self, reqs: list[Request], t0: float) -> list[npt.NDArray[Any]]:
-        """Rows ``[len(ids), dim]`` per ``(table, spec, physical ids)`` (validated); ``t0``: when the call began."""
+        """Rows ``[len(ids), dim]`` per ``(table, spec, physical ids)`` (validated); ``t0``: when the call began.
+
+        One copy per row: the kernel gathers every occurrence straight from
+        the staging buffer its row landed in (or the cache's copy) into the
+        output.
+        """
         m = self.metrics
         m.lookups += 1
-        live: list[tuple[str, TableSpec, IntArray, IntArray]] = []
-        for table, spec, ids in reqs:
+        live: list[tuple[int, IntArray, IntArray]] = []
+        outs: list[npt.NDArray[Any]] = []
+        for i, (table, spec, ids) in enumerate(reqs):
+            outs.append(np.empty((ids.size, spec.dim), dtype=spec.np_dtype))
             if ids.size:
                 uniq, inverse = unique_inverse(ids, spec.num_rows)
                 m.ids_requested += int(ids.size)
-                live.append((table, spec, uniq, inverse))
+                live.append((i, uniq, inverse))
+
+        def put(k: int, rows: npt.NDArray[Any], idx: IntArray | None) -> None:
+            i, _, inverse = live[k]
+            kernel.gather(rows, inverse if idx is None else idx[inverse], out=outs[i])
+
         try:
-            rows = await self.fetch_unique([(t, s, u) for t, s, u, _ in live], probe=True)
+            await self.fetch_rows([(reqs[i][0], reqs[i][1], u) for i, u, _ in live], probe=True, use=put)
         except BaseException:
             m.errors += 1
             raise
-        got = iter(zip(live, rows))
-        outs: list[npt.NDArray[Any]] = []
-        for table, spec, ids in reqs:
-            if ids.size:
-                (_, _, _, inverse), r = next(got)
-                outs.append(r[inverse])
-            else:
-                outs.append(np.empty((0, spec.dim), dtype=spec.np_dtype))
         m.lookup_latency.observe(time.perf_counter() - t0)
         return outs
 
     async def fetch_unique(self, reqs: list[Request], *, probe: bool) -> list[npt.NDArray[Any]]:
-        """Rows ``[len(uniq), dim]`` for sorted unique physical ids, per request.
+        """Rows ``[len(uniq), dim]`` for sorted unique physical ids, per request (see :meth:`fetch_rows`)."""
+        outs: list[npt.NDArray[Any]] = [np.empty((0, spec.dim), dtype=spec.np_dtype) for _, spec, _ in reqs]
 
+        def keep(i: int, rows: npt.NDArray[Any], idx: IntArray | None) -> None:
+            outs[i] = kernel.gather(rows, np.arange(rows.shape[0]) if idx is None else idx)
+
+        await self.fetch_rows(reqs, probe=probe, use=keep)
+        return outs
+
+    async def fetch_rows(self, reqs: list[Request], *, probe: bool, use: RowUser) -> None:
+        """Read the rows of sorted unique physical ids, per request, and hand them to ``use``.
+
+        ``use(i, rows, idx)`` is called once per request ``i`` with a non-empty
+        id array, while the rows are valid: the row of ``uniq[j]`` is
+        ``rows[idx[j]]`` (``rows[j]`` when ``idx`` is ``None``); ``rows`` is
+        usually a view of a staging buffer, reused once ``use`` returns.
         ``probe``: look the ids up in the cache first (else the caller did).
         Misses go through in-flight dedup and the pending (coalescing) batch;
         the rows read are inserted into the cache unless an invalidation
@@ -338,8 +367,6 @@ class Batcher:
                         batches[id(b)] = b
             m.unique_ids += int(uniq.size)
             job.uniq = miss
-            job.inverse = np.arange(miss.size, dtype=np.int64)
-            job.ids = miss
             if miss.size:
                 job.sources = self._place(table, miss)
                 for b in job.sources:
@@ -359,22 +386,27 @@ class Batcher:
                 if job.gen is not None:
                     assert job.hit_rows is not None
                     await self.refresh_stale(job.table, job.spec, job.gen, job.hit_rows, job.gen_batch)
-            outs: list[npt.NDArray[Any]] = []
             epoch = self.coherence.epoch
-            for job in jobs:
+            for i, job in enumerate(jobs):
+                if job.uniq.size == 0 and job.hit is None:
+                    continue
+                fill = cache is not None and job.uniq.size > 0 and all(b.epoch == epoch for b in job.sources)
+                if job.hit is None and not fill:
+                    use(i, *self._source(job))
+                    continue
                 miss_rows = self._gather(job)
-                if cache is not None and job.uniq.size and all(b.epoch == epoch for b in job.sources):
+                if fill:
+                    assert cache is not None
                     cache.fill(job.table, job.uniq, miss_rows)
                 if job.hit is None:
-                    outs.append(miss_rows)
+                    use(i, miss_rows, None)
                     continue
                 rows = np.empty((job.hit.size, job.spec.dim), dtype=job.spec.np_dtype)
                 rows[job.hit] = job.hit_rows
                 rows[~job.hit] = miss_rows
-                outs.append(rows)
+                use(i, rows, None)
             if cache is not None:
                 cache.sync_metrics()
-            return outs
         finally:
             for b in batches.values():
                 b.refs -= 1
@@ -461,16 +493,26 @@ class Batcher:
                 self.timer = loop.call_later(self.window_us / 1e6, self.launch)
         return b
 
-    def _gather(self, job: _Job) -> npt.NDArray[Any]:
-        """Copy a caller's rows out of the staging views of the batches it depends on."""
-        spec = job.spec
-        if job.ids.size == 0:
-            return np.empty((0, spec.dim), dtype=spec.np_dtype)
+    def _source(self, job: _Job) -> tuple[npt.NDArray[Any], IntArray | None]:
+        """``(rows, idx)``: where a caller's rows are (``rows[idx[j]]`` is the row of ``job.uniq[j]``).
+
+        One batch holds them all (the usual case): its staging view, no copy;
+        else they are copied out of every batch (:meth:`_gather`).
+        """
         if len(job.sources) == 1:
             b = job.sources[0]
             rows = b.rows[job.table]
-            idx = job.inverse if rows.size == job.uniq.size else np.searchsorted(rows, job.uniq)[job.inverse]
-            return b.views[job.table][idx]
+            return b.views[job.table], None if rows.size == job.uniq.size else np.searchsorted(rows, job.uniq)
+        return self._gather(job), None
+
+    def _gather(self, job: _Job) -> npt.NDArray[Any]:
+        """Copy a caller's rows out of the staging views of the batches it depends on."""
+        spec = job.spec
+        if job.uniq.size == 0:
+            return np.empty((0, spec.dim), dtype=spec.np_dtype)
+        if len(job.sources) == 1:
+            rows, idx = self._source(job)
+            return kernel.gather(rows, np.arange(rows.shape[0]) if idx is None else idx)
         out = np.empty((job.uniq.size, spec.dim), dtype=spec.np_dtype)
         for b in job.sources:
             rows = b.rows[job.table]
@@ -478,7 +520,7 @@ class Batcher:
             np.minimum(pos, rows.size - 1, out=pos)
             hit = rows[pos] == job.uniq
             out[hit] = b.views[job.table][pos[hit]]
-        return out[job.inverse]
+        return out
 
     # ------------------------------------------------------------- batches
 
@@ -491,7 +533,7 @@ class Batcher:
         if b is None:
             return
         self.pending = None
-        if self.cache is not None:
+        if self.cache is not None and not self.background:
             self.cache.idle_check()
         b.epoch = self.coherence.epoch
         shared = 0
@@ -555,9 +597,9 @@ class Batcher:
                 for (region, server), w in zip(ctl_pins, words.tolist()):
                     if (region, server) not in unread:
                         ctls[region][server] = Ctl(*w)
-                served = await self.coherence.check_members(
+                tokens = await self.coherence.check_members(
                     b.allowed, served, ctls, row_regions, lambda stale: self._reread(b, st, items, stale))
-                b.gens = {r: (served[r].server, served[r].incarnation, ctls[r][served[r].server].gen)
+                b.gens = {r: (tokens[r].server, tokens[r].incarnation, ctls[r][tokens[r].server].gen)
                           for r in b.gen_regions}
             for (split, base, nbytes), table in zip(splits, b.rows):
                 if table in self.vslot:
@@ -567,7 +609,7 @@ class Batcher:
             if b.gens:
                 self.coherence.observe(b.gens)
             m.batch_latency.observe(time.perf_counter() - t0)
-            if self.cache is not None:
+            if self.cache is not None and not self.background:
                 self.cache.batch_done(b.rows)
         except asyncio.CancelledError:
             b.error = ClosedError("client closed while the lookup was in flight")
@@ -591,13 +633,14 @@ class Batcher:
             if b.refs == 0:
                 self.release(b)
 
-    async def _reread(self, b: Batch, st: Staging, items: list[Item], regions: list[str]) -> dict[str, Route]:
+    async def _reread(self, b: Batch, st: Staging, items: list[Item],
+                      regions: list[str]) -> dict[str, list[Route]]:
         """Read the row groups of ``regions`` again (their replica was out of service)."""
         more, _ = await self.read_items(b, st, [it for it in items if it.pin is None and it.region in regions])
         return more
 
     async def read_items(self, b: Batch, st: Staging,
-                         items: list[Item]) -> tuple[dict[str, Route], set[tuple[str, str]]]:
+                         items: list[Item]) -> tuple[dict[str, list[Route]], set[tuple[str, str]]]:
         """Issue the reads of ``items``; a failed server's share is re-read elsewhere.
 
         Each round groups the reads by the server (and key) now serving their
@@ -605,26 +648,27 @@ class Batcher:
         which drops it from every route) and is re-issued in the next round.
         Rounds end when everything landed or a region has no replica left
         (:class:`TransportError`).  Items pinned to a replica are never re-issued
-        elsewhere.  Returns the route that served each region (unpinned items)
+        elsewhere.  Returns the routes that served each region (unpinned items; several when the
+        lane cut a region's reads over its replicas)
         and the ``(region, server)`` of every pinned item that could not be read.
         """
         m = self.metrics
         peers = self.peers
         step = self.max_reads
-        served: dict[str, Route] = {}
+        served: dict[str, list[Route]] = {}
         unread: set[tuple[str, str]] = set()
         pending = items
         while pending:
             groups: dict[tuple[str, str], tuple[Route, list[Item], list[IntArray]]] = {}
+            # [lanes] the lane picks the replica(s) of every region (by load: it may cut a region's reads)
+            routed = self.lane.routes([it for it in pending if it.pin is None], b.allowed)
             for item in pending:
-                if item.pin is None:
-                    route = peers.pick(item.region, b.allowed.get(item.region))
-                else:
-                    pinned = peers.routes.get((item.pin, item.region)) if peers.live(item.pin) else None
-                    if pinned is None:
+                if item.pin is not None:
+                    if not peers.live(item.pin) or (item.pin, item.region) not in peers.routes:
                         unread.add((item.region, item.pin))
                         continue
-                    route = pinned
+                    routed.append((item, self.lane.route(item.pin, item.region)))
+            for item, route in routed:
                 g = groups.get(route.group)
                 if g is None:
                     g = groups[route.group] = (route, [], [])
@@ -639,7 +683,8 @@ class Batcher:
                 m.bytes_read += int(ln.sum())
                 chunks = _chunks(ln, step, _MAX_REQUEST_BYTES)
                 m.subrequests += len(chunks)
-                coros = [route.endpoint.read_batch(st.mr, lo[s:e], route.key, ro[s:e], ln[s:e]) for s, e in chunks]
+                coros = [self.lane.issue(route.server, int(ln[s:e].sum()), e - s, functools.partial(  # [lanes] credits, load
+                    route.endpoint.read_batch, st.mr, lo[s:e], route.key, ro[s:e], ln[s:e])) for s, e in chunks]
                 if len(coros) == 1:
                     await coros[0]
                     return
@@ -661,7 +706,9 @@ class Batcher:
             pending = []
             for (route, its, _), r in zip(glist, results):
                 if r is None:
-                    served.update((item.region, route) for item in its if item.pin is None)
+                    for item in its:
+                        if item.pin is None and route not in served.setdefault(item.region, []):
+                            served[item.region].append(route)
                     continue
                 if not isinstance(r, rdmaio.RdmaioError) or isinstance(r, rdmaio.UsageError):
                     raise r

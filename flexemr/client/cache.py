@@ -20,13 +20,14 @@ physical ids); this module is what the client does with it
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 
 from ..core.cache import AdaptiveCapacity, RowCache
+from ..core.capacity import ActivationCapacity
 from ..core.metrics import LocalityMetrics
 from ..core.plan import Shard, ShardingPlan
 from .options import ClientOptions
@@ -45,9 +46,16 @@ class ClientCache:
                              policy=options.cache_policy)
         for spec in plan.tables.values():
             self.rows.register(spec.name, spec.dim, spec.np_dtype)
-        self.adaptive: AdaptiveCapacity | None = None
-        if options.adaptive:
+        self.adaptive: AdaptiveCapacity | ActivationCapacity | None = None
+        #: [swapin] the capacity follows the NN's activations (batch samples), not the rows read
+        self.by_samples = bool(options.adaptive and options.nn_sample_bytes)
+        if self.by_samples:
+            self.adaptive = ActivationCapacity(options.cache_bytes, row_bytes, options.nn_sample_bytes,
+                                               options.cache_window)
+        elif options.adaptive:
             self.adaptive = AdaptiveCapacity(options.cache_bytes, row_bytes, options.cache_window, inflight=2)
+        #: [swapin] called with (old, new) capacity after every resize (flexemr.client.swapin)
+        self.on_resize: Callable[[int, int], None] | None = None
         self.admit = options.cache_admit
         self.idle_s = float(options.cache_idle_s)
         self.metrics = metrics
@@ -63,6 +71,16 @@ class ClientCache:
         m.cache_hits += nh
         m.cache_misses += int(uniq.size) - nh
         return hit, hit_rows, nh
+
+    def probe_slots(self, table: str, uniq: IntArray) -> tuple[npt.NDArray[np.bool_], IntArray, int]:
+        """``(hit mask, slots of the hits, number of hits)``: :meth:`probe` without copying the rows, which
+        the caller reads in place from ``self.rows.rows_view(table)[slots]`` before anything is inserted."""
+        hit, slots = self.rows.lookup_slots(table, uniq)
+        nh = int(slots.size)
+        m = self.metrics
+        m.cache_hits += nh
+        m.cache_misses += int(uniq.size) - nh
+        return hit, slots, nh
 
     def fill(self, table: str, ids: IntArray, rows: npt.NDArray[Any]) -> None:
         """Cache rows just read."""
@@ -104,8 +122,16 @@ class ClientCache:
     def batch_done(self, rows: Mapping[str, IntArray]) -> None:
         """A batch landed; ``rows``: the rows it read per table."""
         self.last_batch_end = time.monotonic()
-        if rows and self.adaptive is not None:  # a batch of GEN reads only says nothing about the load
+        if rows and self.adaptive is not None and not self.by_samples:  # GEN reads only say nothing
             self._resize(self.adaptive.observe(sum(int(r.size) for r in rows.values())))
+
+    def observe_samples(self, samples: int) -> None:
+        """[swapin] A batch of ``samples`` samples is looked up (``nn_sample_bytes``: the NN's memory need)."""
+        if self.by_samples and self.adaptive is not None:
+            if time.monotonic() - self.last_batch_end > self.idle_s:  # idle meanwhile: the window is stale
+                self.adaptive.reset()
+            self.last_batch_end = time.monotonic()
+            self._resize(self.adaptive.observe(samples))
 
     def idle_check(self) -> None:
         """Before a batch: after ``cache_idle_s`` without one, the adaptive window is forgotten."""
@@ -118,6 +144,9 @@ class ClientCache:
         assert ac is not None
         step = max(1, ac.max_capacity // 16)
         if target != cache.capacity and (abs(target - cache.capacity) >= step or target == ac.max_capacity):
+            old = cache.capacity
             cache.resize(target)
             self.metrics.cache_resizes += 1
             self.sync_metrics()
+            if self.on_resize is not None:
+                self.on_resize(old, target)

@@ -33,12 +33,14 @@ from .access import ClientAccess
 from .batcher import Batcher, Request
 from .cache import ClientCache
 from .coherence import Coherence
+from .lanes import Lanes
 from .leak import creation_site, leaked
 from .options import ClientOptions
 from .peers import Peers
 from .pooled import Pooler, split_weights
 from .prefetch import PrefetchStream, lookahead
 from .replica import check_update, last_wins
+from .swapin import SwapIn
 
 __all__ = ["EmbeddingClient"]
 
@@ -88,8 +90,17 @@ class EmbeddingClient(ClientAccess):
         self._peers = Peers(config, options, self.reliability)
         self._cache = ClientCache(self.plan, options, self.metrics) if options.cache_bytes else None
         self._coherence = Coherence(self.plan, self._peers, self._cache)
-        self._batcher = Batcher(self.plan, options, self.metrics, self.reliability, self._peers,
-                                self._coherence, self._cache)
+        self._lanes = lanes = Lanes(self._peers, options, self.metrics)
+
+        def batcher(lane: Any) -> Batcher:
+            return Batcher(self.plan, options, self.metrics, self.reliability, self._peers, self._coherence,
+                           self._cache, lane)
+
+        self._batcher = batcher(lanes.bulk)
+        self._prio = None if lanes.priority is None else batcher(lanes.priority)  # never coalesced with bulk
+        self._swap = None if self._cache is None else SwapIn(self.plan, options, self.metrics, self._cache,
+                                                             batcher(lanes.background), self._batcher)
+        self._batchers = [b for b in (self._batcher, self._prio, self._swap and self._swap.batcher) if b]
         self._pooler = Pooler(self.plan, options, self.metrics, self._peers, self._batcher, self._coherence,
                               self._cache)
         self._where = creation_site()
@@ -130,7 +141,8 @@ class EmbeddingClient(ClientAccess):
         peers = self._peers
         try:
             down = await peers.open()
-            self._batcher.start(self._loop, peers.engine)
+            for b in self._batchers:
+                b.start(self._loop, peers.engine)
             await peers.refresh_all()
             if self._cache is not None and self.plan.versioned:  # the GEN the shards' first cached rows are read under
                 await self._batcher.read_gens(list(peers.region_shard))
@@ -139,7 +151,7 @@ class EmbeddingClient(ClientAccess):
             await self._teardown()
             raise
         self._connected = True
-        self._finalizer = weakref.finalize(self, leaked, self._where, peers, self._batcher)
+        self._finalizer = weakref.finalize(self, leaked, self._where, peers, *self._batchers)
         log.info("client connected to %d servers (%s)", len(peers.peers) - len(down), peers.engine.transport)
         peers.reconnect_in_background(down)
         return self
@@ -160,47 +172,6 @@ class EmbeddingClient(ClientAccess):
         """The ranker-side row cache (``None`` without ``cache_bytes``); keys are physical ids."""
         return None if self._cache is None else self._cache.rows
 
-    def endpoint(self, server: str) -> rdmaio.Endpoint:
-        """The rdmaio endpoint to ``server`` (for tools that issue their own reads).
-
-        :class:`TransportError` while the server is down (reconnecting).
-        """
-        self._check_open()
-        return self._peers.endpoint(server)
-
-    def shard_key(self, region_name: str, server: str | None = None) -> rdmaio.RemoteKey:
-        """The remote key of a shard's own region (offsets relative to the shard).
-
-        ``server``: which replica (default: the shard's primary ``Shard.server``).
-        """
-        self._check_open()
-        return self._peers.shard_key(region_name, server)
-
-    def server_meta(self, server: str) -> ServerMeta:
-        """The metadata ``server`` published."""
-        self._check_open()
-        return self._peers.meta[server]
-
-    def replica_status(self) -> dict[str, list[str]]:
-        """Region -> replicas lookups currently read from (in-sync, connected)."""
-        return self._peers.replica_status()
-
-    def healthy(self) -> bool:
-        """True when every server is connected and every replica of every shard serves reads."""
-        return self._peers.healthy()
-
-    async def wait_healthy(self, timeout: float) -> bool:
-        """Wait (at most ``timeout`` s) until :meth:`healthy`; returns whether it is."""
-        return await self._peers.wait_healthy(timeout)
-
-    def peer_failed(self, server: str, exc: BaseException, ep: rdmaio.Endpoint | None = None) -> None:
-        """Treat ``server`` as failed (``exc`` says why): drop its endpoint, reroute, reconnect in the background.
-
-        ``ep``: the endpoint a failed operation used; nothing happens if the
-        server was already reconnected through another one.
-        """
-        self._peers.peer_failed(server, exc, ep)
-
     def _check_open(self) -> None:
         if self._closed:
             raise ClosedError("client is closed")
@@ -213,30 +184,50 @@ class EmbeddingClient(ClientAccess):
 
     # ------------------------------------------------------------------ lookups
 
-    async def lookup(self, table: str, ids: object) -> npt.NDArray[Any]:
+    async def lookup(self, table: str, ids: object, *, priority: bool | None = None) -> npt.NDArray[Any]:
         """Rows ``[len(ids), dim]`` of ``table`` (original order, duplicates repeated).
 
         ``ids``: 1-D integer array-like in ``[0, num_rows)``; anything else
         raises (before any network traffic) :class:`InputError`,
         :class:`LookupIdError` or :class:`UnknownTableError`.
+        ``priority``: send it in the priority lane (own batches, endpoints and
+        credits: :mod:`flexemr.client.lanes`; needs ``priority_lane=True``);
+        default: the client's ``priority`` option.
         """
         t0 = time.perf_counter()
-        return (await self._batcher.lookup(self._requests([(table, ids)]), t0))[0]
+        return (await self._lookup(self._requests([(table, ids)]), t0, priority))[0]
 
-    async def lookup_many(self, requests: Mapping[str, object]) -> dict[str, npt.NDArray[Any]]:
-        """``{table: rows}`` for ``{table: ids}``: all tables in the same batch(es)."""
+    async def lookup_many(self, requests: Mapping[str, object], *,
+                          priority: bool | None = None) -> dict[str, npt.NDArray[Any]]:
+        """``{table: rows}`` for ``{table: ids}``: all tables in the same batch(es); ``priority`` as in :meth:`lookup`."""
         t0 = time.perf_counter()
         if not isinstance(requests, Mapping):
             raise InputError(f"lookup_many takes a mapping {{table: ids}}, got {type(requests).__name__}")
-        outs = await self._batcher.lookup(self._requests(requests.items()), t0)
+        outs = await self._lookup(self._requests(requests.items()), t0, priority)
         return dict(zip(requests, outs))
 
-    async def lookup_jagged(self, batch: JaggedBatch, *, pooling: PoolMode | None = None) -> dict[str, npt.NDArray[Any]]:
+    async def _lookup(self, reqs: list[Request], t0: float, priority: bool | None) -> list[npt.NDArray[Any]]:
+        """The rows of validated requests, through the lane ``priority`` asks for (a large lookup is bulk)."""
+        if priority is None:
+            priority = self.options.priority
+        if not priority:
+            return await self._batcher.lookup(reqs, t0)
+        if self._prio is None:
+            raise InputError("priority=True needs a client with a priority lane (ClientOptions(priority_lane=True))")
+        if sum(int(ids.size) for _, _, ids in reqs) > self.options.priority_max_rows:
+            self.metrics.priority_demoted += 1
+            return await self._batcher.lookup(reqs, t0)
+        self.metrics.priority_lookups += 1
+        return await self._prio.lookup(reqs, t0)
+
+    async def lookup_jagged(self, batch: JaggedBatch, *, pooling: PoolMode | None = None,
+                            priority: bool | None = None) -> dict[str, npt.NDArray[Any]]:
         """Rows of every key of a KeyedJaggedTensor-style batch.
 
         Returns ``{table: rows}`` with ``rows`` of shape ``[len(batch.ids(table)), dim]``
         (in ``values`` order); with ``pooling="sum"``/``"mean"``/``"max"`` this is
         ``lookup_pooled(batch, mode=pooling)``: ``[batch_size, dim]`` per table.
+        ``priority`` as in :meth:`lookup` (rows only).
         """
         if not isinstance(batch, JaggedBatch):
             raise InputError(f"lookup_jagged takes a JaggedBatch, got {type(batch).__name__}")
@@ -244,7 +235,9 @@ class EmbeddingClient(ClientAccess):
             raise InputError(f"pooling must be None, 'sum', 'mean' or 'max', got {pooling!r}")
         if pooling is not None:
             return await self.lookup_pooled(batch, mode=pooling)
-        return await self.lookup_many(batch.per_table())
+        if self._cache is not None:
+            self._cache.observe_samples(batch.batch_size)
+        return await self.lookup_many(batch.per_table(), priority=priority)
 
     async def lookup_bags(self, table: str, ids: object, *, offsets: object | None = None,
                           lengths: object | None = None, mode: PoolMode = "sum",
@@ -286,6 +279,8 @@ class EmbeddingClient(ClientAccess):
             self.plan.spec(t)
         reqs = self._requests((t, batch.ids(t)) for t in batch.keys)
         use_pool = self.options.server_pooling if server_pooling is None else bool(server_pooling)
+        if self._cache is not None:
+            self._cache.observe_samples(batch.batch_size)
         return await self._pooler.lookup(batch, mode, weights, reqs, use_pool, t0)
 
     def prefetch(self, batches: Any, *, depth: int = 1,
@@ -310,6 +305,8 @@ class EmbeddingClient(ClientAccess):
             spec = self.plan.spec(table)
             reqs.append((table, spec, self._physical(table, validate_ids(spec, ids))))
         self._check_open()
+        if self._swap is not None:
+            self._swap.observe(reqs)
         return reqs
 
     def _physical(self, table: str, ids: IntArray) -> IntArray:
@@ -369,14 +366,18 @@ class EmbeddingClient(ClientAccess):
     # ---------------------------------------------------------------- closing
 
     async def _teardown(self) -> None:
-        self._batcher.fail_pending()
-        tasks = [*self._batcher.tasks, *self._peers.background_tasks()]
+        if self._swap is not None:
+            self._swap.close()
+        for b in self._batchers:
+            b.fail_pending()
+        tasks = [*(t for b in self._batchers for t in b.tasks), *self._peers.background_tasks()]
         for t in tasks:
             t.cancel()
         if tasks:
             await asyncio.gather(*tasks, return_exceptions=True)
         await self._pooler.aclose()
-        self._batcher.close()
+        for b in self._batchers:
+            b.close()
         await self._peers.aclose()
 
     async def aclose(self) -> None:

@@ -113,12 +113,12 @@ class Coherence:
     async def check_members(
         self,
         allowed: dict[str, frozenset[str]],
-        served: dict[str, Route],
+        served: dict[str, list[Route]],
         ctls: Mapping[str, Mapping[str, Ctl]],
         row_regions: set[str],
-        reread: Callable[[list[str]], Awaitable[dict[str, Route]]],
+        reread: Callable[[list[str]], Awaitable[dict[str, list[Route]]]],
     ) -> dict[str, Route]:
-        """Versioned plans: keep only rows read from replicas in service; returns the route of every region.
+        """Versioned plans: keep only rows read from replicas in service; returns every region's token route.
 
         A writer that cannot reach a replica (its operation failed or timed out, its
         reconnection lags) fences it: the commit on the replicas it reached drops it from
@@ -131,6 +131,13 @@ class Coherence:
         read from any other replica are read again from one of those (``reread(regions)``,
         which returns the routes that served them); the client stops reading from the
         stale one and resyncs it in the background (:meth:`Peers.stale_replica`).
+        ``served``: the routes each region's rows were read through (several when load-aware
+        reads cut a shard's reads over its replicas: every one of them must be allowed).
+
+        The *token route* of a region, whose ``GEN`` word the cache's tokens hold, is the
+        first allowed replica in service (:meth:`Peers.pick`), whichever replica the rows
+        came from: it holds every acknowledged update as much as they do, and being stable
+        it does not drop the cache every time load-aware reads move.
         """
         region_shard = self._peers.region_shard
         for region, got in ctls.items():
@@ -140,12 +147,14 @@ class Coherence:
             auth = max(got.values(), key=lambda c: c.gen)
             replicas = region_shard[region].replicas
             allowed[region] = frozenset(s for i, s in enumerate(replicas) if auth.members >> i & 1 and s in got)
-        stale = [r for r in row_regions if r in ctls and served[r].server not in allowed[r]]
+        stale = [r for r in row_regions if r in ctls and any(rt.server not in allowed[r] for rt in served[r])]
         if stale:
             for r in stale:
-                self._peers.stale_replica(r, served[r].server)
-            served.update(await reread(stale))
-        for region in ctls:
-            if region not in row_regions:  # GEN only (cache hits): the token of the replica reads would use
-                served[region] = self._peers.pick(region, allowed[region])
-        return served
+                for rt in served[r]:
+                    if rt.server not in allowed[r]:
+                        self._peers.stale_replica(r, rt.server)
+            again = await reread(stale)
+            bad = [r for r in stale if any(rt.server not in allowed[r] for rt in again.get(r, ()))]
+            if bad:  # reread routes by `allowed`: only a replica failing meanwhile can land here
+                raise TransportError(f"shard {bad[0]}: no replica in service could be read")
+        return {region: self._peers.pick(region, allowed[region]) for region in ctls}

@@ -33,15 +33,15 @@ def creation_site() -> str:
     return "?" if frame is None else f"{frame.f_code.co_filename}:{frame.f_lineno}"
 
 
-def leaked(where: str, peers: Peers, batcher: Batcher) -> None:
+def leaked(where: str, peers: Peers, *batchers: Batcher) -> None:
     """Finalizer of a client that was connected and never closed: free what can be freed now, then warn."""
     peers.closed = True  # background tasks end at their next step
-    for task in [*batcher.tasks, *peers.background_tasks()]:
+    for task in [*(t for b in batchers for t in b.tasks), *peers.background_tasks()]:
         try:
             task.get_loop().call_soon_threadsafe(task.cancel)
         except RuntimeError:  # its loop is closed: the task is gone with it
             pass
-    for free in (batcher.close, peers.abort):
+    for free in (*(b.close for b in batchers), peers.abort):
         try:
             free()
         except Exception:  # noqa: BLE001 - a finalizer must not raise; what is left is freed at exit

@@ -14,7 +14,7 @@ flexemr.core.errors.ConfigError: coalesce_window_us must be an int in [0, 10000]
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, fields, replace
 from types import MappingProxyType
 from typing import Any
@@ -90,8 +90,9 @@ class ClientOptions:
         to the pooling cost model.
     server_pooling:
         Let :meth:`~flexemr.EmbeddingClient.lookup_pooled` ask servers to pool
-        (per ``(server, bag)`` by the cost model of
-        :func:`~flexemr.core.pooling.choose_pooling`).
+        when measured lookups say it is faster
+        (:class:`~flexemr.core.pooling.PoolingCost`; per shard by the byte
+        model of :func:`~flexemr.core.pooling.choose_pooling`).
     remap:
         A :class:`~flexemr.RowRemap` the servers' tables were stored with:
         ids are translated logical -> physical before splitting.
@@ -116,6 +117,51 @@ class ClientOptions:
     update_lock_timeout:
         Versioned tables: how long :meth:`~flexemr.EmbeddingClient.update`
         waits for a shard lock.
+    balanced_reads:
+        Load-aware replica reads (:mod:`flexemr.client.load`): a batch reads a
+        shard from whichever in-service replica is predicted to answer first
+        (measured outstanding work and latency per server), and cuts a shard's
+        reads larger than ``split_bytes`` over its replicas.  ``False``: the
+        first in-service replica (the primary while it is up).
+    split_bytes:
+        A shard's reads of one batch larger than this may be cut over its replicas.
+    bulk_window_bytes:
+        Bytes of bulk reads (every lookup not in the priority lane, prefetch,
+        swap-in) in flight per server at most (``0``: no window).  Keeps bulk
+        traffic from filling the path to a server, so priority lookups do not
+        wait behind it.
+    priority_lane:
+        Open a second endpoint per server for the priority lane
+        (:mod:`flexemr.client.lanes`): ``lookup(..., priority=True)`` then
+        rides its own queue pairs and credits, never coalesced with bulk lookups.
+    priority:
+        The default of ``lookup(..., priority=...)`` (needs ``priority_lane``).
+    priority_window_bytes:
+        Bytes of priority-lane reads in flight per server at most.
+    priority_max_rows:
+        A priority lookup with more unique rows than this is bulk traffic:
+        it is sent in the bulk lane (``LocalityMetrics.priority_demoted``).
+    nn_sample_bytes:
+        With ``adaptive``: the ranker's NN memory per sample (activations; the
+        DLRM declares it, :attr:`flexemr.apps.dlrm.DLRM.activation_bytes_per_sample`).
+        The cache capacity is then the budget minus ``nn_sample_bytes`` x the
+        largest batch (samples) of the last ``cache_window`` batches
+        (:class:`~flexemr.core.capacity.ActivationCapacity`); ``0``: the older
+        staging-rows estimate of :class:`~flexemr.core.cache.AdaptiveCapacity`.
+    swapin:
+        With ``adaptive``: when the capacity grows, read the hottest uncached
+        rows (frequency sketch) into the cache in the background
+        (:mod:`flexemr.client.swapin`); lookups never wait for it.
+    swapin_chunk_rows:
+        Rows per background swap-in read.
+    predict_rows:
+        Predictive prefetch (needs ``cache_bytes``): after every lookup, read
+        up to this many uncached rows the frequency-and-recency predictor
+        expects next into the cache in the background (``0``: off).
+    resync_progress:
+        Called while a resync copies a shard to a replica that fell behind:
+        ``resync_progress(region, bytes copied, bytes to copy)`` (e.g. a
+        progress bar; ``flexemr rank`` shows one).  ``None``: not called.
 
     Examples
     --------
@@ -148,6 +194,18 @@ class ClientOptions:
     reconnect_cap: float = 2.0
     torn_timeout: float = 2.0
     update_lock_timeout: float = 10.0
+    balanced_reads: bool = True
+    split_bytes: int = 256 << 10
+    bulk_window_bytes: int = 0
+    priority_lane: bool = False
+    priority: bool = False
+    priority_window_bytes: int = 1 << 20
+    priority_max_rows: int = 4096
+    nn_sample_bytes: int = 0
+    swapin: bool = True
+    swapin_chunk_rows: int = 4096
+    predict_rows: int = 0
+    resync_progress: Callable[[str, int, int], None] | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.transport, str):
@@ -166,7 +224,9 @@ class ClientOptions:
             if not _is_int(val) or val < 1:
                 raise ConfigError(f"{name} must be a positive int, got {val!r}")
         for name, lo in (("staging_cache_bytes", 0), ("cache_bytes", 0), ("cache_window", 1), ("cache_admit", 1),
-                         ("pool_slots", 1), ("pool_slot_size", 4096)):
+                         ("pool_slots", 1), ("pool_slot_size", 4096), ("split_bytes", 0),
+                         ("bulk_window_bytes", 0), ("priority_window_bytes", 4096), ("priority_max_rows", 1),
+                         ("nn_sample_bytes", 0), ("swapin_chunk_rows", 1), ("predict_rows", 0)):
             val = getattr(self, name)
             if not _is_int(val) or val < lo:
                 raise ConfigError(f"{name} must be an int >= {lo}, got {val!r}")
@@ -183,10 +243,16 @@ class ClientOptions:
                 raise ConfigError(f"{name} must be a positive number, got {val!r}")
         if not _is_number(self.cache_idle_s) or self.cache_idle_s < 0:
             raise ConfigError(f"cache_idle_s must be a number >= 0, got {self.cache_idle_s!r}")
-        object.__setattr__(self, "adaptive", bool(self.adaptive))
-        object.__setattr__(self, "server_pooling", bool(self.server_pooling))
+        for name in ("adaptive", "server_pooling", "balanced_reads", "priority_lane", "priority", "swapin"):
+            object.__setattr__(self, name, bool(getattr(self, name)))
         if self.adaptive and not self.cache_bytes:
             raise ConfigError("adaptive=True needs cache_bytes > 0")
+        if self.priority and not self.priority_lane:
+            raise ConfigError("priority=True needs priority_lane=True")
+        if self.predict_rows and not self.cache_bytes:
+            raise ConfigError("predict_rows > 0 needs cache_bytes > 0 (predicted rows are read into the cache)")
+        if self.resync_progress is not None and not callable(self.resync_progress):
+            raise ConfigError(f"resync_progress must be callable, got {type(self.resync_progress).__name__}")
 
     @classmethod
     def merged(cls, options: ClientOptions | None = None, **overrides: Any) -> ClientOptions:

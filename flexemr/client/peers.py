@@ -64,11 +64,13 @@ class Route:
 class Peer:
     """Connection state of one server: endpoint (``None`` while down), metadata, reconnect task."""
 
-    __slots__ = ("name", "ep", "meta", "incarnation", "task", "ready", "kick", "backoff")
+    __slots__ = ("name", "ep", "prio_ep", "meta", "incarnation", "task", "ready", "kick", "backoff")
 
     def __init__(self, name: str, backoff: Backoff) -> None:
         self.name = name
         self.ep: rdmaio.Endpoint | None = None
+        #: the priority lane's own endpoint (``ClientOptions(priority_lane=True)``; flexemr.client.lanes)
+        self.prio_ep: rdmaio.Endpoint | None = None
         self.meta: ServerMeta | None = None
         self.incarnation: int | None = None
         self.task: asyncio.Task[None] | None = None
@@ -90,6 +92,7 @@ class Peers:
         self._engine: rdmaio.Engine | None = options.engine
         self._own_engine = options.engine is None
         self._engine_kwargs = options.engine_kwargs(config.secret)
+        self.priority_lane = options.priority_lane
         self.peers: dict[str, Peer] = {}
         self.meta: dict[str, ServerMeta] = {}
         self.routes: dict[tuple[str, str], Route] = {}       # (server, region) -> route
@@ -98,6 +101,7 @@ class Peers:
                                                for sh in shards}
         self.writer = ShardWriter(self, self.plan, token=secrets.randbits(63) | 1,
                                   lock_timeout=float(options.update_lock_timeout))
+        self.writer.on_copy = options.resync_progress
         self.resyncing: set[str] = set()  # regions a background resync is bringing back (stale_replica)
         self.tasks: set[asyncio.Task[None]] = set()  # background resyncs
         #: called with a server's name when it fails (e.g. its pooling channel is dropped)
@@ -181,10 +185,17 @@ class Peers:
             except asyncio.TimeoutError:
                 raise TransportError(f"server {server!r} at {addr}: no metadata within {timeout} s") from None
             routes = self._check_meta(server, meta, ep)
+            prio = await engine.connect(addr.host, addr.port, timeout=timeout) if self.priority_lane else None
+        except rdmaio.RdmaioError as exc:
+            ep.abort()
+            raise TransportError(f"cannot connect the priority lane to server {server!r} at {addr}: {exc}") from exc
         except BaseException:
             ep.abort()
             raise
         peer = self.peers[server]
+        peer.prio_ep = prio
+        if prio is not None:
+            prio.add_broken_callback(lambda exc: self.peer_failed(server, exc, prio))
         if peer.incarnation is not None and peer.incarnation != meta.incarnation:
             self.reliability.restarts_seen += 1
             log.info("server %s restarted (incarnation %#x -> %#x)", server, peer.incarnation, meta.incarnation)
@@ -273,6 +284,11 @@ class Peers:
         # sync ran is not vouched for by it: its own reconnect will add it
         self.serving[region] = [s for s in serving if self.peers[s].ep is eps[s] and self.live(s)]
 
+    def priority_endpoint(self, server: str) -> rdmaio.Endpoint | None:
+        """The live priority-lane endpoint to ``server`` (``None`` while it is down or without the lane)."""
+        peer = self.peers.get(server)
+        return None if peer is None or peer.ep is None else peer.prio_ep
+
     def replica_endpoint(self, server: str) -> rdmaio.Endpoint | None:
         """The live endpoint to ``server`` (``None`` while it is down)."""
         peer = self.peers.get(server)
@@ -305,14 +321,18 @@ class Peers:
         server was already reconnected through another one.
         """
         peer = self.peers.get(server)
-        if peer is None or self.closed or peer.ep is None or (ep is not None and ep is not peer.ep):
+        if peer is None or self.closed or peer.ep is None or (ep is not None and ep is not peer.ep
+                                                               and ep is not peer.prio_ep):
             return
         self.reliability.peer_failures += 1
         log.warning("server %s failed (%s: %s); failing over, reconnecting in the background", server,
                     type(exc).__name__, exc)
         old, peer.ep = peer.ep, None
+        prio, peer.prio_ep = peer.prio_ep, None
         peer.ready.clear()
         old.abort()  # in-flight operations fail now (a hung server: no late writes into our buffers)
+        if prio is not None:
+            prio.abort()
         for key in [k for k in self.routes if k[0] == server]:
             del self.routes[key]
         for region, servers in self.serving.items():
@@ -466,10 +486,11 @@ class Peers:
                 await self._engine.aclose()
             else:
                 for p in self.peers.values():
-                    if p.ep is not None:
-                        await p.ep.aclose()
+                    for ep in (p.ep, p.prio_ep):
+                        if ep is not None:
+                            await ep.aclose()
         for p in self.peers.values():
-            p.ep = None
+            p.ep = p.prio_ep = None
 
     def abort(self) -> None:
         """Synchronous :meth:`aclose` (an owned engine, or this client's endpoints, closed at once)."""
@@ -477,6 +498,7 @@ class Peers:
         if self._engine is not None and self._own_engine:
             self._engine.abort()
         for p in self.peers.values():
-            if p.ep is not None:
-                p.ep.abort()
-            p.ep = None
+            for ep in (p.ep, p.prio_ep):
+                if ep is not None:
+                    ep.abort()
+            p.ep = p.prio_ep = None

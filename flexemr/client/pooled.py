@@ -1,16 +1,23 @@
 """Pooled lookups (EmbeddingBag) on the ranker: :class:`Pooler` and the pooling RPC's :class:`PoolChannel`.
 
-A pooled lookup (:meth:`~flexemr.EmbeddingClient.lookup_pooled`) splits, per
-table and vectorised (:meth:`Pooler.plan_table`), the occurrences of a batch:
+A pooled lookup (:meth:`~flexemr.EmbeddingClient.lookup_pooled`) splits the
+occurrences of every table of a batch, natively and in one pass
+(:func:`flexemr.core.kernel.partition_many`), by the shard (row band) that
+holds their rows:
 
-* cached rows (:mod:`flexemr.client.cache`) and rows read raw (through the
-  batcher, :mod:`flexemr.client.batcher`) are pooled on the ranker;
-* the other rows of a bag go, per ``(server, bag)``, either to raw reads or to
-  a server-side pooling RPC on the ``"flexemr/pool"`` channel, by the byte
-  cost model of :func:`~flexemr.core.pooling.choose_pooling`;
+* with a cache (:mod:`flexemr.client.cache`), the hits are pooled at once,
+  by the kernel, from the cache's arena where they lie; rows frequent in the
+  batch (``cache_admit``) are read raw and cached;
+* every shard's occurrences go either to its server, in **one pooling
+  request per server** covering every table (``"flexemr/pool"`` channel,
+  :mod:`flexemr.core.poolwire`), or to raw reads (the batcher,
+  :mod:`flexemr.client.batcher`) pooled on the ranker by the kernel straight
+  from the staging buffer, by the cost model of :class:`~flexemr.core.pooling.PoolingCost`
+  (measured time per row; the byte model of :func:`~flexemr.core.pooling.choose_pooling`
+  until there are measurements);
 
-then the ranker's partial and the servers' are merged with
-:func:`~flexemr.core.pooling.combine_partials` (:meth:`Pooler.combine`).
+then the parts are added into the ``[B, dim]`` result in place (``max``: the
+element-wise maximum; ``mean``: divided by the bag lengths at the end).
 
 Wire format and framing: :mod:`flexemr.core.poolwire`; the server side:
 :mod:`flexemr.server.pooling`.  A ranker opens one channel per server
@@ -27,28 +34,20 @@ import itertools
 import logging
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 import rdmaio
 
+from ..core import kernel
 from ..core.errors import ClosedError, InputError, TransportError, UnknownTableError
 from ..core.jagged import JaggedBatch
 from ..core.metrics import LocalityMetrics
 from ..core.plan import ShardingPlan
-from ..core.pooling import (
-    PartialPool,
-    PoolMode,
-    _segment_reduce,
-    accumulation_dtype,
-    choose_pooling,
-    combine_partials,
-    pool,
-    server_partial_pool,
-)
-from ..core.poolwire import POOL_CHANNEL, Buffer, FrameAssembler, decode_response, encode_request, frames
+from ..core.pooling import PoolingCost, PoolMode, accumulation_dtype
+from ..core.poolwire import POOL_CHANNEL, Buffer, FrameAssembler, RequestJob, decode_response, encode_request, frames
 from ..core.spec import TableSpec
 from .batcher import Batcher, Request, unique_inverse
 from .cache import ClientCache
@@ -57,13 +56,12 @@ from .options import ClientOptions
 from .peers import Peers
 from .replica import Backoff
 
-__all__ = ["PoolChannel", "PooledPlan", "Pooler", "send_message", "split_weights"]
+__all__ = ["PoolChannel", "Pooler", "send_message", "split_weights"]
 
 log = logging.getLogger(__name__)
 
 IntArray = npt.NDArray[np.int64]
-#: One pooling request of a table: (server, touched bags, rows per touched bag, ids grouped by bag, weights).
-Remote = tuple[str, IntArray, IntArray, IntArray, npt.NDArray[Any] | None]
+F32 = npt.NDArray[np.float32]
 
 #: rdmaio's per-message header (length, sequence), counted in the pooling byte metrics.
 _CHANNEL_HEADER = 8
@@ -90,7 +88,7 @@ class PoolChannel:
         self.channel = ch
         self._metrics = metrics
         self._ids = itertools.count(1)
-        self._futs: dict[int, asyncio.Future[bytes]] = {}
+        self._futs: dict[int, asyncio.Future[Buffer]] = {}
         self._error: BaseException | None = None
         self._reader = asyncio.get_running_loop().create_task(self._read())
 
@@ -123,12 +121,12 @@ class PoolChannel:
     def broken(self) -> bool:
         return self._error is not None
 
-    async def call(self, parts: Sequence[Buffer]) -> bytes:
+    async def call(self, parts: Sequence[Buffer]) -> Buffer:
         """Send one request and return its response message."""
         if self._error is not None:
             raise self._error
         rid = next(self._ids) & 0xFFFFFFFF
-        fut: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
+        fut: asyncio.Future[Buffer] = asyncio.get_running_loop().create_future()
         self._futs[rid] = fut
         try:
             self._metrics.pool_bytes_sent += await send_message(self.channel, rid, parts)
@@ -187,23 +185,82 @@ def split_weights(batch: JaggedBatch, w: object | None, mode: str) -> dict[str, 
     return per
 
 
-@dataclass
-class PooledPlan:
-    """How one table of a pooled lookup is served (built by :meth:`Pooler.plan_table`, vectorised)."""
+def _sub_offsets(offsets: IntArray, mask: npt.NDArray[np.bool_]) -> IntArray:
+    """Bag offsets of the occurrences ``mask`` selects (bags of ``offsets``, order kept)."""
+    c = np.empty(mask.size + 1, dtype=np.int64)
+    c[0] = 0
+    np.cumsum(mask, out=c[1:])
+    out: IntArray = c[offsets]
+    return out
+
+
+@dataclass(eq=False)
+class _Table:
+    """One table of a pooled lookup: its occurrences and the ``[B, dim]`` result the parts are added into."""
 
     table: str
     spec: TableSpec
-    mode: PoolMode
+    ids: IntArray
     offsets: IntArray
-    weights: npt.NDArray[Any] | None
-    uniq: IntArray                       # sorted unique physical ids
-    inverse: IntArray                    # occurrence -> index into uniq
-    bag: IntArray                        # occurrence -> bag
-    hit: npt.NDArray[np.bool_]           # uniq rows served by the cache
-    hit_rows: npt.NDArray[Any] | None
-    raw: npt.NDArray[np.bool_]           # uniq rows to read raw (then pooled locally)
-    local_occ: IntArray                  # occurrences pooled on the ranker (sorted)
-    remote: list[Remote]                 # pooling requests to servers
+    weights: F32 | None
+    kmode: str                      # what the parts compute: "sum" (sum, mean) or "max"
+    out: npt.NDArray[Any]
+    filled: bool = False
+
+    @property
+    def fill(self) -> float:
+        return float("-inf") if self.kmode == "max" else 0.0
+
+    def target(self) -> npt.NDArray[Any] | None:
+        """Where the next part may be pooled directly (the result itself while it holds nothing yet)."""
+        if self.filled:
+            return None
+        self.filled = True
+        return self.out
+
+    def merge(self, part: npt.NDArray[Any]) -> None:
+        """Add a ``[B, dim]`` part (a partial sum, or partial maxima with ``-inf`` for empty bags)."""
+        if part is self.out:
+            return
+        if not self.filled:
+            np.copyto(self.out, part)
+            self.filled = True
+        elif self.kmode == "max":
+            np.maximum(self.out, part, out=self.out)
+        else:
+            np.add(self.out, part, out=self.out)
+
+    def pool(self, rows: npt.NDArray[Any], ids: IntArray, offsets: IntArray, weights: F32 | None) -> None:
+        """Pool rows ``rows[ids]`` by ``offsets`` and add them in."""
+        dst = self.target()
+        part = kernel.pool(rows, ids, offsets, self.kmode, weights, out=dst, fill=self.fill)  # type: ignore[arg-type]
+        self.merge(part)
+
+
+@dataclass(eq=False)
+class _Local:
+    """Occurrences of a table to pool on the ranker from raw reads: physical ids, their bags, weights."""
+
+    tab: _Table
+    ids: IntArray
+    offsets: IntArray
+    weights: F32 | None
+    uniq: IntArray = field(default_factory=lambda: np.zeros(0, np.int64))
+    inverse: IntArray = field(default_factory=lambda: np.zeros(0, np.int64))
+
+
+@dataclass(eq=False)
+class _Remote:
+    """One server's pooling request: its jobs and, per job, the table it belongs to and the band start."""
+
+    server: str
+    jobs: list[RequestJob] = field(default_factory=list)
+    tabs: list[_Table] = field(default_factory=list)
+    starts: list[int] = field(default_factory=list)
+
+    @property
+    def rows(self) -> int:
+        return sum(int(j.ids.size) for j in self.jobs)
 
 
 class Pooler:
@@ -211,6 +268,7 @@ class Pooler:
 
     def __init__(self, plan: ShardingPlan, options: ClientOptions, metrics: LocalityMetrics, peers: Peers,
                  batcher: Batcher, coherence: Coherence, cache: ClientCache | None) -> None:
+        kernel.tune_allocator()
         self.plan = plan
         self.metrics = metrics
         self.peers = peers
@@ -224,20 +282,25 @@ class Pooler:
         self.pause: dict[str, tuple[float, Backoff]] = {}  # server -> (no pooling before, backoff)
         self.opening: asyncio.Task[None] | None = None
         self.server_index = {name: i for i, name in enumerate(plan.servers)}
-        #: tables servers may pool: (band start rows, band server index); not replicated/updatable ones
-        #: (raw reads only: failover, torn-row checks) nor column-split ones
-        self.routes: dict[str, tuple[IntArray, IntArray]] = {}
+        self.cost = PoolingCost()
+        #: tables servers may pool: (band start rows, band server index, band shard index); not
+        #: replicated/updatable ones (raw reads only: failover, torn-row checks) nor column-split ones
+        self.routes: dict[str, tuple[IntArray, npt.NDArray[np.int32], list[int]]] = {}
         for table, shards in plan.shards.items():
             spec = plan.spec(table)
             if plan.versioned or any(sh.backups for sh in shards):
                 continue
-            if all(sh.col_start == 0 and sh.col_end == spec.dim for sh in shards):
+            if all(sh.col_start == 0 and sh.col_end == spec.dim for sh in shards) and \
+                    all(sh.num_rows < (1 << 31) for sh in shards):
                 self.routes[table] = (np.array([sh.row_start for sh in shards], dtype=np.int64),
-                                      np.array([self.server_index[sh.server] for sh in shards], dtype=np.int64))
+                                      np.array([self.server_index[sh.server] for sh in shards], dtype=np.int32),
+                                      [sh.index for sh in shards])
         peers.on_failure.append(self._drop_channel)
 
     def _drop_channel(self, server: str) -> None:
         self.channels.pop(server, None)
+
+    # ------------------------------------------------------------ lookups
 
     async def lookup(self, batch: JaggedBatch, mode: PoolMode, weights: Mapping[str, npt.NDArray[Any]],
                      reqs: list[Request], use_pool: bool, t0: float) -> dict[str, npt.NDArray[Any]]:
@@ -247,110 +310,171 @@ class Pooler:
         m = self.metrics
         m.lookups += 1
         m.pooled_lookups += 1
-        plans = [self.plan_table(t, spec, ids, batch.bag_offsets(t), weights.get(t), mode, use_pool)
-                 for t, spec, ids in reqs]
-        raw = [p for p in plans if p.raw.any()]
-        rpcs = [(p, entry) for p in plans for entry in p.remote]
-        # the GEN reads join the raw reads' batch: placed when their coroutine starts, after the raw one's
-        checks = [(p, self.coherence.snapshot(p.table, p.uniq[p.hit])) for p in plans if p.hit_rows is not None]
-        batcher = self.batcher
+        kmode = "max" if mode == "max" else "sum"
+        tabs: list[_Table] = []
+        for t, spec, ids in reqs:
+            w = weights.get(t)
+            acc = accumulation_dtype(spec.np_dtype)
+            offs = batch.bag_offsets(t)
+            tabs.append(_Table(t, spec, ids, offs, None if w is None else np.ascontiguousarray(w, dtype=np.float32),
+                               kmode, np.empty((offs.size - 1, spec.dim), dtype=acc)))
+            m.ids_requested += int(ids.size)
         try:
-            coros: list[Any] = [batcher.fetch_unique([(p.table, p.spec, p.uniq[p.raw]) for p in raw], probe=False)]
-            coros += [self.rpc(p, entry) for p, entry in rpcs]
-            coros += [batcher.refresh_stale(p.table, p.spec, c, p.hit_rows) for p, c in checks
-                      if c is not None and p.hit_rows is not None]
-            results: list[Any] = await asyncio.gather(*coros, return_exceptions=True)
+            local: list[_Local] = []
+            skips = [self._probe(tab, local) for tab in tabs]
+            remote: dict[str, _Remote] = {}
+            parted: set[str] = set()
+            pooled = use_pool and self.cost.choose()
+            if pooled:
+                remote, parted = self._partition(tabs, skips, local)
+            for tab, skip in zip(tabs, skips):
+                if tab.table not in parted:
+                    self._keep_local(tab, skip, local)
+            coros: list[Any] = [self._raw(local)] if local else []
+            coros += [self._rpc(r) for r in remote.values()]
+            results = await asyncio.gather(*coros, return_exceptions=True)
             for r in results:
                 if isinstance(r, BaseException):
                     raise r
-            raw_rows = dict(zip((id(p) for p in raw), results[0]))
-            remote: dict[int, list[PartialPool]] = {}
-            for (p, _), part in zip(rpcs, results[1 : 1 + len(rpcs)]):
-                remote.setdefault(id(p), []).append(part)
-            out = {p.table: self.combine(p, raw_rows.get(id(p)), remote.get(id(p), [])) for p in plans}
         except BaseException:
             m.errors += 1
             raise
-        m.lookup_latency.observe(time.perf_counter() - t0)
+        out = {tab.table: self._finish(tab, mode) for tab in tabs}
+        dt = time.perf_counter() - t0
+        if use_pool:
+            self.cost.observe(pooled, sum(int(tab.ids.size) for tab in tabs), dt)
+        m.lookup_latency.observe(dt)
         return out
 
-    def plan_table(
-        self,
-        table: str,
-        spec: TableSpec,
-        ids: IntArray,
-        offsets: IntArray,
-        weights: npt.NDArray[Any] | None,
-        mode: PoolMode,
-        use_pool: bool,
-    ) -> PooledPlan:
-        """Split one table's occurrences: cached / raw (pooled on the ranker) / pooled per server (vectorised)."""
-        m = self.metrics
-        nb = int(offsets.size - 1)
-        acc = accumulation_dtype(spec.np_dtype)
-        w = None if weights is None else weights.astype(acc, copy=False)
-        bag = np.repeat(np.arange(nb, dtype=np.int64), np.diff(offsets))
-        m.ids_requested += int(ids.size)
-        if ids.size == 0:
-            z = np.zeros(0, dtype=np.int64)
-            nob = np.zeros(0, dtype=bool)
-            return PooledPlan(table, spec, mode, offsets, w, z, z, bag, nob, None, nob, z, [])
-        uniq, inv = unique_inverse(ids, spec.num_rows)
-        hit = np.zeros(uniq.size, dtype=bool)
-        hit_rows = None
-        local_u = hit
+    def _probe(self, tab: _Table, local: list[_Local]) -> npt.NDArray[np.bool_] | None:
+        """With a cache: pool the hits now (from the cache's arena), send rows frequent in the batch to raw reads
+        (and so to the cache); returns the occurrences served here (``None``: none)."""
         cache = self.cache
-        if cache is not None:
-            hit, hit_rows, nh = cache.probe(table, uniq)
-            m.unique_ids += nh  # the misses are counted when (and if) they are read
-            local_u = hit | (np.bincount(inv, minlength=uniq.size) >= cache.admit)
-        remote_occ = ~local_u[inv]
-        pooled_occ = np.zeros(ids.size, dtype=bool)
-        remote: list[Remote] = []
-        route = self.routes.get(table)
-        r_idx = np.flatnonzero(remote_occ)
-        if use_pool and route is not None and r_idx.size:
-            starts, band_server = route
-            srv = band_server[np.searchsorted(starts, ids[r_idx], side="right") - 1]
-            nsrv = len(self.plan.servers)
-            rbag = bag[r_idx]
-            counts = np.bincount(srv * nb + rbag, minlength=nsrv * nb).reshape(nsrv, nb)
-            for name in self.refused | (set(self.plan.servers) - set(self.channels)) | self.paused():
-                counts[self.server_index[name]] = 0  # no channel to that server: raw reads only
-            mask = choose_pooling(counts, spec.dim, spec.np_dtype.itemsize)
-            sel = mask[srv, rbag]
-            pooled_occ[r_idx[sel]] = True
-            for s_i in np.flatnonzero(mask.any(axis=1)).tolist():
-                occ = r_idx[sel & (srv == s_i)]               # ascending = grouped by bag
-                touched = np.flatnonzero(mask[s_i])
-                remote.append((self.plan.servers[s_i], touched, counts[s_i, touched], ids[occ],
-                               None if w is None else w[occ]))
-            m.pooled_subrequests += len(remote)
-            m.pooled_bags += int(np.count_nonzero(mask))
-            m.pooled_rows += int(np.count_nonzero(sel))
-        raw = local_u & ~hit
-        raw[inv[remote_occ & ~pooled_occ]] = True
-        if raw.any():
-            band_first = self.plan.route(table, uniq[raw])
-            shards = self.plan.shards[table]
-            m.raw_subrequests += len({shards[i].server for i in np.unique(band_first).tolist()})
-        local_occ = np.flatnonzero(~pooled_occ)
-        m.local_pooled_rows += int(local_occ.size)
-        return PooledPlan(table, spec, mode, offsets, w, uniq, inv, bag, hit, hit_rows, raw, local_occ, remote)
+        if cache is None or self.plan.versioned or tab.ids.size == 0:  # versioned: hits checked by the batcher
+            return None
+        uniq, inv = unique_inverse(tab.ids, tab.spec.num_rows)
+        hit, slots, nh = cache.probe_slots(tab.table, uniq)
+        self.metrics.unique_ids += nh  # the misses are counted when (and if) they are read
+        admitted = ~hit & (np.bincount(inv, minlength=uniq.size) >= cache.admit)
+        if nh:
+            hocc = hit[inv]
+            slot_of = np.zeros(uniq.size, dtype=np.int64)
+            slot_of[hit] = slots
+            tab.pool(cache.rows.rows_view(tab.table), slot_of[inv[hocc]], _sub_offsets(tab.offsets, hocc),
+                     None if tab.weights is None else tab.weights[hocc])
+            self.metrics.local_pooled_rows += int(np.count_nonzero(hocc))
+        if admitted.any():
+            aocc = admitted[inv]
+            local.append(_Local(tab, tab.ids[aocc], _sub_offsets(tab.offsets, aocc),
+                                None if tab.weights is None else tab.weights[aocc]))
+        here: npt.NDArray[np.bool_] = (hit | admitted)[inv]
+        return here
 
-    async def rpc(self, p: PooledPlan, entry: Remote) -> PartialPool:
-        """One ``(server, table)`` pooling request; returns the server's partial as a dense ``[B, dim]`` PartialPool."""
-        server, touched, lengths, ids, w = entry
-        spec = p.spec
-        acc = accumulation_dtype(spec.np_dtype)
+    def _keep_local(self, tab: _Table, skip: npt.NDArray[np.bool_] | None, local: list[_Local]) -> None:
+        """Every occurrence not served yet (``skip``) to raw reads pooled here."""
+        if skip is None:
+            if tab.ids.size:
+                local.append(_Local(tab, tab.ids, tab.offsets, tab.weights))
+            return
+        rest = ~skip
+        if rest.any():
+            local.append(_Local(tab, tab.ids[rest], _sub_offsets(tab.offsets, rest),
+                                None if tab.weights is None else tab.weights[rest]))
+
+    def _partition(self, tabs: list[_Table], skips: list[npt.NDArray[np.bool_] | None],
+                   local: list[_Local]) -> tuple[dict[str, _Remote], set[str]]:
+        """Split the routable tables by shard in one native call; each shard's part goes to its server's request
+        or, where the cost model says so, to raw reads.  Returns the requests by server and the tables split."""
+        m = self.metrics
+        down = self.refused | (set(self.plan.servers) - set(self.channels)) | self.paused()
+        open_srv = np.array([s not in down for s in self.plan.servers])
+        if not open_srv.any():
+            return {}, set()
+        jobs, parted = [], []
+        for tab, skip in zip(tabs, skips):
+            route = self.routes.get(tab.table)
+            if route is None or tab.ids.size == 0:
+                continue
+            starts, band_server, _ = route
+            slot = np.where(open_srv[band_server], np.arange(band_server.size), -1).astype(np.int32)
+            if (slot < 0).all():
+                continue
+            jobs.append(kernel.PartitionJob(tab.ids, tab.offsets, tab.spec.num_rows, starts, slot, band_server.size,
+                                            tab.weights, skip))
+            parted.append((tab, skip))
+        remote: dict[str, _Remote] = {}
+        for (tab, skip), p in zip(parted, kernel.partition_many(jobs) if jobs else []):
+            starts, band_server, shard_index = self.routes[tab.table]
+            assert p.rest_pos is not None
+            # the rest: occurrences served here already (skip) and those of servers not pooling now
+            rest = p.rest_pos if skip is None else p.rest_pos[~skip[p.rest_pos]]
+            if rest.size:
+                mask = np.zeros(tab.ids.size, dtype=bool)
+                mask[rest] = True
+                local.append(_Local(tab, tab.ids[rest], _sub_offsets(tab.offsets, mask),
+                                    None if tab.weights is None else tab.weights[rest]))
+            for b, (offs, ids) in enumerate(zip(p.offsets, p.ids)):
+                if ids.size == 0:
+                    continue
+                server = self.plan.servers[int(band_server[b])]
+                w = None if p.weights is None else p.weights[b]
+                if not self.cost.prior(tab.spec.dim, tab.spec.np_dtype.itemsize, offs, int(ids.size)):
+                    local.append(_Local(tab, ids.astype(np.int64) + starts[b], offs, w))
+                    continue
+                r = remote.get(server)
+                if r is None:
+                    r = remote[server] = _Remote(server)
+                r.jobs.append(RequestJob(tab.table, shard_index[b], offs, ids, w))
+                r.tabs.append(tab)
+                r.starts.append(int(starts[b]))
+                m.pooled_rows += int(ids.size)
+                m.pooled_bags += int(np.count_nonzero(np.diff(offs)))
+        m.pooled_subrequests += sum(len(r.jobs) for r in remote.values())
+        return remote, {tab.table for tab, _ in parted}
+
+    async def _raw(self, parts: list[_Local]) -> None:
+        """Read the rows of ``parts`` (one coalesced batch) and pool them here, straight from the staging buffer."""
+        m = self.metrics
+        reqs: list[Request] = []
+        live = []
+        for lp in parts:
+            if lp.ids.size == 0:
+                continue
+            lp.uniq, lp.inverse = unique_inverse(lp.ids, lp.tab.spec.num_rows)
+            reqs.append((lp.tab.table, lp.tab.spec, lp.uniq))
+            live.append(lp)
+            m.local_pooled_rows += int(lp.ids.size)
+            m.raw_subrequests += len(self._servers_of(lp.tab.table, lp.uniq))
+        if not reqs:
+            return
+
+        def use(i: int, rows: npt.NDArray[Any], idx: IntArray | None) -> None:
+            lp = live[i]
+            lp.tab.pool(rows, lp.inverse if idx is None else idx[lp.inverse], lp.offsets, lp.weights)
+
+        await self.batcher.fetch_rows(reqs, probe=self.plan.versioned, use=use)
+
+    def _servers_of(self, table: str, uniq: IntArray) -> set[str]:
+        """Servers holding rows of ``uniq`` (sorted unique ids: O(bands log n), no per-id routing)."""
+        rt = self.plan.range_table(table)
+        starts = rt.starts
+        first = np.searchsorted(uniq, starts)                     # first id at or after each band start
+        end = np.append(first[1:], uniq.size)
+        shards = self.plan.shards[table]
+        return {shards[int(rt.first_shard[b])].server for b in np.flatnonzero(end > first).tolist()}
+
+    async def _rpc(self, r: _Remote) -> None:
+        """One server's pooling request; its partials are added into the results (raw reads if it fails)."""
+        server = r.server
         ch = self.channels.get(server)
         try:
             if ch is None or ch.broken:
                 raise TransportError(f"no pooling channel to server {server!r}")
-            parts = encode_request(p.table, ids, lengths, w, p.mode, num_rows=spec.num_rows, weight_dtype=acc)
-            values = decode_response(await ch.call(parts))
-            if values.shape != (touched.size, spec.dim):
-                raise TransportError(f"server {server!r} answered {values.shape} for {touched.size} bags")
+            mode = r.tabs[0].kmode
+            data = await ch.call(encode_request(r.jobs, mode))
+            parts = decode_response(data, [(j.offsets.size - 1, tab.spec.dim) for j, tab in zip(r.jobs, r.tabs)])
+            for tab, part in zip(r.tabs, parts):
+                tab.merge(part)
             pause = self.pause.get(server)
             if pause is not None and time.monotonic() >= pause[0]:  # not a request sent before the pause
                 del self.pause[server]
@@ -367,51 +491,25 @@ class Pooler:
                 log.warning("server %s: pooling request failed (%s); its rows are pooled on the ranker "
                             "for the next %.1f s", server, exc, delay)
             self.metrics.pool_fallbacks += 1
-            uniq, inv = unique_inverse(ids, spec.num_rows)
-            (rows,) = await self.batcher.fetch_unique([(p.table, spec, uniq)], probe=False)
-            bags = np.repeat(np.arange(touched.size, dtype=np.int64), lengths)
-            part = server_partial_pool(rows[inv], bags, int(touched.size), w, with_max=p.mode == "max", dtype=acc)
-            pooled = part.max if p.mode == "max" else part.sum
-            assert pooled is not None
-            values = pooled
-        nb = int(p.offsets.size - 1)
-        count = np.zeros(nb, dtype=np.int64)
-        count[touched] = lengths
-        psum = np.zeros((nb, spec.dim), dtype=acc)
-        if p.mode == "max":
-            pmax = np.full((nb, spec.dim), -np.inf, dtype=acc)
-            pmax[touched] = values
-            return PartialPool(psum, count, pmax)
-        psum[touched] = values
-        return PartialPool(psum, count, None)
+            await self._raw([_Local(tab, j.ids.astype(np.int64) + start, j.offsets, j.weights)
+                             for j, tab, start in zip(r.jobs, r.tabs, r.starts)])
 
     @staticmethod
-    def combine(p: PooledPlan, raw_rows: npt.NDArray[Any] | None, remote: list[PartialPool]) -> npt.NDArray[Any]:
-        """Pool the ranker's rows of every bag and merge them with the servers' partials."""
-        spec = p.spec
-        nb = int(p.offsets.size - 1)
-        acc = accumulation_dtype(spec.np_dtype)
-        if p.uniq.size == 0:
-            return np.zeros((nb, spec.dim), dtype=acc)
-        urows = np.empty((p.uniq.size, spec.dim), dtype=spec.np_dtype)
-        if p.hit_rows is not None and p.hit_rows.size:
-            urows[p.hit] = p.hit_rows
-        if raw_rows is not None:
-            urows[p.raw] = raw_rows
-        if not remote:  # every row is here: plain pooling
-            return pool(urows[p.inverse], p.offsets, p.mode, p.weights, dtype=acc)
-        occ = p.local_occ
-        count = np.bincount(p.bag[occ], minlength=nb).astype(np.int64)
-        offs = np.concatenate((np.zeros(1, np.int64), np.cumsum(count)))
-        vals = urows[p.inverse[occ]].astype(acc, copy=False)
-        if p.mode == "max":
-            local = PartialPool(np.zeros((nb, spec.dim), dtype=acc), count,
-                                _segment_reduce(np.maximum, vals, offs, -np.inf, acc))
-        else:
-            if p.weights is not None:
-                vals = vals * p.weights[occ][:, None]
-            local = PartialPool(_segment_reduce(np.add, vals, offs, 0.0, acc), count, None)
-        return combine_partials([local, *remote], p.mode)
+    def _finish(tab: _Table, mode: PoolMode) -> npt.NDArray[Any]:
+        """The result: empty bags 0, ``mean`` divided by the bag lengths."""
+        out = tab.out
+        if not tab.filled:
+            out.fill(0)
+            return out
+        lengths = np.diff(tab.offsets)
+        if mode == "max":
+            out[lengths == 0] = 0
+        elif mode == "mean":
+            nz = lengths > 0
+            out[nz] /= lengths[nz, None].astype(out.dtype)
+        return out
+
+    # ------------------------------------------------------------ channels
 
     def paused(self) -> set[str]:
         """Servers whose pooling requests failed recently: raw reads only until their pause ends."""

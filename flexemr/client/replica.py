@@ -196,6 +196,9 @@ class ShardWriter:
         self.steal_after = steal_after
         self.reconnect_wait = reconnect_wait
         self._local: dict[str, asyncio.Lock] = {}
+        #: called as a resync copies a shard: ``(region, bytes copied, bytes to copy)`` (read from the
+        #: in-sync replica plus written to each lagging one); ``None``: not called
+        self.on_copy: Callable[[str, int, int], None] | None = None
         self.copies = 0          # shard copies made by resync
         self.fenced = 0          # replicas dropped from MEMBERS by this client
         self.steals = 0          # locks taken over from a silent holder
@@ -445,10 +448,19 @@ class ShardWriter:
                 if not lag:
                     return insync
                 source = insync[0]
-                image = await self._read_image(shard, source)
+                total = ctl_offset(self._plan.spec(shard.table), shard.num_rows) * (1 + len(lag))
+                moved = 0
+
+                def tick(n: int) -> None:
+                    nonlocal moved
+                    moved += n
+                    if self.on_copy is not None:
+                        self.on_copy(region, moved, total)
+
+                image = await self._read_image(shard, source, tick)
                 if image is None:
                     return [s for s in insync if s != source]
-                copied = await self._gather_ok(lag, lambda s: self._write_image(shard, s, image))
+                copied = await self._gather_ok(lag, lambda s: self._write_image(shard, s, image, tick))
                 self.copies += len(copied)
                 log.info("shard %s: copied %d bytes from %s to %s", region, image.size, source, sorted(copied))
                 final = [s for s in shard.replicas if s in insync or s in copied]
@@ -457,7 +469,8 @@ class ShardWriter:
             finally:
                 await self._unlock_all(shard, locked)
 
-    async def _read_image(self, shard: Shard, server: str) -> npt.NDArray[np.uint8] | None:
+    async def _read_image(self, shard: Shard, server: str,
+                          tick: Callable[[int], None] | None = None) -> npt.NDArray[np.uint8] | None:
         spec = self._plan.spec(shard.table)
         size = ctl_offset(spec, shard.num_rows)
         image = np.empty(size, dtype=np.uint8)
@@ -466,12 +479,17 @@ class ShardWriter:
                 for lo in range(0, size, _COPY_CHUNK):
                     n = min(_COPY_CHUNK, size - lo)
                     await self._on(server, shard.region_name, lambda ep, k: ep.read(mr, lo, k, lo, n))
+                    if tick is not None:
+                        tick(n)
             except ReplicaDown:
                 return None
         return image
 
-    async def _write_image(self, shard: Shard, server: str, image: npt.NDArray[np.uint8]) -> None:
+    async def _write_image(self, shard: Shard, server: str, image: npt.NDArray[np.uint8],
+                           tick: Callable[[int], None] | None = None) -> None:
         with self._buffer(image) as mr:
             for lo in range(0, image.size, _COPY_CHUNK):
                 n = min(_COPY_CHUNK, image.size - lo)
                 await self._on(server, shard.region_name, lambda ep, k: ep.write(mr, lo, k, lo, n))
+                if tick is not None:
+                    tick(n)

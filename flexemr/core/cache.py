@@ -53,6 +53,7 @@ from typing import Any, Literal
 import numpy as np
 import numpy.typing as npt
 
+from . import kernel
 from .errors import ConfigError, InputError
 from .spec import _is_int
 
@@ -309,8 +310,43 @@ class RowCache:
 
     def _rows_out(self, tidx: int, slots: IntArray) -> npt.NDArray[Any]:
         shape, dtype, nbytes = self._layout[tidx]
-        raw = np.ascontiguousarray(self._arena[slots, :nbytes])
+        raw = kernel.gather(self._arena[:, :nbytes], slots)  # one pass, prefetched
         return raw.view(dtype).reshape((slots.size, *shape))
+
+    def rows_view(self, table: str) -> npt.NDArray[Any]:
+        """Every slot as a row of ``table``: a ``[capacity, dim]`` view of the arena (valid until the next
+        insert, update, invalidate or resize), to read hits in place (:meth:`lookup_slots`)."""
+        tidx = self._table_index(table, create=False)
+        shape, dtype, nbytes = self._layout[tidx] if tidx >= 0 else ((0,), np.dtype(np.uint8), 0)
+        if nbytes == 0:
+            return np.zeros((self._arena.shape[0], 0), dtype=np.uint8)
+        view: npt.NDArray[Any] = self._arena[:, :nbytes].view(dtype)
+        return view
+
+    def lookup_slots(self, table: str, ids: object) -> tuple[BoolArray, IntArray]:
+        """:meth:`lookup` without copying the rows: ``(hit_mask, slots)``, the hits' rows being
+        ``rows_view(table)[slots]`` (in the order of ``ids[hit_mask]``).  Uses and counters as :meth:`lookup`.
+
+        >>> c = RowCache(4); c.insert("t", [3], np.array([[1.0, 2.0]], np.float32))
+        >>> hit, slots = c.lookup_slots("t", [5, 3]); hit.tolist(), c.rows_view("t")[slots].tolist()
+        ([False, True], [[1.0, 2.0]])
+        """
+        tidx = self._table_index(table, create=False)
+        keys = self._keys(tidx, ids)
+        ticks = self._ticks(keys.size)
+        if tidx < 0:
+            self.stats.misses += int(keys.size)
+            return np.zeros(keys.size, dtype=bool), np.zeros(0, dtype=np.int64)
+        slots = self._index.get(keys)
+        hit = slots >= 0
+        hs = slots[hit]
+        nh = int(hs.size)
+        self.stats.hits += nh
+        self.stats.misses += int(keys.size) - nh
+        if nh:
+            np.maximum.at(self._last_use, hs, ticks[hit])
+            np.add.at(self._freq, hs, 1)
+        return hit, hs
 
     def _ticks(self, n: int) -> IntArray:
         t = np.arange(self._clock, self._clock + n, dtype=np.int64)
@@ -399,20 +435,9 @@ class RowCache:
         back as an empty ``uint8`` array of shape ``[0, 0]``).
         """
         tidx = self._table_index(table, create=False)
-        keys = self._keys(tidx, ids)
-        ticks = self._ticks(keys.size)
+        hit, hs = self.lookup_slots(table, ids)
         if tidx < 0:
-            self.stats.misses += int(keys.size)
-            return np.zeros(keys.size, dtype=bool), np.zeros((0, 0), dtype=np.uint8)
-        slots = self._index.get(keys)
-        hit = slots >= 0
-        hs = slots[hit]
-        nh = int(hs.size)
-        self.stats.hits += nh
-        self.stats.misses += int(keys.size) - nh
-        if nh:
-            np.maximum.at(self._last_use, hs, ticks[hit])
-            np.add.at(self._freq, hs, 1)
+            return hit, np.zeros((0, 0), dtype=np.uint8)
         return hit, self._rows_out(tidx, hs)
 
     def insert(self, table: str, ids: object, rows: object) -> None:
@@ -518,6 +543,26 @@ class RowCache:
         self._nfree = capacity - k
         self._index = _HashIndex(capacity)
         self._index.put_absent(keys, new_slots)
+
+    def coldest(self, n: int) -> dict[str, IntArray]:
+        """The (up to) ``n`` cached rows the policy would evict next, per table (no use, nothing evicted).
+
+        >>> c = RowCache(3, row_bytes=4)
+        >>> c.insert("t", [1, 2, 3], np.zeros((3, 1), np.float32)); _ = c.lookup("t", [1])
+        >>> {t: v.tolist() for t, v in c.coldest(2).items()}
+        {'t': [2, 3]}
+        """
+        occ = np.flatnonzero(self._slot_key >= 0)
+        if n <= 0 or occ.size == 0:
+            return {}
+        if self._policy == "lru":
+            order = np.argsort(self._last_use[occ], kind="stable")
+        else:
+            order = np.lexsort((self._last_use[occ], self._freq[occ]))
+        keys = self._slot_key[occ[order[:n]]]
+        names = {i: t for t, i in self._tables.items()}
+        tidx = keys >> _ROW_BITS
+        return {names[int(i)]: np.sort(keys[tidx == i] & _MAX_ROW) for i in np.unique(tidx).tolist()}
 
     def entries(self, table: str) -> tuple[IntArray, IntArray, IntArray]:
         """``(ids, last_use, frequency)`` of the cached rows of ``table``, sorted by id (for inspection)."""

@@ -33,6 +33,14 @@ threads of a small persistent pool):
 >>> gather(rows, [4, 1]).tolist()
 [[8.0, 9.0], [2.0, 3.0]]
 
+:func:`partition` splits a table's occurrences by the row band (shard) of
+their ids, keeping the bags, in one pass: what hierarchical pooling sends to
+each server (ids relative to the band, as int32) and what stays (positions):
+
+>>> p = partition([5, 0, 9, 3], [0, 3, 4], num_rows=10, band_start=[0, 5], band_slot=[-1, 0])
+>>> p.ids[0].tolist(), p.offsets[0].tolist(), p.rest_pos.tolist(), p.rest_offsets.tolist()
+([0, 4], [0, 2, 2], [1, 3], [0, 1, 2])
+
 Accumulation and output dtype follow :func:`flexemr.core.pooling.accumulation_dtype`
 (``float32``; ``float64`` for ``float64`` tables); sums run in id order.
 Every id is checked against ``len(rows)`` before its row is read, and
@@ -56,15 +64,22 @@ from .._native._flexemr_kernel import ffi, lib
 from .pooling import PoolMode, accumulation_dtype
 
 __all__ = [
+    "ALLOCATOR_SETTINGS",
     "MAX_DEFAULT_THREADS",
+    "Parted",
+    "PartitionJob",
     "PoolJob",
     "gather",
     "get_threads",
     "isa",
+    "partition",
+    "partition_many",
     "pool",
+    "pool_each",
     "pool_many",
     "set_isa",
     "set_threads",
+    "tune_allocator",
 ]
 
 #: Cap of the default thread count (the CPUs this process may run on, at most this many).
@@ -113,6 +128,31 @@ def set_threads(n: int | None) -> None:
 def get_threads() -> int:
     """The default thread count (see :func:`set_threads`)."""
     return _threads
+
+
+#: glibc malloc settings :func:`tune_allocator` applies: (mmap threshold, trim threshold), bytes.
+ALLOCATOR_SETTINGS: tuple[int, int] = (64 << 20, 512 << 20)
+_tuned: bool | None = None
+
+
+def tune_allocator() -> bool:
+    """Keep the process's freed memory for reuse instead of returning it to the OS (glibc; once per process).
+
+    A lookup allocates and frees megabytes per batch (requests, responses,
+    outputs).  With glibc's defaults, blocks above a (dynamic) mmap threshold
+    are unmapped when freed and the heap top is trimmed above twice that, so
+    each batch faults the same memory in again; on a virtual machine a page
+    fault costs microseconds, which adds up to milliseconds per batch.  This
+    sets glibc's ``M_MMAP_THRESHOLD`` and ``M_TRIM_THRESHOLD`` to
+    :data:`ALLOCATOR_SETTINGS`: blocks up to 64 MiB come from the heap and up
+    to 512 MiB of free heap is kept.  The embedding servers and clients call
+    it; the environment variable ``FLEXEMR_TUNE_MALLOC=0`` turns it off.
+    Returns whether the settings are in effect.
+    """
+    global _tuned
+    if _tuned is None:
+        _tuned = os.environ.get("FLEXEMR_TUNE_MALLOC", "1") != "0" and lib.fxk_tune_malloc(*ALLOCATOR_SETTINGS) == 0
+    return _tuned
 
 
 def isa() -> str:
@@ -306,6 +346,21 @@ class _Call:
                 self._raise(i, what if n > 1 else "")
         return self.outs
 
+    def run_each(self, threads: int | None) -> list[npt.NDArray[Any] | InputError]:
+        """Like :meth:`run`, but a failed job's entry is its error (the others' results are valid)."""
+        n = len(self.outs)
+        rc = lib.fxk_run(self.jobs, n, _threads if threads is None else _check_threads(threads))
+        if rc == lib.FXK_OK:
+            return list(self.outs)
+        out: list[npt.NDArray[Any] | InputError] = []
+        for i in range(n):
+            try:
+                self._raise(i, "job")
+                out.append(self.outs[i])
+            except InputError as exc:
+                out.append(exc)
+        return out
+
     def _raise(self, i: int, what: str) -> None:
         j = self.jobs[i]
         where = f"{what} {i}: " if what else ""
@@ -375,12 +430,32 @@ def pool_many(jobs: Sequence[PoolJob], threads: int | None = None) -> list[npt.N
     :func:`get_threads`; small calls run on the calling thread); the GIL is
     released meanwhile.  The result is the same whatever the thread count.
     An invalid job raises :class:`~flexemr.core.errors.InputError` naming it
-    (``job 3: ...``); the outputs of the other jobs are then unspecified.
+    (``job 3: ...``); the outputs of the other jobs are then unspecified
+    (:func:`pool_each` keeps them).
 
     >>> t = np.eye(3, dtype=np.float32)
     >>> [r.tolist() for r in pool_many([PoolJob(t, [0, 2], [0, 2]), PoolJob(t, [1], [0, 1], "max")], threads=2)]
     [[[1.0, 0.0, 1.0]], [[0.0, 1.0, 0.0]]]
     """
+    return _call(jobs).run(threads)
+
+
+def pool_each(jobs: Sequence[PoolJob], threads: int | None = None) -> list[npt.NDArray[Any] | InputError]:
+    """:func:`pool_many`, but an invalid job gives its :class:`~flexemr.core.errors.InputError` in its place.
+
+    The other jobs' results are valid (the jobs of several independent
+    requests in one native call: a bad one fails alone).  A job that is not
+    even well formed (wrong types, shapes) still raises.
+
+    >>> t = np.eye(2, dtype=np.float32)
+    >>> [r if isinstance(r, InputError) else r.tolist() for r in pool_each([PoolJob(t, [5], [0, 1]),
+    ...                                                                       PoolJob(t, [1], [0, 1])])]
+    [InputError('job 0: id 5 at position 0 is out of range for a table of 2 rows'), [[0.0, 1.0]]]
+    """
+    return _call(jobs).run_each(threads)
+
+
+def _call(jobs: Sequence[PoolJob]) -> _Call:
     call = _Call(len(jobs))
     for i, job in enumerate(jobs):
         if not isinstance(job, PoolJob):
@@ -389,7 +464,7 @@ def pool_many(jobs: Sequence[PoolJob], threads: int | None = None) -> list[npt.N
             call.add_pool(i, job)
         except InputError as exc:
             raise InputError(f"job {i}: {exc}") from None
-    return call.run(threads)
+    return call
 
 
 def gather(
@@ -410,3 +485,193 @@ def gather(
     call = _Call(1)
     call.add_gather(0, rows, idx, out)
     return call.run(threads)[0]
+
+
+# ------------------------------------------------------------------ partition
+
+
+@dataclass(frozen=True, eq=False)
+class PartitionJob:
+    """One table's occurrences for :func:`partition_many`: the arguments of :func:`partition`."""
+
+    ids: object
+    offsets: object
+    num_rows: int
+    band_start: object
+    band_slot: object | None = None
+    n_slots: int | None = None
+    weights: object | None = None
+    skip: object | None = None
+    rest: bool = True
+
+
+@dataclass(frozen=True, eq=False)
+class Parted:
+    """A partitioned table (see :func:`partition`).
+
+    ``offsets[s]`` (``[B + 1]`` int64), ``ids[s]`` (int32, relative to the
+    band) and ``weights[s]`` (float32, or ``None`` without weights) per slot
+    ``s``; ``rest_offsets`` (``[B + 1]``) and ``rest_pos`` (int64 positions of
+    the occurrences left, by bag) or ``None`` without ``rest``.
+    """
+
+    offsets: list[npt.NDArray[np.int64]]
+    ids: list[npt.NDArray[np.int32]]
+    weights: list[npt.NDArray[np.float32]] | None
+    rest_offsets: npt.NDArray[np.int64] | None
+    rest_pos: npt.NDArray[np.int64] | None
+
+
+_I32 = np.dtype(np.int32)
+
+
+class _Parts:
+    """The native part array of one :func:`partition_many` call and what it points into."""
+
+    def __init__(self, n: int) -> None:
+        self.parts = ffi.new("fxk_part[]", n)
+        self.keep: list[Any] = []
+        self.out: list[tuple[Any, ...]] = []
+
+    def add(self, i: int, job: PartitionJob) -> None:
+        ids = _ids(job.ids)
+        offs = _offsets(job.offsets)
+        n, nb = ids.size, offs.size - 1
+        num_rows = job.num_rows
+        if isinstance(num_rows, bool) or not isinstance(num_rows, (int, np.integer)) or num_rows < 0:
+            raise InputError(f"num_rows must be a non-negative integer, got {num_rows!r}")
+        start = np.ascontiguousarray(np.asarray(job.band_start), dtype=np.int64)
+        if start.ndim != 1 or start.size == 0:
+            raise InputError(f"band_start must be a 1-D array of at least one band start, got shape {start.shape}")
+        if job.band_slot is None:
+            slot = np.arange(start.size, dtype=np.int32)
+        else:
+            slot = np.ascontiguousarray(np.asarray(job.band_slot), dtype=np.int32)
+            if slot.shape != start.shape:
+                raise InputError(f"band_slot must have one slot per band ({start.size}), got shape {slot.shape}")
+        ns = int(slot.max()) + 1 if job.n_slots is None else job.n_slots
+        if isinstance(ns, bool) or not isinstance(ns, (int, np.integer)) or ns < 0:
+            raise InputError(f"n_slots must be a non-negative integer, got {ns!r}")
+        ns = int(ns)
+        w = _weights(job.weights, n, "sum")
+        skip = None
+        if job.skip is not None:
+            skip = np.ascontiguousarray(np.asarray(job.skip), dtype=np.bool_)
+            if skip.shape != (n,):
+                raise InputError(f"skip must be a 1-D mask of {n} entries (one per id), got shape {skip.shape}")
+        slot_offs = np.empty((ns, nb + 1), dtype=np.int64)
+        slot_ids = np.empty((ns, n), dtype=_I32)
+        slot_w = np.empty((ns, n), dtype=_F32) if w is not None else None
+        ids_p = ffi.new("int32_t *[]", max(ns, 1))
+        w_p = ffi.new("float *[]", max(ns, 1)) if slot_w is not None else ffi.NULL
+        base = ffi.cast("int32_t *", slot_ids.ctypes.data)
+        wbase = ffi.cast("float *", slot_w.ctypes.data) if slot_w is not None else None
+        for s in range(ns):
+            ids_p[s] = base + s * n
+            if wbase is not None:
+                w_p[s] = wbase + s * n
+        rest_offs = np.empty(nb + 1, dtype=np.int64) if job.rest else None
+        rest_pos = np.empty(n, dtype=np.int64) if job.rest else None
+        p = self.parts[i]
+        p.ids = _ptr(ids)
+        p.id_bytes = ids.itemsize
+        p.n_ids = n
+        p.offsets = _ptr(offs, "int64_t[]")
+        p.num_bags = nb
+        p.num_rows = int(num_rows)
+        if w is not None:
+            p.weights = _ptr(w, "float[]")
+        if skip is not None:
+            p.skip = _ptr(skip, "uint8_t[]")
+        p.band_start = _ptr(start, "int64_t[]")
+        p.band_slot = _ptr(slot, "int32_t[]")
+        p.n_bands = start.size
+        p.n_slots = ns
+        p.slot_offsets = _ptr(slot_offs, "int64_t[]")
+        p.slot_ids = ids_p
+        p.slot_weights = w_p
+        if rest_offs is not None and rest_pos is not None:
+            p.rest_offsets = _ptr(rest_offs, "int64_t[]")
+            p.rest_pos = _ptr(rest_pos, "int64_t[]")
+        self.keep += (ids, offs, start, slot, w, skip, ids_p, w_p, slot_ids, slot_w)
+        self.out.append((ids, slot_offs, slot_ids, slot_w, rest_offs, rest_pos))
+
+    def run(self, threads: int | None) -> list[Parted]:
+        n = len(self.out)
+        rc = lib.fxk_partition(self.parts, n, _threads if threads is None else _check_threads(threads))
+        if rc != lib.FXK_OK:
+            for i in range(n):
+                self._raise(i, n > 1)
+        res = []
+        for ids, slot_offs, slot_ids, slot_w, rest_offs, rest_pos in self.out:
+            counts = slot_offs[:, -1].tolist()
+            res.append(Parted(list(slot_offs), [slot_ids[s, :c] for s, c in enumerate(counts)],
+                              None if slot_w is None else [slot_w[s, :c] for s, c in enumerate(counts)],
+                              rest_offs, None if rest_pos is None else rest_pos[: int(rest_offs[-1])]))
+        return res
+
+    def _raise(self, i: int, many: bool) -> None:
+        p = self.parts[i]
+        where = f"job {i}: " if many else ""
+        if p.status == lib.FXK_OK:
+            return
+        if p.status == lib.FXK_EBADID:
+            pos = int(p.bad_pos)
+            raise InputError(f"{where}id {int(self.out[i][0][pos])} at position {pos} is out of range for a table "
+                             f"of {int(p.num_rows)} rows")
+        if p.status == lib.FXK_EOFFSETS:
+            raise InputError(f"{where}offsets must start at 0, be non-decreasing and end at len(ids) = {int(p.n_ids)}")
+        if p.status == lib.FXK_ENOMEM:
+            raise MemoryError("the partition could not allocate its cursors")
+        raise InputError(f"{where}invalid partition: band_start must start at 0 and increase up to num_rows, bands "
+                         f"hold fewer than 2**31 rows, slots lie in [-1, n_slots), and occurrences left over need "
+                         f"rest=True")
+
+
+def partition(
+    ids: object,
+    offsets: object,
+    *,
+    num_rows: int,
+    band_start: object,
+    band_slot: object | None = None,
+    n_slots: int | None = None,
+    weights: object | None = None,
+    skip: object | None = None,
+    rest: bool = True,
+    threads: int | None = None,
+) -> Parted:
+    """Split the occurrences ``ids`` (bags by ``offsets``) of one table by the band of their rows, in one pass.
+
+    Band ``i`` holds rows ``[band_start[i], band_start[i+1])`` (the last up to
+    ``num_rows``; ``band_start[0] == 0``).  An occurrence whose row lies in
+    band ``i`` goes to slot ``band_slot[i]`` (default: slot ``i``) as
+    ``id - band_start[i]`` (int32), with its weight; a band of slot ``-1``, and
+    every occurrence with ``skip[k]`` true, go to the *rest* (their positions
+    ``k``; with ``rest=False`` that is an error).  Every output keeps the bags:
+    ``ids[s][offsets[s][b]:offsets[s][b+1]]`` are slot ``s``'s occurrences of
+    bag ``b``, in the order of ``ids``.  Returns a :class:`Parted`.
+
+    Ids are checked against ``num_rows`` and offsets like :func:`pool`'s
+    (:class:`~flexemr.core.errors.InputError`).
+
+    >>> p = partition([7, 1, 8], [0, 2, 3], num_rows=9, band_start=[0, 4], weights=[0.5, 1, 2], rest=False)
+    >>> [x.tolist() for x in p.ids], [o.tolist() for o in p.offsets], p.weights[1].tolist()
+    ([[1], [3, 4]], [[0, 1, 1], [0, 1, 2]], [0.5, 2.0])
+    """
+    parts = _Parts(1)
+    parts.add(0, PartitionJob(ids, offsets, num_rows, band_start, band_slot, n_slots, weights, skip, rest))
+    return parts.run(threads)[0]
+
+
+def partition_many(jobs: Sequence[PartitionJob], threads: int | None = None) -> list[Parted]:
+    """:func:`partition` of every job (one per table) in one native call (spread over ``threads`` threads)."""
+    parts = _Parts(len(jobs))
+    for i, job in enumerate(jobs):
+        if not isinstance(job, PartitionJob):
+            raise InputError(f"job {i} must be a PartitionJob, got {type(job).__name__}")
+        try:
+            parts.add(i, job)
+        except InputError as exc:
+            raise InputError(f"job {i}: {exc}") from None
+    return parts.run(threads)

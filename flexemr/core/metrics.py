@@ -77,6 +77,20 @@ class LatencyHistogram:
         idx = int(np.searchsorted(np.cumsum(self.counts), q * n, side="left"))
         return float(self.upper_bounds_us()[min(idx, NUM_BUCKETS - 1)])
 
+    def cumulative_buckets(self, last: int = 27) -> list[tuple[float, int]]:
+        """``[(upper bound in seconds, latencies below it)]`` for buckets ``0..last``, then
+        ``(inf, count)``: the shape of a Prometheus histogram (bucket ``last`` = 2**last us;
+        27: about 134 s).
+
+        >>> h = LatencyHistogram()
+        >>> h.observe(np.array([0.5e-6, 3e-6, 5.0]))
+        >>> h.cumulative_buckets(3)
+        [(1e-06, 1), (2e-06, 1), (4e-06, 2), (8e-06, 2), (inf, 3)]
+        """
+        cum = np.cumsum(self.counts[: last + 1]).tolist()
+        bounds = (self.upper_bounds_us()[: last + 1] * 1e-6).tolist()
+        return [*zip(bounds, (int(c) for c in cum)), (float("inf"), self.count)]
+
     def snapshot(self) -> dict[str, Any]:
         """Plain-dict view: non-empty buckets, count, mean and p50/p99 bounds (us)."""
         nz = np.flatnonzero(self.counts)
@@ -172,6 +186,15 @@ class LocalityMetrics(ClientMetrics):
         pool_fallbacks       pooling requests that failed (channel broken or refused, bad response) and
                              were served by raw reads pooled on the ranker instead
         prefetched_batches   batches fetched through client.prefetch()
+        replica_moves        times the replicas serving a shard's reads changed from one batch to the next
+                             (load-aware reads moving traffic; flexemr.client.load)
+        off_primary_reads    shard reads of a batch that did not use the shard's primary
+        split_reads          shard reads of a batch cut over several replicas
+        priority_lookups     lookups sent in the priority lane (flexemr.client.lanes)
+        priority_demoted     priority=True lookups larger than priority_max_rows, sent as bulk
+        swapin_rows          rows read into the cache in the background after it grew (flexemr.client.swapin)
+        swapin_rounds        background swap-in reads
+        predicted_rows       rows read ahead into the cache because the predictor expects them
 
     ``network_bytes`` = ``bytes_read + pool_bytes_sent + pool_bytes_received``.
 
@@ -199,13 +222,22 @@ class LocalityMetrics(ClientMetrics):
     pool_bytes_received: int = 0
     pool_fallbacks: int = 0
     prefetched_batches: int = 0
+    replica_moves: int = 0
+    off_primary_reads: int = 0
+    split_reads: int = 0
+    priority_lookups: int = 0
+    priority_demoted: int = 0
+    swapin_rows: int = 0
+    swapin_rounds: int = 0
+    predicted_rows: int = 0
 
     _COUNTERS: ClassVar[tuple[str, ...]] = ClientMetrics._COUNTERS + (
         "cache_hits", "cache_misses", "cache_inserts", "cache_evictions", "cache_invalidations", "cache_stale_hits",
         "cache_resizes",
         "cache_capacity", "pooled_lookups", "pooled_subrequests", "raw_subrequests", "pooled_bags", "pooled_rows",
         "local_pooled_rows", "pool_bytes_sent", "pool_bytes_received", "pool_fallbacks",
-        "prefetched_batches")
+        "prefetched_batches", "replica_moves", "off_primary_reads", "split_reads", "priority_lookups",
+        "priority_demoted", "swapin_rows", "swapin_rounds", "predicted_rows")
 
     @property
     def network_bytes(self) -> int:

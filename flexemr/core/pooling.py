@@ -23,14 +23,15 @@ ranker adds the partials up (:func:`combine_partials`):
 True
 
 Whether asking a server to pool is cheaper than reading the raw rows is
-decided by the byte cost model of :func:`choose_pooling` (see its docstring
-and ``docs/locality.md``).
+decided by :class:`PoolingCost`: measured time per row of either way, with
+the byte cost model of :func:`choose_pooling` as the prior until both are
+measured (see their docstrings and ``docs/locality.md``).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import numpy as np
@@ -46,6 +47,7 @@ __all__ = [
     "RPC_OVERHEAD_BYTES",
     "PartialPool",
     "PoolMode",
+    "PoolingCost",
     "accumulation_dtype",
     "bag_ids_from_offsets",
     "choose_pooling",
@@ -453,3 +455,118 @@ def transfer_bytes(
     rpcs = int(m2.any(axis=1).sum())
     return int(raw + pooled_b + rpcs * int(rpc_overhead))
 
+
+
+# ---------------------------------------------------------- time cost model
+
+
+@dataclass
+class _Samples:
+    """The last few measurements (seconds per id) of one way, and how many lookups ago it was last fed."""
+
+    window: int = 5
+    values: list[float] = field(default_factory=list)
+    age: int = 0
+
+    def add(self, seconds_per_id: float) -> None:
+        self.values.append(seconds_per_id)
+        del self.values[: -self.window]
+        self.age = 0
+
+    @property
+    def value(self) -> float | None:
+        """The median of the samples kept (robust to the odd lookup slowed by something else)."""
+        return float(np.median(self.values)) if self.values else None
+
+
+def _min_paying_rows(dim: int, itemsize: int) -> int:
+    """The fewest rows of a bag that :func:`choose_pooling` pools (at least 2; the byte saving grows with rows)."""
+    for r in range(2, 1 << 16):
+        if int(raw_read_bytes([r], dim, itemsize)[0]) > int(pooling_bytes([r], dim)[0]):
+            return r
+    return 1 << 16
+
+
+@dataclass
+class PoolingCost:
+    """Whether a pooled lookup asks servers to pool, or reads every row raw and pools on the ranker.
+
+    Two ways to serve a pooled lookup, and what each was measured to cost on
+    this client (:meth:`observe`): seconds per id of whole lookups (wall
+    time from the call to the result); each way keeps its last ``window``
+    measurements and is judged by their median, so the odd lookup slowed by
+    something else does not decide.  A lookup takes the cheaper way
+    (:meth:`choose`).  The first ``first_explore`` lookups ask servers to
+    pool; then the two ways take turns until each has ``min_samples``
+    measurements; afterwards the other way is tried again, for one lookup,
+    once its last measurement is ``explore_every`` lookups old, so a change
+    of load or workload is noticed at the price of one lookup in
+    ``explore_every``.  Whole lookups are measured because their parts
+    overlap (requests to every server, raw reads): the time of a part says
+    little about the lookup's.
+
+    Inside a lookup that asks servers to pool, the byte model is the rule
+    per shard (:meth:`prior`): its server pools its rows of a table when at
+    least half of them lie in bags that :func:`choose_pooling` would have it
+    pool, i.e. bags of at least 2 rows (for every float table: one row per
+    bag moves as many bytes either way, and costs the server's CPU); the
+    other shards' rows are read raw.
+
+    >>> cost = PoolingCost(first_explore=1, min_samples=1)
+    >>> cost.choose()                          # nothing measured: servers pool
+    True
+    >>> cost.observe(True, 1000, 0.004)
+    >>> cost.choose()                          # raw reads not measured yet: tried
+    False
+    >>> cost.observe(False, 1000, 0.001)
+    >>> cost.choose()                          # measured: raw reads 4x faster per id
+    False
+    """
+
+    window: int = 5
+    min_samples: int = 3
+    explore_every: int = 16
+    first_explore: int = 4
+    pooled: _Samples = field(default_factory=_Samples)
+    raw: _Samples = field(default_factory=_Samples)
+    _min_rows: dict[tuple[int, int], int] = field(default_factory=dict)
+    _lookups: int = 0
+
+    def __post_init__(self) -> None:
+        self.pooled.window = self.raw.window = self.window
+
+    def prior(self, dim: int, itemsize: int, offsets: IntArray, rows: int) -> bool:
+        """The byte model's choice for one shard's ``rows`` rows of a table (``offsets``: their bags, dense)."""
+        key = (dim, itemsize)
+        least = self._min_rows.get(key)
+        if least is None:
+            least = self._min_rows[key] = _min_paying_rows(dim, itemsize)
+        counts = np.diff(offsets)
+        if least == 2:
+            small = int(np.count_nonzero(counts == 1))
+        else:
+            small = int(counts[counts < least].sum())
+        return 2 * (rows - small) >= rows
+
+    def choose(self) -> bool:
+        """Whether the next lookup asks servers to pool (``False``: raw reads only)."""
+        p, r = self.pooled, self.raw
+        self._lookups += 1
+        p.age += 1
+        r.age += 1
+        if self._lookups <= self.first_explore:
+            return True
+        if len(p.values) < self.min_samples or len(r.values) < self.min_samples:  # take turns
+            return len(r.values) >= len(p.values)
+        pv, rv = p.value, r.value
+        assert pv is not None and rv is not None
+        choice = pv <= rv
+        other = r if choice else p
+        if other.age >= self.explore_every:  # try the other way once
+            return not choice
+        return choice
+
+    def observe(self, pooled: bool, ids: int, seconds: float) -> None:
+        """A lookup of ``ids`` ids took ``seconds``; ``pooled``: servers were asked to pool."""
+        if ids > 0:
+            (self.pooled if pooled else self.raw).add(seconds / ids)

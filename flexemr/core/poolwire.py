@@ -2,12 +2,14 @@
 
 Every :class:`~flexemr.EmbeddingServer` serves the message channel
 :data:`POOL_CHANNEL` (``"flexemr/pool"``; :mod:`flexemr.server.pooling`).  A ranker opens one channel per
-server (lazily, on its first pooled sub-request) and keeps it for the life of
-the client.  One *pooling request* covers one ``(server, table)``
-sub-request: the ids of the rows the server holds, grouped by bag, optional
-per-row weights and the reduction; the server answers with one partial row
-per bag it was asked about (:func:`~flexemr.core.pooling.server_partial_pool`),
-which the ranker merges with :func:`~flexemr.core.pooling.combine_partials`.
+server (lazily, on its first pooled lookup) and keeps it for the life of the
+client.  One *pooling request* covers everything a lookup asks one server to
+pool: one *job* per shard (row band of a table) the server holds, each the
+bags of the whole batch (dense: ``B + 1`` offsets, empty bags included) and
+the ids of the rows of that shard, relative to the shard's first row; the
+server answers with one dense ``[B, dim]`` partial per job (the sums, or the
+maxima with ``-inf`` for empty bags), written there by the native kernel
+(:func:`flexemr.core.kernel.pool_many`), which the ranker adds up.
 
 Framing
     A logical message (request or response) may be larger than a channel
@@ -23,30 +25,32 @@ Framing
     :class:`~flexemr.client.pooled.PoolChannel`, the server's
     :class:`~flexemr.server.pooling.PoolService`).
 
-Request (little-endian, no pickle; each array section padded to 8 bytes)::
+Request (little-endian, no pickle; every section starts at a multiple of 8)::
 
-    REQUEST  "FXPQ" u8 version=1, u8 op (0 = sum, 1 = max), u8 flags, u8 len(table),
-             u32 n (rows), u32 k (bags)
-    table    utf-8 name, padded
-    ids      n x (u32 if flags & IDS32 else i64)      rows, grouped by bag (bag order)
-    weights  n x (f64 if flags & W64 else f32)        only if flags & WEIGHTS
-    lengths  k x u32                                  rows of each bag, in request order
+    HEAD     "FXPQ" u8 version=2, u8 op (0 = sum, 1 = max), u16 jobs, u32 0
+    JOB      u64 n (ids), u32 B (bags), u32 shard, u16 len(table), u8 id bytes (4|8),
+             u8 flags (1: weights), 4 x 0                        -- once per job
+    names    the jobs' table names, utf-8, back to back, padded
+    per job  offsets  (B + 1) x i64      bag b: ids[offsets[b] .. offsets[b+1])
+             ids      n x (i32 | i64)    row - shard.row_start, padded
+             weights  n x f32            only with flags & 1, padded
 
 Response::
 
-    RESPONSE "FXPR" u8 status (0 ok, 1 error), u8 dtype (0 f32, 1 f64), u16 0, u32 k, u32 dim
-    values   k x dim of dtype                         partial sums (op 0) or maxima (op 1)
-    (status 1: the payload is a utf-8 error message)
+    HEAD     "FXPR" u8 status (0 ok, 1 error), u8 0, u16 jobs, u32 0
+    JOB      u32 B, u32 dim, u8 dtype (0 f32, 1 f64), 7 x 0          -- once per job
+    per job  values   B x dim of dtype, padded
+    (status 1: after HEAD, a utf-8 error message)
 
-Counts need not travel back: the ranker knows how many rows it sent per bag.
+Mean pooling travels as sum (the ranker divides by the bag lengths it knows).
 
->>> req = encode_request("t", np.array([5, 9, 2]), np.array([2, 1]), None, "sum", num_rows=10)
->>> d = decode_request(b"".join(bytes(p) for p in req))
->>> d.table, d.ids.tolist(), d.lengths.tolist(), d.op
-('t', [5, 9, 2], [2, 1], 'sum')
->>> resp = encode_response(np.ones((2, 3), np.float32))
->>> decode_response(b"".join(bytes(p) for p in resp)).tolist()
-[[1.0, 1.0, 1.0], [1.0, 1.0, 1.0]]
+>>> job = RequestJob("t", 1, np.array([0, 2, 2, 3]), np.array([5, 9, 2], np.int32), None)
+>>> req = decode_request(b"".join(bytes(p) for p in encode_request([job], "sum")))
+>>> req.op, [(j.table, j.shard, j.offsets.tolist(), j.ids.tolist()) for j in req.jobs]
+('sum', [('t', 1, [0, 2, 2, 3], [5, 9, 2])])
+>>> resp = encode_response([np.ones((3, 2), np.float32)])
+>>> [v.tolist() for v in decode_response(b"".join(bytes(p) for p in resp), [(3, 2)])]
+[[[1.0, 1.0], [1.0, 1.0], [1.0, 1.0]]]
 """
 
 from __future__ import annotations
@@ -63,148 +67,222 @@ from .errors import InputError, TransportError
 
 __all__ = [
     "FRAME",
+    "MAX_BAGS",
     "POOL_CHANNEL",
     "Buffer",
     "FrameAssembler",
     "PoolRequest",
+    "RequestJob",
     "decode_request",
     "decode_response",
     "encode_error",
     "encode_request",
     "encode_response",
     "frames",
+    "response_layout",
 ]
-
-IntArray = npt.NDArray[np.int64]
 
 #: Name of the channel every embedding server serves for pooling requests.
 POOL_CHANNEL = "flexemr/pool"
 #: Frame header: request id, frame index, frame count.
 FRAME = struct.Struct("<III")
-_REQ = struct.Struct("<4sBBBBII")
-_RESP = struct.Struct("<4sBBHII")
+#: Most bags one job may ask for (a server allocates ``B x dim`` values per job).
+MAX_BAGS = 1 << 26
+_HEAD = struct.Struct("<4sBBHI")
+_REQ_JOB = struct.Struct("<QIIHBB4x")
+_RESP_JOB = struct.Struct("<IIB7x")
 _REQ_MAGIC = b"FXPQ"
 _RESP_MAGIC = b"FXPR"
-_VERSION = 1
-_F_WEIGHTS, _F_IDS32, _F_W64 = 1, 2, 4
+_VERSION = 2
+_F_WEIGHTS = 1
 _OPS = {"sum": 0, "mean": 0, "max": 1}
+_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+_I64 = np.dtype(np.int64)
+_F32 = np.dtype(np.float32)
 
 Buffer = bytes | bytearray | memoryview
 
 
-def _pad(n: int) -> bytes:
-    return bytes(-n % 8)
+def _pad(n: int) -> int:
+    return -n % 8
 
 
-# ------------------------------------------------------------------ encoding
+_ZEROS = bytes(8)
 
 
-def encode_request(
-    table: str,
-    ids: npt.NDArray[Any],
-    lengths: npt.NDArray[Any],
-    weights: npt.NDArray[Any] | None,
-    mode: str,
-    *,
-    num_rows: int,
-    weight_dtype: npt.DTypeLike = np.float32,
-) -> list[Buffer]:
-    """The buffers of one pooling request (module docstring); ``ids`` grouped by bag, ``lengths`` per bag."""
-    name = table.encode()
-    if len(name) > 255:
-        raise InputError(f"table name {table!r} is longer than 255 bytes")
-    flags = 0
-    if num_rows <= 1 << 32:
-        flags |= _F_IDS32
-        id_arr = np.ascontiguousarray(ids, dtype=np.uint32)
-    else:
-        id_arr = np.ascontiguousarray(ids, dtype=np.int64)
-    parts: list[Buffer] = [b"", name, _pad(len(name)), id_arr.data.cast("B"), _pad(id_arr.nbytes)]
-    if weights is not None:
-        flags |= _F_WEIGHTS
-        wdt = np.dtype(weight_dtype)
-        if wdt == np.float64:
-            flags |= _F_W64
-        w = np.ascontiguousarray(weights, dtype=np.float64 if wdt == np.float64 else np.float32)
-        parts += [w.data.cast("B"), _pad(w.nbytes)]
-    parts.append(np.ascontiguousarray(lengths, dtype=np.uint32).data.cast("B"))
-    parts[0] = _REQ.pack(_REQ_MAGIC, _VERSION, _OPS[mode], flags, len(name), id_arr.size, lengths.size)
-    return parts
+# ------------------------------------------------------------------ requests
+
+
+@dataclass(frozen=True)
+class RequestJob:
+    """One job of a pooling request: the bags of one shard (``ids`` relative to its first row)."""
+
+    table: str
+    shard: int
+    offsets: npt.NDArray[np.int64]
+    ids: npt.NDArray[Any]
+    weights: npt.NDArray[np.float32] | None
 
 
 @dataclass(frozen=True)
 class PoolRequest:
-    """A decoded pooling request."""
+    """A decoded pooling request: ``"sum"`` or ``"max"`` over every job (arrays are views of the message)."""
 
-    table: str
-    ids: IntArray
-    lengths: IntArray
-    weights: npt.NDArray[Any] | None
     op: str
+    jobs: list[RequestJob]
+
+
+def encode_request(jobs: Sequence[RequestJob], mode: str) -> list[Buffer]:
+    """The buffers of one request (module docstring), without copying the arrays.
+
+    ``offsets`` are sent as int64 and weights as float32 (converted when
+    needed); ``ids`` as int32 when they are int32, else int64.
+    """
+    if len(jobs) > 0xFFFF:
+        raise InputError(f"a pooling request holds at most 65535 jobs, got {len(jobs)}")
+    heads: list[bytes] = [_HEAD.pack(_REQ_MAGIC, _VERSION, _OPS[mode], len(jobs), 0)]
+    names: list[bytes] = []
+    body: list[Buffer] = []
+    for job in jobs:
+        name = job.table.encode()
+        if len(name) > 0xFFFF:
+            raise InputError(f"table name {job.table!r} is too long")
+        offs = np.ascontiguousarray(job.offsets, dtype=_I64)
+        ids = job.ids if job.ids.dtype in (np.int32, np.int64) else job.ids.astype(np.int64)
+        ids = np.ascontiguousarray(ids)
+        flags = 0
+        body += [offs.data.cast("B"), ids.data.cast("B"), _ZEROS[: _pad(ids.nbytes)]]
+        if job.weights is not None:
+            flags |= _F_WEIGHTS
+            w = np.ascontiguousarray(job.weights, dtype=_F32)
+            body += [w.data.cast("B"), _ZEROS[: _pad(w.nbytes)]]
+        heads.append(_REQ_JOB.pack(ids.size, offs.size - 1, job.shard, len(name), ids.itemsize, flags))
+        names.append(name)
+    blob = b"".join(names)
+    return [b"".join(heads), blob, _ZEROS[: _pad(len(blob))], *body]
+
+
+def _view(buf: memoryview, dtype: np.dtype[Any], count: int, pos: int) -> npt.NDArray[Any]:
+    out: npt.NDArray[Any] = np.frombuffer(buf, dtype=dtype, count=count, offset=pos)
+    return out
 
 
 def decode_request(data: Buffer) -> PoolRequest:
-    """Parse a request; :class:`InputError` when malformed."""
+    """Parse a request into views of ``data`` (O(jobs) work); :class:`InputError` when malformed.
+
+    Only the layout is checked here; offsets and ids are checked by the
+    kernel that pools them.
+    """
     buf = memoryview(data).cast("B")
-    if buf.nbytes < _REQ.size:
+    size = buf.nbytes
+    if size < _HEAD.size:
         raise InputError("pooling request too short")
-    magic, version, op, flags, name_len, n, k = _REQ.unpack_from(buf, 0)
+    magic, version, op, n_jobs, _ = _HEAD.unpack_from(buf, 0)
     if magic != _REQ_MAGIC or version != _VERSION or op not in (0, 1):
-        raise InputError("not a flexemr pooling request (bad magic, version or op)")
-    pos = _REQ.size
-    table = bytes(buf[pos : pos + name_len]).decode()
-    pos += name_len + (-name_len % 8)
-    id_dt = np.dtype(np.uint32 if flags & _F_IDS32 else np.int64)
-    w_dt = np.dtype(np.float64 if flags & _F_W64 else np.float32)
-    need = pos + n * id_dt.itemsize + (-(n * id_dt.itemsize) % 8) + 4 * k
-    if flags & _F_WEIGHTS:
-        need += n * w_dt.itemsize + (-(n * w_dt.itemsize) % 8)
-    if buf.nbytes != need:
-        raise InputError(f"pooling request of {buf.nbytes} bytes, its header implies {need}")
-    ids = np.frombuffer(buf, dtype=id_dt, count=n, offset=pos).astype(np.int64)
-    pos += n * id_dt.itemsize
-    pos += -pos % 8
-    weights = None
-    if flags & _F_WEIGHTS:
-        weights = np.frombuffer(buf, dtype=w_dt, count=n, offset=pos)
-        pos += n * w_dt.itemsize
-        pos += -pos % 8
-    lengths = np.frombuffer(buf, dtype=np.uint32, count=k, offset=pos).astype(np.int64)
-    if int(lengths.sum()) != n:
-        raise InputError(f"bag lengths sum to {int(lengths.sum())}, the request has {n} rows")
-    return PoolRequest(table, ids, lengths, weights, "max" if op == 1 else "sum")
+        raise InputError("not a flexemr pooling request of this version (bad magic, version or op)")
+    pos = _HEAD.size
+    if size < pos + n_jobs * _REQ_JOB.size:
+        raise InputError(f"pooling request of {size} bytes is too short for {n_jobs} jobs")
+    heads = [_REQ_JOB.unpack_from(buf, pos + i * _REQ_JOB.size) for i in range(n_jobs)]
+    pos += n_jobs * _REQ_JOB.size
+    name_bytes = sum(h[3] for h in heads)
+    if size < pos + name_bytes:
+        raise InputError("pooling request too short for its table names")
+    names = bytes(buf[pos : pos + name_bytes])
+    pos += name_bytes + _pad(name_bytes)
+    jobs = []
+    npos = 0
+    for n, nb, shard, name_len, id_bytes, flags in heads:
+        try:
+            table = names[npos : npos + name_len].decode()
+        except UnicodeDecodeError:
+            raise InputError("pooling request: a table name is not utf-8") from None
+        npos += name_len
+        if id_bytes not in (4, 8) or flags & ~_F_WEIGHTS or nb > MAX_BAGS:
+            raise InputError(f"pooling request: bad job header for table {table!r}")
+        need = 8 * (nb + 1) + n * id_bytes + _pad(n * id_bytes)
+        if flags & _F_WEIGHTS:
+            need += 4 * n + _pad(4 * n)
+        if size < pos + need:
+            raise InputError(f"pooling request of {size} bytes, its headers imply more")
+        offs = _view(buf, _I64, nb + 1, pos)
+        pos += 8 * (nb + 1)
+        ids = _view(buf, np.dtype(np.int32 if id_bytes == 4 else np.int64), n, pos)
+        pos += n * id_bytes + _pad(n * id_bytes)
+        w = None
+        if flags & _F_WEIGHTS:
+            w = _view(buf, _F32, n, pos)
+            pos += 4 * n + _pad(4 * n)
+        jobs.append(RequestJob(table, shard, offs, ids, w))
+    if pos != size:
+        raise InputError(f"pooling request of {size} bytes, its headers imply {pos}")
+    return PoolRequest("max" if op == 1 else "sum", jobs)
 
 
-def encode_response(values: npt.NDArray[Any]) -> list[Buffer]:
-    """The buffers of an ok response carrying ``values`` ``[k, dim]`` (float32 or float64)."""
-    v = np.ascontiguousarray(values)
-    code = 1 if v.dtype == np.float64 else 0
-    if code == 0 and v.dtype != np.float32:
-        v = v.astype(np.float32)
-    k, dim = v.shape
-    return [_RESP.pack(_RESP_MAGIC, 0, code, 0, k, dim), v.data.cast("B")]
+# ----------------------------------------------------------------- responses
+
+
+def response_layout(shapes: Sequence[tuple[int, int, np.dtype[Any]]]) -> tuple[bytes, list[int], int]:
+    """``(head, value offsets, total bytes)`` of an ok response with jobs of ``(B, dim, dtype)``.
+
+    The server allocates ``total`` bytes, writes ``head`` at 0 and job ``i``'s
+    ``[B, dim]`` values at ``offsets[i]`` (the kernel writes them in place).
+    """
+    heads = [_HEAD.pack(_RESP_MAGIC, 0, 0, len(shapes), 0)]
+    for nb, dim, dt in shapes:
+        heads.append(_RESP_JOB.pack(nb, dim, _DTYPES.index(np.dtype(dt))))
+    head = b"".join(heads)
+    pos = len(head)
+    offsets = []
+    for nb, dim, dt in shapes:
+        offsets.append(pos)
+        n = nb * dim * np.dtype(dt).itemsize
+        pos += n + _pad(n)
+    return head, offsets, pos
+
+
+def encode_response(values: Sequence[npt.NDArray[Any]]) -> list[Buffer]:
+    """The buffers of an ok response carrying one ``[B, dim]`` (float32 or float64) array per job."""
+    arrs = [np.ascontiguousarray(v) for v in values]
+    head, _, _ = response_layout([(a.shape[0], a.shape[1], a.dtype) for a in arrs])
+    parts: list[Buffer] = [head]
+    for a in arrs:
+        parts += [a.data.cast("B"), _ZEROS[: _pad(a.nbytes)]]
+    return parts
 
 
 def encode_error(message: str) -> list[Buffer]:
     """The buffers of an error response."""
-    return [_RESP.pack(_RESP_MAGIC, 1, 0, 0, 0, 0), message.encode()]
+    return [_HEAD.pack(_RESP_MAGIC, 1, 0, 0, 0), message.encode()]
 
 
-def decode_response(data: Buffer) -> npt.NDArray[Any]:
-    """The ``[k, dim]`` values of a response; :class:`TransportError` for an error response."""
+def decode_response(data: Buffer, shapes: Sequence[tuple[int, int]]) -> list[npt.NDArray[Any]]:
+    """The ``[B, dim]`` values (views of ``data``) of a response to jobs of ``shapes``.
+
+    :class:`TransportError` for an error response or one that does not match ``shapes``.
+    """
     buf = memoryview(data).cast("B")
-    if buf.nbytes < _RESP.size:
+    if buf.nbytes < _HEAD.size:
         raise TransportError("pooling response too short")
-    magic, status, code, _, k, dim = _RESP.unpack_from(buf, 0)
+    magic, status, _, n_jobs, _ = _HEAD.unpack_from(buf, 0)
     if magic != _RESP_MAGIC:
         raise TransportError("not a flexemr pooling response")
     if status != 0:
-        raise TransportError(f"server pooling failed: {bytes(buf[_RESP.size:]).decode(errors='replace')}")
-    dt = np.dtype(np.float64 if code == 1 else np.float32)
-    if buf.nbytes != _RESP.size + k * dim * dt.itemsize:
+        raise TransportError(f"server pooling failed: {bytes(buf[_HEAD.size:]).decode(errors='replace')}")
+    if n_jobs != len(shapes) or buf.nbytes < _HEAD.size + n_jobs * _RESP_JOB.size:
+        raise TransportError(f"pooling response has {n_jobs} jobs, {len(shapes)} were asked for")
+    got = []
+    for i in range(n_jobs):
+        nb, dim, code = _RESP_JOB.unpack_from(buf, _HEAD.size + i * _RESP_JOB.size)
+        if (nb, dim) != tuple(shapes[i]) or code >= len(_DTYPES):
+            raise TransportError(f"pooling response job {i} is [{nb}, {dim}], [{shapes[i][0]}, {shapes[i][1]}] "
+                                 f"was asked for")
+        got.append((nb, dim, _DTYPES[code]))
+    _, offsets, total = response_layout(got)
+    if buf.nbytes != total:
         raise TransportError("pooling response has the wrong size")
-    out: npt.NDArray[Any] = np.frombuffer(buf, dtype=dt, count=k * dim, offset=_RESP.size).reshape(k, dim)
-    return out
+    return [np.frombuffer(buf, dtype=dt, count=nb * dim, offset=off).reshape(nb, dim)
+            for (nb, dim, dt), off in zip(got, offsets)]
 
 
 # ------------------------------------------------------------------- framing
@@ -248,26 +326,35 @@ def frames(req_id: int, parts: Sequence[Buffer], max_message: int) -> Iterator[t
 class FrameAssembler:
     """Reassembles frames into logical messages, per request id.
 
+    A message of one frame is returned as a view of that frame (no copy).
+
     >>> fa = FrameAssembler()
-    >>> fa.add(FRAME.pack(7, 0, 2) + b"ab"), fa.add(FRAME.pack(7, 1, 2) + b"c")
+    >>> fa.add(FRAME.pack(7, 1, 2) + b"c"), fa.add(FRAME.pack(7, 0, 2) + b"ab")
     (None, (7, b'abc'))
     """
 
     def __init__(self) -> None:
-        self._parts: dict[int, list[bytes]] = {}
+        self._parts: dict[int, tuple[int, dict[int, memoryview]]] = {}
 
-    def add(self, frame: bytes) -> tuple[int, bytes] | None:
-        """Add one frame; returns ``(request id, message)`` when a message is complete."""
-        if len(frame) < FRAME.size:
+    def add(self, frame: Buffer) -> tuple[int, Buffer] | None:
+        """Add one frame (the frames of a message may come in any order); returns ``(request id, message)``
+        when a message is complete."""
+        view = memoryview(frame).cast("B")
+        if view.nbytes < FRAME.size:
             raise TransportError("pooling frame too short")
-        rid, idx, count = FRAME.unpack_from(frame, 0)
+        rid, idx, count = FRAME.unpack_from(view, 0)
         if count == 1 and idx == 0:
-            return rid, frame[FRAME.size :]
-        got = self._parts.setdefault(rid, [])
-        if idx != len(got) or idx >= count:
-            raise TransportError(f"pooling frame {idx}/{count} of request {rid} out of order")
-        got.append(frame[FRAME.size :])
+            return rid, view[FRAME.size :]
+        want, got = self._parts.setdefault(rid, (count, {}))
+        if count != want or idx >= count or idx in got:
+            raise TransportError(f"pooling frame {idx}/{count} of request {rid} does not fit its message")
+        got[idx] = view[FRAME.size :]
         if len(got) < count:
             return None
         del self._parts[rid]
-        return rid, b"".join(got)
+        return rid, b"".join(got[i] for i in range(count))
+
+    def pending(self) -> int:
+        """Messages partly received."""
+        return len(self._parts)
+

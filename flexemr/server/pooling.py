@@ -1,14 +1,26 @@
 """The server side of the pooling RPC: :class:`PoolService` on the ``"flexemr/pool"`` channel.
 
-A ranker sends the ids of a batch's rows this server holds, grouped by bag
-(wire format: :mod:`flexemr.core.poolwire`); the service gathers the rows
-from the shard arrays and answers with one partial sum (or max) per bag
-(:func:`~flexemr.core.pooling.server_partial_pool`), which the ranker merges
-(hierarchical pooling, ``docs/locality.md``).
+A ranker sends, in one request per lookup, the bags of every shard this
+server holds that it wants pooled (wire format: :mod:`flexemr.core.poolwire`);
+the service answers with one dense ``[B, dim]`` partial sum (or max) per
+shard, which the ranker adds up (hierarchical pooling, ``docs/locality.md``).
+
+Hot path, per request: the header is decoded in Python (O(jobs), not
+O(rows)); the jobs are :class:`~flexemr.core.kernel.PoolJob` s on views of the
+received message (ids, offsets, weights: no copy) writing into the response
+buffer (the kernel's output *is* the response); one native call pools them,
+off the event loop, on a worker thread, with the GIL released.  Requests that
+arrive while a call runs (from any ranker) are queued and go together into
+the next native call, so a busy server makes fewer, bigger calls.  The event
+loop meanwhile keeps serving channels, control messages and heartbeats (the
+one-sided reads do not need it at all).  A malformed request, an unknown
+shard or an id out of range gives that request an error response; the other
+requests of the same native call are not affected.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Sequence
 from typing import Any
@@ -17,93 +29,188 @@ import numpy as np
 import numpy.typing as npt
 import rdmaio
 
+from ..core import kernel
 from ..core.errors import InputError, TransportError
 from ..core.plan import Shard, ShardingPlan
-from ..core.pooling import accumulation_dtype, server_partial_pool
-from ..core.poolwire import Buffer, FrameAssembler, decode_request, encode_error, encode_response, frames
+from ..core.pooling import accumulation_dtype
+from ..core.poolwire import Buffer, FrameAssembler, decode_request, encode_error, frames, response_layout
 
-__all__ = ["PoolService"]
+__all__ = ["MAX_RESPONSE_BYTES", "PoolService"]
 
 log = logging.getLogger(__name__)
 
-IntArray = npt.NDArray[np.int64]
+#: Largest response a request may ask for (B x dim values over its jobs), in bytes.
+MAX_RESPONSE_BYTES = 1 << 30
+_Pending = tuple[Buffer, "asyncio.Future[list[Buffer]]"]
 
 
 class PoolService:
     """Server side: answers pooling requests from the shard arrays a server holds.
 
-    Only full-width shards (all columns) take part; a request naming a table
-    whose rows this server does not hold in full width is an error response.
+    Only full-width shards (all columns) take part; a job naming a shard that
+    this server does not hold in full width makes its request an error
+    response.
 
     >>> from flexemr.core.spec import TableSpec
-    >>> from flexemr.core.poolwire import decode_response, encode_request
+    >>> from flexemr.core.poolwire import RequestJob, decode_response, encode_request
     >>> plan = ShardingPlan.row_wise([TableSpec("t", 4, 2)], ["s0", "s1"])
     >>> sh = plan.shards["t"][1]                         # rows 2..3 on s1
     >>> svc = PoolService(plan, [sh], {sh.region_name: np.array([[1., 2.], [3., 4.]], np.float32)})
-    >>> req = encode_request("t", np.array([2, 3, 3]), np.array([2, 1]), None, "sum", num_rows=4)
-    >>> decode_response(b"".join(bytes(p) for p in svc.handle(b"".join(bytes(p) for p in req)))).tolist()
+    >>> job = RequestJob("t", 1, np.array([0, 2, 3]), np.array([0, 1, 1], np.int32), None)
+    >>> resp = svc.handle(b"".join(bytes(p) for p in encode_request([job], "sum")))
+    >>> decode_response(b"".join(bytes(p) for p in resp), [(2, 2)])[0].tolist()
     [[4.0, 6.0], [3.0, 4.0]]
     """
 
     def __init__(self, plan: ShardingPlan, shards: Sequence[Shard], arrays: dict[str, npt.NDArray[Any]]) -> None:
-        by_table: dict[str, list[Shard]] = {}
-        for sh in shards:
-            if sh.col_start == 0 and sh.col_end == plan.spec(sh.table).dim:
-                by_table.setdefault(sh.table, []).append(sh)
+        kernel.tune_allocator()
         self._plan = plan
-        self._tables: dict[str, tuple[IntArray, IntArray, list[npt.NDArray[Any]]]] = {}
-        for table, lst in by_table.items():
-            lst.sort(key=lambda s: s.row_start)
-            self._tables[table] = (np.array([s.row_start for s in lst], dtype=np.int64),
-                                   np.array([s.row_end for s in lst], dtype=np.int64),
-                                   [arrays[s.region_name] for s in lst])
+        #: (table, shard index) -> (rows, accumulation dtype)
+        self._shards: dict[tuple[str, int], tuple[npt.NDArray[Any], np.dtype[Any]]] = {}
+        for sh in shards:
+            spec = plan.spec(sh.table)
+            if sh.col_start == 0 and sh.col_end == spec.dim:
+                self._shards[(sh.table, sh.index)] = (arrays[sh.region_name], accumulation_dtype(spec.np_dtype))
+        self._queue: list[_Pending] = []
+        self._busy = False
+        #: requests answered, native calls made, rows (ids) pooled
         self.requests = 0
+        self.calls = 0
+        self.rows = 0
 
-    def _gather(self, table: str, ids: IntArray) -> npt.NDArray[Any]:
-        entry = self._tables.get(table)
-        if entry is None:
-            raise InputError(f"this server holds no full-width rows of table {table!r}")
-        starts, ends, arrays = entry
-        if len(arrays) == 1:
-            local = ids - starts[0]
-            if ids.size and (int(local.min()) < 0 or int(ids.max()) >= int(ends[0])):
-                raise InputError(f"table {table!r}: ids outside this server's rows")
-            return arrays[0][local]
-        band = np.searchsorted(starts, ids, side="right") - 1
-        if ids.size and (int(band.min()) < 0 or bool((ids >= ends[np.maximum(band, 0)]).any())):
-            raise InputError(f"table {table!r}: ids outside this server's rows")
-        spec = self._plan.spec(table)
-        out = np.empty((ids.size, spec.dim), dtype=spec.np_dtype)
-        for i, arr in enumerate(arrays):  # bands of this server: a handful
-            m = band == i
-            out[m] = arr[ids[m] - starts[i]]
+    # ------------------------------------------------------------ pooling
+
+    def _prepare(self, data: Buffer) -> tuple[list[kernel.PoolJob], npt.NDArray[np.uint8], int]:
+        """The kernel jobs of one request, writing into its response buffer (returned), and its rows."""
+        req = decode_request(data)
+        fill = float("-inf") if req.op == "max" else 0.0
+        found = []
+        for j in req.jobs:
+            entry = self._shards.get((j.table, j.shard))
+            if entry is None:
+                raise InputError(f"this server holds no full-width shard {j.shard} of table {j.table!r}")
+            if j.weights is not None and req.op == "max":
+                raise InputError("weights are only supported with sum pooling")
+            found.append(entry)
+        shapes = [(int(j.offsets.size) - 1, rows.shape[1], acc) for j, (rows, acc) in zip(req.jobs, found)]
+        head, offsets, total = response_layout(shapes)
+        if total > MAX_RESPONSE_BYTES:
+            raise InputError(f"the response would take {total} bytes, more than {MAX_RESPONSE_BYTES}")
+        buf = np.empty(total, dtype=np.uint8)
+        buf[: len(head)] = np.frombuffer(head, dtype=np.uint8)
+        jobs = []
+        for j, (rows, acc), (nb, dim, _), off in zip(req.jobs, found, shapes, offsets):
+            n = nb * dim * acc.itemsize
+            buf[off + n : off + n + (-n % 8)] = 0
+            out = buf[off : off + n].view(acc).reshape(nb, dim)
+            jobs.append(kernel.PoolJob(rows, j.ids, j.offsets, "max" if req.op == "max" else "sum", j.weights,
+                                       out=out, fill=fill))
+        return jobs, buf, sum(int(j.ids.size) for j in req.jobs)
+
+    def handle_many(self, requests: Sequence[Buffer]) -> list[list[Buffer]]:
+        """Answer several requests with one native call (error responses for bad ones). Blocking: the
+        kernel runs with the GIL released."""
+        answers: list[list[Buffer] | None] = [None] * len(requests)
+        jobs: list[kernel.PoolJob] = []
+        owner: list[int] = []
+        bufs: dict[int, tuple[npt.NDArray[np.uint8], int]] = {}
+        for i, data in enumerate(requests):
+            try:
+                req_jobs, buf, rows = self._prepare(data)
+            except (InputError, MemoryError) as exc:
+                answers[i] = encode_error(f"{type(exc).__name__}: {exc}")
+                continue
+            jobs += req_jobs
+            owner += [i] * len(req_jobs)
+            bufs[i] = buf, rows
+        results: list[npt.NDArray[Any] | BaseException]
+        try:
+            results = list(kernel.pool_each(jobs))
+        except (InputError, MemoryError) as exc:  # a job the kernel refused outright
+            results = [exc] * len(jobs)
+        for i, r in zip(owner, results):
+            if isinstance(r, BaseException) and answers[i] is None:
+                answers[i] = encode_error(f"{type(r).__name__}: {r}")
+        self.requests += len(requests)
+        self.calls += 1
+        out: list[list[Buffer]] = []
+        for i, a in enumerate(answers):
+            if a is None:
+                buf, rows = bufs[i]
+                self.rows += rows
+                a = [buf.data]
+            out.append(a)
         return out
 
     def handle(self, data: Buffer) -> list[Buffer]:
-        """Answer one request (error responses for bad requests)."""
-        self.requests += 1
+        """Answer one request (an error response for a bad one)."""
+        return self.handle_many([data])[0]
+
+    # ------------------------------------------------------------ serving
+
+    async def submit(self, data: Buffer) -> list[Buffer]:
+        """The response to one request, pooled off the event loop (batched with other waiting requests)."""
+        fut: asyncio.Future[list[Buffer]] = asyncio.get_running_loop().create_future()
+        self._queue.append((data, fut))
+        self._kick()
+        return await fut
+
+    def _kick(self) -> None:
+        if self._busy or not self._queue:
+            return
+        batch, self._queue = self._queue, []
+        self._busy = True
+        loop = asyncio.get_running_loop()
+        cf = loop.run_in_executor(None, self.handle_many, [d for d, _ in batch])
+        cf.add_done_callback(lambda f: self._finish(batch, f))
+
+    def _finish(self, batch: list[_Pending], f: asyncio.Future[list[list[Buffer]]]) -> None:
+        self._busy = False
         try:
-            req = decode_request(data)
-            spec = self._plan.spec(req.table)
-            rows = self._gather(req.table, req.ids)
-            k = req.lengths.size
-            bags = np.repeat(np.arange(k, dtype=np.int64), req.lengths)
-            part = server_partial_pool(rows, bags, k, req.weights, with_max=req.op == "max",
-                                       dtype=accumulation_dtype(spec.np_dtype))
-            values = part.max if req.op == "max" else part.sum
-            assert values is not None
-            return encode_response(values)
-        except Exception as exc:  # a bad request must not kill the channel
-            return encode_error(f"{type(exc).__name__}: {exc}")
+            results = f.result()
+        except BaseException as exc:  # noqa: BLE001 - a bug: every waiting request gets the error
+            log.exception("pooling failed")
+            results = [encode_error(f"{type(exc).__name__}: {exc}")] * len(batch)
+        for (_, fut), r in zip(batch, results):
+            if not fut.done():
+                fut.set_result(r)
+        if self._queue:
+            self._kick()
 
     async def serve(self, ch: rdmaio.Channel) -> None:
-        """The channel handler: requests in, responses out, until the peer closes."""
+        """The channel handler: requests in, responses out (in request order), until the peer closes."""
         asm = FrameAssembler()
+        answers: asyncio.Queue[tuple[int, asyncio.Future[list[Buffer]]] | None] = asyncio.Queue()
+        sender = asyncio.ensure_future(self._send(ch, answers))
         try:
             async for frame in ch:
                 msg = asm.add(frame)
                 if msg is not None:
-                    for head, pieces in frames(msg[0], self.handle(msg[1]), ch.max_message):
-                        await ch.send([head, *pieces])
+                    answers.put_nowait((msg[0], asyncio.ensure_future(self.submit(msg[1]))))
         except (rdmaio.RdmaioError, TransportError) as exc:
             log.debug("pooling channel ended: %s", exc)
+        finally:
+            answers.put_nowait(None)  # the sender answers what is queued, then ends
+            try:
+                await asyncio.shield(sender)
+            finally:
+                if not sender.done():  # this handler was cancelled: the server is closing
+                    sender.cancel()
+
+    @staticmethod
+    async def _send(ch: rdmaio.Channel, answers: asyncio.Queue[tuple[int, asyncio.Future[list[Buffer]]] | None]) -> None:
+        broken = False
+        while True:
+            item = await answers.get()
+            if item is None:
+                return
+            rid, fut = item
+            parts = await fut
+            if broken:
+                continue
+            try:  # every frame is handed to the channel at once (credits permitting): they travel back to back
+                sends = [ch.send([head, *pieces]) for head, pieces in frames(rid, parts, ch.max_message)]
+                await (sends[0] if len(sends) == 1 else asyncio.gather(*sends))
+            except (rdmaio.RdmaioError, TransportError) as exc:
+                log.debug("pooling channel ended: %s", exc)
+                broken = True  # the requests already queued still finish (their native call may be running)

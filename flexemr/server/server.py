@@ -9,6 +9,8 @@ Start-up:
    written into one *arena* array, shard after shard at 64-byte aligned
    offsets, or — for tables given as ``.npy`` files — a copy-on-write memory
    map of the file (full-width shards are registered in place, no copy);
+   ``fill_progress(bytes filled, bytes to fill)`` follows this, a few MiB
+   at a time (``flexemr serve`` draws it as a progress bar);
 2. each shard is registered as its own read-only region and exposed under
    :attr:`Shard.region_name`; the arena is registered once more as a whole
    (``"flexemr/arena"``) so a client can read rows of many shards with one
@@ -25,7 +27,20 @@ update rows with one-sided writes (``docs/reliability.md``).
    the message channel ``"flexemr/pool"``: a ranker sends the ids of a
    batch's rows this server holds, grouped by bag, and gets one partial sum
    (or max) per bag back -- hierarchical pooling (``docs/locality.md``);
-5. the listener accepts any number of rankers.
+5. the listener accepts any number of rankers, and the server is *ready*.
+
+Lifecycle (:attr:`EmbeddingServer.state`)::
+
+    new --start()--> starting --(listening)--> ready --drain()--> draining --> closed
+                                                 |                            ^
+                                                 +----------aclose()----------+
+
+:meth:`EmbeddingServer.drain` takes a server out of service gracefully: it is
+no longer ready, stops accepting sessions and ends the open ones (rankers
+see their endpoints close and move reads to the shards' other replicas),
+lets in-flight work finish (at most ``timeout`` seconds), then closes.
+What a server counts itself is in :attr:`EmbeddingServer.stats`
+(:class:`ServerStats`; Prometheus: :mod:`flexemr.server.metrics`).
 
 >>> import asyncio, rdmaio
 >>> from flexemr.core.spec import TableSpec
@@ -46,8 +61,10 @@ import logging
 import os
 import secrets
 import socket
-from collections.abc import Mapping
-from typing import Any
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal
 
 import numpy as np
 import numpy.typing as npt
@@ -55,18 +72,64 @@ import rdmaio
 
 from ..core.config import ClusterConfig, ServerAddress
 from ..core.errors import ClosedError, ConfigError
-from ..core.init import check_seed, init_shard
+from ..core.init import BLOCK_ROWS, check_seed, init_rows, init_shard
 from ..core.meta import ARENA_REGION, META_REGION, ServerMeta, ShardEntry, encode_meta
+from ..core.metrics import LatencyHistogram
 from ..core.plan import Shard, ShardingPlan
-from ..core.poolwire import POOL_CHANNEL
+from ..core.poolwire import POOL_CHANNEL, Buffer
 from ..core.versioned import CTL_GEN, CTL_LOCK, CTL_MEMBERS, ctl_offset, pack_slots, region_bytes, row_data
 from .pooling import PoolService
 
-__all__ = ["EmbeddingServer"]
+__all__ = ["EmbeddingServer", "ServerState", "ServerStats"]
 
 log = logging.getLogger(__name__)
 
 _ALIGN = 64
+#: Rows filled between two ``fill_progress`` calls (16 MiB of a 64-wide float32 table).
+_FILL_ROWS = 16 * BLOCK_ROWS
+
+#: :attr:`EmbeddingServer.state` (module docstring: the lifecycle)
+ServerState = Literal["new", "starting", "ready", "draining", "closed"]
+
+
+@dataclass
+class ServerStats:
+    """What an embedding server counts itself (cumulative unless said otherwise).
+
+    One-sided reads never reach the server's CPU (with verbs the server cannot
+    even see them), so rows and bytes read are counted by the rankers
+    (:class:`~flexemr.LocalityMetrics`); the server counts the work it does
+    itself: the pooling RPC.
+    """
+
+    pool_requests: int = 0          #: pooling requests answered (error responses included)
+    pool_bytes_received: int = 0    #: bytes of those requests
+    pool_bytes_sent: int = 0        #: bytes of the responses
+    pool_channels: int = 0          #: pooling channels open now (a gauge)
+    pool_channels_opened: int = 0   #: pooling channels accepted
+    #: time to compute each pooling response (gather + partial pooling), seconds in
+    pool_latency: LatencyHistogram = field(default_factory=LatencyHistogram, repr=False)
+    started_at: float | None = None  #: Unix time the server became ready
+    drain_seconds: float | None = None  #: how long the last drain took
+
+
+class _CountedPoolService(PoolService):
+    """The pooling service, counting requests, bytes and compute time into :class:`ServerStats`."""
+
+    def __init__(self, plan: ShardingPlan, shards: tuple[Shard, ...], arrays: dict[str, npt.NDArray[Any]],
+                 stats: ServerStats) -> None:
+        super().__init__(plan, shards, arrays)
+        self._stats = stats
+
+    def handle(self, data: Buffer) -> list[Buffer]:
+        t0 = time.perf_counter()
+        out = super().handle(data)
+        st = self._stats
+        st.pool_latency.observe(time.perf_counter() - t0)
+        st.pool_requests += 1
+        st.pool_bytes_received += memoryview(data).nbytes
+        st.pool_bytes_sent += sum(memoryview(p).nbytes for p in out)
+        return out
 
 
 def _load_npy(path: str | os.PathLike[str], table: str, shape: tuple[int, int], dtype: np.dtype[Any]) -> np.ndarray:
@@ -134,6 +197,11 @@ class EmbeddingServer:
         An existing :class:`rdmaio.Engine` to use (not closed by the server).
     engine_options:
         Extra keyword arguments for :class:`rdmaio.Engine` (e.g. ``workers``).
+    fill_progress:
+        Called as ``fill_progress(bytes filled, bytes to fill)`` while
+        :meth:`start` fills the shards (seeded values, or rows copied from
+        ``.npy`` files), every few MiB and once at the end, from a worker
+        thread; ``None``: not called.
 
     Notes
     -----
@@ -153,6 +221,7 @@ class EmbeddingServer:
         transport: str = "auto",
         engine: rdmaio.Engine | None = None,
         engine_options: Mapping[str, Any] | None = None,
+        fill_progress: Callable[[int, int], None] | None = None,
     ) -> None:
         if isinstance(config, ClusterConfig):
             plan = config.plan
@@ -171,6 +240,9 @@ class EmbeddingServer:
         self._npy = dict(npy or {})
         for table in self._npy:
             plan.spec(table)  # UnknownTableError for a table the plan lacks
+        if fill_progress is not None and not callable(fill_progress):
+            raise ConfigError(f"fill_progress must be callable, got {type(fill_progress).__name__}")
+        self._fill_progress = fill_progress
         if engine is not None and not isinstance(engine, rdmaio.Engine):
             raise ConfigError(f"engine must be an rdmaio.Engine, got {type(engine).__name__}")
         self._engine = engine
@@ -194,12 +266,30 @@ class EmbeddingServer:
         self.pool_service: PoolService | None = None
         #: Random id of this start of the server (published in the metadata).
         self.incarnation = secrets.randbits(63)
+        #: What this server counted (:class:`ServerStats`).
+        self.stats = ServerStats()
+        self._state: ServerState = "new"
 
     def __repr__(self) -> str:
         where = str(self._address) if self._address else "not started"
         return f"<EmbeddingServer {self.name} {where} shards={len(self.shards)}>"
 
     # ---------------------------------------------------------------- memory
+
+    def _reporter(self, total: int) -> Callable[..., None]:
+        """``report(n, final=False)``: ``n`` more bytes filled; calls ``fill_progress`` at most every 16 MiB,
+        and once with ``final=True``."""
+        done, told = 0, 0
+        callback = self._fill_progress
+
+        def report(n: int, final: bool = False) -> None:
+            nonlocal done, told
+            done += n
+            if callback is not None and (final or done - told >= 16 << 20):
+                told = done
+                callback(total if final else done, total)   # at the end: all, alignment padding included
+
+        return report
 
     def _allocate(self) -> tuple[npt.NDArray[np.uint8] | None, dict[str, int]]:
         """Fill shard memory: arena offsets for seeded (and copied) shards, mmap views for npy ones."""
@@ -222,6 +312,8 @@ class EmbeddingServer:
             offsets[sh.region_name] = pos
             pos += -(-sh.nbytes(spec) // _ALIGN) * _ALIGN
         arena = np.empty(pos, dtype=np.uint8) if pos else None
+        report = self._reporter(sum(sh.nbytes(self.plan.spec(sh.table)) for sh in self.shards
+                                    if sh.region_name not in in_place))
         for sh in self.shards:
             spec = self.plan.spec(sh.table)
             if sh.region_name in in_place:
@@ -230,11 +322,20 @@ class EmbeddingServer:
             assert arena is not None
             off = offsets[sh.region_name]
             out = arena[off : off + sh.nbytes(spec)].view(spec.np_dtype).reshape(sh.num_rows, sh.num_cols)
-            if sh.table in maps:
-                out[...] = maps[sh.table][sh.row_start : sh.row_end, sh.col_start : sh.col_end]
-            else:
-                init_shard(spec, sh, self.seed, out=out)
+            row_bytes = sh.num_cols * spec.np_dtype.itemsize
+            # chunks of rows (a Python loop over chunks only), cut at multiples of _FILL_ROWS in the table so
+            # that no seeded block of rows is drawn twice
+            cuts = [sh.row_start, *range((sh.row_start // _FILL_ROWS + 1) * _FILL_ROWS, sh.row_end, _FILL_ROWS),
+                    sh.row_end]
+            for a, b in zip(cuts, cuts[1:]):
+                lo, hi = a - sh.row_start, b - sh.row_start
+                if sh.table in maps:
+                    out[lo:hi] = maps[sh.table][a:b, sh.col_start : sh.col_end]
+                else:
+                    init_rows(spec, self.seed, a, b, sh.col_start, sh.col_end, out=out[lo:hi])
+                report((hi - lo) * row_bytes)
             self._arrays[sh.region_name] = out
+        report(0, final=True)
         for name, arr in self._arrays.items():
             self._region_bufs[name] = arr
         self.arena_bytes = pos
@@ -249,6 +350,7 @@ class EmbeddingServer:
             pos += -(-region_bytes(self.plan.spec(sh.table), sh.num_rows) // _ALIGN) * _ALIGN
         arena = np.zeros(pos, dtype=np.uint8) if pos else None
         maps: dict[str, np.ndarray] = {}
+        report = self._reporter(pos)
         for sh in self.shards:
             spec = self.plan.spec(sh.table)
             assert arena is not None
@@ -270,6 +372,8 @@ class EmbeddingServer:
             ctl[CTL_MEMBERS // 8] = (1 << len(sh.replicas)) - 1
             self._arrays[sh.region_name] = row_data(spec, slots)
             self._region_bufs[sh.region_name] = buf
+            report(buf.nbytes)
+        report(0, final=True)
         self.arena_bytes = pos
         return arena, offsets
 
@@ -295,6 +399,7 @@ class EmbeddingServer:
             raise ClosedError(f"server {self.name!r} is closed")
         if self._started:
             return self
+        self._state = "starting"
         try:
             if self._engine is None:
                 self._engine = rdmaio.Engine(**self._engine_kwargs)
@@ -339,7 +444,7 @@ class EmbeddingServer:
             meta_mr = engine.register(meta_buf, access=rdmaio.Access.READ)
             self._regions.append(meta_mr)
             self._expose(META_REGION, meta_mr)
-            self.pool_service = PoolService(self.plan, self.shards, self._arrays)
+            self.pool_service = _CountedPoolService(self.plan, self.shards, self._arrays, self.stats)
             engine.serve_channel(POOL_CHANNEL, self._serve_pool)
             self._pool_served = True
             try:
@@ -348,18 +453,27 @@ class EmbeddingServer:
                 raise ConfigError(_bind_error(self._bind, exc)) from exc
             self._address = ServerAddress(self._bind.host, self._listener.port)
         except BaseException:
+            self._state = "closed"
             await self._teardown()
             raise
         self._started = True
+        self._state = "ready"
+        self.stats.started_at = time.time()
         log.info("server %s listening on %s (%d shards, %d arena bytes, %s)", self.name, self._address,
                  len(self.shards), self.arena_bytes, engine.transport)
         return self
 
     async def _serve_pool(self, ch: rdmaio.Channel) -> None:
-        """Channel handler of ``"flexemr/pool"`` (ends at once when the server is closing)."""
-        if self._closing or self.pool_service is None:
+        """Channel handler of ``"flexemr/pool"`` (ends at once unless the server is ready)."""
+        if self._state != "ready" or self.pool_service is None:
             return
-        await self.pool_service.serve(ch)
+        st = self.stats
+        st.pool_channels += 1
+        st.pool_channels_opened += 1
+        try:
+            await self.pool_service.serve(ch)
+        finally:
+            st.pool_channels -= 1
 
     def _expose(self, name: str, mr: rdmaio.MemoryRegion) -> None:
         assert self._engine is not None
@@ -383,6 +497,64 @@ class EmbeddingServer:
     @property
     def closed(self) -> bool:
         return self._closing
+
+    @property
+    def state(self) -> ServerState:
+        """``"new"``, ``"starting"``, ``"ready"``, ``"draining"`` or ``"closed"`` (module docstring)."""
+        return self._state
+
+    @property
+    def ready(self) -> bool:
+        """True while the shards are loaded and served (readiness: started, not draining or closed)."""
+        return self._state == "ready"
+
+    @property
+    def sessions(self) -> int:
+        """Rankers' rdmaio sessions open now (0 when not listening)."""
+        return 0 if self._listener is None else self._listener.sessions
+
+    async def drain(self, timeout: float = 10.0) -> float:
+        """Take the server out of service gracefully, then close it; returns the seconds it took.
+
+        1. the server is no longer :attr:`ready` (state ``"draining"``: readiness
+           probes fail from now on);
+        2. its listener stops accepting sessions and ends the open ones: each
+           ranker sees its endpoint close and moves reads to the shards' other
+           replicas (reads in flight on the endpoint are re-issued there,
+           ``client.reliability.failover_reads``; pooling requests fall back to
+           reads, ``pool_fallbacks``); rankers keep reconnecting in the background
+           and take the server back when it (or its successor) is ready again;
+        3. in-flight work ends (pooling handlers, the transport's pending
+           completions), then the memory is released (:meth:`aclose`).
+
+        Steps 2-3 get at most ``timeout`` seconds; past it the server is
+        closed at once.  Lookups on shards without another replica fail once
+        the server is gone (``TransportError``), as when it dies.  Idempotent;
+        a server that never started is just closed.
+        """
+        if not isinstance(timeout, (int, float)) or isinstance(timeout, bool) or not timeout >= 0:
+            raise ConfigError(f"drain timeout must be a number >= 0, got {timeout!r}")
+        if self._closing or self._state == "draining":
+            await self._closed.wait()
+            return self.stats.drain_seconds or 0.0
+        if self._state != "ready":
+            await self.aclose()
+            return 0.0
+        t0 = time.monotonic()
+        self._state = "draining"
+        log.info("server %s draining (%d sessions, timeout %.1f s)", self.name, self.sessions, timeout)
+        try:
+            if self._listener is not None:
+                await asyncio.wait_for(self._listener.aclose(), timeout)
+            while self.stats.pool_channels and time.monotonic() - t0 < timeout:
+                await asyncio.sleep(0.005)
+        except asyncio.TimeoutError:
+            log.warning("server %s: drain timed out after %.1f s; closing now", self.name, timeout)
+        finally:
+            self.stats.drain_seconds = time.monotonic() - t0
+            await self.aclose()
+        log.info("server %s drained in %.3f s", self.name, self.stats.drain_seconds)
+        return self.stats.drain_seconds
 
     async def serve_forever(self) -> None:
         """Start if needed, then wait until :meth:`aclose` is called."""
@@ -417,6 +589,7 @@ class EmbeddingServer:
         try:
             await self._teardown()
         finally:
+            self._state = "closed"
             self._arrays.clear()
             self._region_bufs.clear()
             self._closed.set()

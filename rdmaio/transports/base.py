@@ -93,7 +93,7 @@ class QueuePair:
     """
 
     __slots__ = ("_loop", "conn_id", "_depth", "_op_timeout", "_on_broken", "on_imm", "_free", "_pending",
-                 "_slot_waiters", "broken", "_closed")
+                 "_slot_waiters", "broken", "_closed", "slot_waits")
 
     def __init__(self, loop: asyncio.AbstractEventLoop, conn_id: int, depth: int, op_timeout: float | None,
                  on_broken: BrokenHook, on_imm: ImmHook | None = None) -> None:
@@ -109,6 +109,8 @@ class QueuePair:
         self._slot_waiters: collections.deque[asyncio.Future[None]] = collections.deque()
         self.broken: BaseException | None = None
         self._closed = False
+        #: operations that found every slot taken and waited for one (read-only statistics)
+        self.slot_waits = 0
 
     @property
     def in_flight(self) -> int:
@@ -150,6 +152,8 @@ class QueuePair:
     # -- slots -----------------------------------------------------------------------------
     async def wait_slot(self) -> None:
         """Wait until a slot is free (raises if the queue pair breaks or closes meanwhile)."""
+        if not self._free:
+            self.slot_waits += 1
         while not self._free:
             self._check()
             fut = self._loop.create_future()

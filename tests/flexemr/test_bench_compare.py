@@ -12,6 +12,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -22,7 +23,7 @@ from flexemr.bench._compare import FLEXEMR_TORCH, PATHS, _torch_missing
 TINY = ["--tables", "2", "--rows", "4000", "--dim", "16", "--batch", "64", "--pooling", "4", "--warmup", "1",
         "--batches", "2", "--naive-ids", "300", "--servers", "2", "--transport", "tcp"]
 KEYS = {"path", "samples_per_s", "rows_per_s", "bytes_per_sample", "batch_ms", "verified", "skipped", "note",
-        "vs_flexemr", "vs_local"}
+        "vs_flexemr", "vs_local", "ranker_cpu_s_per_sample", "server_cpu_s_per_sample"}
 
 
 def _run(*argv: str, timeout: float = 60.0) -> dict[str, Any]:
@@ -39,6 +40,8 @@ def _measured(row: dict[str, Any]) -> None:
         assert isinstance(row[key], float) and row[key] > 0, (key, row)
     assert row["rows_per_s"] > row["samples_per_s"]  # several ids per sample
     assert row["bytes_per_sample"] >= 0
+    assert isinstance(row["ranker_cpu_s_per_sample"], float) and row["ranker_cpu_s_per_sample"] > 0, row
+    assert isinstance(row["server_cpu_s_per_sample"], float) and row["server_cpu_s_per_sample"] >= 0, row
 
 
 def test_compare_json() -> None:
@@ -55,6 +58,8 @@ def test_compare_json() -> None:
     assert rows["flexemr"]["vs_flexemr"] == pytest.approx(1.0)
     assert rows["local"]["vs_local"] == pytest.approx(1.0)
     assert rows["local"]["bytes_per_sample"] == 0
+    assert rows["local"]["server_cpu_s_per_sample"] == 0
+    assert rows["flexemr"]["server_cpu_s_per_sample"] > 0 and rows["naive"]["server_cpu_s_per_sample"] > 0
     assert 0 < rows["flexemr"]["bytes_per_sample"] < rows["naive"]["bytes_per_sample"]
 
     redis_reason = _peers.redis_missing()
@@ -75,7 +80,7 @@ def test_compare_json() -> None:
     torchrec_reason = _peers.torchrec_missing()
     if torchrec_reason is None:
         _measured(rows["torchrec"])
-        assert rows["torchrec"]["bytes_per_sample"] == 0
+        assert rows["torchrec"]["bytes_per_sample"] == 0 and rows["torchrec"]["server_cpu_s_per_sample"] == 0
     else:
         assert rows["torchrec"]["skipped"] == torchrec_reason
         assert "docs/performance.md" in torchrec_reason
@@ -90,10 +95,29 @@ def test_flexemr_bench_defaults_to_compare() -> None:
     assert rows["torchrec"]["skipped"] == "disabled (--no-torchrec)"
 
 
+def test_compare_plot_and_progress(tmp_path: Path) -> None:
+    """--plot draws the figure after the run; --progress shows how long it has been running, on stderr only."""
+    pytest.importorskip("matplotlib", reason="--plot needs matplotlib, from the apps extra (make demo)")
+    pytest.importorskip("tqdm", reason="--progress needs tqdm, from the apps extra (make demo)")
+    proc = subprocess.run([sys.executable, "-m", "flexemr", "bench", "compare", "--json", "--progress", "--plot",
+                           str(tmp_path / "cmp.png"), "--no-redis", "--no-torchrec", "--no-torch", *TINY],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = json.loads(proc.stdout)                         # stdout stays one JSON object
+    assert "flexemr bench compare: running for 00:0" in proc.stderr
+    assert f"wrote {tmp_path / 'cmp.png'} and {tmp_path / 'cmp.svg'}" in proc.stderr
+    assert (tmp_path / "cmp.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    svg = (tmp_path / "cmp.svg").read_text()
+    for r in res["results"]:
+        assert r["path"] in svg
+    assert "samples/s (log scale)" in svg and "KiB/sample" in svg and "redis: skipped (disabled" in svg
+
+
 def test_redis_server_is_stopped_on_error() -> None:
     if _peers.redis_missing():
         pytest.skip(_peers.redis_missing() or "")
     with pytest.raises(KeyError, match="boom"), _peers.redis_server() as (client, pid):
+        assert _peers.process_cpu_s(pid) > 0  # the OS's accounting of another process
         assert client.ping()
         raise KeyError("boom")
     assert not os.path.exists(f"/proc/{pid}")  # stopped and reaped
@@ -139,3 +163,18 @@ def test_every_bench_option_has_help_with_its_default_and_is_checked() -> None:
         with pytest.raises(ConfigError, match=bad[0]):
             _args.config_from_args(CompareConfig, p.parse_args(bad))
     assert _args.config_from_args(CompareConfig, p.parse_args(["--warmup", "0"])).warmup == 0
+
+
+def test_cpu_clock_counts_only_inside_its_blocks() -> None:
+    import time
+
+    clock = _peers.CpuClock([os.getpid()])   # this process as a "server" too: both clocks see the same work
+    end = time.process_time() + 0.05
+    while time.process_time() < end:          # outside: not counted
+        pass
+    with clock:
+        end = time.process_time() + 0.05
+        while time.process_time() < end:
+            pass
+    assert 0.04 < clock.ranker_s < 0.045 + 0.05
+    assert 0.03 < clock.server_s < 0.045 + 0.05

@@ -10,6 +10,7 @@ import os
 import socket
 import subprocess
 import sys
+import tomllib
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -17,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from flexemr import ClusterConfig, ServerAddress, ShardingPlan, TableSpec
+from flexemr.core.toml import dumps_toml
 
 from ._procs import free_port
 
@@ -61,11 +63,25 @@ CASES: list[tuple[str, list[str], str, int]] = [
     ("rank-no-servers", ["rank", "--config", "{c26}", "--generate", "1", "--transport", "tcp"],
      "cannot connect to server", 1),
     ("rank-no-config", ["rank"], "the following arguments are required: --config", 2),
+    ("rank-criteo-bad-line", ["rank", "--config", "{c26}", "--criteo", "{dir}/bad.tsv.gz"],
+     "bad.tsv.gz:line 2: field I1: expected an integer, got 'x5'", 1),
+    ("rank-criteo-bad-row", ["rank", "--config", "{c26}", "--criteo", "{dir}/bad.parquet"],
+     "bad.parquet:row 2: field label: label must be 0 or 1, got '7'", 1),
+    ("rank-criteo-parquet-columns", ["rank", "--config", "{c26}", "--criteo", "{dir}/cols.parquet"],
+     "lacks Criteo columns ['I1', 'I2',", 1),
+    ("rank-criteo-not-parquet", ["rank", "--config", "{c26}", "--criteo", "{dir}/day_0.parquet"],
+     "cannot read Parquet file", 1),
     # gen
     ("gen-trace-batch-size", ["gen", "trace", "--batch-size", "-1", "-o", "{dir}/t.npz"],
      "--batch-size must be >= 1", 1),
     ("gen-trace-batches", ["gen", "trace", "--batches", "0", "-o", "{dir}/t.npz"], "--batches must be >= 1", 1),
     ("gen-criteo-samples", ["gen", "criteo", "--samples", "-5", "-o", "{dir}/s.tsv"], "--samples must be >= 1", 1),
+    ("gen-criteo-format-name", ["gen", "criteo", "--format", "parquet", "-o", "{dir}/s.tsv"],
+     "--format parquet: -o {dir}/s.tsv must end in .parquet or .pq", 1),
+    ("gen-criteo-format-choice", ["gen", "criteo", "--format", "csv", "-o", "{dir}/s.csv"],
+     "argument --format: invalid choice: 'csv'", 2),
+    ("gen-format-not-criteo", ["gen", "cluster", "--format", "tsv", "-o", "{dir}/x.toml"],
+     "--format is for gen criteo, not gen cluster", 1),
     ("gen-cluster-no-dir", ["gen", "cluster", "-o", "/nonexistent/dir/x.toml"],
      "directory /nonexistent/dir does not exist", 1),
     ("gen-cluster-duplicate", ["gen", "cluster", "--servers", "a:1,a:1", "-o", "{dir}/x.toml"],
@@ -81,11 +97,26 @@ CASES: list[tuple[str, list[str], str, int]] = [
     ("demo-batches", ["demo", "--batches", "0"], "--batches must be >= 1", 1),
     ("demo-seconds", ["demo", "--seconds", "0"], "--seconds must be > 0", 1),
     ("demo-scale", ["demo", "--scale", "-1"], "--scale must be > 0", 1),
+    ("demo-progress-value", ["demo", "--progress=yes"], "ignored explicit argument 'yes'", 2),
     # bench and soak
     ("bench-unknown", ["bench", "frob"], "invalid choice: 'frob'", 2),
     ("bench-tables", ["bench", "compare", "--tables", "0"], "--tables must be >= 1", 1),
     ("bench-pooling", ["bench", "locality", "--pooling", "0"], "--pooling must be > 0", 1),
+    ("bench-plot-no-dir", ["bench", "compare", "--plot", "/nonexistent/dir/x.png"],
+     "--plot /nonexistent/dir/x.png: directory /nonexistent/dir does not exist", 1),
+    ("bench-plot-suffix", ["bench", "locality", "--plot", "{dir}/x.pdf"], "give a file name ending in .png", 1),
+    ("bench-criteo-lines", ["bench", "criteo", "--lines", "0"], "--lines must be >= 1", 1),
+    ("bench-criteo-file", ["bench", "criteo", "--file", "{dir}/missing.tsv"], "--file {dir}/missing.tsv: no such file",
+     1),
     ("soak-seconds", ["soak", "--seconds", "-1"], "--seconds must be > 0", 1),
+    # ray (checked before Ray is imported or a Ray cluster is asked)
+    ("ray-unknown", ["ray", "frob"], "invalid choice: 'frob'", 2),
+    ("ray-workers", ["ray", "up", "--config", "{c}", "--workers", "0"], "--workers must be >= 1", 1),
+    ("ray-client-option", ["ray", "up", "--config", "{c}", "--client-option", "foo"], "expects KEY=VALUE", 1),
+    ("ray-missing-config", ["ray", "up", "--config", "{dir}/nope.toml"], "cannot read cluster file", 1),
+    ("ray-url", ["ray", "rank", "--url", "ftp://x/y", "--config", "{c}", "--generate", "1", "--batch-size", "2"],
+     "--url must be http://HOST:PORT/PATH", 1),
+    ("ray-drain-timeout", ["ray", "down", "--drain-timeout", "-1"], "--drain-timeout must be >= 0", 1),
     # usage
     ("unknown-command", ["frob"], "invalid choice: 'frob'", 2),
     ("bad-option", ["serve", "--config", "{c}", "--server", "s0", "--bogus"], "unrecognized arguments: --bogus", 2),
@@ -101,8 +132,10 @@ def files(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
     ClusterConfig(huge, {"s0": ServerAddress("127.0.0.1", free_port())}).write_toml(d / "huge.toml")
     text = (d / "c.toml").read_text()
     (d / "float8.toml").write_text(text.replace('dtype = "float32"', 'dtype = "float8"', 1))
-    (d / "secret5.toml").write_text("[cluster]\nsecret = 5\n" + text)
+    (d / "secret5.toml").write_text(dumps_toml({"cluster": {"secret": 5}, **tomllib.loads(text)}))
     (d / "day_0.tsv").write_text("1\t2\t3\n")
+    (d / "day_0.parquet").write_text("1\t2\t3\n")
+    _criteo_files(d)
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
@@ -113,6 +146,26 @@ def files(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
         assert out.returncode == 0, out.stderr
         yield {"dir": str(d), "c": str(d / "c.toml"), "c26": str(d / "c26.toml"), "busy": str(d / "busy.toml"),
                "huge": str(d / "huge.toml"), "float8": str(d / "float8.toml"), "secret5": str(d / "secret5.toml")}
+
+
+def _criteo_files(d: Path) -> None:
+    """Malformed Criteo files: bad.tsv.gz (line 2), bad.parquet (row 2), cols.parquet (no I columns)."""
+    import gzip
+
+    from flexemr.apps.criteo import write_sample
+
+    lines = write_sample(d / "good.tsv", 3, seed=1).read_text().splitlines()
+    fields = lines[1].split("\t")
+    fields[1] = "x5"
+    lines[1] = "\t".join(fields)
+    (d / "bad.tsv.gz").write_bytes(gzip.compress(("\n".join(lines) + "\n").encode()))
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(write_sample(d / "good.parquet", 3, seed=1))
+    labels = table.column("label").to_pylist()
+    pq.write_table(table.set_column(0, "label", pa.array([labels[0], 7, labels[2]], pa.int8())), d / "bad.parquet")
+    pq.write_table(table.drop_columns([f"I{i}" for i in range(1, 14)]), d / "cols.parquet")
 
 
 def _run(argv: list[str]) -> subprocess.CompletedProcess[str]:
@@ -127,8 +180,9 @@ def test_every_bad_input_gets_one_line(files: dict[str, str]) -> None:
         results = list(pool.map(_run, argvs))
     problems = []
     for (name, _, needle, code), argv, r in zip(CASES, argvs, results):
+        needle = needle.format(**files)
         lines = r.stderr.strip().splitlines()
-        cmd = argv[0] if argv[0] in ("serve", "rank", "gen", "demo", "bench", "soak") else ""
+        cmd = argv[0] if argv[0] in ("serve", "rank", "gen", "demo", "bench", "soak", "ray") else ""
         prefix = f"flexemr {cmd}".strip() + ": error: "
         if r.returncode != code or len(lines) != 1 or needle not in lines[0] or not lines[0].startswith(prefix) \
                 or "Traceback" in r.stderr:
@@ -143,3 +197,28 @@ def test_verbose_adds_the_traceback_before_or_after_the_command(files: dict[str,
         r = _run(argv)
         assert r.returncode == 1 and "Traceback" in r.stderr
         assert r.stderr.strip().splitlines()[-1].startswith("flexemr rank: error: cannot read Criteo file")
+
+
+#: (library hidden, argv, the purpose named in the error line); ``{dir}``, ``{c26}`` as above
+MISSING_EXTRA = [
+    ("pyarrow", ["gen", "criteo", "--samples", "10", "-o", "{dir}/x.tsv"], "reading and writing Criteo files"),
+    ("pyarrow", ["rank", "--config", "{c26}", "--criteo", "{dir}/good.tsv"], "reading and writing Criteo files"),
+    ("pyarrow", ["bench", "criteo", "--lines", "10"], "reading and writing Criteo files"),
+    ("matplotlib", ["demo", "--batches", "1"], "the report"),
+    ("matplotlib", ["bench", "compare", "--plot", "{dir}/c.png"], "--plot (the figure)"),
+    ("tqdm", ["gen", "criteo", "--samples", "10", "-o", "{dir}/x.tsv", "--progress"], "progress bars (--progress)"),
+]
+
+
+@pytest.mark.parametrize("library, argv, purpose", MISSING_EXTRA, ids=[f"{m[0]}-{m[1][0]}" for m in MISSING_EXTRA])
+def test_a_missing_apps_library_is_one_line_naming_the_extra(files: dict[str, str], library: str, argv: list[str],
+                                                              purpose: str) -> None:
+    code = (f"import sys; sys.modules[{library!r}] = None\n"
+            "from flexemr.__main__ import main\n"
+            "sys.exit(main(sys.argv[1:]))\n")
+    r = subprocess.run([sys.executable, "-c", code, *[a.format(**files) for a in argv]], capture_output=True,
+                       text=True, env=ENV, timeout=60, stdin=subprocess.DEVNULL)
+    assert r.returncode == 1, r.stderr
+    assert r.stderr.strip().splitlines() == [
+        f"flexemr {argv[0]}: error: {purpose} needs {library}, from the 'apps' extra: pip install 'flexemr[apps]' "
+        "(make demo installs it)"], r.stderr

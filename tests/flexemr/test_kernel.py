@@ -296,6 +296,33 @@ def test_pool_many_into_one_keyed_output() -> None:
         np.testing.assert_allclose(kt[:, a:b], oracle_pool(t[i], offsets), rtol=1e-5, atol=1e-5)
 
 
+def test_pool_each_isolates_bad_jobs() -> None:
+    """Several requests' jobs in one call: a bad job gives its error in its place, the others are exact."""
+    rng = np.random.default_rng(5)
+    t = random_table(rng, 20, 8, np.float32)
+    offs = np.array([0, 2, 3])
+    good = [rng.integers(0, 20, 3) for _ in range(3)]
+    jobs = [PoolJob(t, good[0], offs), PoolJob(t, [1, 20, 2], offs), PoolJob(t, good[1], offs, "max"),
+            PoolJob(t, [0, 1], [0, 3, 2]), PoolJob(t, good[2], offs, weights=[0.5, 2.0, -1.0])]
+    lib.fxk_set_inline_work(0)  # spread over workers, however small
+    try:
+        got = kernel.pool_each(jobs, threads=2)
+    finally:
+        lib.fxk_set_inline_work(1 << 21)
+    assert isinstance(got[1], InputError) and "job 1: id 20 at position 1" in str(got[1])
+    assert isinstance(got[3], InputError) and "offsets" in str(got[3])
+    for i, mode, w in ((0, "sum", None), (2, "max", None), (4, "sum", np.array([0.5, 2.0, -1.0], np.float32))):
+        r = got[i]
+        assert isinstance(r, np.ndarray)
+        np.testing.assert_allclose(r, oracle_pool(t[jobs[i].ids], offs, mode, w), rtol=1e-5, atol=1e-5)
+
+
+def test_tune_allocator_is_idempotent() -> None:
+    first = kernel.tune_allocator()
+    assert kernel.tune_allocator() is first
+    assert lib.fxk_tune_malloc(-1, 0) == -1  # refused values
+
+
 def test_concurrent_callers() -> None:
     """Two Python threads calling at once (the GIL is released): one owns the pool, the other runs inline."""
     lib.fxk_set_inline_work(0)

@@ -139,7 +139,8 @@ async def test_failed_pooling_requests_fall_back_to_raw_reads(transport: str) ->
     async with LocalCluster([spec], servers=2, seed=3, in_process=True, transport=transport) as cluster:
         s0, s1 = (cluster.server(name) for name in cluster.plan.servers)
         assert s0.pool_service is not None and s1.pool_service is not None
-        s0.pool_service.handle = lambda data: encode_error("injected failure")  # type: ignore[method-assign]
+        s0.pool_service.handle_many = (  # type: ignore[method-assign]
+            lambda requests: [encode_error("injected failure") for _ in requests])
 
         async def hang_up(ch: object) -> None:          # s1 closes every pooling channel at once
             return None
@@ -160,7 +161,7 @@ async def test_failed_pooling_requests_fall_back_to_raw_reads(transport: str) ->
         check(await client.lookup_pooled(many, "max"), reference(model, many, "max", None))
         assert m.pooled_subrequests == sent and m.pool_fallbacks == 2
         # healed servers get pooling requests again once the pause is over
-        del s0.pool_service.handle, s1.pool_service.serve
+        del s0.pool_service.handle_many, s1.pool_service.serve
         await asyncio.sleep(0.6)
         check(await client.lookup_pooled(many, "mean", w), reference(model, many, "mean", w))
         assert m.pooled_subrequests == sent + 2 and m.pool_fallbacks == 2
@@ -314,3 +315,43 @@ async def test_a_pooling_channel_closing_under_a_blocked_send_leaves_no_unretrie
     gc.collect()
     await asyncio.sleep(0)
     assert unretrieved == []
+
+
+async def test_pooling_runs_off_the_event_loop_and_batches_waiting_requests() -> None:
+    """While a server's native pooling call is blocked, its event loop still serves raw reads and control
+    traffic (in-process servers share the test's loop: pooling on the loop would hang this test); requests
+    that arrive meanwhile go together into the next native call."""
+    import threading
+
+    spec = TableSpec("t", 4000, 32, "float32")
+    async with LocalCluster([spec], servers=2, seed=2, in_process=True, transport="tcp") as cluster:
+        client = await cluster.client()
+        model = cluster.model()
+        rng = np.random.default_rng(4)
+        many = JaggedBatch(["t"], rng.integers(0, 4000, 64 * 16), lengths=np.full(64, 16))
+        want = reference(model, many, "sum", None)
+        check(await client.lookup_pooled(many, "sum"), want)          # channels open, both ways measured later
+        svc = cluster.server(cluster.plan.servers[0]).pool_service
+        assert svc is not None
+        gate, entered = threading.Event(), threading.Event()
+        original = svc.handle_many
+
+        def blocked(requests: object) -> object:
+            entered.set()
+            assert gate.wait(60)
+            return original(requests)  # type: ignore[arg-type]
+
+        svc.handle_many = blocked  # type: ignore[method-assign]
+        client._pooler.cost.choose = lambda: True  # type: ignore[method-assign]  # keep asking servers to pool
+        first = asyncio.ensure_future(client.lookup_pooled(many, "sum"))
+        assert await asyncio.to_thread(entered.wait, 60)
+        second = asyncio.ensure_future(client.lookup_pooled(many, "sum"))
+        ids = np.arange(0, 4000, 37)
+        rows = await asyncio.wait_for(client.lookup("t", ids), 60)      # served while pooling is blocked
+        np.testing.assert_array_equal(rows, model["t"][ids])
+        assert not first.done()
+        calls = svc.calls
+        gate.set()
+        check(await first, want)
+        check(await second, want)
+        assert svc.calls == calls + 2 and svc.requests >= 3            # the second request waited for the first call

@@ -167,3 +167,30 @@ def test_pooling_pays_when_a_server_holds_more_than_one_row() -> None:
     # the response really is dim*4+4 bytes per touched bag
     p = server_partial_pool(np.ones((5, 16), np.float16), [0, 0, 3, 3, 3], 4)
     assert p.wire_bytes == 2 * (16 * 4 + 4)
+
+
+def test_pooling_cost_takes_turns_then_the_cheaper_way_and_re_explores() -> None:
+    from flexemr.core.pooling import PoolingCost
+
+    cost = PoolingCost()
+    seq = []
+    for _ in range(40):
+        pooled = cost.choose()
+        seq.append(pooled)
+        cost.observe(pooled, 1000, 0.002 if pooled else 0.001)   # raw reads twice as fast
+    assert seq[:4] == [True] * 4 and seq[4:7] == [False] * 3   # servers pool first, then raw is measured
+    assert seq[7:].count(True) == 2                           # afterwards raw, pooling re-tried every 16 lookups
+    assert cost.raw.age < cost.pooled.age
+
+
+def test_pooling_cost_ignores_one_slow_lookup() -> None:
+    from flexemr.core.pooling import PoolingCost
+
+    cost = PoolingCost(first_explore=0)
+    for pooled in (True, False) * 3:
+        cost.observe(pooled, 1000, 0.001 if pooled else 0.002)
+    cost.observe(True, 1000, 5.0)        # one pooled lookup slowed by something else
+    assert cost.choose() is True         # the median still says pooling is cheaper
+    for _ in range(3):
+        cost.observe(True, 1000, 5.0)    # it stays slow: now raw reads win
+    assert cost.choose() is False

@@ -703,6 +703,12 @@ def test_dumps_toml_scalars() -> None:
     assert tomllib.loads(dumps_toml(d)) == d
     with pytest.raises(ConfigError):
         dumps_toml({"x": object()})
+    with pytest.raises(ConfigError, match="cannot write TOML"):
+        dumps_toml({"t": {"x": None}})
+    # numpy scalars (what plans computed with numpy hold) become TOML ints, floats and bools
+    got = tomllib.loads(dumps_toml({"n": np.int64(7), "f": np.float32(0.5), "b": np.bool_(True),
+                                    "l": (np.int32(1), 2)}))
+    assert got == {"n": 7, "f": 0.5, "b": True, "l": [1, 2]} and type(got["n"]) is int
 
 
 def test_table_spec() -> None:
@@ -731,3 +737,12 @@ def test_split_lookup_repr_and_types(plan4: ShardingPlan) -> None:
     assert isinstance(split, SplitLookup)
     assert "user" in repr(split) and "t/0" not in repr(split)
     assert split.servers == ("s0", "s1")
+
+
+def test_toml_module_examples_run() -> None:
+    import doctest
+
+    import flexemr.core.toml
+
+    result = doctest.testmod(flexemr.core.toml, optionflags=doctest.ELLIPSIS)
+    assert result.attempted >= 2 and result.failed == 0

@@ -262,6 +262,8 @@ async def test_client_connect_errors() -> None:
         await client.connect()
     with pytest.raises(ConfigError):
         EmbeddingClient(ClusterConfig(plan, {"s0": ServerAddress("127.0.0.1", 1)}), coalesce_window_us=10**9)
+    with pytest.raises(ConfigError, match="resync_progress must be callable, got str"):
+        EmbeddingClient(ClusterConfig(plan, {"s0": ServerAddress("127.0.0.1", 1)}), resync_progress="bar")
     with pytest.raises(ConfigError):
         EmbeddingServer(plan, "s9")
 

@@ -280,8 +280,13 @@ async def test_replica_down_during_update_is_resynced(transport: str) -> None:
     async with LocalCluster(SPECS, servers=3, seed=4, replicas=2, versioned=True, in_process=True,
                             transport=transport) as cluster:
         model = {k: v.copy() for k, v in cluster.model().items()}
-        client = await cluster.client(reconnect_base=0.02, reconnect_cap=0.1)
-        bystander = await cluster.client(reconnect_base=0.02, reconnect_cap=0.1)
+        copies: list[tuple[str, int, int]] = []         # what resync_progress was told
+
+        def progress(region: str, done: int, total: int) -> None:
+            copies.append((region, done, total))
+
+        client = await cluster.client(reconnect_base=0.02, reconnect_cap=0.1, resync_progress=progress)
+        bystander = await cluster.client(reconnect_base=0.02, reconnect_cap=0.1, resync_progress=progress)
         await cluster.kill("s1")
         upd = np.arange(0, 3000, 7)                      # rows of every shard; s1 holds two of them
         vals = np.random.default_rng(1).standard_normal((upd.size, DIM)).astype(np.float32)
@@ -292,6 +297,12 @@ async def test_replica_down_during_update_is_resynced(transport: str) -> None:
         assert await bystander.wait_healthy(5.0)         # the bystander resyncs (copies) before routing there
         assert await client.wait_healthy(5.0)
         assert bystander.reliability.resync_copies + client.reliability.resync_copies == 2
+        # each copy was reported: read from the in-sync replica, then written to s1, up to the whole image
+        finished = {r for r, done, total in copies if done == total}
+        assert len(finished) == 2 and all(0 < done <= total for _, done, total in copies)
+        shard_bytes = {sh.region_name: ctl_offset(SPECS[0] if sh.table == "emb" else SPECS[1], sh.num_rows)
+                       for sh in cluster.plan.shards["emb"] + cluster.plan.shards["small"]}
+        assert {(r, total) for r, _, total in copies} == {(r, 2 * shard_bytes[r]) for r in finished}
         # now every shard that s1 holds is read from s1 alone: kill its partners one at a time
         for partner in ("s0", "s2"):
             await cluster.kill(partner)
@@ -348,7 +359,7 @@ async def test_a_replica_fenced_by_another_writer_is_never_read(cached: bool) ->
     async with LocalCluster(specs, servers=2, seed=3, replicas=2, versioned=True, in_process=True,
                             transport="tcp") as cluster:
         shard = cluster.plan.shards["emb"][0]
-        fenced = shard.replicas[0]                      # the primary: what a reader reads first
+        fenced = shard.replicas[0]                      # the primary
         ids = np.arange(shard.row_start, shard.row_start + 20)
         reader = await cluster.client(cache_bytes=1 << 20 if cached else 0)
         assert np.array_equal(await reader.lookup("emb", ids), cluster.model()["emb"][ids])   # cached now
@@ -363,6 +374,9 @@ async def test_a_replica_fenced_by_another_writer_is_never_read(cached: bool) ->
         new = np.full((ids.size, 8), 7.0, dtype=np.float32)
         await writer.update("emb", ids, new)            # acknowledged by the other replica alone
         assert writer.reliability.fenced >= 1
+        # load-aware reads would pick whichever replica looks faster: make it the fenced one
+        other = [s for s in shard.replicas if s != fenced][0]
+        reader._lanes.tracker.observe(other, work=1 << 10, ahead=0, seconds=100.0)
         got = await reader.lookup("emb", ids)
         assert np.array_equal(got, new), "a lookup begun after the update returned the fenced replica's rows"
         assert reader.reliability.stale_replica_reads >= 1
