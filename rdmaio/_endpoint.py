@@ -2,20 +2,24 @@
 
 An endpoint owns one control connection (requests such as
 :meth:`Endpoint.remote_key`, heartbeats) and the transport's
-:class:`~rdmaio.transports.base.ClientLink`: N queue pairs, one per worker,
-each owned by exactly one worker (``Engine(qp_per_worker=False)`` instead
-shares one queue pair between all workers, for comparison).  It never looks
-at which transport it runs on.
+:class:`~rdmaio.transports.base.ClientLink`: N queue pairs, one per worker of
+its worker group, each owned by exactly one worker (``Engine(qp_per_worker=False)``
+instead shares one queue pair between all workers, for comparison).  It never
+looks at which transport it runs on.
 
-How operations are spread over queue pairs: each call goes to the queue pair
-with the fewest operations in flight; ties go to the queue pair used last, so
-a caller that waits for each operation keeps one warm path (same connection,
-same worker thread on both sides) while concurrent callers spread over all of
-them.  A batch travels as one request on one queue pair (split into requests
-of at most :data:`~rdmaio._wire.MAX_BATCH` entries, each placed the same way).
-A single read or write of at least ``Engine(stripe_bytes=...)`` bytes is
-striped in equal chunks over all queue pairs and completes when every chunk
-has.
+Placement: when it is created, the endpoint is placed in the worker group of
+the NIC that reaches the peer, with the group's least-loaded worker as its
+*home* (:meth:`rdmaio._core.Core.place`); queue pair 0 belongs to the home
+worker, queue pair ``i`` to the ``i``-th worker after it.  Which queue pair
+carries an operation (:attr:`Endpoint.qp_choice`): ``"home"`` (default) —
+always queue pair 0, so a peer's operations and completions stay on one worker
+and load is balanced when endpoints are created; ``"least_loaded"`` — per
+operation, the queue pair with the fewest operations in flight, ties keeping
+the one used last; or a fixed index.  A batch travels as one request on one
+queue pair (split into requests of at most :data:`~rdmaio._wire.MAX_BATCH`
+entries, each placed the same way).  A single read or write of at least
+``Engine(stripe_bytes=...)`` bytes is striped in equal chunks, chunk ``i`` on
+queue pair ``i``, and completes when every chunk has.
 
 Nothing an endpoint starts keeps it alive: its reader and heartbeat tasks and
 its queue pairs' hooks hold it weakly, so an endpoint its owner dropped is
@@ -57,19 +61,20 @@ from .transports.base import NO_KEY, ClientLink, LinkHooks, QueuePair
 from ._core import creation_site, warn_unclosed
 
 if TYPE_CHECKING:
-    from ._core import Core
+    from ._core import Core, Placement
 
 __all__ = ["Endpoint", "open_endpoint"]
 
 _U64 = (1 << 64) - 1
 
 
-async def open_endpoint(core: Core, host: str, port: int, timeout: float,
+async def open_endpoint(core: Core, host: str, port: int, timeout: float, device: str | None = None,
                         credits: Credits | None = None) -> Endpoint:
-    """Connect an endpoint to the listener at ``host:port`` (the whole handshake within ``timeout``)."""
+    """Connect an endpoint to the listener at ``host:port`` (the whole handshake within ``timeout``),
+    on the NIC named ``device`` or else the one that reaches the peer."""
     ep = Endpoint(core, (host, port))
     ep.credits = credits
-    await ep._open(timeout)
+    await ep._open(timeout, device)
     return ep
 
 
@@ -100,15 +105,18 @@ def _weak_request(ep: Endpoint) -> Callable[[dict[str, Any]], Awaitable[dict[str
 class _Resources:
     """What an endpoint holds outside itself; released by :meth:`Endpoint.abort` or its finalizer."""
 
-    __slots__ = ("link", "ctl", "tasks", "channels")
+    __slots__ = ("link", "ctl", "tasks", "channels", "placement")
 
     def __init__(self, channels: dict[int, Channel]) -> None:
         self.link: ClientLink | None = None
         self.ctl: socket.socket | None = None
         self.tasks: list[asyncio.Task[None]] = []
         self.channels = channels
+        self.placement: Placement | None = None
 
     def release(self) -> None:
+        if self.placement is not None:
+            self.placement.release()
         for t in self.tasks:
             t.cancel()
         for ch in list(self.channels.values()):
@@ -226,6 +234,11 @@ class Endpoint:
         self._link: ClientLink | None = None
         self._qps: list[QueuePair] = []
         self._last: QueuePair  # set by _open
+        #: the queue pair every operation uses (qp_choice "home" or an index), None: least loaded
+        self._fixed: QueuePair | None = None
+        self._choice: str | int = core.config.qp_choice
+        self._busy_poll = core.config.busy_poll_us
+        self._placement: Placement | None = None
         self._dialer: PeerDialer | None = None
         self._ctl: socket.socket | None = None
         self._proto: ClientProtocol | None = None
@@ -237,6 +250,7 @@ class Endpoint:
         self._broken_callbacks: list[Callable[[BaseException], object]] = []
         #: the transport refuses requests locally, before posting (verbs: the NIC cannot tell errors apart)
         self._prechecks = self._transport.prechecks
+        self._tname = self._transport.name
         self._stripe = core.config.stripe_bytes
         #: channels opened on this endpoint; the link routes the peer's immediates here
         self._channels: dict[int, Channel] = {}
@@ -247,12 +261,15 @@ class Endpoint:
         #: the :class:`Credits` window every one-sided operation takes from (``Engine.connect(credits=...)``)
         self.credits: Credits | None = None
 
-    async def _open(self, timeout: float) -> None:
+    async def _open(self, timeout: float, device: str | None = None) -> None:
         """The handshake: the transport dials the peer through this endpoint's control connection."""
         core = self._core
         opts = core.check_started()
         c = core.config
         host, port = self.peer
+        group = core.group_of(device, await core.source_address(host, port))
+        self._placement = self._res.placement = core.place(group, f"{host}:{port}")
+        opts = self._placement.options(opts)
         hello = {"t": "hello", "v": 1, "transport": self._transport.name, "nqp": opts.nqp, "hb": c.heartbeat}
         self._dialer = dialer = PeerDialer(self._loop, host, port, hello, c.secret, c.socket_buffer)
         hooks = LinkHooks(_weak(self._on_broken), functools.partial(route_imm, self._channels), _weak_request(self))
@@ -276,6 +293,7 @@ class Endpoint:
         self._ctl, self._proto = dialer.control
         self._qps = self._link.qps
         self._last = self._qps[0]
+        self.qp_choice = self._choice
         res = self._res
         res.ctl = self._ctl
         ref = weakref.ref(self)
@@ -299,6 +317,55 @@ class Endpoint:
     @property
     def num_queue_pairs(self) -> int:
         return len(self._qps)
+
+    @property
+    def device(self) -> str:
+        """The NIC this endpoint lives on (verbs: the device name; tcp: ``"tcp"``)."""
+        p = self._placement
+        return self._transport.groups[p.group] if p is not None else self._transport.groups[0]
+
+    @property
+    def workers(self) -> tuple[int, ...]:
+        """The engine worker that owns (and polls the completions of) each queue pair; the home worker first."""
+        p = self._placement
+        return tuple(w.index for w in p.workers[:len(self._qps)]) if p is not None else ()
+
+    @property
+    def qp_choice(self) -> str | int:
+        """Which queue pair carries each operation: ``"home"`` (queue pair 0, owned by the home worker),
+        ``"least_loaded"`` (per operation), or a fixed queue-pair index.  Settable.
+
+        >>> # ep.qp_choice = 1   # from now on every operation of ep goes to its queue pair 1
+        """
+        return self._choice
+
+    @qp_choice.setter
+    def qp_choice(self, choice: str | int) -> None:
+        if choice == "home":
+            fixed: QueuePair | None = self._qps[0] if self._qps else None
+        elif choice == "least_loaded":
+            fixed = None
+        elif isinstance(choice, int) and not isinstance(choice, bool) and 0 <= choice < max(1, len(self._qps)):
+            fixed = self._qps[choice] if self._qps else None
+        else:
+            raise UsageError(f"qp_choice must be 'home', 'least_loaded' or a queue-pair index in "
+                             f"0..{len(self._qps) - 1}, not {choice!r}")
+        self._choice = choice
+        self._fixed = fixed
+
+    @property
+    def busy_poll_us(self) -> int:
+        """This endpoint's busy-poll budget in µs (``Engine(busy_poll_us=...)``; 0: off).  Settable.
+
+        >>> # ep.busy_poll_us = 200   # depth-1 operations on ep poll their completion from the loop
+        """
+        return self._busy_poll
+
+    @busy_poll_us.setter
+    def busy_poll_us(self, us: int) -> None:
+        if not isinstance(us, int) or isinstance(us, bool) or not 0 <= us <= 10_000:
+            raise UsageError("busy_poll_us must be an int in 0..10000")
+        self._busy_poll = us
 
     @property
     def slot_waits(self) -> int:
@@ -430,7 +497,11 @@ class Endpoint:
 
     # -- one-sided operations ----------------------------------------------------
     def _qp(self) -> QueuePair:
-        """The least-loaded queue pair; ties keep the last one used."""
+        """The queue pair for the next operation (:attr:`qp_choice`): fixed, or the least-loaded
+        one with ties keeping the last one used."""
+        fixed = self._fixed
+        if fixed is not None:
+            return fixed
         best = self._last
         load = len(best._pending)
         if load == 0:
@@ -449,40 +520,66 @@ class Endpoint:
             raise UsageError(f"a {key.transport} key cannot be used on a {self._transport.name} endpoint")
         return key
 
-    async def _single(self, op: Op, what: str, mr: MemoryRegion, local_offset: int, key: RemoteKey,
-                      remote_offset: int, length: int) -> None:
-        self._check()
-        rkey = self._key(key)
-        if not isinstance(mr, MemoryRegion):
+    def _single(self, op: Op, what: str, mr: MemoryRegion, local_offset: int, key: RemoteKey,
+                remote_offset: int, length: int) -> Awaitable[Any]:
+        """Check and post one read or write; what to await for it.  The common case -- a free slot,
+        no striping -- posts at once and returns the operation's future (kept lean: it is the
+        depth-1 latency path)."""
+        if self._closed or self.broken is not None:
+            self._check()
+        if type(key) is not RemoteKey or key.transport != self._tname:
+            self._key(key)
+        if type(mr) is not MemoryRegion and not isinstance(mr, MemoryRegion):
             raise UsageError(f"expected a MemoryRegion, got {type(mr).__name__}")
-        mr._check_local(local_offset, length)
+        if mr._closed or local_offset < 0 or length < 0 or local_offset + length > mr.length:
+            mr._check_local(local_offset, length)
         if not 0 <= remote_offset <= _U64:
             raise UsageError("remote offset must be in 0..2**64-1")
         if self._prechecks:
             self._transport.check(op, what, key, remote_offset, length)
         credits = self.credits
         if credits is not None:
-            await credits.acquire(length)
-        try:
-            stripe = self._stripe
-            if stripe and length >= stripe and len(self._qps) > 1:
-                n = len(self._qps)
-                bounds = [length * i // n for i in range(n + 1)]
-                await _wait_all([self._post_single(op, what, mr, local_offset + lo, rkey, remote_offset + lo,
-                                                   hi - lo) for lo, hi in zip(bounds[:-1], bounds[1:])])
-                return
-            await self._post_single(op, what, mr, local_offset, rkey, remote_offset, length)
-        finally:
-            if credits is not None:
-                credits.release(length)
+            return self._credited(credits, length, op, what, mr, local_offset, key, remote_offset, length)
+        return self._dispatch(op, what, mr, local_offset, key, remote_offset, length)
 
-    async def _post_single(self, op: Op, what: str, mr: MemoryRegion, local_offset: int, rkey: RemoteKey,
-                           remote_offset: int, length: int) -> int:
+    async def _credited(self, credits: Credits, nbytes: int, op: Op, what: str, mr: MemoryRegion,
+                        local_offset: int, key: RemoteKey, remote_offset: int, length: int) -> Any:
+        """:meth:`_dispatch` inside the endpoint's credit window (taken before posting, given back at the end)."""
+        await credits.acquire(nbytes)
+        try:
+            return await self._dispatch(op, what, mr, local_offset, key, remote_offset, length)
+        finally:
+            credits.release(nbytes)
+
+    def _dispatch(self, op: Op, what: str, mr: MemoryRegion, local_offset: int, key: RemoteKey,
+                  remote_offset: int, length: int) -> Awaitable[Any]:
+        """Post a checked read or write: striped, or on the chosen queue pair (busy-polled if asked)."""
+        stripe = self._stripe
+        if stripe and length >= stripe and len(self._qps) > 1:
+            n = len(self._qps)
+            bounds = [length * i // n for i in range(n + 1)]
+            return _wait_all([self._post_single(op, what, mr, local_offset + lo, key, remote_offset + lo, hi - lo,
+                                                self._qps[i])
+                              for i, (lo, hi) in enumerate(zip(bounds[:-1], bounds[1:]))])
         if length > MAX_OP_BYTES:
             raise UsageError(f"one operation moves at most {MAX_OP_BYTES} bytes")
-        qp = self._qp()
+        qp = self._fixed or self._qp()
+        if not qp._free:
+            return self._post_single(op, what, mr, local_offset, key, remote_offset, length, qp, self._busy_poll)
+        if self._busy_poll:
+            return qp.post_polled(op, key, remote_offset, length, 0, mr.addr + local_offset, mr, what,
+                                  self._busy_poll)
+        return qp.post(op, key, remote_offset, length, 0, mr.addr + local_offset, mr, what)
+
+    async def _post_single(self, op: Op, what: str, mr: MemoryRegion, local_offset: int, rkey: RemoteKey,
+                           remote_offset: int, length: int, qp: QueuePair, spin: int = 0) -> int:
+        """Post on ``qp`` once it has a free slot (a stripe, or a queue pair out of slots)."""
+        if length > MAX_OP_BYTES:
+            raise UsageError(f"one operation moves at most {MAX_OP_BYTES} bytes")
         if not qp._free:
             await qp.wait_slot()
+        if spin:
+            return await qp.post_polled(op, rkey, remote_offset, length, 0, mr.addr + local_offset, mr, what, spin)
         return await qp.post(op, rkey, remote_offset, length, 0, mr.addr + local_offset, mr, what)
 
     async def read(self, local_mr: MemoryRegion, local_offset: int, key: RemoteKey, remote_offset: int,
@@ -534,6 +631,8 @@ class Endpoint:
                     if not qp._free:
                         await qp.wait_slot()
                     futs.append(qp.post_batch(op, rkey, ro[start:end], ln[start:end], local[start:end], mr, what))
+                if len(futs) == 1 and self._busy_poll and not futs[0].done():
+                    qp.busy_poll(futs[0], self._busy_poll)
             except BaseException:
                 if futs:  # collect what was posted before failing (no orphaned futures)
                     await asyncio.gather(*futs, return_exceptions=True)
@@ -576,7 +675,10 @@ class Endpoint:
             qp = self._qp()
             if not qp._free:
                 await qp.wait_slot()
-            return await qp.post(op, rkey, offset, a & _U64, b & _U64, 0, None, what)
+            fut = qp.post(op, rkey, offset, a & _U64, b & _U64, 0, None, what)
+            if self._busy_poll and not fut.done():
+                qp.busy_poll(fut, self._busy_poll)
+            return await fut
         finally:
             if credits is not None:
                 credits.release(8)
@@ -612,7 +714,10 @@ class Endpoint:
         qp = self._qp()
         if not qp._free:
             await qp.wait_slot()
-        await qp.post(Op.WRITE_IMM, rkey, remote_offset, length, imm, mr.addr + local_offset, mr, "write_with_imm")
+        fut = qp.post(Op.WRITE_IMM, rkey, remote_offset, length, imm, mr.addr + local_offset, mr, "write_with_imm")
+        if self._busy_poll and not fut.done():
+            qp.busy_poll(fut, self._busy_poll)
+        await fut
 
     # -- channels -----------------------------------------------------------------
     async def channel(self, name: str, *, slots: int = 64, slot_size: int = 64 << 10) -> Channel:
@@ -632,7 +737,7 @@ class Endpoint:
         send_mr = regions.register(send_ring, Access.NONE)
         try:
             reply = await self._request({"t": "channel_open", "name": name, "slots": slots, "slot_size": slot_size,
-                                         "ring": recv_mr.remote_key().to_bytes()})
+                                         "ring": self._link.key_for(recv_mr).to_bytes()})
             if reply["t"] == "error":
                 raise ChannelRefusedError(f"peer refused channel {name!r}: {reply.get('message')}")
             chan = reply["chan"]
@@ -663,4 +768,7 @@ class Endpoint:
         qp = self._qp()
         if not qp._free:
             await qp.wait_slot()
-        await qp.post(Op.NOP, NO_KEY, 0, secrets.randbits(32), 0, 0, None, "ping")
+        fut = qp.post(Op.NOP, NO_KEY, 0, secrets.randbits(32), 0, 0, None, "ping")
+        if self._busy_poll and not fut.done():
+            qp.busy_poll(fut, self._busy_poll)
+        await fut

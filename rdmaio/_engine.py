@@ -13,8 +13,10 @@ An :class:`Engine` is bound to one running event loop.  It owns
 from __future__ import annotations
 
 import asyncio
+import os
 import secrets
 import weakref
+from collections.abc import Iterable, Sequence
 from typing import Any, Literal
 
 from . import _auth as auth
@@ -32,6 +34,29 @@ __all__ = ["Engine"]
 
 TransportName = Literal["tcp", "verbs", "auto"]
 ProgressMode = Literal["thread", "loop"]
+QpChoice = Literal["home", "least_loaded"]
+
+
+def _cpu_sets(worker_cpus: Any, progress: str) -> tuple[frozenset[int], ...] | None:
+    """``Engine(worker_cpus=...)`` validated: one CPU set per worker, each allowed for this process."""
+    if worker_cpus is None:
+        return None
+    if progress != "thread":
+        raise UsageError("worker_cpus pins worker threads: it needs progress='thread'")
+    if isinstance(worker_cpus, (str, bytes)) or not isinstance(worker_cpus, Iterable):
+        raise UsageError("worker_cpus must be a sequence with one CPU (or set of CPUs) per worker")
+    allowed = os.sched_getaffinity(0)
+    out = []
+    for entry in worker_cpus:
+        cpus = [entry] if isinstance(entry, int) else list(entry) if isinstance(entry, Iterable) else [entry]
+        if not cpus or not all(isinstance(c, int) and not isinstance(c, bool) for c in cpus):
+            raise UsageError(f"worker_cpus entries are CPU numbers or non-empty sets of them, not {entry!r}")
+        bad = sorted(set(cpus) - allowed)
+        if bad:
+            raise UsageError(f"worker_cpus names CPUs this process may not run on: {bad} "
+                             f"(allowed: {sorted(allowed)})")
+        out.append(frozenset(cpus))
+    return tuple(out)
 
 
 class Engine:
@@ -75,6 +100,35 @@ class Engine:
         verbs only: the RDMA device (e.g. ``"mlx5_0"``; default: the first with an
         ACTIVE port), its port (default: the first ACTIVE one) and the GID table index
         (default: the first RoCE v2 IPv4-mapped entry; see ``docs/verbs.md``).
+        ``device`` may list several NICs (``["mlx5_0", "mlx5_1"]``): each gets its own
+        group of ``workers`` workers, memory is registered on all of them, and every
+        endpoint (and every session a listener serves) lives on the NIC that reaches
+        the peer — the one whose GID table holds the kernel's source address towards
+        it (``connect(device=...)`` overrides; the first NIC when none matches).
+        ``port``/``gid_index`` are then one value for all or a list with one per device.
+    worker_cpus:
+        Pins each worker's thread to a CPU (an int) or a set of CPUs, one entry per
+        worker (``workers`` x devices, group by group); ``progress="thread"`` only.
+        Pick CPUs near the NIC (its NUMA node) and away from the event loop's.
+    busy_poll_us:
+        verbs, low-latency completions (0, the default: off).  Right after an operation
+        is posted on a queue pair that has nothing else in flight (a depth-1 caller),
+        the event loop polls that queue pair's completion queue itself, GIL released,
+        for up to ``busy_poll_us`` µs.  When the completion arrives in time the awaiting
+        task resumes without waking the worker thread or the loop: no thread hand-off.
+        Cost: the loop's CPU spins for up to the budget per operation (the worker
+        thread still wakes for the completion event), and concurrent callers' single
+        operations are busy-polled one after the other.  Adaptive: a worker whose poll
+        found nothing skips the next 1, 2, 4 ... 64 requests for one.  See
+        ``docs/verbs.md#low-latency-completions``; per endpoint: :attr:`Endpoint.busy_poll_us`.
+        The tcp transport ignores it (its worker threads have ``poll_spin_us``).
+    qp_choice:
+        Which queue pair of an endpoint carries an operation.  ``"home"`` (default):
+        always the endpoint's home queue pair, owned by the worker the endpoint was
+        placed on when it was created (the least-loaded one then) — a stable
+        peer-to-worker mapping.  ``"least_loaded"``: per operation, the queue pair with
+        the fewest operations in flight (ties keep the last one used).  Per endpoint:
+        :attr:`Endpoint.qp_choice`, which also takes a fixed queue-pair index.
     socket_buffer:
         Kernel send/receive buffer for queue-pair sockets (tcp transport; 0 keeps the
         system's autotuning).  Large buffers mean fewer wake-ups per large transfer.
@@ -118,7 +172,10 @@ class Engine:
                  socket_buffer: int = 4 << 20, same_host_fast_path: bool = True, poll_spin_us: int = 50,
                  secret: bytes | str | None = None, heartbeat: float = 1.0, dead_peer_timeout: float = 5.0,
                  max_sessions: int = 1024, channel_memory: int = 1 << 30,
-                 device: str | None = None, port: int | None = None, gid_index: int | None = None) -> None:
+                 device: str | Sequence[str] | None = None, port: int | Sequence[int] | None = None,
+                 gid_index: int | Sequence[int] | None = None,
+                 worker_cpus: Sequence[int | Iterable[int]] | None = None, busy_poll_us: int = 0,
+                 qp_choice: QpChoice = "home") -> None:
         if not isinstance(workers, int) or not 1 <= workers <= 64:
             raise UsageError("workers must be an int in 1..64")
         if progress not in ("thread", "loop"):
@@ -137,16 +194,25 @@ class Engine:
             raise UsageError("max_regions must be an int in 1..16777216")
         if not 0 <= poll_spin_us <= 10_000:
             raise UsageError("poll_spin_us must be in 0..10000")
+        if not isinstance(busy_poll_us, int) or isinstance(busy_poll_us, bool) or not 0 <= busy_poll_us <= 10_000:
+            raise UsageError("busy_poll_us must be an int in 0..10000")
+        if qp_choice not in ("home", "least_loaded"):
+            raise UsageError(f"qp_choice must be 'home' or 'least_loaded', not {qp_choice!r}")
+        cpus = _cpu_sets(worker_cpus, progress)
+        devs: Any = tuple(device) if isinstance(device, (list, tuple)) else device
+        ports: Any = tuple(port) if isinstance(port, (list, tuple)) else port
+        gids: Any = tuple(gid_index) if isinstance(gid_index, (list, tuple)) else gid_index
         config = Config(workers=workers, progress=progress, qp_per_worker=qp_per_worker, sq_depth=sq_depth,
                         op_timeout=op_timeout, connect_timeout=connect_timeout, handshake_timeout=handshake_timeout,
                         stripe_bytes=stripe_bytes, socket_buffer=socket_buffer,
                         same_host_fast_path=same_host_fast_path, secret=auth.resolve_secret(secret),
                         heartbeat=float(heartbeat), dead_peer_timeout=float(dead_peer_timeout),
-                        max_sessions=max_sessions, channel_memory=channel_memory)
+                        max_sessions=max_sessions, channel_memory=channel_memory, worker_cpus=cpus,
+                        busy_poll_us=busy_poll_us, qp_choice=qp_choice)
         # opens the transport (verbs: the device) last, once every argument is known to be good
         self._core = Core(config, transport, TransportOptions(
             max_regions=max_regions, poll_spin_us=poll_spin_us, same_host_fast_path=same_host_fast_path,
-            device=device, port=port, gid_index=gid_index))
+            device=devs, port=ports, gid_index=gids))
         #: the transport in use ("tcp" or "verbs", also when "auto" chose it)
         self.transport = self._core.transport.name
         self.progress = progress
@@ -159,6 +225,22 @@ class Engine:
     def __repr__(self) -> str:
         return (f"<Engine transport={self.transport} workers={self.num_workers} progress={self.progress}"
                 f"{' closed' if self._core.closed else ''}>")
+
+    @property
+    def devices(self) -> list[str]:
+        """The NICs of this engine, one worker group each (verbs: device names; tcp: ``["tcp"]``)."""
+        return list(self._core.transport.groups)
+
+    def info(self) -> dict[str, Any]:
+        """How the engine is laid out, once started: its devices, and per worker its group and
+        device, pinned CPUs, the links (endpoints and served sessions) homed on it and, on
+        verbs, whether it got a thread domain (else why not, e.g. ``"engine PD (ibv_alloc_td:
+        Operation not supported)"`` on rxe), its completion vector, whether its CQ is
+        single-threaded, and its busy-poll counts.
+
+        >>> # for w in engine.info()["workers"]: print(w["index"], w["device"], w.get("domain"))
+        """
+        return self._core.info()
 
     # -- lifecycle --------------------------------------------------------------
     async def start(self) -> Engine:
@@ -269,12 +351,15 @@ class Engine:
         return Listener(self._core, host, port, backlog)
 
     async def connect(self, host: str, port: int, *, timeout: float | None = None, retries: int = 0,
-                      backoff: float = 0.05, max_backoff: float = 2.0, credits: Credits | None = None) -> Endpoint:
+                      backoff: float = 0.05, max_backoff: float = 2.0, device: str | None = None,
+                      credits: Credits | None = None) -> Endpoint:
         """Open an :class:`Endpoint` to a peer engine's listener.
 
         With ``retries``, a refused or failed attempt is retried after an exponential
         backoff (``backoff`` doubling up to ``max_backoff``, with jitter).  Errors that
-        retrying cannot fix (authentication, protocol) are raised at once.
+        retrying cannot fix (authentication, protocol) are raised at once.  ``device``
+        places the endpoint on that NIC of a multi-device engine instead of the one
+        that reaches ``host``.
 
         ``credits``: a :class:`Credits` window every one-sided operation of the
         endpoint takes from before it is posted (a read or write: its bytes; a batch
@@ -293,7 +378,7 @@ class Engine:
             try:
                 return await open_endpoint(core, host, port,
                                            timeout if timeout is not None else core.config.connect_timeout,
-                                           credits)
+                                           device, credits)
             except (EndpointBrokenError, TimeoutError):
                 if attempt == retries:
                     raise

@@ -28,7 +28,7 @@ from ._sockets import receive
 from .transports.base import ServerLink, SessionHooks
 
 if TYPE_CHECKING:
-    from ._core import Core
+    from ._core import Core, Placement
 
 __all__ = ["Listener"]
 
@@ -38,13 +38,15 @@ log = logging.getLogger(__name__)
 class _Session:
     """One client's control session: its transport link and the channels it opened."""
 
-    __slots__ = ("token", "nqp", "link", "channels")
+    __slots__ = ("token", "nqp", "link", "channels", "placement")
 
     def __init__(self, token: bytes, nqp: int) -> None:
         self.token = token
         self.nqp = nqp
         self.link: ServerLink | None = None
         self.channels: dict[int, Channel] = {}
+        #: the session's worker group (the NIC that reached us) and home worker
+        self.placement: Placement | None = None
 
     def route_imm(self, imm: int) -> None:
         route_imm(self.channels, imm)
@@ -160,7 +162,10 @@ class Listener:
         session = _Session(token, hello["nqp"])
         self._sessions[token] = session
         try:
-            session.link = core.transport.accept(hello, self._opts,
+            local, peer = sock.getsockname(), sock.getpeername()
+            session.placement = core.place(core.group_of(None, str(local[0]) if isinstance(local, tuple) else None),
+                                           f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer))
+            session.link = core.transport.accept(hello, session.placement.options(self._opts),
                                                  SessionHooks(session.fail_channels, session.route_imm))
             welcome = {"t": "welcome", "v": 1, "session": token, "nqp": session.nqp, **self._side.welcome,
                        **session.link.welcome()}
@@ -196,7 +201,8 @@ class Listener:
         mr = self._core.regions.lookup(msg["name"])
         if mr is None:
             return {"t": "error", "id": msg["id"], "code": "not_found", "message": "no such region"}
-        return {"t": "key", "id": msg["id"], "key": mr.remote_key().to_bytes()}
+        assert session.link is not None
+        return {"t": "key", "id": msg["id"], "key": session.link.key_for(mr).to_bytes()}
 
     def _qp_reset(self, session: _Session, msg: dict[str, Any]) -> dict[str, Any]:
         assert session.link is not None
@@ -255,7 +261,7 @@ class Listener:
         t = self._loop.create_task(run())
         self._tasks.add(t)
         t.add_done_callback(self._tasks.discard)
-        return {"t": "channel", "id": rid, "chan": chan, "ring": recv_mr.remote_key().to_bytes()}
+        return {"t": "channel", "id": rid, "chan": chan, "ring": session.link.key_for(recv_mr).to_bytes()}
 
     def _end_session(self, session: _Session) -> None:
         self._sessions.pop(session.token, None)
@@ -265,6 +271,8 @@ class Listener:
         if session.link is not None:
             session.link.close()
             session.link = None
+        if session.placement is not None:
+            session.placement.release()
 
     # -- closing ------------------------------------------------------------------------------
     async def aclose(self) -> None:

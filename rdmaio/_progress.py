@@ -14,6 +14,13 @@ services every ready connection in C and collects completions into arrays.
     No thread: the worker's epoll fd is registered with ``loop.add_reader``
     and rounds run on the loop thread with a zero timeout.
 
+A worker thread may be pinned to a set of CPUs (``Engine(worker_cpus=...)``).
+A native round may return holding a lock on its completion source (verbs:
+the CQ's poll lock) until the batch is copied out and queued
+(:meth:`Worker._native_release`); a busy poll from the event loop
+(:meth:`Worker.busy_poll`, verbs) takes that lock too, so it delivers the
+batches the worker queued before its own: completions keep their order.
+
 Every batch goes to one :class:`Router`, the only place that knows which
 object owns a connection id: it hands the ids out, keeps the table and routes
 each completion, immediate and death event to its owner.
@@ -24,6 +31,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
+import os
 import threading
 from collections.abc import Callable
 from typing import Any, Protocol, TypeVar
@@ -137,11 +145,15 @@ class Worker:
     _has_rx = True
 
     def __init__(self, index: int, sink: CompletionSink, mode: str, loop: asyncio.AbstractEventLoop,
-                 cq_depth: int = 4096) -> None:
+                 cq_depth: int = 4096, cpus: frozenset[int] | None = None) -> None:
         self.index = index
         self._sink = sink
         self._mode = mode
         self._loop = loop
+        #: CPUs the worker's thread is pinned to (None: not pinned)
+        self.cpus = cpus
+        #: why pinning failed, if it did (the thread then runs unpinned)
+        self.cpu_error: str | None = None
         self.c = self._native_new(cq_depth)
         self._stopping = False
         self._thread: threading.Thread | None = None
@@ -180,8 +192,12 @@ class Worker:
         if self._stopping:
             return
         n = self._native_poll(0)
-        if n > 0:
-            self._sink._on_batch(self._collect())
+        try:
+            batch = self._collect() if n > 0 else None
+        finally:
+            self._native_release()
+        if batch is not None:
+            self._sink._on_batch(batch)
         elif n < 0:
             log.error("worker %d: poll failed with errno %d", self.index, -n)
             self.stop()
@@ -192,6 +208,12 @@ class Worker:
 
     # -- thread mode ----------------------------------------------------------
     def _run(self) -> None:
+        if self.cpus is not None:
+            try:  # pid 0: this thread only
+                os.sched_setaffinity(0, self.cpus)
+            except OSError as exc:
+                self.cpu_error = str(exc)
+                log.warning("worker %d: could not pin to CPUs %s: %s", self.index, sorted(self.cpus), exc)
         try:
             self._rounds()
         finally:
@@ -200,16 +222,23 @@ class Worker:
                 self.c = None
 
     def _rounds(self) -> None:
-        poll = self._native_poll
+        poll, release = self._native_poll, self._native_release
         while not self._stopping:
             n = poll(-1)
-            if n > 0 and not self._stopping:
-                batch = self._collect()
-                with self._qlock:
-                    self._queue.append(batch)
-                    if self._scheduled:
-                        continue
-                    self._scheduled = True
+            wake = queued = False
+            try:  # queued before the lock goes: a busy poll taking it next delivers this batch first
+                if n > 0 and not self._stopping:
+                    batch = self._collect()
+                    with self._qlock:
+                        self._queue.append(batch)
+                        wake = not self._scheduled
+                        self._scheduled = True
+                    queued = True
+            finally:
+                release()
+            if queued:
+                if not wake:
+                    continue
                 try:
                     self._loop.call_soon_threadsafe(self._drain)
                 except RuntimeError:  # loop closed under us: nobody is left to deliver to
@@ -229,6 +258,18 @@ class Worker:
             self._scheduled = False
         for batch in batches:
             self._sink._on_batch(batch)
+
+    def _take_queued(self) -> list[Batch]:
+        """The batches the thread queued and the loop has not delivered yet (its drain finds them gone)."""
+        with self._qlock:
+            batches = list(self._queue)
+            self._queue.clear()
+        return batches
+
+    def busy_poll(self, budget_us: int) -> bool:
+        """Poll the completion source from the event loop for up to ``budget_us`` µs (if the transport
+        can); True if completions were delivered.  The base worker cannot: False."""
+        return False
 
     def wake(self) -> None:
         self._native_wake()
@@ -269,6 +310,9 @@ class Worker:
 
     def _native_poll(self, timeout_ms: int) -> int:
         return int(lib.rio_worker_poll(self.c, timeout_ms))
+
+    def _native_release(self) -> None:
+        """After a round: its arrays are copied out (verbs: releases the CQ's poll lock)."""
 
     def _native_backlog(self) -> bool:
         return bool(lib.rio_worker_backlog(self.c))

@@ -4,9 +4,9 @@
 # 1. system packages for the verbs suite (root + apt only), then .venv with the
 #    test, bench, apps, docs and ray extras and the torch extra (make torch)
 # 2. the whole suite on this host (verbs tests skip here: no RDMA stack)
-# 3. the verbs suite inside the Soft-RoCE VM, with the number of verbs tests
-#    executed printed and checked, plus the rdmaio-vs-perftest ratio from the
-#    same VM run
+# 3. the verbs suite inside the Soft-RoCE VM, then the flexemr end-to-end tests
+#    on verbs there, each with the number of tests executed printed and checked,
+#    plus the rdmaio-vs-perftest ratio from the same VM run
 # RDMAIO_REQUIRE_VERBS=1 (CI) turns "the VM could not run" into a failure.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -39,17 +39,25 @@ if [ -n "$reason" ]; then
     fi
     exit 0
 fi
-rm -f .cache/verbs-junit.xml .cache/verbs-ratio.json
-"$PY" -m rdmaio.testing.softroce --timeout 1500 -- bash scripts/verbs-in-vm.sh
+rm -f .cache/verbs-junit.xml .cache/flexemr-verbs-junit.xml .cache/verbs-ratio.json
+"$PY" -m rdmaio.testing.softroce --timeout 3600 -- bash scripts/verbs-in-vm.sh
 "$PY" - <<'PYEOF'
-import json, sys
+import sys
 import xml.etree.ElementTree as ET
-suites = ET.parse(".cache/verbs-junit.xml").getroot()
-suite = suites if suites.tag == "testsuite" else suites.find("testsuite")
-total, failed = int(suite.get("tests")), int(suite.get("failures")) + int(suite.get("errors"))
-skipped = int(suite.get("skipped"))
-passed = total - failed - skipped
-print(f"verbs tests executed in the Soft-RoCE VM: {passed} passed, {failed} failed, {skipped} skipped")
-if passed == 0 or failed:
-    sys.exit("the verbs suite must run (and pass) inside the VM")
+
+def counts(path):
+    suites = ET.parse(path).getroot()
+    suite = suites if suites.tag == "testsuite" else suites.find("testsuite")
+    total, failed = int(suite.get("tests")), int(suite.get("failures")) + int(suite.get("errors"))
+    skipped = int(suite.get("skipped"))
+    return total - failed - skipped, failed, skipped
+
+bad = []
+for what, path in (("verbs tests", ".cache/verbs-junit.xml"), ("flexemr tests on verbs", ".cache/flexemr-verbs-junit.xml")):
+    passed, failed, skipped = counts(path)
+    print(f"{what} executed in the Soft-RoCE VM: {passed} passed, {failed} failed, {skipped} skipped")
+    if passed == 0 or failed:
+        bad.append(what)
+if bad:
+    sys.exit(f"the {' and the '.join(bad)} must run (and pass) inside the VM")
 PYEOF

@@ -7,7 +7,24 @@
  *
  * Threading: posting and QP state changes happen on the event-loop thread;
  * rv_worker_poll runs on the worker's thread (or the loop thread in loop
- * mode).  libibverbs is thread-safe for these uses.
+ * mode), rv_worker_spin (busy polling) on the loop thread.  Everything that
+ * touches a worker's CQ -- polling, re-arming, destroying or resetting one of
+ * its QPs (a provider may clean the QP's entries out of the CQ) -- holds the
+ * worker's poll lock (plock), so the CQ is used by one thread at a time and
+ * may be created single-threaded (IBV_CREATE_CQ_ATTR_SINGLE_THREADED: the
+ * provider drops its own lock).  A round returns with plock held and the
+ * caller releases it once it has copied the arrays out and queued them: a busy
+ * poll that takes plock next therefore sees, in the worker's queue, every
+ * completion polled before its own, and delivers those first (order kept).
+ *
+ * Thread domains: with RV_WORKER_TD a worker allocates an ibv_td and a parent
+ * domain (ibv_alloc_parent_domain over the engine's PD) and creates its CQ
+ * and QPs in it, telling the provider that one thread at a time uses them
+ * (mlx5 then gives the worker its own doorbell register and drops the QP
+ * locks).  That holds: a QP's send queue is posted only from the event loop,
+ * its receive queue only under the worker's table lock (w->lock).  Providers
+ * without thread domains (rxe: EOPNOTSUPP) get the engine's PD; which call
+ * failed and its errno are kept in domain_call / domain_errno.
  *
  * Receive queues (WRITE_WITH_IMM targets): every QP keeps rq_depth zero-length
  * receive WRs posted.  rv_worker_poll, on the thread that sees the completions,
@@ -30,6 +47,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/eventfd.h>
+#include <time.h>
 #include <unistd.h>
 
 #include <infiniband/verbs.h>
@@ -40,6 +58,8 @@ typedef struct rv_qp rv_qp;
 typedef struct rv_mr rv_mr;
 
 int rv_qp_init(rv_qp *q);
+int rv_post_one(rv_qp *q, uint64_t wr_id, int op, uint64_t raddr, uint64_t length, uint64_t local,
+                uint32_t rkey, uint32_t lkey, uint64_t max_msg);
 
 struct rv_ctx {
     char name[64];
@@ -56,6 +76,8 @@ struct rv_ctx {
     int32_t max_qp_rd_atom;
     int32_t max_qp_init_rd_atom;
     int32_t atomic_cap;
+    int32_t gid_tbl_len;
+    int32_t num_comp_vectors;
     struct ibv_context *ctx;
     struct ibv_pd *pd;
 };
@@ -88,14 +110,30 @@ struct rv_worker {
     uint64_t events;
     uint64_t rq_refills;
     uint64_t rq_errors;
+    uint64_t handoffs;
+    uint64_t spins;
+    uint64_t spin_hits;
+    uint64_t spin_ns;
+    int32_t domain;
+    int32_t domain_call;
+    int32_t domain_errno;
+    int32_t cq_single;
+    int32_t comp_vector;
     struct ibv_comp_channel *ch;
-    pthread_mutex_t lock;
+    pthread_mutex_t lock;   /* the qpn table, rq_posted, rq_gen */
     int lock_ok;
+    pthread_mutex_t plock;  /* the CQ: polls, re-arms, QP destroy/reset (see the top of this file) */
+    int plock_ok;
+    struct ibv_td *td;
+    struct ibv_pd *ppd;     /* the parent domain (NULL: QPs use the engine's PD) */
+    struct ibv_cq_ex *cqx;  /* set when the CQ was made with ibv_create_cq_ex */
     rv_qp **qps;       /* sorted by qpn: the QPs whose receive queues this worker refills */
     uint32_t nqps;
     uint32_t qps_cap;
     struct ibv_cq *cq;
     int armed;
+    int spinning;          /* a busy poll owns the CQ (plock) */
+    int skipped;           /* a round left the CQ to it: the busy poll wakes the worker when it ends */
     unsigned int unacked;
     struct ibv_wc wcs[64];
 };
@@ -109,7 +147,8 @@ struct rv_qp {
     uint32_t rq_gen;     /* guarded by w->lock */
     struct ibv_qp *qp;
     rv_ctx *c;
-    rv_worker *w;
+    rv_worker *w;       /* set while the QP is in w's table (receive refills) */
+    rv_worker *pw;      /* the worker whose CQ the QP uses (its poll lock guards destroy/reset) */
     uint32_t rd_atomic;
     struct ibv_send_wr *wrs;
     struct ibv_sge *sges;
@@ -117,6 +156,9 @@ struct rv_qp {
 };
 
 #define RV_ACK_BATCH 64u
+#define RV_WORKER_TD 1u
+#define RV_SPIN_MINE 0x10000   /* rv_post_spin: the completion polled was the posted WR's, alone, successful */
+#define RV_POSTED_NOT 0x10000  /* rv_post_spin: -(RV_POSTED_NOT + errno) when ibv_post_send failed */
 #define RV_MAX_SGE_BYTES (1ull << 30)
 #define RV_RECV_TAG 0x80000000u  /* low 32 bits of a receive wr_id; send wr_ids keep this bit clear */
 #define RV_GEN_MASK 0x7fffffffu
@@ -318,6 +360,8 @@ rv_ctx *rv_open(const char *name, uint32_t port, int32_t gid_index, char *err, i
     c->max_qp_rd_atom = da.max_qp_rd_atom;
     c->max_qp_init_rd_atom = da.max_qp_init_rd_atom;
     c->atomic_cap = da.atomic_cap;
+    c->gid_tbl_len = pa.gid_tbl_len;
+    c->num_comp_vectors = c->ctx->num_comp_vectors > 0 ? c->ctx->num_comp_vectors : 1;
     int link = pa.link_layer == IBV_LINK_LAYER_ETHERNET ? IBV_LINK_LAYER_ETHERNET : IBV_LINK_LAYER_INFINIBAND;
     if (gid_index < 0)
         gid_index = rv_pick_gid(c->ctx, c->name, c->port, pa.gid_tbl_len, link);
@@ -345,6 +389,14 @@ rv_ctx *rv_open(const char *name, uint32_t port, int32_t gid_index, char *err, i
         return NULL;
     }
     return c;
+}
+
+int rv_gid(rv_ctx *c, int32_t idx, uint8_t *out)
+{
+    int type = -1;
+    if (!c || idx < 0 || idx >= c->gid_tbl_len)
+        return -EINVAL;
+    return rv_gid_entry(c->ctx, c->name, c->port, idx, out, &type);
 }
 
 void rv_close(rv_ctx *c)
@@ -407,6 +459,10 @@ void rv_worker_free(rv_worker *w)
             ibv_ack_cq_events(w->cq, w->unacked);
         ibv_destroy_cq(w->cq);
     }
+    if (w->ppd)
+        ibv_dealloc_pd(w->ppd);
+    if (w->td)
+        ibv_dealloc_td(w->td);
     if (w->ch)
         ibv_destroy_comp_channel(w->ch);
     if (w->wakefd >= 0)
@@ -423,10 +479,79 @@ void rv_worker_free(rv_worker *w)
     free(w->qps);
     if (w->lock_ok)
         pthread_mutex_destroy(&w->lock);
+    if (w->plock_ok)
+        pthread_mutex_destroy(&w->plock);
     free(w);
 }
 
-rv_worker *rv_worker_new(rv_ctx *c, uint32_t cq_cap, uint32_t cqe)
+/* A thread domain and a parent domain for w (flags RV_WORKER_TD); on failure w keeps none and says why */
+static void rv_worker_domain(rv_ctx *c, rv_worker *w)
+{
+    struct ibv_td_init_attr ta;
+    memset(&ta, 0, sizeof ta);
+    errno = 0;
+    w->td = ibv_alloc_td(c->ctx, &ta);
+    if (!w->td) {
+        w->domain_call = 1;
+        w->domain_errno = errno ? errno : EOPNOTSUPP;
+        return;
+    }
+    struct ibv_parent_domain_init_attr pa;
+    memset(&pa, 0, sizeof pa);
+    pa.pd = c->pd;
+    pa.td = w->td;
+    errno = 0;
+    w->ppd = ibv_alloc_parent_domain(c->ctx, &pa);
+    if (!w->ppd) {
+        w->domain_call = 2;
+        w->domain_errno = errno ? errno : EOPNOTSUPP;
+        ibv_dealloc_td(w->td);
+        w->td = NULL;
+    }
+}
+
+/* The worker's CQ: in its parent domain if it has one, single-threaded where the provider allows
+ * (every use is serialised by plock), else a plain ibv_create_cq.  0 or -1. */
+static int rv_worker_cq(rv_ctx *c, rv_worker *w, uint32_t cqe)
+{
+    struct ibv_cq_init_attr_ex ca;
+    memset(&ca, 0, sizeof ca);
+    ca.cqe = cqe;
+    ca.cq_context = w;
+    ca.channel = w->ch;
+    ca.comp_vector = (uint32_t)w->comp_vector;
+    ca.wc_flags = IBV_WC_STANDARD_FLAGS;
+    ca.comp_mask = IBV_CQ_INIT_ATTR_MASK_FLAGS;
+    ca.flags = IBV_CREATE_CQ_ATTR_SINGLE_THREADED;
+    if (w->ppd) {
+        ca.comp_mask |= IBV_CQ_INIT_ATTR_MASK_PD;
+        ca.parent_domain = w->ppd;
+        errno = 0;
+        w->cqx = ibv_create_cq_ex(c->ctx, &ca);
+        if (!w->cqx) {  /* no CQ in the parent domain: give the domain up, QPs use the engine's PD */
+            w->domain_call = 3;
+            w->domain_errno = errno ? errno : EOPNOTSUPP;
+            ibv_dealloc_pd(w->ppd);
+            w->ppd = NULL;
+            ibv_dealloc_td(w->td);
+            w->td = NULL;
+            ca.comp_mask &= ~(uint32_t)IBV_CQ_INIT_ATTR_MASK_PD;
+            ca.parent_domain = NULL;
+        }
+    }
+    if (!w->cqx)
+        w->cqx = ibv_create_cq_ex(c->ctx, &ca);
+    if (w->cqx) {
+        w->cq = ibv_cq_ex_to_cq(w->cqx);
+        w->cq_single = 1;
+        w->domain = w->ppd != NULL;
+        return 0;
+    }
+    w->cq = ibv_create_cq(c->ctx, (int)cqe, w, w->ch, w->comp_vector);
+    return w->cq ? 0 : -1;
+}
+
+rv_worker *rv_worker_new(rv_ctx *c, uint32_t cq_cap, uint32_t cqe, int32_t comp_vector, uint32_t flags)
 {
     rv_worker *w = calloc(1, sizeof *w);
     if (!w)
@@ -452,6 +577,10 @@ rv_worker *rv_worker_new(rv_ctx *c, uint32_t cq_cap, uint32_t cqe)
     if (pthread_mutex_init(&w->lock, NULL))
         goto fail;
     w->lock_ok = 1;
+    if (pthread_mutex_init(&w->plock, NULL))
+        goto fail;
+    w->plock_ok = 1;
+    w->comp_vector = comp_vector >= 0 ? comp_vector % (c->num_comp_vectors > 0 ? c->num_comp_vectors : 1) : 0;
     w->wakefd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
     if (w->wakefd < 0)
         goto fail;
@@ -462,8 +591,9 @@ rv_worker *rv_worker_new(rv_ctx *c, uint32_t cq_cap, uint32_t cqe)
     int fl = fcntl(w->fd, F_GETFL);
     if (fl < 0 || fcntl(w->fd, F_SETFL, fl | O_NONBLOCK) < 0)
         goto fail;
-    w->cq = ibv_create_cq(c->ctx, (int)cqe, w, w->ch, 0);
-    if (!w->cq)
+    if (flags & RV_WORKER_TD)
+        rv_worker_domain(c, w);
+    if (rv_worker_cq(c, w, cqe))
         goto fail;
     if (ibv_req_notify_cq(w->cq, 0))
         goto fail;
@@ -627,6 +757,7 @@ static int rv_poll_into(rv_worker *w)
 
 int rv_worker_poll(rv_worker *w, int timeout_ms)
 {
+    pthread_mutex_lock(&w->plock);
     w->ncq = 0;
     w->nev = 0;
     w->nrx = 0;
@@ -634,9 +765,15 @@ int rv_worker_poll(rv_worker *w, int timeout_ms)
     w->rounds++;
     for (int pass = 0; pass < 2; pass++) {
         rv_drain_events(w);
-        if (rv_poll_into(w))
-            return -EIO;
-        if (w->ncq + w->nrx < w->cq_cap && !w->armed) {
+        if (w->spinning) {
+            /* a busy poll is taking the completions: leave the CQ (and its re-arming) to it; it
+             * wakes this worker when it ends, and the round after that polls and re-arms */
+            w->skipped = 1;
+        } else {
+            if (rv_poll_into(w))
+                return -EIO;
+        }
+        if (!w->spinning && w->ncq + w->nrx < w->cq_cap && !w->armed) {
             if (ibv_req_notify_cq(w->cq, 0))
                 return -EIO;
             w->armed = 1;
@@ -647,16 +784,104 @@ int rv_worker_poll(rv_worker *w, int timeout_ms)
         if (w->ncq + w->nrx > 0 || timeout_ms == 0 || pass == 1)
             break;
         struct pollfd p[2] = {{w->fd, POLLIN, 0}, {w->wakefd, POLLIN, 0}};
+        pthread_mutex_unlock(&w->plock);  /* never held while blocked: a busy poll may take the CQ meanwhile */
         int r = poll(p, 2, timeout_ms);
-        if (r < 0 && errno != EINTR)
-            return -errno;
+        int e = errno;
+        pthread_mutex_lock(&w->plock);
+        if (r < 0 && e != EINTR)
+            return -e;
         if (r > 0 && (p[1].revents & POLLIN)) {
             uint64_t v;
             if (read(w->wakefd, &v, sizeof v) < 0) { /* EAGAIN: someone else drained it */ }
             w->woken = 1;
         }
     }
+    if (w->ncq + w->nrx > 0)
+        __atomic_add_fetch(&w->handoffs, 1, __ATOMIC_RELAXED);
     return (int)(w->ncq + w->nrx);
+}
+
+void rv_worker_release(rv_worker *w)
+{
+    pthread_mutex_unlock(&w->plock);
+}
+
+static uint64_t rv_now_ns(void)
+{
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    return (uint64_t)t.tv_sec * 1000000000ull + (uint64_t)t.tv_nsec;
+}
+
+/* The busy poll's loop (see rv_worker_spin); plock held on return.  While it runs, a round of the
+ * worker leaves the CQ alone (w->spinning) and the busy poll wakes the worker when it ends if one did. */
+static int rv_spin_loop(rv_worker *w, uint64_t start, uint32_t budget_us, uint64_t seen)
+{
+    uint64_t budget = (uint64_t)budget_us * 1000u;
+    int n;
+    w->spins++;
+    pthread_mutex_lock(&w->plock);
+    w->spinning = 1;
+    for (uint32_t i = 1;; i++) {
+        w->ncq = 0;
+        w->nev = 0;
+        w->nrx = 0;
+        if (__atomic_load_n(&w->handoffs, __ATOMIC_RELAXED) != seen) {
+            n = -1;  /* a round that began before the busy poll took completions: they wait in its queue */
+            break;
+        }
+        if (rv_poll_into(w)) {
+            n = -EIO;
+            break;
+        }
+        n = (int)(w->ncq + w->nrx);
+        if (n > 0) {
+            w->spin_hits++;
+            break;
+        }
+        pthread_mutex_unlock(&w->plock);
+        /* the clock may be slow to read (an emulated HPET): every 8th pass */
+        int spent = (i & 7) == 0 && rv_now_ns() - start >= budget;
+#if defined(__x86_64__) || defined(__i386__)
+        __builtin_ia32_pause();
+#endif
+        pthread_mutex_lock(&w->plock);
+        if (spent)
+            break;
+    }
+    w->spinning = 0;
+    if (w->skipped) {  /* the worker left the CQ un-armed to us: let it poll and re-arm */
+        w->skipped = 0;
+        rv_worker_wake(w);
+    }
+    w->spin_ns += rv_now_ns() - start;
+    return n;
+}
+
+int rv_worker_spin(rv_worker *w, uint32_t budget_us, uint64_t seen)
+{
+    return rv_spin_loop(w, rv_now_ns(), budget_us, seen);
+}
+
+int rv_post_spin(rv_qp *q, rv_worker *w, uint64_t wr_id, int op, uint64_t raddr, uint64_t length, uint64_t local,
+                 uint32_t rkey, uint32_t lkey, uint64_t max_msg, uint32_t budget_us, uint64_t seen)
+{
+    uint64_t start = rv_now_ns();
+    int rc = rv_post_one(q, wr_id, op, raddr, length, local, rkey, lkey, max_msg);
+    if (rc < 0) {
+        pthread_mutex_lock(&w->plock);
+        w->ncq = 0;
+        w->nev = 0;
+        w->nrx = 0;
+        return -RV_POSTED_NOT - (-rc);
+    }
+    int n = rv_spin_loop(w, start, budget_us, seen);
+    if (n == 1 && w->ncq == 1 && w->cq_wr[0] == wr_id && w->cq_status[0] == IBV_WC_SUCCESS) {
+        w->ncq = 0;
+        pthread_mutex_unlock(&w->plock);
+        return RV_SPIN_MINE;
+    }
+    return n;
 }
 
 uint32_t rv_worker_backlog(rv_worker *w)
@@ -676,8 +901,14 @@ void rv_qp_free(rv_qp *q)
         pthread_mutex_unlock(&q->w->lock);
         q->w = NULL;
     }
-    if (q->qp)
+    if (q->qp) {
+        rv_worker *pw = q->pw;
+        if (pw)  /* a provider may clean the QP's entries out of the CQ */
+            pthread_mutex_lock(&pw->plock);
         ibv_destroy_qp(q->qp);
+        if (pw)
+            pthread_mutex_unlock(&pw->plock);
+    }
     free(q->wrs);
     free(q->sges);
     free(q->rwrs);
@@ -724,12 +955,13 @@ rv_qp *rv_qp_new(rv_ctx *c, rv_worker *w, uint32_t conn_id, uint32_t max_wr, uin
     ia.cap.max_send_sge = 1;
     ia.cap.max_recv_sge = 1;
     errno = 0;
-    q->qp = ibv_create_qp(c->pd, &ia);
+    q->qp = ibv_create_qp(w->ppd ? w->ppd : c->pd, &ia);
     if (!q->qp) {
         *err = errno ? errno : EINVAL;
         rv_qp_free(q);
         return NULL;
     }
+    q->pw = w;
     q->max_wr = max_wr;
     q->qpn = q->qp->qp_num;
     int rc = rv_qp_init(q);
@@ -821,7 +1053,11 @@ int rv_qp_reset(rv_qp *q)
     struct ibv_qp_attr a;
     memset(&a, 0, sizeof a);
     a.qp_state = IBV_QPS_RESET;
+    if (q->pw)  /* to RESET, a provider may clean the QP's entries out of the CQ */
+        pthread_mutex_lock(&q->pw->plock);
     int rc = ibv_modify_qp(q->qp, &a, IBV_QP_STATE);
+    if (q->pw)
+        pthread_mutex_unlock(&q->pw->plock);
     if (rc)
         return -rc;
     rc = rv_qp_init(q);

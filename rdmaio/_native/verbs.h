@@ -31,6 +31,8 @@ struct rv_ctx {
     int32_t max_qp_rd_atom;
     int32_t max_qp_init_rd_atom;
     int32_t atomic_cap;
+    int32_t gid_tbl_len;
+    int32_t num_comp_vectors;
     ...;
 };
 
@@ -39,6 +41,8 @@ struct rv_ctx {
  * first), allocate a PD.  NULL on failure with the reason in err. */
 rv_ctx *rv_open(const char *name, uint32_t port, int32_t gid_index, char *err, int err_len);
 void rv_close(rv_ctx *c);
+/* GID idx of the port into out[16]: 0, or -errno (empty entries are all zero) */
+int rv_gid(rv_ctx *c, int32_t idx, uint8_t *out);
 
 /* ---- memory ------------------------------------------------------------- */
 struct rv_mr {
@@ -74,19 +78,44 @@ struct rv_worker {
     uint64_t events;       /* completion-channel events consumed */
     uint64_t rq_refills;   /* chained ibv_post_recv calls that topped a receive queue up */
     uint64_t rq_errors;    /* ibv_post_recv failures (the peer then sees RNR back-pressure) */
+    uint64_t handoffs;     /* rounds of rv_worker_poll that returned completions */
+    uint64_t spins;        /* busy polls (rv_worker_spin) */
+    uint64_t spin_hits;    /* busy polls that collected completions themselves */
+    uint64_t spin_ns;      /* time spent in busy polls */
+    int32_t domain;        /* 1: the worker's QPs and CQ live in its own thread domain (parent domain) */
+    int32_t domain_call;   /* what failed when domain == 0 and one was asked for: 1 ibv_alloc_td,
+                              2 ibv_alloc_parent_domain, 3 ibv_create_cq_ex in the parent domain */
+    int32_t domain_errno;
+    int32_t cq_single;     /* 1: the CQ is single-threaded (provider lock elided: the poll lock serialises it) */
+    int32_t comp_vector;
     ...;
 };
 
-rv_worker *rv_worker_new(rv_ctx *c, uint32_t cq_cap, uint32_t cqe);
+/* flags: RV_WORKER_TD (1) = try a thread domain + parent domain for the worker's QPs and CQ */
+rv_worker *rv_worker_new(rv_ctx *c, uint32_t cq_cap, uint32_t cqe, int32_t comp_vector, uint32_t flags);
 void rv_worker_free(rv_worker *w);
 int rv_worker_wake(rv_worker *w);
 /* One round: drain channel events, poll the CQ, re-arm and poll again when it
  * ran dry; when nothing was found and timeout_ms != 0, block in poll() on the
- * channel fd and the wake fd (GIL released by cffi) and repeat once.
+ * channel fd and the wake fd (GIL released by cffi, poll lock released) and repeat once.
  * Send completions go to the cq_* arrays, WRITE_WITH_IMM arrivals to rx_*
  * (receive queues are refilled here, below half depth); flushed receive WRs
- * are dropped.  Returns ncq + nrx, or -errno. */
+ * are dropped.  Returns ncq + nrx, or -errno, ALWAYS with the worker's poll
+ * lock held: copy the arrays out, then rv_worker_release. */
 int rv_worker_poll(rv_worker *w, int timeout_ms);
+/* Busy poll for the event loop: poll the CQ (under the poll lock, no channel
+ * events, no re-arm) until it yields completions, budget_us passed, or a round
+ * of rv_worker_poll delivered completions (handoffs != seen).  Returns ncq + nrx
+ * (> 0), 0 (budget spent), -1 (the worker's own round took them) or -errno,
+ * ALWAYS with the poll lock held (then rv_worker_release). */
+int rv_worker_spin(rv_worker *w, uint32_t budget_us, uint64_t seen);
+void rv_worker_release(rv_worker *w);
+/* rv_post_one (on q, whose CQ is w's), then rv_worker_spin -- one call for a depth-1 caller.
+ * Returns 0x10000 when the one completion polled was this WR's, successful, and nothing else
+ * (the poll lock is then RELEASED and the arrays empty); else what rv_worker_spin returns (lock
+ * held), or -(0x10000 + errno) when ibv_post_send failed (lock held, arrays empty). */
+int rv_post_spin(rv_qp *q, rv_worker *w, uint64_t wr_id, int op, uint64_t raddr, uint64_t length, uint64_t local,
+                 uint32_t rkey, uint32_t lkey, uint64_t max_msg, uint32_t budget_us, uint64_t seen);
 /* 1 when the last round filled the arrays (more completions may be waiting) */
 uint32_t rv_worker_backlog(rv_worker *w);
 

@@ -166,12 +166,13 @@ async def measure_atomics(port: int, depths: list[int], progress: str, duration:
 
 
 async def measure_workers(port: int, counts: list[int], depth: int, size: int, duration: float) -> list[Row]:
-    """Per-thread queue pairs against the same workers sharing one queue pair."""
+    """Per-thread queue pairs against the same workers sharing one queue pair (one endpoint, its
+    operations spread per operation: ``qp_choice="least_loaded"``)."""
     out = []
     for shared in (False, True):
         for n in counts:
             async with rdmaio.Engine(transport="tcp", workers=n, progress="thread",
-                                     qp_per_worker=not shared) as engine:
+                                     qp_per_worker=not shared, qp_choice="least_loaded") as engine:
                 ep = await engine.connect("127.0.0.1", port)
                 key = await ep.remote_key("bench")
                 bufs = [np.zeros(size, dtype=np.uint8) for _ in range(depth)]

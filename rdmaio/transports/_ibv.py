@@ -1,6 +1,7 @@
-"""The verbs device layer: the optional libibverbs extension, one engine's device context
-(device/port/GID choice, protection domain, registration cache), its workers, and the
-local checks of remote keys.  Used by :mod:`rdmaio.transports.verbs`.
+"""The verbs device layer: the optional libibverbs extension, one device context per NIC
+(device/port/GID choice, protection domain, registration cache), the workers (completion
+channel + CQ, a thread domain where the device has them, busy polling), and the local
+checks of remote keys.  Used by :mod:`rdmaio.transports.verbs`.
 
 Importing this module loads nothing: the ``_rdmaio_verbs`` extension is imported on
 first use (:func:`unavailable_reason`, :class:`VerbsContext`).
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import importlib
+import ipaddress
 import os
 from typing import Any
 
@@ -86,14 +88,19 @@ def _refuse(status: Status, what: str) -> RemoteAccessError:
     return type(exc)(f"{exc} (checked locally against the remote key)", int(status))
 
 
+#: the access bit each operation needs, as plain ints (IntFlag's ``&`` runs Python code)
+_NEED_BITS = {int(op): int(a) for op, a in _NEEDS.items()}
+_ATOMIC = int(Access.ATOMIC)
+
+
 def check_remote(op: Op, what: str, key: RemoteKey, offset: int, length: int) -> None:
     """Raise what the target would: access rights, bounds, atomic alignment (before posting)."""
-    need = _NEEDS.get(op)
-    if need is not None and not key.access & need:
+    need = _NEED_BITS.get(op, 0)
+    if need and not int(key.access) & need:
         raise _refuse(Status.ACCESS, what)
     if offset > key.length or length > key.length - offset:
         raise _refuse(Status.BOUNDS, what)
-    if need is Access.ATOMIC and (key.addr + offset) % 8:
+    if need == _ATOMIC and (key.addr + offset) % 8:
         raise _refuse(Status.ALIGN, what)
 
 
@@ -109,15 +116,34 @@ def check_remote_batch(op: Op, what: str, key: RemoteKey, offsets: np.ndarray, l
 
 # -- engine-level context ------------------------------------------------------------
 
+def _is_int(v: Any, lo: int, hi: int) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and lo <= v <= hi
+
+
 def check_device_args(device: Any, port: Any, gid_index: Any) -> None:
-    """UsageError unless ``Engine(device=, port=, gid_index=)`` are None or plausible."""
-    if device is not None and (not isinstance(device, str) or not device or len(device) > 63 or "\0" in device):
-        raise UsageError("device must be a non-empty RDMA device name such as 'mlx5_0' or 'rxe0'")
-    if port is not None and (not isinstance(port, int) or isinstance(port, bool) or not 1 <= port <= 255):
-        raise UsageError("port must be an int in 1..255")
-    if gid_index is not None and (not isinstance(gid_index, int) or isinstance(gid_index, bool)
-                                  or not 0 <= gid_index <= 4095):
-        raise UsageError("gid_index must be an int in 0..4095")
+    """UsageError unless ``Engine(device=, port=, gid_index=)`` are None or plausible.
+
+    ``device`` may name several devices (a tuple of distinct names); ``port`` and
+    ``gid_index`` are then one value for all of them or a tuple with one per device.
+    """
+    names = device if isinstance(device, tuple) else (device,)
+    if not names or (isinstance(device, tuple) and len(set(names)) != len(names)):
+        raise UsageError("device must name one RDMA device or several distinct ones")
+    for d in names:
+        if d is not None and (not isinstance(d, str) or not d or len(d) > 63 or "\0" in d):
+            raise UsageError("device must be a non-empty RDMA device name such as 'mlx5_0' or 'rxe0' "
+                             "(or a list of such names)")
+    if isinstance(device, tuple) and None in names:
+        raise UsageError("a list of devices must name every device")
+    for what, v, hi in (("port", port, 255), ("gid_index", gid_index, 4095)):
+        lo = 1 if what == "port" else 0
+        if isinstance(v, tuple):
+            if not isinstance(device, tuple) or len(v) != len(names):
+                raise UsageError(f"a list of {what} values needs a list of devices of the same length")
+            if not all(_is_int(x, lo, hi) for x in v):
+                raise UsageError(f"every {what} must be an int in {lo}..{hi}")
+        elif v is not None and not _is_int(v, lo, hi):
+            raise UsageError(f"{what} must be an int in {lo}..{hi}")
 
 
 def as_int(v: Any, lo: int, hi: int, what: str) -> int:
@@ -177,6 +203,8 @@ class VerbsContext:
         self.rd_atomic = max(1, min(int(c.max_qp_rd_atom), int(c.max_qp_init_rd_atom), 16))
         self.cqe = max(256, min(int(c.max_cqe), 65536))
         self.atomics = int(c.atomic_cap) != 0
+        self.comp_vectors = int(c.num_comp_vectors)
+        self.addresses = self._gid_addresses()
         self._cache: dict[tuple[int, int, int], list[Any]] = {}  # key -> [rv_mr, refs]
         self._ping = np.zeros(1, dtype=np.uint64)
         self._ping_addr = int(self._ping.ctypes.data)
@@ -185,6 +213,30 @@ class VerbsContext:
 
     def __repr__(self) -> str:
         return f"<VerbsContext {self.device} port {self.port} gid[{self.gid_index}]>"
+
+    def _gid_addresses(self) -> frozenset[str]:
+        """The IP addresses in the port's GID table (RoCE: IPv4-mapped and IPv6 GIDs): how the
+        engine tells which device reaches a peer (the kernel's source address for it)."""
+        ffi, lib = self._ffi, self._lib
+        out: set[str] = set()
+        buf = ffi.new("uint8_t[16]")
+        for i in range(min(int(self.c.gid_tbl_len), 256)):
+            if lib.rv_gid(self.c, i, buf) != 0:
+                continue
+            raw = bytes(ffi.buffer(buf, 16))
+            if not any(raw) or raw[:2] == b"\xfe\x80":  # empty, or link-local (not an address peers use)
+                continue
+            a = ipaddress.IPv6Address(raw)
+            out.add(str(a.ipv4_mapped) if a.ipv4_mapped is not None else str(a))
+        return frozenset(out)
+
+    def lkey(self, addr: int, length: int, access: Access) -> int:
+        """The local key of a range registered here (KeyError if it is not)."""
+        return int(self._cache[(addr, length, int(access))][0].lkey)
+
+    def rkey(self, addr: int, length: int, access: Access) -> int:
+        """The remote key of a range registered here (KeyError if it is not)."""
+        return int(self._cache[(addr, length, int(access))][0].rkey)
 
     # memory --------------------------------------------------------------------
     def register(self, addr: int, length: int, access: Access) -> tuple[int, int]:
@@ -256,6 +308,13 @@ class VerbsContext:
 
 # -- progress ---------------------------------------------------------------------------
 
+#: rv_worker_new flag: try a thread domain + parent domain
+WORKER_TD = 1
+_DOMAIN_CALLS = {1: "ibv_alloc_td", 2: "ibv_alloc_parent_domain", 3: "ibv_create_cq_ex in the parent domain"}
+#: busy polls a worker skips, at most, after polls that found nothing (doubling per miss)
+MAX_SPIN_SKIP = 64
+
+
 class VerbsWorker(Worker):
     """A worker whose completion source is a completion channel + CQ (``rv_worker``).
 
@@ -263,24 +322,108 @@ class VerbsWorker(Worker):
     released; loop mode registers the (non-blocking) channel fd with ``add_reader``.
     Either way a round acks channel events in batches, re-arms the CQ and polls it
     once more after re-arming, so no completion is left behind without an event.
+
+    Each worker asks for its own thread domain and parent domain (its QPs and CQ are
+    then used by one thread at a time, and the provider may drop their locks and give
+    it a doorbell of its own); where the device has none (``rxe``: EOPNOTSUPP) its
+    QPs use the engine's PD and :attr:`domain` says why.  Its CQ uses completion
+    vector ``index % comp_vectors`` and is single-threaded where the provider allows.
     """
 
     _has_rx = True  # WRITE_WITH_IMM arrivals: rx_conn / rx_imm, filled by rv_worker_poll
 
     def __init__(self, index: int, sink: CompletionSink, mode: str, loop: asyncio.AbstractEventLoop,
-                 vctx: VerbsContext, cq_depth: int = 4096) -> None:
+                 vctx: VerbsContext, cq_depth: int = 4096, cpus: frozenset[int] | None = None,
+                 thread_domain: bool = True) -> None:
         self._vctx = vctx
         self._lib = vctx._lib
-        super().__init__(index, sink, mode, loop, cq_depth)
+        self._want_td = thread_domain
+        self._spin_skip = 0  # busy polls still to skip after misses
+        self._spin_miss = 0
+        super().__init__(index, sink, mode, loop, cq_depth, cpus)
+
+    @property
+    def device(self) -> str:
+        return self._vctx.device
+
+    @property
+    def domain(self) -> str:
+        """``"thread domain"`` when the worker has one, else why not (``"engine PD: ibv_alloc_td: ..."``)."""
+        c = self.c
+        if c is None:
+            return "freed"
+        if c.domain:
+            return "thread domain"
+        if not self._want_td:
+            return "engine PD (thread domains not asked for)"
+        call = _DOMAIN_CALLS.get(int(c.domain_call), "?")
+        return f"engine PD ({call}: {os.strerror(int(c.domain_errno))})"
+
+    def info(self) -> dict[str, Any]:
+        c = self.c
+        return {"thread_domain": bool(c.domain), "domain": self.domain, "single_threaded_cq": bool(c.cq_single),
+                "comp_vector": int(c.comp_vector), "busy_polls": int(c.spins), "busy_poll_hits": int(c.spin_hits),
+                "busy_poll_us": int(c.spin_ns) / 1000.0}
 
     def _native_new(self, cq_depth: int) -> Any:
-        c = self._lib.rv_worker_new(self._vctx.c, cq_depth, self._vctx.cqe)
-        if c == self._vctx._ffi.NULL:
+        vc = self._vctx
+        c = self._lib.rv_worker_new(vc.c, cq_depth, vc.cqe, self.index % max(1, vc.comp_vectors),
+                                    WORKER_TD if self._want_td else 0)
+        if c == vc._ffi.NULL:
             raise OSError("could not create a completion channel and CQ")
         return c
 
     def _native_poll(self, timeout_ms: int) -> int:
         return int(self._lib.rv_worker_poll(self.c, timeout_ms))
+
+    def _native_release(self) -> None:
+        self._lib.rv_worker_release(self.c)
+
+    def busy_poll(self, budget_us: int, fut: asyncio.Future[Any] | None = None) -> bool:
+        """Poll the CQ from the event loop, GIL released, until completions arrive (delivered at
+        once, after any the worker thread queued before them) or ``budget_us`` µs have passed.
+
+        Adaptive: after a poll that found nothing the worker skips the next 1, 2, 4 ... up to
+        :data:`MAX_SPIN_SKIP` requests for one, until one finds completions again.
+        """
+        c = self.c
+        if c is None or self._stopping:
+            return False
+        if self._spin_skip:
+            self._spin_skip -= 1
+            return False
+        sink = self._sink
+        seen = c.handoffs
+        if self._queue:  # completions the thread already took: perhaps the one awaited
+            for b in self._take_queued():
+                sink._on_batch(b)
+            if fut is not None and fut.done():
+                return True
+        return self._after_spin(self._lib.rv_worker_spin(c, budget_us, seen))
+
+    def _deliver(self, batches: list[Any]) -> None:
+        for b in batches:
+            self._sink._on_batch(b)
+
+    def _after_spin(self, n: int) -> bool:
+        """After ``rv_worker_spin`` returned ``n`` (the poll lock held): copy out what it found,
+        release, deliver what the thread queued before it, then its own; back off after a miss."""
+        try:
+            mine = self._collect() if n > 0 else None
+            earlier = self._take_queued() if self._queue else []
+        finally:
+            self._lib.rv_worker_release(self.c)
+        self._deliver(earlier)
+        if mine is not None:
+            self._sink._on_batch(mine)
+            self._spin_miss = 0
+        elif n == 0:  # the budget went by with nothing: back off
+            self._spin_miss = min(self._spin_miss * 2 or 1, MAX_SPIN_SKIP)
+            self._spin_skip = self._spin_miss
+        elif n < -1:
+            self.stop()
+            self._sink._on_worker_failed(self.index, -n)
+        return mine is not None or bool(earlier)
 
     def _native_backlog(self) -> bool:
         return bool(self._lib.rv_worker_backlog(self.c))

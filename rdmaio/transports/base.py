@@ -220,6 +220,19 @@ class QueuePair:
         if self.on_imm is not None:
             self.on_imm(imm)
 
+    def busy_poll(self, fut: asyncio.Future[int], budget_us: int) -> None:
+        """Right after posting the operation of ``fut``: poll for completions from the event loop
+        for up to ``budget_us`` µs if the transport can (verbs), so that ``fut`` may be done
+        before the caller awaits it.  A no-op by default."""
+
+    def post_polled(self, op: Op, key: RemoteKey, remote: int, arg0: int, arg1: int, local: int,
+                    mr: MemoryRegion | None, what: str, budget_us: int) -> asyncio.Future[int]:
+        """:meth:`post`, then :meth:`busy_poll` (a transport may fuse the two)."""
+        fut = self.post(op, key, remote, arg0, arg1, local, mr, what)
+        if not fut.done():
+            self.busy_poll(fut, budget_us)
+        return fut
+
     def _expire(self, key: int) -> None:
         p = self._pending.get(key)
         if p is not None and not p.fut.done():
@@ -271,9 +284,10 @@ class TransportOptions:
     max_regions: int = 4096
     poll_spin_us: int = 50
     same_host_fast_path: bool = True
-    device: str | None = None
-    port: int | None = None
-    gid_index: int | None = None
+    #: verbs: one device name, or several (a worker group per device)
+    device: str | tuple[str, ...] | None = None
+    port: int | tuple[int, ...] | None = None
+    gid_index: int | tuple[int, ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -335,6 +349,10 @@ class ClientLink(abc.ABC):
     def __init__(self) -> None:
         self.qps: list[QueuePair] = []
 
+    def key_for(self, mr: MemoryRegion) -> RemoteKey:
+        """The key the peer of this link uses for ``mr`` (verbs: the rkey on the link's device)."""
+        return mr.remote_key()
+
     async def reverse(self, peer: Peer) -> None:  # noqa: B027 - most transports need nothing
         """Make sure the peer can write to this side (channels' server-to-client messages)."""
 
@@ -349,6 +367,10 @@ class ServerLink(abc.ABC):
     def welcome(self) -> dict[str, Any]:
         """Fields the transport adds to the session's ``welcome``."""
         return {}
+
+    def key_for(self, mr: MemoryRegion) -> RemoteKey:
+        """The key this session's client uses for ``mr`` (verbs: the rkey on the session's device)."""
+        return mr.remote_key()
 
     def attach(self, sock: socket.socket, qp: int) -> None:
         """Take over ``sock``, a data connection for queue pair ``qp`` (ProtocolError if unexpected)."""
@@ -401,9 +423,21 @@ class Transport(abc.ABC):
     def __init__(self, options: TransportOptions) -> None:
         """Open the transport (TransportUnavailableError if it cannot run)."""
 
+    @property
+    def groups(self) -> list[str]:
+        """The worker groups: one per NIC (verbs: the device names); one group by default."""
+        return [self.name]
+
+    def group_for(self, local_address: str | None) -> int | None:
+        """The group whose NIC owns ``local_address`` (the kernel's source address towards a peer),
+        or None if no group does."""
+        return 0
+
     @abc.abstractmethod
-    def worker(self, index: int, router: Router, mode: str, loop: asyncio.AbstractEventLoop) -> Worker:
-        """Progress context ``index``; its completions go to ``router``."""
+    def worker(self, index: int, router: Router, mode: str, loop: asyncio.AbstractEventLoop, group: int = 0,
+               cpus: frozenset[int] | None = None) -> Worker:
+        """Progress context ``index`` of worker group ``group``; its completions go to ``router``;
+        its thread (if any) is pinned to ``cpus``."""
 
     # memory (rdmaio._region.RegionBackend)
     @abc.abstractmethod

@@ -272,8 +272,9 @@ class TcpTransport(Transport):
         self._spin_us = options.poll_spin_us
         self._same_host = options.same_host_fast_path
 
-    def worker(self, index: int, router: Router, mode: str, loop: asyncio.AbstractEventLoop) -> Worker:
-        w = Worker(index, router, mode, loop)
+    def worker(self, index: int, router: Router, mode: str, loop: asyncio.AbstractEventLoop, group: int = 0,
+               cpus: frozenset[int] | None = None) -> Worker:
+        w = Worker(index, router, mode, loop, cpus=cpus)
         w.c.spin_us = self._spin_us
         return w
 

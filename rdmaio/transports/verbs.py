@@ -4,9 +4,12 @@ Pieces (the C hot path is ``rdmaio/_native/verbs.c``, an optional cffi extension
 loaded lazily — importing rdmaio never loads libibverbs):
 
 * :class:`VerbsTransport` — one per engine, around the device layer of
-  :mod:`rdmaio.transports._ibv` (device/port/GID choice, protection domain, the
-  registration cache, :class:`~rdmaio.transports._ibv.VerbsWorker` polling a
-  completion channel + CQ, local pre-checks of remote keys).
+  :mod:`rdmaio.transports._ibv`: one device context per NIC (device/port/GID
+  choice, protection domain, the registration cache), a worker group per NIC
+  (:class:`~rdmaio.transports._ibv.VerbsWorker` polling a completion channel +
+  CQ), local pre-checks of remote keys.  Memory is registered on every NIC; a
+  link (endpoint or session) lives on one NIC, that of its workers, and uses
+  that NIC's keys.
 * :class:`VerbsQueuePair` — the initiator side of one RC QP, on the shared
   bookkeeping of :class:`~rdmaio.transports.base.QueuePair`.
 * :class:`VerbsClientLink` — an endpoint's QPs, connected through the
@@ -109,6 +112,10 @@ _RECOVERABLE = {WC_REM_ACCESS_ERR: Status.INVALID_KEY, WC_REM_INV_REQ_ERR: Statu
                 WC_REM_OP_ERR: Status.INVALID_REQUEST, WC_LOC_PROT_ERR: Status.INVALID_REQUEST,
                 WC_LOC_LEN_ERR: Status.INVALID_REQUEST, WC_LOC_QP_OP_ERR: Status.INVALID_REQUEST}
 
+#: rv_post_spin: the WR's completion came back alone (lock released) / ibv_post_send failed (-(this + errno))
+_SPIN_MINE = 0x10000
+_POSTED_NOT = 0x10000
+
 _RV_OP = {Op.READ: 1, Op.READ_BATCH: 1, Op.WRITE: 2, Op.WRITE_BATCH: 2, Op.FETCH_ADD: 3, Op.CMP_SWAP: 4}
 
 ControlHook = Callable[[dict[str, Any]], Awaitable[dict[str, Any]]]
@@ -155,11 +162,12 @@ class VerbsQueuePair(QueuePair):
 
     __slots__ = ("_v", "_lib", "_ffi", "index", "_passive", "_control", "_q", "qpn", "_scratch", "_scratch_addr",
                  "_scratch_lkey", "_seq", "_conn_hi", "_credits", "_max_msg", "_chunk_wrs", "_posted", "_backlog",
-                 "_flushed", "_recovering", "_recovery", "_remote", "_ping", "recoveries")
+                 "_flushed", "_recovering", "_recovery", "_remote", "_ping", "recoveries", "worker", "_primary")
 
     def __init__(self, vctx: VerbsContext, loop: asyncio.AbstractEventLoop, conn_id: int, index: int,
                  worker: VerbsWorker, depth: int, op_timeout: float | None, on_broken: BrokenHook,
-                 on_imm: ImmHook | None = None, control: ControlHook | None = None, passive: bool = False) -> None:
+                 on_imm: ImmHook | None = None, control: ControlHook | None = None, passive: bool = False,
+                 primary: bool = True) -> None:
         super().__init__(loop, conn_id, depth, op_timeout, on_broken, on_imm)
         self._v = vctx
         self._lib = vctx._lib
@@ -168,6 +176,10 @@ class VerbsQueuePair(QueuePair):
         self._passive = passive
         #: sends a control request to the peer (recovery's qp_reset)
         self._control = control
+        #: the worker that polls this QP's completions (always the same one)
+        self.worker = worker
+        #: on the engine's first device: a region's lkey is the low half of its key
+        self._primary = primary
         self._q = vctx.new_qp(worker, conn_id, vctx.sq_wrs, vctx.rq_depth(depth))
         self.qpn = int(self._q.qpn)
         self._scratch = np.zeros(depth, dtype=np.uint64)  # atomic results, ping target: one word per slot
@@ -200,6 +212,60 @@ class VerbsQueuePair(QueuePair):
         self._ping = ping
         self._v.connect_qp(self._q, remote, my_psn)
 
+    def _lkey(self, mr: MemoryRegion) -> int:
+        if self._primary:
+            return mr._key & 0xFFFFFFFF
+        return self._v.lkey(mr.addr, mr.length, mr.access)
+
+    def busy_poll(self, fut: asyncio.Future[int], budget_us: int) -> None:
+        """Busy-poll this QP's worker when the operation is alone on the QP (a depth-1 caller)."""
+        if len(self._pending) == 1:
+            self.worker.busy_poll(budget_us, fut)
+
+    def post_polled(self, op: Op, key: RemoteKey, remote: int, arg0: int, arg1: int, local: int,
+                    mr: MemoryRegion | None, what: str, budget_us: int) -> asyncio.Future[int]:
+        """:meth:`post` then :meth:`busy_poll`; a lone one-WR read or write is posted and polled for in
+        one native call (``rv_post_spin``), and when its completion comes back alone the operation
+        never enters the pending table: the future is done on return."""
+        w = self.worker
+        if (op is Op.READ or op is Op.WRITE) and 0 < arg0 <= self._max_msg and mr is not None \
+                and not self._pending and not self._backlog and not self._recovering and self._credits > 0 \
+                and self.broken is None and not self._closed and not w._spin_skip and not w._queue \
+                and w.c is not None:
+            fut: asyncio.Future[int] = self._loop.create_future()
+            wr = self._conn_hi | (next(self._seq) & 0x7FFFFFFF)
+            rop = 1 if op is Op.READ else 2
+            raddr = key.addr + remote
+            lkey = self._lkey(mr)
+            c = w.c
+            rc = self._lib.rv_post_spin(self._q, c, wr, rop, raddr, arg0, local, key.rkey, lkey, self._max_msg,
+                                        budget_us, c.handoffs)
+            if rc == _SPIN_MINE:  # done, and nothing else came: the poll lock is already released
+                w._spin_miss = 0
+                if w._queue:
+                    w._deliver(w._take_queued())
+                fut.set_result(0)
+                return fut
+            # otherwise it is an operation in flight like any other, and the poll's harvest is delivered
+            slot = self._free.pop()
+            req = _Req(fut, mr, None, what, slot)
+            req.left = 1
+            ch = _Chunk(req, 0, (rop, raddr, arg0, local, key.rkey, lkey), 1)
+            self._track(slot, req)
+            if rc <= -_POSTED_NOT:
+                w._native_release()
+                self._backlog.appendleft(ch)
+                self._die(EndpointBrokenError(f"ibv_post_send failed: {os.strerror(-rc - _POSTED_NOT)}"))
+                return fut
+            self._posted[wr] = ch
+            self._credits -= 1
+            w._after_spin(rc)
+            return fut
+        fut = self.post(op, key, remote, arg0, arg1, local, mr, what)
+        if not fut.done():
+            self.busy_poll(fut, budget_us)
+        return fut
+
     @property
     def rq_posted(self) -> int:
         """Receive WRs currently posted (diagnostics)."""
@@ -219,7 +285,7 @@ class VerbsQueuePair(QueuePair):
             raise UsageError(f"operation {op!r} is not a single operation")
         slot = self._free.pop()
         req = _Req(fut, mr, None, what, slot)
-        lkey = mr._key & 0xFFFFFFFF if mr is not None else 0
+        lkey = self._lkey(mr) if mr is not None else 0
         if op is Op.WRITE_IMM:  # arg0 = length, arg1 = immediate; data chunks first, the imm last
             length = arg0
             span = self._max_msg * self._chunk_wrs
@@ -261,7 +327,7 @@ class VerbsQueuePair(QueuePair):
             fut.set_result(0)
             return fut
         req = _Req(fut, mr, (remote, lengths, local), what, self._free.pop())
-        args = (_RV_OP[op], key.addr, key.rkey, mr._key & 0xFFFFFFFF)
+        args = (_RV_OP[op], key.addr, key.rkey, self._lkey(mr))
         cap = self._chunk_wrs
         chunks = []
         if total <= cap:
@@ -467,23 +533,65 @@ class VerbsTransport(Transport):
         return unavailable_reason()
 
     def __init__(self, options: TransportOptions) -> None:
-        # opens the device now: TransportUnavailableError if it cannot
-        self.vctx = VerbsContext(options.device, options.port, options.gid_index)
+        # opens the devices now: TransportUnavailableError if one cannot be opened
+        names = options.device if isinstance(options.device, tuple) else (options.device,)
+        n = len(names)
+        ports = options.port if isinstance(options.port, tuple) else (options.port,) * n
+        gids = options.gid_index if isinstance(options.gid_index, tuple) else (options.gid_index,) * n
+        self.vctxs: list[VerbsContext] = []
+        try:
+            for name, port, gid in zip(names, ports, gids):
+                self.vctxs.append(VerbsContext(name, port, gid))
+        except BaseException:
+            self.close()
+            raise
+        #: the first device (the only one unless several were named)
+        self.vctx = self.vctxs[0]
 
-    def worker(self, index: int, router: Router, mode: str, loop: asyncio.AbstractEventLoop) -> Worker:
-        return VerbsWorker(index, router, mode, loop, self.vctx)
+    @property
+    def groups(self) -> list[str]:
+        return [v.device for v in self.vctxs]
 
-    # -- memory: NIC registrations (cached); key = rkey << 32 | lkey ---------------------------------
+    def group_for(self, local_address: str | None) -> int | None:
+        """The device whose GID table holds ``local_address`` (RoCE: the netdev's IP address)."""
+        if len(self.vctxs) == 1:
+            return 0
+        for i, v in enumerate(self.vctxs):
+            if local_address in v.addresses:
+                return i
+        return None
+
+    def worker(self, index: int, router: Router, mode: str, loop: asyncio.AbstractEventLoop, group: int = 0,
+               cpus: frozenset[int] | None = None) -> Worker:
+        return VerbsWorker(index, router, mode, loop, self.vctxs[group], cpus=cpus)
+
+    # -- memory: NIC registrations (cached) on every device; key = rkey << 32 | lkey on the first ------------
     def register(self, addr: int, length: int, access: Access) -> tuple[int, int]:
-        lkey, rkey = self.vctx.register(addr, length, access)
+        done: list[VerbsContext] = []
+        try:
+            for v in self.vctxs:
+                v.register(addr, length, access)
+                done.append(v)
+        except BaseException:
+            for v in done:
+                v.unregister(addr, length, access)
+            raise
+        lkey, rkey = self.vctx.lkey(addr, length, access), self.vctx.rkey(addr, length, access)
         return (rkey << 32) | lkey, -1
 
     def key(self, mr: MemoryRegion) -> RemoteKey:
         return RemoteKey("verbs", mr.addr, mr._key >> 32, mr.length, mr.access, 0)
 
+    def key_on(self, vctx: VerbsContext, mr: MemoryRegion) -> RemoteKey:
+        """``mr``'s key for peers reached through device ``vctx``."""
+        if vctx is self.vctx:
+            return self.key(mr)
+        return RemoteKey("verbs", mr.addr, vctx.rkey(mr.addr, mr.length, mr.access), mr.length, mr.access, 0)
+
     def release(self, mr: MemoryRegion) -> None:
         # the NIC registration stays valid until here: a closed region in use stays reachable
-        self.vctx.unregister(mr.addr, mr.length, mr.access)
+        for v in self.vctxs:
+            v.unregister(mr.addr, mr.length, mr.access)
 
     def check(self, op: Op, what: str, key: RemoteKey, offset: int, length: int) -> None:
         check_remote(op, what, key, offset, length)
@@ -492,12 +600,19 @@ class VerbsTransport(Transport):
         check_remote_batch(op, what, key, offsets, lengths)
 
     # -- connections ---------------------------------------------------------------------------
+    def _vctx_of(self, opts: QpOptions) -> VerbsContext:
+        """The device of a link: that of its workers (one group)."""
+        w = opts.workers[0]
+        assert isinstance(w, VerbsWorker)
+        return w._vctx
+
     async def dial(self, opts: QpOptions, hooks: LinkHooks, peer: Peer) -> VerbsClientLink:
         """Create the QPs, exchange their attributes in hello/welcome, connect them (no data connections)."""
-        link = VerbsClientLink(self.vctx, opts, hooks)
+        vctx = self._vctx_of(opts)
+        link = VerbsClientLink(self, vctx, opts, hooks)
         try:
             psns = [secrets.randbits(24) for _ in link.qps]
-            welcome = await peer.hello({"qps": [self.vctx.qp_attrs(qp.qpn, psn) for qp, psn in zip(link.vqps, psns)]})
+            welcome = await peer.hello({"qps": [vctx.qp_attrs(qp.qpn, psn) for qp, psn in zip(link.vqps, psns)]})
             remote = parse_qp_attrs(welcome.get("qps"), len(link.qps))
             ping = welcome.get("ping")
             if not (isinstance(ping, list) and len(ping) == 2 and all(isinstance(x, int) for x in ping)):
@@ -511,18 +626,20 @@ class VerbsTransport(Transport):
 
     def accept(self, hello: dict[str, Any], opts: QpOptions, hooks: SessionHooks) -> VerbsServerLink:
         """Listener side of the handshake: QPs connected to the client's (ProtocolError if malformed)."""
-        return VerbsServerLink(self.vctx, parse_qp_attrs(hello.get("qps"), hello["nqp"]), opts, hooks)
+        return VerbsServerLink(self, self._vctx_of(opts), parse_qp_attrs(hello.get("qps"), hello["nqp"]), opts,
+                               hooks)
 
     def close(self) -> None:
-        self.vctx.close()
+        for v in self.vctxs:
+            v.close()
 
 
 def _new_qp(vctx: VerbsContext, opts: QpOptions, i: int, on_broken: BrokenHook, on_imm: ImmHook,
-            control: ControlHook | None, passive: bool) -> VerbsQueuePair:
+            control: ControlHook | None, passive: bool, primary: bool) -> VerbsQueuePair:
     w = opts.workers[i % len(opts.workers)]
-    assert isinstance(w, VerbsWorker)
+    assert isinstance(w, VerbsWorker) and w._vctx is vctx
     return opts.router.open(lambda cid: VerbsQueuePair(vctx, opts.loop, cid, i, w, opts.depth, opts.op_timeout,
-                                                       on_broken, on_imm, control, passive))
+                                                       on_broken, on_imm, control, passive, primary))
 
 
 def _index_hook(hook: Callable[[BaseException, int | None], None], i: int) -> BrokenHook:
@@ -532,17 +649,25 @@ def _index_hook(hook: Callable[[BaseException, int | None], None], i: int) -> Br
 class VerbsClientLink(ClientLink):
     """An endpoint's RC QPs (QP ``i`` on worker ``i``); the server's channel writes land through them."""
 
-    def __init__(self, vctx: VerbsContext, opts: QpOptions, hooks: LinkHooks) -> None:
+    def __init__(self, transport: VerbsTransport, vctx: VerbsContext, opts: QpOptions, hooks: LinkHooks) -> None:
         super().__init__()
         self._router = opts.router
+        self._t = transport
+        #: the NIC this endpoint's QPs live on
+        self.vctx = vctx
         self.vqps: list[VerbsQueuePair] = []
+        primary = vctx is transport.vctx
         try:
             for i in range(opts.nqp):
-                self.vqps.append(_new_qp(vctx, opts, i, hooks.on_broken, hooks.on_imm, hooks.request, False))
+                self.vqps.append(_new_qp(vctx, opts, i, hooks.on_broken, hooks.on_imm, hooks.request, False,
+                                         primary))
         except BaseException:
             self.close()
             raise
         self.qps = list(self.vqps)
+
+    def key_for(self, mr: MemoryRegion) -> RemoteKey:
+        return self._t.key_on(self.vctx, mr)
 
     def close(self) -> None:
         for qp in self.vqps:
@@ -559,8 +684,9 @@ class VerbsServerLink(ServerLink):
     client's QP ``i``, so a channel's two directions share one RC connection).
     """
 
-    def __init__(self, vctx: VerbsContext, client_qps: list[dict[str, Any]], opts: QpOptions,
-                 hooks: SessionHooks) -> None:
+    def __init__(self, transport: VerbsTransport, vctx: VerbsContext, client_qps: list[dict[str, Any]],
+                 opts: QpOptions, hooks: SessionHooks) -> None:
+        self._t = transport
         self._v = vctx
         self._router = opts.router
         self._client = client_qps
@@ -568,7 +694,8 @@ class VerbsServerLink(ServerLink):
         self.attrs: list[dict[str, Any]] = []
         try:
             for i, remote in enumerate(client_qps):
-                qp = _new_qp(vctx, opts, i, _index_hook(hooks.on_broken, i), hooks.on_imm, None, True)
+                qp = _new_qp(vctx, opts, i, _index_hook(hooks.on_broken, i), hooks.on_imm, None, True,
+                             vctx is transport.vctx)
                 self.qps.append(qp)
                 psn = secrets.randbits(24)
                 vctx.connect_qp(qp._q, remote, psn)
@@ -579,6 +706,9 @@ class VerbsServerLink(ServerLink):
 
     def welcome(self) -> dict[str, Any]:
         return {"qps": self.attrs, "ping": [self._v._ping_addr, self._v._ping_rkey]}
+
+    def key_for(self, mr: MemoryRegion) -> RemoteKey:
+        return self._t.key_on(self._v, mr)
 
     def reset(self, msg: dict[str, Any]) -> dict[str, Any]:
         """Answer a client's ``qp_reset``: RESET -> INIT (fresh receives) -> RTR (its new PSN) -> RTS (ours)."""

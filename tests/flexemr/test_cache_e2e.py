@@ -9,12 +9,14 @@ import pytest
 
 from flexemr import JaggedBatch, LocalCluster, TableSpec
 from flexemr.core.pooling import pool
+from tests.flexemr.transports import TRANSPORTS
 
 SPECS = [TableSpec("user", 4000, 16, "float32"), TableSpec("item", 2500, 8, "float16")]
 
 
-async def test_concurrent_lookups_share_cache_coalescing_and_dedup() -> None:
-    async with LocalCluster(SPECS, servers=2, seed=3, in_process=True, transport="tcp") as cluster:
+@pytest.mark.parametrize("transport", TRANSPORTS)
+async def test_concurrent_lookups_share_cache_coalescing_and_dedup(transport: str) -> None:
+    async with LocalCluster(SPECS, servers=2, seed=3, in_process=True, transport=transport) as cluster:
         client = await cluster.client(cache_bytes=1 << 20, coalesce_window_us=200)
         model = cluster.model()
         rng = np.random.default_rng(0)
@@ -39,8 +41,9 @@ async def test_concurrent_lookups_share_cache_coalescing_and_dedup() -> None:
         assert m.errors == 0
 
 
-async def test_invalidate_keeps_the_cache_coherent() -> None:
-    async with LocalCluster(SPECS, servers=2, seed=3, in_process=True, transport="tcp") as cluster:
+@pytest.mark.parametrize("transport", TRANSPORTS)
+async def test_invalidate_keeps_the_cache_coherent(transport: str) -> None:
+    async with LocalCluster(SPECS, servers=2, seed=3, in_process=True, transport=transport) as cluster:
         client = await cluster.client(cache_bytes=1 << 20)
         model = cluster.model()
         ids = np.array([5, 6, 3000, 5])
@@ -99,8 +102,9 @@ async def test_small_cache_evicts() -> None:
 
 
 @pytest.mark.parametrize("pooled", [None, "mean"])
-async def test_prefetch_order_and_equality(pooled: str | None) -> None:
-    async with LocalCluster(SPECS, servers=2, seed=8, in_process=True, transport="tcp") as cluster:
+@pytest.mark.parametrize("transport", TRANSPORTS)
+async def test_prefetch_order_and_equality(pooled: str | None, transport: str) -> None:
+    async with LocalCluster(SPECS, servers=2, seed=8, in_process=True, transport=transport) as cluster:
         client = await cluster.client(cache_bytes=1 << 20)
         model = cluster.model()
         rng = np.random.default_rng(4)

@@ -1,4 +1,4 @@
-"""End to end over rdmaio (tcp) with two embedding-server processes."""
+"""End to end over rdmaio (tcp, and verbs where a device is active) with two embedding-server processes."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ import pytest
 import pytest_asyncio
 
 from flexemr import JaggedBatch, LocalCluster, TableSpec, pool_bags
+from tests.flexemr.transports import TRANSPORTS
 
 SPECS = [
     TableSpec("user", 5000, 16, "float32"),
@@ -20,9 +21,9 @@ SPECS = [
 ]
 
 
-@pytest_asyncio.fixture
-async def cluster() -> AsyncIterator[LocalCluster]:
-    async with LocalCluster(SPECS, servers=2, seed=11, transport="tcp") as c:
+@pytest_asyncio.fixture(params=TRANSPORTS)
+async def cluster(request: pytest.FixtureRequest) -> AsyncIterator[LocalCluster]:
+    async with LocalCluster(SPECS, servers=2, seed=11, transport=request.param) as c:
         yield c
 
 

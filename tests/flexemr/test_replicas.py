@@ -22,6 +22,7 @@ from flexemr import (
 from flexemr.core.meta import ServerMeta, decode_meta, encode_meta
 from flexemr.core.toml import dumps_toml
 from flexemr.client.replica import Backoff
+from tests.flexemr.transports import TRANSPORTS, transports_xfail_verbs
 
 SPECS = [TableSpec("user", 4000, 16), TableSpec("item", 600, 8, "float16")]
 
@@ -99,9 +100,12 @@ async def _stream(client: object, model: dict[str, np.ndarray], stop: asyncio.Ev
     return n
 
 
-async def test_failover_on_kill_and_recovery_after_restart() -> None:
+@pytest.mark.parametrize("transport", transports_xfail_verbs(
+    "wall-clock bound (max lookup latency < op_timeout): in one loaded Soft-RoCE VM run a lookup took 2.03 s "
+    "around the kill or restart of a replica (results correct), in the next it passed; not yet explained"))
+async def test_failover_on_kill_and_recovery_after_restart(transport: str) -> None:
     fds0 = _fds()
-    async with LocalCluster(SPECS, servers=3, seed=5, replicas=2, transport="tcp") as cluster:
+    async with LocalCluster(SPECS, servers=3, seed=5, replicas=2, transport=transport) as cluster:
         client = await cluster.client()
         model = cluster.model()
         stop = asyncio.Event()
@@ -133,8 +137,9 @@ async def test_failover_on_kill_and_recovery_after_restart() -> None:
     assert [t for t in asyncio.all_tasks() if t is not asyncio.current_task()] == []
 
 
-async def test_no_replica_left_fails_fast_and_recovers() -> None:
-    async with LocalCluster(SPECS, servers=2, seed=5, transport="tcp", in_process=True) as cluster:
+@pytest.mark.parametrize("transport", TRANSPORTS)
+async def test_no_replica_left_fails_fast_and_recovers(transport: str) -> None:
+    async with LocalCluster(SPECS, servers=2, seed=5, transport=transport, in_process=True) as cluster:
         client = await cluster.client(reconnect_base=0.01, reconnect_cap=0.05)
         model = cluster.model()
         await cluster.kill("s0")

@@ -19,6 +19,7 @@ from flexemr import (
     UnknownTableError,
 )
 from flexemr.core.versioned import CTL_GEN, ctl_offset, row_data, validate_slots
+from tests.flexemr.transports import TRANSPORTS
 
 DIM = 96  # 384-byte rows: several copies per row on the wire
 SPECS = [TableSpec("emb", 3000, DIM), TableSpec("small", 64, 4, "float16")]
@@ -101,15 +102,18 @@ async def test_no_torn_rows_in_process() -> None:
             assert (row_data(spec, slots)[hot] % 4096 == (hot + sh.row_start)[:, None] % 4096).all()
 
 
-async def test_no_torn_rows_with_processes() -> None:
-    async with LocalCluster(SPECS, servers=2, seed=2, replicas=2, versioned=True, transport="tcp") as cluster:
-        stats = await _torn_run(cluster, 2.0)
+@pytest.mark.parametrize("transport", TRANSPORTS)
+async def test_no_torn_rows_with_processes(transport: str) -> None:
+    async with LocalCluster(SPECS, servers=2, seed=2, replicas=2, versioned=True, transport=transport) as cluster:
+        # long enough for a meaningful number of updates (the emulated VM is ~15x slower)
+        stats = await _torn_run(cluster, 2.0 if transport == "tcp" else 8.0)
         assert stats["reads"] > 10 and stats["gen"] > 5
 
 
-async def test_update_is_visible_to_every_later_lookup_and_cache() -> None:
+@pytest.mark.parametrize("transport", TRANSPORTS)
+async def test_update_is_visible_to_every_later_lookup_and_cache(transport: str) -> None:
     async with LocalCluster(SPECS, servers=2, seed=4, replicas=2, versioned=True, in_process=True,
-                            transport="tcp") as cluster:
+                            transport=transport) as cluster:
         model = {k: v.copy() for k, v in cluster.model().items()}
         cached = await cluster.client(cache_bytes=1 << 20)
         other = await cluster.client()
@@ -138,12 +142,13 @@ async def test_update_is_visible_to_every_later_lookup_and_cache() -> None:
         assert cached.reliability.updates == 5 and other.reliability.updates == 1
 
 
-async def test_another_clients_update_reaches_every_rankers_cache() -> None:
+@pytest.mark.parametrize("transport", TRANSPORTS)
+async def test_another_clients_update_reaches_every_rankers_cache(transport: str) -> None:
     from flexemr import JaggedBatch
     from flexemr.core.pooling import pool
 
     async with LocalCluster(SPECS, servers=3, seed=5, replicas=2, versioned=True, in_process=True,
-                            transport="tcp") as cluster:
+                            transport=transport) as cluster:
         model = {k: v.copy() for k, v in cluster.model().items()}
         reader = await cluster.client(cache_bytes=4 << 20)
         writer = await cluster.client()
@@ -270,9 +275,10 @@ async def test_versioned_lookups_never_borrow_reads_sent_before_they_began(versi
             assert m.inflight_hits == ids.size and m.rows_read == ids.size
 
 
-async def test_replica_down_during_update_is_resynced() -> None:
+@pytest.mark.parametrize("transport", TRANSPORTS)
+async def test_replica_down_during_update_is_resynced(transport: str) -> None:
     async with LocalCluster(SPECS, servers=3, seed=4, replicas=2, versioned=True, in_process=True,
-                            transport="tcp") as cluster:
+                            transport=transport) as cluster:
         model = {k: v.copy() for k, v in cluster.model().items()}
         copies: list[tuple[str, int, int]] = []         # what resync_progress was told
 

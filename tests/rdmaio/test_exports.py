@@ -19,7 +19,7 @@ INTERNAL = {
     "rdmaio._auth": {"client_mac", "context", "new_nonce", "resolve_secret", "server_proof", "verify"},
     "rdmaio._channel": {"bind_channel", "make_rings", "pack_imm", "route_imm", "unpack_imm"},
     "rdmaio._control": {"ClientProtocol", "ServerProtocol", "State"},
-    "rdmaio._core": {"Config", "Core", "creation_site", "warn_unclosed"},
+    "rdmaio._core": {"Config", "Core", "Placement", "creation_site", "warn_unclosed"},
     "rdmaio._endpoint": {"open_endpoint"},
     "rdmaio._errors": {"error_for_status"},
     "rdmaio._progress": {"CompletionSink", "Connection", "Router", "Worker"},
