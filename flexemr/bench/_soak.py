@@ -63,6 +63,9 @@ HELP = "reliability: lookups and updates while servers are killed and restarted 
 INF = math.inf
 
 
+#: how long the chaos waits for a restarted server to be back in service everywhere
+RESTART_S = 60.0
+
 @dataclass(frozen=True)
 class SoakConfig:
     """Parameters of one soak (module docstring)."""
@@ -262,8 +265,10 @@ async def run_soak(cfg: SoakConfig) -> SoakResult:
                 await asyncio.sleep(rng.uniform(0.2, 1.5))
                 await cluster.restart(victim)
                 for c in (*clients, cached):  # all in sync again before the next victim: one in-sync replica always
-                    if not await c.wait_healthy(20.0):
-                        raise FlexEMRError(f"{victim} did not come back within 20 s")
+                    # generous: on a starved machine a restart plus resync took over 20 s (a harness bound,
+                    # not a promise; what the soak checks is that nothing is wrong, stale or lost)
+                    if not await c.wait_healthy(RESTART_S):
+                        raise FlexEMRError(f"{victim} did not come back within {RESTART_S:.0f} s")
                 await asyncio.sleep(rng.uniform(0.3, 1.5))
 
         tasks = [asyncio.ensure_future(t) for t in (
