@@ -13,17 +13,20 @@ the other links are not limited).  ``--workers`` closed-loop lookups of
 ``--warmup`` seconds:
 
 ``static``
-    ``balanced_reads=False``: every shard is read from its primary while it is
-    up (replicas only for failover);
+    ``balanced_reads=False, remap_workers=False``: every shard is read from
+    its primary while it is up (replicas only for failover), every endpoint
+    posts on its home worker's queue pair;
 ``balanced``
     load-aware reads (:mod:`flexemr.client.load`): each batch reads a shard
     from the replica predicted to answer first, large ones cut over both;
-    traffic moves live as the measured load changes.
+    traffic moves live as the measured load changes; endpoints of hot servers
+    sharing an engine worker are moved to another worker's queue pair
+    (:mod:`flexemr.client.workers`).
 
 Output (``--json``): ``{"static": {...}, "balanced": {...}}``, each with
 ``samples_per_s``, ``p50_ms``, ``p99_ms`` (per lookup), ``lookups``,
 ``load_average`` (1 min, when the mode started) and the client's
-``replica_moves`` / ``off_primary_reads`` / ``split_reads``; ``balanced`` adds
+``replica_moves`` / ``off_primary_reads`` / ``split_reads`` / ``worker_moves``; ``balanced`` adds
 ``speedup`` and ``p99_ratio`` against ``static``.  Needs root (namespaces,
 tc); without it one line says so and the exit code is 2.
 """
@@ -117,7 +120,8 @@ async def _mode(config: ClusterConfig, cfg: SkewConfig, balanced: bool) -> dict[
     rngs = [np.random.default_rng([cfg.seed, i]) for i in range(cfg.workers)]
     n = cfg.batch * cfg.pooling
     load = load_average()
-    async with EmbeddingClient(config, transport="tcp", balanced_reads=balanced, op_timeout=30.0) as client:
+    async with EmbeddingClient(config, transport="tcp", balanced_reads=balanced,
+                               remap_workers=balanced, op_timeout=30.0) as client:
         check = skewed_ids(rngs[0], n, shard_rows, cfg.rows, cfg.alpha, cfg.hot_share, perm)
         if not (await client.lookup("emb", check) == model[check]).all():
             raise AssertionError("lookups differ from the model")
@@ -131,7 +135,7 @@ async def _mode(config: ClusterConfig, cfg: SkewConfig, balanced: bool) -> dict[
         m = client.metrics
         out = rec.summary()
         out.update(load_average=load, replica_moves=m.replica_moves, off_primary_reads=m.off_primary_reads,
-                   split_reads=m.split_reads, errors=m.errors,
+                   split_reads=m.split_reads, worker_moves=m.worker_moves, errors=m.errors,
                    server_requests={s: v["requests"] for s, v in client.server_load().items()})
     return out
 
@@ -168,5 +172,6 @@ def main(args: argparse.Namespace) -> int:
                   f"p99 {r['p99_ms']:8.2f} ms  (load {r['load_average']})")
         b = res["balanced"]
         print(f"balanced vs static: {b['speedup']}x samples/s, p99 x{b['p99_ratio']}; "
-              f"replica moves {b['replica_moves']}, split reads {b['split_reads']}")
+              f"replica moves {b['replica_moves']}, split reads {b['split_reads']}, "
+              f"worker moves {b['worker_moves']}")
     return 0

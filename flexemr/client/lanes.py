@@ -20,6 +20,9 @@ every read request in (:meth:`ReadLane.issue`).  A client has two:
 
 Both lanes choose replicas the same way (:mod:`flexemr.client.load`): one
 :class:`~flexemr.client.load.LoadTracker` per client measures every server.
+From the same measurements, the bulk lane's batches let a
+:class:`~flexemr.client.workers.WorkerMap` move the bulk endpoints between
+engine workers under skew (``ClientOptions(remap_workers=True)``).
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ from ..core.metrics import LocalityMetrics
 from .load import LoadTracker, work_of
 from .options import ClientOptions
 from .peers import Peers, Route
+from .workers import WorkerMap
 
 __all__ = ["LANES", "Lanes", "ReadItem", "ReadLane"]
 
@@ -108,6 +112,8 @@ class ReadLane:
         self.credits: dict[str, rdmaio.Credits] = {}
         self._last: dict[str, frozenset[str]] = {}  # region -> servers that read it in the last batch
         self._routes: dict[tuple[str, str], tuple[Route, Route]] = {}  # (server, region) -> (bulk, lane route)
+        #: called once per routed batch (the bulk lane: :meth:`flexemr.client.workers.WorkerMap.tick`)
+        self.on_batch: Callable[[], None] | None = None
 
     # --------------------------------------------------------------- routes
 
@@ -139,6 +145,8 @@ class ReadLane:
 
     def routes(self, items: Sequence[I], allowed: dict[str, frozenset[str]]) -> list[tuple[I, Route]]:
         """The route of every unpinned item; a region's items may be cut over several replicas."""
+        if self.on_batch is not None:
+            self.on_batch()
         by_region: dict[str, list[I]] = {}
         for it in items:
             by_region.setdefault(it.region, []).append(it)
@@ -217,6 +225,11 @@ class Lanes:
         self.background = ReadLane("bulk", peers, self.tracker, metrics, balanced=options.balanced_reads,
                                    split_bytes=options.split_bytes, window_bytes=options.bulk_window_bytes)
         self.background.credits = self.bulk.credits
+        #: moves the bulk endpoints between engine workers under skew (``remap_workers``)
+        self.workers: WorkerMap | None = None
+        if options.remap_workers:
+            self.workers = WorkerMap(peers, self.tracker, metrics)
+            self.bulk.on_batch = self.workers.tick
         self.priority: ReadLane | None = None
         if options.priority_lane:
             self.priority = ReadLane("priority", peers, self.tracker, metrics, balanced=options.balanced_reads,

@@ -75,6 +75,7 @@ COUNTERS: dict[str, tuple[str, str]] = {
     "replica_moves": ("replica_moves", "Changes of the replicas serving a shard's reads between batches"),
     "off_primary_reads": ("off_primary_reads", "Shard reads of a batch that did not use the shard's primary"),
     "split_reads": ("split_reads", "Shard reads of a batch cut over several replicas"),
+    "worker_moves": ("worker_moves", "Endpoints moved to a queue pair of another engine worker under skew"),
     "priority_lookups": ("priority_lookups", "Lookups sent on the priority lane"),
     "priority_demoted": ("priority_demoted", "priority=True lookups larger than priority_max_rows, sent as bulk"),
     "swapin_rows": ("swapin_rows", "Rows read into the cache in the background after it grew"),

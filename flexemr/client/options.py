@@ -125,6 +125,15 @@ class ClientOptions:
         first in-service replica (the primary while it is up).
     split_bytes:
         A shard's reads of one batch larger than this may be cut over its replicas.
+    remap_workers:
+        Under skew, move this client's endpoints between the engine's workers
+        (:mod:`flexemr.client.workers`): when the servers whose endpoints share
+        a worker carry materially more of the measured load than another
+        worker, an endpoint is switched to its queue pair owned by the lighter
+        worker (``rdmaio.Endpoint.qp_choice``); operations in flight are not
+        touched.  Counted in ``LocalityMetrics.worker_moves``.  Endpoints with
+        one queue pair, or whose ``qp_choice`` is not ``"home"`` (set through
+        ``engine_options`` or by hand), are never moved.
     bulk_window_bytes:
         Bytes of bulk reads (every lookup not in the priority lane, prefetch,
         swap-in) in flight per server at most (``0``: no window).  Keeps bulk
@@ -196,6 +205,7 @@ class ClientOptions:
     update_lock_timeout: float = 10.0
     balanced_reads: bool = True
     split_bytes: int = 256 << 10
+    remap_workers: bool = True
     bulk_window_bytes: int = 0
     priority_lane: bool = False
     priority: bool = False
@@ -243,7 +253,7 @@ class ClientOptions:
                 raise ConfigError(f"{name} must be a positive number, got {val!r}")
         if not _is_number(self.cache_idle_s) or self.cache_idle_s < 0:
             raise ConfigError(f"cache_idle_s must be a number >= 0, got {self.cache_idle_s!r}")
-        for name in ("adaptive", "server_pooling", "balanced_reads", "priority_lane", "priority", "swapin"):
+        for name in ("adaptive", "server_pooling", "balanced_reads", "remap_workers", "priority_lane", "priority", "swapin"):
             object.__setattr__(self, name, bool(getattr(self, name)))
         if self.adaptive and not self.cache_bytes:
             raise ConfigError("adaptive=True needs cache_bytes > 0")

@@ -191,6 +191,8 @@ class LocalityMetrics(ClientMetrics):
                              (load-aware reads moving traffic; flexemr.client.load)
         off_primary_reads    shard reads of a batch that did not use the shard's primary
         split_reads          shard reads of a batch cut over several replicas
+        worker_moves         endpoints the client moved to a queue pair of another engine worker because
+                             its per-server load was skewed over the workers (flexemr.client.workers)
         priority_lookups     lookups sent in the priority lane (flexemr.client.lanes)
         priority_demoted     priority=True lookups larger than priority_max_rows, sent as bulk
         swapin_rows          rows read into the cache in the background after it grew (flexemr.client.swapin)
@@ -227,6 +229,7 @@ class LocalityMetrics(ClientMetrics):
     replica_moves: int = 0
     off_primary_reads: int = 0
     split_reads: int = 0
+    worker_moves: int = 0
     priority_lookups: int = 0
     priority_demoted: int = 0
     swapin_rows: int = 0
@@ -238,8 +241,8 @@ class LocalityMetrics(ClientMetrics):
         "cache_resizes",
         "cache_capacity", "pooled_lookups", "pooled_subrequests", "pool_rpcs", "raw_subrequests", "pooled_bags", "pooled_rows",
         "local_pooled_rows", "pool_bytes_sent", "pool_bytes_received", "pool_fallbacks",
-        "prefetched_batches", "replica_moves", "off_primary_reads", "split_reads", "priority_lookups",
-        "priority_demoted", "swapin_rows", "swapin_rounds", "predicted_rows")
+        "prefetched_batches", "replica_moves", "off_primary_reads", "split_reads", "worker_moves",
+        "priority_lookups", "priority_demoted", "swapin_rows", "swapin_rounds", "predicted_rows")
 
     @property
     def network_bytes(self) -> int:

@@ -47,6 +47,7 @@ async def test_skew_bench_shape() -> None:
     assert set(res) == {"static", "balanced"}
     assert all(INNER <= set(r) and r["errors"] == 0 and r["lookups"] > 0 for r in res.values())
     assert res["static"]["off_primary_reads"] == 0 and {"speedup", "p99_ratio"} <= set(res["balanced"])
+    assert res["static"]["worker_moves"] == 0 and "worker_moves" in res["balanced"]   # static: no re-mapping
 
 
 async def test_priority_bench_shape() -> None:
