@@ -638,10 +638,13 @@ class AdaptiveCapacity:
         free = max(self.memory_budget_bytes - self.load_estimate, 0)
         return min(max(free // self.row_bytes, self.min_capacity), self.max_capacity)
 
+    #: the name :meth:`observe`'s argument has in its error message
+    _observed = "batch_rows"
+
     def observe(self, batch_rows: int) -> int:
         """Record a batch that fetched ``batch_rows`` rows; returns the new :attr:`capacity`."""
         if not _is_int(batch_rows) or batch_rows < 0:
-            raise InputError(f"batch_rows must be a non-negative integer, got {batch_rows!r}")
+            raise InputError(f"{self._observed} must be a non-negative integer, got {batch_rows!r}")
         self._window.append(int(batch_rows))
         return self.capacity
 

@@ -22,33 +22,28 @@ means no NN need.
 
 from __future__ import annotations
 
-from collections import deque
-
-from .errors import ConfigError, InputError
+from .cache import AdaptiveCapacity
+from .errors import ConfigError
 from .spec import _is_int
 
 __all__ = ["ActivationCapacity"]
 
 
-class ActivationCapacity:
-    """Cache rows left by the NN's activations (module docstring); the interface of
-    :class:`~flexemr.core.cache.AdaptiveCapacity`, but :meth:`observe` takes a batch's samples."""
+class ActivationCapacity(AdaptiveCapacity):
+    """Cache rows left by the NN's activations (module docstring): an
+    :class:`~flexemr.core.cache.AdaptiveCapacity` whose window holds batch sizes in samples and whose
+    need is the NN's, not the staging buffers'; :meth:`observe` takes a batch's samples."""
+
+    _observed = "samples"
 
     def __init__(self, memory_budget_bytes: int, row_bytes: int, sample_bytes: int, window: int = 16, *,
                  min_capacity: int = 0) -> None:
         for name, v, lo in (("memory_budget_bytes", memory_budget_bytes, 0), ("row_bytes", row_bytes, 1),
-                            ("sample_bytes", sample_bytes, 1), ("window", window, 1),
-                            ("min_capacity", min_capacity, 0)):
-            if not _is_int(v) or v < lo:
+                            ("sample_bytes", sample_bytes, 1)):
+            if not _is_int(v) or v < lo:  # in the order they are given; the rest are checked by the base
                 raise ConfigError(f"{name} must be an integer >= {lo}, got {v!r}")
-        self.memory_budget_bytes = int(memory_budget_bytes)
-        self.row_bytes = int(row_bytes)
+        super().__init__(memory_budget_bytes, row_bytes, window, min_capacity=min_capacity)
         self.sample_bytes = int(sample_bytes)
-        self.max_capacity = self.memory_budget_bytes // self.row_bytes
-        if min_capacity > self.max_capacity:
-            raise ConfigError(f"min_capacity={min_capacity} exceeds the budget's {self.max_capacity} rows")
-        self.min_capacity = int(min_capacity)
-        self._window: deque[int] = deque(maxlen=int(window))
 
     @property
     def nn_bytes(self) -> int:
@@ -56,18 +51,14 @@ class ActivationCapacity:
         return self.sample_bytes * (max(self._window) if self._window else 0)
 
     @property
-    def capacity(self) -> int:
-        """Current target capacity in rows."""
-        free = max(self.memory_budget_bytes - self.nn_bytes, 0)
-        return min(max(free // self.row_bytes, self.min_capacity), self.max_capacity)
+    def load_estimate(self) -> int:
+        """What the budget holds besides the cache: :attr:`nn_bytes`."""
+        return self.nn_bytes
 
     def observe(self, samples: int) -> int:
         """Record a batch of ``samples`` samples; returns the new :attr:`capacity`."""
-        if not _is_int(samples) or samples < 0:
-            raise InputError(f"samples must be a non-negative integer, got {samples!r}")
-        self._window.append(int(samples))
-        return self.capacity
+        return super().observe(samples)
 
     def reset(self) -> None:
         """Forget the window (idle): the capacity returns to the whole budget."""
-        self._window.clear()
+        super().reset()
