@@ -61,7 +61,7 @@ import rdmaio
 from ..core.config import ClusterConfig, table_files
 from ..core.errors import FlexEMRError
 from ..server.server import EmbeddingServer
-from .cli_support import ArgumentParser, Interrupted, check_range, describe_os_error
+from .cli_support import ArgumentParser, Interrupted, check_range, describe_os_error, parse_pairs
 from .progress import Bars, as_callback
 from .progress import add_option as add_progress_option
 
@@ -106,16 +106,6 @@ def _serve_args(p: argparse.ArgumentParser) -> None:
     add_progress_option(p)
 
 
-def _parse_npy(items: Sequence[str]) -> dict[str, str]:
-    out: dict[str, str] = {}
-    for item in items:
-        table, sep, path = item.partition("=")
-        if not sep or not table or not path:
-            raise FlexEMRError(f"--npy expects TABLE=PATH, got {item!r}")
-        out[table] = path
-    return out
-
-
 def _watch_stdin(loop: asyncio.AbstractEventLoop, stop: asyncio.Event) -> None:
     def run() -> None:
         try:
@@ -138,7 +128,7 @@ async def _serve(args: argparse.Namespace) -> int:
     config = ClusterConfig.from_toml(args.config)
     bar = Bars.from_args(args).bar(desc=f"filling the shards of {args.server}", unit="B", unit_scale=True)
     server = EmbeddingServer(config, args.server, host=args.host, port=args.port, seed=args.seed,
-                             npy={**table_files(args.config), **_parse_npy(args.npy)},  # --npy overrides the file
+                             npy={**table_files(args.config), **parse_pairs(args.npy, "--npy", "TABLE=PATH")},  # --npy overrides the file
                              transport=args.transport,
                              engine_options={"workers": args.workers}, fill_progress=as_callback(bar))
     loop = asyncio.get_running_loop()

@@ -16,7 +16,7 @@ import errno
 import os
 import signal
 import sys
-from collections.abc import Callable, Coroutine, Iterator
+from collections.abc import Callable, Coroutine, Iterator, Sequence
 from typing import Any, NoReturn, TypeVar
 
 import rdmaio
@@ -24,7 +24,7 @@ import rdmaio
 from ..core.errors import ConfigError
 
 __all__ = ["ArgumentParser", "Interrupted", "blocking_section", "check_range", "describe_os_error",
-           "run_interruptible"]
+           "parse_pairs", "run_interruptible"]
 
 T = TypeVar("T")
 
@@ -39,6 +39,21 @@ class ArgumentParser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:
         print(f"{self.prog}: error: {message} (see {self.prog} --help)", file=sys.stderr)
         sys.exit(2)
+
+
+def parse_pairs(items: Sequence[str], option: str, form: str = "KEY=VALUE") -> dict[str, str]:
+    """Repeated ``option`` values ``KEY=VALUE`` as a dict (a later key wins); key and value both non-empty.
+
+    >>> parse_pairs(["a=1", "b=x=y"], "--npy")
+    {'a': '1', 'b': 'x=y'}
+    """
+    out: dict[str, str] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key or not value:
+            raise ConfigError(f"{option} expects {form}, got {item!r}")
+        out[key] = value
+    return out
 
 
 def check_range(option: str, value: float | None, lo: float | None = None, hi: float | None = None, *,

@@ -32,21 +32,10 @@ import sys
 from typing import Any
 
 from ..apps.cli import Command
-from ..apps.cli_support import check_range
+from ..apps.cli_support import check_range, parse_pairs
 from ..core.config import ClusterConfig
-from ..core.errors import ConfigError
 
 __all__ = ["CLI_COMMANDS", "configure", "main"]
-
-
-def _parse_pairs(items: list[str], what: str) -> dict[str, str]:
-    out: dict[str, str] = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep or not key or not value:
-            raise ConfigError(f"{what} expects KEY=VALUE, got {item!r}")
-        out[key] = value
-    return out
 
 
 def configure(p: argparse.ArgumentParser) -> None:
@@ -112,7 +101,7 @@ def configure(p: argparse.ArgumentParser) -> None:
 
 def _client_options(items: list[str]) -> dict[str, Any]:
     out: dict[str, Any] = {}
-    for key, raw in _parse_pairs(items, "--client-option").items():
+    for key, raw in parse_pairs(items, "--client-option").items():
         try:
             out[key] = json.loads(raw)
         except ValueError:
@@ -134,7 +123,7 @@ def _up(args: argparse.Namespace) -> int:
                                max_batch_size=args.max_batch_size, batch_wait_timeout_s=args.batch_wait_ms / 1e3,
                                cpus=args.ranker_cpus, client_options=_client_options(args.client_option),
                                metrics=not args.no_metrics)
-    rc = up(args.config, name=args.name, address=args.address, seed=args.seed, npy=_parse_pairs(args.npy, "--npy"),
+    rc = up(args.config, name=args.name, address=args.address, seed=args.seed, npy=parse_pairs(args.npy, "--npy"),
             transport=args.transport, workers=args.workers, ports=args.ports, server_cpus=args.server_cpus,
             strategy=args.strategy, metrics=not args.no_metrics, ranker=ranker, http_host=args.http_host,
             http_port=args.http_port, timeout=args.timeout)
