@@ -12,7 +12,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
 import errno
+import json
 import os
 import signal
 import sys
@@ -21,10 +23,11 @@ from typing import Any, NoReturn, TypeVar
 
 import rdmaio
 
+from ..client.options import ClientOptions
 from ..core.errors import ConfigError
 
 __all__ = ["ArgumentParser", "Interrupted", "blocking_section", "check_range", "describe_os_error",
-           "parse_pairs", "run_interruptible"]
+           "client_option_names", "parse_client_options", "parse_pairs", "run_interruptible"]
 
 T = TypeVar("T")
 
@@ -53,6 +56,31 @@ def parse_pairs(items: Sequence[str], option: str, form: str = "KEY=VALUE") -> d
         if not sep or not key or not value:
             raise ConfigError(f"{option} expects {form}, got {item!r}")
         out[key] = value
+    return out
+
+
+def client_option_names(reserved: frozenset[str] = frozenset()) -> list[str]:
+    """The :class:`~flexemr.ClientOptions` fields a ``--client-option`` may set, less the ``reserved`` ones."""
+    return sorted(f.name for f in dataclasses.fields(ClientOptions) if f.name not in reserved)
+
+
+def parse_client_options(items: Sequence[str], reserved: frozenset[str] = frozenset()) -> dict[str, Any]:
+    """Repeated ``--client-option KEY=VALUE`` as client keywords: each key is checked up front against
+    :class:`~flexemr.ClientOptions` (less ``reserved``, the keywords the command sets itself), each value
+    decoded as JSON when it is JSON and kept as a string otherwise.
+
+    >>> parse_client_options(["cache_bytes=1048576", "coalesce_window_us=200"])
+    {'cache_bytes': 1048576, 'coalesce_window_us': 200}
+    """
+    names = client_option_names(reserved)
+    out: dict[str, Any] = {}
+    for key, raw in parse_pairs(items, "--client-option").items():
+        if key not in names:
+            raise ConfigError(f"--client-option: EmbeddingClient has no option {key!r}; options: {', '.join(names)}")
+        try:
+            out[key] = json.loads(raw)
+        except ValueError:
+            out[key] = raw
     return out
 
 

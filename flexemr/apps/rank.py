@@ -67,7 +67,7 @@ from ..core.jagged import JaggedBatch
 from ..core.spec import TableSpec
 from .blas import add_option as add_blas_option
 from .blas import limit_threads
-from .cli_support import blocking_section, check_range, run_interruptible
+from .cli_support import blocking_section, check_range, parse_client_options, run_interruptible
 from .criteo import criteo_format, read_criteo, write_sample
 from .dlrm import DLRM, ReferenceTables, head_of
 from .progress import Bars, as_callback
@@ -397,24 +397,6 @@ def format_results(rows: Sequence[Mapping[str, Any]], techniques: Sequence[str] 
 _RESERVED_OPTIONS = frozenset({"transport", "engine", "resync_progress"})
 
 
-def client_option_names() -> list[str]:
-    """The :class:`~flexemr.ClientOptions` fields that ``--client-option`` accepts."""
-    return sorted(f.name for f in dataclasses.fields(ClientOptions) if f.name not in _RESERVED_OPTIONS)
-
-
-def _parse_option(item: str) -> tuple[str, Any]:
-    key, sep, raw = item.partition("=")
-    if not sep or not key.isidentifier():
-        raise ConfigError(f"--client-option expects KEY=VALUE, got {item!r}")
-    if key not in client_option_names():
-        raise ConfigError(f"--client-option: EmbeddingClient has no option {key!r}; "
-                          f"options: {', '.join(client_option_names())}")
-    try:
-        return key, json.loads(raw)
-    except ValueError:
-        return key, raw
-
-
 def _validate_rank_args(args: argparse.Namespace) -> None:
     check_range("--batch-size", args.batch_size, 1)
     check_range("--generate", args.generate, 1)
@@ -567,7 +549,7 @@ def _batches(args: argparse.Namespace, config: ClusterConfig,
 
 async def _rank(args: argparse.Namespace) -> dict[str, Any]:
     config = ClusterConfig.from_toml(args.config)
-    options = dict(_parse_option(o) for o in args.client_option)
+    options = parse_client_options(args.client_option, _RESERVED_OPTIONS)
     with contextlib.ExitStack() as stack:
         with blocking_section():
             batches, specs = _batches(args, config, stack)

@@ -32,7 +32,7 @@ import sys
 from typing import Any
 
 from ..apps.cli import Command
-from ..apps.cli_support import check_range, parse_pairs
+from ..apps.cli_support import check_range, parse_client_options, parse_pairs
 from ..core.config import ClusterConfig
 
 __all__ = ["CLI_COMMANDS", "configure", "main"]
@@ -99,14 +99,8 @@ def configure(p: argparse.ArgumentParser) -> None:
     configure_bench(b)
 
 
-def _client_options(items: list[str]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, raw in parse_pairs(items, "--client-option").items():
-        try:
-            out[key] = json.loads(raw)
-        except ValueError:
-            out[key] = raw
-    return out
+#: Client keywords a ``--client-option`` cannot give: objects, not values (the ranker's transport is a value).
+_RESERVED_OPTIONS = frozenset({"engine", "resync_progress"})
 
 
 def _up(args: argparse.Namespace) -> int:
@@ -121,7 +115,8 @@ def _up(args: argparse.Namespace) -> int:
         ranker = RankerOptions(replicas=None if args.max_replicas else args.replicas, min_replicas=args.min_replicas,
                                max_replicas=args.max_replicas, model=args.model, model_seed=args.model_seed,
                                max_batch_size=args.max_batch_size, batch_wait_timeout_s=args.batch_wait_ms / 1e3,
-                               cpus=args.ranker_cpus, client_options=_client_options(args.client_option),
+                               cpus=args.ranker_cpus, client_options=parse_client_options(
+                                   args.client_option, _RESERVED_OPTIONS),
                                metrics=not args.no_metrics)
     rc = up(args.config, name=args.name, address=args.address, seed=args.seed, npy=parse_pairs(args.npy, "--npy"),
             transport=args.transport, workers=args.workers, ports=args.ports, server_cpus=args.server_cpus,

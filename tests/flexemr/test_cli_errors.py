@@ -116,6 +116,8 @@ CASES: list[tuple[str, list[str], str, int]] = [
     ("ray-unknown", ["ray", "frob"], "invalid choice: 'frob'", 2),
     ("ray-workers", ["ray", "up", "--config", "{c}", "--workers", "0"], "--workers must be >= 1", 1),
     ("ray-client-option", ["ray", "up", "--config", "{c}", "--client-option", "foo"], "expects KEY=VALUE", 1),
+    ("ray-client-option-name", ["ray", "up", "--config", "{c}", "--client-option", "foo=1"],
+     "EmbeddingClient has no option 'foo'", 1),
     ("ray-missing-config", ["ray", "up", "--config", "{dir}/nope.toml"], "cannot read cluster file", 1),
     ("ray-url", ["ray", "rank", "--url", "ftp://x/y", "--config", "{c}", "--generate", "1", "--batch-size", "2"],
      "--url must be http://HOST:PORT/PATH", 1),
