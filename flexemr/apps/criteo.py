@@ -14,18 +14,20 @@ lines have 39 fields.  Compressed files are read as they are: ``.gz``,
 ``I`` columns integers, ``C`` columns hex strings or integers; a null is a
 missing value (:func:`write_sample` writes both formats).
 
-Reading goes through pyarrow (the ``apps`` extra): ``pyarrow.csv``'s streaming
-reader splits lines and fields in C++ (every field as bytes), then each column
-is checked and converted whole -- integers by ``pyarrow.compute.cast`` after a
-byte-class check (decimal only: no spaces, ``+`` or ``0x``), hex strings by a
-table lookup and a few 64-bit shifts in numpy -- so no Python code runs per
-line or per field.  A malformed line raises :class:`CriteoFormatError` with
-its 1-based line number (for Parquet: its row number), naming the field and
-quoting the value.
+Reading goes through pyarrow (the ``apps`` extra): ``pyarrow.csv`` splits
+each block of lines into fields in C++ (every field as bytes, several blocks
+at once on worker threads), then each column is checked and converted whole,
+from its Arrow buffers, by :mod:`flexemr.core.textcols` (C: decimal integers
+-- no spaces, ``+`` or ``0x`` -- and hex strings, eight digits a word at a
+time), so no Python code runs per line or per field.  A malformed line raises
+:class:`CriteoFormatError` with its 1-based line number (for Parquet: its row
+number), naming the field and quoting the value.
 
 Categorical values become table rows with :func:`hash_ids`, a stable 64-bit
 mix (splitmix64 finaliser) of ``(value, feature)`` modulo the table size; a
-missing categorical value gives an empty bag.  Dense features go through
+missing categorical value gives an empty bag.  :meth:`CriteoRecords.jagged`
+computes the same rows for all 26 features in one native pass
+(:func:`flexemr.core.textcols.hash_bags`).  Dense features go through
 DLRM's ``log(1 + max(x, 0))`` (:meth:`CriteoRecords.dense_features`).
 
 :func:`write_sample` writes *synthetic* files in these formats (categorical
@@ -286,26 +288,31 @@ def _tsv_records(stream: Any, *, first_line: int, has_label: bool, block_bytes: 
     pa = arrow()
     nf = len(field_names(has_label))
 
-    def blocks() -> Iterator[memoryview | Exception]:
+    spare: list[bytearray] = []        # buffers of blocks already converted, read into again
+
+    def blocks() -> Iterator[tuple[memoryview, bytearray] | Exception]:
         rest = b""
         while True:          # each block in a buffer of its own, read into after the previous one's last line
-            buf = bytearray(len(rest) + block_bytes)
-            buf[: len(rest)] = rest
+            need = len(rest) + block_bytes
+            buf = spare.pop() if spare and len(spare[-1]) >= need else bytearray(need + (1 << 16))
+            view = memoryview(buf)
+            view[: len(rest)] = rest
             try:
-                got = stream.readinto(memoryview(buf)[len(rest) :])
+                got = stream.readinto(view[len(rest) : need])
             except (pa.ArrowException, OSError) as exc:
                 yield exc
                 return
             end = len(rest) + got
-            data = memoryview(buf)[:end]
             if not got:
                 if end:
-                    yield data
+                    yield view[:end], buf
                 return
             cut = buf.rfind(b"\n", 0, end) + 1
-            rest = bytes(data[cut:])
+            rest = bytes(view[cut:end])
             if cut:
-                yield data[:cut]
+                yield view[:cut], buf
+            else:
+                spare.append(buf)
 
     def failed(exc: BaseException, line: int) -> InputError:
         return InputError(f"{path or 'Criteo data'}: cannot read the lines from {line} on: {exc}")
@@ -317,21 +324,23 @@ def _tsv_records(stream: Any, *, first_line: int, has_label: bool, block_bytes: 
         line = first_line
         while True:
             while len(ahead) < _WORKERS + 1:
-                data = next(source, None)
-                if data is None:
+                got = next(source, None)
+                if got is None:
                     break
-                ahead.append(data if isinstance(data, Exception) else pool.submit(_parse_block, data, has_label))
-                if isinstance(data, Exception):
+                if isinstance(got, Exception):
+                    ahead.append(got)
                     break
+                ahead.append((pool.submit(_parse_block, got[0], has_label), got[1]))
             if not ahead:
                 return
             item = ahead.popleft()
             if isinstance(item, Exception):
                 raise failed(item, line) from None
             try:
-                block = item.result()
+                block = item[0].result()
             except (pa.ArrowException, OSError) as exc:
                 raise failed(exc, line) from None
+            spare.append(item[1])                # converted: the records hold none of its bytes
             if block.bad is not None:
                 raise CriteoFormatError(line + block.bad.row, f"{block.bad.what}, got {block.bad.text!r}",
                                         path) from None
@@ -347,7 +356,7 @@ def _tsv_records(stream: Any, *, first_line: int, has_label: bool, block_bytes: 
     finally:
         for item in ahead:
             if not isinstance(item, Exception):
-                item.cancel()
+                item[0].cancel()
         pool.shutdown(wait=True)
 
 

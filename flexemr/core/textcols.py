@@ -143,7 +143,7 @@ def hash_bags(values: npt.ArrayLike, num_rows: Sequence[int], salts: Sequence[in
     if salt.size != nfeat:
         raise InputError(f"need one salt per feature ({nfeat}), got {salt.size}")
     ids = np.empty(nfeat * n, dtype=np.int64)
-    offsets = np.zeros(nfeat * n + 1, dtype=np.int64)
+    offsets = np.zeros(1, dtype=np.int64) if ids.size == 0 else np.empty(nfeat * n + 1, dtype=np.int64)
     if ids.size == 0:
         return ids, offsets
     # a pointer to the first element and strides in elements: negative strides are fine too
