@@ -86,8 +86,8 @@ def _check(got: int, n_ok: int = -1) -> None:
         raise MalformedValue(-2 - got, "has offsets that are decreasing or out of bounds")
 
 
-def parse_decimal(offsets: npt.ArrayLike, data: Any, *, validity: Any = None, bit0: int = 0,
-                  lo: int = int(_I64.min), hi: int = int(_I64.max), missing_ok: bool = True) -> tuple[IntArray, BoolArray]:
+def parse_decimal(offsets: npt.ArrayLike, data: Any, *, validity: Any = None, bit0: int = 0, lo: int = int(_I64.min),
+                  hi: int = int(_I64.max), missing_ok: bool = True) -> tuple[IntArray, BoolArray]:
     """``(values, missing)`` of a column of decimal integers (missing values: 0 and ``True``).
 
     A value is an optional ``-`` and at least one digit (no spaces, ``+`` or

@@ -414,7 +414,8 @@ def test_trace_round_trip_and_validation(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("module", ["flexemr.apps.dlrm", pytest.param("flexemr.apps.criteo", marks=needs_arrow),
-                                    "flexemr.apps.trace", "flexemr.apps.extras", "flexemr.apps.progress", "flexemr.core.textcols"])
+                                    "flexemr.apps.trace", "flexemr.apps.extras", "flexemr.apps.progress",
+                                    "flexemr.core.textcols"])
 def test_docstring_examples_run(module: str) -> None:
     import doctest
     import importlib
