@@ -51,8 +51,9 @@ from __future__ import annotations
 import io
 import os
 from collections import deque
-from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Generator, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import closing
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -277,6 +278,31 @@ def _parse_block(data: memoryview, has_label: bool) -> _Block:
 _WORKERS = max(1, min(4, os.cpu_count() or 1))
 
 
+def _ahead(items: Iterator[Any],
+           work: Callable[[Any], Any]) -> Generator[tuple[Any, Future[Any] | None], None, None]:
+    """``(item, future of work(item))`` for each of ``items``, in order, with up to :data:`_WORKERS` + 1 items
+    being worked on by :data:`_WORKERS` threads ahead of the one yielded.  An item that is an exception is
+    passed through as ``(exception, None)``, and is the last."""
+    pool = ThreadPoolExecutor(_WORKERS, thread_name_prefix="flexemr-criteo")
+    queue: deque[tuple[Any, Future[Any] | None]] = deque()
+    try:
+        ended = False
+        while True:
+            while not ended and len(queue) < _WORKERS + 1:
+                item = next(items, None)
+                ended = item is None or isinstance(item, Exception)
+                if item is not None:
+                    queue.append((item, None if isinstance(item, Exception) else pool.submit(work, item)))
+            if not queue:
+                return
+            yield queue.popleft()
+    finally:
+        for _, future in queue:
+            if future is not None:
+                future.cancel()
+        pool.shutdown(wait=True)
+
+
 def _tsv_records(stream: Any, *, first_line: int, has_label: bool, block_bytes: int, path: str | None,
                  progress: Callable[[], None] | None = None) -> Iterator[CriteoRecords]:
     """The samples of the TSV ``stream`` (``readinto(buffer) -> int``), one :class:`CriteoRecords` per block.
@@ -317,27 +343,14 @@ def _tsv_records(stream: Any, *, first_line: int, has_label: bool, block_bytes: 
     def failed(exc: BaseException, line: int) -> InputError:
         return InputError(f"{path or 'Criteo data'}: cannot read the lines from {line} on: {exc}")
 
-    pool = ThreadPoolExecutor(_WORKERS, thread_name_prefix="flexemr-criteo")
-    ahead: deque[Any] = deque()
-    source = blocks()
-    try:
-        line = first_line
-        while True:
-            while len(ahead) < _WORKERS + 1:
-                got = next(source, None)
-                if got is None:
-                    break
-                if isinstance(got, Exception):
-                    ahead.append(got)
-                    break
-                ahead.append((pool.submit(_parse_block, got[0], has_label), got[1]))
-            if not ahead:
-                return
-            item = ahead.popleft()
-            if isinstance(item, Exception):
+    line = first_line
+    jobs = _ahead(blocks(), lambda got: _parse_block(got[0], has_label))
+    with closing(jobs):                         # closed (its threads stopped) however this generator ends
+        for item, future in jobs:
+            if future is None:
                 raise failed(item, line) from None
             try:
-                block = item[0].result()
+                block = future.result()
             except (pa.ArrowException, OSError) as exc:
                 raise failed(exc, line) from None
             spare.append(item[1])                # converted: the records hold none of its bytes
@@ -353,11 +366,6 @@ def _tsv_records(stream: Any, *, first_line: int, has_label: bool, block_bytes: 
             if progress is not None:
                 progress()
             yield recs
-    finally:
-        for item in ahead:
-            if not isinstance(item, Exception):
-                item[0].cancel()
-        pool.shutdown(wait=True)
 
 
 def parse_criteo(data: bytes | bytearray | memoryview, *, first_line: int = 1, has_label: bool = True,
@@ -400,17 +408,21 @@ def _parquet_records(name: str, *, has_label: bool, rows: int,
                          f"(needs {names[0]}, ..., C26)")
     total = pf.metadata.num_rows
     row = 1
-    for batch in pf.iter_batches(batch_size=rows, columns=names):
-        try:
-            recs = _records(batch, row, has_label)
-        except BadValue as bad:
-            raise CriteoFormatError(row + bad.row, f"{bad.what}, got {bad.text!r}", name, unit="row") from None
-        except InputError as exc:
-            raise InputError(f"Parquet file {name}: {exc}") from None
-        row += batch.num_rows
-        if progress is not None:
-            progress(row - 1, total)
-        yield recs
+    # pyarrow decodes the next batches while worker threads convert the ones before (the C parts release the GIL)
+    jobs = _ahead(pf.iter_batches(batch_size=rows, columns=names), lambda batch: _records(batch, 1, has_label))
+    with closing(jobs):
+        for batch, future in jobs:
+            assert future is not None
+            try:
+                recs = replace(future.result(), first_line=row)
+            except BadValue as bad:
+                raise CriteoFormatError(row + bad.row, f"{bad.what}, got {bad.text!r}", name, unit="row") from None
+            except InputError as exc:
+                raise InputError(f"Parquet file {name}: {exc}") from None
+            row += batch.num_rows
+            if progress is not None:
+                progress(row - 1, total)
+            yield recs
 
 
 def read_criteo(path: str | os.PathLike[str], *, batch_size: int | None = None, has_label: bool = True,

@@ -138,6 +138,27 @@ def test_jagged_batches_hash_as_hash_ids_did(tmp_path: Path) -> None:
         recs.jagged(specs[:3])
 
 
+@needs_arrow
+@pytest.mark.parametrize("name", ["s.tsv", "s.parquet"])
+def test_reader_threads_stop_when_reading_stops(tmp_path: Path, name: str) -> None:
+    """Blocks are converted on worker threads ahead of the one yielded: stopping early, or an error, stops them."""
+    import threading
+
+    def workers() -> list[threading.Thread]:
+        return [t for t in threading.enumerate() if t.name.startswith("flexemr-criteo")]
+
+    path = write_sample(tmp_path / name, 3000, seed=1)
+    reader = read_criteo(path, chunk_bytes=20_000)
+    assert len(next(reader)) > 0 and workers()
+    reader.close()
+    assert workers() == []
+    bad = tmp_path / "bad.tsv"
+    bad.write_text((LINE + "\n") * 2000 + "x" + LINE[1:] + "\n" + (LINE + "\n") * 500)
+    with pytest.raises(CriteoFormatError, match="line 2001: field label"):
+        list(read_criteo(bad, chunk_bytes=20_000))
+    assert workers() == []
+
+
 #: malformed values by the kind of field they go into (label, integer I1..I13, hex C1..C26)
 BAD_VALUES = {"label": ["2", "", "-1", " 1", "1 ", "x"],
               "int": ["x5", "+5", " 5", "0x10", "-", "5-5", "1e3", "12345678x"],
