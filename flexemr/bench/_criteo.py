@@ -220,7 +220,8 @@ def measure(cfg: CriteoBenchConfig, bars: Bars | None = None) -> dict[str, Any]:
                         bar.update(1)
             results += [{"format": fmt, "path": name, "file_bytes": os.path.getsize(path), **best[name]}
                         for name in paths]
-    jagged_tsv = [float(r["lines_per_s"]) for r in results if r["format"] == "tsv" and r["path"] == "read_criteo + jagged"]
+    jagged_tsv = [float(r["lines_per_s"]) for r in results
+                  if r["format"] == "tsv" and r["path"] == "read_criteo + jagged"]
     plain = {r["format"]: float(r["lines_per_s"]) for r in results if r["path"] == PLAIN[r["format"]]}
     for r in results:                 # lines/s over plain pyarrow's (read_csv; parquet: iter_batches) in this run
         base = plain.get(r["format"], 0.0)
@@ -244,7 +245,8 @@ def format_table(res: dict[str, Any]) -> str:
     """The human-readable report of :func:`measure`'s result."""
     cfg, m = res["config"], res["machine"]
     src = cfg["file"] or f"{cfg['lines']:,} synthetic samples (write_sample, seed {cfg['seed']})"
-    lines = [f"flexemr bench criteo: {src}; best of {cfg['repeat']} rounds; jagged batches of {cfg['batch_size']} samples",
+    lines = [f"flexemr bench criteo: {src}; best of {cfg['repeat']} rounds; jagged batches of "
+             f"{cfg['batch_size']} samples",
              f"machine: {m['cpus']} CPUs, pyarrow {m['pyarrow']}; load average {m['loadavg_before'][0]:.2f} before, "
              f"{m['loadavg_after'][0]:.2f} after; wall {res['wall_s']:.0f} s", "",
              f"{'format':<9}{'path':<32}{'lines/s':>12}{'lines/CPU-s':>13}{'vs plain':>10}"]
