@@ -87,9 +87,10 @@ def _hex_column(arr: pa.Array, out: IntArray) -> None:
         raise BadValue(bad.row, "expected a hex string of at most 15 digits", _text(arr, bad.row)) from None
 
 
-def _int_column(arr: pa.Array, what: str = "expected an integer", *, label: bool = False) -> tuple[IntArray, BoolArray]:
+def _int_column(arr: pa.Array, what: str = "expected an integer", *, label: bool = False,
+                into: tuple[IntArray, BoolArray] | None = None) -> tuple[IntArray, BoolArray]:
     """``(values, missing)`` of a column of decimal integers (text) or integers; missing -> 0; :class:`BadValue`.
-    A ``label`` (text) must be 0 or 1 and present."""
+    A ``label`` (text) must be 0 or 1 and present.  Text is parsed straight ``into`` the arrays given."""
     pa = arrow()
     import pyarrow.compute as pc
 
@@ -100,10 +101,11 @@ def _int_column(arr: pa.Array, what: str = "expected an integer", *, label: bool
         return np.asarray(vals.to_numpy(zero_copy_only=False), dtype=np.int64), missing
     if not _is_text(t):
         raise InputError(f"expected integers or text, the column holds {t}")
+    out, missing = into if into is not None else (None, None)
     try:
         if label:
             return parse_decimal(lo=0, hi=1, missing_ok=False, **_buffers(arr))
-        return parse_decimal(**_buffers(arr))
+        return parse_decimal(out=out, missing=missing, **_buffers(arr))
     except MalformedValue as bad:
         raise BadValue(bad.row, what, _text(arr, bad.row)) from None
 
@@ -155,11 +157,11 @@ def convert(batch: pa.RecordBatch, has_label: bool) -> Columns:
             labels = lab.astype(np.int8)
     off = 1 if has_label else 0
     # feature-major (each feature's column contiguous): the arrays handed out are their transposes, [n, features]
-    ints = np.zeros((NUM_DENSE, n), dtype=np.int64)
-    int_missing = np.zeros((NUM_DENSE, n), dtype=np.bool_)
+    ints = np.empty((NUM_DENSE, n), dtype=np.int64)
+    int_missing = np.empty((NUM_DENSE, n), dtype=np.bool_)
     for f in range(NUM_DENSE):
-        got = attempt(off + f, lambda: _int_column(batch.column(off + f)))
-        if got is not None:
+        got = attempt(off + f, lambda: _int_column(batch.column(off + f), into=(ints[f], int_missing[f])))
+        if got is not None and not np.may_share_memory(got[0], ints):   # integers already (Parquet): copied in
             ints[f], int_missing[f] = got
     cats = np.empty((NUM_CAT, n), dtype=np.int64)
     for f in range(NUM_CAT):

@@ -87,19 +87,30 @@ def _check(got: int, n_ok: int = -1) -> None:
 
 
 def parse_decimal(offsets: npt.ArrayLike, data: Any, *, validity: Any = None, bit0: int = 0, lo: int = int(_I64.min),
-                  hi: int = int(_I64.max), missing_ok: bool = True) -> tuple[IntArray, BoolArray]:
+                  hi: int = int(_I64.max), missing_ok: bool = True, out: IntArray | None = None,
+                  missing: BoolArray | None = None) -> tuple[IntArray, BoolArray]:
     """``(values, missing)`` of a column of decimal integers (missing values: 0 and ``True``).
 
     A value is an optional ``-`` and at least one digit (no spaces, ``+`` or
     ``0x``) within ``[lo, hi]``; with ``missing_ok=False`` a missing value is
-    malformed too.  The first malformed value raises :class:`MalformedValue`.
+    malformed too.  Into ``out`` and ``missing`` (contiguous) when given.  The
+    first malformed value raises :class:`MalformedValue`.
     """
     offs, raw, bits, n, size = _column(offsets, data, validity, bit0)
-    out = np.empty(n, dtype=np.int64)
-    missing = np.empty(n, dtype=np.bool_)
+    out = _into(out, n, np.dtype(np.int64), "out")
+    missing = _into(missing, n, np.dtype(np.bool_), "missing")
     _check(lib.fxc_parse_dec(bits, bit0, offs, raw, size, n, int(lo), int(hi), int(bool(missing_ok)),
                              ffi.from_buffer("int64_t[]", out), ffi.from_buffer("uint8_t[]", missing)))
     return out, missing
+
+
+def _into(arr: Any, n: int, dtype: np.dtype[Any], name: str) -> Any:
+    """``arr`` checked to be a writable contiguous ``[n]`` array of ``dtype``, or a new one."""
+    if arr is None:
+        return np.empty(n, dtype=dtype)
+    if arr.dtype != dtype or arr.shape != (n,) or not arr.flags.c_contiguous or not arr.flags.writeable:
+        raise InputError(f"{name} must be a writable contiguous {dtype} array of {n}, got {arr.dtype} {arr.shape}")
+    return arr
 
 
 def parse_hex(offsets: npt.ArrayLike, data: Any, *, validity: Any = None, bit0: int = 0,
@@ -111,10 +122,7 @@ def parse_hex(offsets: npt.ArrayLike, data: Any, *, validity: Any = None, bit0: 
     if not 1 <= max_digits <= MAX_HEX_DIGITS:
         raise InputError(f"max_digits must be in [1, {MAX_HEX_DIGITS}], got {max_digits}")
     offs, raw, bits, n, size = _column(offsets, data, validity, bit0)
-    if out is None:
-        out = np.empty(n, dtype=np.int64)
-    elif out.dtype != np.int64 or out.shape != (n,) or not out.flags.c_contiguous or not out.flags.writeable:
-        raise InputError(f"out must be a writable contiguous int64 array of {n}, got {out.dtype} {out.shape}")
+    out = _into(out, n, np.dtype(np.int64), "out")
     _check(lib.fxc_parse_hex(bits, bit0, offs, raw, size, n, int(max_digits), ffi.from_buffer("int64_t[]", out)))
     return out
 

@@ -127,6 +127,11 @@ def test_columns_out_of_bounds_are_refused_not_read() -> None:
         parse_hex(np.array([0, 4], np.int32), data, max_digits=16)
     with pytest.raises(InputError, match="writable contiguous int64 array of 1"):
         parse_hex(np.array([0, 4], np.int32), data, out=np.zeros(2, np.int64))
+    out, miss = np.full(2, 9, np.int64), np.zeros(2, np.bool_)        # straight into the arrays given
+    got, missing = parse_decimal(np.array([0, 2, 2], np.int32), data, out=out, missing=miss)
+    assert got is out and missing is miss and out.tolist() == [12, 0] and miss.tolist() == [False, True]
+    with pytest.raises(InputError, match="missing must be a writable contiguous bool array of 2"):
+        parse_decimal(np.array([0, 2, 2], np.int32), data, missing=np.ones(3, np.bool_))
     # 8 digits at the very end of the bytes: the word path reads no further
     assert parse_decimal(np.array([4, 8], np.int32), data)[0].tolist() == [5678]
     assert parse_hex(np.array([0, 8], np.int32), data).tolist() == [0x12345678]
