@@ -14,18 +14,20 @@ lines have 39 fields.  Compressed files are read as they are: ``.gz``,
 ``I`` columns integers, ``C`` columns hex strings or integers; a null is a
 missing value (:func:`write_sample` writes both formats).
 
-Reading goes through pyarrow (the ``apps`` extra): ``pyarrow.csv``'s streaming
-reader splits lines and fields in C++ (every field as bytes), then each column
-is checked and converted whole -- integers by ``pyarrow.compute.cast`` after a
-byte-class check (decimal only: no spaces, ``+`` or ``0x``), hex strings by a
-table lookup and a few 64-bit shifts in numpy -- so no Python code runs per
-line or per field.  A malformed line raises :class:`CriteoFormatError` with
-its 1-based line number (for Parquet: its row number), naming the field and
-quoting the value.
+Reading goes through pyarrow (the ``apps`` extra): ``pyarrow.csv`` splits
+each block of lines into fields in C++ (every field as bytes, several blocks
+at once on worker threads), then each column is checked and converted whole,
+from its Arrow buffers, by :mod:`flexemr.core.textcols` (C: decimal integers
+-- no spaces, ``+`` or ``0x`` -- and hex strings, eight digits a word at a
+time), so no Python code runs per line or per field.  A malformed line raises
+:class:`CriteoFormatError` with its 1-based line number (for Parquet: its row
+number), naming the field and quoting the value.
 
 Categorical values become table rows with :func:`hash_ids`, a stable 64-bit
 mix (splitmix64 finaliser) of ``(value, feature)`` modulo the table size; a
-missing categorical value gives an empty bag.  Dense features go through
+missing categorical value gives an empty bag.  :meth:`CriteoRecords.jagged`
+computes the same rows for all 26 features in one native pass
+(:func:`flexemr.core.textcols.hash_bags`).  Dense features go through
 DLRM's ``log(1 + max(x, 0))`` (:meth:`CriteoRecords.dense_features`).
 
 :func:`write_sample` writes *synthetic* files in these formats (categorical
@@ -48,9 +50,11 @@ from __future__ import annotations
 
 import io
 import os
-from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from collections import deque
+from collections.abc import Callable, Generator, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import closing
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -60,6 +64,7 @@ import numpy.typing as npt
 from ..core.errors import InputError
 from ..core.jagged import JaggedBatch
 from ..core.spec import TableSpec
+from ..core.textcols import first_empty_line, hash_bags
 from .criteo_columns import BadValue, arrow, convert, field_names
 from .dlrm import CATEGORICAL_FEATURES, CRITEO_KAGGLE_CARDINALITIES, NUM_DENSE, dense_transform
 from .workload import PROFILE_2022, Profile, generate
@@ -89,7 +94,6 @@ NUM_CAT = len(CATEGORICAL_FEATURES)
 CRITEO_POSITIVE_RATE = 0.256
 _PARQUET_SUFFIXES = (".parquet", ".pq")
 _COMPRESSION = {".gz": "gzip", ".bz2": "bz2", ".zst": "zstd", ".lz4": "lz4"}
-_ARROW_BLOCK = 1 << 20             # pyarrow.csv's block: several per read block, parsed in parallel
 _WRITE_ROWS = 1 << 16               # rows per chunk (and Parquet row group) that write_sample writes
 
 _HEX_CHARS = np.frombuffer(b"0123456789abcdef", dtype=np.uint8)
@@ -147,11 +151,10 @@ class CriteoRecords:
         rows = [t.num_rows if isinstance(t, TableSpec) else int(t) for t in tables]
         if keys is None:
             keys = [t.name if isinstance(t, TableSpec) else n for t, n in zip(tables, CATEGORICAL_FEATURES)]
-        cols = np.asarray(self.cats.T, order="C")                      # feature-major, like the jagged layout
-        present = cols >= 0                                            # [26, n]
-        vals = [hash_ids(cols[f][present[f]], f, rows[f]) for f in range(NUM_CAT)]
-        lengths = present.reshape(-1).astype(np.int64)
-        return JaggedBatch(list(keys), np.concatenate(vals) if vals else np.zeros(0, np.int64), lengths=lengths)
+        if min(rows) < 1:
+            raise InputError(f"num_rows must be >= 1, got {min(rows)}")
+        ids, offsets = hash_bags(self.cats.T, rows)       # hash_ids of every present value, in one native pass
+        return JaggedBatch(list(keys), ids, offsets=offsets)
 
     def slice(self, start: int, stop: int) -> CriteoRecords:
         """Samples ``[start, stop)``."""
@@ -205,18 +208,16 @@ def _records(batch: pa.RecordBatch, first_line: int, has_label: bool) -> CriteoR
     return CriteoRecords(labels, ints.T, int_missing.T, cats.T, first_line)
 
 
-#: pyarrow's integer parser also takes `` 5`` and ``0x10``: a block holding these bytes is read the strict way
-_SUSPECT = (b" ", b"x", b"X")
-
-
 @dataclass(frozen=True)
 class _Block:
-    """One parsed block of whole lines: its columns, its first line's number, the first line with a
-    wrong number of fields (``(line, fields)``, or ``None``)."""
+    """One block of whole lines, split and converted: its records (``None`` after a malformed value), its
+    row count, the first line with a wrong number of fields (``(line, fields)``, lines counted from 1 in the
+    block, or ``None``) and the first malformed value before that line (or ``None``)."""
 
-    batch: pa.RecordBatch
-    first_line: int
+    recs: CriteoRecords | None
+    rows: int
     wrong: tuple[int, int] | None
+    bad: BadValue | None
 
 
 def _one_batch(table: pa.Table) -> pa.RecordBatch:
@@ -224,10 +225,10 @@ def _one_batch(table: pa.Table) -> pa.RecordBatch:
     return batches[0] if batches else arrow().RecordBatch.from_pylist([], schema=table.schema)
 
 
-def _parse_block(data: bytes, first_line: int, has_label: bool) -> _Block:
-    """Split ``data`` (whole lines) into columns with pyarrow: labels and integers converted by pyarrow
-    (the fast way) unless ``data`` holds :data:`_SUSPECT` bytes or pyarrow refuses a value, every field as
-    bytes otherwise (the strict way: :func:`_records` checks and converts, and names what is wrong)."""
+def _parse_block(data: memoryview, has_label: bool) -> _Block:
+    """Split ``data`` (whole lines) into columns with pyarrow, every field as bytes (an empty field as an
+    empty value, not a null), then check and convert them in C (:func:`_records`).  One pyarrow block per
+    call (no threads of pyarrow's): the reader runs several calls at once."""
     pa = arrow()
     import pyarrow.csv as pacsv
 
@@ -239,102 +240,132 @@ def _parse_block(data: bytes, first_line: int, has_label: bool) -> _Block:
         wrong.append((row.number, row.actual_columns))
         return "skip"
 
-    def read(typed: bool) -> Any:
-        wrong.clear()
-        types = {c: (pa.int8() if c == "label" else pa.int64()) if typed and c[0] in "lI" else pa.binary()
-                 for c in names}
+    def read(handler: Callable[[Any], str] | None) -> Any:
         return pacsv.read_csv(
             pa.py_buffer(data),
-            read_options=pacsv.ReadOptions(column_names=names, block_size=_ARROW_BLOCK, use_threads=True),
+            read_options=pacsv.ReadOptions(column_names=names, block_size=max(len(data), 1 << 16), use_threads=False),
             parse_options=pacsv.ParseOptions(delimiter="\t", quote_char=False, escape_char=False, double_quote=False,
-                                             ignore_empty_lines=False, invalid_row_handler=on_invalid),
-            convert_options=pacsv.ConvertOptions(column_types=types, null_values=[""], strings_can_be_null=True))
+                                             ignore_empty_lines=False, invalid_row_handler=handler),
+            convert_options=pacsv.ConvertOptions(column_types={c: pa.binary() for c in names}, null_values=[],
+                                                 strings_can_be_null=False, quoted_strings_can_be_null=False))
 
-    table = None
-    if not any(s in data for s in _SUSPECT):
-        try:
-            table = read(typed=True)
-        except pa.ArrowInvalid:           # a value pyarrow cannot convert: the strict way says which
-            table = None
-    if table is None:
-        table = read(typed=False)
+    try:
+        table = read(None)                # the fast way: every line has its fields
+    except pa.ArrowInvalid:               # a line has too few or too many: again, to know which
+        table = read(on_invalid)
     bad: list[tuple[int, int]] = []
     if wrong:
         number, fields = wrong[0]
         if number is None:                # not numbered: count the fields of every line
-            number = next(i + 1 for i, text in enumerate(data.splitlines()) if text.count(b"\t") + 1 != nf)
-        bad.append((first_line - 1 + number, fields))
-    if data.startswith((b"\n", b"\r")) or b"\n\n" in data or b"\r\r" in data or b"\n\r" in data:
-        empty = next((i for i, text in enumerate(data.splitlines()) if not text), None)
-        if empty is not None:                           # pyarrow reads an empty line as a row of nulls
-            bad.append((first_line + empty, 1))
-    return _Block(_one_batch(table), first_line, min(bad) if bad else None)
+            number = next(i + 1 for i, text in enumerate(bytes(data).splitlines()) if text.count(b"\t") + 1 != nf)
+        bad.append((number, fields))
+    empty = first_empty_line(data)
+    if empty >= 0:                        # pyarrow reads an empty line as a row of empty fields
+        bad.append((len(bytes(data[:empty]).splitlines()) + 1, 1))
+    batch = _one_batch(table)
+    n = batch.num_rows
+    first_wrong = min(bad) if bad else None
+    # after a skipped line (wrong field count) rows are shifted: only the rows before it are checked
+    limit = n if first_wrong is None else max(0, min(n, first_wrong[0] - 1))
+    try:
+        recs = _records(batch.slice(0, limit) if limit < n else batch, 1, has_label)
+    except BadValue as value:
+        return _Block(None, n, first_wrong, value)
+    return _Block(recs, n, first_wrong, None)
+
+
+#: blocks split and converted at once (each by one thread; pyarrow and the C parts release the GIL)
+_WORKERS = max(1, min(4, os.cpu_count() or 1))
+
+
+def _ahead(items: Iterator[Any],
+           work: Callable[[Any], Any]) -> Generator[tuple[Any, Future[Any] | None], None, None]:
+    """``(item, future of work(item))`` for each of ``items``, in order, with up to :data:`_WORKERS` + 1 items
+    being worked on by :data:`_WORKERS` threads ahead of the one yielded.  An item that is an exception is
+    passed through as ``(exception, None)``, and is the last."""
+    pool = ThreadPoolExecutor(_WORKERS, thread_name_prefix="flexemr-criteo")
+    queue: deque[tuple[Any, Future[Any] | None]] = deque()
+    try:
+        ended = False
+        while True:
+            while not ended and len(queue) < _WORKERS + 1:
+                item = next(items, None)
+                ended = item is None or isinstance(item, Exception)
+                if item is not None:
+                    queue.append((item, None if isinstance(item, Exception) else pool.submit(work, item)))
+            if not queue:
+                return
+            yield queue.popleft()
+    finally:
+        for _, future in queue:
+            if future is not None:
+                future.cancel()
+        pool.shutdown(wait=True)
 
 
 def _tsv_records(stream: Any, *, first_line: int, has_label: bool, block_bytes: int, path: str | None,
                  progress: Callable[[], None] | None = None) -> Iterator[CriteoRecords]:
-    """The samples of the TSV ``stream`` (``read(n) -> bytes``), one :class:`CriteoRecords` per block.
+    """The samples of the TSV ``stream`` (``readinto(buffer) -> int``), one :class:`CriteoRecords` per block.
 
-    A worker thread reads and splits the next block (:func:`_parse_block`) while this one is
-    converted: pyarrow and numpy release the GIL, so the two overlap on two cores.
+    This thread reads blocks of whole lines; :data:`_WORKERS` threads split and convert them
+    (:func:`_parse_block`), a few blocks ahead of the one yielded, so the blocks are parsed on
+    every core while the caller uses the records; lines are numbered as the blocks are yielded.
     """
     pa = arrow()
     nf = len(field_names(has_label))
-    state = {"rest": b"", "line": first_line}
 
-    def next_block() -> _Block | None:
-        rest = state["rest"]
-        assert isinstance(rest, bytes)
-        while True:
-            chunk = stream.read(block_bytes)
-            data = rest + chunk
-            if not chunk:
-                rest = b""
-                break
-            cut = data.rfind(b"\n") + 1
-            if cut:
-                data, rest = data[:cut], data[cut:]
-                break
-            rest = data
-        state["rest"] = rest
-        if not data:
-            return None
-        line = state["line"]
-        assert isinstance(line, int)
-        block = _parse_block(data, line, has_label)
-        state["line"] = line + block.batch.num_rows
-        return block
+    spare: list[bytearray] = []        # buffers of blocks already converted, read into again
 
-    def fail(wrong: tuple[int, int]) -> CriteoFormatError:
-        return CriteoFormatError(wrong[0], f"expected {nf} tab-separated fields, found {wrong[1]}", path)
-
-    pool = ThreadPoolExecutor(1, thread_name_prefix="flexemr-criteo")
-    try:
-        ahead = pool.submit(next_block)
-        while True:
+    def blocks() -> Iterator[tuple[memoryview, bytearray] | Exception]:
+        rest = b""
+        while True:          # each block in a buffer of its own, read into after the previous one's last line
+            need = len(rest) + block_bytes
+            buf = spare.pop() if spare and len(spare[-1]) >= need else bytearray(need + (1 << 16))
+            view = memoryview(buf)
+            view[: len(rest)] = rest
             try:
-                block = ahead.result()
+                got = stream.readinto(view[len(rest) : need])
             except (pa.ArrowException, OSError) as exc:
-                raise InputError(f"{path or 'Criteo data'}: cannot read the lines from {state['line']} on: "
-                                 f"{exc}") from None
-            if block is None:
+                yield exc
                 return
-            ahead = pool.submit(next_block)
-            batch, n = block.batch, block.batch.num_rows
-            # after a skipped line (wrong field count) rows are shifted: only the rows before it are checked
-            limit = n if block.wrong is None else max(0, min(n, block.wrong[0] - block.first_line))
+            end = len(rest) + got
+            if not got:
+                if end:
+                    yield view[:end], buf
+                return
+            cut = buf.rfind(b"\n", 0, end) + 1
+            rest = bytes(view[cut:end])
+            if cut:
+                yield view[:cut], buf
+            else:
+                spare.append(buf)
+
+    def failed(exc: BaseException, line: int) -> InputError:
+        return InputError(f"{path or 'Criteo data'}: cannot read the lines from {line} on: {exc}")
+
+    line = first_line
+    jobs = _ahead(blocks(), lambda got: _parse_block(got[0], has_label))
+    with closing(jobs):                         # closed (its threads stopped) however this generator ends
+        for item, future in jobs:
+            if future is None:
+                raise failed(item, line) from None
             try:
-                recs = _records(batch.slice(0, limit) if limit < n else batch, block.first_line, has_label)
-            except BadValue as bad:
-                raise CriteoFormatError(block.first_line + bad.row, f"{bad.what}, got {bad.text!r}", path) from None
+                block = future.result()
+            except (pa.ArrowException, OSError) as exc:
+                raise failed(exc, line) from None
+            spare.append(item[1])                # converted: the records hold none of its bytes
+            if block.bad is not None:
+                raise CriteoFormatError(line + block.bad.row, f"{block.bad.what}, got {block.bad.text!r}",
+                                        path) from None
             if block.wrong is not None:
-                raise fail(block.wrong)
+                raise CriteoFormatError(line - 1 + block.wrong[0],
+                                        f"expected {nf} tab-separated fields, found {block.wrong[1]}", path)
+            assert block.recs is not None
+            recs = replace(block.recs, first_line=line)
+            line += block.rows
             if progress is not None:
                 progress()
             yield recs
-    finally:
-        ahead.cancel()
-        pool.shutdown(wait=True)
 
 
 def parse_criteo(data: bytes | bytearray | memoryview, *, first_line: int = 1, has_label: bool = True,
@@ -377,17 +408,21 @@ def _parquet_records(name: str, *, has_label: bool, rows: int,
                          f"(needs {names[0]}, ..., C26)")
     total = pf.metadata.num_rows
     row = 1
-    for batch in pf.iter_batches(batch_size=rows, columns=names):
-        try:
-            recs = _records(batch, row, has_label)
-        except BadValue as bad:
-            raise CriteoFormatError(row + bad.row, f"{bad.what}, got {bad.text!r}", name, unit="row") from None
-        except InputError as exc:
-            raise InputError(f"Parquet file {name}: {exc}") from None
-        row += batch.num_rows
-        if progress is not None:
-            progress(row - 1, total)
-        yield recs
+    # pyarrow decodes the next batches while worker threads convert the ones before (the C parts release the GIL)
+    jobs = _ahead(pf.iter_batches(batch_size=rows, columns=names), lambda batch: _records(batch, 1, has_label))
+    with closing(jobs):
+        for batch, future in jobs:
+            assert future is not None
+            try:
+                recs = replace(future.result(), first_line=row)
+            except BadValue as bad:
+                raise CriteoFormatError(row + bad.row, f"{bad.what}, got {bad.text!r}", name, unit="row") from None
+            except InputError as exc:
+                raise InputError(f"Parquet file {name}: {exc}") from None
+            row += batch.num_rows
+            if progress is not None:
+                progress(row - 1, total)
+            yield recs
 
 
 def read_criteo(path: str | os.PathLike[str], *, batch_size: int | None = None, has_label: bool = True,
@@ -423,19 +458,32 @@ def read_criteo(path: str | os.PathLike[str], *, batch_size: int | None = None, 
     if batch_size is None:
         yield from blocks()
         return
-    pending: list[CriteoRecords] = []
+    pending: deque[CriteoRecords] = deque()        # records not handed out yet, in order
     held = 0
     for recs in blocks():
-        pending.append(recs)
-        held += len(recs)
+        if len(recs):
+            pending.append(recs)
+            held += len(recs)
         while held >= batch_size:
-            allrecs = CriteoRecords.concat(pending)
-            yield allrecs.slice(0, batch_size)
-            rest = allrecs.slice(batch_size, len(allrecs))
-            pending = [rest] if len(rest) else []
-            held = len(rest)
+            yield _take(pending, batch_size)
+            held -= batch_size
     if held:
-        yield CriteoRecords.concat(pending)
+        yield CriteoRecords.concat(list(pending))
+
+
+def _take(pending: deque[CriteoRecords], n: int) -> CriteoRecords:
+    """The first ``n`` samples of ``pending`` (which holds at least ``n``), taken off it: a view of the
+    first records when they hold ``n``, else the parts copied together (at most ``n`` samples copied)."""
+    parts: list[CriteoRecords] = []
+    need = n
+    while need:
+        first = pending.popleft()
+        if len(first) > need:
+            pending.appendleft(first.slice(need, len(first)))
+            first = first.slice(0, need)
+        parts.append(first)
+        need -= len(first)
+    return CriteoRecords.concat(parts)
 
 
 # --------------------------------------------------------------- writing

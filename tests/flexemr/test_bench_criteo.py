@@ -13,7 +13,7 @@ import pytest
 pytest.importorskip("pyarrow", reason="the Criteo benchmark needs pyarrow, from the apps extra (make demo)")
 
 from flexemr.apps.criteo import write_sample  # noqa: E402
-from flexemr.bench._criteo import TARGET_LINES_PER_S, format_table  # noqa: E402
+from flexemr.bench._criteo import PLAIN, TARGET_LINES_PER_S, format_table  # noqa: E402
 
 TSV_PATHS = ["pyarrow.csv.open_csv", "pyarrow.csv.read_csv", "read_criteo", "read_criteo + jagged"]
 PARQUET_PATHS = ["pyarrow.parquet", "read_criteo", "read_criteo + jagged"]
@@ -36,6 +36,13 @@ def _check(res: dict[str, Any], lines: int, formats: list[str]) -> None:
     assert res["target"]["lines_per_s"] == TARGET_LINES_PER_S
     jagged = [r["lines_per_s"] for r in res["results"] if (r["format"], r["path"]) == ("tsv", "read_criteo + jagged")]
     assert res["target"]["met"] is (bool(jagged) and max(jagged) >= TARGET_LINES_PER_S)
+    rate = {(r["format"], r["path"]): r["lines_per_s"] for r in res["results"]}
+    for r in res["results"]:                   # each path over plain pyarrow's lines/s, in the same run
+        assert r["vs_plain"] == pytest.approx(r["lines_per_s"] / rate[(r["format"], PLAIN[r["format"]])])
+    if "tsv" in formats:
+        assert res["target"]["measured_lines_per_s"] == max(jagged)
+        assert res["target"]["vs_plain_read_csv"] == pytest.approx(max(jagged) / rate[("tsv", "pyarrow.csv.read_csv")])
+        assert f"{res['target']['vs_plain_read_csv']:.2f}x the lines/s of pyarrow.csv.read_csv" in format_table(res)
 
 
 def test_bench_criteo_synthetic_files() -> None:

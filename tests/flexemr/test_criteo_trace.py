@@ -123,6 +123,72 @@ def test_any_valid_lines_read_as_the_numpy_parser_read_them(tmp_path: Path, line
     _same(CriteoRecords.concat(list(read_criteo(path, chunk_bytes=chunk))), want)
 
 
+@needs_arrow
+def test_jagged_batches_hash_as_hash_ids_did(tmp_path: Path) -> None:
+    """CriteoRecords.jagged (one native pass) gives the values and lengths of hash_ids per feature (numpy)."""
+    path = write_sample(tmp_path / "s.tsv", 3000, seed=5)
+    specs = criteo_specs(scale=1e-3)
+    for recs in read_criteo(path, batch_size=700, chunk_bytes=50_000):    # views across and within blocks
+        jb = recs.jagged(specs)
+        cols = recs.cats.T
+        want = np.concatenate([hash_ids(cols[f][cols[f] >= 0], f, specs[f].num_rows) for f in range(26)])
+        assert np.array_equal(jb.values, want) and jb.batch_size == len(recs)
+        assert np.array_equal(jb.lengths, (cols >= 0).reshape(-1).astype(np.int64))
+    with pytest.raises(InputError, match="need 26 tables"):
+        recs.jagged(specs[:3])
+
+
+@needs_arrow
+@pytest.mark.parametrize("name", ["s.tsv", "s.parquet"])
+def test_reader_threads_stop_when_reading_stops(tmp_path: Path, name: str) -> None:
+    """Blocks are converted on worker threads ahead of the one yielded: stopping early, or an error, stops them."""
+    import threading
+
+    def workers() -> list[threading.Thread]:
+        return [t for t in threading.enumerate() if t.name.startswith("flexemr-criteo")]
+
+    path = write_sample(tmp_path / name, 3000, seed=1)
+    reader = read_criteo(path, chunk_bytes=20_000)
+    assert len(next(reader)) > 0 and workers()
+    reader.close()
+    assert workers() == []
+    bad = tmp_path / "bad.tsv"
+    bad.write_text((LINE + "\n") * 2000 + "x" + LINE[1:] + "\n" + (LINE + "\n") * 500)
+    with pytest.raises(CriteoFormatError, match="line 2001: field label"):
+        list(read_criteo(bad, chunk_bytes=20_000))
+    assert workers() == []
+
+
+#: malformed values by the kind of field they go into (label, integer I1..I13, hex C1..C26)
+BAD_VALUES = {"label": ["2", "", "-1", " 1", "1 ", "x"],
+              "int": ["x5", "+5", " 5", "0x10", "-", "5-5", "1e3", "12345678x"],
+              "hex": ["68fd1g64", "1" * 16, "12z", "0x1f", "68FD1E6 ", "-1", "+1", "g"]}
+
+
+@needs_arrow
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow,
+                                                                  HealthCheck.function_scoped_fixture])
+@given(lines=st.lists(tsv_line, min_size=1, max_size=200), row=st.integers(0, 10**6), field=st.integers(0, 38),
+       kind=st.sampled_from(sorted(BAD_VALUES)), pick=st.integers(0, 100), chunk=st.integers(400, 9000),
+       crlf=st.booleans())
+def test_a_malformed_value_anywhere_is_reported_as_the_numpy_parser_reported_it(
+        tmp_path: Path, lines: list[str], row: int, field: int, kind: str, pick: int, chunk: int, crlf: bool) -> None:
+    """One bad value at a random line and field (the native checks, block boundaries anywhere): the same line
+    number and message as the numpy parser's."""
+    at = row % len(lines)
+    fields = lines[at].split("\t")
+    col = {"label": 0, "int": 1 + field % 13, "hex": 14 + field % 26}[kind]
+    fields[col] = BAD_VALUES[kind][pick % len(BAD_VALUES[kind])]
+    lines[at] = "\t".join(fields)
+    data = (("\r\n" if crlf else "\n").join(lines) + "\n").encode()
+    with pytest.raises(oracle.OracleError) as want:
+        oracle.parse(data)
+    path = _write(tmp_path / "bad.tsv", data)
+    with pytest.raises(CriteoFormatError) as got:
+        list(read_criteo(path, chunk_bytes=chunk))
+    assert (got.value.line, str(got.value)) == (at + 1, f"{path}:line {want.value.line}: {want.value.message}")
+
+
 #: (name, the malformed line); each replaces one line of a file of good ones
 BAD_LINES = [
     ("too-few-fields", "1\t5"),
@@ -369,7 +435,8 @@ def test_trace_round_trip_and_validation(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("module", ["flexemr.apps.dlrm", pytest.param("flexemr.apps.criteo", marks=needs_arrow),
-                                    "flexemr.apps.trace", "flexemr.apps.extras", "flexemr.apps.progress"])
+                                    "flexemr.apps.trace", "flexemr.apps.extras", "flexemr.apps.progress",
+                                    "flexemr.core.textcols"])
 def test_docstring_examples_run(module: str) -> None:
     import doctest
     import importlib
