@@ -67,6 +67,7 @@ from .errors import InputError, TransportError
 
 __all__ = [
     "FRAME",
+    "MAX_ASSEMBLY_BYTES",
     "MAX_BAGS",
     "POOL_CHANNEL",
     "Buffer",
@@ -88,6 +89,8 @@ POOL_CHANNEL = "flexemr/pool"
 FRAME = struct.Struct("<III")
 #: Most bags one job may ask for (a server allocates ``B x dim`` values per job).
 MAX_BAGS = 1 << 26
+#: :meth:`FrameAssembler.add_view`: most bytes reserved for one message, and for all partial messages together.
+MAX_ASSEMBLY_BYTES = 1 << 31
 _HEAD = struct.Struct("<4sBBHI")
 _REQ_JOB = struct.Struct("<QIIHBB4x")
 _RESP_JOB = struct.Struct("<IIB7x")
@@ -333,8 +336,12 @@ class FrameAssembler:
     (None, (7, b'abc'))
     """
 
-    def __init__(self) -> None:
+    def __init__(self, max_payload: int | None = None) -> None:
         self._parts: dict[int, tuple[int, dict[int, memoryview]]] = {}
+        #: :meth:`add_view`: frame payload size, and per request id (frame count, buffer, frames got, last size)
+        self._max_payload = max_payload
+        self._bufs: dict[int, tuple[int, npt.NDArray[np.uint8], set[int], int]] = {}
+        self._reserved = 0
 
     def add(self, frame: Buffer) -> tuple[int, Buffer] | None:
         """Add one frame (the frames of a message may come in any order); returns ``(request id, message)``
@@ -354,7 +361,53 @@ class FrameAssembler:
         del self._parts[rid]
         return rid, b"".join(got[i] for i in range(count))
 
+    def add_view(self, frame: memoryview) -> tuple[int, Buffer] | None:
+        """:meth:`add` for a frame valid only during the call (e.g. a view of a channel's receive ring:
+        :meth:`rdmaio.Channel.recv_with`): the payload is copied once, straight to its place in the message.
+
+        Needs ``max_payload`` (the frame payload size of :func:`frames`: ``max_message - FRAME.size``):
+        every frame of a message but its last carries exactly that many bytes.  The buffer of a message
+        is reserved when its first frame comes (at most :data:`MAX_ASSEMBLY_BYTES` per message, and
+        as much for all partial messages together).
+
+        >>> fa = FrameAssembler(max_payload=2)
+        >>> first = fa.add_view(memoryview(FRAME.pack(7, 1, 2) + b"c"))
+        >>> first, bytes(fa.add_view(memoryview(FRAME.pack(7, 0, 2) + b"ab"))[1])
+        (None, b'abc')
+        """
+        mp = self._max_payload
+        if mp is None or mp < 1:
+            raise TypeError("FrameAssembler.add_view needs max_payload")
+        if frame.nbytes < FRAME.size:
+            raise TransportError("pooling frame too short")
+        rid, idx, count = FRAME.unpack_from(frame, 0)
+        n = frame.nbytes - FRAME.size
+        if count == 1 and idx == 0 and rid not in self._bufs:
+            return rid, bytes(frame[FRAME.size:])
+        entry = self._bufs.get(rid)
+        if entry is None:
+            size = count * mp
+            if count < 2 or size > MAX_ASSEMBLY_BYTES or self._reserved + size > MAX_ASSEMBLY_BYTES:
+                raise TransportError(f"pooling message of {count} frames of {mp} bytes is too large (or too many "
+                                     f"are partly received)")
+            entry = (count, np.empty(size, dtype=np.uint8), set(), 0)
+            self._reserved += size
+            self._bufs[rid] = entry
+        want, buf, got, last = entry
+        if count != want or idx >= count or idx in got or n > mp or (idx < count - 1 and n != mp):
+            raise TransportError(f"pooling frame {idx}/{count} of request {rid} does not fit its message")
+        buf[idx * mp: idx * mp + n] = np.frombuffer(frame, dtype=np.uint8, count=n, offset=FRAME.size)
+        got.add(idx)
+        if idx == count - 1:
+            self._bufs[rid] = entry = (want, buf, got, n)
+            last = n
+        if len(got) < count:
+            return None
+        del self._bufs[rid]
+        self._reserved -= buf.nbytes
+        return rid, buf.data[: (count - 1) * mp + last]
+
     def pending(self) -> int:
         """Messages partly received."""
-        return len(self._parts)
+        return len(self._parts) + len(self._bufs)
 

@@ -33,7 +33,7 @@ from ..core import kernel
 from ..core.errors import InputError, TransportError
 from ..core.plan import Shard, ShardingPlan
 from ..core.pooling import accumulation_dtype
-from ..core.poolwire import Buffer, FrameAssembler, decode_request, encode_error, frames, response_layout
+from ..core.poolwire import FRAME, Buffer, FrameAssembler, decode_request, encode_error, frames, response_layout
 
 __all__ = ["MAX_RESPONSE_BYTES", "PoolService"]
 
@@ -179,12 +179,15 @@ class PoolService:
 
     async def serve(self, ch: rdmaio.Channel) -> None:
         """The channel handler: requests in, responses out (in request order), until the peer closes."""
-        asm = FrameAssembler()
+        asm = FrameAssembler(ch.max_message - FRAME.size)
         answers: asyncio.Queue[tuple[int, asyncio.Future[list[Buffer]]] | None] = asyncio.Queue()
         sender = asyncio.ensure_future(self._send(ch, answers))
         try:
-            async for frame in ch:
-                msg = asm.add(frame)
+            while True:
+                try:  # each frame is copied once, from the channel's ring to its place in the request
+                    msg = await ch.recv_with(asm.add_view)
+                except rdmaio.ClosedError:
+                    break
                 if msg is not None:
                     answers.put_nowait((msg[0], asyncio.ensure_future(self.submit(msg[1]))))
         except (rdmaio.RdmaioError, TransportError) as exc:
@@ -208,9 +211,8 @@ class PoolService:
             parts = await fut
             if broken:
                 continue
-            try:  # every frame is handed to the channel at once (credits permitting): they travel back to back
-                sends = [ch.send([head, *pieces]) for head, pieces in frames(rid, parts, ch.max_message)]
-                await (sends[0] if len(sends) == 1 else asyncio.gather(*sends))
+            try:  # every frame is posted as soon as a credit allows: they travel back to back
+                await ch.send_many([head, *pieces] for head, pieces in frames(rid, parts, ch.max_message))
             except (rdmaio.RdmaioError, TransportError) as exc:
                 log.debug("pooling channel ended: %s", exc)
                 broken = True  # the requests already queued still finish (their native call may be running)

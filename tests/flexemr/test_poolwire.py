@@ -111,3 +111,37 @@ def test_frames_reassemble_in_any_order() -> None:
     assert got[-1][0] == 9 and bytes(got[-1][1]) == data and fa.pending() == 0
     with pytest.raises(TransportError):
         fa.add(pieces[0][:5])
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.data())
+def test_add_view_reassembles_like_add_and_rejects_misfit_frames(data: st.DataObject) -> None:
+    """add_view (one copy, into a buffer reserved at the first frame) gives add's messages for frames in any
+    order, interleaved between requests; a frame that does not fit its message is a TransportError."""
+    from flexemr.core.poolwire import FRAME, MAX_ASSEMBLY_BYTES
+
+    max_message = data.draw(st.integers(FRAME.size + 1, 64))
+    msgs = {rid: data.draw(st.binary(min_size=0, max_size=300)) for rid in range(3)}
+    pieces = [(rid, joined([h, *p])) for rid, m in msgs.items() for h, p in frames(rid, [m], max_message)]
+    order = data.draw(st.permutations(pieces))
+    fa, fb = FrameAssembler(max_message - FRAME.size), FrameAssembler()
+    for rid, p in order:
+        buf = bytearray(p)
+        a = fa.add_view(memoryview(buf))
+        buf[:] = bytes(len(buf))  # the view is only valid during the call
+        b = fb.add(p)
+        assert (a is None) == (b is None)
+        if a is not None and b is not None:
+            assert a[0] == b[0] == rid and bytes(a[1]) == bytes(b[1]) == msgs[rid]
+    assert fa.pending() == 0
+    mp = max_message - FRAME.size
+    for bad in (FRAME.pack(1, 0, 2) + bytes(max(0, mp - 1)),   # a frame but the last shorter than max_payload
+                FRAME.pack(1, 2, 2) + bytes(1),                 # index past the count
+                FRAME.pack(1, 0, MAX_ASSEMBLY_BYTES // mp + 1),  # too large a message
+                b"\x00" * 5):                                   # no frame header
+        with pytest.raises(TransportError):
+            FrameAssembler(mp).add_view(memoryview(bad))
+    fa = FrameAssembler(mp)
+    fa.add_view(memoryview(FRAME.pack(4, 0, 3) + bytes(mp)))
+    with pytest.raises(TransportError):  # the same frame twice
+        fa.add_view(memoryview(FRAME.pack(4, 0, 3) + bytes(mp)))
