@@ -323,18 +323,14 @@ class Channel:
                 await self._await_writes(futs)
 
     async def _await_writes(self, futs: list[asyncio.Future[Any]]) -> None:
-        """Wait for writes posted by :meth:`_start_send` (shielded: a cancelled sender leaves them be)."""
-        for fut in futs:
-            try:
-                await asyncio.shield(fut)
-            except (EndpointBrokenError, ClosedError) as exc:
-                self._fail(exc)
-                for f in futs:  # retrieve the others' errors, they are this one
-                    if f.done() and not f.cancelled():
-                        f.exception()
-                    else:
-                        f.add_done_callback(lambda f: f.cancelled() or f.exception())
-                raise
+        """Wait until every write in ``futs`` is done (shielded: a cancelled sender leaves them be), then
+        raise the first one's error, if any: the memory they read from is free again once this returns."""
+        results = await asyncio.shield(asyncio.gather(*futs, return_exceptions=True))
+        for r in results:
+            if isinstance(r, BaseException):
+                if isinstance(r, (EndpointBrokenError, ClosedError)):
+                    self._fail(r)
+                raise r
 
     async def _write(self, local: int, remote: int, length: int, imm: int) -> None:
         fut = asyncio.ensure_future(self._post(local, remote, length, imm))

@@ -67,6 +67,8 @@ from .errors import InputError, TransportError
 
 __all__ = [
     "FRAME",
+    "FRAME_GAP",
+    "FramedLayout",
     "MAX_ASSEMBLY_BYTES",
     "MAX_BAGS",
     "POOL_CHANNEL",
@@ -79,6 +81,7 @@ __all__ = [
     "encode_error",
     "encode_request",
     "encode_response",
+    "framed_layout",
     "frames",
     "response_layout",
 ]
@@ -242,6 +245,110 @@ def response_layout(shapes: Sequence[tuple[int, int, np.dtype[Any]]]) -> tuple[b
         n = nb * dim * np.dtype(dt).itemsize
         pos += n + _pad(n)
     return head, offsets, pos
+
+
+#: Bytes before every frame's payload in a :class:`FramedLayout`: the channel's message header (8, rdmaio
+#: writes it) and the :data:`FRAME` header.
+FRAME_GAP = 8 + FRAME.size
+
+
+@dataclass(frozen=True)
+class FramedLayout:
+    """An ok response laid out as the frames that carry it, each after room for its headers (no copy to send).
+
+    ``frames``: ``(payload start, payload bytes)`` of each frame in the buffer
+    (its :data:`FRAME` header goes in the 12 bytes before the payload, the
+    channel's in the 8 before those: :data:`FRAME_GAP`); ``head``: where the
+    response's head goes (the start of frame 0's payload); ``rows``: per job,
+    where its row 0 goes and its ``out_blocks`` (:class:`flexemr.core.kernel.PoolJob`):
+    no row straddles two frames; ``pads``: ``(start, bytes)`` of the zero
+    padding after each job's values; ``size``: the buffer's bytes.  Rows are
+    aligned to their dtype when the buffer is 8-byte aligned.
+    """
+
+    frames: list[tuple[int, int]]
+    head: int
+    rows: list[tuple[int, tuple[int, int, int]]]
+    pads: list[tuple[int, int]]
+    size: int
+
+    def spans(self, buf: npt.NDArray[np.uint8], base: int, req_id: int) -> list[tuple[int, int]]:
+        """Write the frame headers of request ``req_id`` into ``buf`` (the layout at ``base``); returns each
+        frame's ``(offset of its channel header, message bytes)`` (:meth:`rdmaio.Channel.send_region`)."""
+        count = len(self.frames)
+        out = []
+        for i, (start, n) in enumerate(self.frames):
+            FRAME.pack_into(buf, base + start - FRAME.size, req_id, i, count)  # type: ignore[arg-type]
+            out.append((base + start - FRAME_GAP, FRAME.size + n))
+        return out
+
+
+def _align8(n: int) -> int:
+    return n + _pad(n)
+
+
+def framed_layout(head_bytes: int, shapes: Sequence[tuple[int, int, np.dtype[Any]]],
+                  max_payload: int) -> FramedLayout | None:
+    """Where the head and the ``[B, dim]`` values of jobs of ``shapes`` go in frames of at most ``max_payload``
+    bytes (:class:`FramedLayout`); ``None`` when a head or a row is larger than a frame, or a job's rows
+    would not be aligned to their dtype (e.g. float64 values after float32 ones that ended mid-frame).
+
+    O(jobs + frames): rows are placed by arithmetic, each job's in blocks of whole rows per frame.
+
+    >>> lay = framed_layout(16, [(5, 2, np.dtype(np.float32))], 40)   # rows of 8 bytes, 5 per full frame
+    >>> lay.frames, lay.rows                                          # 3 rows after the head, then 2
+    ([(24, 40), (88, 16)], [(40, (5, 24, 2))])
+    """
+    if head_bytes > max_payload:
+        return None
+    frames: list[tuple[int, int]] = []
+    head = FRAME_GAP + _pad(FRAME_GAP + head_bytes)  # the values after the head 8-byte aligned
+    start, used = head, head_bytes
+    rows: list[tuple[int, tuple[int, int, int]]] = []
+    pads: list[tuple[int, int]] = []
+
+    def close() -> None:
+        nonlocal start, used
+        frames.append((start, used))
+        start, used = _align8(start + used + FRAME_GAP), 0
+
+    for nb, dim, dt in shapes:
+        item = np.dtype(dt).itemsize
+        rb = dim * item
+        if nb == 0 or rb == 0:
+            rows.append((start + used, (1, 0, 0)))
+        else:
+            if rb > max_payload:
+                return None
+            fpr = max_payload // rb
+            r0 = (max_payload - used) // rb
+            if r0 == 0:
+                close()
+                r0 = fpr
+            gap = _align8(fpr * rb + FRAME_GAP) - fpr * rb  # from the end of a full frame's rows to the next's
+            if (start + used) % item:
+                return None
+            rows.append((start + used, (fpr, gap, fpr - r0)))
+            if nb <= r0:
+                used += nb * rb
+            else:
+                end = start + used + r0 * rb
+                frames.append((start, used + r0 * rb))
+                full, last = divmod(nb - r0, fpr)
+                if last == 0:
+                    full, last = full - 1, fpr
+                for _ in range(full):  # O(frames)
+                    frames.append((end + gap, fpr * rb))
+                    end += gap + fpr * rb
+                start, used = end + gap, last * rb
+        pad = _pad(nb * rb)
+        if pad:
+            if used + pad > max_payload:
+                close()
+            pads.append((start + used, pad))
+            used += pad
+    frames.append((start, used))
+    return FramedLayout(frames, head, rows, pads, start + used)
 
 
 def encode_response(values: Sequence[npt.NDArray[Any]]) -> list[Buffer]:

@@ -145,3 +145,53 @@ def test_add_view_reassembles_like_add_and_rejects_misfit_frames(data: st.DataOb
     fa.add_view(memoryview(FRAME.pack(4, 0, 3) + bytes(mp)))
     with pytest.raises(TransportError):  # the same frame twice
         fa.add_view(memoryview(FRAME.pack(4, 0, 3) + bytes(mp)))
+
+
+class _NoRegion:
+    """Stands in for the arena's memory region: framed answers are only built here, not sent."""
+
+
+def framed_bytes(svc: PoolService, answer: object) -> bytes:
+    """The logical response of a framed answer: its frames' payloads, in order (what a ranker reassembles)."""
+    from flexemr.server.pooling import FramedAnswer
+
+    assert isinstance(answer, FramedAnswer)
+    buf = svc._arena.buf  # type: ignore[union-attr]
+    return b"".join(bytes(buf[answer.base + at: answer.base + at + n]) for at, n in answer.layout.frames)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.data())
+def test_framed_answers_carry_the_plain_response_and_bad_requests_free_their_place(data: st.DataObject) -> None:
+    """With a frame payload the kernel writes the values in place in the arena, as frames of whole rows; the
+    frames' payloads are the plain response byte for byte; a bad request in the same call gets an error and its
+    place goes back, as does every answer once released."""
+    from flexemr.server.pooling import FramedAnswer, ResponseArena
+
+    payload = data.draw(st.sampled_from([40, 64, 100, 1000, 1 << 16]))
+    arena_buf = np.full(1 << 20, 0xAB, np.uint8)
+    arena = ResponseArena(arena_buf, _NoRegion())  # type: ignore[arg-type]
+    svc = PoolService(PLAN, SHARDS, {sh.region_name: MODEL[sh.table][sh.row_start:sh.row_end] for sh in SHARDS},
+                      arena)
+    mode = data.draw(st.sampled_from(["sum", "max"]))
+    good, _ = good_request(mode, mode == "sum" and data.draw(st.booleans()))
+    bad = joined(encode_request([RequestJob("a", 1, np.array([0, 1]), np.array([99], np.int32), None)], "sum"))
+    plain = joined(svc.handle(good))
+    answers = svc.handle_many([good, bad, good], [payload, payload, payload])
+    fits = payload >= 12 + 16 * len(SHARDS)  # the head fits a frame (rows do): else copied as before
+    for i in (0, 2):
+        a = answers[i]
+        assert isinstance(a, FramedAnswer) == fits
+        if not fits:
+            assert joined(a) == plain  # type: ignore[arg-type]
+            continue
+        assert isinstance(a, FramedAnswer)
+        assert framed_bytes(svc, a) == plain and a.nbytes == len(plain)
+        assert all(0 < n <= payload for _, n in a.layout.frames)
+    assert isinstance(answers[1], list)
+    with pytest.raises(TransportError, match="id 99"):
+        decode_response(joined(answers[1]), [(1, 8)])
+    for a in answers:
+        if isinstance(a, FramedAnswer):
+            svc.release(a)
+    assert arena.free_bytes() == arena_buf.nbytes
