@@ -19,7 +19,11 @@ Framing
     concurrent requests may interleave on the channel; the receiver
     reassembles by request id (:class:`FrameAssembler`).  So there is no limit
     on a request's size other than memory; the slot size only sets the frame
-    size.  Several requests are in flight per channel (one credit per slot);
+    size.  Every frame of a request but its last carries exactly
+    ``slot_size - 8 - 12`` payload bytes (what :func:`frames` cuts: the server
+    copies each frame straight to its place, :meth:`FrameAssembler.add_view`);
+    a response's frames may carry fewer (a server cuts them between rows:
+    :func:`framed_layout`).  Several requests are in flight per channel (one credit per slot);
     responses come back in the order the server finishes them.  :func:`frames`
     cuts a message; the channel I/O is the caller's (the ranker's
     :class:`~flexemr.client.pooled.PoolChannel`, the server's
