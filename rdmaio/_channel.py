@@ -45,7 +45,7 @@ import asyncio
 import collections
 import struct
 from collections.abc import Awaitable, Callable, Iterable
-from typing import TYPE_CHECKING, Any, Union
+from typing import TYPE_CHECKING, Any, TypeVar, Union
 
 import numpy as np
 
@@ -73,7 +73,13 @@ HEADER = struct.Struct("<II")  # length, sequence
 Buffer = Union[bytes, bytearray, memoryview, np.ndarray]
 #: posts one WRITE_IMM: (local offset in the staging ring, remote offset, length, immediate)
 PostFn = Callable[[int, int, int, int], Awaitable[Any]]
+#: the same without waiting: the write's future, or ``None`` when the queue pair has no free slot now
+PostNowFn = Callable[[int, int, int, int], "asyncio.Future[Any] | None"]
+#: posts one WRITE_IMM from registered memory: (region, address, remote offset, length, immediate); with
+#: ``wait`` false it returns ``None`` instead of waiting when the queue pair has no free slot now
+PostFromFn = Callable[["MemoryRegion", int, int, int, int, bool], Any]
 ChannelHandler = Callable[["Channel"], Awaitable[None]]
+_T = TypeVar("_T")
 
 
 def pack_imm(chan: int, credits: int, slot: int) -> int:
@@ -101,7 +107,8 @@ class Channel:
     """
 
     def __init__(self, name: str, chan_id: int, slots: int, slot_size: int, recv_ring: np.ndarray,
-                 send_ring: np.ndarray, post: PostFn, release: Callable[[], None]) -> None:
+                 send_ring: np.ndarray, post: PostFn, release: Callable[[], None],
+                 post_now: PostNowFn | None = None, post_from: PostFromFn | None = None) -> None:
         self.name = name
         self.id = chan_id
         self.slots = slots
@@ -109,6 +116,8 @@ class Channel:
         self._recv_ring = recv_ring
         self._send_ring = send_ring
         self._post = post
+        self._post_now = post_now
+        self._post_from = post_from
         self._release = release
         self._credits = slots
         self._tx_slot = 0
@@ -216,6 +225,113 @@ class Channel:
         owed, self._owed = min(self._owed, MAX_CREDITS), self._owed - min(self._owed, MAX_CREDITS)
         await self._write(base, base, HEADER.size + n, pack_imm(self.id, owed, slot))
 
+    async def send_many(self, messages: Iterable[Iterable[Buffer]]) -> None:
+        """Send several messages, in order, each made of its buffers (gathered); returns once all are written.
+
+        The same as awaiting :meth:`send` for each message concurrently, without a task per message:
+        each is copied into its slot and posted as soon as a credit allows (waiting while out of
+        credits), then every write is awaited together.  Messages already posted when an error is
+        raised still complete.
+        """
+        futs: list[asyncio.Future[Any]] = []
+        try:
+            for buffers in messages:
+                futs.append(await self._start_send(buffers))
+        finally:
+            if futs:
+                await self._await_writes(futs)
+
+    async def _start_send(self, buffers: Iterable[Buffer]) -> asyncio.Future[Any]:
+        """Copy one message into its slot and post its write; the write's future (not awaited)."""
+        parts = [memoryview(b).cast("B") if not isinstance(b, np.ndarray) else np.ascontiguousarray(b).data.cast("B")
+                 for b in buffers]
+        n = sum(p.nbytes for p in parts)
+        if n > self.max_message:
+            raise UsageError(f"message of {n} bytes exceeds this channel's {self.max_message}-byte slots")
+        self._check_open()
+        while self._credits == 0:
+            await self._wait()
+            self._check_open()
+        self._credits -= 1
+        slot = self._tx_slot
+        self._tx_slot = (slot + 1) % self.slots
+        base = slot * self.slot_size
+        ring = self._send_ring
+        HEADER.pack_into(ring, base, n, self._tx_seq)  # type: ignore[arg-type]
+        self._tx_seq = (self._tx_seq + 1) & 0xFFFFFFFF
+        pos = base + HEADER.size
+        for p in parts:
+            ring[pos:pos + p.nbytes] = np.frombuffer(p, dtype=np.uint8)
+            pos += p.nbytes
+        owed, self._owed = min(self._owed, MAX_CREDITS), self._owed - min(self._owed, MAX_CREDITS)
+        args = (base, base, HEADER.size + n, pack_imm(self.id, owed, slot))
+        fut = None
+        if self._post_now is not None:
+            try:
+                fut = self._post_now(*args)  # no task when the queue pair has a free slot
+            except (EndpointBrokenError, ClosedError) as exc:
+                self._fail(exc)
+                raise
+        if fut is None:
+            fut = asyncio.ensure_future(self._post(*args))
+        self._inflight.add(fut)
+        fut.add_done_callback(self._inflight.discard)
+        return fut
+
+    async def send_region(self, region: MemoryRegion, spans: Iterable[tuple[int, int]]) -> None:
+        """Send messages that already lie in registered memory, in order, without copying them.
+
+        Each span ``(offset, length)`` of ``region`` (registered with this channel's engine) is one
+        message: the ``length`` bytes from ``offset + 8`` on.  The 8 bytes at ``offset`` are
+        scratch space: this channel's header goes there (overwritten).  Like :meth:`send_many`:
+        each message is posted as soon as a credit allows, and this returns once all are written;
+        ``region`` must stay registered and unchanged until then.
+        """
+        if self._post_from is None:
+            raise UsageError("this channel cannot send from registered memory")
+        view = region.buffer
+        futs: list[asyncio.Future[Any]] = []
+        try:
+            for offset, n in spans:
+                if n > self.max_message:
+                    raise UsageError(f"message of {n} bytes exceeds this channel's {self.max_message}-byte slots")
+                region._check_local(offset, HEADER.size + n)
+                self._check_open()
+                while self._credits == 0:
+                    await self._wait()
+                    self._check_open()
+                self._credits -= 1
+                slot = self._tx_slot
+                self._tx_slot = (slot + 1) % self.slots
+                HEADER.pack_into(view, offset, n, self._tx_seq)
+                self._tx_seq = (self._tx_seq + 1) & 0xFFFFFFFF
+                owed, self._owed = min(self._owed, MAX_CREDITS), self._owed - min(self._owed, MAX_CREDITS)
+                args = (region, region.addr + offset, slot * self.slot_size, HEADER.size + n,
+                        pack_imm(self.id, owed, slot))
+                try:
+                    fut = self._post_from(*args, False)  # no task when the queue pair has a free slot
+                except (EndpointBrokenError, ClosedError) as exc:
+                    self._fail(exc)
+                    raise
+                if fut is None:
+                    fut = asyncio.ensure_future(self._post_from(*args, True))
+                self._inflight.add(fut)
+                fut.add_done_callback(self._inflight.discard)
+                futs.append(fut)
+        finally:
+            if futs:
+                await self._await_writes(futs)
+
+    async def _await_writes(self, futs: list[asyncio.Future[Any]]) -> None:
+        """Wait until every write in ``futs`` is done (shielded: a cancelled sender leaves them be), then
+        raise the first one's error, if any: the memory they read from is free again once this returns."""
+        results = await asyncio.shield(asyncio.gather(*futs, return_exceptions=True))
+        for r in results:
+            if isinstance(r, BaseException):
+                if isinstance(r, (EndpointBrokenError, ClosedError)):
+                    self._fail(r)
+                raise r
+
     async def _write(self, local: int, remote: int, length: int, imm: int) -> None:
         fut = asyncio.ensure_future(self._post(local, remote, length, imm))
         self._inflight.add(fut)
@@ -264,6 +380,30 @@ class Channel:
         self._owed += 1
         self._maybe_return_credits()
         return data
+
+    async def recv_with(self, consume: Callable[[memoryview], _T]) -> _T:
+        """Hand the next message to ``consume`` as a read-only view of the receive ring; returns its result.
+
+        No copy: ``consume`` copies what it keeps, since the view is valid only during the call (the
+        slot's credit goes back to the peer once ``consume`` returns or raises).  What :meth:`recv`
+        raises, this raises.
+        """
+        while not self._ready:
+            self._check_open()
+            await self._wait()
+        slot = self._ready.popleft()
+        base = slot * self.slot_size
+        n, seq = HEADER.unpack_from(self._recv_ring, base)  # type: ignore[arg-type]
+        if seq != self._rx_seq or n > self.max_message:
+            self._fail(ProtocolError(f"channel {self.name!r}: bad message header (seq {seq}, expected "
+                                     f"{self._rx_seq}; length {n})"))
+            raise self._error  # type: ignore[misc]
+        self._rx_seq = (self._rx_seq + 1) & 0xFFFFFFFF
+        try:
+            return consume(self._recv_ring.data[base + HEADER.size: base + HEADER.size + n].toreadonly())
+        finally:
+            self._owed += 1
+            self._maybe_return_credits()
 
     def __aiter__(self) -> Channel:
         return self
@@ -352,6 +492,23 @@ def bind_channel(name: str, chan: int, slots: int, slot_size: int, rings: tuple[
             await qp.wait_slot()
         return await qp.post(Op.WRITE_IMM, key, roff, length, imm, send_mr.addr + local, send_mr, "channel send")
 
+    def post_now(local: int, roff: int, length: int, imm: int) -> asyncio.Future[Any] | None:
+        if not qp._free:
+            return None
+        return qp.post(Op.WRITE_IMM, key, roff, length, imm, send_mr.addr + local, send_mr, "channel send")
+
+    def post_from(mr: MemoryRegion, addr: int, roff: int, length: int, imm: int, wait: bool) -> Any:
+        if wait:
+            return _post_from_waiting(mr, addr, roff, length, imm)
+        if not qp._free:
+            return None
+        return qp.post(Op.WRITE_IMM, key, roff, length, imm, addr, mr, "channel send")
+
+    async def _post_from_waiting(mr: MemoryRegion, addr: int, roff: int, length: int, imm: int) -> Any:
+        if not qp._free:
+            await qp.wait_slot()
+        return await qp.post(Op.WRITE_IMM, key, roff, length, imm, addr, mr, "channel send")
+
     def release() -> None:
         registry.pop(chan, None)
         recv_mr.close()
@@ -359,7 +516,7 @@ def bind_channel(name: str, chan: int, slots: int, slot_size: int, rings: tuple[
         if on_release is not None:
             on_release()
 
-    ch = Channel(name, chan, slots, slot_size, rings[0], rings[1], post, release)
+    ch = Channel(name, chan, slots, slot_size, rings[0], rings[1], post, release, post_now, post_from)
     ch._close_handshake = close_handshake
     registry[chan] = ch
     return ch

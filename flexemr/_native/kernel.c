@@ -98,6 +98,13 @@ FXK_INLINE double load1d(const char *p) {
 FXK_INLINE float max1f(float acc, float x) { return (x > acc || x != x) ? x : acc; }
 FXK_INLINE double max1d(double acc, double x) { return (x > acc || x != x) ? x : acc; }
 
+/* Output row b of pooling job j (kernel.h: out_block, out_gap, out_phase). */
+FXK_INLINE char *out_row(const fxk_job *j, int64_t b) {
+    char *p = (char *)j->out + b * j->out_stride;
+    if (j->out_block > 0) p += ((b + j->out_phase) / j->out_block) * j->out_gap;
+    return p;
+}
+
 /* -------------------------------------------------------------- the bags */
 
 static int dtype_size(int dtype) {
@@ -304,7 +311,9 @@ static int validate(fxk_job *j) {
     int st = FXK_OK;
     if (dtype_size(j->dtype) == 0 || j->mode < FXK_SUM || j->mode > FXK_GATHER || j->dim < 0 ||
         j->num_rows < 0 || j->n_ids < 0 || (j->id_bytes != 4 && j->id_bytes != 8) ||
-        (j->n_ids > 0 && j->ids == NULL) || (j->weights != NULL && j->mode != FXK_SUM && j->mode != FXK_MEAN)) {
+        (j->n_ids > 0 && j->ids == NULL) || (j->weights != NULL && j->mode != FXK_SUM && j->mode != FXK_MEAN) ||
+        j->out_block < 0 || (j->out_block > 0 && (j->out_phase < 0 || j->out_phase >= j->out_block ||
+                                                  j->mode == FXK_GATHER))) {
         st = FXK_EARG;
     } else if (j->mode != FXK_GATHER) {
         if (j->num_bags < 0 || j->offsets == NULL) {

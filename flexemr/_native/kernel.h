@@ -67,6 +67,13 @@ typedef struct {
     int32_t status;          /* FXK_OK or an error code */
     int32_t _pad2;
     int64_t bad_pos;         /* FXK_EBADID: position of the first bad id; else -1 */
+    /* pooling output in blocks (e.g. the frames of a message, each after its header): with
+     * out_block > 0, out_gap more bytes are skipped after every out_block rows, counting out_phase
+     * (< out_block) rows before row 0: row b is at out + b * out_stride
+     * + ((b + out_phase) / out_block) * out_gap.  0: one block. */
+    int64_t out_block;
+    int64_t out_gap;
+    int64_t out_phase;
 } fxk_job;
 
 /* Run n_jobs jobs with up to `threads` threads (the caller's included).

@@ -231,7 +231,7 @@ FXK_INLINE int NAME(bags_f)(const fxk_job *j, const ctx_t *c, int64_t b0, int64_
     const float fill = (float)j->fill;
     for (int64_t b = b0; b < b1; b++) {
         int64_t k0 = j->offsets[b], k1 = j->offsets[b + 1];
-        float *dst = (float *)((char *)j->out + b * j->out_stride);
+        float *dst = (float *)out_row(j, b);
         if (k0 == k1) {
             for (int64_t e = 0; e < dim; e++) dst[e] = fill;
             continue;
@@ -250,7 +250,7 @@ FXK_INLINE int NAME(bags_d)(const fxk_job *j, const ctx_t *c, int64_t b0, int64_
     const int mean = j->mode == FXK_MEAN;
     for (int64_t b = b0; b < b1; b++) {
         int64_t k0 = j->offsets[b], k1 = j->offsets[b + 1];
-        double *dst = (double *)((char *)j->out + b * j->out_stride);
+        double *dst = (double *)out_row(j, b);
         if (k0 == k1) {
             for (int64_t e = 0; e < dim; e++) dst[e] = j->fill;
             continue;

@@ -21,7 +21,7 @@ from ..apps.cli import main as flexemr_main
 from ..apps.cli_support import ArgumentParser
 from ..apps.progress import Bars
 from ..apps.progress import add_option as add_progress_option
-from . import _compare, _criteo, _kernel, _locality, _lookup, _predict, _priority, _skew, _soak, _swapin
+from . import _compare, _criteo, _kernel, _locality, _lookup, _predict, _priority, _serverpool, _skew, _soak, _swapin
 
 __all__ = ["CLI_COMMANDS", "COMMANDS", "BenchCommand", "main"]
 
@@ -44,6 +44,7 @@ COMMANDS: dict[str, BenchCommand] = {
     "compare": BenchCommand(_compare.HELP, _compare.configure, _compare.main),
     "soak": BenchCommand(_soak.HELP, _soak.configure, _soak.main),
     "kernel": BenchCommand(_kernel.HELP, _kernel.configure, _kernel.main),
+    "serverpool": BenchCommand(_serverpool.HELP, _serverpool.configure, _serverpool.main),
     "skew": BenchCommand(_skew.HELP, _skew.configure, _skew.main),
     "priority": BenchCommand(_priority.HELP, _priority.configure, _priority.main),
     "swapin": BenchCommand(_swapin.HELP, _swapin.configure, _swapin.main),

@@ -255,6 +255,26 @@ def _out(out: object | None, shape: tuple[int, int], dtype: np.dtype[Any]) -> np
     return out
 
 
+def _blocked_out(out: object, blocks: object, n: int, row_bytes: int, align: int) -> npt.NDArray[np.uint8]:
+    """``out`` checked as the bytes of ``n`` rows of ``row_bytes`` in ``blocks`` (:class:`PoolJob`'s ``out_blocks``)."""
+    if not (isinstance(out, np.ndarray) and out.dtype == np.uint8 and out.ndim == 1 and out.flags.c_contiguous):
+        raise InputError("with out_blocks, out must be a contiguous 1-D uint8 array")
+    if not out.flags.writeable:
+        raise InputError("out is read-only")
+    if not (isinstance(blocks, tuple) and len(blocks) == 3
+            and all(isinstance(x, (int, np.integer)) and not isinstance(x, bool) for x in blocks)):
+        raise InputError(f"out_blocks must be (rows, gap, phase) integers, got {blocks!r}")
+    rows, gap, phase = (int(x) for x in blocks)
+    if rows < 1 or gap < 0 or not 0 <= phase < rows or gap % align or out.ctypes.data % align:
+        raise InputError(f"out_blocks {blocks!r}: need rows >= 1, gap >= 0, 0 <= phase < rows, and gap and out "
+                         f"aligned to {align} bytes")
+    end = (n - 1) * row_bytes + ((n - 1 + phase) // rows) * gap + row_bytes if n > 0 else 0
+    if end > out.nbytes:
+        raise InputError(f"out of {out.nbytes} bytes is too small for {n} rows of {row_bytes} bytes in blocks of "
+                         f"{rows} rows {gap} bytes apart (needs {end})")
+    return out
+
+
 def _mode(mode: object) -> int:
     code = _MODES.get(mode) if isinstance(mode, str) else None
     if code is None:
@@ -267,7 +287,21 @@ def _mode(mode: object) -> int:
 
 @dataclass(frozen=True, eq=False)
 class PoolJob:
-    """One table's pooling for :func:`pool_many`: the arguments of :func:`pool`."""
+    """One table's pooling for :func:`pool_many`: the arguments of :func:`pool`.
+
+    ``out_blocks=(rows, gap, phase)`` writes the ``[B, dim]`` result in
+    blocks into ``out``, a 1-D ``uint8`` array (e.g. the frames of a message,
+    each after its header): rows follow one another, and after every
+    ``rows`` rows (counting ``phase`` < ``rows`` rows before row 0) ``gap``
+    bytes are skipped; row ``b`` starts at byte ``b * row_bytes + ((b +
+    phase) // rows) * gap``.  The result is then ``out`` itself.
+
+    >>> t = np.arange(6, dtype=np.float32).reshape(3, 2)
+    >>> buf = np.zeros(40, np.uint8)
+    >>> r = pool_many([PoolJob(t, [0, 1, 2], [0, 1, 2, 3], out=buf, out_blocks=(2, 8, 1))])[0]
+    >>> buf[:8].view(np.float32).tolist(), buf[16:32].view(np.float32).tolist()
+    ([0.0, 1.0], [2.0, 3.0, 4.0, 5.0])
+    """
 
     rows: npt.NDArray[Any]
     ids: object
@@ -276,6 +310,7 @@ class PoolJob:
     weights: object | None = None
     out: npt.NDArray[Any] | None = None
     fill: float = 0.0
+    out_blocks: tuple[int, int, int] | None = None
 
 
 class _Call:
@@ -293,7 +328,11 @@ class _Call:
         ids = _ids(job.ids)
         offs = _offsets(job.offsets)
         w = _weights(job.weights, ids.size, str(job.mode))
-        out = _out(job.out, (offs.size - 1, rows.shape[1]), _ACC[rows.dtype])
+        if job.out_blocks is None:
+            out = _out(job.out, (offs.size - 1, rows.shape[1]), _ACC[rows.dtype])
+        else:
+            out = _blocked_out(job.out, job.out_blocks, offs.size - 1, rows.shape[1] * _ACC[rows.dtype].itemsize,
+                               _ACC[rows.dtype].itemsize)
         try:
             fill = float(job.fill)
         except (TypeError, ValueError):
@@ -308,7 +347,11 @@ class _Call:
         if fill:
             j.fill = fill
         j.out = _ptr(out)
-        j.out_stride = out.strides[0]
+        if job.out_blocks is None:
+            j.out_stride = out.strides[0]
+        else:
+            j.out_stride = rows.shape[1] * _ACC[rows.dtype].itemsize
+            j.out_block, j.out_gap, j.out_phase = job.out_blocks
         self.keep += (rows, offs, w)
         self.ids.append(ids)
         self.outs.append(out)

@@ -19,7 +19,11 @@ Framing
     concurrent requests may interleave on the channel; the receiver
     reassembles by request id (:class:`FrameAssembler`).  So there is no limit
     on a request's size other than memory; the slot size only sets the frame
-    size.  Several requests are in flight per channel (one credit per slot);
+    size.  Every frame of a request but its last carries exactly
+    ``slot_size - 8 - 12`` payload bytes (what :func:`frames` cuts: the server
+    copies each frame straight to its place, :meth:`FrameAssembler.add_view`);
+    a response's frames may carry fewer (a server cuts them between rows:
+    :func:`framed_layout`).  Several requests are in flight per channel (one credit per slot);
     responses come back in the order the server finishes them.  :func:`frames`
     cuts a message; the channel I/O is the caller's (the ranker's
     :class:`~flexemr.client.pooled.PoolChannel`, the server's
@@ -67,6 +71,9 @@ from .errors import InputError, TransportError
 
 __all__ = [
     "FRAME",
+    "FRAME_GAP",
+    "FramedLayout",
+    "MAX_ASSEMBLY_BYTES",
     "MAX_BAGS",
     "POOL_CHANNEL",
     "Buffer",
@@ -78,6 +85,7 @@ __all__ = [
     "encode_error",
     "encode_request",
     "encode_response",
+    "framed_layout",
     "frames",
     "response_layout",
 ]
@@ -88,6 +96,8 @@ POOL_CHANNEL = "flexemr/pool"
 FRAME = struct.Struct("<III")
 #: Most bags one job may ask for (a server allocates ``B x dim`` values per job).
 MAX_BAGS = 1 << 26
+#: :meth:`FrameAssembler.add_view`: most bytes reserved for one message, and for all partial messages together.
+MAX_ASSEMBLY_BYTES = 1 << 31
 _HEAD = struct.Struct("<4sBBHI")
 _REQ_JOB = struct.Struct("<QIIHBB4x")
 _RESP_JOB = struct.Struct("<IIB7x")
@@ -241,6 +251,110 @@ def response_layout(shapes: Sequence[tuple[int, int, np.dtype[Any]]]) -> tuple[b
     return head, offsets, pos
 
 
+#: Bytes before every frame's payload in a :class:`FramedLayout`: the channel's message header (8, rdmaio
+#: writes it) and the :data:`FRAME` header.
+FRAME_GAP = 8 + FRAME.size
+
+
+@dataclass(frozen=True)
+class FramedLayout:
+    """An ok response laid out as the frames that carry it, each after room for its headers (no copy to send).
+
+    ``frames``: ``(payload start, payload bytes)`` of each frame in the buffer
+    (its :data:`FRAME` header goes in the 12 bytes before the payload, the
+    channel's in the 8 before those: :data:`FRAME_GAP`); ``head``: where the
+    response's head goes (the start of frame 0's payload); ``rows``: per job,
+    where its row 0 goes and its ``out_blocks`` (:class:`flexemr.core.kernel.PoolJob`):
+    no row straddles two frames; ``pads``: ``(start, bytes)`` of the zero
+    padding after each job's values; ``size``: the buffer's bytes.  Rows are
+    aligned to their dtype when the buffer is 8-byte aligned.
+    """
+
+    frames: list[tuple[int, int]]
+    head: int
+    rows: list[tuple[int, tuple[int, int, int]]]
+    pads: list[tuple[int, int]]
+    size: int
+
+    def spans(self, buf: npt.NDArray[np.uint8], base: int, req_id: int) -> list[tuple[int, int]]:
+        """Write the frame headers of request ``req_id`` into ``buf`` (the layout at ``base``); returns each
+        frame's ``(offset of its channel header, message bytes)`` (:meth:`rdmaio.Channel.send_region`)."""
+        count = len(self.frames)
+        out = []
+        for i, (start, n) in enumerate(self.frames):
+            FRAME.pack_into(buf, base + start - FRAME.size, req_id, i, count)  # type: ignore[arg-type]
+            out.append((base + start - FRAME_GAP, FRAME.size + n))
+        return out
+
+
+def _align8(n: int) -> int:
+    return n + _pad(n)
+
+
+def framed_layout(head_bytes: int, shapes: Sequence[tuple[int, int, np.dtype[Any]]],
+                  max_payload: int) -> FramedLayout | None:
+    """Where the head and the ``[B, dim]`` values of jobs of ``shapes`` go in frames of at most ``max_payload``
+    bytes (:class:`FramedLayout`); ``None`` when a head or a row is larger than a frame, or a job's rows
+    would not be aligned to their dtype (e.g. float64 values after float32 ones that ended mid-frame).
+
+    O(jobs + frames): rows are placed by arithmetic, each job's in blocks of whole rows per frame.
+
+    >>> lay = framed_layout(16, [(5, 2, np.dtype(np.float32))], 40)   # rows of 8 bytes, 5 per full frame
+    >>> lay.frames, lay.rows                                          # 3 rows after the head, then 2
+    ([(24, 40), (88, 16)], [(40, (5, 24, 2))])
+    """
+    if head_bytes > max_payload:
+        return None
+    frames: list[tuple[int, int]] = []
+    head = FRAME_GAP + _pad(FRAME_GAP + head_bytes)  # the values after the head 8-byte aligned
+    start, used = head, head_bytes
+    rows: list[tuple[int, tuple[int, int, int]]] = []
+    pads: list[tuple[int, int]] = []
+
+    def close() -> None:
+        nonlocal start, used
+        frames.append((start, used))
+        start, used = _align8(start + used + FRAME_GAP), 0
+
+    for nb, dim, dt in shapes:
+        item = np.dtype(dt).itemsize
+        rb = dim * item
+        if nb == 0 or rb == 0:
+            rows.append((start + used, (1, 0, 0)))
+        else:
+            if rb > max_payload:
+                return None
+            fpr = max_payload // rb
+            r0 = (max_payload - used) // rb
+            if r0 == 0:
+                close()
+                r0 = fpr
+            gap = _align8(fpr * rb + FRAME_GAP) - fpr * rb  # from the end of a full frame's rows to the next's
+            if (start + used) % item:
+                return None
+            rows.append((start + used, (fpr, gap, fpr - r0)))
+            if nb <= r0:
+                used += nb * rb
+            else:
+                end = start + used + r0 * rb
+                frames.append((start, used + r0 * rb))
+                full, last = divmod(nb - r0, fpr)
+                if last == 0:
+                    full, last = full - 1, fpr
+                for _ in range(full):  # O(frames)
+                    frames.append((end + gap, fpr * rb))
+                    end += gap + fpr * rb
+                start, used = end + gap, last * rb
+        pad = _pad(nb * rb)
+        if pad:
+            if used + pad > max_payload:
+                close()
+            pads.append((start + used, pad))
+            used += pad
+    frames.append((start, used))
+    return FramedLayout(frames, head, rows, pads, start + used)
+
+
 def encode_response(values: Sequence[npt.NDArray[Any]]) -> list[Buffer]:
     """The buffers of an ok response carrying one ``[B, dim]`` (float32 or float64) array per job."""
     arrs = [np.ascontiguousarray(v) for v in values]
@@ -333,8 +447,12 @@ class FrameAssembler:
     (None, (7, b'abc'))
     """
 
-    def __init__(self) -> None:
+    def __init__(self, max_payload: int | None = None) -> None:
         self._parts: dict[int, tuple[int, dict[int, memoryview]]] = {}
+        #: :meth:`add_view`: frame payload size, and per request id (frame count, buffer, frames got, last size)
+        self._max_payload = max_payload
+        self._bufs: dict[int, tuple[int, npt.NDArray[np.uint8], set[int], int]] = {}
+        self._reserved = 0
 
     def add(self, frame: Buffer) -> tuple[int, Buffer] | None:
         """Add one frame (the frames of a message may come in any order); returns ``(request id, message)``
@@ -354,7 +472,53 @@ class FrameAssembler:
         del self._parts[rid]
         return rid, b"".join(got[i] for i in range(count))
 
+    def add_view(self, frame: memoryview) -> tuple[int, Buffer] | None:
+        """:meth:`add` for a frame valid only during the call (e.g. a view of a channel's receive ring:
+        :meth:`rdmaio.Channel.recv_with`): the payload is copied once, straight to its place in the message.
+
+        Needs ``max_payload`` (the frame payload size of :func:`frames`: ``max_message - FRAME.size``):
+        every frame of a message but its last carries exactly that many bytes.  The buffer of a message
+        is reserved when its first frame comes (at most :data:`MAX_ASSEMBLY_BYTES` per message, and
+        as much for all partial messages together).
+
+        >>> fa = FrameAssembler(max_payload=2)
+        >>> first = fa.add_view(memoryview(FRAME.pack(7, 1, 2) + b"c"))
+        >>> first, bytes(fa.add_view(memoryview(FRAME.pack(7, 0, 2) + b"ab"))[1])
+        (None, b'abc')
+        """
+        mp = self._max_payload
+        if mp is None or mp < 1:
+            raise TypeError("FrameAssembler.add_view needs max_payload")
+        if frame.nbytes < FRAME.size:
+            raise TransportError("pooling frame too short")
+        rid, idx, count = FRAME.unpack_from(frame, 0)
+        n = frame.nbytes - FRAME.size
+        if count == 1 and idx == 0 and rid not in self._bufs:
+            return rid, bytes(frame[FRAME.size:])
+        entry = self._bufs.get(rid)
+        if entry is None:
+            size = count * mp
+            if count < 2 or size > MAX_ASSEMBLY_BYTES or self._reserved + size > MAX_ASSEMBLY_BYTES:
+                raise TransportError(f"pooling message of {count} frames of {mp} bytes is too large (or too many "
+                                     f"are partly received)")
+            entry = (count, np.empty(size, dtype=np.uint8), set(), 0)
+            self._reserved += size
+            self._bufs[rid] = entry
+        want, buf, got, last = entry
+        if count != want or idx >= count or idx in got or n > mp or (idx < count - 1 and n != mp):
+            raise TransportError(f"pooling frame {idx}/{count} of request {rid} does not fit its message")
+        buf[idx * mp: idx * mp + n] = np.frombuffer(frame, dtype=np.uint8, count=n, offset=FRAME.size)
+        got.add(idx)
+        if idx == count - 1:
+            self._bufs[rid] = entry = (want, buf, got, n)
+            last = n
+        if len(got) < count:
+            return None
+        del self._bufs[rid]
+        self._reserved -= buf.nbytes
+        return rid, buf.data[: (count - 1) * mp + last]
+
     def pending(self) -> int:
         """Messages partly received."""
-        return len(self._parts)
+        return len(self._parts) + len(self._bufs)
 

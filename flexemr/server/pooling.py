@@ -21,9 +21,12 @@ requests of the same native call are not affected.
 from __future__ import annotations
 
 import asyncio
+import bisect
 import logging
+import threading
 from collections.abc import Sequence
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Optional, Union
 
 import numpy as np
 import numpy.typing as npt
@@ -32,16 +35,85 @@ import rdmaio
 from ..core import kernel
 from ..core.errors import InputError, TransportError
 from ..core.plan import Shard, ShardingPlan
-from ..core.pooling import accumulation_dtype
-from ..core.poolwire import Buffer, FrameAssembler, decode_request, encode_error, frames, response_layout
+from ..core.pooling import PoolMode, accumulation_dtype
+from ..core.poolwire import (FRAME, Buffer, FrameAssembler, FramedLayout, decode_request, encode_error, framed_layout,
+                             frames, response_layout)
 
-__all__ = ["MAX_RESPONSE_BYTES", "PoolService"]
+__all__ = ["MAX_RESPONSE_BYTES", "RESPONSE_ARENA_BYTES", "FramedAnswer", "PoolService", "ResponseArena"]
 
 log = logging.getLogger(__name__)
 
 #: Largest response a request may ask for (B x dim values over its jobs), in bytes.
 MAX_RESPONSE_BYTES = 1 << 30
-_Pending = tuple[Buffer, "asyncio.Future[list[Buffer]]"]
+#: Bytes of registered memory an embedding server answers pooling requests from (:class:`ResponseArena`).
+RESPONSE_ARENA_BYTES = 32 << 20
+_PAGE = 4096
+
+
+class ResponseArena:
+    """Registered memory that responses are written into by the kernel and sent from (thread-safe, first fit).
+
+    ``buf`` is registered as ``mr`` with the engine whose channels send from it
+    (:meth:`rdmaio.Channel.send_region`); places are taken in whole pages.
+    """
+
+    def __init__(self, buf: npt.NDArray[np.uint8], mr: rdmaio.MemoryRegion) -> None:
+        self.buf = buf
+        self.mr = mr
+        self._free: list[tuple[int, int]] = [(0, buf.nbytes - buf.nbytes % _PAGE)]
+        self._lock = threading.Lock()
+
+    @staticmethod
+    def extent(n: int) -> int:
+        """The bytes a place of ``n`` bytes takes."""
+        return -(-n // _PAGE) * _PAGE
+
+    def take(self, n: int) -> int | None:
+        """The offset of a free place of ``n`` bytes, now taken, or ``None`` when there is no room."""
+        n = self.extent(n)
+        with self._lock:
+            for i, (at, size) in enumerate(self._free):
+                if size >= n:
+                    if size == n:
+                        del self._free[i]
+                    else:
+                        self._free[i] = (at + n, size - n)
+                    return at
+        return None
+
+    def give(self, at: int, n: int) -> None:
+        """Free the place of ``n`` bytes taken at ``at``."""
+        n = self.extent(n)
+        with self._lock:
+            free = self._free
+            i = bisect.bisect(free, (at, n))
+            free.insert(i, (at, n))
+            if i + 1 < len(free) and at + n == free[i + 1][0]:
+                free[i] = (at, n + free[i + 1][1])
+                del free[i + 1]
+            if i > 0 and free[i - 1][0] + free[i - 1][1] == at:
+                free[i - 1] = (free[i - 1][0], free[i - 1][1] + free[i][1])
+                del free[i]
+
+    def free_bytes(self) -> int:
+        """Bytes not taken."""
+        with self._lock:
+            return sum(n for _, n in self._free)
+
+
+@dataclass(frozen=True)
+class FramedAnswer:
+    """An ok response the kernel wrote into a :class:`ResponseArena`, laid out as its frames."""
+
+    layout: FramedLayout
+    base: int      #: where the layout starts in the arena
+    extent: int    #: bytes taken there
+    nbytes: int    #: bytes of the response (its payload over all frames)
+
+
+_Answer = Union[npt.NDArray[np.uint8], FramedAnswer]
+_Pending = tuple[Buffer, Optional[int], "asyncio.Future[list[Buffer] | FramedAnswer]"]
+_Answers = asyncio.Queue[Optional[tuple[int, "asyncio.Future[list[Buffer] | FramedAnswer]"]]]
 
 
 class PoolService:
@@ -62,7 +134,8 @@ class PoolService:
     [[4.0, 6.0], [3.0, 4.0]]
     """
 
-    def __init__(self, plan: ShardingPlan, shards: Sequence[Shard], arrays: dict[str, npt.NDArray[Any]]) -> None:
+    def __init__(self, plan: ShardingPlan, shards: Sequence[Shard], arrays: dict[str, npt.NDArray[Any]],
+                 arena: ResponseArena | None = None) -> None:
         kernel.tune_allocator()
         self._plan = plan
         #: (table, shard index) -> (rows, accumulation dtype)
@@ -73,6 +146,7 @@ class PoolService:
                 self._shards[(sh.table, sh.index)] = (arrays[sh.region_name], accumulation_dtype(spec.np_dtype))
         self._queue: list[_Pending] = []
         self._busy = False
+        self._arena = arena
         #: requests answered, native calls made, rows (ids) pooled
         self.requests = 0
         self.calls = 0
@@ -80,8 +154,12 @@ class PoolService:
 
     # ------------------------------------------------------------ pooling
 
-    def _prepare(self, data: Buffer) -> tuple[list[kernel.PoolJob], npt.NDArray[np.uint8], int]:
-        """The kernel jobs of one request, writing into its response buffer (returned), and its rows."""
+    def _prepare(self, data: Buffer, payload: int | None = None) -> tuple[list[kernel.PoolJob], _Answer, int]:
+        """The kernel jobs of one request, writing into its response buffer (returned), and its rows.
+
+        With ``payload`` (the channel's frame payload) and room in the arena, the response is laid out in
+        the arena as its frames (:func:`~flexemr.core.poolwire.framed_layout`): the kernel writes the
+        values where they are sent from."""
         req = decode_request(data)
         fill = float("-inf") if req.op == "max" else 0.0
         found = []
@@ -96,6 +174,22 @@ class PoolService:
         head, offsets, total = response_layout(shapes)
         if total > MAX_RESPONSE_BYTES:
             raise InputError(f"the response would take {total} bytes, more than {MAX_RESPONSE_BYTES}")
+        mode: PoolMode = "max" if req.op == "max" else "sum"
+        rows_n = sum(int(j.ids.size) for j in req.jobs)
+        framed = self._framed(head, shapes, payload) if payload is not None and self._arena is not None else None
+        if framed is not None:
+            lay, base = framed
+            arena = self._arena
+            assert arena is not None
+            abuf = arena.buf
+            abuf[base + lay.head: base + lay.head + len(head)] = np.frombuffer(head, dtype=np.uint8)
+            for at, n in lay.pads:
+                abuf[base + at: base + at + n] = 0
+            jobs = []
+            for j, (rows, _), (row0, blocks) in zip(req.jobs, found, lay.rows):
+                jobs.append(kernel.PoolJob(rows, j.ids, j.offsets, mode, j.weights,
+                                           out=abuf[base + row0: base + lay.size], fill=fill, out_blocks=blocks))
+            return jobs, FramedAnswer(lay, base, arena.extent(lay.size), total), rows_n
         buf = np.empty(total, dtype=np.uint8)
         buf[: len(head)] = np.frombuffer(head, dtype=np.uint8)
         jobs = []
@@ -103,20 +197,33 @@ class PoolService:
             n = nb * dim * acc.itemsize
             buf[off + n : off + n + (-n % 8)] = 0
             out = buf[off : off + n].view(acc).reshape(nb, dim)
-            jobs.append(kernel.PoolJob(rows, j.ids, j.offsets, "max" if req.op == "max" else "sum", j.weights,
-                                       out=out, fill=fill))
-        return jobs, buf, sum(int(j.ids.size) for j in req.jobs)
+            jobs.append(kernel.PoolJob(rows, j.ids, j.offsets, mode, j.weights, out=out, fill=fill))
+        return jobs, buf, rows_n
 
-    def handle_many(self, requests: Sequence[Buffer]) -> list[list[Buffer]]:
+    def _framed(self, head: bytes, shapes: list[tuple[int, int, np.dtype[Any]]],
+                payload: int) -> tuple[FramedLayout, int] | None:
+        """A framed layout of the response and its place in the arena, or ``None`` (no room: copy it)."""
+        lay = framed_layout(len(head), shapes, payload)
+        if lay is None:
+            return None
+        assert self._arena is not None
+        base = self._arena.take(lay.size)
+        return None if base is None else (lay, base)
+
+    def handle_many(self, requests: Sequence[Buffer],
+                    payloads: Sequence[int | None] | None = None) -> list[list[Buffer] | FramedAnswer]:
         """Answer several requests with one native call (error responses for bad ones). Blocking: the
-        kernel runs with the GIL released."""
+        kernel runs with the GIL released.
+
+        ``payloads``: per request, the frame payload of the channel it came on, or ``None``; a request
+        with one may be answered by a :class:`FramedAnswer` (in the arena; :meth:`release` it once sent)."""
         answers: list[list[Buffer] | None] = [None] * len(requests)
         jobs: list[kernel.PoolJob] = []
         owner: list[int] = []
-        bufs: dict[int, tuple[npt.NDArray[np.uint8], int]] = {}
+        bufs: dict[int, tuple[_Answer, int]] = {}
         for i, data in enumerate(requests):
             try:
-                req_jobs, buf, rows = self._prepare(data)
+                req_jobs, buf, rows = self._prepare(data, None if payloads is None else payloads[i])
             except (InputError, MemoryError) as exc:
                 answers[i] = encode_error(f"{type(exc).__name__}: {exc}")
                 continue
@@ -133,25 +240,38 @@ class PoolService:
                 answers[i] = encode_error(f"{type(r).__name__}: {r}")
         self.requests += len(requests)
         self.calls += 1
-        out: list[list[Buffer]] = []
+        out: list[list[Buffer] | FramedAnswer] = []
         for i, a in enumerate(answers):
-            if a is None:
-                buf, rows = bufs[i]
-                self.rows += rows
-                a = [buf.data]
-            out.append(a)
+            ans = bufs.get(i)
+            if a is not None:
+                if ans is not None and isinstance(ans[0], FramedAnswer):
+                    self.release(ans[0])  # an error response instead
+                out.append(a)
+                continue
+            assert ans is not None
+            buf, rows = ans
+            self.rows += rows
+            out.append(buf if isinstance(buf, FramedAnswer) else [buf.data])
         return out
 
     def handle(self, data: Buffer) -> list[Buffer]:
         """Answer one request (an error response for a bad one)."""
-        return self.handle_many([data])[0]
+        answer = self.handle_many([data])[0]
+        assert not isinstance(answer, FramedAnswer)  # without a frame payload
+        return answer
+
+    def release(self, answer: FramedAnswer) -> None:
+        """Give a :class:`FramedAnswer`'s place in the arena back (once its frames are sent, or not sent)."""
+        if self._arena is not None:
+            self._arena.give(answer.base, answer.extent)
 
     # ------------------------------------------------------------ serving
 
-    async def submit(self, data: Buffer) -> list[Buffer]:
-        """The response to one request, pooled off the event loop (batched with other waiting requests)."""
-        fut: asyncio.Future[list[Buffer]] = asyncio.get_running_loop().create_future()
-        self._queue.append((data, fut))
+    async def submit(self, data: Buffer, payload: int | None = None) -> list[Buffer] | FramedAnswer:
+        """The response to one request, pooled off the event loop (batched with other waiting requests);
+        with ``payload`` (the channel's frame payload) it may be a :class:`FramedAnswer`."""
+        fut: asyncio.Future[list[Buffer] | FramedAnswer] = asyncio.get_running_loop().create_future()
+        self._queue.append((data, payload, fut))
         self._kick()
         return await fut
 
@@ -161,32 +281,38 @@ class PoolService:
         batch, self._queue = self._queue, []
         self._busy = True
         loop = asyncio.get_running_loop()
-        cf = loop.run_in_executor(None, self.handle_many, [d for d, _ in batch])
+        cf = loop.run_in_executor(None, self.handle_many, [d for d, _, _ in batch], [p for _, p, _ in batch])
         cf.add_done_callback(lambda f: self._finish(batch, f))
 
-    def _finish(self, batch: list[_Pending], f: asyncio.Future[list[list[Buffer]]]) -> None:
+    def _finish(self, batch: list[_Pending], f: asyncio.Future[list[list[Buffer] | FramedAnswer]]) -> None:
         self._busy = False
         try:
             results = f.result()
         except BaseException as exc:  # noqa: BLE001 - a bug: every waiting request gets the error
             log.exception("pooling failed")
             results = [encode_error(f"{type(exc).__name__}: {exc}")] * len(batch)
-        for (_, fut), r in zip(batch, results):
+        for (_, _, fut), r in zip(batch, results):
             if not fut.done():
                 fut.set_result(r)
+            elif isinstance(r, FramedAnswer):  # its requester is gone
+                self.release(r)
         if self._queue:
             self._kick()
 
     async def serve(self, ch: rdmaio.Channel) -> None:
         """The channel handler: requests in, responses out (in request order), until the peer closes."""
-        asm = FrameAssembler()
-        answers: asyncio.Queue[tuple[int, asyncio.Future[list[Buffer]]] | None] = asyncio.Queue()
+        payload = ch.max_message - FRAME.size
+        asm = FrameAssembler(payload)
+        answers: _Answers = asyncio.Queue()
         sender = asyncio.ensure_future(self._send(ch, answers))
         try:
-            async for frame in ch:
-                msg = asm.add(frame)
+            while True:
+                try:  # each frame is copied once, from the channel's ring to its place in the request
+                    msg = await ch.recv_with(asm.add_view)
+                except rdmaio.ClosedError:
+                    break
                 if msg is not None:
-                    answers.put_nowait((msg[0], asyncio.ensure_future(self.submit(msg[1]))))
+                    answers.put_nowait((msg[0], asyncio.ensure_future(self.submit(msg[1], payload))))
         except (rdmaio.RdmaioError, TransportError) as exc:
             log.debug("pooling channel ended: %s", exc)
         finally:
@@ -197,8 +323,7 @@ class PoolService:
                 if not sender.done():  # this handler was cancelled: the server is closing
                     sender.cancel()
 
-    @staticmethod
-    async def _send(ch: rdmaio.Channel, answers: asyncio.Queue[tuple[int, asyncio.Future[list[Buffer]]] | None]) -> None:
+    async def _send(self, ch: rdmaio.Channel, answers: _Answers) -> None:
         broken = False
         while True:
             item = await answers.get()
@@ -206,11 +331,22 @@ class PoolService:
                 return
             rid, fut = item
             parts = await fut
+            if isinstance(parts, FramedAnswer):
+                if broken:
+                    self.release(parts)
+                    continue
+                assert self._arena is not None
+                try:  # from the arena, where the kernel wrote the values: no copy
+                    await ch.send_region(self._arena.mr, parts.layout.spans(self._arena.buf, parts.base, rid))
+                except (rdmaio.RdmaioError, TransportError) as exc:
+                    log.debug("pooling channel ended: %s", exc)
+                    broken = True
+                self.release(parts)  # every write is done (send_region waits for all, even on errors)
+                continue
             if broken:
                 continue
-            try:  # every frame is handed to the channel at once (credits permitting): they travel back to back
-                sends = [ch.send([head, *pieces]) for head, pieces in frames(rid, parts, ch.max_message)]
-                await (sends[0] if len(sends) == 1 else asyncio.gather(*sends))
+            try:  # every frame is posted as soon as a credit allows: they travel back to back
+                await ch.send_many([head, *pieces] for head, pieces in frames(rid, parts, ch.max_message))
             except (rdmaio.RdmaioError, TransportError) as exc:
                 log.debug("pooling channel ended: %s", exc)
                 broken = True  # the requests already queued still finish (their native call may be running)

@@ -78,7 +78,7 @@ from ..core.metrics import LatencyHistogram
 from ..core.plan import Shard, ShardingPlan
 from ..core.poolwire import POOL_CHANNEL, Buffer
 from ..core.versioned import CTL_GEN, CTL_LOCK, CTL_MEMBERS, ctl_offset, pack_slots, region_bytes, row_data
-from .pooling import PoolService
+from .pooling import RESPONSE_ARENA_BYTES, FramedAnswer, PoolService, ResponseArena
 
 __all__ = ["EmbeddingServer", "ServerState", "ServerStats"]
 
@@ -117,22 +117,24 @@ class _CountedPoolService(PoolService):
     """The pooling service, counting requests, bytes and compute time into :class:`ServerStats`."""
 
     def __init__(self, plan: ShardingPlan, shards: tuple[Shard, ...], arrays: dict[str, npt.NDArray[Any]],
-                 stats: ServerStats) -> None:
-        super().__init__(plan, shards, arrays)
+                 stats: ServerStats, arena: ResponseArena | None = None) -> None:
+        super().__init__(plan, shards, arrays, arena)
         self._stats = stats
 
-    def handle_many(self, requests: Sequence[Buffer]) -> list[list[Buffer]]:
+    def handle_many(self, requests: Sequence[Buffer],
+                    payloads: Sequence[int | None] | None = None) -> list[list[Buffer] | FramedAnswer]:
         # the one entry of every request (serve -> submit -> one call per batch of waiting requests, run on a
         # worker thread, one call at a time): each request of a call is counted with the call's compute time
         t0 = time.perf_counter()
-        outs = super().handle_many(requests)
+        outs = super().handle_many(requests, payloads)
         dt = time.perf_counter() - t0
         st = self._stats
         for data, out in zip(requests, outs):
             st.pool_latency.observe(dt)
             st.pool_requests += 1
             st.pool_bytes_received += memoryview(data).nbytes
-            st.pool_bytes_sent += sum(memoryview(p).nbytes for p in out)
+            st.pool_bytes_sent += out.nbytes if isinstance(out, FramedAnswer) else sum(memoryview(p).nbytes
+                                                                                      for p in out)
         return outs
 
 
@@ -448,7 +450,12 @@ class EmbeddingServer:
             meta_mr = engine.register(meta_buf, access=rdmaio.Access.READ)
             self._regions.append(meta_mr)
             self._expose(META_REGION, meta_mr)
-            self.pool_service = _CountedPoolService(self.plan, self.shards, self._arrays, self.stats)
+            # responses are pooled into registered memory and sent from there (no copy into the channel)
+            resp = np.empty(RESPONSE_ARENA_BYTES, dtype=np.uint8)
+            resp_mr = engine.register(resp, access=rdmaio.Access.NONE)
+            self._regions.append(resp_mr)
+            self.pool_service = _CountedPoolService(self.plan, self.shards, self._arrays, self.stats,
+                                                    ResponseArena(resp, resp_mr))
             engine.serve_channel(POOL_CHANNEL, self._serve_pool)
             self._pool_served = True
             try:

@@ -536,3 +536,41 @@ def test_bench_kernel_is_registered() -> None:
     from flexemr.bench.__main__ import COMMANDS
 
     assert "kernel" in COMMANDS and "torchrec" in COMMANDS["kernel"].help.lower()
+
+
+@settings(max_examples=80, deadline=None)
+@given(st.data())
+def test_out_blocks_put_each_row_at_its_place_and_leave_the_gaps(data: st.DataObject) -> None:
+    """With out_blocks the kernel writes row b at b * row_bytes + ((b + phase) // rows) * gap, exactly the plain
+    result's row, and touches no byte between the rows; an out too small, or bad blocks, is an InputError."""
+    dtype = data.draw(st.sampled_from([np.float32, np.float64, np.float16]))
+    dim = data.draw(st.integers(1, 20))
+    nb = data.draw(st.integers(0, 30))
+    table = np.random.default_rng(dim).standard_normal((50, dim)).astype(dtype)
+    lens = data.draw(st.lists(st.integers(0, 4), min_size=nb, max_size=nb))
+    offsets = np.concatenate([[0], np.cumsum(lens, dtype=np.int64)]).astype(np.int64)
+    ids = np.array(data.draw(st.lists(st.integers(0, 49), min_size=int(offsets[-1]), max_size=int(offsets[-1]))),
+                   dtype=np.int64)
+    mode = data.draw(st.sampled_from(["sum", "max", "mean"]))
+    acc = np.dtype(np.float64 if dtype == np.float64 else np.float32)
+    rows = data.draw(st.integers(1, 8))
+    gap = data.draw(st.integers(0, 5)) * 8
+    phase = data.draw(st.integers(0, rows - 1))
+    rb = dim * acc.itemsize
+    need = (nb - 1) * rb + ((nb - 1 + phase) // rows) * gap + rb if nb else 0
+    buf = np.full(need + 16, 0x5A, np.uint8)
+    want = kernel.pool(table, ids, offsets, mode, fill=-1.0)
+    kernel.pool_many([kernel.PoolJob(table, ids, offsets, mode, out=buf, fill=-1.0, out_blocks=(rows, gap, phase))],
+                     threads=data.draw(st.sampled_from([1, 2])))
+    touched = np.zeros(buf.size, bool)
+    for b in range(nb):
+        at = b * rb + ((b + phase) // rows) * gap
+        np.testing.assert_array_equal(buf[at: at + rb].view(acc), want[b])
+        touched[at: at + rb] = True
+    assert (buf[~touched] == 0x5A).all()
+    if nb:
+        with pytest.raises(InputError, match="too small"):
+            kernel.pool_many([kernel.PoolJob(table, ids, offsets, mode, out=buf[: need - 1],
+                                             out_blocks=(rows, gap, phase))])
+    with pytest.raises(InputError):
+        kernel.pool_many([kernel.PoolJob(table, ids, offsets, mode, out=buf, out_blocks=(rows, gap, rows))])

@@ -20,6 +20,7 @@ from flexemr import (
 )
 from flexemr.core.pooling import pool
 from flexemr.core.remap import build_remap, profile_accesses
+from flexemr.server.pooling import RESPONSE_ARENA_BYTES
 from flexemr.apps.workload import PROFILE_2022, generate
 from tests.flexemr.transports import TRANSPORTS, transports_xfail_verbs
 
@@ -90,6 +91,14 @@ async def test_pooled_matches_reference(options: dict[str, object], transport: s
         m = client.metrics
         if options["server_pooling"]:
             assert m.pooled_subrequests > 0 and m.pool_bytes_received > 0
+            for name in cluster.plan.servers:  # answers were pooled into the servers' arenas, then given back
+                svc = cluster.server(name).pool_service
+                assert svc is not None and svc._arena is not None
+                for _ in range(500):  # the last writes' completions may still be on their way
+                    if svc._arena.free_bytes() == RESPONSE_ARENA_BYTES:
+                        break
+                    await asyncio.sleep(0.01)
+                assert svc._arena.free_bytes() == RESPONSE_ARENA_BYTES
         else:
             assert m.pooled_subrequests == 0 and m.pool_bytes_sent == 0
         if options.get("adaptive"):  # a 16 KiB budget under ~1000-row batches: shrunk to (almost) nothing
@@ -336,10 +345,10 @@ async def test_pooling_runs_off_the_event_loop_and_batches_waiting_requests() ->
         gate, entered = threading.Event(), threading.Event()
         original = svc.handle_many
 
-        def blocked(requests: object) -> object:
+        def blocked(requests: object, *rest: object) -> object:
             entered.set()
             assert gate.wait(60)
-            return original(requests)  # type: ignore[arg-type]
+            return original(requests, *rest)  # type: ignore[arg-type]
 
         svc.handle_many = blocked  # type: ignore[method-assign]
         client._pooler.cost.choose = lambda: True  # type: ignore[method-assign]  # keep asking servers to pool

@@ -111,3 +111,87 @@ def test_frames_reassemble_in_any_order() -> None:
     assert got[-1][0] == 9 and bytes(got[-1][1]) == data and fa.pending() == 0
     with pytest.raises(TransportError):
         fa.add(pieces[0][:5])
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.data())
+def test_add_view_reassembles_like_add_and_rejects_misfit_frames(data: st.DataObject) -> None:
+    """add_view (one copy, into a buffer reserved at the first frame) gives add's messages for frames in any
+    order, interleaved between requests; a frame that does not fit its message is a TransportError."""
+    from flexemr.core.poolwire import FRAME, MAX_ASSEMBLY_BYTES
+
+    max_message = data.draw(st.integers(FRAME.size + 1, 64))
+    msgs = {rid: data.draw(st.binary(min_size=0, max_size=300)) for rid in range(3)}
+    pieces = [(rid, joined([h, *p])) for rid, m in msgs.items() for h, p in frames(rid, [m], max_message)]
+    order = data.draw(st.permutations(pieces))
+    fa, fb = FrameAssembler(max_message - FRAME.size), FrameAssembler()
+    for rid, p in order:
+        buf = bytearray(p)
+        a = fa.add_view(memoryview(buf))
+        buf[:] = bytes(len(buf))  # the view is only valid during the call
+        b = fb.add(p)
+        assert (a is None) == (b is None)
+        if a is not None and b is not None:
+            assert a[0] == b[0] == rid and bytes(a[1]) == bytes(b[1]) == msgs[rid]
+    assert fa.pending() == 0
+    mp = max_message - FRAME.size
+    for bad in (FRAME.pack(1, 0, 2) + bytes(max(0, mp - 1)),   # a frame but the last shorter than max_payload
+                FRAME.pack(1, 2, 2) + bytes(1),                 # index past the count
+                FRAME.pack(1, 0, MAX_ASSEMBLY_BYTES // mp + 1),  # too large a message
+                b"\x00" * 5):                                   # no frame header
+        with pytest.raises(TransportError):
+            FrameAssembler(mp).add_view(memoryview(bad))
+    fa = FrameAssembler(mp)
+    fa.add_view(memoryview(FRAME.pack(4, 0, 3) + bytes(mp)))
+    with pytest.raises(TransportError):  # the same frame twice
+        fa.add_view(memoryview(FRAME.pack(4, 0, 3) + bytes(mp)))
+
+
+class _NoRegion:
+    """Stands in for the arena's memory region: framed answers are only built here, not sent."""
+
+
+def framed_bytes(svc: PoolService, answer: object) -> bytes:
+    """The logical response of a framed answer: its frames' payloads, in order (what a ranker reassembles)."""
+    from flexemr.server.pooling import FramedAnswer
+
+    assert isinstance(answer, FramedAnswer)
+    buf = svc._arena.buf  # type: ignore[union-attr]
+    return b"".join(bytes(buf[answer.base + at: answer.base + at + n]) for at, n in answer.layout.frames)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.data())
+def test_framed_answers_carry_the_plain_response_and_bad_requests_free_their_place(data: st.DataObject) -> None:
+    """With a frame payload the kernel writes the values in place in the arena, as frames of whole rows; the
+    frames' payloads are the plain response byte for byte; a bad request in the same call gets an error and its
+    place goes back, as does every answer once released."""
+    from flexemr.server.pooling import FramedAnswer, ResponseArena
+
+    payload = data.draw(st.sampled_from([40, 64, 100, 1000, 1 << 16]))
+    arena_buf = np.full(1 << 20, 0xAB, np.uint8)
+    arena = ResponseArena(arena_buf, _NoRegion())  # type: ignore[arg-type]
+    svc = PoolService(PLAN, SHARDS, {sh.region_name: MODEL[sh.table][sh.row_start:sh.row_end] for sh in SHARDS},
+                      arena)
+    mode = data.draw(st.sampled_from(["sum", "max"]))
+    good, _ = good_request(mode, mode == "sum" and data.draw(st.booleans()))
+    bad = joined(encode_request([RequestJob("a", 1, np.array([0, 1]), np.array([99], np.int32), None)], "sum"))
+    plain = joined(svc.handle(good))
+    answers = svc.handle_many([good, bad, good], [payload, payload, payload])
+    fits = payload >= 12 + 16 * len(SHARDS)  # the head fits a frame (rows do): else copied as before
+    for i in (0, 2):
+        a = answers[i]
+        assert isinstance(a, FramedAnswer) == fits
+        if not fits:
+            assert joined(a) == plain  # type: ignore[arg-type]
+            continue
+        assert isinstance(a, FramedAnswer)
+        assert framed_bytes(svc, a) == plain and a.nbytes == len(plain)
+        assert all(0 < n <= payload for _, n in a.layout.frames)
+    assert isinstance(answers[1], list)
+    with pytest.raises(TransportError, match="id 99"):
+        decode_response(joined(answers[1]), [(1, 8)])
+    for a in answers:
+        if isinstance(a, FramedAnswer):
+            svc.release(a)
+    assert arena.free_bytes() == arena_buf.nbytes

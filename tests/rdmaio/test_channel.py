@@ -299,3 +299,49 @@ async def test_channel_memory_is_bounded() -> None:
             pytest.fail("closing a channel did not return its memory to the budget")
         await second.aclose()
         await third.aclose()
+
+
+async def test_send_many_recv_with_and_send_region_keep_order_through_a_small_ring(
+        engines: tuple[rdmaio.Engine, rdmaio.Engine, rdmaio.Listener]) -> None:
+    """More messages than slots, sent by send_many and send_region, arrive in order (recv_with copies them)."""
+    import numpy as np
+
+    server, client, lst = engines
+    got: list[bytes] = []
+    views_ok: list[bool] = []
+    done = asyncio.Event()
+
+    async def sink(ch: rdmaio.Channel) -> None:
+        while True:
+            try:
+                m = await ch.recv_with(lambda v: (views_ok.append(v.readonly), bytes(v))[1])
+            except rdmaio.ClosedError:
+                break
+            got.append(m)
+            if len(got) % 7 == 0:
+                await asyncio.sleep(0.001)  # a slow receiver: the sender runs out of credits
+        done.set()
+
+    server.serve_channel("sink", sink)
+    ep = await client.connect("127.0.0.1", lst.port)
+    ch = await ep.channel("sink", slots=4, slot_size=4096)
+    rng = random.Random(5)
+    first = [msg_for(i, rng) for i in range(20)]
+    await ch.send_many([m[:10], m[10:]] for m in first)
+    # 20 more from registered memory: message i at offset 4096 * i, its 8 header bytes before it
+    second = [msg_for(100 + i, rng) for i in range(20)]
+    arr = np.zeros(4096 * 20, dtype=np.uint8)
+    for i, m in enumerate(second):
+        arr[4096 * i + 8: 4096 * i + 8 + len(m)] = np.frombuffer(m, dtype=np.uint8)
+    mr = client.register(arr)
+    await ch.send_region(mr, [(4096 * i, len(m)) for i, m in enumerate(second)])
+    with pytest.raises(rdmaio.UsageError):  # past the region's end
+        await ch.send_region(mr, [(4096 * 19 + 100, 4000)])
+    with pytest.raises(rdmaio.UsageError):  # larger than a slot
+        await ch.send_many([[bytes(4096)]])
+    await ch.aclose()
+    await asyncio.wait_for(done.wait(), 10)
+    mr.close()
+    assert got == first + second
+    assert views_ok and all(views_ok)
+    await ep.aclose()
