@@ -353,23 +353,15 @@ class Pooler:
         cache = self.cache
         if cache is None or self.plan.versioned or tab.ids.size == 0:  # versioned: hits checked by the batcher
             return None
-        uniq, inv = unique_inverse(tab.ids, tab.spec.num_rows)
-        hit, slots, nh = cache.probe_slots(tab.table, uniq)
-        self.metrics.unique_ids += nh  # the misses are counted when (and if) they are read
-        admitted = ~hit & (np.bincount(inv, minlength=uniq.size) >= cache.admit)
-        if nh:
-            hocc = hit[inv]
-            slot_of = np.zeros(uniq.size, dtype=np.int64)
-            slot_of[hit] = slots
-            tab.pool(cache.rows.rows_view(tab.table), slot_of[inv[hocc]], _sub_offsets(tab.offsets, hocc),
-                     None if tab.weights is None else tab.weights[hocc])
-            self.metrics.local_pooled_rows += int(np.count_nonzero(hocc))
-        if admitted.any():
-            aocc = admitted[inv]
-            local.append(_Local(tab, tab.ids[aocc], _sub_offsets(tab.offsets, aocc),
-                                None if tab.weights is None else tab.weights[aocc]))
-        here: npt.NDArray[np.bool_] = (hit | admitted)[inv]
-        return here
+        r = cache.probe_split(tab.table, tab.ids, tab.offsets, tab.weights)
+        self.metrics.unique_ids += r.distinct_hits  # the misses are counted when (and if) they are read
+        if r.hit_slots.size:
+            tab.pool(cache.rows.rows_view(tab.table), r.hit_slots, r.hit_offsets, r.hit_weights)
+            self.metrics.local_pooled_rows += int(r.hit_slots.size)
+        if r.admitted.size:
+            local.append(_Local(tab, tab.ids[r.admitted], r.admitted_offsets,
+                                None if tab.weights is None else tab.weights[r.admitted]))
+        return r.served
 
     def _keep_local(self, tab: _Table, skip: npt.NDArray[np.bool_] | None, local: list[_Local]) -> None:
         """Every occurrence not served yet (``skip``) to raw reads pooled here."""
