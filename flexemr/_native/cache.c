@@ -192,7 +192,9 @@ int64_t fxc_probe_split(const int64_t *tkeys, const int64_t *tvals, int64_t mask
     int64_t nh = 0, na = 0;
     hit_off[0] = 0;
     adm_off[0] = 0;
+    int64_t multi = 0;
     for (int64_t b = 0; b < num_bags; b++) {
+        int64_t rest = 0;
         for (int64_t k = offsets[b]; k < offsets[b + 1]; k++) {
             int64_t u = inv[k];
             int64_t s = uslot[u];
@@ -207,13 +209,17 @@ int64_t fxc_probe_split(const int64_t *tkeys, const int64_t *tvals, int64_t mask
                 here[k] = 1;
             } else {
                 here[k] = 0;
+                rest++;
             }
         }
+        if (rest >= 2)
+            multi += rest;
         hit_off[b + 1] = nh;
         adm_off[b + 1] = na;
     }
     counts[0] = nu;
     counts[1] = uhits;
     counts[2] = na;
+    counts[3] = multi;
     return nh;
 }

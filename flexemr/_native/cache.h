@@ -65,7 +65,8 @@ int64_t fxc_lru_compact(int64_t *log_tick, int64_t *log_slot, int64_t head, int6
  * here[k] = 1 for hits and admitted occurrences, else 0; inv[k] the
  * distinct id's index.  uslot and ucount
  * are scratch of n entries.  counts[0] receives the distinct ids, counts[1]
- * the distinct hits, counts[2] the admitted occurrences.  Returns the hit
+ * the distinct hits, counts[2] the admitted occurrences, counts[3] the
+ * other occurrences ("the rest") that lie in bags holding 2 or more of them.  Returns the hit
  * occurrences, or -1 when the offsets are not non-decreasing from 0 to n. */
 int64_t fxc_probe_split(const int64_t *tkeys, const int64_t *tvals, int64_t mask, int shift, int64_t key_base,
                         int64_t tick0, int64_t *last_use, int64_t *freq, int64_t *log_tick, int64_t *log_slot,

@@ -207,6 +207,8 @@ class _Table:
     kmode: str                      # what the parts compute: "sum" (sum, mean) or "max"
     out: npt.NDArray[Any]
     filled: bool = False
+    #: whether servers may pool it: not when the cache left mostly bags of one row (as many bytes either way)
+    poolable: bool = True
 
     @property
     def fill(self) -> float:
@@ -325,7 +327,9 @@ class Pooler:
             skips = [self._probe(tab, local) for tab in tabs]
             remote: dict[str, _Remote] = {}
             parted: set[str] = set()
-            pooled = use_pool and self.cost.choose()
+            # a lookup whose every table the cache left with bags of one row is served raw, not
+            # counted as a choice of the cost model (neither way would pool)
+            pooled = use_pool and any(t.poolable and t.table in self.routes for t in tabs) and self.cost.choose()
             if pooled:
                 remote, parted = self._partition(tabs, skips, local)
             for tab, skip in zip(tabs, skips):
@@ -361,6 +365,9 @@ class Pooler:
         if r.admitted.size:
             local.append(_Local(tab, tab.ids[r.admitted], r.admitted_offsets,
                                 None if tab.weights is None else tab.weights[r.admitted]))
+        # PoolingCost.prior's rule for the whole table: servers pool bags of 2+ rows; a rest mostly in bags of
+        # one row moves as many bytes pooled as raw, and would cost a partition and the servers' CPU
+        tab.poolable = 2 * r.rest_in_multi >= r.rest
         return r.served
 
     def _keep_local(self, tab: _Table, skip: npt.NDArray[np.bool_] | None, local: list[_Local]) -> None:
@@ -386,7 +393,7 @@ class Pooler:
         jobs, parted = [], []
         for tab, skip in zip(tabs, skips):
             route = self.routes.get(tab.table)
-            if route is None or tab.ids.size == 0:
+            if route is None or tab.ids.size == 0 or not tab.poolable:
                 continue
             starts, band_server, _ = route
             slot = np.where(open_srv[band_server], np.arange(band_server.size), -1).astype(np.int32)

@@ -48,6 +48,8 @@ class Split(NamedTuple):
     served: BoolArray                           #: per occurrence: a hit or admitted
     distinct: int                               #: distinct ids
     distinct_hits: int                          #: distinct ids cached
+    rest: int = 0                               #: occurrences neither hit nor admitted
+    rest_in_multi: int = 0                      #: of those, the ones in bags holding 2 or more of them
 
 
 def _p64(a: npt.NDArray[Any]) -> Any:
@@ -237,7 +239,7 @@ def probe_split(index: _HashIndex, lru: _LruLog | None, slot_key: IntArray, last
     hit_off, adm_off = np.empty(nb + 1, np.int64), np.empty(nb + 1, np.int64)
     here = np.empty(n, dtype=np.bool_)
     hit_w = None if w is None else np.empty(n, dtype=np.float32)
-    counts = np.zeros(3, dtype=np.int64)
+    counts = np.zeros(4, dtype=np.int64)
     if lru is not None:
         lru.room(n, slot_key, last_use)
     tail = _ffi.new("int64_t *", 0 if lru is None else lru.tail)
@@ -252,7 +254,7 @@ def probe_split(index: _HashIndex, lru: _LruLog | None, slot_key: IntArray, last
         raise InputError(f"offsets must be non-decreasing from 0 to {n}")
     if lru is not None:
         lru.tail = int(tail[0])
-    nu, uh, na = (int(x) for x in counts)
+    nu, uh, na, multi = (int(x) for x in counts)
     return Split(hit_slot[:nh], hit_off, None if hit_w is None else hit_w[:nh], adm_pos[:na], adm_off, here,
-                 nu, uh)
+                 nu, uh, n - nh - na, multi)
 
