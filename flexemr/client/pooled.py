@@ -7,7 +7,11 @@ holds their rows:
 
 * with a cache (:mod:`flexemr.client.cache`), the hits are pooled at once,
   by the kernel, from the cache's arena where they lie; rows frequent in the
-  batch (``cache_admit``) are read raw and cached;
+  batch (``cache_admit``) are read raw and cached.  Whether a lookup probes
+  the cache at all is chosen by measured time (``Pooler.cache_cost``, a
+  :class:`~flexemr.core.pooling.PoolingCost`): on a ranker short of CPU the
+  probe can cost more than the reads it saves, and the lookup then bypasses
+  the cache (re-measured now and then);
 * every shard's occurrences go either to its server, in **one pooling
   request per server** covering every table (``"flexemr/pool"`` channel,
   :mod:`flexemr.core.poolwire`), or to raw reads (the batcher,
@@ -286,6 +290,9 @@ class Pooler:
         self.opening: asyncio.Task[None] | None = None
         self.server_index = {name: i for i, name in enumerate(plan.servers)}
         self.cost = PoolingCost()
+        #: whether a lookup probes the cache or bypasses it, by measured time as ``cost`` (True: probe); on a
+        #: ranker short of CPU the probe and the pooling of hits can cost more than the reads they save
+        self.cache_cost = PoolingCost()
         #: tables servers may pool: (band start rows, band server index, band shard index); not
         #: replicated/updatable ones (raw reads only: failover, torn-row checks) nor column-split ones
         self.routes: dict[str, tuple[IntArray, npt.NDArray[np.int32], list[int]]] = {}
@@ -322,9 +329,10 @@ class Pooler:
             tabs.append(_Table(t, spec, ids, offs, None if w is None else np.ascontiguousarray(w, dtype=np.float32),
                                kmode, np.empty((offs.size - 1, spec.dim), dtype=acc)))
             m.ids_requested += int(ids.size)
+        cached = self.cache is not None and not self.plan.versioned and self.cache_cost.choose()
         try:
             local: list[_Local] = []
-            skips = [self._probe(tab, local) for tab in tabs]
+            skips = [self._probe(tab, local) if cached else None for tab in tabs]
             remote: dict[str, _Remote] = {}
             parted: set[str] = set()
             # a lookup whose every table the cache left with bags of one row is served raw, not
@@ -346,8 +354,11 @@ class Pooler:
             raise
         out = {tab.table: self._finish(tab, mode) for tab in tabs}
         dt = time.perf_counter() - t0
-        if use_pool:
-            self.cost.observe(pooled, sum(int(tab.ids.size) for tab in tabs), dt)
+        n_ids = sum(int(tab.ids.size) for tab in tabs)
+        if use_pool and not cached:  # with the cache, what is left rarely pools: measured by cache_cost alone
+            self.cost.observe(pooled, n_ids, dt)
+        if self.cache is not None and not self.plan.versioned:
+            self.cache_cost.observe(cached, n_ids, dt)
         m.lookup_latency.observe(dt)
         return out
 
