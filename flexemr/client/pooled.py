@@ -9,7 +9,8 @@ holds their rows:
   by the kernel, from the cache's arena where they lie; rows frequent in the
   batch (``cache_admit``) are read raw and cached.  Whether a lookup probes
   the cache at all is chosen by measured time (``Pooler.cache_cost``, a
-  :class:`~flexemr.core.pooling.PoolingCost`): on a ranker short of CPU the
+  :class:`~flexemr.core.pooling.PoolingCost`, after the first
+  :data:`CACHE_WARMUP` lookups, which fill it): on a ranker short of CPU the
   probe can cost more than the reads it saves, and the lookup then bypasses
   the cache (re-measured now and then);
 * every shard's occurrences go either to its server, in **one pooling
@@ -66,6 +67,9 @@ log = logging.getLogger(__name__)
 
 IntArray = npt.NDArray[np.int64]
 F32 = npt.NDArray[np.float32]
+
+#: Pooled lookups that always probe the cache before its cost is weighed against bypassing it.
+CACHE_WARMUP = 32
 
 #: rdmaio's per-message header (length, sequence), counted in the pooling byte metrics.
 _CHANNEL_HEADER = 8
@@ -291,8 +295,9 @@ class Pooler:
         self.server_index = {name: i for i, name in enumerate(plan.servers)}
         self.cost = PoolingCost()
         #: whether a lookup probes the cache or bypasses it, by measured time as ``cost`` (True: probe); on a
-        #: ranker short of CPU the probe and the pooling of hits can cost more than the reads they save
-        self.cache_cost = PoolingCost()
+        #: ranker short of CPU the probe and the pooling of hits can cost more than the reads they save.  The
+        #: first CACHE_WARMUP lookups always probe: a cold cache is judged by what it costs while it fills
+        self.cache_cost = PoolingCost(first_explore=CACHE_WARMUP)
         #: tables servers may pool: (band start rows, band server index, band shard index); not
         #: replicated/updatable ones (raw reads only: failover, torn-row checks) nor column-split ones
         self.routes: dict[str, tuple[IntArray, npt.NDArray[np.int32], list[int]]] = {}
