@@ -6,6 +6,8 @@
 #include "cache.h"
 
 #define FXC_MUL 0x9E3779B97F4A7C15ull
+/* distinct ids probed ahead of the one being probed (prefetch distance) */
+#define FXC_AHEAD 8
 
 static inline int64_t fxc_home(int64_t key, int64_t mask, int shift) {
     return (int64_t)(((uint64_t)key * FXC_MUL) >> shift) & mask;
@@ -147,8 +149,8 @@ int64_t fxc_probe_split(const int64_t *tkeys, const int64_t *tvals, int64_t mask
     for (int64_t s = dmask + 1; s > 1; s >>= 1)
         dshift--;
     memset(dkeys, 0xff, (size_t)(dmask + 1) * sizeof(int64_t)); /* FXC_EMPTY */
+    /* pass 1: deduplicate (the scratch table stays in cache); uslot[u] holds the distinct id for now */
     int64_t nu = 0, uhits = 0;
-    int64_t tail = log_tail ? *log_tail : 0;
     for (int64_t k = 0; k < n; k++) {
         int64_t id = ids[k];
         int64_t p = fxc_home(id, dmask, dshift);
@@ -165,27 +167,38 @@ int64_t fxc_probe_split(const int64_t *tkeys, const int64_t *tvals, int64_t mask
                 dkeys[p] = id;
                 didx[p] = u;
                 ucount[u] = 1;
+                uslot[u] = id;
                 inv[k] = u;
-                int64_t q = fxc_pos(tkeys, mask, shift, key_base | id);
-                if (q < 0) {
-                    uslot[u] = -1;
-                } else {
-                    int64_t s = tvals[q], t = tick0 + u;
-                    uslot[u] = s;
-                    if (last_use[s] < t)
-                        last_use[s] = t;
-                    freq[s] += 1;
-                    if (log_slot) {
-                        log_tick[tail] = last_use[s];
-                        log_slot[tail] = s;
-                        tail++;
-                    }
-                    uhits++;
-                }
                 break;
             }
             p = (p + 1) & dmask;
         }
+    }
+    /* pass 2: probe the index for the distinct ids in order of first occurrence, the home entries of
+     * the ids FXC_AHEAD further on prefetched (the index is larger than the caches: its misses overlap) */
+    int64_t tail = log_tail ? *log_tail : 0;
+    for (int64_t u = 0; u < nu; u++) {
+        if (u + FXC_AHEAD < nu) {
+            int64_t h = fxc_home(key_base | uslot[u + FXC_AHEAD], mask, shift);
+            __builtin_prefetch(&tkeys[h]);
+            __builtin_prefetch(&tvals[h]);
+        }
+        int64_t q = fxc_pos(tkeys, mask, shift, key_base | uslot[u]);
+        if (q < 0) {
+            uslot[u] = -1;
+            continue;
+        }
+        int64_t s = tvals[q], t = tick0 + u;
+        uslot[u] = s;
+        if (last_use[s] < t)
+            last_use[s] = t;
+        freq[s] += 1;
+        if (log_slot) {
+            log_tick[tail] = last_use[s];
+            log_slot[tail] = s;
+            tail++;
+        }
+        uhits++;
     }
     if (log_tail)
         *log_tail = tail;

@@ -82,6 +82,19 @@ class _HashIndex:
         self.vals: IntArray = np.zeros(size, dtype=np.int64)
         self.live = 0
         self.used = 0  # live + tombstones
+        self._scratch: tuple[IntArray, ...] = ()
+
+    def scratch(self, n: int) -> tuple[IntArray, IntArray, IntArray, IntArray, IntArray]:
+        """:func:`probe_split`'s working arrays for ``n`` occurrences, kept between calls (no allocation per
+        lookup): the dedup table's keys and values (a power of two >= ``2 n`` entries) and three of ``n``."""
+        size = 8
+        while size < 2 * n:
+            size *= 2
+        if not self._scratch or self._scratch[0].size < size:
+            self._scratch = (np.empty(size, np.int64), np.empty(size, np.int64), np.empty(size // 2, np.int64),
+                             np.empty(size // 2, np.int64), np.empty(size // 2, np.int64))
+        d, i, a, b, c = self._scratch
+        return d[:size], i[:size], a, b, c
 
     def positions(self, keys: IntArray) -> IntArray:
         """Table position of every key, ``-1`` when absent."""
@@ -230,11 +243,8 @@ def probe_split(index: _HashIndex, lru: _LruLog | None, slot_key: IntArray, last
     """:meth:`RowCache.probe_split <flexemr.core.cache.RowCache.probe_split>`'s native pass over checked
     ids ``a64`` (keys ``base | id``), uses from tick ``tick0`` (the caller advances its clock by ``distinct``)."""
     n, nb = int(a64.size), int(offs.size) - 1
-    size = 8
-    while size < 2 * n:
-        size *= 2
-    dkeys, didx = np.empty(size, dtype=np.int64), np.empty(size, dtype=np.int64)
-    uslot, ucount, inv = np.empty(n, np.int64), np.empty(n, np.int64), np.empty(n, np.int64)
+    dkeys, didx, uslot, ucount, inv = index.scratch(n)
+    size = int(dkeys.size)
     hit_slot, adm_pos = np.empty(n, np.int64), np.empty(n, np.int64)
     hit_off, adm_off = np.empty(nb + 1, np.int64), np.empty(nb + 1, np.int64)
     here = np.empty(n, dtype=np.bool_)
