@@ -348,7 +348,9 @@ class Pooler:
             for tab, skip in zip(tabs, skips):
                 if tab.table not in parted:
                     self._keep_local(tab, skip, local)
-            coros: list[Any] = [self._raw(local)] if local else []
+            # a lookup that bypasses the cache does not fill it either (inserting every row read would
+            # cost what bypassing saves); the cache keeps its rows for the next lookups that probe it
+            coros: list[Any] = [self._raw(local, fill=cached or self.cache is None or self.plan.versioned)] if local else []
             coros += [self._rpc(r) for r in remote.values()]
             results = await asyncio.gather(*coros, return_exceptions=True)
             for r in results:
@@ -448,8 +450,9 @@ class Pooler:
         m.pooled_subrequests += sum(len(r.jobs) for r in remote.values())
         return remote, {tab.table for tab, _ in parted}
 
-    async def _raw(self, parts: list[_Local]) -> None:
-        """Read the rows of ``parts`` (one coalesced batch) and pool them here, straight from the staging buffer."""
+    async def _raw(self, parts: list[_Local], *, fill: bool = True) -> None:
+        """Read the rows of ``parts`` (one coalesced batch) and pool them here, straight from the staging buffer
+        (``fill``: insert them into the cache)."""
         m = self.metrics
         reqs: list[Request] = []
         live = []
@@ -468,7 +471,7 @@ class Pooler:
             lp = live[i]
             lp.tab.pool(rows, lp.inverse if idx is None else idx[lp.inverse], lp.offsets, lp.weights)
 
-        await self.batcher.fetch_rows(reqs, probe=self.plan.versioned, use=use)
+        await self.batcher.fetch_rows(reqs, probe=self.plan.versioned, use=use, fill=fill)
 
     def _servers_of(self, table: str, uniq: IntArray) -> set[str]:
         """Servers holding rows of ``uniq`` (sorted unique ids: O(bands log n), no per-id routing)."""

@@ -388,12 +388,14 @@ async def test_tables_the_cache_leaves_with_one_row_bags_are_not_sent_to_servers
         assert client.metrics.pooled_rows > 0
 
 
-async def test_the_cache_is_bypassed_while_it_was_measured_slower() -> None:
+@pytest.mark.parametrize("server_pooling", [True, False])
+async def test_the_cache_is_bypassed_while_it_was_measured_slower(server_pooling: bool) -> None:
     """Pooled lookups probe the cache or bypass it by measured time (Pooler.cache_cost); either way the
-    results are the same, and a bypassed lookup neither probes nor fills the cache."""
+    results are the same, and a bypassed lookup neither probes nor fills the cache (also when its rows are
+    read raw: without server pooling)."""
     spec = TableSpec("t", 4000, 16, "float32")
     async with LocalCluster([spec], servers=2, seed=4, in_process=True, transport="tcp") as cluster:
-        client = await cluster.client(cache_bytes=1 << 20)
+        client = await cluster.client(cache_bytes=1 << 20, server_pooling=server_pooling)
         model = cluster.model()
         rng = np.random.default_rng(6)
         jb = JaggedBatch(["t"], rng.choice(np.arange(0, 4000, 40), size=64 * 8), lengths=np.full(64, 8))
