@@ -9,6 +9,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -48,7 +50,7 @@ def test_hash_index_matches_a_dict(ops: list[tuple[str, list[int]]]) -> None:
         assert idx.get(probe).tolist() == [model.get(k, -1) for k in probe.tolist()]
 
 
-def _split_model(ids: list[int], offsets: list[int], cached: dict[int, int], admit: int) -> tuple[list[int], ...]:
+def _split_model(ids: list[int], offsets: list[int], cached: dict[int, int], admit: int) -> tuple[list[Any], ...]:
     counts: dict[int, int] = {}
     for i in ids:
         counts[i] = counts.get(i, 0) + 1
@@ -105,6 +107,29 @@ def test_probe_split_matches_a_model(cached: list[int], bags: list[list[int]], a
     untouched = [s for i, s in before.items() if i not in hits_distinct]
     assert (c._last_use[untouched] == lu_before[untouched]).all()
     assert c._clock == clock + len(first)
+
+
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(lookups=st.lists(st.lists(st.integers(0, 300), max_size=200), min_size=1, max_size=6),
+       admit=st.integers(1, 3))
+def test_probe_split_scratch_reused_across_lookups_of_any_size(lookups: list[list[int]], admit: int) -> None:
+    """The probe's working arrays are kept between calls (grown, reused smaller): a cache that reuses them
+    splits every lookup as a twin cache that allocates fresh ones each time."""
+    reused, fresh = RowCache(64), RowCache(64)
+    for c in (reused, fresh):
+        c.insert("t", np.arange(0, 300, 5), np.zeros((60, 2), np.float32))
+    for ids in lookups:
+        fresh._index._scratch = ()
+        a64 = np.array(ids, dtype=np.int64)
+        offs = np.array([0, len(ids) // 2, len(ids)])
+        r, f = (c.probe_split("t", a64, offs, None, admit) for c in (reused, fresh))
+        assert r.hit_slots.tolist() == f.hit_slots.tolist() and r.served.tolist() == f.served.tolist()
+        assert r.admitted.tolist() == f.admitted.tolist() and (r.distinct, r.distinct_hits) == (f.distinct,
+                                                                                                f.distinct_hits)
+        assert r.distinct == len(set(ids))
+        for c in (reused, fresh):  # and the reads fill both alike
+            c.insert("t", np.unique(a64), np.ones((np.unique(a64).size, 2), np.float32))
+        assert (reused._slot_key == fresh._slot_key).all() and (reused._last_use == fresh._last_use).all()
 
 
 def test_probe_split_rejects_bad_offsets() -> None:
