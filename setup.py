@@ -14,7 +14,7 @@ finally:
     sys.path.pop(0)
 
 cffi_modules = ["rdmaio/_native/build.py:ffibuilder", "flexemr/_native/build.py:ffibuilder",
-                "flexemr/_native/criteo_build.py:ffibuilder"]
+                "flexemr/_native/criteo_build.py:ffibuilder", "flexemr/_native/cache_build.py:ffibuilder"]
 if have_verbs_headers():
     cffi_modules.append("rdmaio/_native/verbs_build.py:ffibuilder")
 

@@ -11,7 +11,10 @@ What it does:
    (:func:`flexemr.apps.trace.generate_trace`);
 4. ranks it once per *configuration* of the lookup techniques (the table
    :data:`CONFIGURATIONS`), checking CTRs of a sample of every batch against
-   the local reference model;
+   the local reference model; with ``--rounds N`` the configurations run N
+   times in turn and each is reported by its median run (on a machine shared
+   with other jobs, load swings between configurations otherwise decide the
+   comparison);
 5. prints a table and writes ``report.json``, ``report.png`` and
    ``report.svg`` (:func:`flexemr.apps.report.plot_configurations`: throughput,
    bytes per sample and p50/p99 latency per configuration, with a caption
@@ -210,6 +213,10 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default=".", help="directory for report.json and report.png (default: cwd)")
     p.add_argument("--only", action="append", default=[], metavar="NAME",
                    help="run only this configuration (repeatable); names as printed")
+    p.add_argument("--rounds", type=int, default=1,
+                   help="run the configurations this many times in turn and report each one's median run "
+                        "(default 1): on a machine shared with other jobs, load swings between configurations "
+                        "otherwise decide the comparison")
     add_progress_option(p)
     add_blas_option(p)
     p.add_argument("--model", choices=["numpy", "torchrec"], default="numpy",
@@ -236,6 +243,8 @@ async def run_demo(args: argparse.Namespace, *, client_cls: type = EmbeddingClie
     check_range("--scale", args.scale, above=0)
     check_range("--cache-mb", args.cache_mb, 0)
     check_range("--check-samples", args.check_samples, 0)
+    rounds = getattr(args, "rounds", 1)
+    check_range("--rounds", rounds, 1)
     check_range("--blas-threads", getattr(args, "blas_threads", 0), 0)
     if getattr(args, "blas_threads", 0):
         limit_threads(args.blas_threads)
@@ -272,36 +281,20 @@ async def run_demo(args: argparse.Namespace, *, client_cls: type = EmbeddingClie
             transport = probe.engine.transport
         _say(f"{args.servers} embedding servers ready (pids {pids}), {transport} transport, "
              f"started in {time.perf_counter() - t_begin:.1f} s")
-        for cfg in configs:
-            marks = {t.key: ("on" if t.key in cfg.on else "off") if support[t.key].available else "n/a"
-                     for t in TECHNIQUES}
-            row: dict[str, Any] = {"name": cfg.name, "techniques": marks, "available": True, "note": None}
-            missing = [k for k in cfg.on if not support[k].available]
-            if missing:
-                row.update(available=False, note=f"n/a ({', '.join(sorted(missing))} not available in this build)")
-                rows.append(row)
-                continue
-            options: dict[str, Any] = {}
-            for t in TECHNIQUES:
-                s = support[t.key]
-                options.update(s.on if t.key in cfg.on else s.off)
-            row["client_options"] = options
-            try:
-                client = client_cls(cluster.config, transport=args.transport, **options)
-            except (FlexEMRError, TypeError, ValueError) as exc:
-                row.update(available=False, note=f"n/a (client refused {options}: {exc})")
-                rows.append(row)
-                continue
-            async with client:
-                prefetch = "prefetch" in cfg.on
-                ranker = Ranker(model, client, naive="coalescing" not in cfg.on, prefetch=1 if prefetch else 0,
-                                reference=reference, check_samples=args.check_samples,
-                                client_prefetch=prefetch and callable(getattr(client, "prefetch", None)))
-                with bars.bar(desc=cfg.name, unit="batch", delay=0) as bar:
-                    res = await ranker.run(batches, name=cfg.name, seconds=args.seconds, progress=as_callback(bar))
-            row.update(res.to_dict())
+        runs: dict[str, list[dict[str, Any]]] = {c.name: [] for c in configs}
+        for rnd in range(rounds):
+            for cfg in configs:
+                if rnd and not runs[cfg.name][0]["available"]:
+                    continue
+                runs[cfg.name].append(await _run_configuration(cfg, args, support, cluster, client_cls, model,
+                                                               reference, batches, bars,
+                                                               f" (round {rnd + 1}/{rounds})" if rounds > 1 else ""))
+        for cfg in configs:  # the median run of each (by samples/s), with every run's samples/s
+            done = sorted(runs[cfg.name], key=lambda r: r.get("samples_per_s") or 0.0)
+            row = done[len(done) // 2]
+            if rounds > 1 and row["available"]:
+                row["rounds_samples_per_s"] = [r.get("samples_per_s") for r in runs[cfg.name]]
             rows.append(row)
-            _say(f"{cfg.name}: {res.samples_per_s:,.0f} samples/s over {res.batches} batches")
     ran = [r for r in rows if r.get("batches")]
     worst = max((r["max_abs_err"] for r in ran if r.get("max_abs_err") is not None), default=None)
     refused = [r["name"] for r in rows if r.get("note", "") and "refused" in str(r.get("note"))]
@@ -322,7 +315,7 @@ async def run_demo(args: argparse.Namespace, *, client_cls: type = EmbeddingClie
         "model": {"repr": repr(model), "parameters": model.num_parameters, "seed": args.seed},
         "workload": {"batches": args.batches, "batch_size": args.batch_size, "pooling_factor": args.pooling,
                      "ids_per_batch": ids_per_batch, "profile": PROFILE_2022.to_dict(),
-                     "seconds_per_configuration": args.seconds},
+                     "seconds_per_configuration": args.seconds, "rounds": rounds},
         "techniques": {t.key: {"available": support[t.key].available, "how": support[t.key].how,
                                "on": support[t.key].on, "off": support[t.key].off, "what": t.what}
                        for t in TECHNIQUES},
@@ -341,6 +334,39 @@ async def run_demo(args: argparse.Namespace, *, client_cls: type = EmbeddingClie
                                   footer=footer)
     report["files"] = {"json": str(out_dir / "report.json"), "png": str(figures[0]), "svg": str(figures[1])}
     return report
+
+
+async def _run_configuration(cfg: Configuration, args: argparse.Namespace, support: Mapping[str, Support],
+                             cluster: LocalCluster, client_cls: type, model: DLRM, reference: ReferenceTables,
+                             batches: list[Any], bars: Bars, label: str) -> dict[str, Any]:
+    """One run of one configuration: its report row."""
+    marks = {t.key: ("on" if t.key in cfg.on else "off") if support[t.key].available else "n/a"
+             for t in TECHNIQUES}
+    row: dict[str, Any] = {"name": cfg.name, "techniques": marks, "available": True, "note": None}
+    missing = [k for k in cfg.on if not support[k].available]
+    if missing:
+        row.update(available=False, note=f"n/a ({', '.join(sorted(missing))} not available in this build)")
+        return row
+    options: dict[str, Any] = {}
+    for t in TECHNIQUES:
+        s = support[t.key]
+        options.update(s.on if t.key in cfg.on else s.off)
+    row["client_options"] = options
+    try:
+        client = client_cls(cluster.config, transport=args.transport, **options)
+    except (FlexEMRError, TypeError, ValueError) as exc:
+        row.update(available=False, note=f"n/a (client refused {options}: {exc})")
+        return row
+    async with client:
+        prefetch = "prefetch" in cfg.on
+        ranker = Ranker(model, client, naive="coalescing" not in cfg.on, prefetch=1 if prefetch else 0,
+                        reference=reference, check_samples=args.check_samples,
+                        client_prefetch=prefetch and callable(getattr(client, "prefetch", None)))
+        with bars.bar(desc=cfg.name, unit="batch", delay=0) as bar:
+            res = await ranker.run(batches, name=cfg.name, seconds=args.seconds, progress=as_callback(bar))
+    row.update(res.to_dict())
+    _say(f"{cfg.name}{label}: {res.samples_per_s:,.0f} samples/s over {res.batches} batches")
+    return row
 
 
 async def _run_torchrec(args: argparse.Namespace) -> dict[str, Any]:

@@ -299,14 +299,18 @@ class Ranker:
                 started.append((item, time.perf_counter()))
                 yield item[1].sparse
 
+        streams: list[Any] = []      # the prefetch stream, to see whether lookups run ahead
+
         async def results() -> AsyncGenerator[tuple[int, TraceBatch, float, F32], None]:
             if self.client_prefetch:
                 async with self.client.prefetch(sparse_source(), depth=self.prefetch, pooled="sum") as cs:
+                    streams.append(cs)
                     async for _, rows in cs:
                         (i, b), t0 = started.popleft()
                         yield i, b, t0, self.model.stack_pooled(rows, b.batch_size)
             else:
                 async with Prefetcher(fetch, depth=self.prefetch).stream(source()) as rs:
+                    streams.append(rs)
                     async for (i, b), (t0, pooled) in rs:
                         yield i, b, t0, pooled
 
@@ -314,7 +318,9 @@ class Ranker:
         gen = results()
         try:
             async for i, b, t0, pooled in gen:
-                if self.prefetch:  # let the event loop drive the lookups ahead meanwhile
+                if self.prefetch and (not streams or streams[0].in_flight):
+                    # lookups run ahead (an adaptive stream may have turned its lookahead off): let the
+                    # event loop drive them while the model runs on a worker thread
                     ctr = await asyncio.to_thread(self.model.forward, b.dense, pooled)
                 else:
                     ctr = self.model.forward(b.dense, pooled)

@@ -337,7 +337,7 @@ class Batcher:
         await self.fetch_rows(reqs, probe=probe, use=keep)
         return outs
 
-    async def fetch_rows(self, reqs: list[Request], *, probe: bool, use: RowUser) -> None:
+    async def fetch_rows(self, reqs: list[Request], *, probe: bool, use: RowUser, fill: bool = True) -> None:
         """Read the rows of sorted unique physical ids, per request, and hand them to ``use``.
 
         ``use(i, rows, idx)`` is called once per request ``i`` with a non-empty
@@ -347,7 +347,8 @@ class Batcher:
         ``probe``: look the ids up in the cache first (else the caller did).
         Misses go through in-flight dedup and the pending (coalescing) batch;
         the rows read are inserted into the cache unless an invalidation
-        happened since their batch was sent.
+        happened since their batch was sent, or ``fill`` is false (a lookup
+        that bypasses the cache leaves it as it is).
         """
         m = self.metrics
         cache = self.cache
@@ -390,12 +391,13 @@ class Batcher:
             for i, job in enumerate(jobs):
                 if job.uniq.size == 0 and job.hit is None:
                     continue
-                fill = cache is not None and job.uniq.size > 0 and all(b.epoch == epoch for b in job.sources)
-                if job.hit is None and not fill:
+                fill_job = fill and cache is not None and job.uniq.size > 0 and \
+                    all(b.epoch == epoch for b in job.sources)
+                if job.hit is None and not fill_job:
                     use(i, *self._source(job))
                     continue
                 miss_rows = self._gather(job)
-                if fill:
+                if fill_job:
                     assert cache is not None
                     cache.fill(job.table, job.uniq, miss_rows)
                 if job.hit is None:

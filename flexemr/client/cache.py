@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from ..core.cache import AdaptiveCapacity, RowCache
+from ..core.cache import AdaptiveCapacity, RowCache, Split
 from ..core.capacity import ActivationCapacity
 from ..core.metrics import LocalityMetrics
 from ..core.plan import Shard, ShardingPlan
@@ -81,6 +81,16 @@ class ClientCache:
         m.cache_hits += nh
         m.cache_misses += int(uniq.size) - nh
         return hit, slots, nh
+
+    def probe_split(self, table: str, ids: IntArray, offsets: IntArray,
+                    weights: npt.NDArray[np.float32] | None) -> Split:
+        """A pooled lookup's occurrences probed and split (:meth:`~flexemr.core.cache.RowCache.probe_split`,
+        admitting misses that occur ``cache_admit`` times), counted in the metrics per distinct id."""
+        r = self.rows.probe_split(table, ids, offsets, weights, self.admit)
+        m = self.metrics
+        m.cache_hits += r.distinct_hits
+        m.cache_misses += r.distinct - r.distinct_hits
+        return r
 
     def fill(self, table: str, ids: IntArray, rows: npt.NDArray[Any]) -> None:
         """Cache rows just read."""

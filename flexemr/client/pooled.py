@@ -7,7 +7,12 @@ holds their rows:
 
 * with a cache (:mod:`flexemr.client.cache`), the hits are pooled at once,
   by the kernel, from the cache's arena where they lie; rows frequent in the
-  batch (``cache_admit``) are read raw and cached;
+  batch (``cache_admit``) are read raw and cached.  Whether a lookup probes
+  the cache at all is chosen by measured time (``Pooler.cache_cost``, a
+  :class:`~flexemr.core.pooling.PoolingCost`, after the first
+  :data:`CACHE_WARMUP` lookups, which fill it): on a ranker short of CPU the
+  probe can cost more than the reads it saves, and the lookup then bypasses
+  the cache (re-measured now and then);
 * every shard's occurrences go either to its server, in **one pooling
   request per server** covering every table (``"flexemr/pool"`` channel,
   :mod:`flexemr.core.poolwire`), or to raw reads (the batcher,
@@ -62,6 +67,9 @@ log = logging.getLogger(__name__)
 
 IntArray = npt.NDArray[np.int64]
 F32 = npt.NDArray[np.float32]
+
+#: Pooled lookups that always probe the cache before its cost is weighed against bypassing it.
+CACHE_WARMUP = 32
 
 #: rdmaio's per-message header (length, sequence), counted in the pooling byte metrics.
 _CHANNEL_HEADER = 8
@@ -207,6 +215,8 @@ class _Table:
     kmode: str                      # what the parts compute: "sum" (sum, mean) or "max"
     out: npt.NDArray[Any]
     filled: bool = False
+    #: whether servers may pool it: not when the cache left mostly bags of one row (as many bytes either way)
+    poolable: bool = True
 
     @property
     def fill(self) -> float:
@@ -284,6 +294,10 @@ class Pooler:
         self.opening: asyncio.Task[None] | None = None
         self.server_index = {name: i for i, name in enumerate(plan.servers)}
         self.cost = PoolingCost()
+        #: whether a lookup probes the cache or bypasses it, by measured time as ``cost`` (True: probe); on a
+        #: ranker short of CPU the probe and the pooling of hits can cost more than the reads they save.  The
+        #: first CACHE_WARMUP lookups always probe: a cold cache is judged by what it costs while it fills
+        self.cache_cost = PoolingCost(first_explore=CACHE_WARMUP)
         #: tables servers may pool: (band start rows, band server index, band shard index); not
         #: replicated/updatable ones (raw reads only: failover, torn-row checks) nor column-split ones
         self.routes: dict[str, tuple[IntArray, npt.NDArray[np.int32], list[int]]] = {}
@@ -320,18 +334,23 @@ class Pooler:
             tabs.append(_Table(t, spec, ids, offs, None if w is None else np.ascontiguousarray(w, dtype=np.float32),
                                kmode, np.empty((offs.size - 1, spec.dim), dtype=acc)))
             m.ids_requested += int(ids.size)
+        cached = self.cache is not None and not self.plan.versioned and self.cache_cost.choose()
         try:
             local: list[_Local] = []
-            skips = [self._probe(tab, local) for tab in tabs]
+            skips = [self._probe(tab, local) if cached else None for tab in tabs]
             remote: dict[str, _Remote] = {}
             parted: set[str] = set()
-            pooled = use_pool and self.cost.choose()
+            # a lookup whose every table the cache left with bags of one row is served raw, not
+            # counted as a choice of the cost model (neither way would pool)
+            pooled = use_pool and any(t.poolable and t.table in self.routes for t in tabs) and self.cost.choose()
             if pooled:
                 remote, parted = self._partition(tabs, skips, local)
             for tab, skip in zip(tabs, skips):
                 if tab.table not in parted:
                     self._keep_local(tab, skip, local)
-            coros: list[Any] = [self._raw(local)] if local else []
+            # a lookup that bypasses the cache does not fill it either (inserting every row read would
+            # cost what bypassing saves); the cache keeps its rows for the next lookups that probe it
+            coros: list[Any] = [self._raw(local, fill=cached or self.cache is None or self.plan.versioned)] if local else []
             coros += [self._rpc(r) for r in remote.values()]
             results = await asyncio.gather(*coros, return_exceptions=True)
             for r in results:
@@ -342,8 +361,11 @@ class Pooler:
             raise
         out = {tab.table: self._finish(tab, mode) for tab in tabs}
         dt = time.perf_counter() - t0
-        if use_pool:
-            self.cost.observe(pooled, sum(int(tab.ids.size) for tab in tabs), dt)
+        n_ids = sum(int(tab.ids.size) for tab in tabs)
+        if use_pool and not cached:  # with the cache, what is left rarely pools: measured by cache_cost alone
+            self.cost.observe(pooled, n_ids, dt)
+        if self.cache is not None and not self.plan.versioned:
+            self.cache_cost.observe(cached, n_ids, dt)
         m.lookup_latency.observe(dt)
         return out
 
@@ -353,23 +375,18 @@ class Pooler:
         cache = self.cache
         if cache is None or self.plan.versioned or tab.ids.size == 0:  # versioned: hits checked by the batcher
             return None
-        uniq, inv = unique_inverse(tab.ids, tab.spec.num_rows)
-        hit, slots, nh = cache.probe_slots(tab.table, uniq)
-        self.metrics.unique_ids += nh  # the misses are counted when (and if) they are read
-        admitted = ~hit & (np.bincount(inv, minlength=uniq.size) >= cache.admit)
-        if nh:
-            hocc = hit[inv]
-            slot_of = np.zeros(uniq.size, dtype=np.int64)
-            slot_of[hit] = slots
-            tab.pool(cache.rows.rows_view(tab.table), slot_of[inv[hocc]], _sub_offsets(tab.offsets, hocc),
-                     None if tab.weights is None else tab.weights[hocc])
-            self.metrics.local_pooled_rows += int(np.count_nonzero(hocc))
-        if admitted.any():
-            aocc = admitted[inv]
-            local.append(_Local(tab, tab.ids[aocc], _sub_offsets(tab.offsets, aocc),
-                                None if tab.weights is None else tab.weights[aocc]))
-        here: npt.NDArray[np.bool_] = (hit | admitted)[inv]
-        return here
+        r = cache.probe_split(tab.table, tab.ids, tab.offsets, tab.weights)
+        self.metrics.unique_ids += r.distinct_hits  # the misses are counted when (and if) they are read
+        if r.hit_slots.size:
+            tab.pool(cache.rows.rows_view(tab.table), r.hit_slots, r.hit_offsets, r.hit_weights)
+            self.metrics.local_pooled_rows += int(r.hit_slots.size)
+        if r.admitted.size:
+            local.append(_Local(tab, tab.ids[r.admitted], r.admitted_offsets,
+                                None if tab.weights is None else tab.weights[r.admitted]))
+        # PoolingCost.prior's rule for the whole table: servers pool bags of 2+ rows; a rest mostly in bags of
+        # one row moves as many bytes pooled as raw, and would cost a partition and the servers' CPU
+        tab.poolable = 2 * r.rest_in_multi >= r.rest
+        return r.served
 
     def _keep_local(self, tab: _Table, skip: npt.NDArray[np.bool_] | None, local: list[_Local]) -> None:
         """Every occurrence not served yet (``skip``) to raw reads pooled here."""
@@ -394,7 +411,7 @@ class Pooler:
         jobs, parted = [], []
         for tab, skip in zip(tabs, skips):
             route = self.routes.get(tab.table)
-            if route is None or tab.ids.size == 0:
+            if route is None or tab.ids.size == 0 or not tab.poolable:
                 continue
             starts, band_server, _ = route
             slot = np.where(open_srv[band_server], np.arange(band_server.size), -1).astype(np.int32)
@@ -433,8 +450,9 @@ class Pooler:
         m.pooled_subrequests += sum(len(r.jobs) for r in remote.values())
         return remote, {tab.table for tab, _ in parted}
 
-    async def _raw(self, parts: list[_Local]) -> None:
-        """Read the rows of ``parts`` (one coalesced batch) and pool them here, straight from the staging buffer."""
+    async def _raw(self, parts: list[_Local], *, fill: bool = True) -> None:
+        """Read the rows of ``parts`` (one coalesced batch) and pool them here, straight from the staging buffer
+        (``fill``: insert them into the cache)."""
         m = self.metrics
         reqs: list[Request] = []
         live = []
@@ -453,7 +471,7 @@ class Pooler:
             lp = live[i]
             lp.tab.pool(rows, lp.inverse if idx is None else idx[lp.inverse], lp.offsets, lp.weights)
 
-        await self.batcher.fetch_rows(reqs, probe=self.plan.versioned, use=use)
+        await self.batcher.fetch_rows(reqs, probe=self.plan.versioned, use=use, fill=fill)
 
     def _servers_of(self, table: str, uniq: IntArray) -> set[str]:
         """Servers holding rows of ``uniq`` (sorted unique ids: O(bands log n), no per-id routing)."""

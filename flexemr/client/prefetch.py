@@ -17,6 +17,12 @@ Guarantees:
 * **errors at the right batch** -- a failing fetch (or a failing source
   iterator) raises in the consumer exactly when it reaches that batch; the
   results before it are delivered first.  The stream then closes itself;
+* **pays for itself** -- with ``adaptive=True`` (what
+  :meth:`flexemr.EmbeddingClient.prefetch` uses) a :class:`DepthChooser`
+  measures the consumer's cycle (the time from one result to the next) with
+  the lookahead and without it, and keeps the faster: on a machine whose
+  cores are busy, the lookahead's overlap can cost more than it hides.  The
+  other way is measured again now and then;
 * **cancellation-safe** -- leaving the ``async with`` block, calling
   :meth:`PrefetchStream.aclose`, an error, or cancelling the consumer
   cancels and awaits every outstanding fetch, and closes the source if it
@@ -36,6 +42,8 @@ Guarantees:
 from __future__ import annotations
 
 import asyncio
+import statistics
+import time
 from collections import deque
 from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -49,7 +57,7 @@ from ..core.jagged import JaggedBatch
 from ..core.metrics import LocalityMetrics
 from ..core.pooling import PoolMode
 
-__all__ = ["PrefetchStats", "PrefetchStream", "Prefetcher", "lookahead"]
+__all__ = ["DepthChooser", "PrefetchStats", "PrefetchStream", "Prefetcher", "lookahead"]
 
 B = TypeVar("B")
 R = TypeVar("R")
@@ -63,6 +71,74 @@ class PrefetchStats:
     completed: int = 0
     cancelled: int = 0
     max_in_flight: int = 0
+    #: results handed out while the lookahead was off (adaptive streams)
+    sequential: int = 0
+
+
+class DepthChooser:
+    """Whether a prefetch stream looks ahead: the lookahead is kept only while it makes the consumer faster.
+
+    Every consumer cycle (one result handed out to the next) is timed
+    (:meth:`cycle`) and filed under the way it ran: lookahead on (``depth``
+    batches ahead) or off (sequential).  The first ``window`` cycles run with
+    it on, the next ``window`` without; then the way whose median of its last
+    ``window`` cycles is lower runs, and the other is measured again for
+    ``window`` cycles once its samples are ``explore_every`` cycles old.  The
+    cycle after a switch is not filed (it still holds the old way's work).
+
+    >>> c = DepthChooser(1, window=2, explore_every=10)
+    >>> [c.cycle(t) for t in (3.0, 3.0)]      # on: 2 cycles filed, then off
+    [1, 0]
+    >>> [c.cycle(t) for t in (9.0, 2.0, 2.0)]      # the switch's cycle not filed; off measured faster
+    [0, 0, 0]
+    >>> [c.cycle(2.0) for _ in range(7)]      # on's samples 10 cycles old: measured again
+    [0, 0, 0, 0, 0, 0, 1]
+    """
+
+    def __init__(self, depth: int, *, window: int = 4, explore_every: int = 48) -> None:
+        self.max_depth = depth
+        self.window = window
+        self.explore_every = explore_every
+        self.on = depth > 0
+        self.samples: dict[bool, deque[float]] = {True: deque(maxlen=window), False: deque(maxlen=window)}
+        self._last: dict[bool, int] = {True: 0, False: 0}
+        self._cycles = 0
+        self._skip = 0
+        self._forced = 0
+
+    @property
+    def depth(self) -> int:
+        """Batches to look ahead now."""
+        return self.max_depth if self.on else 0
+
+    def cycle(self, seconds: float) -> int:
+        """A consumer cycle took ``seconds``; returns the depth from now on."""
+        self._cycles += 1
+        if self.max_depth == 0:
+            return 0
+        if self._skip:
+            self._skip -= 1
+        else:
+            self.samples[self.on].append(seconds)
+            self._last[self.on] = self._cycles
+        if self._forced:
+            self._forced -= 1
+            if self._forced:
+                return self.depth
+        on, off = self.samples[True], self.samples[False]
+        if len(on) < self.window:
+            want = True
+        elif len(off) < self.window:
+            want = False
+        else:
+            want = statistics.median(on) <= statistics.median(off)
+            if self._cycles - self._last[not want] >= self.explore_every:
+                want = not want
+        if want != self.on:  # the switch's cycle, then `window` cycles filed before the next choice
+            self.on = want
+            self._skip = 1
+            self._forced = self.window + 1
+        return self.depth
 
 
 _END = object()
@@ -78,9 +154,13 @@ class _SourceError:
 class PrefetchStream(AsyncIterator[tuple[B, R]], Generic[B, R]):
     """Async iterator of ``(batch, fetch(batch))``; made by :meth:`Prefetcher.stream`."""
 
-    def __init__(self, fetch: Callable[[B], Awaitable[R]], source: AsyncIterable[B] | Iterable[B], depth: int) -> None:
+    def __init__(self, fetch: Callable[[B], Awaitable[R]], source: AsyncIterable[B] | Iterable[B], depth: int,
+                 adaptive: bool = False) -> None:
         self._fetch = fetch
         self._depth = depth
+        #: with ``adaptive``: whether looking ahead pays (module docstring)
+        self.chooser = DepthChooser(depth) if adaptive and depth > 0 else None
+        self._handed: float | None = None
         self._async_source: AsyncIterator[B] | None = None
         self._sync_source: Iterator[B] | None = None
         if isinstance(source, AsyncIterable):
@@ -143,6 +223,13 @@ class PrefetchStream(AsyncIterator[tuple[B, R]], Generic[B, R]):
             result = await task
             self._current = None
             self.stats.completed += 1
+            ch = self.chooser
+            if ch is not None:
+                now = time.perf_counter()
+                if self._handed is not None:
+                    self._depth = ch.cycle(now - self._handed)
+                self._handed = now
+                self.stats.sequential += not ch.on
             return batch, result
         except StopAsyncIteration:
             raise
@@ -193,17 +280,19 @@ class Prefetcher(Generic[B, R]):
     may make several streams.
     """
 
-    def __init__(self, fetch: Callable[[B], Awaitable[R]], depth: int = 1) -> None:
+    def __init__(self, fetch: Callable[[B], Awaitable[R]], depth: int = 1, *, adaptive: bool = False) -> None:
         if isinstance(depth, bool) or not isinstance(depth, int) or depth < 0:
             raise ConfigError(f"depth must be an integer >= 0, got {depth!r}")
         if not callable(fetch):
             raise ConfigError("fetch must be callable")
         self.fetch = fetch
         self.depth = depth
+        self.adaptive = adaptive
 
     def stream(self, batches: AsyncIterable[B] | Iterable[B]) -> PrefetchStream[B, R]:
-        """A :class:`PrefetchStream` over ``batches`` (sync or async iterable)."""
-        return PrefetchStream(self.fetch, batches, self.depth)
+        """A :class:`PrefetchStream` over ``batches`` (sync or async iterable); with ``adaptive``, its
+        lookahead runs only while it pays (:class:`DepthChooser`)."""
+        return PrefetchStream(self.fetch, batches, self.depth, self.adaptive)
 
 
 Rows = dict[str, npt.NDArray[Any]]
@@ -223,6 +312,8 @@ def lookahead(
     per_sample_weights)`` pairs with ``pooled``; each is fetched with
     ``lookup_jagged(batch)`` or ``lookup_pooled(batch, mode=pooled,
     per_sample_weights=...)`` and counted in ``metrics.prefetched_batches``.
+    The lookahead is adaptive (:class:`DepthChooser`): it stays on only while
+    it makes the consumer's cycle shorter.
     """
     if pooled not in (None, "sum", "mean", "max"):
         raise InputError(f"pooled must be None, 'sum', 'mean' or 'max', got {pooled!r}")
@@ -236,4 +327,4 @@ def lookahead(
             return await lookup_jagged(jb)
         return await lookup_pooled(jb, mode=pooled, per_sample_weights=w)
 
-    return Prefetcher(fetch, depth).stream(batches)
+    return Prefetcher(fetch, depth, adaptive=True).stream(batches)

@@ -54,10 +54,11 @@ import numpy as np
 import numpy.typing as npt
 
 from . import kernel
+from .cacheindex import Split, _HashIndex, _LruLog, probe_split
 from .errors import ConfigError, InputError
 from .spec import _is_int
 
-__all__ = ["AdaptiveCapacity", "CachePolicy", "CacheStats", "RowCache"]
+__all__ = ["AdaptiveCapacity", "CachePolicy", "CacheStats", "RowCache", "Split"]
 
 CachePolicy = Literal["lru", "lfu"]
 IntArray = npt.NDArray[np.int64]
@@ -65,9 +66,6 @@ BoolArray = npt.NDArray[np.bool_]
 
 _ROW_BITS = 40  # key = table_index << 40 | row
 _MAX_ROW = (1 << _ROW_BITS) - 1
-_EMPTY = -1
-_TOMB = -2
-_HASH_MUL = np.uint64(0x9E3779B97F4A7C15)
 
 
 @dataclass
@@ -86,94 +84,6 @@ class CacheStats:
         """``hits / (hits + misses)`` (0 before any lookup)."""
         total = self.hits + self.misses
         return self.hits / total if total else 0.0
-
-
-class _HashIndex:
-    """Vectorised open-addressing map from non-negative int64 keys to int64 values."""
-
-    def __init__(self, min_entries: int) -> None:
-        self._alloc(min_entries)
-
-    def _alloc(self, min_entries: int) -> None:
-        size = 8
-        while size < 2 * max(min_entries, 1):
-            size *= 2
-        self.size = size
-        self.mask = size - 1
-        self.shift = np.uint64(64 - size.bit_length() + 1)
-        self.keys: IntArray = np.full(size, _EMPTY, dtype=np.int64)
-        self.vals: IntArray = np.zeros(size, dtype=np.int64)
-        self.live = 0
-        self.used = 0  # live + tombstones
-
-    def _home(self, keys: IntArray) -> IntArray:
-        h = (keys.astype(np.uint64) * _HASH_MUL) >> self.shift
-        out: IntArray = h.astype(np.int64)
-        return out
-
-    def positions(self, keys: IntArray) -> IntArray:
-        """Table position of every key, ``-1`` when absent."""
-        n = keys.size
-        result = np.full(n, -1, dtype=np.int64)
-        if n == 0 or self.live == 0:
-            return result
-        pos = self._home(keys)
-        active = np.arange(n)
-        while active.size:
-            p = pos[active]
-            k = self.keys[p]
-            found = k == keys[active]
-            result[active[found]] = p[found]
-            cont = ~found & (k != _EMPTY)
-            active = active[cont]
-            pos[active] = (p[cont] + 1) & self.mask
-        return result
-
-    def get(self, keys: IntArray) -> IntArray:
-        """Value of every key, ``-1`` when absent."""
-        p = self.positions(keys)
-        out = np.full(keys.size, -1, dtype=np.int64)
-        ok = p >= 0
-        out[ok] = self.vals[p[ok]]
-        return out
-
-    def put_absent(self, keys: IntArray, vals: IntArray) -> None:
-        """Insert distinct keys known to be absent."""
-        if keys.size == 0:
-            return
-        if self.used + keys.size > self.size // 2:
-            self._rehash(self.live + keys.size)
-        pos = self._home(keys)
-        pending = np.arange(keys.size)
-        while pending.size:
-            p = pos[pending]
-            free = self.keys[p] < 0
-            cand, cp = pending[free], p[free]
-            if cand.size:
-                slots, first = np.unique(cp, return_index=True)
-                winners = cand[first]
-                self.used += int((self.keys[slots] == _EMPTY).sum())
-                self.keys[slots] = keys[winners]
-                self.vals[slots] = vals[winners]
-                placed = np.zeros(keys.size, dtype=bool)
-                placed[winners] = True
-                keep = ~placed[pending]
-                pending, p = pending[keep], p[keep]
-            pos[pending] = (p + 1) & self.mask
-        self.live += keys.size
-
-    def delete(self, keys: IntArray) -> None:
-        """Remove distinct keys (absent ones are ignored)."""
-        p = self.positions(keys)
-        p = p[p >= 0]
-        self.keys[p] = _TOMB
-        self.live -= int(p.size)
-
-    def _rehash(self, min_entries: int) -> None:
-        live = self.keys >= 0
-        keys, vals = self.keys[live], self.vals[live]
-        self._alloc(max(min_entries, 1) * 2)
-        self.put_absent(keys, vals)
 
 
 class RowCache:
@@ -221,6 +131,8 @@ class RowCache:
         self.stats = CacheStats()
         self._alloc_slots(self._capacity)
         self._index = _HashIndex(self._capacity)
+        #: LRU order kept incrementally (LFU evicts by a selection over the cached rows)
+        self._lru = _LruLog(self._capacity) if policy == "lru" else None
 
     # ----------------------------------------------------------- storage
 
@@ -274,6 +186,11 @@ class RowCache:
         return -1 if idx is None else idx
 
     def _keys(self, tidx: int, ids: object) -> IntArray:
+        out: IntArray = (np.int64(max(tidx, 0)) << np.int64(_ROW_BITS)) | self._ids(ids)
+        return out
+
+    @staticmethod
+    def _ids(ids: object) -> IntArray:
         arr = np.asarray(ids)
         if arr.size == 0 and arr.dtype.kind == "f":
             arr = arr.astype(np.int64)
@@ -282,8 +199,7 @@ class RowCache:
         a64 = arr.astype(np.int64, copy=False)
         if a64.size and (a64.min() < 0 or (arr.dtype.kind == "u" and arr.max() > _MAX_ROW) or a64.max() > _MAX_ROW):
             raise InputError(f"ids must be in [0, 2**{_ROW_BITS})")
-        out: IntArray = (np.int64(max(tidx, 0)) << np.int64(_ROW_BITS)) | a64
-        return out
+        return a64
 
     def _rows_in(self, tidx: int, table: str, rows: object, n: int) -> npt.NDArray[np.uint8]:
         arr = np.asarray(rows)
@@ -331,22 +247,60 @@ class RowCache:
         >>> hit, slots = c.lookup_slots("t", [5, 3]); hit.tolist(), c.rows_view("t")[slots].tolist()
         ([False, True], [[1.0, 2.0]])
         """
+        hit, slots, nh = self.probe(table, ids)
+        return hit, slots[hit] if nh else np.zeros(0, dtype=np.int64)
+
+    def probe(self, table: str, ids: object) -> tuple[BoolArray, IntArray, int]:
+        """:meth:`lookup_slots` with the slot of every id: ``(hit_mask, slot or -1 per id, number of hits)``,
+        in one native pass (the uses and counters of :meth:`lookup`).
+
+        >>> c = RowCache(4); c.insert("t", [3], np.array([[1.0, 2.0]], np.float32))
+        >>> hit, slots, nh = c.probe("t", [5, 3]); hit.tolist(), slots.tolist(), nh
+        ([False, True], [-1, 0], 1)
+        """
         tidx = self._table_index(table, create=False)
-        keys = self._keys(tidx, ids)
-        ticks = self._ticks(keys.size)
+        a64 = self._ids(ids)
+        tick0 = self._clock
+        self._clock += int(a64.size)
         if tidx < 0:
-            self.stats.misses += int(keys.size)
-            return np.zeros(keys.size, dtype=bool), np.zeros(0, dtype=np.int64)
-        slots = self._index.get(keys)
-        hit = slots >= 0
-        hs = slots[hit]
-        nh = int(hs.size)
+            self.stats.misses += int(a64.size)
+            return np.zeros(a64.size, dtype=bool), np.full(a64.size, -1, dtype=np.int64), 0
+        if self._lru is not None:
+            self._lru.room(a64.size, self._slot_key, self._last_use)
+        slots, nh = self._index.probe(a64, tidx << _ROW_BITS, tick0, self._last_use, self._freq, self._lru)
         self.stats.hits += nh
-        self.stats.misses += int(keys.size) - nh
-        if nh:
-            np.maximum.at(self._last_use, hs, ticks[hit])
-            np.add.at(self._freq, hs, 1)
-        return hit, hs
+        self.stats.misses += int(a64.size) - nh
+        hit: BoolArray = slots >= 0
+        return hit, slots, nh
+
+    def probe_split(self, table: str, ids: object, offsets: object, weights: npt.NDArray[np.float32] | None,
+                    admit: int) -> Split:
+        """A pooled lookup's occurrences ``ids`` (bags by ``offsets``) probed and split in one native pass,
+        with no sort: :meth:`probe` of the distinct ids, in order of first occurrence (each one use), then
+        the occurrences split into hits (their slots, to pool from :meth:`rows_view`), admitted misses (those
+        occurring ``admit`` times or more: read, then cached) and the rest (:class:`Split`).
+
+        >>> c = RowCache(4); c.insert("t", [3], np.array([[1.0, 2.0]], np.float32))
+        >>> r = c.probe_split("t", [5, 3, 5, 9], [0, 2, 4], None, 2)
+        >>> r.hit_slots.tolist(), r.hit_offsets.tolist(), r.admitted.tolist(), r.served.tolist(), r.distinct
+        ([0], [0, 1, 1], [0, 2], [True, True, True, False], 3)
+        >>> c.stats.hits, c.stats.misses
+        (1, 2)
+        """
+        tidx = self._table_index(table, create=False)
+        a64 = np.ascontiguousarray(self._ids(ids))
+        offs = np.ascontiguousarray(offsets, dtype=np.int64)
+        n, nb = int(a64.size), int(offs.size) - 1
+        w = None if weights is None else np.ascontiguousarray(weights, dtype=np.float32)
+        if nb < 0 or (w is not None and w.size != n):
+            raise InputError(f"offsets must have at least one entry and weights one per id ({n})")
+        r = probe_split(self._index, self._lru, self._slot_key, self._last_use, self._freq,
+                        (tidx if tidx >= 0 else len(self._tables)) << _ROW_BITS,  # an unknown table matches no key
+                        self._clock, a64, offs, w, admit)
+        self._clock += r.distinct
+        self.stats.hits += r.distinct_hits
+        self.stats.misses += r.distinct - r.distinct_hits
+        return r
 
     def _ticks(self, n: int) -> IntArray:
         t = np.arange(self._clock, self._clock + n, dtype=np.int64)
@@ -357,6 +311,19 @@ class RowCache:
         """Free ``k`` occupied slots chosen by the policy, never one of ``protect``."""
         if k <= 0:
             return
+        if self._lru is not None:
+            victims = self._lru.victims(k, protect, self._slot_key, self._last_use)
+            if victims.size == k:
+                self._index.delete(self._slot_key[victims])
+                self._release(victims)
+                self.stats.evictions += k
+                return
+            # not expected (the log holds every occupied slot): relog and select as LFU does
+            self._index.delete(self._slot_key[victims])
+            self._release(victims)
+            self.stats.evictions += int(victims.size)
+            k -= int(victims.size)
+            self._lru.rebuild(self._slot_key, self._last_use)
         occ = self._slot_key >= 0
         occ[protect] = False
         cand = np.flatnonzero(occ)
@@ -389,6 +356,8 @@ class RowCache:
     def _last_occurrence(keys: IntArray) -> tuple[IntArray, IntArray, IntArray]:
         """Distinct keys ordered by their last occurrence: (keys, last index, occurrences)."""
         n = keys.size
+        if n < 2 or bool(np.all(keys[1:] > keys[:-1])):  # sorted unique (what the client inserts): no sort
+            return keys, np.arange(n, dtype=np.int64), np.ones(n, dtype=np.int64)
         uk, first_rev, counts = np.unique(keys[::-1], return_index=True, return_counts=True)
         last = (n - 1 - first_rev).astype(np.int64)
         order = np.argsort(last, kind="stable")
@@ -468,6 +437,13 @@ class RowCache:
         new = ~present & in_win
         new_keys, new_last, new_occ = ukeys[new], last[new], occ[new]
         m = int(new_keys.size)
+        lru = self._lru
+        log_start = 0
+        if lru is not None:  # room for both runs first: no compaction moves the first before it is sorted
+            lru.room(int(ukeys.size), self._slot_key, self._last_use)
+            log_start = lru.tail
+        if lru is not None and old_slots.size:  # before the eviction: those not protected may be its victims
+            lru.append(ticks[last[present]], old_slots, self._slot_key, self._last_use)
         if m == 0:
             return
         self._evict(m - self._nfree, protect)
@@ -479,6 +455,10 @@ class RowCache:
         self._arena[slots, : payload.shape[1]] = payload[new_last]
         self._index.put_absent(new_keys, slots)
         self.stats.inserts += m
+        if lru is not None:
+            lru.append(ticks[new_last], slots, self._slot_key, self._last_use)
+            if old_slots.size:
+                lru.sort_from(log_start)
 
     def update(self, table: str, ids: object, rows: object) -> int:
         """Write-through: overwrite the cached copies of ``ids`` (absent ids are ignored).
@@ -520,6 +500,8 @@ class RowCache:
         occ = np.flatnonzero(self._slot_key >= 0)
         self._index = _HashIndex(self._capacity)
         self._release(occ)
+        if self._lru is not None:
+            self._lru = _LruLog(self._capacity)
 
     def resize(self, capacity: int) -> None:
         """Change the capacity; shrinking evicts per policy (counted in ``evictions``)."""
@@ -543,6 +525,8 @@ class RowCache:
         self._nfree = capacity - k
         self._index = _HashIndex(capacity)
         self._index.put_absent(keys, new_slots)
+        if self._lru is not None:
+            self._lru.rebuild(self._slot_key, self._last_use)
 
     def coldest(self, n: int) -> dict[str, IntArray]:
         """The (up to) ``n`` cached rows the policy would evict next, per table (no use, nothing evicted).

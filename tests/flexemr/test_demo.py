@@ -18,6 +18,7 @@ from typing import Literal
 import pytest
 
 from flexemr import ClusterConfig, EmbeddingClient
+from flexemr.core.errors import ConfigError
 from flexemr.apps.demo import CONFIGURATIONS, TECHNIQUES, configure, detect_support, run_demo
 from flexemr.apps.report import cost_notes, plot_configurations
 
@@ -110,6 +111,22 @@ async def test_missing_techniques_show_as_not_available(tmp_path: Path) -> None:
         assert rows[name]["available"] is False and "not available in this build" in rows[name]["note"]
         assert rows[name]["techniques"]["cache"] == "n/a"
     assert report["check"]["passed"] and (tmp_path / "report.png").exists() and (tmp_path / "report.svg").exists()
+
+
+async def test_rounds_report_each_configurations_median_run(tmp_path: Path) -> None:
+    p = argparse.ArgumentParser()
+    configure(p)
+    args = p.parse_args(["--batches", "2", "--batch-size", "32", "--scale", "0.001", "--out", str(tmp_path),
+                         "--transport", "tcp", "--no-progress", "--only", "coalescing", "--only", "all on",
+                         "--rounds", "3"])
+    report = await run_demo(args, client_cls=_CoalescingOnlyClient, options_cls=_CoalescingOnlyOptions)
+    rows = {r["name"]: r for r in report["configurations"]}
+    runs = rows["coalescing"]["rounds_samples_per_s"]
+    assert len(runs) == 3 and rows["coalescing"]["samples_per_s"] == sorted(runs)[1]
+    assert rows["all on"]["available"] is False and "rounds_samples_per_s" not in rows["all on"]
+    assert report["workload"]["rounds"] == 3 and report["check"]["passed"]
+    with pytest.raises(ConfigError):
+        await run_demo(p.parse_args(["--rounds", "0", "--out", str(tmp_path)]))
 
 
 def test_demo_command_small(tmp_path: Path) -> None:

@@ -364,3 +364,60 @@ async def test_pooling_runs_off_the_event_loop_and_batches_waiting_requests() ->
         check(await first, want)
         check(await second, want)
         assert svc.calls == calls + 2 and svc.requests >= 3            # the second request waited for the first call
+
+
+async def test_tables_the_cache_leaves_with_one_row_bags_are_not_sent_to_servers() -> None:
+    """With a cache serving the hot rows, what is left is mostly one row per bag: read raw, no partition, no
+    pooling RPC and no turn of the cost model (PoolingCost) spent on it."""
+    spec = TableSpec("t", 4000, 16, "float32")
+    async with LocalCluster([spec], servers=2, seed=3, in_process=True, transport="tcp") as cluster:
+        client = await cluster.client(cache_bytes=1 << 20, server_pooling=True)
+        model = cluster.model()
+        hot = np.arange(0, 4000, 50)                       # 80 rows spread over both servers
+        rng = np.random.default_rng(5)
+        for _ in range(3):                                  # bags of hot rows (cached: each occurs 8 times)
+            bag = rng.choice(hot, size=(64, 8))
+            jb = JaggedBatch(["t"], bag.reshape(-1), lengths=np.full(64, 8))
+            check(await client.lookup_pooled(jb, "sum"), reference(model, jb, "sum", None))
+        assert client.cache is not None and client.cache.contains("t", hot).all()
+        client.metrics.reset()
+        choices = client._pooler.cost._lookups
+        # hot rows plus one cold row per bag: the rest is a bag of one row everywhere
+        cold = rng.choice(np.setdiff1d(np.arange(4000), hot), size=64, replace=False)
+        bag = np.concatenate([rng.choice(hot, size=(64, 7)), cold[:, None]], axis=1)
+        jb = JaggedBatch(["t"], bag.reshape(-1), lengths=np.full(64, 8))
+        check(await client.lookup_pooled(jb, "sum"), reference(model, jb, "sum", None))
+        m = client.metrics
+        assert m.pool_rpcs == 0 and m.pooled_rows == 0 and m.rows_read == 64
+        assert client._pooler.cost._lookups == choices
+        # bags of several cold rows still go to the servers when the cost model says so
+        many = JaggedBatch(["t"], rng.choice(np.setdiff1d(np.arange(4000), hot), size=64 * 8), lengths=np.full(64, 8))
+        for _ in range(6):
+            check(await client.lookup_pooled(many, "sum"), reference(model, many, "sum", None))
+        assert client.metrics.pooled_rows > 0
+
+
+@pytest.mark.parametrize("server_pooling", [True, False])
+async def test_the_cache_is_bypassed_while_it_was_measured_slower(server_pooling: bool) -> None:
+    """Pooled lookups probe the cache or bypass it by measured time (Pooler.cache_cost); either way the
+    results are the same, and a bypassed lookup neither probes nor fills the cache (also when its rows are
+    read raw: without server pooling)."""
+    spec = TableSpec("t", 4000, 16, "float32")
+    async with LocalCluster([spec], servers=2, seed=4, in_process=True, transport="tcp") as cluster:
+        client = await cluster.client(cache_bytes=1 << 20, server_pooling=server_pooling)
+        model = cluster.model()
+        rng = np.random.default_rng(6)
+        jb = JaggedBatch(["t"], rng.choice(np.arange(0, 4000, 40), size=64 * 8), lengths=np.full(64, 8))
+        cost = client._pooler.cache_cost
+        cost._lookups = cost.first_explore           # past the first lookups, which always probe
+        for _ in range(cost.min_samples):            # the cache measured 100x slower per id
+            cost.observe(True, 1000, 1.0)
+            cost.observe(False, 1000, 0.01)
+        assert client.cache is not None
+        stats = dict(vars(client.cache.stats))
+        check(await client.lookup_pooled(jb, "sum"), reference(model, jb, "sum", None))
+        assert dict(vars(client.cache.stats)) == stats and len(client.cache) == 0
+        for _ in range(cost.window):                 # now the cache is the faster way
+            cost.observe(True, 1000, 0.001)
+        check(await client.lookup_pooled(jb, "sum"), reference(model, jb, "sum", None))
+        assert client.cache.stats.misses > stats["misses"] and len(client.cache) > 0

@@ -190,3 +190,58 @@ async def test_overlap_beats_sequential_in_event_order() -> None:
 def test_bad_depth() -> None:
     with pytest.raises(ConfigError):
         Prefetcher(lambda b: asyncio.sleep(0), depth=-1)
+
+
+def test_depth_chooser_keeps_the_faster_way_and_measures_the_other_again() -> None:
+    from flexemr.client.prefetch import DepthChooser
+
+    c = DepthChooser(2, window=3, explore_every=20)
+    depths = [c.cycle(5.0) for _ in range(3)]           # on, measured
+    assert depths == [2, 2, 0]
+    depths = [c.cycle(t) for t in (9.0, 1.0, 1.0, 1.0)]  # the switch's cycle (9.0) is not filed
+    assert depths == [0, 0, 0, 0] and list(c.samples[False]) == [1.0, 1.0, 1.0]
+    seq = [c.cycle(5.0 if c.on else 1.0) for _ in range(30)]   # on still 5x slower than off
+    first_on = seq.index(2)                              # on measured again once its samples are old
+    assert 10 <= first_on <= 20 and seq[first_on:first_on + 4] == [2, 2, 2, 2]
+    assert seq[first_on + 4:] == [0] * (30 - first_on - 4)   # ... and given up again
+    # ... unless the lookahead now pays: then it stays on
+    c2 = DepthChooser(1, window=2, explore_every=4)
+    for t in (5.0, 5.0, 0.0, 3.0, 3.0):
+        c2.cycle(t)
+    assert c2.depth == 0
+    for _ in range(8):
+        c2.cycle(1.0 if c2.on else 3.0)
+    assert c2.on
+
+
+def test_depth_chooser_with_depth_zero_stays_sequential() -> None:
+    from flexemr.client.prefetch import DepthChooser
+
+    c = DepthChooser(0)
+    assert [c.cycle(1.0) for _ in range(5)] == [0] * 5
+
+
+async def test_adaptive_stream_turns_a_lookahead_that_does_not_pay_off() -> None:
+    """Fetches that slow the consumer down while they run (a shared core): the lookahead is switched off,
+    results stay complete and in order."""
+    busy = 0
+
+    async def fetch(b: int) -> int:
+        nonlocal busy
+        busy += 1
+        try:
+            await asyncio.sleep(0.004)
+            return b
+        finally:
+            busy -= 1
+
+    out = []
+    async with Prefetcher(fetch, depth=1, adaptive=True).stream(range(40)) as stream:
+        async for b, r in stream:
+            # the consumer's work takes 5x longer while a fetch runs beside it
+            await asyncio.sleep(0.002)
+            if busy:
+                await asyncio.sleep(0.02)
+            out.append(r)
+        assert stream.chooser is not None and stream.stats.sequential > 20
+    assert out == list(range(40))

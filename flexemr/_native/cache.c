@@ -1,0 +1,238 @@
+/* flexemr ranker row cache, native parts (see cache.h for the contract). */
+
+#include <stdint.h>
+#include <string.h>
+
+#include "cache.h"
+
+#define FXC_MUL 0x9E3779B97F4A7C15ull
+/* distinct ids probed ahead of the one being probed (prefetch distance) */
+#define FXC_AHEAD 8
+
+static inline int64_t fxc_home(int64_t key, int64_t mask, int shift) {
+    return (int64_t)(((uint64_t)key * FXC_MUL) >> shift) & mask;
+}
+
+static inline int64_t fxc_pos(const int64_t *tkeys, int64_t mask, int shift, int64_t key) {
+    int64_t p = fxc_home(key, mask, shift);
+    for (;;) {
+        int64_t k = tkeys[p];
+        if (k == key)
+            return p;
+        if (k == FXC_EMPTY)
+            return -1;
+        p = (p + 1) & mask;
+    }
+}
+
+int64_t fxc_find(const int64_t *tkeys, int64_t mask, int shift, const int64_t *keys, int64_t n, int64_t *out_pos) {
+    int64_t found = 0;
+    for (int64_t i = 0; i < n; i++) {
+        int64_t p = fxc_pos(tkeys, mask, shift, keys[i]);
+        out_pos[i] = p;
+        found += p >= 0;
+    }
+    return found;
+}
+
+int64_t fxc_put(int64_t *tkeys, int64_t *tvals, int64_t mask, int shift, const int64_t *keys, const int64_t *vals,
+                int64_t n) {
+    int64_t took_empty = 0;
+    for (int64_t i = 0; i < n; i++) {
+        int64_t p = fxc_home(keys[i], mask, shift);
+        while (tkeys[p] >= 0)
+            p = (p + 1) & mask;
+        took_empty += tkeys[p] == FXC_EMPTY;
+        tkeys[p] = keys[i];
+        tvals[p] = vals[i];
+    }
+    return took_empty;
+}
+
+int64_t fxc_delete(int64_t *tkeys, int64_t mask, int shift, const int64_t *keys, int64_t n) {
+    int64_t deleted = 0;
+    for (int64_t i = 0; i < n; i++) {
+        int64_t p = fxc_pos(tkeys, mask, shift, keys[i]);
+        if (p >= 0) {
+            tkeys[p] = FXC_TOMB;
+            deleted++;
+        }
+    }
+    return deleted;
+}
+
+int64_t fxc_probe(const int64_t *tkeys, const int64_t *tvals, int64_t mask, int shift, const int64_t *ids, int64_t n,
+                  int64_t key_base, int64_t tick0, int64_t *last_use, int64_t *freq, int64_t *out_slot,
+                  int64_t *log_tick, int64_t *log_slot, int64_t *log_tail) {
+    int64_t hits = 0;
+    int64_t tail = log_tail ? *log_tail : 0;
+    for (int64_t i = 0; i < n; i++) {
+        int64_t p = fxc_pos(tkeys, mask, shift, key_base | ids[i]);
+        if (p < 0) {
+            out_slot[i] = -1;
+            continue;
+        }
+        int64_t s = tvals[p], t = tick0 + i;
+        out_slot[i] = s;
+        if (last_use[s] < t)
+            last_use[s] = t;
+        freq[s] += 1;
+        if (log_slot) {
+            log_tick[tail] = last_use[s];
+            log_slot[tail] = s;
+            tail++;
+        }
+        hits++;
+    }
+    if (log_tail)
+        *log_tail = tail;
+    return hits;
+}
+
+static inline int fxc_current(const int64_t *last_use, const int64_t *slot_key, int64_t tick, int64_t slot) {
+    return slot_key[slot] >= 0 && last_use[slot] == tick;
+}
+
+int64_t fxc_lru_victims(int64_t *log_tick, int64_t *log_slot, int64_t *head, int64_t tail, const int64_t *last_use,
+                        const int64_t *slot_key, const uint8_t *protect, int64_t k, int64_t *victims) {
+    int64_t i = *head, found = 0, kept = 0;
+    /* kept (protected, current) entries are compacted in place behind the scan: they are older
+     * than everything after the new head, so they go right before it */
+    for (; i < tail && found < k; i++) {
+        int64_t t = log_tick[i], s = log_slot[i];
+        if (!fxc_current(last_use, slot_key, t, s))
+            continue;
+        if (protect[s]) {
+            log_tick[*head + kept] = t;
+            log_slot[*head + kept] = s;
+            kept++;
+            continue;
+        }
+        victims[found++] = s;
+    }
+    /* entries [*head, *head + kept) are the kept ones; move them to end right before i */
+    int64_t new_head = i - kept;
+    if (kept && new_head != *head) {
+        memmove(log_tick + new_head, log_tick + *head, (size_t)kept * sizeof(int64_t));
+        memmove(log_slot + new_head, log_slot + *head, (size_t)kept * sizeof(int64_t));
+    }
+    *head = new_head;
+    return found;
+}
+
+int64_t fxc_lru_compact(int64_t *log_tick, int64_t *log_slot, int64_t head, int64_t tail, const int64_t *last_use,
+                        const int64_t *slot_key) {
+    int64_t out = 0;
+    for (int64_t i = head; i < tail; i++) {
+        int64_t t = log_tick[i], s = log_slot[i];
+        if (fxc_current(last_use, slot_key, t, s)) {
+            log_tick[out] = t;
+            log_slot[out] = s;
+            out++;
+        }
+    }
+    return out;
+}
+
+int64_t fxc_probe_split(const int64_t *tkeys, const int64_t *tvals, int64_t mask, int shift, int64_t key_base,
+                        int64_t tick0, int64_t *last_use, int64_t *freq, int64_t *log_tick, int64_t *log_slot,
+                        int64_t *log_tail, const int64_t *ids, int64_t n, const int64_t *offsets, int64_t num_bags,
+                        const float *w, int64_t admit, int64_t *dkeys, int64_t *didx, int64_t dmask, int64_t *uslot,
+                        int64_t *ucount, int64_t *inv, int64_t *hit_slot, int64_t *hit_off, float *hit_w,
+                        int64_t *adm_pos, int64_t *adm_off, uint8_t *here, int64_t *counts) {
+    if (num_bags < 0 || offsets[0] != 0 || offsets[num_bags] != n)
+        return -1;
+    for (int64_t b = 0; b < num_bags; b++)
+        if (offsets[b + 1] < offsets[b])
+            return -1;
+    int dshift = 64;
+    for (int64_t s = dmask + 1; s > 1; s >>= 1)
+        dshift--;
+    memset(dkeys, 0xff, (size_t)(dmask + 1) * sizeof(int64_t)); /* FXC_EMPTY */
+    /* pass 1: deduplicate (the scratch table stays in cache); uslot[u] holds the distinct id for now */
+    int64_t nu = 0, uhits = 0;
+    for (int64_t k = 0; k < n; k++) {
+        int64_t id = ids[k];
+        int64_t p = fxc_home(id, dmask, dshift);
+        for (;;) {
+            int64_t dk = dkeys[p];
+            if (dk == id) {
+                int64_t u = didx[p];
+                ucount[u]++;
+                inv[k] = u;
+                break;
+            }
+            if (dk == FXC_EMPTY) {
+                int64_t u = nu++;
+                dkeys[p] = id;
+                didx[p] = u;
+                ucount[u] = 1;
+                uslot[u] = id;
+                inv[k] = u;
+                break;
+            }
+            p = (p + 1) & dmask;
+        }
+    }
+    /* pass 2: probe the index for the distinct ids in order of first occurrence, the home entries of
+     * the ids FXC_AHEAD further on prefetched (the index is larger than the caches: its misses overlap) */
+    int64_t tail = log_tail ? *log_tail : 0;
+    for (int64_t u = 0; u < nu; u++) {
+        if (u + FXC_AHEAD < nu) {
+            int64_t h = fxc_home(key_base | uslot[u + FXC_AHEAD], mask, shift);
+            __builtin_prefetch(&tkeys[h]);
+            __builtin_prefetch(&tvals[h]);
+        }
+        int64_t q = fxc_pos(tkeys, mask, shift, key_base | uslot[u]);
+        if (q < 0) {
+            uslot[u] = -1;
+            continue;
+        }
+        int64_t s = tvals[q], t = tick0 + u;
+        uslot[u] = s;
+        if (last_use[s] < t)
+            last_use[s] = t;
+        freq[s] += 1;
+        if (log_slot) {
+            log_tick[tail] = last_use[s];
+            log_slot[tail] = s;
+            tail++;
+        }
+        uhits++;
+    }
+    if (log_tail)
+        *log_tail = tail;
+    int64_t nh = 0, na = 0;
+    hit_off[0] = 0;
+    adm_off[0] = 0;
+    int64_t multi = 0;
+    for (int64_t b = 0; b < num_bags; b++) {
+        int64_t rest = 0;
+        for (int64_t k = offsets[b]; k < offsets[b + 1]; k++) {
+            int64_t u = inv[k];
+            int64_t s = uslot[u];
+            if (s >= 0) {
+                hit_slot[nh] = s;
+                if (w)
+                    hit_w[nh] = w[k];
+                nh++;
+                here[k] = 1;
+            } else if (ucount[u] >= admit) {
+                adm_pos[na++] = k;
+                here[k] = 1;
+            } else {
+                here[k] = 0;
+                rest++;
+            }
+        }
+        if (rest >= 2)
+            multi += rest;
+        hit_off[b + 1] = nh;
+        adm_off[b + 1] = na;
+    }
+    counts[0] = nu;
+    counts[1] = uhits;
+    counts[2] = na;
+    counts[3] = multi;
+    return nh;
+}
