@@ -521,10 +521,10 @@ class Endpoint:
         return key
 
     def _single(self, op: Op, what: str, mr: MemoryRegion, local_offset: int, key: RemoteKey,
-                remote_offset: int, length: int) -> Awaitable[Any]:
-        """Check and post one read or write; what to await for it.  The common case -- a free slot,
-        no striping -- posts at once and returns the operation's future (kept lean: it is the
-        depth-1 latency path)."""
+                remote_offset: int, length: int) -> Awaitable[Any] | None:
+        """Check and post one read or write; what to await for it, or ``None`` when it is done
+        already (busy-polled).  The common case -- a free slot, no striping -- posts at once and
+        returns the operation's future (kept lean: it is the depth-1 latency path)."""
         if self._closed or self.broken is not None:
             self._check()
         if type(key) is not RemoteKey or key.transport != self._tname:
@@ -540,6 +540,14 @@ class Endpoint:
         credits = self.credits
         if credits is not None:
             return self._credited(credits, length, op, what, mr, local_offset, key, remote_offset, length)
+        stripe = self._stripe
+        if (not stripe or length < stripe) and length <= MAX_OP_BYTES:  # _dispatch's common case, inline
+            qp = self._fixed or self._qp()
+            if qp._free:
+                if self._busy_poll:
+                    return qp.post_polled(op, key, remote_offset, length, 0, mr.addr + local_offset, mr, what,
+                                          self._busy_poll)
+                return qp.post(op, key, remote_offset, length, 0, mr.addr + local_offset, mr, what)
         return self._dispatch(op, what, mr, local_offset, key, remote_offset, length)
 
     async def _credited(self, credits: Credits, nbytes: int, op: Op, what: str, mr: MemoryRegion,
@@ -547,12 +555,13 @@ class Endpoint:
         """:meth:`_dispatch` inside the endpoint's credit window (taken before posting, given back at the end)."""
         await credits.acquire(nbytes)
         try:
-            return await self._dispatch(op, what, mr, local_offset, key, remote_offset, length)
+            fut = self._dispatch(op, what, mr, local_offset, key, remote_offset, length)
+            return None if fut is None else await fut
         finally:
             credits.release(nbytes)
 
     def _dispatch(self, op: Op, what: str, mr: MemoryRegion, local_offset: int, key: RemoteKey,
-                  remote_offset: int, length: int) -> Awaitable[Any]:
+                  remote_offset: int, length: int) -> Awaitable[Any] | None:
         """Post a checked read or write: striped, or on the chosen queue pair (busy-polled if asked)."""
         stripe = self._stripe
         if stripe and length >= stripe and len(self._qps) > 1:
@@ -579,18 +588,23 @@ class Endpoint:
         if not qp._free:
             await qp.wait_slot()
         if spin:
-            return await qp.post_polled(op, rkey, remote_offset, length, 0, mr.addr + local_offset, mr, what, spin)
+            fut = qp.post_polled(op, rkey, remote_offset, length, 0, mr.addr + local_offset, mr, what, spin)
+            return 0 if fut is None else await fut
         return await qp.post(op, rkey, remote_offset, length, 0, mr.addr + local_offset, mr, what)
 
     async def read(self, local_mr: MemoryRegion, local_offset: int, key: RemoteKey, remote_offset: int,
                    length: int) -> None:
         """RDMA READ: copy ``length`` bytes at ``remote_offset`` of ``key``'s region into ``local_mr``."""
-        await self._single(Op.READ, "read", local_mr, local_offset, key, remote_offset, length)
+        fut = self._single(Op.READ, "read", local_mr, local_offset, key, remote_offset, length)
+        if fut is not None:  # None: done already (a busy-polled depth-1 read)
+            await fut
 
     async def write(self, local_mr: MemoryRegion, local_offset: int, key: RemoteKey, remote_offset: int,
                     length: int) -> None:
         """RDMA WRITE: copy ``length`` bytes of ``local_mr`` to ``remote_offset`` of ``key``'s region."""
-        await self._single(Op.WRITE, "write", local_mr, local_offset, key, remote_offset, length)
+        fut = self._single(Op.WRITE, "write", local_mr, local_offset, key, remote_offset, length)
+        if fut is not None:
+            await fut
 
     async def _batch(self, op: Op, what: str, mr: MemoryRegion, local_offsets: Any, key: RemoteKey,
                      remote_offsets: Any, lengths: Any) -> None:

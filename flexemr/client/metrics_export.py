@@ -89,6 +89,7 @@ GAUGES: dict[str, tuple[str, str]] = {
 #: ``client.reliability`` counter -> (metric name without the prefix and ``_total``, help)
 RELIABILITY: dict[str, tuple[str, str]] = {
     "peer_failures": ("server_failures", "Servers marked down after an operation on them failed"),
+    "peer_timeouts": ("server_timeouts", "Servers marked down only when an operation on them timed out"),
     "reconnects": ("reconnects", "Successful reconnections to servers"),
     "restarts_seen": ("server_restarts_seen", "Reconnections that found a restarted server"),
     "failover_reads": ("failovers", "Read groups re-issued on another replica"),

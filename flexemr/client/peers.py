@@ -325,6 +325,8 @@ class Peers:
                                                                and ep is not peer.prio_ep):
             return
         self.reliability.peer_failures += 1
+        if isinstance(exc, rdmaio.TimeoutError) or isinstance(exc.__cause__, rdmaio.TimeoutError):
+            self.reliability.peer_timeouts += 1  # not seen at once (control connection, NIC error): waited for
         log.warning("server %s failed (%s: %s); failing over, reconnecting in the background", server,
                     type(exc).__name__, exc)
         old, peer.ep = peer.ep, None

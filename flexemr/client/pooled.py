@@ -38,7 +38,7 @@ import asyncio
 import itertools
 import logging
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -291,6 +291,8 @@ class Pooler:
         self.channels: dict[str, PoolChannel] = {}
         self.refused: set[str] = set()
         self.pause: dict[str, tuple[float, Backoff]] = {}  # server -> (no pooling before, backoff)
+        #: the clock pauses are measured on (time.monotonic; a test may drive its own)
+        self.clock: Callable[[], float] = time.monotonic
         self.opening: asyncio.Task[None] | None = None
         self.server_index = {name: i for i, name in enumerate(plan.servers)}
         self.cost = PoolingCost()
@@ -495,14 +497,14 @@ class Pooler:
             for tab, part in zip(r.tabs, parts):
                 tab.merge(part)
             pause = self.pause.get(server)
-            if pause is not None and time.monotonic() >= pause[0]:  # not a request sent before the pause
+            if pause is not None and self.clock() >= pause[0]:  # not a request sent before the pause
                 del self.pause[server]
         except (TransportError, ClosedError) as exc:
             if self.peers.closed:
                 raise
             # The pooling channel failed, which need not mean the rows are unreadable:
             # read them raw (failover applies) and pool them here, as the server would have.
-            now = time.monotonic()
+            now = self.clock()
             until, backoff = self.pause.get(server) or (0.0, Backoff(0.5, 30.0))
             if until <= now:  # one warning per pause, not one per lookup
                 delay = backoff.next()
@@ -534,7 +536,7 @@ class Pooler:
         """Servers whose pooling requests failed recently: raw reads only until their pause ends."""
         if not self.pause:
             return set()
-        now = time.monotonic()
+        now = self.clock()
         return {s for s, (until, _) in self.pause.items() if until > now}
 
     async def open_channels(self) -> None:

@@ -260,6 +260,7 @@ class ReliabilityMetrics:
     """Counters of failures, failovers, reconnects and updates (``client.reliability``)."""
 
     peer_failures: int = 0        # servers marked down (a read/write/atomic on them failed)
+    peer_timeouts: int = 0        # of those, noticed only when an operation ran out of op_timeout
     reconnects: int = 0           # successful reconnections
     restarts_seen: int = 0        # reconnections that found a new server incarnation
     failover_reads: int = 0       # read groups re-issued on another replica

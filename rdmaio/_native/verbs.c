@@ -133,7 +133,6 @@ struct rv_worker {
     struct ibv_cq *cq;
     int armed;
     int spinning;          /* a busy poll owns the CQ (plock) */
-    int skipped;           /* a round left the CQ to it: the busy poll wakes the worker when it ends */
     unsigned int unacked;
     struct ibv_wc wcs[64];
 };
@@ -763,12 +762,11 @@ int rv_worker_poll(rv_worker *w, int timeout_ms)
     w->nrx = 0;
     w->woken = 0;
     w->rounds++;
-    for (int pass = 0; pass < 2; pass++) {
+    for (int pass = 0;; pass++) {
         rv_drain_events(w);
         if (w->spinning) {
-            /* a busy poll is taking the completions: leave the CQ (and its re-arming) to it; it
-             * wakes this worker when it ends, and the round after that polls and re-arms */
-            w->skipped = 1;
+            /* a busy poll is taking the completions: leave the CQ (and its re-arming) to it (see
+             * rv_spin_loop: it re-arms when it found nothing, else the loop does, rv_worker_rearm) */
         } else {
             if (rv_poll_into(w))
                 return -EIO;
@@ -781,7 +779,10 @@ int rv_worker_poll(rv_worker *w, int timeout_ms)
             if (rv_poll_into(w))
                 return -EIO;
         }
-        if (w->ncq + w->nrx > 0 || timeout_ms == 0 || pass == 1)
+        /* blocking for good (timeout_ms < 0): an event that brought nothing (a busy poll took the
+         * completions) does not return to Python -- no GIL round trip per busy-polled operation --
+         * only completions or rv_worker_wake (stop) do */
+        if (w->ncq + w->nrx > 0 || timeout_ms == 0 || w->woken || (pass >= 1 && timeout_ms > 0))
             break;
         struct pollfd p[2] = {{w->fd, POLLIN, 0}, {w->wakefd, POLLIN, 0}};
         pthread_mutex_unlock(&w->plock);  /* never held while blocked: a busy poll may take the CQ meanwhile */
@@ -850,12 +851,40 @@ static int rv_spin_loop(rv_worker *w, uint64_t start, uint32_t budget_us, uint64
             break;
     }
     w->spinning = 0;
-    if (w->skipped) {  /* the worker left the CQ un-armed to us: let it poll and re-arm */
-        w->skipped = 0;
-        rv_worker_wake(w);
+    if ((n == 0 || n == -1) && !w->armed) {
+        /* nothing of ours came in time: the operation is now awaited through the worker, whose
+         * event needs the CQ armed (and what arrived before the arm raises none: poll once more) */
+        if (ibv_req_notify_cq(w->cq, 0)) {
+            n = -EIO;
+        } else {
+            w->armed = 1;
+            if (rv_poll_into(w))
+                n = -EIO;
+            else if (w->ncq + w->nrx > 0)
+                n = (int)(w->ncq + w->nrx);
+        }
     }
+    /* after a hit the CQ stays un-armed: a depth-1 caller's next busy poll takes its completion
+     * without an event (no wake-up of the worker thread, no re-arm syscall per operation); the
+     * loop re-arms it once it gets back to its other work (rv_worker_rearm, call_soon) */
     w->spin_ns += rv_now_ns() - start;
     return n;
+}
+
+int rv_worker_rearm(rv_worker *w)
+{
+    pthread_mutex_lock(&w->plock);
+    w->ncq = 0;
+    w->nev = 0;
+    w->nrx = 0;
+    if (w->spinning || w->armed)
+        return 0;
+    if (ibv_req_notify_cq(w->cq, 0))
+        return -EIO;
+    w->armed = 1;
+    if (rv_poll_into(w))
+        return -EIO;
+    return (int)(w->ncq + w->nrx);
 }
 
 int rv_worker_spin(rv_worker *w, uint32_t budget_us, uint64_t seen)

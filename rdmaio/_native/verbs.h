@@ -97,19 +97,27 @@ void rv_worker_free(rv_worker *w);
 int rv_worker_wake(rv_worker *w);
 /* One round: drain channel events, poll the CQ, re-arm and poll again when it
  * ran dry; when nothing was found and timeout_ms != 0, block in poll() on the
- * channel fd and the wake fd (GIL released by cffi, poll lock released) and repeat once.
+ * channel fd and the wake fd (GIL released by cffi, poll lock released) and repeat: once
+ * for timeout_ms > 0; for timeout_ms < 0 until completions arrive or rv_worker_wake.
  * Send completions go to the cq_* arrays, WRITE_WITH_IMM arrivals to rx_*
  * (receive queues are refilled here, below half depth); flushed receive WRs
  * are dropped.  Returns ncq + nrx, or -errno, ALWAYS with the worker's poll
  * lock held: copy the arrays out, then rv_worker_release. */
 int rv_worker_poll(rv_worker *w, int timeout_ms);
 /* Busy poll for the event loop: poll the CQ (under the poll lock, no channel
- * events, no re-arm) until it yields completions, budget_us passed, or a round
- * of rv_worker_poll delivered completions (handoffs != seen).  Returns ncq + nrx
+ * events) until it yields completions, budget_us passed, or a round
+ * of rv_worker_poll delivered completions (handoffs != seen).  When it found
+ * nothing it re-arms the CQ (and polls once more) before returning; after a hit
+ * the CQ stays un-armed until rv_worker_rearm.  Returns ncq + nrx
  * (> 0), 0 (budget spent), -1 (the worker's own round took them) or -errno,
  * ALWAYS with the poll lock held (then rv_worker_release). */
 int rv_worker_spin(rv_worker *w, uint32_t budget_us, uint64_t seen);
 void rv_worker_release(rv_worker *w);
+/* After busy polls that found completions the CQ is left un-armed (no event, no worker wake-up
+ * per depth-1 operation); the event loop calls this once it is back to other work: arm the CQ
+ * (unless armed or a busy poll is running) and poll once more.  Returns ncq + nrx or -errno,
+ * ALWAYS with the poll lock held (then rv_worker_release). */
+int rv_worker_rearm(rv_worker *w);
 /* rv_post_one (on q, whose CQ is w's), then rv_worker_spin -- one call for a depth-1 caller.
  * Returns 0x10000 when the one completion polled was this WR's, successful, and nothing else
  * (the poll lock is then RELEASED and the arrays empty); else what rv_worker_spin returns (lock

@@ -340,6 +340,7 @@ class VerbsWorker(Worker):
         self._want_td = thread_domain
         self._spin_skip = 0  # busy polls still to skip after misses
         self._spin_miss = 0
+        self._rearm_pending = False  # a hit left the CQ un-armed: _rearm is scheduled on the loop
         super().__init__(index, sink, mode, loop, cq_depth, cpus)
 
     @property
@@ -383,8 +384,9 @@ class VerbsWorker(Worker):
         """Poll the CQ from the event loop, GIL released, until completions arrive (delivered at
         once, after any the worker thread queued before them) or ``budget_us`` µs have passed.
 
-        Adaptive: after a poll that found nothing the worker skips the next 1, 2, 4 ... up to
-        :data:`MAX_SPIN_SKIP` requests for one, until one finds completions again.
+        Adaptive: after a second poll in a row that found nothing the worker skips the next 1,
+        then 2, 4 ... up to :data:`MAX_SPIN_SKIP` requests for one (after each further miss),
+        until one finds completions again.
         """
         c = self.c
         if c is None or self._stopping:
@@ -401,6 +403,31 @@ class VerbsWorker(Worker):
                 return True
         return self._after_spin(self._lib.rv_worker_spin(c, budget_us, seen))
 
+    def rearm_later(self) -> None:
+        """After a busy poll that took its completions: the CQ was left un-armed (the next depth-1
+        poll needs no event); arm it once the loop gets back to its other work."""
+        if not self._rearm_pending:
+            self._rearm_pending = True
+            self._loop.call_soon(self._rearm)
+
+    def _rearm(self) -> None:
+        self._rearm_pending = False
+        c = self.c
+        if c is None or self._stopping:
+            return
+        n = self._lib.rv_worker_rearm(c)
+        try:
+            mine = self._collect() if n > 0 else None
+            earlier = self._take_queued() if self._queue else []
+        finally:
+            self._lib.rv_worker_release(c)
+        self._deliver(earlier)
+        if mine is not None:
+            self._sink._on_batch(mine)
+        elif n < 0:
+            self.stop()
+            self._sink._on_worker_failed(self.index, -n)
+
     def _deliver(self, batches: list[Any]) -> None:
         for b in batches:
             self._sink._on_batch(b)
@@ -415,11 +442,15 @@ class VerbsWorker(Worker):
             self._lib.rv_worker_release(self.c)
         self._deliver(earlier)
         if mine is not None:
+            self.rearm_later()
             self._sink._on_batch(mine)
             self._spin_miss = 0
-        elif n == 0:  # the budget went by with nothing: back off
-            self._spin_miss = min(self._spin_miss * 2 or 1, MAX_SPIN_SKIP)
-            self._spin_skip = self._spin_miss
+        elif n == 0:  # the budget went by with nothing: back off from the second miss in a row on
+            # (one late completion -- the host preempted the NIC's work -- costs that operation alone;
+            # backing off at once sent the next 1, 2, 4 ... through the thread, ~10x slower each)
+            self._spin_miss = min(self._spin_miss + 1, 8)
+            if self._spin_miss > 1:
+                self._spin_skip = min(1 << (self._spin_miss - 2), MAX_SPIN_SKIP)
         elif n < -1:
             self.stop()
             self._sink._on_worker_failed(self.index, -n)

@@ -226,8 +226,9 @@ class QueuePair:
         before the caller awaits it.  A no-op by default."""
 
     def post_polled(self, op: Op, key: RemoteKey, remote: int, arg0: int, arg1: int, local: int,
-                    mr: MemoryRegion | None, what: str, budget_us: int) -> asyncio.Future[int]:
-        """:meth:`post`, then :meth:`busy_poll` (a transport may fuse the two)."""
+                    mr: MemoryRegion | None, what: str, budget_us: int) -> asyncio.Future[int] | None:
+        """:meth:`post`, then :meth:`busy_poll` (a transport may fuse the two).  ``None``: the
+        operation (a read or write, whose result is 0) is already complete -- no future was made."""
         fut = self.post(op, key, remote, arg0, arg1, local, mr, what)
         if not fut.done():
             self.busy_poll(fut, budget_us)

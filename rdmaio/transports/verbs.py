@@ -223,30 +223,31 @@ class VerbsQueuePair(QueuePair):
             self.worker.busy_poll(budget_us, fut)
 
     def post_polled(self, op: Op, key: RemoteKey, remote: int, arg0: int, arg1: int, local: int,
-                    mr: MemoryRegion | None, what: str, budget_us: int) -> asyncio.Future[int]:
+                    mr: MemoryRegion | None, what: str, budget_us: int) -> asyncio.Future[int] | None:
         """:meth:`post` then :meth:`busy_poll`; a lone one-WR read or write is posted and polled for in
         one native call (``rv_post_spin``), and when its completion comes back alone the operation
-        never enters the pending table: the future is done on return."""
+        never enters the pending table and no future is made: ``None`` (done)."""
         w = self.worker
+        c = w.c
         if (op is Op.READ or op is Op.WRITE) and 0 < arg0 <= self._max_msg and mr is not None \
                 and not self._pending and not self._backlog and not self._recovering and self._credits > 0 \
                 and self.broken is None and not self._closed and not w._spin_skip and not w._queue \
-                and w.c is not None:
-            fut: asyncio.Future[int] = self._loop.create_future()
+                and c is not None:
             wr = self._conn_hi | (next(self._seq) & 0x7FFFFFFF)
             rop = 1 if op is Op.READ else 2
             raddr = key.addr + remote
-            lkey = self._lkey(mr)
-            c = w.c
+            lkey = mr._key & 0xFFFFFFFF if self._primary else self._lkey(mr)
             rc = self._lib.rv_post_spin(self._q, c, wr, rop, raddr, arg0, local, key.rkey, lkey, self._max_msg,
                                         budget_us, c.handoffs)
             if rc == _SPIN_MINE:  # done, and nothing else came: the poll lock is already released
                 w._spin_miss = 0
+                if not w._rearm_pending:
+                    w.rearm_later()
                 if w._queue:
                     w._deliver(w._take_queued())
-                fut.set_result(0)
-                return fut
+                return None
             # otherwise it is an operation in flight like any other, and the poll's harvest is delivered
+            fut: asyncio.Future[int] = self._loop.create_future()
             slot = self._free.pop()
             req = _Req(fut, mr, None, what, slot)
             req.left = 1
@@ -593,8 +594,8 @@ class VerbsTransport(Transport):
         for v in self.vctxs:
             v.unregister(mr.addr, mr.length, mr.access)
 
-    def check(self, op: Op, what: str, key: RemoteKey, offset: int, length: int) -> None:
-        check_remote(op, what, key, offset, length)
+    #: (op, what, key, offset, length): the module function itself -- one call less per operation
+    check = staticmethod(check_remote)
 
     def check_batch(self, op: Op, what: str, key: RemoteKey, offsets: np.ndarray, lengths: np.ndarray) -> None:
         check_remote_batch(op, what, key, offsets, lengths)

@@ -22,7 +22,7 @@ from flexemr import (
 from flexemr.core.meta import ServerMeta, decode_meta, encode_meta
 from flexemr.core.toml import dumps_toml
 from flexemr.client.replica import Backoff
-from tests.flexemr.transports import TRANSPORTS, transports_xfail_verbs
+from tests.flexemr.transports import TRANSPORTS
 
 SPECS = [TableSpec("user", 4000, 16), TableSpec("item", 600, 8, "float16")]
 
@@ -100,9 +100,7 @@ async def _stream(client: object, model: dict[str, np.ndarray], stop: asyncio.Ev
     return n
 
 
-@pytest.mark.parametrize("transport", transports_xfail_verbs(
-    "wall-clock bound (max lookup latency < op_timeout): in one loaded Soft-RoCE VM run a lookup took 2.03 s "
-    "around the kill or restart of a replica (results correct), in the next it passed; not yet explained"))
+@pytest.mark.parametrize("transport", TRANSPORTS)
 async def test_failover_on_kill_and_recovery_after_restart(transport: str) -> None:
     fds0 = _fds()
     async with LocalCluster(SPECS, servers=3, seed=5, replicas=2, transport=transport) as cluster:
@@ -127,7 +125,10 @@ async def test_failover_on_kill_and_recovery_after_restart(transport: str) -> No
         stop.set()
         done = await asyncio.wait_for(asyncio.gather(*tasks), 10)
         assert sum(done) > 20
-        assert max(lat) < 2.0                        # nothing waited for a dead server
+        # nothing waited for a dead server: the kill was noticed through the control connection at
+        # once, no operation had to run out of op_timeout (not a wall-clock bound on the lookups: in
+        # the emulated VM a loaded host stalls the whole guest for a second and more at times)
+        assert client.reliability.peer_timeouts == 0
         assert client.metrics.bytes_read > before
         # reads are routed back: s1 serves its regions again
         status = client.replica_status()
@@ -247,6 +248,7 @@ async def test_hung_server_fails_over_within_op_timeout() -> None:
             rows = await client.lookup("user", ids)     # s2 is out of the routes now: no second timeout
             assert np.array_equal(rows, model["user"][ids])
             assert client.reliability.peer_failures == 1
+            assert client.reliability.peer_timeouts == 1  # a hung server is noticed by op_timeout alone
         finally:
             await cluster.resume("s2")
         assert await client.wait_healthy(10.0)

@@ -23,9 +23,3 @@ def _verbs_marks() -> list[pytest.MarkDecorator]:
 #: ``@pytest.mark.parametrize("transport", TRANSPORTS)``: tcp, and verbs (marked ``verbs``)
 TRANSPORTS = [pytest.param("tcp", id="tcp"), pytest.param("verbs", id="verbs", marks=_verbs_marks())]
 
-
-def transports_xfail_verbs(reason: str) -> list[object]:
-    """:data:`TRANSPORTS`, the verbs case expected to fail (not strictly: it still runs, and an
-    unexpected pass shows as XPASS) for ``reason`` -- a known, documented gap, not a silent skip."""
-    return [TRANSPORTS[0], pytest.param("verbs", id="verbs",
-                                        marks=[*_verbs_marks(), pytest.mark.xfail(reason=reason, strict=False)])]
