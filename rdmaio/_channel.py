@@ -202,28 +202,7 @@ class Channel:
     # -- sending ---------------------------------------------------------------
     async def send(self, buffers: Iterable[Buffer]) -> None:
         """Send one message made of ``buffers`` (gathered); waits while out of credits."""
-        parts = [memoryview(b).cast("B") if not isinstance(b, np.ndarray) else np.ascontiguousarray(b).data.cast("B")
-                 for b in buffers]
-        n = sum(p.nbytes for p in parts)
-        if n > self.max_message:
-            raise UsageError(f"message of {n} bytes exceeds this channel's {self.max_message}-byte slots")
-        self._check_open()
-        while self._credits == 0:
-            await self._wait()
-            self._check_open()
-        self._credits -= 1
-        slot = self._tx_slot
-        self._tx_slot = (slot + 1) % self.slots
-        base = slot * self.slot_size
-        ring = self._send_ring
-        HEADER.pack_into(ring, base, n, self._tx_seq)  # type: ignore[arg-type]
-        self._tx_seq = (self._tx_seq + 1) & 0xFFFFFFFF
-        pos = base + HEADER.size
-        for p in parts:
-            ring[pos:pos + p.nbytes] = np.frombuffer(p, dtype=np.uint8)
-            pos += p.nbytes
-        owed, self._owed = min(self._owed, MAX_CREDITS), self._owed - min(self._owed, MAX_CREDITS)
-        await self._write(base, base, HEADER.size + n, pack_imm(self.id, owed, slot))
+        await self._write(*await self._stage(buffers))
 
     async def send_many(self, messages: Iterable[Iterable[Buffer]]) -> None:
         """Send several messages, in order, each made of its buffers (gathered); returns once all are written.
@@ -241,8 +220,9 @@ class Channel:
             if futs:
                 await self._await_writes(futs)
 
-    async def _start_send(self, buffers: Iterable[Buffer]) -> asyncio.Future[Any]:
-        """Copy one message into its slot and post its write; the write's future (not awaited)."""
+    async def _stage(self, buffers: Iterable[Buffer]) -> tuple[int, int, int, int]:
+        """Take a credit (waiting while there is none), copy one message into its slot behind the
+        header, and return the arguments of the write that sends it."""
         parts = [memoryview(b).cast("B") if not isinstance(b, np.ndarray) else np.ascontiguousarray(b).data.cast("B")
                  for b in buffers]
         n = sum(p.nbytes for p in parts)
@@ -264,7 +244,11 @@ class Channel:
             ring[pos:pos + p.nbytes] = np.frombuffer(p, dtype=np.uint8)
             pos += p.nbytes
         owed, self._owed = min(self._owed, MAX_CREDITS), self._owed - min(self._owed, MAX_CREDITS)
-        args = (base, base, HEADER.size + n, pack_imm(self.id, owed, slot))
+        return base, base, HEADER.size + n, pack_imm(self.id, owed, slot)
+
+    async def _start_send(self, buffers: Iterable[Buffer]) -> asyncio.Future[Any]:
+        """Copy one message into its slot and post its write; the write's future (not awaited)."""
+        args = await self._stage(buffers)
         fut = None
         if self._post_now is not None:
             try:

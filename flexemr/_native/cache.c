@@ -61,6 +61,19 @@ int64_t fxc_delete(int64_t *tkeys, int64_t mask, int shift, const int64_t *keys,
     return deleted;
 }
 
+/* A hit on slot s at tick t: its last use and count move on, and (with an LRU log) the use is logged. */
+static inline void fxc_touch(int64_t s, int64_t t, int64_t *last_use, int64_t *freq, int64_t *log_tick,
+                             int64_t *log_slot, int64_t *tail) {
+    if (last_use[s] < t)
+        last_use[s] = t;
+    freq[s] += 1;
+    if (log_slot) {
+        log_tick[*tail] = last_use[s];
+        log_slot[*tail] = s;
+        (*tail)++;
+    }
+}
+
 int64_t fxc_probe(const int64_t *tkeys, const int64_t *tvals, int64_t mask, int shift, const int64_t *ids, int64_t n,
                   int64_t key_base, int64_t tick0, int64_t *last_use, int64_t *freq, int64_t *out_slot,
                   int64_t *log_tick, int64_t *log_slot, int64_t *log_tail) {
@@ -72,16 +85,9 @@ int64_t fxc_probe(const int64_t *tkeys, const int64_t *tvals, int64_t mask, int 
             out_slot[i] = -1;
             continue;
         }
-        int64_t s = tvals[p], t = tick0 + i;
+        int64_t s = tvals[p];
         out_slot[i] = s;
-        if (last_use[s] < t)
-            last_use[s] = t;
-        freq[s] += 1;
-        if (log_slot) {
-            log_tick[tail] = last_use[s];
-            log_slot[tail] = s;
-            tail++;
-        }
+        fxc_touch(s, tick0 + i, last_use, freq, log_tick, log_slot, &tail);
         hits++;
     }
     if (log_tail)
@@ -188,16 +194,9 @@ int64_t fxc_probe_split(const int64_t *tkeys, const int64_t *tvals, int64_t mask
             uslot[u] = -1;
             continue;
         }
-        int64_t s = tvals[q], t = tick0 + u;
+        int64_t s = tvals[q];
         uslot[u] = s;
-        if (last_use[s] < t)
-            last_use[s] = t;
-        freq[s] += 1;
-        if (log_slot) {
-            log_tick[tail] = last_use[s];
-            log_slot[tail] = s;
-            tail++;
-        }
+        fxc_touch(s, tick0 + u, last_use, freq, log_tick, log_slot, &tail);
         uhits++;
     }
     if (log_tail)
