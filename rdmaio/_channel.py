@@ -347,8 +347,9 @@ class Channel:
                 return
 
     # -- receiving -------------------------------------------------------------
-    async def recv(self) -> bytes:
-        """The next message; :class:`ClosedError` once the peer closed and all were read."""
+    async def _take_message(self) -> tuple[int, int]:
+        """Wait for the next filled slot and check its header; ``(offset of the message in the receive ring,
+        length)``.  The caller reads it, then owes the peer its credit."""
         while not self._ready:
             self._check_open()
             await self._wait()
@@ -360,7 +361,12 @@ class Channel:
                                      f"{self._rx_seq}; length {n})"))
             raise self._error  # type: ignore[misc]
         self._rx_seq = (self._rx_seq + 1) & 0xFFFFFFFF
-        data = self._recv_ring[base + HEADER.size: base + HEADER.size + n].tobytes()
+        return base + HEADER.size, n
+
+    async def recv(self) -> bytes:
+        """The next message; :class:`ClosedError` once the peer closed and all were read."""
+        start, n = await self._take_message()
+        data = self._recv_ring[start: start + n].tobytes()
         self._owed += 1
         self._maybe_return_credits()
         return data
@@ -372,19 +378,9 @@ class Channel:
         slot's credit goes back to the peer once ``consume`` returns or raises).  What :meth:`recv`
         raises, this raises.
         """
-        while not self._ready:
-            self._check_open()
-            await self._wait()
-        slot = self._ready.popleft()
-        base = slot * self.slot_size
-        n, seq = HEADER.unpack_from(self._recv_ring, base)  # type: ignore[arg-type]
-        if seq != self._rx_seq or n > self.max_message:
-            self._fail(ProtocolError(f"channel {self.name!r}: bad message header (seq {seq}, expected "
-                                     f"{self._rx_seq}; length {n})"))
-            raise self._error  # type: ignore[misc]
-        self._rx_seq = (self._rx_seq + 1) & 0xFFFFFFFF
+        start, n = await self._take_message()
         try:
-            return consume(self._recv_ring.data[base + HEADER.size: base + HEADER.size + n].toreadonly())
+            return consume(self._recv_ring.data[start: start + n].toreadonly())
         finally:
             self._owed += 1
             self._maybe_return_credits()
