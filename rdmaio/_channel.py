@@ -13,10 +13,14 @@ server-side pooling RPCs):
 * Credit-based flow control: a sender holds one credit per free slot of the
   peer's ring and waits when it has none — it never drops or overwrites.  The
   receiver returns credits when the application has *consumed* messages
-  (``recv``), piggybacked on its own sends or, when it has nothing to send and
-  either a quarter of the ring is owed or it has consumed everything it had, in
-  a zero-length credit notice.  Credits can therefore never go negative, and a
-  slow receiver slows its sender down instead of growing memory.
+  (``recv``), piggybacked on its own sends or, once a quarter of the ring is
+  owed, in a zero-length credit notice (not one notice per message consumed:
+  each notice is a write and a wake-up on both sides).  A sender only ever
+  waits when it has no credit left, that is when the receiver holds every
+  slot's; the receiver then owes a quarter of the ring at the latest once it
+  consumed them (or its sends carrying the rest land), so batching never
+  deadlocks.  Credits can therefore never go negative, and a slow receiver
+  slows its sender down instead of growing memory.
 * Immediate layout: ``channel id (8 bits) | credits returned (12) | slot (12)``;
   slot ``0xFFF`` is a credit notice, ``0xFFE`` announces close.  Each slot
   starts with ``u32 length, u32 sequence``: a receiver checks that messages
@@ -330,15 +334,18 @@ class Channel:
             else:
                 fut.add_done_callback(self._inflight.discard)
 
-    def _maybe_return_credits(self) -> None:
+    def _notice_due(self) -> bool:
+        """A credit notice is due: a quarter of the ring is owed (and the peer still sends)."""
         # no credits to a peer that closed: it sends nothing more (and may be releasing its ring)
-        if self._owed and (self._owed >= max(1, self.slots // 4) or not self._ready) \
-                and not self._closed and self._error is None and not self._peer_closed \
-                and (self._notice_task is None or self._notice_task.done()):
+        return self._owed >= max(1, self.slots // 4) and not self._closed and self._error is None \
+            and not self._peer_closed
+
+    def _maybe_return_credits(self) -> None:
+        if self._notice_due() and (self._notice_task is None or self._notice_task.done()):
             self._notice_task = asyncio.ensure_future(self._credit_notice())
 
     async def _credit_notice(self) -> None:
-        while self._owed and not self._closed and self._error is None and not self._peer_closed:
+        while self._notice_due():
             owed = min(self._owed, MAX_CREDITS)
             self._owed -= owed
             try:
