@@ -386,3 +386,27 @@ async def test_credits_come_back_a_quarter_ring_at_a_time(
     assert notices and all(n >= 4 for n in notices), notices  # 16 slots: a quarter is 4
     assert sum(notices) <= 200
     await ep.aclose()
+
+
+async def test_tcp_reverse_queue_pair_gets_the_engines_socket_buffer() -> None:
+    """On tcp a server's channel messages leave through the reverse queue pair: its socket has the engine's
+    ``socket_buffer`` as send buffer, like the responders', so a multi-frame answer leaves in few system calls."""
+    import socket
+
+    async with rdmaio.Engine(transport="tcp", socket_buffer=1 << 20) as server, \
+            rdmaio.Engine(transport="tcp") as client:
+        lst = await server.listen()
+
+        async def idle(ch: rdmaio.Channel) -> None:
+            async for _ in ch:
+                pass
+
+        server.serve_channel("idle", idle)
+        ep = await client.connect("127.0.0.1", lst.port)
+        async with await ep.channel("idle") as ch:
+            await ch.send([b"x"])
+            (session,) = lst._sessions.values()
+            reverse = session.link.reverse
+            assert reverse is not None
+            assert reverse._sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF) >= 1 << 20
+        await ep.aclose()
