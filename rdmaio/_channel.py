@@ -13,10 +13,14 @@ server-side pooling RPCs):
 * Credit-based flow control: a sender holds one credit per free slot of the
   peer's ring and waits when it has none — it never drops or overwrites.  The
   receiver returns credits when the application has *consumed* messages
-  (``recv``), piggybacked on its own sends or, when it has nothing to send and
-  either a quarter of the ring is owed or it has consumed everything it had, in
-  a zero-length credit notice.  Credits can therefore never go negative, and a
-  slow receiver slows its sender down instead of growing memory.
+  (``recv``), piggybacked on its own sends or, once a quarter of the ring is
+  owed, in a zero-length credit notice (not one notice per message consumed:
+  each notice is a write and a wake-up on both sides).  A sender only ever
+  waits when it has no credit left, that is when the receiver holds every
+  slot's; the receiver then owes a quarter of the ring at the latest once it
+  consumed them (or its sends carrying the rest land), so batching never
+  deadlocks.  Credits can therefore never go negative, and a slow receiver
+  slows its sender down instead of growing memory.
 * Immediate layout: ``channel id (8 bits) | credits returned (12) | slot (12)``;
   slot ``0xFFF`` is a credit notice, ``0xFFE`` announces close.  Each slot
   starts with ``u32 length, u32 sequence``: a receiver checks that messages
@@ -330,15 +334,18 @@ class Channel:
             else:
                 fut.add_done_callback(self._inflight.discard)
 
-    def _maybe_return_credits(self) -> None:
+    def _notice_due(self) -> bool:
+        """A credit notice is due: a quarter of the ring is owed (and the peer still sends)."""
         # no credits to a peer that closed: it sends nothing more (and may be releasing its ring)
-        if self._owed and (self._owed >= max(1, self.slots // 4) or not self._ready) \
-                and not self._closed and self._error is None and not self._peer_closed \
-                and (self._notice_task is None or self._notice_task.done()):
+        return self._owed >= max(1, self.slots // 4) and not self._closed and self._error is None \
+            and not self._peer_closed
+
+    def _maybe_return_credits(self) -> None:
+        if self._notice_due() and (self._notice_task is None or self._notice_task.done()):
             self._notice_task = asyncio.ensure_future(self._credit_notice())
 
     async def _credit_notice(self) -> None:
-        while self._owed and not self._closed and self._error is None and not self._peer_closed:
+        while self._notice_due():
             owed = min(self._owed, MAX_CREDITS)
             self._owed -= owed
             try:
@@ -347,8 +354,9 @@ class Channel:
                 return
 
     # -- receiving -------------------------------------------------------------
-    async def recv(self) -> bytes:
-        """The next message; :class:`ClosedError` once the peer closed and all were read."""
+    async def _take_message(self) -> tuple[int, int]:
+        """Wait for the next filled slot and check its header; ``(offset of the message in the receive ring,
+        length)``.  The caller reads it, then owes the peer its credit."""
         while not self._ready:
             self._check_open()
             await self._wait()
@@ -360,7 +368,12 @@ class Channel:
                                      f"{self._rx_seq}; length {n})"))
             raise self._error  # type: ignore[misc]
         self._rx_seq = (self._rx_seq + 1) & 0xFFFFFFFF
-        data = self._recv_ring[base + HEADER.size: base + HEADER.size + n].tobytes()
+        return base + HEADER.size, n
+
+    async def recv(self) -> bytes:
+        """The next message; :class:`ClosedError` once the peer closed and all were read."""
+        start, n = await self._take_message()
+        data = self._recv_ring[start: start + n].tobytes()
         self._owed += 1
         self._maybe_return_credits()
         return data
@@ -372,19 +385,9 @@ class Channel:
         slot's credit goes back to the peer once ``consume`` returns or raises).  What :meth:`recv`
         raises, this raises.
         """
-        while not self._ready:
-            self._check_open()
-            await self._wait()
-        slot = self._ready.popleft()
-        base = slot * self.slot_size
-        n, seq = HEADER.unpack_from(self._recv_ring, base)  # type: ignore[arg-type]
-        if seq != self._rx_seq or n > self.max_message:
-            self._fail(ProtocolError(f"channel {self.name!r}: bad message header (seq {seq}, expected "
-                                     f"{self._rx_seq}; length {n})"))
-            raise self._error  # type: ignore[misc]
-        self._rx_seq = (self._rx_seq + 1) & 0xFFFFFFFF
+        start, n = await self._take_message()
         try:
-            return consume(self._recv_ring.data[base + HEADER.size: base + HEADER.size + n].toreadonly())
+            return consume(self._recv_ring.data[start: start + n].toreadonly())
         finally:
             self._owed += 1
             self._maybe_return_credits()

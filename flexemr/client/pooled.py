@@ -77,11 +77,9 @@ _CHANNEL_HEADER = 8
 
 async def send_message(ch: rdmaio.Channel, req_id: int, parts: Sequence[Buffer]) -> int:
     """Send one logical message as frames; returns the bytes handed to the channel (headers included)."""
-    sent = 0
-    for head, frame in frames(req_id, parts, ch.max_message):
-        await ch.send([head, *frame])
-        sent += len(head) + _CHANNEL_HEADER + sum(f.nbytes for f in frame)
-    return sent
+    cut = list(frames(req_id, parts, ch.max_message))
+    await ch.send_many([head, *frame] for head, frame in cut)  # back to back: each posted once a credit allows
+    return sum(len(head) + _CHANNEL_HEADER + sum(f.nbytes for f in frame) for head, frame in cut)
 
 
 class PoolChannel:

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import bisect
+import functools
 import logging
 import threading
 from collections.abc import Sequence
@@ -111,6 +112,20 @@ class FramedAnswer:
     nbytes: int    #: bytes of the response (its payload over all frames)
 
 
+_Shapes = tuple[tuple[int, int, "np.dtype[Any]"], ...]
+
+
+@functools.lru_cache(maxsize=64)
+def _layouts(shapes: _Shapes, payload: int | None) -> tuple[bytes, list[int], int, FramedLayout | None]:
+    """:func:`~flexemr.core.poolwire.response_layout` of an ok response with jobs of ``shapes`` and, with
+    ``payload``, its :func:`~flexemr.core.poolwire.framed_layout`: computed once per shape of request (a
+    ranker sends the same shapes batch after batch), shared: read only.  :class:`InputError` when too large."""
+    head, offsets, total = response_layout(shapes)
+    if total > MAX_RESPONSE_BYTES:
+        raise InputError(f"the response would take {total} bytes, more than {MAX_RESPONSE_BYTES}")
+    return head, offsets, total, None if payload is None else framed_layout(len(head), shapes, payload)
+
+
 _Answer = Union[npt.NDArray[np.uint8], FramedAnswer]
 _Pending = tuple[Buffer, Optional[int], "asyncio.Future[list[Buffer] | FramedAnswer]"]
 _Answers = asyncio.Queue[Optional[tuple[int, "asyncio.Future[list[Buffer] | FramedAnswer]"]]]
@@ -170,13 +185,11 @@ class PoolService:
             if j.weights is not None and req.op == "max":
                 raise InputError("weights are only supported with sum pooling")
             found.append(entry)
-        shapes = [(int(j.offsets.size) - 1, rows.shape[1], acc) for j, (rows, acc) in zip(req.jobs, found)]
-        head, offsets, total = response_layout(shapes)
-        if total > MAX_RESPONSE_BYTES:
-            raise InputError(f"the response would take {total} bytes, more than {MAX_RESPONSE_BYTES}")
+        shapes = tuple((int(j.offsets.size) - 1, rows.shape[1], acc) for j, (rows, acc) in zip(req.jobs, found))
+        head, offsets, total, lay = _layouts(shapes, payload if self._arena is not None else None)
         mode: PoolMode = "max" if req.op == "max" else "sum"
         rows_n = sum(int(j.ids.size) for j in req.jobs)
-        framed = self._framed(head, shapes, payload) if payload is not None and self._arena is not None else None
+        framed = self._framed(lay) if lay is not None else None
         if framed is not None:
             lay, base = framed
             arena = self._arena
@@ -200,12 +213,8 @@ class PoolService:
             jobs.append(kernel.PoolJob(rows, j.ids, j.offsets, mode, j.weights, out=out, fill=fill))
         return jobs, buf, rows_n
 
-    def _framed(self, head: bytes, shapes: list[tuple[int, int, np.dtype[Any]]],
-                payload: int) -> tuple[FramedLayout, int] | None:
-        """A framed layout of the response and its place in the arena, or ``None`` (no room: copy it)."""
-        lay = framed_layout(len(head), shapes, payload)
-        if lay is None:
-            return None
+    def _framed(self, lay: FramedLayout) -> tuple[FramedLayout, int] | None:
+        """The framed layout of the response and its place in the arena, or ``None`` (no room: copy it)."""
         assert self._arena is not None
         base = self._arena.take(lay.size)
         return None if base is None else (lay, base)

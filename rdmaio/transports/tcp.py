@@ -426,6 +426,8 @@ class TcpServerLink(ServerLink):
         if self.reverse is not None:
             raise ProtocolError("the session already has a reverse queue pair")
         o = self._opts
+        if o.socket_buffer:  # channel messages (e.g. pooling responses) leave in large bursts too
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, o.socket_buffer)
         self.reverse = o.router.open(lambda cid: TcpQueuePair(o.loop, sock, cid, [o.workers[0]], o.depth,
                                                               o.op_timeout, self._reverse_broken))
 

@@ -303,6 +303,9 @@ async def test_a_pooling_channel_closing_under_a_blocked_send_leaves_no_unretrie
             await self.closed.wait()
             raise rdmaio.ClosedError("the channel is closed")
 
+        async def send_many(self, messages: object) -> None:
+            await self.send(messages)
+
         def __aiter__(self) -> "Channel":
             return self
 

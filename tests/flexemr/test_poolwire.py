@@ -195,3 +195,23 @@ def test_framed_answers_carry_the_plain_response_and_bad_requests_free_their_pla
         if isinstance(a, FramedAnswer):
             svc.release(a)
     assert arena.free_bytes() == arena_buf.nbytes
+
+
+def test_response_layouts_are_computed_once_per_shape_and_oversized_answers_are_errors(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A ranker sends the same shapes batch after batch: the server lays the response out once per shape
+    (other ids, same layout, exact partials); a response over MAX_RESPONSE_BYTES is still an error response."""
+    from flexemr.server import pooling
+
+    pooling._layouts.cache_clear()
+    for _ in range(3):
+        data, want = good_request()
+        got = decode_response(joined(SERVICE.handle(data)), [w.shape for w in want])
+        for g, w in zip(got, want):
+            np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-5)
+    info = pooling._layouts.cache_info()
+    assert (info.misses, info.hits) == (1, 2)
+    monkeypatch.setattr(pooling, "MAX_RESPONSE_BYTES", 64)
+    pooling._layouts.cache_clear()
+    assert "more than 64" in error_of(data)
+    pooling._layouts.cache_clear()

@@ -345,3 +345,68 @@ async def test_send_many_recv_with_and_send_region_keep_order_through_a_small_ri
     assert got == first + second
     assert views_ok and all(views_ok)
     await ep.aclose()
+
+
+async def test_credits_come_back_a_quarter_ring_at_a_time(
+        engines: tuple[rdmaio.Engine, rdmaio.Engine, rdmaio.Listener], monkeypatch: pytest.MonkeyPatch) -> None:
+    """A receiver that consumes each message as it lands returns credits in notices of a quarter of the
+    ring, not one notice per message; a sender streaming far more messages than slots never stalls for good."""
+    from rdmaio import _channel
+
+    notices: list[int] = []
+    write = _channel.Channel._write
+
+    async def counting_write(self: _channel.Channel, local: int, remote: int, length: int, imm: int) -> None:
+        chan, credits, slot = _channel.unpack_imm(imm)
+        if slot == _channel.CREDIT_ONLY:
+            notices.append(credits)
+        await write(self, local, remote, length, imm)
+
+    monkeypatch.setattr(_channel.Channel, "_write", counting_write)
+    server, client, lst = engines
+    got: list[bytes] = []
+    done = asyncio.Event()
+
+    async def sink(ch: rdmaio.Channel) -> None:
+        async for m in ch:
+            got.append(m)
+        done.set()
+
+    server.serve_channel("sink", sink)
+    ep = await client.connect("127.0.0.1", lst.port)
+    ch = await ep.channel("sink", slots=16, slot_size=1024)
+    sent = [i.to_bytes(4, "little") * 8 for i in range(200)]
+    for k in range(0, 200, 20):  # bursts, and single messages the receiver drains between
+        await ch.send_many([m] for m in sent[k: k + 17])
+        for m in sent[k + 17: k + 20]:
+            await ch.send([m])
+    await ch.aclose()
+    await asyncio.wait_for(done.wait(), 10)
+    assert got == sent
+    assert notices and all(n >= 4 for n in notices), notices  # 16 slots: a quarter is 4
+    assert sum(notices) <= 200
+    await ep.aclose()
+
+
+async def test_tcp_reverse_queue_pair_gets_the_engines_socket_buffer() -> None:
+    """On tcp a server's channel messages leave through the reverse queue pair: its socket has the engine's
+    ``socket_buffer`` as send buffer, like the responders', so a multi-frame answer leaves in few system calls."""
+    import socket
+
+    async with rdmaio.Engine(transport="tcp", socket_buffer=1 << 20) as server, \
+            rdmaio.Engine(transport="tcp") as client:
+        lst = await server.listen()
+
+        async def idle(ch: rdmaio.Channel) -> None:
+            async for _ in ch:
+                pass
+
+        server.serve_channel("idle", idle)
+        ep = await client.connect("127.0.0.1", lst.port)
+        async with await ep.channel("idle") as ch:
+            await ch.send([b"x"])
+            (session,) = lst._sessions.values()
+            reverse = session.link.reverse
+            assert reverse is not None
+            assert reverse._sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF) >= 1 << 20
+        await ep.aclose()
