@@ -561,6 +561,10 @@ int fxk_use_isa(const char *name) {
 
 #include "partition.h"
 
+/* ---------------------------------------------------------- dedup, runs */
+
+#include "dedup.h"
+
 /* ------------------------------------------------------------ allocator */
 
 int fxk_tune_malloc(int64_t mmap_threshold, int64_t trim_threshold) {

@@ -144,6 +144,27 @@ typedef struct {
  * FXK_OK or the status of the first failing part. */
 int fxk_partition(fxk_part *parts, int64_t n, int threads);
 
+/* ------------------------------------------------------------ dedup
+ *
+ * fxk_unique: the distinct ids of ids[0 .. n) (int32 or int64, each checked
+ * against num_rows), sorted, into uniq (room for n), and, when inverse is not
+ * NULL, for each id its position in uniq (inverse[k], n entries), with a
+ * bitmap of num_rows bits (O(n + num_rows / 64); callers use it when ids are
+ * dense enough).  Returns the number of distinct ids, or -FXK_EBADID (and
+ * *bad_pos: the position of the first id out of range), -FXK_EARG or
+ * -FXK_ENOMEM.
+ *
+ * fxk_runs: the runs of consecutive ids of sorted unique uniq[0 .. n) that
+ * lie in one band (bands as fxk_part's: band_start sorted, [0] == 0): run r
+ * is uniq[run_start[r] .. run_start[r + 1]) (run_start: room for n + 1);
+ * band b's runs are band_run[b] .. band_run[b + 1] and its ids
+ * uniq[band_pos[b] .. band_pos[b + 1]) (both n_bands + 1 entries).  Returns
+ * the number of runs, or -FXK_EARG. */
+int64_t fxk_unique(const void *ids, int32_t id_bytes, int64_t n, int64_t num_rows, int64_t *uniq, int64_t *inverse,
+                   int64_t *bad_pos);
+int64_t fxk_runs(const int64_t *uniq, int64_t n, const int64_t *band_start, int64_t n_bands, int64_t *run_start,
+                 int64_t *band_run, int64_t *band_pos);
+
 /* glibc's malloc: blocks up to mmap_threshold bytes come from the heap, and
  * the heap keeps up to trim_threshold free bytes instead of returning them
  * (mallopt M_MMAP_THRESHOLD, M_TRIM_THRESHOLD).  0, or -1 where that is not

@@ -7,7 +7,11 @@ Workload: :func:`flexemr.apps.workload.generate` with
 Poisson bags of mean ``--pooling`` (32) ids per table; ``sum`` pooling.
 ``--warmup`` (2) warm-up batches, then ``--batches`` (5) timed ones (seeds
 0, 1, ...: a stream over the same hot rows).  Every path answers the same
-batches and is checked against ``local`` before it is timed.
+batches and is checked against ``local`` before it is timed.  The
+``flexemr`` and ``flexemr-torch`` clients cycle through the warm-up batches
+until their cost model has tried both server pooling and raw reads (10
+lookups): the timed batches then see the choice a running ranker makes, not
+its start-up's exploration.
 
 Paths, in report order:
 
@@ -77,7 +81,7 @@ from ..core.config import ClusterConfig
 from ..core import kernel
 from ..core.init import build_model
 from ..core.jagged import JaggedBatch
-from ..core.pooling import pool
+from ..core.pooling import PoolingCost, pool
 from ..core.spec import TableSpec
 from . import _peers
 from ._args import add_config_arguments, config_from_args
@@ -137,7 +141,7 @@ async def _cluster_paths(cfg: CompareConfig, specs: list[TableSpec], model: Mode
         transport = client.engine.transport
         pids = list(cluster.pids.values())
         check_pooled("flexemr", await client.lookup_pooled(timed[0], "sum"), ref)
-        for jb in warm:
+        for jb in _client_warmup(warm):
             await client.lookup_pooled(jb, "sum")
         # set up, checked and warmed up in a worker thread (importing torch takes seconds: this loop keeps going)
         tp = (await asyncio.to_thread(_TorchPath.start, cfg, cluster.config, warm, timed, ref) if cfg.torch
@@ -176,6 +180,25 @@ async def _cluster_paths(cfg: CompareConfig, specs: list[TableSpec], model: Mode
                        f"1 read/id, timed on {naive_n:,} ids, extrapolated",
                        naive_cpu.ranker_s / naive_n * ids_per_sample, naive_cpu.server_s / naive_n * ids_per_sample)
     return {"naive": naive, "flexemr": flex, FLEXEMR_TORCH: flex_torch}, transport, startup_s
+
+
+#: Lookups a client's cost model (:class:`~flexemr.core.pooling.PoolingCost`) makes before it chooses between
+#: server pooling and raw reads by measured time: its first ``first_explore`` lookups ask servers to pool, then the
+#: two ways take turns until each has ``min_samples`` measurements.
+_COST_MODEL_LOOKUPS = PoolingCost.first_explore + 2 * PoolingCost.min_samples
+
+
+def _client_warmup(warm: list[JaggedBatch]) -> list[JaggedBatch]:
+    """The warm-up lookups of the ``flexemr`` and ``flexemr-torch`` clients: the ``warm`` batches, cycled until, with
+    the check of one batch before them, the cost model has explored both ways (:data:`_COST_MODEL_LOOKUPS`), so that
+    the timed batches see the choice a running ranker makes (and its steady exploration, 1 lookup in
+    ``explore_every``), not the start-up's; nothing without warm-up batches.
+
+    >>> len(_client_warmup([1, 2])), _client_warmup([])
+    (9, [])
+    """
+    n = max(len(warm), _COST_MODEL_LOOKUPS - 1) if warm else 0
+    return [warm[i % len(warm)] for i in range(n)]
 
 
 def _torch_missing() -> str | None:
@@ -228,7 +251,7 @@ class _TorchPath:
             with torch.inference_mode():  # the ranker's input is a KJT: converting the batches is not timed
                 first = remote(path.timed_k[0]).to_dict()
                 check_pooled(FLEXEMR_TORCH, {t: v.numpy() for t, v in first.items()}, ref)
-                for jb in warm:
+                for jb in _client_warmup(warm):
                     path.ranker(ft.kjt_from_jagged(jb))
             remote.client_thread.call(_reset_metrics)
         except BaseException:

@@ -91,20 +91,13 @@ _MAX_REQUEST_BYTES = 256 << 20
 
 
 def unique_inverse(arr: IntArray, num_rows: int) -> tuple[IntArray, IntArray]:
-    """``np.unique(arr, return_inverse=True)``; a bitmap instead of a sort when ids are dense.
+    """``np.unique(arr, return_inverse=True)``; natively, with a bitmap instead of a sort, when ids are dense
+    (:func:`flexemr.core.kernel.unique_inverse`).
 
     >>> [a.tolist() for a in unique_inverse(np.array([7, 3, 7]), 10)]
     [[3, 7], [1, 0, 1]]
     """
-    if arr.size * 16 >= num_rows:
-        seen = np.zeros(num_rows, dtype=np.bool_)
-        seen[arr] = True
-        uniq = np.flatnonzero(seen)
-        rank = np.empty(num_rows, dtype=np.int64)
-        rank[uniq] = np.arange(uniq.size, dtype=np.int64)
-        return uniq.astype(np.int64, copy=False), rank[arr]
-    uniq, inv = np.unique(arr, return_inverse=True)
-    return uniq.astype(np.int64, copy=False), inv.reshape(-1).astype(np.int64, copy=False)
+    return kernel.unique_inverse(arr, num_rows)
 
 
 def _unique_rows(split: SplitLookup, buf: npt.NDArray[np.uint8]) -> npt.NDArray[Any]:

@@ -293,7 +293,9 @@ class Pooler:
         self.clock: Callable[[], float] = time.monotonic
         self.opening: asyncio.Task[None] | None = None
         self.server_index = {name: i for i, name in enumerate(plan.servers)}
-        self.cost = PoolingCost()
+        #: by the fastest sample of each way, the two ways interleaved after the first two lookups: load from other
+        #: work must not pin the choice on the slower way (PoolingCost, judge="least")
+        self.cost = PoolingCost(first_explore=2, judge="least")
         #: whether a lookup probes the cache or bypasses it, by measured time as ``cost`` (True: probe); on a
         #: ranker short of CPU the probe and the pooling of hits can cost more than the reads they save.  The
         #: first CACHE_WARMUP lookups always probe: a cold cache is judged by what it costs while it fills

@@ -12,10 +12,11 @@ Algorithm (all numpy, no per-id Python loop):
 1. validate ids (:func:`flexemr.core.plan.validate_ids`), then
    ``uniq, inverse = np.unique(ids, return_inverse=True)`` -- both skipped
    with ``sorted_unique=True``, where the caller's ids already are ``uniq``;
-2. route ``uniq`` to row bands with one ``searchsorted`` on the range table;
-   since ``uniq`` is sorted each band owns a contiguous slice of it;
-3. cut ``uniq`` into *runs* of consecutive ids inside one band; each run is a
-   single ``(remote_offset, length)`` read per column shard of the band.
+2. route ``uniq`` to row bands (the range table) and cut it into *runs* of
+   consecutive ids inside one band, in one native pass
+   (:func:`flexemr.core.kernel.runs`); since ``uniq`` is sorted each band owns
+   a contiguous slice of it, and each run is a single
+   ``(remote_offset, length)`` read per column shard of the band.
 
 Staging layout contract (``SplitLookup.staging_bytes`` bytes in total): one
 block per (touched band, column shard), in band order then column order; the
@@ -47,6 +48,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from . import kernel
 from .errors import InputError, LookupIdError
 from .plan import ShardingPlan, validate_ids
 from .spec import TableSpec
@@ -302,15 +304,10 @@ def split_lookup(
     blocks: list[ShardBlock] = []
     local = 0
     if n:
-        nbands = int(rt.starts.size)
-        band = np.searchsorted(rt.starts, uniq, side="right") - 1
-        # slice of uniq owned by every band
-        bounds = np.append(np.searchsorted(uniq, rt.starts, side="left"), n)
-        # runs: consecutive ids inside one band
-        brk = np.flatnonzero((np.diff(uniq) != 1) | (np.diff(band) != 0)) + 1
-        run_start = np.concatenate((np.zeros(1, np.int64), brk))
-        run_rows = np.diff(np.append(run_start, n))
-        run_bounds = np.searchsorted(band[run_start], np.arange(nbands + 1), side="left")
+        # runs of consecutive ids inside one band, the runs and the slice of uniq of every band: one native pass
+        run_start, run_bounds, bounds = kernel.runs(uniq, rt.starts)
+        run_rows = np.diff(run_start)
+        run_start = run_start[:-1]
         for b in np.flatnonzero(bounds[1:] > bounds[:-1]).tolist():
             u0, count = int(bounds[b]), int(bounds[b + 1] - bounds[b])
             r0, r1 = run_bounds[b], run_bounds[b + 1]

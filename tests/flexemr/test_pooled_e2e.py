@@ -112,6 +112,7 @@ async def test_cost_model_choice_is_used() -> None:
     spec = TableSpec("t", 4000, 32, "float32")
     async with LocalCluster([spec], servers=2, seed=2, in_process=True, transport="tcp") as cluster:
         client = await cluster.client()
+        client._pooler.cost.first_explore = 8  # every lookup here asks servers to pool (no exploration of raw reads)
         model = cluster.model()
         # one row on each server per bag: raw reads only
         single = JaggedBatch(["t"], np.stack([np.arange(64), np.arange(64) + 2000], axis=1).reshape(-1),
@@ -158,6 +159,7 @@ async def test_failed_pooling_requests_fall_back_to_raw_reads(transport: str) ->
         # over verbs registers its rings; the emulated VM is slow) cannot end one early
         now = [0.0]
         client._pooler.clock = lambda: now[0]
+        client._pooler.cost.first_explore = 8  # every lookup here asks servers to pool (no exploration of raw reads)
         model = cluster.model()
         rng = np.random.default_rng(1)
         multi = np.concatenate([np.concatenate([rng.integers(0, 2000, 8), rng.integers(2000, 4000, 8)])

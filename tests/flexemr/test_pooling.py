@@ -194,3 +194,32 @@ def test_pooling_cost_ignores_one_slow_lookup() -> None:
     for _ in range(3):
         cost.observe(True, 1000, 5.0)    # it stays slow: now raw reads win
     assert cost.choose() is False
+
+
+def test_pooling_cost_judged_by_least_survives_a_burst_of_load() -> None:
+    """A burst of load over lookups 4-6 (the default's three raw lookups in a row) pins the median-judged default
+    on the slower way for dozens of lookups; interleaved ways judged by their fastest sample are not fooled."""
+    from flexemr.core.pooling import PoolingCost
+
+    def run(cost: PoolingCost) -> list[bool]:
+        seq = []
+        for i in range(48):
+            pooled = cost.choose()
+            seq.append(pooled)
+            base = 0.002 if pooled else 0.001                  # raw reads twice as fast ...
+            cost.observe(pooled, 1000, base * (4 if 4 <= i < 7 else 1))  # ... but lookups 4-6 ran 4x slower
+        return seq
+
+    median = run(PoolingCost())
+    least = run(PoolingCost(first_explore=2, judge="least"))  # the ranker's (flexemr.client.pooled.Pooler)
+    assert median[4:7] == [False] * 3 and median[7:40].count(True) >= 30  # raw measured in the burst: pooling kept
+    assert least[:6] == [True, True, False, False, True, False]  # the ways interleave after two
+    assert least[7:40].count(True) <= 3                       # then raw, pooling re-tried now and then
+
+
+def test_pooling_cost_rejects_an_unknown_judge() -> None:
+    from flexemr.core.errors import InputError
+    from flexemr.core.pooling import PoolingCost
+
+    with pytest.raises(InputError, match="judge"):
+        PoolingCost(judge="mean")

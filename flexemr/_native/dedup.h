@@ -1,0 +1,110 @@
+/* fxk_unique and fxk_runs (see kernel.h): deduplication by a bitmap of the
+ * table's rows, and the runs of sorted unique ids.  Included by kernel.c. */
+
+/* bit k of word k / 64 for every id; 0 or the position of the first id out of range (as -1 - pos) */
+FXK_INLINE int64_t mark_ids(const void *ids, const int wide, int64_t n, uint64_t rows, uint64_t *bits) {
+    for (int64_t k = 0; k < n; k++) {
+        const uint64_t id = wide ? (uint64_t)((const int64_t *)ids)[k] : (uint64_t)(int64_t)((const int32_t *)ids)[k];
+        if (FXK_UNLIKELY(id >= rows)) return -1 - k;
+        bits[id >> 6] |= 1ull << (id & 63);
+    }
+    return 0;
+}
+
+/* inverse[k]: rank of ids[k] among the set bits.  tab[2 w] holds the set bits before word w and tab[2 w + 1]
+ * the bitmap's word w: the two side by side, one cache line per id, not two. */
+#define FXK_RANK_BODY                                                                                        \
+    for (int64_t k = 0; k < n; k++) {                                                                        \
+        const uint64_t id = wide ? (uint64_t)((const int64_t *)ids)[k] : (uint64_t)(int64_t)((const int32_t *)ids)[k]; \
+        const uint64_t *t = tab + 2 * (id >> 6);                                                             \
+        inverse[k] = (int64_t)t[0] + (int64_t)__builtin_popcountll(t[1] & ((1ull << (id & 63)) - 1));      \
+    }
+
+static void rank_ids(const void *ids, const int wide, int64_t n, const uint64_t *tab, int64_t *inverse) {
+    FXK_RANK_BODY
+}
+
+#ifdef FXK_X86
+__attribute__((target("popcnt"))) static void rank_ids_popcnt(const void *ids, const int wide, int64_t n,
+                                                              const uint64_t *tab, int64_t *inverse) {
+    FXK_RANK_BODY
+}
+#endif
+
+int64_t fxk_unique(const void *ids, int32_t id_bytes, int64_t n, int64_t num_rows, int64_t *uniq, int64_t *inverse,
+                   int64_t *bad_pos) {
+    if (bad_pos) *bad_pos = -1;
+    if (n < 0 || num_rows < 0 || (id_bytes != 4 && id_bytes != 8) || (n > 0 && (ids == NULL || uniq == NULL)))
+        return -FXK_EARG;
+    if (n == 0) return 0;
+    const int wide = id_bytes == 8;
+    const int64_t nw = (num_rows + 63) / 64;
+    uint64_t *bits = calloc((size_t)nw + 1, sizeof *bits);
+    uint64_t *tab = inverse ? malloc(((size_t)nw + 1) * 2 * sizeof *tab) : NULL;
+    int64_t c = -FXK_ENOMEM;
+    if (bits == NULL || (inverse && tab == NULL)) goto done;
+    const int64_t bad = wide ? mark_ids(ids, 1, n, (uint64_t)num_rows, bits) : mark_ids(ids, 0, n, (uint64_t)num_rows, bits);
+    if (bad < 0) {
+        if (bad_pos) *bad_pos = -1 - bad;
+        c = -FXK_EBADID;
+        goto done;
+    }
+    c = 0;
+    for (int64_t w = 0; w < nw; w++) {
+        uint64_t word = bits[w];
+        if (tab) {
+            tab[2 * w] = (uint64_t)c;
+            tab[2 * w + 1] = word;
+        }
+        while (word) {
+            uniq[c++] = w * 64 + __builtin_ctzll(word);
+            word &= word - 1;
+        }
+    }
+    if (inverse) {
+#ifdef FXK_X86
+        if (__builtin_cpu_supports("popcnt")) {
+            if (wide) rank_ids_popcnt(ids, 1, n, tab, inverse);
+            else rank_ids_popcnt(ids, 0, n, tab, inverse);
+        } else
+#endif
+        {
+            if (wide) rank_ids(ids, 1, n, tab, inverse);
+            else rank_ids(ids, 0, n, tab, inverse);
+        }
+    }
+done:
+    free(bits);
+    free(tab);
+    return c;
+}
+
+int64_t fxk_runs(const int64_t *uniq, int64_t n, const int64_t *band_start, int64_t n_bands, int64_t *run_start,
+                 int64_t *band_run, int64_t *band_pos) {
+    if (n < 0 || n_bands < 1 || band_start == NULL || band_run == NULL || band_pos == NULL ||
+        (n > 0 && (uniq == NULL || run_start == NULL)))
+        return -FXK_EARG;
+    int64_t b = 0, runs = 0;
+    band_run[0] = 0;
+    band_pos[0] = 0;
+    for (int64_t k = 0; k < n; k++) {
+        const int64_t id = uniq[k];
+        int new_band = 0;
+        while (b + 1 < n_bands && id >= band_start[b + 1]) {
+            b++;
+            band_run[b] = runs;
+            band_pos[b] = k;
+            new_band = 1;
+        }
+        if (k == 0 || new_band || id != uniq[k - 1] + 1) run_start[runs++] = k;
+    }
+    while (b + 1 < n_bands) {
+        b++;
+        band_run[b] = runs;
+        band_pos[b] = n;
+    }
+    band_run[n_bands] = runs;
+    band_pos[n_bands] = n;
+    if (run_start) run_start[runs] = n;
+    return runs;
+}

@@ -1,0 +1,86 @@
+"""The native dedup and runs (flexemr.core.kernel.unique_inverse, runs) against numpy oracles.
+
+Property tests draw ids of int32/int64 over tables of one row to a million
+(dense ids take the bitmap, sparse ones np.unique), with duplicates and ids at
+the table bounds; runs draw sorted unique ids and bands (some empty).  Ids
+out of range must raise InputError with their position, never read or write
+outside the arrays.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from flexemr.core import kernel
+from flexemr.core.errors import InputError
+
+SETTINGS = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+@st.composite
+def id_cases(draw: st.DrawFn) -> tuple[np.ndarray, int]:
+    num_rows = draw(st.sampled_from([1, 2, 63, 64, 65, 1000, 4096, 1 << 20]))
+    n = draw(st.integers(0, 300))
+    edge = st.sampled_from([0, num_rows - 1])  # the table bounds, often
+    ids = draw(st.lists(st.one_of(st.integers(0, num_rows - 1), edge), min_size=n, max_size=n))
+    dtype = draw(st.sampled_from([np.int32, np.int64]))
+    return np.array(ids, dtype=dtype), num_rows
+
+
+@SETTINGS
+@given(id_cases())
+def test_unique_inverse_matches_numpy(case: tuple[np.ndarray, int]) -> None:
+    ids, num_rows = case
+    uniq, inv = kernel.unique_inverse(ids, num_rows)
+    want_u, want_i = np.unique(ids.astype(np.int64), return_inverse=True)
+    assert uniq.dtype == np.int64 and inv.dtype == np.int64
+    assert uniq.tolist() == want_u.tolist()
+    assert inv.tolist() == want_i.reshape(-1).tolist()
+
+
+def test_dense_ids_take_the_bitmap_and_match_numpy() -> None:
+    rng = np.random.default_rng(1)
+    ids = rng.integers(0, 500_000, 65_536)
+    uniq, inv = kernel.unique_inverse(ids, 500_000)
+    want_u, want_i = np.unique(ids, return_inverse=True)
+    assert np.array_equal(uniq, want_u) and np.array_equal(inv, want_i)
+    assert np.array_equal(uniq[inv], ids)
+
+
+@pytest.mark.parametrize(("num_rows", "bad"), [(10, -1), (10, 10), (10, 1 << 41),  # the bitmap
+                                                (1 << 40, -1), (1 << 40, 1 << 41)])  # np.unique
+def test_unique_inverse_rejects_ids_out_of_range(num_rows: int, bad: int) -> None:
+    ids = np.array([3, 4, bad, 5], dtype=np.int64)
+    with pytest.raises(InputError, match=f"id {bad}"):
+        kernel.unique_inverse(ids, num_rows)
+
+
+def test_unique_inverse_rejects_non_integer_ids() -> None:
+    with pytest.raises(InputError, match="integer"):
+        kernel.unique_inverse(np.array([1.5, 2.0]), 10)
+
+
+@st.composite
+def run_cases(draw: st.DrawFn) -> tuple[np.ndarray, np.ndarray]:
+    num_rows = draw(st.integers(1, 200))
+    ids = np.array(sorted(draw(st.sets(st.integers(0, num_rows - 1), max_size=num_rows))), dtype=np.int64)
+    cuts = sorted(draw(st.sets(st.integers(1, num_rows), max_size=8)))  # a cut at num_rows: an empty last band
+    return ids, np.array([0, *cuts], dtype=np.int64)
+
+
+@SETTINGS
+@given(run_cases())
+def test_runs_match_oracle(case: tuple[np.ndarray, np.ndarray]) -> None:
+    uniq, starts = case
+    run_start, band_run, band_pos = kernel.runs(uniq, starts)
+    n = uniq.size
+    band = np.searchsorted(starts, uniq, side="right") - 1
+    brk = np.flatnonzero((np.diff(uniq) != 1) | (np.diff(band) != 0)) + 1
+    want_start = np.concatenate(([0], brk, [n])) if n else np.array([0])
+    assert run_start.tolist() == want_start.tolist()
+    assert band_pos.tolist() == [*np.searchsorted(uniq, starts).tolist(), n]
+    firsts = band[want_start[:-1]]
+    assert band_run.tolist() == np.searchsorted(firsts, np.arange(starts.size + 1)).tolist()
