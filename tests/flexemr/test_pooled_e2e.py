@@ -403,9 +403,9 @@ async def test_tables_the_cache_leaves_with_one_row_bags_are_not_sent_to_servers
 
 @pytest.mark.parametrize("server_pooling", [True, False])
 async def test_the_cache_is_bypassed_while_it_was_measured_slower(server_pooling: bool) -> None:
-    """Pooled lookups probe the cache or bypass it by measured time (Pooler.cache_cost); either way the
-    results are the same, and a bypassed lookup neither probes nor fills the cache (also when its rows are
-    read raw: without server pooling)."""
+    """Pooled lookups probe the cache or bypass it by measured time (Pooler.cache_cost, a CacheChoice); either
+    way the results are the same, and a bypassed lookup neither probes nor fills the cache (also when its
+    rows are read raw: without server pooling)."""
     spec = TableSpec("t", 4000, 16, "float32")
     async with LocalCluster([spec], servers=2, seed=4, in_process=True, transport="tcp") as cluster:
         client = await cluster.client(cache_bytes=1 << 20, server_pooling=server_pooling)
@@ -413,15 +413,12 @@ async def test_the_cache_is_bypassed_while_it_was_measured_slower(server_pooling
         rng = np.random.default_rng(6)
         jb = JaggedBatch(["t"], rng.choice(np.arange(0, 4000, 40), size=64 * 8), lengths=np.full(64, 8))
         cost = client._pooler.cache_cost
-        cost._lookups = cost.first_explore           # past the first lookups, which always probe
-        for _ in range(cost.min_samples):            # the cache measured 100x slower per id
-            cost.observe(True, 1000, 1.0)
-            cost.observe(False, 1000, 0.01)
+        cost._next_trial = 1 << 30                   # no trial during the test
+        cost.probe = False                           # the cache was measured slower: bypassed
         assert client.cache is not None
         stats = dict(vars(client.cache.stats))
         check(await client.lookup_pooled(jb, "sum"), reference(model, jb, "sum", None))
         assert dict(vars(client.cache.stats)) == stats and len(client.cache) == 0
-        for _ in range(cost.window):                 # now the cache is the faster way
-            cost.observe(True, 1000, 0.001)
+        cost.probe = True                            # now the cache is the faster way
         check(await client.lookup_pooled(jb, "sum"), reference(model, jb, "sum", None))
         assert client.cache.stats.misses > stats["misses"] and len(client.cache) > 0
