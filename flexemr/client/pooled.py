@@ -9,7 +9,7 @@ holds their rows:
   by the kernel, from the cache's arena where they lie; rows frequent in the
   batch (``cache_admit``) are read raw and cached.  Whether a lookup probes
   the cache at all is chosen by measured time (``Pooler.cache_cost``, a
-  :class:`~flexemr.core.cache.CacheChoice`, after the first
+  :class:`~flexemr.core.cachechoice.CacheChoice`, after the first
   :data:`CACHE_WARMUP` lookups, which fill it; in a prefetch stream by the
   stream's cycle): on a ranker short of CPU the probe can cost more than the
   reads it saves, and the lookups then bypass the cache (re-measured now and
@@ -48,7 +48,7 @@ import numpy.typing as npt
 import rdmaio
 
 from ..core import kernel
-from ..core.cache import CacheChoice
+from ..core.cachechoice import CacheChoice
 from ..core.errors import ClosedError, InputError, TransportError, UnknownTableError
 from ..core.jagged import JaggedBatch
 from ..core.metrics import LocalityMetrics
