@@ -28,9 +28,9 @@ class CacheChoice:
     challenger takes over only when the median of its samples is below
     ``(1 - margin)`` times the median of the incumbent's samples that
     bracket it (its last ``run`` before the trial and those of the run after
-    it), and every one of its samples below that median: a load swing of the
-    machine moves both sides of the bracket, and a noisy difference of less
-    than ``margin``, or one lucky sample, changes nothing.  A trial
+    it), and every one of its samples below every one of those: a load swing
+    of the machine moves both sides of the bracket, and a noisy difference of
+    less than ``margin``, or a few lucky samples, change nothing.  A trial
     starts ``explore_every`` lookups after the last one (``warmup`` lookups
     after the first, which fill the cache); each trial the incumbent wins
     doubles that interval, up to ``max_explore_every``, so a way that keeps
@@ -123,9 +123,8 @@ class CacheChoice:
     def _decide(self) -> None:
         self.trials += 1
         mine = sorted([*self._before, *self._after])
-        bar = float(np.median(mine)) if mine else 0.0
-        if self._challenger and mine and max(self._challenger) < bar and \
-                float(np.median(self._challenger)) < (1.0 - self.margin) * bar:
+        if self._challenger and mine and max(self._challenger) < mine[0] and \
+                float(np.median(self._challenger)) < (1.0 - self.margin) * float(np.median(mine)):
             self.probe = not self.probe
             self.switches += 1
             self._interval = self.explore_every

@@ -129,3 +129,14 @@ def test_a_lookup_files_its_own_time_or_its_streams_cycle() -> None:
         prefetch._STREAM.reset(ctx_token)
     assert rec.samples == [(True, 10, 0.5), (False, 10, pytest.approx(0.6)), (True, 10, pytest.approx(0.7))]
     assert prefetch.current_stream() is None
+
+
+def test_a_challenger_must_beat_every_bracketing_sample() -> None:
+    """Its median 2x lower is not enough while one of its samples is slower than the incumbent's fastest
+    (a load swing that happened to slow one incumbent lookup down)."""
+    c = CacheChoice(warmup=3, run=3, margin=0.2, explore_every=50)
+    samples = iter([1.0, 1.0, 0.6, 9.9, 0.5, 0.7, 9.9, 1.0, 1.0, 1.0])
+    for _ in range(10):
+        way = c.choose()
+        c.observe(way, 1, next(samples))
+    assert c.trials == 1 and c.switches == 0 and c.probe
