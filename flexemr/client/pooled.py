@@ -303,6 +303,9 @@ class Pooler:
         #: ranker short of CPU the probe and the pooling of hits can cost more than the reads they save.  The
         #: first CACHE_WARMUP lookups always probe (they fill the cache)
         self.cache_cost = CacheChoice(warmup=CACHE_WARMUP)
+        #: whether servers pool what the cache left (misses in bags of 2+ rows), by measured time as ``cost``,
+        #: among the lookups that probed the cache (``cost`` measures those without it); no forced first turns
+        self.miss_cost = PoolingCost(first_explore=0)
         #: (prefetch stream, when its last lookup completed): a stream's lookups are timed by its cycle
         self._stream_end: tuple[object, float] | None = None
         #: tables servers may pool: (band start rows, band server index, band shard index); not
@@ -348,8 +351,13 @@ class Pooler:
             remote: dict[str, _Remote] = {}
             parted: set[str] = set()
             # a lookup whose every table the cache left with bags of one row is served raw, not
-            # counted as a choice of the cost model (neither way would pool)
-            pooled = use_pool and any(t.poolable and t.table in self.routes for t in tabs) and self.cost.choose()
+            # counted as a choice of the cost model (neither way would pool).  Whether servers pool what the
+            # cache left is measured among the lookups that probed it (miss_cost); a trial's bypassing lookups
+            # do not explore (they measure the cache), they pool only if pooling was measured faster
+            chose = use_pool and any(t.poolable and t.table in self.routes for t in tabs)
+            trial = self.cache is not None and not cached and self.cache_cost.exploring
+            pooled = chose and (self._pooling_measured_faster() if trial else
+                                (self.miss_cost if cached else self.cost).choose())
             if pooled:
                 remote, parted = self._partition(tabs, skips, local)
             for tab, skip in zip(tabs, skips):
@@ -369,12 +377,19 @@ class Pooler:
         out = {tab.table: self._finish(tab, mode) for tab in tabs}
         dt = time.perf_counter() - t0
         n_ids = sum(int(tab.ids.size) for tab in tabs)
-        if use_pool and not cached:  # with the cache, what is left rarely pools: measured by cache_cost alone
+        if use_pool and not cached and not trial:
             self.cost.observe(pooled, n_ids, dt)
+        elif cached and chose:
+            self.miss_cost.observe(pooled, n_ids, dt)
         if self.cache is not None and not self.plan.versioned:
             self._observe_cache(cached, n_ids, t0, t0 + dt)
         m.lookup_latency.observe(dt)
         return out
+
+    def _pooling_measured_faster(self) -> bool:
+        """Whether lookups without the cache were measured faster with servers pooling than reading raw."""
+        p, r = self.cost.pooled.value, self.cost.raw.value
+        return p is not None and r is not None and p < r
 
     def _observe_cache(self, cached: bool, n_ids: int, t0: float, end: float) -> None:
         """File the time of a lookup with the cache choice: its own, or in a prefetch stream (lookups overlapping
