@@ -235,3 +235,72 @@ int64_t fxc_probe_split(const int64_t *tkeys, const int64_t *tvals, int64_t mask
     counts[3] = multi;
     return nh;
 }
+
+int64_t fxc_insert(int64_t *tkeys, int64_t *tvals, int64_t mask, int shift, int64_t key_base, const int64_t *ids,
+                   int64_t n, const uint8_t *rows, int64_t row_bytes, uint8_t *arena, int64_t slot_bytes,
+                   int64_t *slot_key, int64_t *last_use, int64_t *freq, int64_t *free_stack, int64_t *nfree,
+                   int64_t tick0, int64_t *log_tick, int64_t *log_slot, int64_t *log_head, int64_t *log_tail,
+                   uint8_t *protect, int64_t *scratch, int64_t *counts) {
+    int64_t *slot = scratch, *victims = scratch + n;
+    int64_t m = 0;
+    /* pass 1 (nothing changes): the slot of every cached id */
+    for (int64_t i = 0; i < n; i++) {
+        if (i + FXC_AHEAD < n)
+            __builtin_prefetch(&tkeys[fxc_home(key_base | ids[i + FXC_AHEAD], mask, shift)]);
+        int64_t p = fxc_pos(tkeys, mask, shift, key_base | ids[i]);
+        slot[i] = p < 0 ? -1 : tvals[p];
+        m += p < 0;
+    }
+    /* room for the new ids: the least recently used slots that this insert does not use */
+    int64_t k = m - *nfree, took_empty = 0;
+    if (k > 0) {
+        for (int64_t i = 0; i < n; i++)
+            if (slot[i] >= 0)
+                protect[slot[i]] = 1;
+        int64_t found = fxc_lru_victims(log_tick, log_slot, log_head, *log_tail, last_use, slot_key, protect, k,
+                                         victims);
+        for (int64_t i = 0; i < n; i++)
+            if (slot[i] >= 0)
+                protect[slot[i]] = 0;
+        if (found < k)
+            return -1; /* the log lost slots (not expected): the caller relogs and evicts by selection */
+        for (int64_t j = 0; j < k; j++) {
+            int64_t v = victims[j];
+            int64_t p = fxc_pos(tkeys, mask, shift, slot_key[v]);
+            if (p >= 0)
+                tkeys[p] = FXC_TOMB;
+            slot_key[v] = -1;
+            freq[v] = 0;
+            free_stack[(*nfree)++] = v;
+        }
+    }
+    /* pass 2: cached ids overwritten, new ids in free slots (popped from the stack's end, in order); every
+     * use logged in tick order */
+    int64_t tail = *log_tail;
+    for (int64_t i = 0; i < n; i++) {
+        int64_t s = slot[i];
+        if (s < 0) {
+            int64_t key = key_base | ids[i];
+            s = free_stack[--(*nfree)];
+            slot_key[s] = key;
+            freq[s] = 0;
+            int64_t p = fxc_home(key, mask, shift);
+            while (tkeys[p] >= 0)
+                p = (p + 1) & mask;
+            took_empty += tkeys[p] == FXC_EMPTY;
+            tkeys[p] = key;
+            tvals[p] = s;
+        }
+        memcpy(arena + s * slot_bytes, rows + i * row_bytes, (size_t)row_bytes);
+        last_use[s] = tick0 + i;
+        freq[s] += 1;
+        log_tick[tail] = tick0 + i;
+        log_slot[tail] = s;
+        tail++;
+    }
+    *log_tail = tail;
+    counts[0] = m;
+    counts[1] = k > 0 ? k : 0;
+    counts[2] = took_empty;
+    return 0;
+}

@@ -74,3 +74,19 @@ int64_t fxc_probe_split(const int64_t *tkeys, const int64_t *tvals, int64_t mask
                         const float *w, int64_t admit, int64_t *dkeys, int64_t *didx, int64_t dmask, int64_t *uslot,
                         int64_t *ucount, int64_t *inv, int64_t *hit_slot, int64_t *hit_off, float *hit_w,
                         int64_t *adm_pos, int64_t *adm_off, uint8_t *here, int64_t *counts);
+
+/* RowCache.insert of n sorted unique ids (keys key_base | ids[i]) with an LRU log, n <= capacity: row i
+ * (row_bytes bytes at rows + i * row_bytes) is copied into its slot of the arena (slot_bytes per slot) and
+ * used at tick tick0 + i.  Cached ids are overwritten in place; new ids evict the least recently used
+ * slots that this insert does not use (victims freed onto free_stack[0..*nfree) first), then take
+ * free_stack's last entries in order, and go into the index (the caller made room: at most half full
+ * after it).  Every use is appended to the log (room for n entries is the caller's).  protect (capacity
+ * entries, zero) and scratch (2n) are working space.  counts receives [new ids, evictions, empty index
+ * entries taken].  Returns 0, or -1 when the log held fewer evictable slots than needed (not expected:
+ * then nothing changed but the log's head, which was consumed: the caller relogs every slot and inserts
+ * by itself). */
+int64_t fxc_insert(int64_t *tkeys, int64_t *tvals, int64_t mask, int shift, int64_t key_base, const int64_t *ids,
+                   int64_t n, const uint8_t *rows, int64_t row_bytes, uint8_t *arena, int64_t slot_bytes,
+                   int64_t *slot_key, int64_t *last_use, int64_t *freq, int64_t *free_stack, int64_t *nfree,
+                   int64_t tick0, int64_t *log_tick, int64_t *log_slot, int64_t *log_head, int64_t *log_tail,
+                   uint8_t *protect, int64_t *scratch, int64_t *counts);

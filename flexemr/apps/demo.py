@@ -80,7 +80,7 @@ from .trace import generate_trace
 from .workload import PROFILE_2022
 
 __all__ = ["CONFIGURATIONS", "TECHNIQUES", "Configuration", "Support", "Technique", "configure", "detect_support",
-           "main", "run_demo"]
+           "main", "run_demo", "usage_note"]
 
 #: Largest CTR difference from the local reference accepted (float32 sums in another order).
 MAX_ABS_ERR = 1e-4
@@ -303,6 +303,10 @@ async def run_demo(args: argparse.Namespace, *, client_cls: type = EmbeddingClie
     on = {c.name: c.on for c in configs}
     notes = cost_notes(rows, on)
     for r in rows:
+        used = usage_note(r.get("usage") or {}, on.get(r["name"], frozenset()))
+        r["usage_note"] = used or None
+        if r["name"] in notes and used:  # what the client did with the techniques says why
+            notes[r["name"]] += f" ({used})"
         r["cost_note"] = notes.get(r["name"])
     report: dict[str, Any] = {
         "flexemr_demo": 1,
@@ -365,8 +369,48 @@ async def _run_configuration(cfg: Configuration, args: argparse.Namespace, suppo
         with bars.bar(desc=cfg.name, unit="batch", delay=0) as bar:
             res = await ranker.run(batches, name=cfg.name, seconds=args.seconds, progress=as_callback(bar))
     row.update(res.to_dict())
+    row["usage"] = _usage(client)
     _say(f"{cfg.name}{label}: {res.samples_per_s:,.0f} samples/s over {res.batches} batches")
     return row
+
+
+def _usage(client: Any) -> dict[str, Any]:
+    """What the client did with each technique over a run (warm-up included): the lookups that probed the
+    cache or bypassed it (by measured time), the rows servers pooled, the batches looked up ahead."""
+    m = getattr(client, "metrics", None)
+    out: dict[str, Any] = {}
+    for k in ("lookups", "cache_hits", "cache_misses", "pooled_rows", "local_pooled_rows", "prefetched_batches"):
+        v = getattr(m, k, None)
+        if isinstance(v, int):
+            out[k] = v
+    choice = getattr(getattr(client, "_pooler", None), "cache_cost", None)
+    if getattr(client, "cache", None) is not None and choice is not None:
+        out["cache_bypassed_lookups"] = int(getattr(choice, "bypassed", 0))
+        out["cache_trials"] = int(getattr(choice, "trials", 0))
+        out["cache_switches"] = int(getattr(choice, "switches", 0))
+    return out
+
+
+def usage_note(usage: Mapping[str, Any], on: frozenset[str]) -> str:
+    """One line saying how a configuration's client used its techniques (``usage``: :func:`_usage`'s dict).
+
+    >>> usage_note({"lookups": 51, "cache_bypassed_lookups": 4, "cache_trials": 1, "cache_switches": 0,
+    ...             "pooled_rows": 10, "local_pooled_rows": 990}, frozenset({"cache", "pooling"}))
+    'cache probed in 47 of 51 lookups (4 bypassed it: 1 trial, measured slower than the cache); servers pooled 1% of rows'
+    """
+    parts = []
+    n = int(usage.get("lookups", 0))
+    if "cache" in on and "cache_bypassed_lookups" in usage and n:
+        by, trials, sw = usage["cache_bypassed_lookups"], usage.get("cache_trials", 0), usage.get("cache_switches", 0)
+        why = ("measured faster: the client stepped aside from the cache" if sw
+               else "measured slower than the cache")
+        parts.append(f"cache probed in {n - by} of {n} lookups"
+                     + (f" ({by} bypassed it: {trials} trial{'s' if trials != 1 else ''}, {why})" if by else ""))
+    if "pooling" in on:
+        pooled, local = int(usage.get("pooled_rows", 0)), int(usage.get("local_pooled_rows", 0))
+        if pooled + local:
+            parts.append(f"servers pooled {100 * pooled / (pooled + local):.0f}% of rows")
+    return "; ".join(parts)
 
 
 async def _run_torchrec(args: argparse.Namespace) -> dict[str, Any]:
@@ -454,6 +498,11 @@ def print_report(report: Mapping[str, Any]) -> None:
     for t in TECHNIQUES:
         info = report["techniques"][t.key]
         print(f"  {t.key:<11} {info['how'] if info['available'] else 'n/a: ' + info['how']} - {t.what}")
+    used = [(r["name"], r["usage_note"]) for r in report["configurations"] if r.get("usage_note")]
+    if used:
+        print("\nhow each configuration's client used its techniques (decided by measured time):")
+        for name, note in used:
+            print(f"  {name}: {note}")
     notes = [(r["name"], r["cost_note"]) for r in report["configurations"] if r.get("cost_note")]
     if notes:
         print("\nwhere a technique costs more than it saves on this machine:")

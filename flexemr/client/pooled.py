@@ -9,10 +9,11 @@ holds their rows:
   by the kernel, from the cache's arena where they lie; rows frequent in the
   batch (``cache_admit``) are read raw and cached.  Whether a lookup probes
   the cache at all is chosen by measured time (``Pooler.cache_cost``, a
-  :class:`~flexemr.core.pooling.PoolingCost`, after the first
-  :data:`CACHE_WARMUP` lookups, which fill it): on a ranker short of CPU the
-  probe can cost more than the reads it saves, and the lookup then bypasses
-  the cache (re-measured now and then);
+  :class:`~flexemr.core.cachechoice.CacheChoice`, after the first
+  :data:`CACHE_WARMUP` lookups, which fill it; in a prefetch stream by the
+  stream's cycle): on a ranker short of CPU the probe can cost more than the
+  reads it saves, and the lookups then bypass the cache (re-measured now and
+  then);
 * every shard's occurrences go either to its server, in **one pooling
   request per server** covering every table (``"flexemr/pool"`` channel,
   :mod:`flexemr.core.poolwire`), or to raw reads (the batcher,
@@ -47,6 +48,7 @@ import numpy.typing as npt
 import rdmaio
 
 from ..core import kernel
+from ..core.cachechoice import CacheChoice
 from ..core.errors import ClosedError, InputError, TransportError, UnknownTableError
 from ..core.jagged import JaggedBatch
 from ..core.metrics import LocalityMetrics
@@ -59,6 +61,7 @@ from .cache import ClientCache
 from .coherence import Coherence
 from .options import ClientOptions
 from .peers import Peers
+from .prefetch import current_stream
 from .replica import Backoff
 
 __all__ = ["PoolChannel", "Pooler", "send_message", "split_weights"]
@@ -296,10 +299,15 @@ class Pooler:
         #: by the fastest sample of each way, the two ways interleaved after the first two lookups: load from other
         #: work must not pin the choice on the slower way (PoolingCost, judge="least")
         self.cost = PoolingCost(first_explore=2, judge="least")
-        #: whether a lookup probes the cache or bypasses it, by measured time as ``cost`` (True: probe); on a
+        #: whether a lookup probes the cache or bypasses it, by measured time in runs (CacheChoice); on a
         #: ranker short of CPU the probe and the pooling of hits can cost more than the reads they save.  The
-        #: first CACHE_WARMUP lookups always probe: a cold cache is judged by what it costs while it fills
-        self.cache_cost = PoolingCost(first_explore=CACHE_WARMUP)
+        #: first CACHE_WARMUP lookups always probe (they fill the cache)
+        self.cache_cost = CacheChoice(warmup=CACHE_WARMUP)
+        #: whether servers pool what the cache left (misses in bags of 2+ rows), by measured time as ``cost``,
+        #: among the lookups that probed the cache (``cost`` measures those without it); no forced first turns
+        self.miss_cost = PoolingCost(first_explore=0)
+        #: (prefetch stream, when its last lookup completed): a stream's lookups are timed by its cycle
+        self._stream_end: tuple[object, float] | None = None
         #: tables servers may pool: (band start rows, band server index, band shard index); not
         #: replicated/updatable ones (raw reads only: failover, torn-row checks) nor column-split ones
         self.routes: dict[str, tuple[IntArray, npt.NDArray[np.int32], list[int]]] = {}
@@ -343,8 +351,13 @@ class Pooler:
             remote: dict[str, _Remote] = {}
             parted: set[str] = set()
             # a lookup whose every table the cache left with bags of one row is served raw, not
-            # counted as a choice of the cost model (neither way would pool)
-            pooled = use_pool and any(t.poolable and t.table in self.routes for t in tabs) and self.cost.choose()
+            # counted as a choice of the cost model (neither way would pool).  Whether servers pool what the
+            # cache left is measured among the lookups that probed it (miss_cost); a trial's bypassing lookups
+            # do not explore (they measure the cache), they pool only if pooling was measured faster
+            chose = use_pool and any(t.poolable and t.table in self.routes for t in tabs)
+            trial = self.cache is not None and not cached and self.cache_cost.exploring
+            pooled = chose and (self._pooling_measured_faster() if trial else
+                                (self.miss_cost if cached else self.cost).choose())
             if pooled:
                 remote, parted = self._partition(tabs, skips, local)
             for tab, skip in zip(tabs, skips):
@@ -364,12 +377,29 @@ class Pooler:
         out = {tab.table: self._finish(tab, mode) for tab in tabs}
         dt = time.perf_counter() - t0
         n_ids = sum(int(tab.ids.size) for tab in tabs)
-        if use_pool and not cached:  # with the cache, what is left rarely pools: measured by cache_cost alone
+        if use_pool and not cached and not trial:
             self.cost.observe(pooled, n_ids, dt)
+        elif cached and chose:
+            self.miss_cost.observe(pooled, n_ids, dt)
         if self.cache is not None and not self.plan.versioned:
-            self.cache_cost.observe(cached, n_ids, dt)
+            self._observe_cache(cached, n_ids, t0, t0 + dt)
         m.lookup_latency.observe(dt)
         return out
+
+    def _pooling_measured_faster(self) -> bool:
+        """Whether lookups without the cache were measured faster with servers pooling than reading raw."""
+        p, r = self.cost.pooled.value, self.cost.raw.value
+        return p is not None and r is not None and p < r
+
+    def _observe_cache(self, cached: bool, n_ids: int, t0: float, end: float) -> None:
+        """File the time of a lookup with the cache choice: its own, or in a prefetch stream (lookups overlapping
+        each other and the consumer, whose CPU they share) the stream's cycle, from the last completion to this."""
+        stream = current_stream()
+        last, self._stream_end = self._stream_end, (None if stream is None else (stream, end))
+        if stream is None:
+            self.cache_cost.observe(cached, n_ids, end - t0)
+        elif last is not None and last[0] is stream:
+            self.cache_cost.observe(cached, n_ids, end - last[1])
 
     def _probe(self, tab: _Table, local: list[_Local]) -> npt.NDArray[np.bool_] | None:
         """With a cache: pool the hits now (from the cache's arena), send rows frequent in the batch to raw reads

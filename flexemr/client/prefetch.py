@@ -42,6 +42,7 @@ Guarantees:
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import statistics
 import time
 from collections import deque
@@ -57,7 +58,7 @@ from ..core.jagged import JaggedBatch
 from ..core.metrics import LocalityMetrics
 from ..core.pooling import PoolMode
 
-__all__ = ["DepthChooser", "PrefetchStats", "PrefetchStream", "Prefetcher", "lookahead"]
+__all__ = ["DepthChooser", "PrefetchStats", "PrefetchStream", "Prefetcher", "current_stream", "lookahead"]
 
 B = TypeVar("B")
 R = TypeVar("R")
@@ -297,6 +298,16 @@ class Prefetcher(Generic[B, R]):
 
 Rows = dict[str, npt.NDArray[Any]]
 
+#: the :func:`lookahead` stream whose fetch is running (set in each fetch's task)
+_STREAM: contextvars.ContextVar[object | None] = contextvars.ContextVar("flexemr_prefetch_stream", default=None)
+
+
+def current_stream() -> object | None:
+    """A token of the :meth:`flexemr.EmbeddingClient.prefetch` stream whose lookup runs in this task (``None``:
+    a lookup called directly).  Lookups of one stream overlap one another and the consumer, so the time a
+    choice costs is measured as the stream's cycle (from one lookup's completion to the next), not per lookup."""
+    return _STREAM.get()
+
 
 def lookahead(
     batches: Any,
@@ -318,9 +329,12 @@ def lookahead(
     if pooled not in (None, "sum", "mean", "max"):
         raise InputError(f"pooled must be None, 'sum', 'mean' or 'max', got {pooled!r}")
 
+    token = object()
+
     async def fetch(item: Any) -> Rows:
         jb, w = item if isinstance(item, tuple) else (item, None)
         metrics.prefetched_batches += 1
+        _STREAM.set(token)  # this fetch's task only
         if pooled is None:
             if w is not None:
                 raise InputError("per_sample_weights need pooled=...")

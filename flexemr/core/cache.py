@@ -42,6 +42,8 @@ Semantics (what the tests' model checks):
 
 :class:`AdaptiveCapacity` turns recent batch sizes into a cache capacity
 (shrink under load, grow when idle); see its docstring for the formula.
+:class:`~flexemr.core.cachechoice.CacheChoice` (re-exported here) decides,
+by measured time, whether lookups use the cache at all.
 """
 
 from __future__ import annotations
@@ -54,11 +56,12 @@ import numpy as np
 import numpy.typing as npt
 
 from . import kernel
-from .cacheindex import Split, _HashIndex, _LruLog, probe_split
+from .cachechoice import CacheChoice
+from .cacheindex import Split, _HashIndex, _LruLog, insert_lru, probe_split
 from .errors import ConfigError, InputError
 from .spec import _is_int
 
-__all__ = ["AdaptiveCapacity", "CachePolicy", "CacheStats", "RowCache", "Split"]
+__all__ = ["AdaptiveCapacity", "CacheChoice", "CachePolicy", "CacheStats", "RowCache", "Split"]
 
 CachePolicy = Literal["lru", "lfu"]
 IntArray = npt.NDArray[np.int64]
@@ -419,9 +422,24 @@ class RowCache:
         keys = self._keys(tidx, ids)
         n = keys.size
         payload = self._rows_in(tidx, table, rows, n)
-        ticks = self._ticks(n)
+        tick0 = self._clock
         if n == 0 or self._capacity == 0:
+            self._clock += n
             return
+        lru = self._lru
+        if lru is not None and n <= self._capacity and (n < 2 or bool(np.all(keys[1:] > keys[:-1]))):
+            # sorted unique ids (what the client inserts) in one native pass
+            self._clock += n
+            done = insert_lru(self._index, lru, keys, payload, self._arena, self._slot_key, self._last_use,
+                              self._freq, self._free, self._nfree, tick0)
+            if done is not None:
+                self._nfree, added, evicted = done
+                self.stats.inserts += added
+                self.stats.evictions += evicted
+                return
+            lru.rebuild(self._slot_key, self._last_use)
+            self._clock = tick0
+        ticks = self._ticks(n)
         ukeys, last, occ = self._last_occurrence(keys)
         # only the `capacity` most recently used distinct ids of the batch are sure to stay
         in_win = np.arange(ukeys.size) >= ukeys.size - self._capacity
@@ -437,7 +455,6 @@ class RowCache:
         new = ~present & in_win
         new_keys, new_last, new_occ = ukeys[new], last[new], occ[new]
         m = int(new_keys.size)
-        lru = self._lru
         log_start = 0
         if lru is not None:  # room for both runs first: no compaction moves the first before it is sorted
             lru.room(int(ukeys.size), self._slot_key, self._last_use)
@@ -641,3 +658,4 @@ class AdaptiveCapacity:
         cap = self.capacity
         cache.resize(cap)
         return cap
+

@@ -26,7 +26,7 @@ from .._native._flexemr_cache import ffi as _ffi
 from .._native._flexemr_cache import lib as _lib
 from .errors import InputError
 
-__all__ = ["Split", "probe_split"]
+__all__ = ["Split", "insert_lru", "probe_split"]
 
 IntArray = npt.NDArray[np.int64]
 BoolArray = npt.NDArray[np.bool_]
@@ -235,6 +235,34 @@ class _LruLog:
         self.protect[protect] = 0
         self.head = int(head[0])
         return out[: int(found)]
+
+
+def insert_lru(index: _HashIndex, lru: _LruLog, keys: IntArray, payload: npt.NDArray[np.uint8],
+               arena: npt.NDArray[np.uint8], slot_key: IntArray, last_use: IntArray, freq: IntArray,
+               free: IntArray, nfree: int, tick0: int) -> tuple[int, int, int] | None:
+    """An LRU cache's insert of sorted unique ``keys`` (no more than its capacity) in one native pass
+    (``fxc_insert``): ``(nfree after it, new keys, evictions)``, or ``None`` when the log fell short of
+    victims (not expected; the log was consumed: the caller relogs and inserts by itself)."""
+    n = int(keys.size)
+    lru.room(n, slot_key, last_use)
+    if index.used + n > index.size // 2:
+        index._rehash(index.live + n)
+    keys = np.ascontiguousarray(keys, dtype=np.int64)
+    scratch = np.empty(2 * n, dtype=np.int64)
+    counts = np.zeros(3, dtype=np.int64)
+    head, tail, nf = _ffi.new("int64_t *", lru.head), _ffi.new("int64_t *", lru.tail), _ffi.new("int64_t *", nfree)
+    rc = _lib.fxc_insert(_p64(index.keys), _p64(index.vals), index.mask, index.shift, 0, _p64(keys), n,
+                         _p8(payload), int(payload.shape[1]), _p8(arena), int(arena.shape[1]), _p64(slot_key),
+                         _p64(last_use), _p64(freq), _p64(free), nf, tick0, _p64(lru.ticks), _p64(lru.slots),
+                         head, tail, _p8(lru.protect), _p64(scratch), _p64(counts))
+    lru.head = int(head[0])
+    if rc < 0:
+        return None
+    lru.tail = int(tail[0])
+    new, evicted, took_empty = (int(x) for x in counts)
+    index.live += new - evicted
+    index.used += took_empty
+    return int(nf[0]), new, evicted
 
 
 def probe_split(index: _HashIndex, lru: _LruLog | None, slot_key: IntArray, last_use: IntArray, freq: IntArray,

@@ -4,7 +4,9 @@
 * ``probe_split`` (dedup + probe + split of a pooled lookup's occurrences) against a numpy model;
 * the incremental LRU log: the dict-model state machine of test_cache.py run with a log that has
   no slack, so compaction and growth happen every few operations, and a long random run against
-  the model with evictions, invalidations and resizes.
+  the model with evictions, invalidations and resizes;
+* the native insert of sorted unique ids (``fxc_insert``, the client's fills): the state machine with
+  such inserts, and its fallback when the LRU log has lost slots.
 """
 
 from __future__ import annotations
@@ -15,13 +17,14 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from hypothesis.stateful import rule
 
 import flexemr.core.cacheindex as cache_mod
 from flexemr.core.cache import RowCache
 from flexemr.core.cacheindex import _HashIndex
 from flexemr.core.errors import InputError
 
-from .test_cache import CacheMachine, _Model
+from .test_cache import DIM, TABLES, CacheMachine, _Model
 
 
 @settings(max_examples=200, deadline=None)
@@ -187,3 +190,42 @@ def test_long_random_run_matches_the_model(policy: str, monkeypatch: pytest.Monk
         got = cache.entries("t")
         want = sorted((i, e[1], e[2]) for (_, i), e in model.entries.items())
         assert list(zip(*(a.tolist() for a in got))) == want
+
+
+class SortedInsertMachine(TightLogMachine):
+    """The state machine with inserts of sorted unique ids too (what the client fills the cache with): an
+    LRU cache takes them in one native pass (``fxc_insert``), which must match the model exactly (slots
+    used and evicted, last use, frequency, counters, rows)."""
+
+    @rule(table=st.sampled_from(TABLES), ids=st.lists(st.integers(0, 11), max_size=10, unique=True).map(sorted))
+    def insert_sorted(self, table: str, ids: list[int]) -> None:
+        rows = self._rows(len(ids))
+        self.cache.insert(table, np.array(ids, dtype=np.int64), rows)
+        self.model.insert(table, ids, rows)
+
+
+SortedInsertMachine.TestCase.settings = settings(
+    max_examples=300, stateful_step_count=50, deadline=None, suppress_health_check=[HealthCheck.too_slow]
+)
+TestSortedInsertMachine = SortedInsertMachine.TestCase
+
+
+def test_native_insert_falls_back_when_the_log_lost_slots() -> None:
+    """An LRU log that lost its entries (not expected) makes the native insert give up before changing
+    anything; the insert is then made by selection, as the model does."""
+    cache, model = RowCache(4, policy="lru"), _Model(4, "lru")
+    first = np.arange(4 * DIM, dtype=np.float32).reshape(4, DIM)
+    cache.insert("t", np.array([1, 2, 3, 4]), first)
+    model.insert("t", [1, 2, 3, 4], first)
+    assert cache.lookup("t", np.array([2]))[0].tolist() == model.lookup("t", [2])[0]
+    lru = cache._lru
+    assert lru is not None
+    lru.head = lru.tail                                   # every entry lost
+    rows = np.full((3, DIM), 7.0, np.float32)
+    cache.insert("t", np.array([2, 8, 9]), rows)          # 2 new ids: 2 evictions, 2 protected
+    model.insert("t", [2, 8, 9], rows)
+    got = cache.entries("t")
+    assert list(zip(*(a.tolist() for a in got))) == sorted((i, e[1], e[2]) for (_, i), e in model.entries.items())
+    assert dict(vars(cache.stats)) == model.counters
+    hit, out = cache.peek("t", np.array([2, 8, 9]))
+    assert hit.all() and (out == 7.0).all()

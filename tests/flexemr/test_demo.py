@@ -19,7 +19,7 @@ import pytest
 
 from flexemr import ClusterConfig, EmbeddingClient
 from flexemr.core.errors import ConfigError
-from flexemr.apps.demo import CONFIGURATIONS, TECHNIQUES, configure, detect_support, run_demo
+from flexemr.apps.demo import CONFIGURATIONS, TECHNIQUES, configure, detect_support, run_demo, usage_note
 from flexemr.apps.report import cost_notes, plot_configurations
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -145,6 +145,10 @@ def test_demo_command_small(tmp_path: Path) -> None:
             assert {"samples_per_s", "p50_ms", "p99_ms", "bytes_per_sample", "cache_hit_rate",
                     "max_abs_err"} <= set(row)
             assert row["batches"] >= 1 and row["samples_per_s"] > 0 and row["max_abs_err"] < 1e-4
+            # what the client did with its techniques: the cache's lookups, probed or bypassed (the baseline
+            # reads with rdmaio directly, not through the client's lookups)
+            assert row["usage"]["lookups"] >= (row["batches"] if row["techniques"]["coalescing"] == "on" else 0)
+            assert ("cache_bypassed_lookups" in row["usage"]) == (row["techniques"]["cache"] == "on")
         else:
             assert row["note"].startswith("n/a")
     assert report["check"]["passed"] and report["tables"]["count"] == 26
@@ -156,6 +160,18 @@ def test_demo_command_small(tmp_path: Path) -> None:
     svg = (tmp_path / "report.svg").read_text()
     assert all(f"({r['batches']} batches)" in svg for r in report["configurations"] if r["available"])
     assert "KiB/sample" in proc.stdout and "KiB/sample" in svg and "p99" in svg
+    assert "client used its techniques" in proc.stdout and "cache probed in" in proc.stdout
+
+
+def test_usage_note_says_how_the_client_used_its_techniques() -> None:
+    stepped = {"lookups": 60, "cache_bypassed_lookups": 20, "cache_trials": 2, "cache_switches": 1,
+               "pooled_rows": 0, "local_pooled_rows": 500}
+    note = usage_note(stepped, frozenset({"coalescing", "cache", "pooling"}))
+    assert note == ("cache probed in 40 of 60 lookups (20 bypassed it: 2 trials, measured faster: the client "
+                    "stepped aside from the cache); servers pooled 0% of rows")
+    assert usage_note({"lookups": 5, "cache_bypassed_lookups": 0}, frozenset({"cache"})) == \
+        "cache probed in 5 of 5 lookups"
+    assert usage_note(stepped, frozenset({"coalescing"})) == ""
 
 
 def _gone(pid: int) -> bool:

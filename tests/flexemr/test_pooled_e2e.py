@@ -408,9 +408,9 @@ async def test_tables_the_cache_leaves_with_one_row_bags_are_not_sent_to_servers
 
 @pytest.mark.parametrize("server_pooling", [True, False])
 async def test_the_cache_is_bypassed_while_it_was_measured_slower(server_pooling: bool) -> None:
-    """Pooled lookups probe the cache or bypass it by measured time (Pooler.cache_cost); either way the
-    results are the same, and a bypassed lookup neither probes nor fills the cache (also when its rows are
-    read raw: without server pooling)."""
+    """Pooled lookups probe the cache or bypass it by measured time (Pooler.cache_cost, a CacheChoice); either
+    way the results are the same, and a bypassed lookup neither probes nor fills the cache (also when its
+    rows are read raw: without server pooling)."""
     spec = TableSpec("t", 4000, 16, "float32")
     async with LocalCluster([spec], servers=2, seed=4, in_process=True, transport="tcp") as cluster:
         client = await cluster.client(cache_bytes=1 << 20, server_pooling=server_pooling)
@@ -418,15 +418,47 @@ async def test_the_cache_is_bypassed_while_it_was_measured_slower(server_pooling
         rng = np.random.default_rng(6)
         jb = JaggedBatch(["t"], rng.choice(np.arange(0, 4000, 40), size=64 * 8), lengths=np.full(64, 8))
         cost = client._pooler.cache_cost
-        cost._lookups = cost.first_explore           # past the first lookups, which always probe
-        for _ in range(cost.min_samples):            # the cache measured 100x slower per id
-            cost.observe(True, 1000, 1.0)
-            cost.observe(False, 1000, 0.01)
+        cost._next_trial = 1 << 30                   # no trial during the test
+        cost.probe = False                           # the cache was measured slower: bypassed
         assert client.cache is not None
         stats = dict(vars(client.cache.stats))
         check(await client.lookup_pooled(jb, "sum"), reference(model, jb, "sum", None))
         assert dict(vars(client.cache.stats)) == stats and len(client.cache) == 0
-        for _ in range(cost.window):                 # now the cache is the faster way
-            cost.observe(True, 1000, 0.001)
+        cost.probe = True                            # now the cache is the faster way
         check(await client.lookup_pooled(jb, "sum"), reference(model, jb, "sum", None))
         assert client.cache.stats.misses > stats["misses"] and len(client.cache) > 0
+
+
+async def test_server_pooling_with_a_cache_is_measured_apart_and_a_trial_does_not_explore_it() -> None:
+    """Lookups that probe the cache have servers pool what it left by their own measurements (miss_cost); the
+    lookups of a trial that bypasses the cache do not explore server pooling (they measure the cache: raw
+    reads unless pooling was measured faster); lookups without the cache explore it as before (cost)."""
+    from flexemr.core.cachechoice import CacheChoice
+
+    spec = TableSpec("t", 4000, 16, "float32")
+    async with LocalCluster([spec], servers=2, seed=4, in_process=True, transport="tcp") as cluster:
+        client = await cluster.client(cache_bytes=1 << 20, server_pooling=True)
+        model = cluster.model()
+        rng = np.random.default_rng(6)
+        pooler = client._pooler
+
+        def batch() -> JaggedBatch:  # cold rows in bags of 8: every table poolable
+            return JaggedBatch(["t"], rng.choice(4000, size=64 * 8), lengths=np.full(64, 8))
+
+        for _ in range(3):                            # probing: miss_cost takes its turns
+            jb = batch()
+            check(await client.lookup_pooled(jb, "sum"), reference(model, jb, "sum", None))
+        assert pooler.miss_cost._lookups == 3 and pooler.cost._lookups == 0
+        assert len(pooler.miss_cost.pooled.values) + len(pooler.miss_cost.raw.values) == 3
+        pooler.cache_cost = CacheChoice(warmup=0, run=3, explore_every=1000)   # a trial starts now
+        rpcs = client.metrics.pool_rpcs
+        for _ in range(3):                            # the trial's bypassing lookups
+            jb = batch()
+            check(await client.lookup_pooled(jb, "sum"), reference(model, jb, "sum", None))
+        assert pooler.cache_cost.exploring and pooler.cache_cost.bypassed == 3
+        assert pooler.cost._lookups == 0 and client.metrics.pool_rpcs == rpcs   # no pooling explored
+        pooler.cache_cost = CacheChoice(warmup=1 << 30)
+        pooler.cache_cost.probe = False               # the cache bypassed for good: pooling explored again
+        jb = batch()
+        check(await client.lookup_pooled(jb, "sum"), reference(model, jb, "sum", None))
+        assert pooler.cost._lookups == 1 and client.metrics.pool_rpcs > rpcs
