@@ -140,6 +140,8 @@ class Channel:
         self._close_handshake = False
         self._sent_close = False
         self._ack_task: asyncio.Task[None] | None = None
+        #: recv_batch_with: an error of ``consume`` raised on the next call (results came first)
+        self._deferred: Exception | None = None
 
     def __repr__(self) -> str:
         state = "closed" if self._closed else "peer-closed" if self._peer_closed else "open"
@@ -278,7 +280,9 @@ class Channel:
         if self._post_from is None:
             raise UsageError("this channel cannot send from registered memory")
         view = region.buffer
-        futs: list[asyncio.Future[Any]] = []
+        writes = _Writes(asyncio.get_running_loop())
+        self._inflight.add(writes.fut)
+        writes.fut.add_done_callback(self._inflight.discard)
         try:
             for offset, n in spans:
                 if n > self.max_message:
@@ -303,12 +307,14 @@ class Channel:
                     raise
                 if fut is None:
                     fut = asyncio.ensure_future(self._post_from(*args, True))
-                self._inflight.add(fut)
-                fut.add_done_callback(self._inflight.discard)
-                futs.append(fut)
+                writes.add(fut)
         finally:
-            if futs:
-                await self._await_writes(futs)
+            writes.seal()
+            await asyncio.shield(writes.fut)  # a cancelled sender leaves the writes be
+            if writes.error is not None:
+                if isinstance(writes.error, (EndpointBrokenError, ClosedError)):
+                    self._fail(writes.error)
+                raise writes.error
 
     async def _await_writes(self, futs: list[asyncio.Future[Any]]) -> None:
         """Wait until every write in ``futs`` is done (shielded: a cancelled sender leaves them be), then
@@ -360,6 +366,10 @@ class Channel:
         while not self._ready:
             self._check_open()
             await self._wait()
+        return self._take_ready()
+
+    def _take_ready(self) -> tuple[int, int]:
+        """:meth:`_take_message` for a slot already in ``_ready``."""
         slot = self._ready.popleft()
         base = slot * self.slot_size
         n, seq = HEADER.unpack_from(self._recv_ring, base)  # type: ignore[arg-type]
@@ -390,6 +400,38 @@ class Channel:
             return consume(self._recv_ring.data[start: start + n].toreadonly())
         finally:
             self._owed += 1
+            self._maybe_return_credits()
+
+    async def recv_batch_with(self, consume: Callable[[memoryview], _T]) -> list[_T]:
+        """:meth:`recv_with` for every message ready now (waiting for one while there is none): their results, in
+        order.
+
+        One call (and one wake-up) for a burst of messages, e.g. the frames of one request, instead of
+        one each; their credits go back together.  If ``consume`` raises, the results of the messages
+        before are returned and the error is raised by the next call (the message it raised on is
+        consumed: its credit goes back).
+        """
+        if self._deferred is not None:
+            exc, self._deferred = self._deferred, None
+            raise exc
+        start, n = await self._take_message()
+        out: list[_T] = []
+        ring = self._recv_ring.data
+        try:
+            while True:
+                try:
+                    out.append(consume(ring[start: start + n].toreadonly()))
+                finally:
+                    self._owed += 1
+                if not self._ready:
+                    return out
+                start, n = self._take_ready()
+        except Exception as exc:  # noqa: BLE001 - handed to the caller, now or on its next call
+            if not out:
+                raise
+            self._deferred = exc
+            return out
+        finally:
             self._maybe_return_credits()
 
     def __aiter__(self) -> Channel:
@@ -460,6 +502,38 @@ class Channel:
 
     async def __aexit__(self, *exc: object) -> None:
         await self.aclose()
+
+
+class _Writes:
+    """Writes awaited together (:meth:`Channel.send_region`): ``fut`` is done once every write added is
+    and :meth:`seal` was called; ``error`` is the first write's error, if any.  One done-callback per
+    write, no gathering future."""
+
+    __slots__ = ("fut", "left", "sealed", "error")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.fut: asyncio.Future[None] = loop.create_future()
+        self.left = 0
+        self.sealed = False
+        self.error: BaseException | None = None
+
+    def add(self, fut: asyncio.Future[Any]) -> None:
+        self.left += 1
+        fut.add_done_callback(self._done)
+
+    def _done(self, fut: asyncio.Future[Any]) -> None:
+        self.left -= 1
+        if self.error is None:
+            self.error = asyncio.CancelledError() if fut.cancelled() else fut.exception()
+        self._settle()
+
+    def seal(self) -> None:
+        self.sealed = True
+        self._settle()
+
+    def _settle(self) -> None:
+        if self.sealed and self.left == 0 and not self.fut.done():
+            self.fut.set_result(None)
 
 
 def bind_channel(name: str, chan: int, slots: int, slot_size: int, rings: tuple[np.ndarray, np.ndarray],

@@ -19,8 +19,8 @@ Invariant: ``unique_ids == rows_read + rows_shared`` once every call has complet
 
 Latencies (seconds in, microseconds stored) go into 40 log2 buckets: bucket
 ``0`` counts latencies below 1 us, bucket ``i > 0`` those in ``[2**(i-1), 2**i)``
-us.  :meth:`LatencyHistogram.observe` takes a scalar or an array and updates
-with one vectorised ``np.frexp`` + ``np.bincount``.
+us.  :meth:`LatencyHistogram.observe` takes a scalar (one ``math.frexp``) or an
+array and updates with one vectorised ``np.frexp`` + ``np.bincount``.
 
 >>> h = LatencyHistogram()
 >>> h.observe(np.array([0.5e-6, 3e-6, 3.5e-6, 1e-3]))
@@ -30,6 +30,7 @@ with one vectorised ``np.frexp`` + ``np.bincount``.
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, ClassVar
 
@@ -52,6 +53,11 @@ class LatencyHistogram:
 
     def observe(self, seconds: float | npt.NDArray[Any]) -> None:
         """Record one latency or an array of latencies (seconds)."""
+        if isinstance(seconds, (float, int)):  # one: no numpy calls (a server observes every request)
+            bucket = math.frexp(seconds * 1e6)[1]
+            self.counts[min(max(bucket, 0), NUM_BUCKETS - 1)] += 1
+            self.total_s += float(seconds)
+            return
         us = np.asarray(seconds, dtype=np.float64).reshape(-1) * 1e6
         if us.size == 0:
             return

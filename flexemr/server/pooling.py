@@ -316,12 +316,14 @@ class PoolService:
         sender = asyncio.ensure_future(self._send(ch, answers))
         try:
             while True:
-                try:  # each frame is copied once, from the channel's ring to its place in the request
-                    msg = await ch.recv_with(asm.add_view)
+                try:  # each frame is copied once, from the channel's ring to its place in the request;
+                    # the frames that landed together are taken in one call (a request's come back to back)
+                    msgs = await ch.recv_batch_with(asm.add_view)
                 except rdmaio.ClosedError:
                     break
-                if msg is not None:
-                    answers.put_nowait((msg[0], asyncio.ensure_future(self.submit(msg[1], payload))))
+                for msg in msgs:
+                    if msg is not None:
+                        answers.put_nowait((msg[0], asyncio.ensure_future(self.submit(msg[1], payload))))
         except (rdmaio.RdmaioError, TransportError) as exc:
             log.debug("pooling channel ended: %s", exc)
         finally:

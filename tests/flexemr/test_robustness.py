@@ -213,3 +213,45 @@ async def test_cluster_startup_failure_is_reported_and_cleaned_up() -> None:
         await cluster.start()
     for pid in cluster.pids.values():
         assert not _alive(pid)
+
+
+async def test_a_bad_pooling_frame_ends_only_its_channel_after_the_requests_before_it() -> None:
+    """Frames that land together are taken in one call: a request before a bad frame is still answered,
+    the bad frame ends that channel only, and the server serves the next one."""
+    import rdmaio
+
+    from flexemr.core.poolwire import FRAME, POOL_CHANNEL, RequestJob, decode_response, encode_request, frames
+
+    async with LocalCluster(SPECS, servers=1, seed=3, transport="tcp") as cluster:
+        sh = cluster.plan.shards["user"][0]
+        addr = next(iter(cluster.config.addresses.values()))
+        ids = np.array([0, 5, 7, 999], dtype=np.int32)
+        offsets = np.array([0, 1, 4], dtype=np.int64)
+        want = cluster.model()["user"][ids]
+        want = np.stack([want[0], want[1:].sum(axis=0)])
+
+        def request(rid: int, ch: rdmaio.Channel) -> list[list[bytes | memoryview]]:
+            parts = encode_request([RequestJob("user", sh.index, offsets, ids, None)], "sum")
+            return [[head, *pieces] for head, pieces in frames(rid, parts, ch.max_message)]
+
+        async with rdmaio.Engine(transport="tcp") as engine:
+            ep = await engine.connect(addr.host, addr.port)
+            ch = await ep.channel(POOL_CHANNEL, slots=8, slot_size=4096)
+            await ch.send_many([*request(1, ch), [b"bad"], *request(2, ch)])
+            msg = await asyncio.wait_for(ch.recv(), 10)
+            rid, idx, count = FRAME.unpack_from(msg, 0)
+            assert (rid, idx, count) == (1, 0, 1)
+            got = decode_response(msg[FRAME.size:], [(2, 8)])[0]
+            np.testing.assert_allclose(got, want, rtol=1e-5)
+            with pytest.raises(rdmaio.ClosedError):  # the server ended the channel at the bad frame
+                await asyncio.wait_for(ch.recv(), 10)
+            await ch.aclose()
+            ch = await ep.channel(POOL_CHANNEL, slots=8, slot_size=4096)
+            await ch.send_many(request(3, ch))
+            msg = await asyncio.wait_for(ch.recv(), 10)
+            assert FRAME.unpack_from(msg, 0) == (3, 0, 1)
+            np.testing.assert_allclose(decode_response(msg[FRAME.size:], [(2, 8)])[0], want, rtol=1e-5)
+            await ch.aclose()
+            await ep.aclose()
+        for name, proc in zip(cluster.pids, cluster._procs.values()):
+            assert proc.returncode is None, f"server {name} died"

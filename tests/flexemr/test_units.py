@@ -131,6 +131,16 @@ def test_histogram_buckets() -> None:
     assert snap["count"] == 8 and snap["p50_us"] > 0 and "<2" in snap["buckets_us"]
 
 
+def test_histogram_scalar_observations_land_where_the_array_ones_do() -> None:
+    values = [0.0, 0.4e-6, 0.9e-6, 1e-6, 1.5e-6, 2e-6, 3.99e-6, 4e-6, 7e-3, 0.25, 1.0, 1e9, -1e-3, 5, np.float64(3e-5)]
+    one, many = LatencyHistogram(), LatencyHistogram()
+    for v in values:
+        one.observe(v)
+    many.observe(np.array(values, dtype=np.float64))
+    assert one.counts.tolist() == many.counts.tolist()
+    assert one.total_s == pytest.approx(many.total_s)
+
+
 def test_metrics_snapshot_and_str() -> None:
     m = ClientMetrics()
     m.rows_read += 3

@@ -347,6 +347,57 @@ async def test_send_many_recv_with_and_send_region_keep_order_through_a_small_ri
     await ep.aclose()
 
 
+async def test_recv_batch_with_takes_every_ready_message_in_order_and_defers_a_consumers_error(
+        engines: tuple[rdmaio.Engine, rdmaio.Engine, rdmaio.Listener]) -> None:
+    """Messages that landed together come out of one recv_batch_with call, in order, with their credits back;
+    if the consumer raises, the results before come first and the error with the next call."""
+    server, client, lst = engines
+    rng = random.Random(3)
+    sent = [msg_for(i, rng) for i in range(30)]
+
+    async def source(ch: rdmaio.Channel) -> None:
+        await ch.recv()  # the client's channel is bound: what we send now is routed to it
+        await ch.send_many([m] for m in sent[:6])
+        await ch.recv()
+        await ch.send_many([m] for m in sent[6:])
+        try:
+            await ch.recv()  # until the client closes
+        except rdmaio.ClosedError:
+            pass
+
+    server.serve_channel("source", source)
+    ep = await client.connect("127.0.0.1", lst.port)
+    ch = await ep.channel("source", slots=8, slot_size=4096)
+    await ch.send([b"start"])
+
+    async def landed(n: int) -> None:
+        while len(ch._ready) < n:
+            await asyncio.sleep(0.005)
+
+    await asyncio.wait_for(landed(6), 10)
+    assert await ch.recv_batch_with(bytes) == sent[:6]  # all six in one call
+    got = sent[:6]
+    await ch.send([b"go on"])
+
+    def picky(v: memoryview) -> bytes:
+        if bytes(v) == sent[20]:
+            raise ValueError("message 20")
+        return bytes(v)
+
+    raised = 0
+    while len(got) < len(sent):
+        try:
+            got += await asyncio.wait_for(ch.recv_batch_with(picky), 10)
+        except ValueError as exc:
+            assert str(exc) == "message 20" and got == sent[:20]
+            got.append(sent[20])  # consumed by the call that raised
+            raised += 1
+    assert got == sent and raised == 1
+    assert ch.credits == ch.slots or ch._owed < ch.slots  # credits were returned as they were consumed
+    await ch.aclose()
+    await ep.aclose()
+
+
 async def test_credits_come_back_a_quarter_ring_at_a_time(
         engines: tuple[rdmaio.Engine, rdmaio.Engine, rdmaio.Listener], monkeypatch: pytest.MonkeyPatch) -> None:
     """A receiver that consumes each message as it lands returns credits in notices of a quarter of the
@@ -410,3 +461,26 @@ async def test_tcp_reverse_queue_pair_gets_the_engines_socket_buffer() -> None:
             assert reverse is not None
             assert reverse._sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF) >= 1 << 20
         await ep.aclose()
+
+
+async def test_send_region_writes_are_done_together_and_keep_the_first_error() -> None:
+    """send_region's writes: awaited as one, done only once sealed and every write is, the first error kept."""
+    from rdmaio._channel import _Writes
+
+    loop = asyncio.get_running_loop()
+    w = _Writes(loop)
+    a, b, c = loop.create_future(), loop.create_future(), loop.create_future()
+    for f in (a, b, c):
+        w.add(f)
+    b.set_exception(rdmaio.EndpointBrokenError("second write"))
+    a.set_result(0)
+    await asyncio.sleep(0)
+    assert not w.fut.done()  # c is still in flight
+    c.set_exception(rdmaio.ClosedError("third write"))
+    await asyncio.sleep(0)
+    assert not w.fut.done()  # not sealed: more writes may come
+    w.seal()
+    assert w.fut.done() and isinstance(w.error, rdmaio.EndpointBrokenError)
+    empty = _Writes(loop)
+    empty.seal()
+    assert empty.fut.done() and empty.error is None
