@@ -156,11 +156,16 @@ class Ranker:
         With ``prefetch > 0``, pipeline with the client's own
         ``client.prefetch(batches, depth=..., pooled="sum")`` stream (builds
         that have it) instead of the ranker's :class:`Prefetcher`.
+    reference_ctrs:
+        The reference CTRs by batch index, filled as batches are checked: rankers of the same model, batches
+        and ``reference`` may share one dict, so that the local reference (pooling from ``reference`` and a
+        forward pass on the event loop's thread) is computed once, not in every ranker's timed loop.
     """
 
     def __init__(self, model: DLRM, client: EmbeddingClient, *, naive: bool = False, prefetch: int = 0,
                  reference: ReferenceTables | None = None, check_samples: int = 32,
-                 naive_concurrency: int = 64, client_prefetch: bool = False) -> None:
+                 naive_concurrency: int = 64, client_prefetch: bool = False,
+                 reference_ctrs: dict[int, F32] | None = None) -> None:
         for t in model.tables:
             spec = client.plan.spec(t)
             if spec.dim != model.dim:
@@ -181,7 +186,7 @@ class Ranker:
             raise ConfigError("client_prefetch=True but this EmbeddingClient has no prefetch()")
         self.naive_bytes = 0
         self.naive_reads = 0
-        self._ref_cache: dict[int, F32] = {}
+        self._ref_cache: dict[int, F32] = {} if reference_ctrs is None else reference_ctrs
 
     # ------------------------------------------------------------ fetching
 
@@ -242,11 +247,25 @@ class Ranker:
         if self.reference is None or self.check_samples <= 0:
             return 0, 0.0
         k = min(self.check_samples, batch.batch_size)
+        ref = self._reference_ctr(index, batch)
+        return k, float(np.max(np.abs(ref - ctr[:k]))) if k else 0.0
+
+    def _reference_ctr(self, index: int, batch: TraceBatch) -> F32:
         ref = self._ref_cache.get(index)
         if ref is None:
+            assert self.reference is not None
+            k = min(self.check_samples, batch.batch_size)
             ref = self._ref_cache[index] = self.model.reference_forward(
                 batch.dense[:k], head_of(batch.sparse, k), self.reference)
-        return k, float(np.max(np.abs(ref - ctr[:k]))) if k else 0.0
+        return ref
+
+    def prepare_reference(self, batches: Sequence[TraceBatch]) -> None:
+        """Compute the reference CTRs of ``batches`` (by index, as :meth:`run` checks them) now, out of the timed
+        loop of :meth:`run` (and of every ranker sharing ``reference_ctrs``)."""
+        if self.reference is None or self.check_samples <= 0:
+            return
+        for i, b in enumerate(batches):
+            self._reference_ctr(i, b)
 
     # -------------------------------------------------------------- running
 

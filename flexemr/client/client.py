@@ -293,10 +293,13 @@ class EmbeddingClient(ClientAccess):
         current result (FBGEMM-style prefetch on :class:`~flexemr.client.prefetch.Prefetcher`);
         results come in order.  ``pooled=None`` gives :meth:`lookup_jagged`
         rows, else :meth:`lookup_pooled` with that mode.  With a cache, the
-        rows the lookahead reads land in the cache.  Use ``async with`` (or
+        rows the lookahead reads land in the cache, and no lookup starts while
+        the consumer waits for one (it would probe the cache before the awaited
+        lookup's misses are filled and read them again).  Use ``async with`` (or
         exhaust the stream) so outstanding lookups are cancelled on exit.
         """
-        return lookahead(batches, depth, pooled, self.lookup_jagged, self.lookup_pooled, self.metrics)
+        return lookahead(batches, depth, pooled, self.lookup_jagged, self.lookup_pooled, self.metrics,
+                         waits_alone=self._cache is not None)
 
     def _requests(self, items: Iterable[tuple[str, object]]) -> list[Request]:
         """Validate every ``(table, ids)`` (the only time a lookup's ids are checked) -> physical ids."""

@@ -13,7 +13,12 @@ Guarantees:
 * **order** -- results come back in batch order;
 * **bounded** -- at most ``depth + 1`` fetches are outstanding (the one the
   consumer waits for and ``depth`` ahead), ``depth`` while it holds a batch;
-  ``depth=0`` is the sequential baseline;
+  ``depth=0`` is the sequential baseline.  With ``waits_alone=True`` no
+  fetch starts while the consumer waits for one (at most ``max(depth, 1)``
+  outstanding): the next ones start as soon as the awaited one completes.
+  :meth:`flexemr.EmbeddingClient.prefetch` uses it with a row cache: a
+  lookup started beside the awaited one probes the cache before that one's
+  misses are filled, and reads them again;
 * **errors at the right batch** -- a failing fetch (or a failing source
   iterator) raises in the consumer exactly when it reaches that batch; the
   results before it are delivered first.  The stream then closes itself;
@@ -156,9 +161,10 @@ class PrefetchStream(AsyncIterator[tuple[B, R]], Generic[B, R]):
     """Async iterator of ``(batch, fetch(batch))``; made by :meth:`Prefetcher.stream`."""
 
     def __init__(self, fetch: Callable[[B], Awaitable[R]], source: AsyncIterable[B] | Iterable[B], depth: int,
-                 adaptive: bool = False) -> None:
+                 adaptive: bool = False, waits_alone: bool = False) -> None:
         self._fetch = fetch
         self._depth = depth
+        self._waits_alone = waits_alone
         #: with ``adaptive``: whether looking ahead pays (module docstring)
         self.chooser = DepthChooser(depth) if adaptive and depth > 0 else None
         self._handed: float | None = None
@@ -188,8 +194,9 @@ class PrefetchStream(AsyncIterator[tuple[B, R]], Generic[B, R]):
         assert self._sync_source is not None
         return next(self._sync_source, _END)
 
-    async def _fill(self) -> None:
-        while not self._exhausted and len(self._pending) < self._depth + 1:
+    async def _fill(self, n: int) -> None:
+        """Start fetches until ``n`` are pending (or the source is exhausted)."""
+        while not self._exhausted and len(self._pending) < n:
             try:
                 item = await self._next_batch()
             except Exception as exc:  # delivered when the consumer reaches it
@@ -212,7 +219,7 @@ class PrefetchStream(AsyncIterator[tuple[B, R]], Generic[B, R]):
         if self._closed:
             raise StopAsyncIteration
         try:
-            await self._fill()
+            await self._fill(max(self._depth, 1) if self._waits_alone else self._depth + 1)
             if not self._pending:
                 await self.aclose()
                 raise StopAsyncIteration
@@ -231,6 +238,8 @@ class PrefetchStream(AsyncIterator[tuple[B, R]], Generic[B, R]):
                     self._depth = ch.cycle(now - self._handed)
                 self._handed = now
                 self.stats.sequential += not ch.on
+            if self._waits_alone:
+                await self._fill(self._depth)   # the lookahead of the batch handed out
             return batch, result
         except StopAsyncIteration:
             raise
@@ -281,7 +290,8 @@ class Prefetcher(Generic[B, R]):
     may make several streams.
     """
 
-    def __init__(self, fetch: Callable[[B], Awaitable[R]], depth: int = 1, *, adaptive: bool = False) -> None:
+    def __init__(self, fetch: Callable[[B], Awaitable[R]], depth: int = 1, *, adaptive: bool = False,
+                 waits_alone: bool = False) -> None:
         if isinstance(depth, bool) or not isinstance(depth, int) or depth < 0:
             raise ConfigError(f"depth must be an integer >= 0, got {depth!r}")
         if not callable(fetch):
@@ -289,11 +299,13 @@ class Prefetcher(Generic[B, R]):
         self.fetch = fetch
         self.depth = depth
         self.adaptive = adaptive
+        #: start no fetch while the consumer waits for one (module docstring)
+        self.waits_alone = waits_alone
 
     def stream(self, batches: AsyncIterable[B] | Iterable[B]) -> PrefetchStream[B, R]:
         """A :class:`PrefetchStream` over ``batches`` (sync or async iterable); with ``adaptive``, its
         lookahead runs only while it pays (:class:`DepthChooser`)."""
-        return PrefetchStream(self.fetch, batches, self.depth, self.adaptive)
+        return PrefetchStream(self.fetch, batches, self.depth, self.adaptive, self.waits_alone)
 
 
 Rows = dict[str, npt.NDArray[Any]]
@@ -316,6 +328,7 @@ def lookahead(
     lookup_jagged: Callable[[JaggedBatch], Awaitable[Rows]],
     lookup_pooled: Callable[..., Awaitable[Rows]],
     metrics: LocalityMetrics,
+    waits_alone: bool = False,
 ) -> PrefetchStream[Any, Rows]:
     """The stream of :meth:`flexemr.EmbeddingClient.prefetch` (the client's lookups passed in).
 
@@ -324,7 +337,8 @@ def lookahead(
     ``lookup_jagged(batch)`` or ``lookup_pooled(batch, mode=pooled,
     per_sample_weights=...)`` and counted in ``metrics.prefetched_batches``.
     The lookahead is adaptive (:class:`DepthChooser`): it stays on only while
-    it makes the consumer's cycle shorter.
+    it makes the consumer's cycle shorter.  ``waits_alone``: see :class:`Prefetcher` (the client sets it when
+    it has a row cache).
     """
     if pooled not in (None, "sum", "mean", "max"):
         raise InputError(f"pooled must be None, 'sum', 'mean' or 'max', got {pooled!r}")
@@ -341,4 +355,4 @@ def lookahead(
             return await lookup_jagged(jb)
         return await lookup_pooled(jb, mode=pooled, per_sample_weights=w)
 
-    return Prefetcher(fetch, depth, adaptive=True).stream(batches)
+    return Prefetcher(fetch, depth, adaptive=True, waits_alone=waits_alone).stream(batches)

@@ -104,3 +104,36 @@ def test_head_of() -> None:
     assert h.batch_size == 4 and h.keys == b.keys
     for t in b.keys:
         assert np.array_equal(h.ids(t), b.ids(t)[: b.bag_offsets(t)[4]])
+
+
+async def test_rankers_sharing_reference_ctrs_compute_them_once_and_still_check() -> None:
+    """The demo's rankers share the reference CTRs, computed before the timed loops: no ranker computes them while
+    it runs, yet every ranker's CTRs are compared with them."""
+    specs = SMALL
+    model = DLRM(specs, seed=1)
+    batches = generate_trace(specs, 3, 64, 4.0, seed=2)
+    ref = ReferenceTables(specs, 9)
+    calls = 0
+    reference_forward = model.reference_forward
+
+    def counted(*a: object, **k: object) -> np.ndarray:
+        nonlocal calls
+        calls += 1
+        return reference_forward(*a, **k)  # type: ignore[arg-type]
+
+    model.reference_forward = counted  # type: ignore[method-assign]
+    shared: dict[int, np.ndarray] = {}
+    async with LocalCluster(specs, servers=2, seed=9, in_process=True, transport="tcp") as cluster:
+        ranker = Ranker(model, await cluster.client(), reference=ref, reference_ctrs=shared)
+        ranker.prepare_reference(batches)        # before the timed loop
+        assert calls == 3 and sorted(shared) == [0, 1, 2]
+        res = await ranker.run(batches)
+        assert calls == 3 and res.checked_samples == 3 * 32
+        assert res.max_abs_err is not None and res.max_abs_err < 1e-5
+        res = await Ranker(model, await cluster.client(), prefetch=1, reference=ref,
+                           reference_ctrs=shared).run(batches)
+        assert calls == 3 and res.checked_samples == 3 * 32 and res.max_abs_err is not None and res.max_abs_err < 1e-5
+        # a ranker whose CTRs differ from the shared reference's is caught
+        other = DLRM(specs, seed=5)
+        res = await Ranker(other, await cluster.client(), reference=ref, reference_ctrs=shared).run(batches)
+        assert calls == 3 and res.max_abs_err is not None and res.max_abs_err > 1e-3

@@ -245,3 +245,19 @@ async def test_adaptive_stream_turns_a_lookahead_that_does_not_pay_off() -> None
             out.append(r)
         assert stream.chooser is not None and stream.stats.sequential > 20
     assert out == list(range(40))
+
+
+async def test_waits_alone_starts_no_fetch_while_the_consumer_waits() -> None:
+    """Fetches slower than the consumer: the consumer waits for batch i + 1, and batch i + 2's fetch starts only
+    once i + 1's is done (started while it waits, it would miss the rows i + 1 is reading into a row cache), then
+    runs while batch i + 1 is consumed."""
+    rec = Recorder(fetch_delay=0.01)
+    async with Prefetcher(rec.fetch, depth=1, waits_alone=True).stream(range(6)) as stream:
+        async for b, _ in stream:
+            rec.log("consume_start", b)
+            await asyncio.sleep(0.001)
+            rec.log("consume_end", b)
+    ev = rec.events
+    for i in range(4):
+        assert ev.index(("fetch_end", i + 1)) < ev.index(("fetch_start", i + 2)) < ev.index(("consume_end", i + 1))
+    assert rec.max_in_flight == 1
