@@ -12,21 +12,28 @@ FXK_INLINE int64_t mark_ids(const void *ids, const int wide, int64_t n, uint64_t
 }
 
 /* inverse[k]: rank of ids[k] among the set bits.  tab[2 w] holds the set bits before word w and tab[2 w + 1]
- * the bitmap's word w: the two side by side, one cache line per id, not two. */
+ * the bitmap's word w: the two side by side, one cache line per id, not two.  The ids are read again here, with
+ * the GIL released: an id that is out of range or not marked (the caller's array changed since mark_ids) stops
+ * the pass (returns -1 - its position) instead of reading outside tab; 0 when every id was ranked. */
 #define FXK_RANK_BODY                                                                                        \
     for (int64_t k = 0; k < n; k++) {                                                                        \
         const uint64_t id = wide ? (uint64_t)((const int64_t *)ids)[k] : (uint64_t)(int64_t)((const int32_t *)ids)[k]; \
+        if (FXK_UNLIKELY(id >= rows)) return -1 - k;                                                         \
         const uint64_t *t = tab + 2 * (id >> 6);                                                             \
+        if (FXK_UNLIKELY(!((t[1] >> (id & 63)) & 1))) return -1 - k;                                         \
         inverse[k] = (int64_t)t[0] + (int64_t)__builtin_popcountll(t[1] & ((1ull << (id & 63)) - 1));      \
-    }
+    }                                                                                                        \
+    return 0;
 
-static void rank_ids(const void *ids, const int wide, int64_t n, const uint64_t *tab, int64_t *inverse) {
+static int64_t rank_ids(const void *ids, const int wide, int64_t n, uint64_t rows, const uint64_t *tab,
+                        int64_t *inverse) {
     FXK_RANK_BODY
 }
 
 #ifdef FXK_X86
-__attribute__((target("popcnt"))) static void rank_ids_popcnt(const void *ids, const int wide, int64_t n,
-                                                              const uint64_t *tab, int64_t *inverse) {
+__attribute__((target("popcnt"))) static int64_t rank_ids_popcnt(const void *ids, const int wide, int64_t n,
+                                                                 uint64_t rows, const uint64_t *tab,
+                                                                 int64_t *inverse) {
     FXK_RANK_BODY
 }
 #endif
@@ -62,15 +69,17 @@ int64_t fxk_unique(const void *ids, int32_t id_bytes, int64_t n, int64_t num_row
         }
     }
     if (inverse) {
+        const uint64_t rows = (uint64_t)num_rows;
+        int64_t changed;
 #ifdef FXK_X86
-        if (__builtin_cpu_supports("popcnt")) {
-            if (wide) rank_ids_popcnt(ids, 1, n, tab, inverse);
-            else rank_ids_popcnt(ids, 0, n, tab, inverse);
-        } else
+        if (__builtin_cpu_supports("popcnt"))
+            changed = wide ? rank_ids_popcnt(ids, 1, n, rows, tab, inverse) : rank_ids_popcnt(ids, 0, n, rows, tab, inverse);
+        else
 #endif
-        {
-            if (wide) rank_ids(ids, 1, n, tab, inverse);
-            else rank_ids(ids, 0, n, tab, inverse);
+            changed = wide ? rank_ids(ids, 1, n, rows, tab, inverse) : rank_ids(ids, 0, n, rows, tab, inverse);
+        if (changed < 0) {
+            if (bad_pos) *bad_pos = -1 - changed;
+            c = -FXK_ECHANGED;
         }
     }
 done:
@@ -89,6 +98,7 @@ int64_t fxk_runs(const int64_t *uniq, int64_t n, const int64_t *band_start, int6
     band_pos[0] = 0;
     for (int64_t k = 0; k < n; k++) {
         const int64_t id = uniq[k];
+        if (k > 0 && id <= uniq[k - 1]) return -FXK_EARG;  /* not sorted and unique */
         int new_band = 0;
         while (b + 1 < n_bands && id >= band_start[b + 1]) {
             b++;

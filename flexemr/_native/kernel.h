@@ -41,6 +41,8 @@
 #define FXK_EOFFSETS 2
 #define FXK_EARG 3
 #define FXK_ENOMEM 4
+/* fxk_unique: the ids changed while it ran (another thread wrote them) */
+#define FXK_ECHANGED 5
 
 typedef struct {
     /* the table */
@@ -151,7 +153,9 @@ int fxk_partition(fxk_part *parts, int64_t n, int threads);
  * NULL, for each id its position in uniq (inverse[k], n entries), with a
  * bitmap of num_rows bits (O(n + num_rows / 64); callers use it when ids are
  * dense enough).  Returns the number of distinct ids, or -FXK_EBADID (and
- * *bad_pos: the position of the first id out of range), -FXK_EARG or
+ * *bad_pos: the position of the first id out of range), -FXK_ECHANGED (and
+ * *bad_pos: the first id the second pass found out of range or unmarked: the
+ * caller's array changed while the GIL was released), -FXK_EARG or
  * -FXK_ENOMEM.
  *
  * fxk_runs: the runs of consecutive ids of sorted unique uniq[0 .. n) that
@@ -159,7 +163,8 @@ int fxk_partition(fxk_part *parts, int64_t n, int threads);
  * is uniq[run_start[r] .. run_start[r + 1]) (run_start: room for n + 1);
  * band b's runs are band_run[b] .. band_run[b + 1] and its ids
  * uniq[band_pos[b] .. band_pos[b + 1]) (both n_bands + 1 entries).  Returns
- * the number of runs, or -FXK_EARG. */
+ * the number of runs, or -FXK_EARG (also when uniq is not strictly
+ * increasing). */
 int64_t fxk_unique(const void *ids, int32_t id_bytes, int64_t n, int64_t num_rows, int64_t *uniq, int64_t *inverse,
                    int64_t *bad_pos);
 int64_t fxk_runs(const int64_t *uniq, int64_t n, const int64_t *band_start, int64_t n_bands, int64_t *run_start,

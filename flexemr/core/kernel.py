@@ -753,6 +753,9 @@ def unique_inverse(ids: object, num_rows: int) -> tuple[npt.NDArray[np.int64], n
         if c == -lib.FXK_EBADID:
             raise InputError(f"id {int(arr[bad_pos[0]])} at position {int(bad_pos[0])} is out of range for a table "
                              f"of {num_rows} rows")
+        if c == -lib.FXK_ECHANGED:
+            raise InputError(f"the ids changed while unique_inverse ran (position {int(bad_pos[0])}): another thread "
+                             "wrote to the array")
         if c == -lib.FXK_ENOMEM:
             raise MemoryError("unique_inverse could not allocate its bitmap")
         raise InputError(f"invalid arguments to unique_inverse (num_rows={num_rows})")

@@ -84,3 +84,43 @@ def test_runs_match_oracle(case: tuple[np.ndarray, np.ndarray]) -> None:
     assert band_pos.tolist() == [*np.searchsorted(uniq, starts).tolist(), n]
     firsts = band[want_start[:-1]]
     assert band_run.tolist() == np.searchsorted(firsts, np.arange(starts.size + 1)).tolist()
+
+
+def test_ids_written_by_another_thread_meanwhile_raise_input_error_never_crash() -> None:
+    """The dedup runs with the GIL released and reads the ids twice: ids another thread rewrites between the two
+    passes (out of range, or in range but not seen by the first) give InputError or a correct answer for what
+    the ids were, never a read outside the bitmap (before: a segmentation fault)."""
+    import threading
+
+    n = 1 << 18
+    ids = np.arange(n, dtype=np.int64)
+    stop = threading.Event()
+
+    def flip() -> None:
+        while not stop.is_set():
+            ids[::1024] = 1 << 40
+            ids[::1024] = np.arange(0, n, 1024)
+
+    t = threading.Thread(target=flip)
+    t.start()
+    errors = calls = 0
+    try:
+        while calls < 50 or (errors == 0 and calls < 5000):  # until the race was exercised
+            calls += 1
+            try:
+                uniq, inv = kernel.unique_inverse(ids, n)
+            except InputError as exc:
+                assert "out of range" in str(exc) or "changed" in str(exc)
+                errors += 1
+            else:
+                assert inv.min() >= 0 and inv.max() < uniq.size
+    finally:
+        stop.set()
+        t.join()
+    assert errors > 0
+
+
+def test_runs_reject_ids_not_sorted_and_unique() -> None:
+    for bad in ([3, 2, 5], [1, 1, 2]):
+        with pytest.raises(InputError, match="sorted unique"):
+            kernel.runs(np.array(bad, dtype=np.int64), np.array([0], dtype=np.int64))
