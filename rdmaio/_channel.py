@@ -142,6 +142,8 @@ class Channel:
         self._ack_task: asyncio.Task[None] | None = None
         #: recv_batch_with: an error of ``consume`` raised on the next call (results came first)
         self._deferred: Exception | None = None
+        #: aclose began: no message is sent any more (a sender waiting for credits ends at once)
+        self._closing = False
 
     def __repr__(self) -> str:
         state = "closed" if self._closed else "peer-closed" if self._peer_closed else "open"
@@ -205,6 +207,14 @@ class Channel:
         if self._peer_closed:
             raise ClosedError(f"channel {self.name!r}: the peer closed it")
 
+    def _check_send(self) -> None:
+        """:meth:`_check_open`, and not closing: a sender that waits for credits when :meth:`aclose` begins
+        ends with :class:`ClosedError` then (the peer returns no credits after our close), and ``aclose``
+        only waits for the writes already posted."""
+        self._check_open()
+        if self._closing:
+            raise ClosedError(f"channel {self.name!r} is closing")
+
     # -- sending ---------------------------------------------------------------
     async def send(self, buffers: Iterable[Buffer]) -> None:
         """Send one message made of ``buffers`` (gathered); waits while out of credits."""
@@ -234,10 +244,10 @@ class Channel:
         n = sum(p.nbytes for p in parts)
         if n > self.max_message:
             raise UsageError(f"message of {n} bytes exceeds this channel's {self.max_message}-byte slots")
-        self._check_open()
+        self._check_send()
         while self._credits == 0:
             await self._wait()
-            self._check_open()
+            self._check_send()
         self._credits -= 1
         slot = self._tx_slot
         self._tx_slot = (slot + 1) % self.slots
@@ -288,10 +298,10 @@ class Channel:
                 if n > self.max_message:
                     raise UsageError(f"message of {n} bytes exceeds this channel's {self.max_message}-byte slots")
                 region._check_local(offset, HEADER.size + n)
-                self._check_open()
+                self._check_send()
                 while self._credits == 0:
                     await self._wait()
-                    self._check_open()
+                    self._check_send()
                 self._credits -= 1
                 slot = self._tx_slot
                 self._tx_slot = (slot + 1) % self.slots
@@ -460,6 +470,8 @@ class Channel:
         """Tell the peer (its ``recv`` ends after the messages already sent) and release the rings."""
         if self._closed:
             return
+        self._closing = True
+        self._wake()  # senders waiting for credits end now
         try:
             sent = False
             if self._error is None and not self._peer_closed and not self._sent_close:

@@ -11,6 +11,7 @@ import asyncio
 import random
 from collections.abc import AsyncIterator
 
+import numpy as np
 import pytest
 
 import rdmaio
@@ -484,3 +485,38 @@ async def test_send_region_writes_are_done_together_and_keep_the_first_error() -
     empty = _Writes(loop)
     empty.seal()
     assert empty.fut.done() and empty.error is None
+
+
+@pytest.mark.parametrize("how", ["send_many", "send_region"])
+async def test_a_sender_waiting_for_credits_ends_when_close_begins(
+        engines: tuple[rdmaio.Engine, rdmaio.Engine, rdmaio.Listener], how: str) -> None:
+    """aclose() while a sender waits for credits: the peer returns none after our close, so the sender ends
+    with ClosedError as close begins (not once close gave up waiting for it), and what it had posted is
+    written first."""
+    server, client, lst = engines
+    release = asyncio.Event()
+    got: list[bytes] = []
+
+    async def reads_one(ch: rdmaio.Channel) -> None:
+        got.append(await ch.recv())  # one message, then the application is busy
+        await release.wait()
+
+    server.serve_channel("busy", reads_one)
+    ep = await client.connect("127.0.0.1", lst.port)
+    ch = await ep.channel("busy", slots=4, slot_size=4096)
+    if how == "send_region":
+        arr = np.zeros(4096 * 12, dtype=np.uint8)
+        arr.reshape(12, 4096)[:, 8:108] = 7  # each message's 100 bytes, behind its 8-byte header room
+        mr = client.register(arr)
+        sender = asyncio.create_task(ch.send_region(mr, [(4096 * i, 100) for i in range(12)]))
+    else:
+        sender = asyncio.create_task(ch.send_many([b"\x07" * 100] for _ in range(12)))
+    while ch.credits or not got:  # the sender used every credit and waits for more
+        await asyncio.sleep(0.01)
+    closing = asyncio.create_task(ch.aclose())
+    with pytest.raises(rdmaio.ClosedError, match="closing"):
+        await asyncio.wait_for(sender, 10)  # a bound against a hang, not a timing
+    await closing
+    assert got == [b"\x07" * 100]
+    release.set()
+    await ep.aclose()
