@@ -74,6 +74,9 @@ F32 = npt.NDArray[np.float32]
 #: Pooled lookups that always probe the cache before its cost is weighed against bypassing it.
 CACHE_WARMUP = 32
 
+#: Prefetch streams whose last completion the cache choice keeps (:meth:`Pooler._observe_cache`).
+_STREAMS_KEPT = 8
+
 #: rdmaio's per-message header (length, sequence), counted in the pooling byte metrics.
 _CHANNEL_HEADER = 8
 
@@ -306,8 +309,9 @@ class Pooler:
         #: whether servers pool what the cache left (misses in bags of 2+ rows), by measured time as ``cost``,
         #: among the lookups that probed the cache (``cost`` measures those without it); no forced first turns
         self.miss_cost = PoolingCost(first_explore=0)
-        #: (prefetch stream, when its last lookup completed): a stream's lookups are timed by its cycle
-        self._stream_end: tuple[object, float] | None = None
+        #: prefetch stream -> when its last lookup completed: a stream's lookups are timed by its cycle (a few
+        #: streams at once; the oldest forgotten first)
+        self._stream_end: dict[object, float] = {}
         #: tables servers may pool: (band start rows, band server index, band shard index); not
         #: replicated/updatable ones (raw reads only: failover, torn-row checks) nor column-split ones
         self.routes: dict[str, tuple[IntArray, npt.NDArray[np.int32], list[int]]] = {}
@@ -387,19 +391,30 @@ class Pooler:
         return out
 
     def _pooling_measured_faster(self) -> bool:
-        """Whether lookups without the cache were measured faster with servers pooling than reading raw."""
-        p, r = self.cost.pooled.value, self.cost.raw.value
-        return p is not None and r is not None and p < r
+        """Whether servers pooling was measured faster than raw reads: on lookups without the cache (``cost``),
+        or, while those have no measurements of both ways (the cache in use), on what the cache left
+        (``miss_cost``); each judged as its model judges."""
+        for cost in (self.cost, self.miss_cost):
+            p, r = cost.pooled, cost.raw
+            pv, rv = (p.least, r.least) if cost.judge == "least" else (p.value, r.value)
+            if pv is not None and rv is not None:
+                return pv < rv
+        return False
 
     def _observe_cache(self, cached: bool, n_ids: int, t0: float, end: float) -> None:
         """File the time of a lookup with the cache choice: its own, or in a prefetch stream (lookups overlapping
-        each other and the consumer, whose CPU they share) the stream's cycle, from the last completion to this."""
+        each other and the consumer, whose CPU they share) the stream's cycle, from that stream's last
+        completion to this one (other streams and direct lookups in between do not break a stream's cycle)."""
         stream = current_stream()
-        last, self._stream_end = self._stream_end, (None if stream is None else (stream, end))
         if stream is None:
             self.cache_cost.observe(cached, n_ids, end - t0)
-        elif last is not None and last[0] is stream:
-            self.cache_cost.observe(cached, n_ids, end - last[1])
+            return
+        last = self._stream_end.pop(stream, None)
+        self._stream_end[stream] = end
+        if len(self._stream_end) > _STREAMS_KEPT:
+            del self._stream_end[next(iter(self._stream_end))]
+        if last is not None:
+            self.cache_cost.observe(cached, n_ids, end - last)
 
     def _probe(self, tab: _Table, local: list[_Local]) -> npt.NDArray[np.bool_] | None:
         """With a cache: pool the hits now (from the cache's arena), send rows frequent in the batch to raw reads

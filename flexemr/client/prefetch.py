@@ -18,7 +18,9 @@ Guarantees:
   outstanding): the next ones start as soon as the awaited one completes.
   :meth:`flexemr.EmbeddingClient.prefetch` uses it with a row cache: a
   lookup started beside the awaited one probes the cache before that one's
-  misses are filled, and reads them again;
+  misses are filled, and reads them again.  At depth 1 (the client's
+  default) no fetch then runs beside the awaited one; at depth ``d >= 2``
+  the ``d - 1`` started while the consumer held its last result still do;
 * **errors at the right batch** -- a failing fetch (or a failing source
   iterator) raises in the consumer exactly when it reaches that batch; the
   results before it are delivered first.  The stream then closes itself;

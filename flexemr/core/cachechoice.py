@@ -18,6 +18,10 @@ from .spec import _is_int
 
 __all__ = ["CacheChoice"]
 
+#: A trial's run that got fewer than two timed samples ends after this many times ``run`` lookups past its
+#: length (e.g. lookups of several prefetch streams at once, whose cycles were not measured): no verdict.
+_PATIENCE = 1
+
 
 class CacheChoice:
     """Whether lookups probe the row cache or bypass it, by measured time, judged in runs.
@@ -98,11 +102,13 @@ class CacheChoice:
         if self._phase == 1:
             if self._phase_left <= 0 and len(self._challenger) >= 2:
                 self._phase, self._phase_left = 2, self.run
+            elif self._phase_left <= -_PATIENCE * self.run:  # its lookups were not timed: no verdict
+                self._end_trial()
             else:
                 self._phase_left -= 1
                 return not self.probe
         if self._phase == 2:
-            if self._phase_left <= 0 and len(self._after) >= 2:
+            if self._phase_left <= 0 and (len(self._after) >= 2 or self._phase_left <= -_PATIENCE * self.run):
                 self._decide()
             else:
                 self._phase_left -= 1
@@ -131,6 +137,13 @@ class CacheChoice:
             self._before = deque(self._challenger[-self.run:], maxlen=self.run)
         else:
             self._interval = min(2 * self._interval, self.max_explore_every)
-            self._before = deque(self._after[-self.run:], maxlen=self.run)
+            if self._after:
+                self._before = deque(self._after[-self.run:], maxlen=self.run)
+        self._phase = 0
+        self._next_trial = self._lookups + self._interval
+
+    def _end_trial(self) -> None:
+        """End a trial without a verdict (its challenger's lookups were not timed); the next one comes later."""
+        self._interval = min(2 * self._interval, self.max_explore_every)
         self._phase = 0
         self._next_trial = self._lookups + self._interval

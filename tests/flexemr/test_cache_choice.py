@@ -113,7 +113,7 @@ def test_a_lookup_files_its_own_time_or_its_streams_cycle() -> None:
     completion (the consumer's cycle: lookups overlap each other and the consumer); the first lookup of a
     stream files nothing."""
     rec = _Recorder()
-    pooler = types.SimpleNamespace(cache_cost=rec, _stream_end=None)
+    pooler = types.SimpleNamespace(cache_cost=rec, _stream_end={})
     observe = Pooler._observe_cache
     observe(pooler, True, 10, 1.0, 1.5)                   # a direct call: its own 0.5 s
     token = object()
@@ -140,3 +140,69 @@ def test_a_challenger_must_beat_every_bracketing_sample() -> None:
         way = c.choose()
         c.observe(way, 1, next(samples))
     assert c.trials == 1 and c.switches == 0 and c.probe
+
+
+def test_streams_taking_turns_each_file_their_own_cycle() -> None:
+    """Two prefetch streams on one client whose lookups complete in turns (and a direct lookup between them):
+    each stream's cycle is timed from its own previous completion."""
+    rec = _Recorder()
+    pooler = types.SimpleNamespace(cache_cost=rec, _stream_end={})
+    observe = Pooler._observe_cache
+    a, b = object(), object()
+    ctx = prefetch._STREAM.set(a)
+    try:
+        for i in range(4):
+            prefetch._STREAM.set(a)
+            observe(pooler, True, 10, i + 0.0, i + 0.2)   # stream a completes at i + 0.2
+            prefetch._STREAM.set(b)
+            observe(pooler, True, 10, i + 0.1, i + 0.6)   # stream b at i + 0.6
+            prefetch._STREAM.set(None)
+            observe(pooler, True, 10, i + 0.7, i + 0.8)   # a direct lookup: its own 0.1 s
+    finally:
+        prefetch._STREAM.reset(ctx)
+    cycles = [s for _, _, s in rec.samples]
+    assert cycles == pytest.approx([0.1] + [1.0, 1.0, 0.1] * 3)
+
+
+def test_a_trial_whose_challenger_is_never_timed_ends_without_a_verdict() -> None:
+    """Samples that never come (lookups whose cycles could not be measured) end a trial after a bounded number of
+    lookups, the incumbent kept; later trials still run."""
+    c = CacheChoice(warmup=2, run=3, explore_every=4, max_explore_every=64)
+    ways = []
+    for _ in range(200):
+        way = c.choose()
+        ways.append(way)
+        if way:                                              # only the incumbent's lookups are ever timed
+            c.observe(way, 10, 1.0)
+    assert c.probe and c.switches == 0
+    assert not c.exploring or ways[-1] is False
+    assert sum(ways[-60:]) >= 45                             # the cache serves most lookups, not the bypass
+    assert ways.count(False) < 100
+
+
+def test_a_trials_bypassing_lookups_pool_as_measured_on_the_caches_misses() -> None:
+    """While the cache is in use, lookups without it are never measured (``cost`` has no samples): a trial's
+    bypassing lookups then follow what was measured on the cache's misses (``miss_cost``), each model by its
+    own judge; with no measurement at all they read raw."""
+    from flexemr.core.pooling import PoolingCost
+
+    def pooler(cost: PoolingCost, miss: PoolingCost) -> types.SimpleNamespace:
+        return types.SimpleNamespace(cost=cost, miss_cost=miss)
+
+    faster = Pooler._pooling_measured_faster
+    assert faster(pooler(PoolingCost(judge="least"), PoolingCost())) is False
+    miss = PoolingCost(first_explore=0)
+    for t in (1.0, 1.1, 1.2):
+        miss.pooled.add(t)
+        miss.raw.add(2.0)
+    assert faster(pooler(PoolingCost(judge="least"), miss)) is True
+    cost = PoolingCost(judge="least")
+    for p, r in ((0.5, 1.0), (9.0, 1.0), (9.0, 1.0)):   # pooling once fastest of all: "least" says pool
+        cost.pooled.add(p)
+        cost.raw.add(r)
+    assert faster(pooler(cost, miss)) is True
+    median = PoolingCost()
+    for p, r in ((0.5, 1.0), (9.0, 1.0), (9.0, 1.0)):   # ... the median says read raw
+        median.pooled.add(p)
+        median.raw.add(r)
+    assert faster(pooler(median, miss)) is False
