@@ -71,7 +71,7 @@ from .load import LoadTracker
 from .options import ClientOptions
 from .peers import Peers, Route
 
-__all__ = ["Batch", "Batcher", "Item", "RowUser", "StagingPool", "caller_error", "unique_inverse"]
+__all__ = ["Batch", "Batcher", "Item", "RowUser", "StagingPool", "caller_error"]
 
 log = logging.getLogger(__name__)
 
@@ -88,16 +88,6 @@ _MAX_REQUEST_BYTES = 256 << 20
 
 
 # ------------------------------------------------------------------- helpers
-
-
-def unique_inverse(arr: IntArray, num_rows: int) -> tuple[IntArray, IntArray]:
-    """``np.unique(arr, return_inverse=True)``; natively, with a bitmap instead of a sort, when ids are dense
-    (:func:`flexemr.core.kernel.unique_inverse`).
-
-    >>> [a.tolist() for a in unique_inverse(np.array([7, 3, 7]), 10)]
-    [[3, 7], [1, 0, 1]]
-    """
-    return kernel.unique_inverse(arr, num_rows)
 
 
 def _unique_rows(split: SplitLookup, buf: npt.NDArray[np.uint8]) -> npt.NDArray[Any]:
@@ -304,7 +294,7 @@ class Batcher:
         for i, (table, spec, ids) in enumerate(reqs):
             outs.append(np.empty((ids.size, spec.dim), dtype=spec.np_dtype))
             if ids.size:
-                uniq, inverse = unique_inverse(ids, spec.num_rows)
+                uniq, inverse = kernel.unique_inverse(ids, spec.num_rows)
                 m.ids_requested += int(ids.size)
                 live.append((i, uniq, inverse))
 

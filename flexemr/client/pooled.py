@@ -56,7 +56,7 @@ from ..core.plan import ShardingPlan
 from ..core.pooling import PoolingCost, PoolMode, accumulation_dtype
 from ..core.poolwire import POOL_CHANNEL, Buffer, FrameAssembler, RequestJob, decode_response, encode_request, frames
 from ..core.spec import TableSpec
-from .batcher import Batcher, Request, unique_inverse
+from .batcher import Batcher, Request
 from .cache import ClientCache
 from .coherence import Coherence
 from .options import ClientOptions
@@ -506,7 +506,7 @@ class Pooler:
         for lp in parts:
             if lp.ids.size == 0:
                 continue
-            lp.uniq, lp.inverse = unique_inverse(lp.ids, lp.tab.spec.num_rows)
+            lp.uniq, lp.inverse = kernel.unique_inverse(lp.ids, lp.tab.spec.num_rows)
             reqs.append((lp.tab.table, lp.tab.spec, lp.uniq))
             live.append(lp)
             m.local_pooled_rows += int(lp.ids.size)

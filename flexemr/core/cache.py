@@ -658,4 +658,3 @@ class AdaptiveCapacity:
         cap = self.capacity
         cache.resize(cap)
         return cap
-
