@@ -222,6 +222,8 @@ class _Table:
     filled: bool = False
     #: whether servers may pool it: not when the cache left mostly bags of one row (as many bytes either way)
     poolable: bool = True
+    #: what the cache's probe left (neither hit nor admitted): positions and bag offsets
+    rest: tuple[IntArray, IntArray] | None = None
 
     @property
     def fill(self) -> float:
@@ -442,6 +444,8 @@ class Pooler:
         # PoolingCost.prior's rule for the whole table: servers pool bags of 2+ rows; a rest mostly in bags of
         # one row moves as many bytes pooled as raw, and would cost a partition and the servers' CPU
         tab.poolable = 2 * r.rest_in_multi >= r.rest
+        if r.rest_positions is not None and r.rest_offsets is not None:
+            tab.rest = (r.rest_positions, r.rest_offsets)
         return r.served
 
     def _keep_local(self, tab: _Table, skip: npt.NDArray[np.bool_] | None, local: list[_Local]) -> None:
@@ -449,6 +453,11 @@ class Pooler:
         if skip is None:
             if tab.ids.size:
                 local.append(_Local(tab, tab.ids, tab.offsets, tab.weights))
+            return
+        if tab.rest is not None:  # the probe's split gave them as positions by bag (~skip)
+            pos, offs = tab.rest
+            if pos.size:
+                local.append(_Local(tab, tab.ids[pos], offs, None if tab.weights is None else tab.weights[pos]))
             return
         rest = ~skip
         if rest.any():

@@ -50,6 +50,8 @@ class Split(NamedTuple):
     distinct_hits: int                          #: distinct ids cached
     rest: int = 0                               #: occurrences neither hit nor admitted
     rest_in_multi: int = 0                      #: of those, the ones in bags holding 2 or more of them
+    rest_positions: IntArray | None = None      #: their positions, by bag (``~served`` as positions)
+    rest_offsets: IntArray | None = None        #: their bag offsets
 
 
 def _p64(a: npt.NDArray[Any]) -> Any:
@@ -309,7 +311,7 @@ def probe_split(index: _HashIndex, lru: _LruLog | None, slot_key: IntArray, last
     n, nb = int(a64.size), int(offs.size) - 1
     dkeys = index.scratch(n)[0]
     pk, pd, pu, pc, pi = index._scratch_ptrs
-    out = np.empty(2 * n + 2 * nb + 2, np.int64)  # hit slots, admitted positions, their bag offsets
+    out = np.empty(3 * n + 3 * nb + 3, np.int64)  # hit slots, admitted and rest positions; their bag offsets
     po = _p64(out)
     here = np.empty(n, dtype=np.bool_)
     hit_w = None if w is None else np.empty(n, dtype=np.float32)
@@ -323,8 +325,8 @@ def probe_split(index: _HashIndex, lru: _LruLog | None, slot_key: IntArray, last
     nh = _lib.fxc_probe_split(
         ptrs("keys", index.keys), ptrs("vals", index.vals), index.mask, index.shift, base, tick0,
         ptrs("last_use", last_use), ptrs("freq", freq), pt, pls, tail, _p64(a64), n, _p64(offs), nb, _pf(w),
-        int(admit), max_id, pk, pd, int(dkeys.size) - 1, pu, pc, pi, po, po + 2 * n, _pf(hit_w), po + n,
-        po + 2 * n + nb + 1, _p8(here), ptrs("counts", counts))
+        int(admit), max_id, pk, pd, int(dkeys.size) - 1, pu, pc, pi, po, po + 3 * n, _pf(hit_w), po + n,
+        po + 3 * n + nb + 1, po + 2 * n, po + 3 * n + 2 * nb + 2, _p8(here), ptrs("counts", counts))
     if nh < 0:
         if nh == -2:
             raise InputError(f"ids must be in [0, {max_id + 1}): ids[{int(counts[0])}] is not")
@@ -332,5 +334,7 @@ def probe_split(index: _HashIndex, lru: _LruLog | None, slot_key: IntArray, last
     if lru is not None:
         lru.tail = int(tail[0])
     nu, uh, na, multi = counts.tolist()
-    return Split(out[:nh], out[2 * n : 2 * n + nb + 1], None if hit_w is None else hit_w[:nh], out[n : n + na],
-                 out[2 * n + nb + 1 :], here, nu, uh, n - nh - na, multi)
+    nr = n - nh - na
+    o = 3 * n + nb + 1
+    return Split(out[:nh], out[3 * n : o], None if hit_w is None else hit_w[:nh], out[n : n + na], out[o : o + nb + 1],
+                 here, nu, uh, nr, multi, out[2 * n : 2 * n + nr], out[o + nb + 1 :])

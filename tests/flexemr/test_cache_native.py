@@ -97,6 +97,10 @@ def test_probe_split_matches_a_model(cached: list[int], bags: list[list[int]], a
     assert r.hit_slots.tolist() == want[0] and r.hit_offsets.tolist() == want[1]
     assert r.admitted.tolist() == want[2] and r.admitted_offsets.tolist() == want[3]
     assert r.served.tolist() == want[4]
+    rest = [k for k, served in enumerate(want[4]) if not served]
+    assert r.rest_positions is not None and r.rest_offsets is not None
+    assert r.rest_positions.tolist() == rest and r.rest == len(rest)
+    assert r.rest_offsets.tolist() == [sum(1 for k in rest if k < e) for e in offsets.tolist()]
     assert r.distinct == len(set(ids))
     hits_distinct = [] if unknown else [i for i in dict.fromkeys(ids) if i in before]
     assert r.distinct_hits == len(hits_distinct)
