@@ -107,9 +107,10 @@ def pool_hits(jobs: Sequence[HitJob], threads: int | None = None) -> None:
         j.out = p = ptr(out)
         keep.append(p)
         j.out_stride = out.strides[0]
-    rc = kernel.lib.fxk_run(arr, n, kernel.get_threads() if threads is None else threads)
+    rc = kernel.lib.fxk_run(arr, n, kernel.get_threads() if threads is None else kernel._check_threads(threads))
     if rc != kernel.lib.FXK_OK:
         for i, h in enumerate(jobs):
-            if arr[i].status != kernel.lib.FXK_OK:
-                kernel.pool(h.rows, h.slots, h.offsets, h.mode, h.weights, out=h.out, fill=h.fill)  # type: ignore[arg-type]
+            if arr[i].status != kernel.lib.FXK_OK:  # pooled again to raise the kernel's error for it
+                kernel.pool(h.rows, h.slots, h.offsets, h.mode, h.weights,  # type: ignore[arg-type]
+                            out=h.out, fill=h.fill)
         raise InputError("the kernel refused a job of cache hits that it then pooled")  # not reached: pool raised
