@@ -143,9 +143,10 @@ int64_t fxc_lru_compact(int64_t *log_tick, int64_t *log_slot, int64_t head, int6
 int64_t fxc_probe_split(const int64_t *tkeys, const int64_t *tvals, int64_t mask, int shift, int64_t key_base,
                         int64_t tick0, int64_t *last_use, int64_t *freq, int64_t *log_tick, int64_t *log_slot,
                         int64_t *log_tail, const int64_t *ids, int64_t n, const int64_t *offsets, int64_t num_bags,
-                        const float *w, int64_t admit, int64_t *dkeys, int64_t *didx, int64_t dmask, int64_t *uslot,
-                        int64_t *ucount, int64_t *inv, int64_t *hit_slot, int64_t *hit_off, float *hit_w,
-                        int64_t *adm_pos, int64_t *adm_off, uint8_t *here, int64_t *counts) {
+                        const float *w, int64_t admit, int64_t max_id, int64_t *dkeys, int64_t *didx, int64_t dmask,
+                        int64_t *uslot, int64_t *ucount, int64_t *inv, int64_t *hit_slot, int64_t *hit_off,
+                        float *hit_w, int64_t *adm_pos, int64_t *adm_off, int64_t *rest_pos, int64_t *rest_off,
+                        uint8_t *here, int64_t *counts) {
     if (num_bags < 0 || offsets[0] != 0 || offsets[num_bags] != n)
         return -1;
     for (int64_t b = 0; b < num_bags; b++)
@@ -158,7 +159,11 @@ int64_t fxc_probe_split(const int64_t *tkeys, const int64_t *tvals, int64_t mask
     /* pass 1: deduplicate (the scratch table stays in cache); uslot[u] holds the distinct id for now */
     int64_t nu = 0, uhits = 0;
     for (int64_t k = 0; k < n; k++) {
-        int64_t id = ids[k];
+        int64_t id = ids[k]; /* read once: what is checked is what is used (the GIL is released) */
+        if (id < 0 || id > max_id) {
+            counts[0] = k;
+            return -2; /* nothing changed but the scratch */
+        }
         int64_t p = fxc_home(id, dmask, dshift);
         for (;;) {
             int64_t dk = dkeys[p];
@@ -201,13 +206,16 @@ int64_t fxc_probe_split(const int64_t *tkeys, const int64_t *tvals, int64_t mask
     }
     if (log_tail)
         *log_tail = tail;
-    int64_t nh = 0, na = 0;
+    int64_t nh = 0, na = 0, nr = 0;
     hit_off[0] = 0;
     adm_off[0] = 0;
-    int64_t multi = 0;
+    rest_off[0] = 0;
+    int64_t multi = 0, start = 0;
     for (int64_t b = 0; b < num_bags; b++) {
-        int64_t rest = 0;
-        for (int64_t k = offsets[b]; k < offsets[b + 1]; k++) {
+        int64_t rest = 0, end = offsets[b + 1];
+        /* offsets read again: kept within what was checked, whatever another thread wrote meanwhile */
+        end = end < start ? start : end > n ? n : end;
+        for (int64_t k = start; k < end; k++) {
             int64_t u = inv[k];
             int64_t s = uslot[u];
             if (s >= 0) {
@@ -220,14 +228,17 @@ int64_t fxc_probe_split(const int64_t *tkeys, const int64_t *tvals, int64_t mask
                 adm_pos[na++] = k;
                 here[k] = 1;
             } else {
+                rest_pos[nr++] = k;
                 here[k] = 0;
                 rest++;
             }
         }
         if (rest >= 2)
             multi += rest;
+        start = end;
         hit_off[b + 1] = nh;
         adm_off[b + 1] = na;
+        rest_off[b + 1] = nr;
     }
     counts[0] = nu;
     counts[1] = uhits;
@@ -240,14 +251,23 @@ int64_t fxc_insert(int64_t *tkeys, int64_t *tvals, int64_t mask, int shift, int6
                    int64_t n, const uint8_t *rows, int64_t row_bytes, uint8_t *arena, int64_t slot_bytes,
                    int64_t *slot_key, int64_t *last_use, int64_t *freq, int64_t *free_stack, int64_t *nfree,
                    int64_t tick0, int64_t *log_tick, int64_t *log_slot, int64_t *log_head, int64_t *log_tail,
-                   uint8_t *protect, int64_t *scratch, int64_t *counts) {
-    int64_t *slot = scratch, *victims = scratch + n;
-    int64_t m = 0;
-    /* pass 1 (nothing changes): the slot of every cached id */
+                   uint8_t *protect, int64_t max_id, int64_t *scratch, int64_t *counts) {
+    int64_t *slot = scratch, *victims = scratch + n, *keys = scratch + 2 * n;
+    int64_t m = 0, prev = -1;
+    /* pass 1 (nothing changes): every id checked (read once: pass 2 uses the copy) and the slot of every
+     * cached one */
     for (int64_t i = 0; i < n; i++) {
-        if (i + FXC_AHEAD < n)
-            __builtin_prefetch(&tkeys[fxc_home(key_base | ids[i + FXC_AHEAD], mask, shift)]);
-        int64_t p = fxc_pos(tkeys, mask, shift, key_base | ids[i]);
+        int64_t id = ids[i];
+        if (id <= prev || id > max_id)
+            return -2;
+        prev = id;
+        keys[i] = key_base | id;
+        if (i + FXC_AHEAD < n) {
+            int64_t ahead = ids[i + FXC_AHEAD];
+            if (ahead >= 0 && ahead <= max_id) /* only a hint: checked when its turn comes */
+                __builtin_prefetch(&tkeys[fxc_home(key_base | ahead, mask, shift)]);
+        }
+        int64_t p = fxc_pos(tkeys, mask, shift, keys[i]);
         slot[i] = p < 0 ? -1 : tvals[p];
         m += p < 0;
     }
@@ -280,7 +300,7 @@ int64_t fxc_insert(int64_t *tkeys, int64_t *tvals, int64_t mask, int shift, int6
     for (int64_t i = 0; i < n; i++) {
         int64_t s = slot[i];
         if (s < 0) {
-            int64_t key = key_base | ids[i];
+            int64_t key = keys[i];
             s = free_stack[--(*nfree)];
             slot_key[s] = key;
             freq[s] = 0;

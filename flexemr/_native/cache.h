@@ -61,19 +61,23 @@ int64_t fxc_lru_compact(int64_t *log_tick, int64_t *log_slot, int64_t head, int6
  * hit, logged as in fxc_probe).  A miss whose id occurs at least `admit`
  * times is admitted (read raw, then cached).  Out, in occurrence order and
  * grouped by bag: hit_slot[0..nh), hit_off[num_bags + 1], hit_w (weights,
- * when w != NULL); adm_pos[0..na) (positions k), adm_off[num_bags + 1];
+ * when w != NULL); adm_pos[0..na) (positions k), adm_off[num_bags + 1]; the other occurrences ("the rest")
+ * likewise in rest_pos[0..n - nh - na), rest_off[num_bags + 1];
  * here[k] = 1 for hits and admitted occurrences, else 0; inv[k] the
  * distinct id's index.  uslot and ucount
  * are scratch of n entries.  counts[0] receives the distinct ids, counts[1]
  * the distinct hits, counts[2] the admitted occurrences, counts[3] the
  * other occurrences ("the rest") that lie in bags holding 2 or more of them.  Returns the hit
- * occurrences, or -1 when the offsets are not non-decreasing from 0 to n. */
+ * occurrences, -1 when the offsets are not non-decreasing from 0 to n, or -2 when an id lies outside
+ * [0, max_id] (counts[0]: its position; nothing but the scratch changed).  Each id is read once, so
+ * what is checked is what is used (the GIL is released: another thread may write the arrays). */
 int64_t fxc_probe_split(const int64_t *tkeys, const int64_t *tvals, int64_t mask, int shift, int64_t key_base,
                         int64_t tick0, int64_t *last_use, int64_t *freq, int64_t *log_tick, int64_t *log_slot,
                         int64_t *log_tail, const int64_t *ids, int64_t n, const int64_t *offsets, int64_t num_bags,
-                        const float *w, int64_t admit, int64_t *dkeys, int64_t *didx, int64_t dmask, int64_t *uslot,
-                        int64_t *ucount, int64_t *inv, int64_t *hit_slot, int64_t *hit_off, float *hit_w,
-                        int64_t *adm_pos, int64_t *adm_off, uint8_t *here, int64_t *counts);
+                        const float *w, int64_t admit, int64_t max_id, int64_t *dkeys, int64_t *didx, int64_t dmask,
+                        int64_t *uslot, int64_t *ucount, int64_t *inv, int64_t *hit_slot, int64_t *hit_off,
+                        float *hit_w, int64_t *adm_pos, int64_t *adm_off, int64_t *rest_pos, int64_t *rest_off,
+                        uint8_t *here, int64_t *counts);
 
 /* RowCache.insert of n sorted unique ids (keys key_base | ids[i]) with an LRU log, n <= capacity: row i
  * (row_bytes bytes at rows + i * row_bytes) is copied into its slot of the arena (slot_bytes per slot) and
@@ -81,12 +85,13 @@ int64_t fxc_probe_split(const int64_t *tkeys, const int64_t *tvals, int64_t mask
  * slots that this insert does not use (victims freed onto free_stack[0..*nfree) first), then take
  * free_stack's last entries in order, and go into the index (the caller made room: at most half full
  * after it).  Every use is appended to the log (room for n entries is the caller's).  protect (capacity
- * entries, zero) and scratch (2n) are working space.  counts receives [new ids, evictions, empty index
- * entries taken].  Returns 0, or -1 when the log held fewer evictable slots than needed (not expected:
+ * entries, zero) and scratch (3n) are working space.  counts receives [new ids, evictions, empty index
+ * entries taken].  Returns 0; -1 when the log held fewer evictable slots than needed (not expected:
  * then nothing changed but the log's head, which was consumed: the caller relogs every slot and inserts
- * by itself). */
+ * by itself); -2, nothing changed, when the ids are not strictly increasing within [0, max_id] (each is
+ * read once, then used as checked: the GIL is released). */
 int64_t fxc_insert(int64_t *tkeys, int64_t *tvals, int64_t mask, int shift, int64_t key_base, const int64_t *ids,
                    int64_t n, const uint8_t *rows, int64_t row_bytes, uint8_t *arena, int64_t slot_bytes,
                    int64_t *slot_key, int64_t *last_use, int64_t *freq, int64_t *free_stack, int64_t *nfree,
                    int64_t tick0, int64_t *log_tick, int64_t *log_slot, int64_t *log_head, int64_t *log_tail,
-                   uint8_t *protect, int64_t *scratch, int64_t *counts);
+                   uint8_t *protect, int64_t max_id, int64_t *scratch, int64_t *counts);

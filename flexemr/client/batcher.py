@@ -379,7 +379,10 @@ class Batcher:
                 if job.hit is None and not fill_job:
                     use(i, *self._source(job))
                     continue
-                miss_rows = self._gather(job)
+                # one batch that read exactly these rows: its staging view, no copy (valid until we return)
+                one = job.sources[0] if len(job.sources) == 1 else None
+                miss_rows = one.views[job.table] if one is not None and one.rows[job.table].size == job.uniq.size \
+                    else self._gather(job)
                 if fill_job:
                     assert cache is not None
                     cache.fill(job.table, job.uniq, miss_rows)

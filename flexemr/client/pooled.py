@@ -50,6 +50,7 @@ import rdmaio
 from ..core import kernel
 from ..core.cachechoice import CacheChoice
 from ..core.errors import ClosedError, InputError, TransportError, UnknownTableError
+from ..core.hitpool import HitJob, pool_hits
 from ..core.jagged import JaggedBatch
 from ..core.metrics import LocalityMetrics
 from ..core.plan import ShardingPlan
@@ -221,6 +222,8 @@ class _Table:
     filled: bool = False
     #: whether servers may pool it: not when the cache left mostly bags of one row (as many bytes either way)
     poolable: bool = True
+    #: what the cache's probe left (neither hit nor admitted): positions and bag offsets
+    rest: tuple[IntArray, IntArray] | None = None
 
     @property
     def fill(self) -> float:
@@ -351,7 +354,9 @@ class Pooler:
         cached = self.cache is not None and not self.plan.versioned and self.cache_cost.choose()
         try:
             local: list[_Local] = []
-            skips = [self._probe(tab, local) if cached else None for tab in tabs]
+            hits: list[HitJob] = []
+            skips = [self._probe(tab, local, hits) if cached else None for tab in tabs]
+            pool_hits(hits)  # every table's hits in one kernel call
             remote: dict[str, _Remote] = {}
             parted: set[str] = set()
             # a lookup whose every table the cache left with bags of one row is served raw, not
@@ -416,16 +421,22 @@ class Pooler:
         if last is not None:
             self.cache_cost.observe(cached, n_ids, end - last)
 
-    def _probe(self, tab: _Table, local: list[_Local]) -> npt.NDArray[np.bool_] | None:
-        """With a cache: pool the hits now (from the cache's arena), send rows frequent in the batch to raw reads
-        (and so to the cache); returns the occurrences served here (``None``: none)."""
+    def _probe(self, tab: _Table, local: list[_Local], hits: list[HitJob]) -> npt.NDArray[np.bool_] | None:
+        """With a cache: the hits to pool now, from the cache's arena (a job added to ``hits``, pooled before
+        anything is inserted), rows frequent in the batch sent to raw reads (and so to the cache); returns the
+        occurrences served here (``None``: none)."""
         cache = self.cache
         if cache is None or self.plan.versioned or tab.ids.size == 0:  # versioned: hits checked by the batcher
             return None
         r = cache.probe_split(tab.table, tab.ids, tab.offsets, tab.weights)
         self.metrics.unique_ids += r.distinct_hits  # the misses are counted when (and if) they are read
         if r.hit_slots.size:
-            tab.pool(cache.rows.rows_view(tab.table), r.hit_slots, r.hit_offsets, r.hit_weights)
+            out = tab.target()
+            if out is None:  # not expected: the hits are a table's first part
+                tab.pool(cache.rows.rows_view(tab.table), r.hit_slots, r.hit_offsets, r.hit_weights)
+            else:
+                hits.append(HitJob(cache.rows.rows_view(tab.table), r.hit_slots, r.hit_offsets, r.hit_weights,
+                                   tab.kmode, out, tab.fill))
             self.metrics.local_pooled_rows += int(r.hit_slots.size)
         if r.admitted.size:
             local.append(_Local(tab, tab.ids[r.admitted], r.admitted_offsets,
@@ -433,6 +444,8 @@ class Pooler:
         # PoolingCost.prior's rule for the whole table: servers pool bags of 2+ rows; a rest mostly in bags of
         # one row moves as many bytes pooled as raw, and would cost a partition and the servers' CPU
         tab.poolable = 2 * r.rest_in_multi >= r.rest
+        if r.rest_positions is not None and r.rest_offsets is not None:
+            tab.rest = (r.rest_positions, r.rest_offsets)
         return r.served
 
     def _keep_local(self, tab: _Table, skip: npt.NDArray[np.bool_] | None, local: list[_Local]) -> None:
@@ -440,6 +453,11 @@ class Pooler:
         if skip is None:
             if tab.ids.size:
                 local.append(_Local(tab, tab.ids, tab.offsets, tab.weights))
+            return
+        if tab.rest is not None:  # the probe's split gave them as positions by bag (~skip)
+            pos, offs = tab.rest
+            if pos.size:
+                local.append(_Local(tab, tab.ids[pos], offs, None if tab.weights is None else tab.weights[pos]))
             return
         rest = ~skip
         if rest.any():

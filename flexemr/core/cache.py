@@ -50,14 +50,14 @@ from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, TypeGuard
 
 import numpy as np
 import numpy.typing as npt
 
 from . import kernel
 from .cachechoice import CacheChoice
-from .cacheindex import Split, _HashIndex, _LruLog, insert_lru, probe_split
+from .cacheindex import NOT_SORTED, Split, _HashIndex, _LruLog, insert_lru, probe_split
 from .errors import ConfigError, InputError
 from .spec import _is_int
 
@@ -69,6 +69,12 @@ BoolArray = npt.NDArray[np.bool_]
 
 _ROW_BITS = 40  # key = table_index << 40 | row
 _MAX_ROW = (1 << _ROW_BITS) - 1
+_I64 = np.dtype(np.int64)
+
+
+def _is_i64(a: object) -> TypeGuard[IntArray]:
+    """Whether ``a`` is a 1-D contiguous int64 array (passed to the native code as it is)."""
+    return type(a) is np.ndarray and a.dtype == _I64 and a.ndim == 1 and a.flags.c_contiguous
 
 
 @dataclass
@@ -291,15 +297,16 @@ class RowCache:
         (1, 2)
         """
         tidx = self._table_index(table, create=False)
-        a64 = np.ascontiguousarray(self._ids(ids))
-        offs = np.ascontiguousarray(offsets, dtype=np.int64)
+        # contiguous int64 ids (the client's) go as they are: the native pass checks each id as it reads it
+        a64 = ids if _is_i64(ids) else np.ascontiguousarray(self._ids(ids))
+        offs = offsets if _is_i64(offsets) else np.ascontiguousarray(offsets, dtype=np.int64)
         n, nb = int(a64.size), int(offs.size) - 1
         w = None if weights is None else np.ascontiguousarray(weights, dtype=np.float32)
-        if nb < 0 or (w is not None and w.size != n):
+        if nb < 0 or offs.ndim != 1 or (w is not None and (w.ndim != 1 or w.size != n)):
             raise InputError(f"offsets must have at least one entry and weights one per id ({n})")
         r = probe_split(self._index, self._lru, self._slot_key, self._last_use, self._freq,
                         (tidx if tidx >= 0 else len(self._tables)) << _ROW_BITS,  # an unknown table matches no key
-                        self._clock, a64, offs, w, admit)
+                        self._clock, a64, offs, w, admit, _MAX_ROW)
         self._clock += r.distinct
         self.stats.hits += r.distinct_hits
         self.stats.misses += r.distinct - r.distinct_hits
@@ -419,6 +426,24 @@ class RowCache:
         evicting per policy when full (module docstring).
         """
         tidx = self._table_index(table, create=True)
+        lru = self._lru
+        if lru is not None and _is_i64(ids) and 0 < ids.size <= self._capacity:
+            # contiguous int64 ids (what the client inserts, sorted unique) in one native pass that checks them
+            n = int(ids.size)
+            payload = self._rows_in(tidx, table, rows, n)
+            tick0 = self._clock
+            self._clock += n
+            done = insert_lru(self._index, lru, tidx << _ROW_BITS, ids, payload, self._arena,
+                              self._slot_key, self._last_use, self._freq, self._free, self._nfree, tick0, _MAX_ROW)
+            self._clock = tick0
+            if isinstance(done, tuple):
+                self._clock += n
+                self._nfree, added, evicted = done
+                self.stats.inserts += added
+                self.stats.evictions += evicted
+                return
+            if done != NOT_SORTED:
+                lru.rebuild(self._slot_key, self._last_use)
         keys = self._keys(tidx, ids)
         n = keys.size
         payload = self._rows_in(tidx, table, rows, n)
@@ -426,19 +451,6 @@ class RowCache:
         if n == 0 or self._capacity == 0:
             self._clock += n
             return
-        lru = self._lru
-        if lru is not None and n <= self._capacity and (n < 2 or bool(np.all(keys[1:] > keys[:-1]))):
-            # sorted unique ids (what the client inserts) in one native pass
-            self._clock += n
-            done = insert_lru(self._index, lru, keys, payload, self._arena, self._slot_key, self._last_use,
-                              self._freq, self._free, self._nfree, tick0)
-            if done is not None:
-                self._nfree, added, evicted = done
-                self.stats.inserts += added
-                self.stats.evictions += evicted
-                return
-            lru.rebuild(self._slot_key, self._last_use)
-            self._clock = tick0
         ticks = self._ticks(n)
         ukeys, last, occ = self._last_occurrence(keys)
         # only the `capacity` most recently used distinct ids of the batch are sure to stay

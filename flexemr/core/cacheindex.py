@@ -26,7 +26,7 @@ from .._native._flexemr_cache import ffi as _ffi
 from .._native._flexemr_cache import lib as _lib
 from .errors import InputError
 
-__all__ = ["Split", "insert_lru", "probe_split"]
+__all__ = ["NOT_SORTED", "Split", "insert_lru", "probe_split"]
 
 IntArray = npt.NDArray[np.int64]
 BoolArray = npt.NDArray[np.bool_]
@@ -50,6 +50,8 @@ class Split(NamedTuple):
     distinct_hits: int                          #: distinct ids cached
     rest: int = 0                               #: occurrences neither hit nor admitted
     rest_in_multi: int = 0                      #: of those, the ones in bags holding 2 or more of them
+    rest_positions: IntArray | None = None      #: their positions, by bag (``~served`` as positions)
+    rest_offsets: IntArray | None = None        #: their bag offsets
 
 
 def _p64(a: npt.NDArray[Any]) -> Any:
@@ -65,11 +67,33 @@ def _pf(a: npt.NDArray[Any] | None) -> Any:
     return _ffi.NULL if a is None else _ffi.from_buffer("float[]", a)
 
 
+class _Ptrs:
+    """``int64_t *`` to long-lived arrays (the index, the slots' arrays, the LRU log), by role, kept while the
+    role's array is the same object: a probe passes a dozen of them, at ~0.3 us each to make."""
+
+    __slots__ = ("_d",)
+
+    def __init__(self) -> None:
+        self._d: dict[str, tuple[npt.NDArray[Any], Any]] = {}
+
+    def __call__(self, role: str, a: npt.NDArray[Any], ctype: str = "int64_t[]") -> Any:
+        e = self._d.get(role)
+        if e is None or e[0] is not a:
+            e = self._d[role] = (a, _ffi.from_buffer(ctype, a))
+        return e[1]
+
+
 class _HashIndex:
     """Open-addressing map from non-negative int64 keys to int64 values (native: ``flexemr/_native/cache.c``)."""
 
     def __init__(self, min_entries: int) -> None:
         self._alloc(min_entries)
+        #: pointers to this index's arrays and its cache's (probe_split)
+        self.ptrs = _Ptrs()
+        self._counts: IntArray = np.zeros(4, dtype=np.int64)
+        self._tail = _ffi.new("int64_t *")
+        self._cells = _ffi.new("int64_t[3]")  # insert_lru's head, tail, free count
+        self._iscratch: IntArray = np.empty(0, dtype=np.int64)
 
     def _alloc(self, min_entries: int) -> None:
         size = 8
@@ -83,6 +107,7 @@ class _HashIndex:
         self.live = 0
         self.used = 0  # live + tombstones
         self._scratch: tuple[IntArray, ...] = ()
+        self._scratch_ptrs: tuple[Any, ...] = ()
 
     def scratch(self, n: int) -> tuple[IntArray, IntArray, IntArray, IntArray, IntArray]:
         """:func:`probe_split`'s working arrays for ``n`` occurrences, kept between calls (no allocation per
@@ -93,6 +118,7 @@ class _HashIndex:
         if not self._scratch or self._scratch[0].size < size:
             self._scratch = (np.empty(size, np.int64), np.empty(size, np.int64), np.empty(size // 2, np.int64),
                              np.empty(size // 2, np.int64), np.empty(size // 2, np.int64))
+            self._scratch_ptrs = tuple(_p64(a) for a in self._scratch)
         d, i, a, b, c = self._scratch
         return d[:size], i[:size], a, b, c
 
@@ -237,62 +263,78 @@ class _LruLog:
         return out[: int(found)]
 
 
-def insert_lru(index: _HashIndex, lru: _LruLog, keys: IntArray, payload: npt.NDArray[np.uint8],
+#: :func:`insert_lru`'s answer when the ids are not sorted unique ``[0, max_id]`` ids (nothing changed)
+NOT_SORTED = -2
+
+
+def insert_lru(index: _HashIndex, lru: _LruLog, key_base: int, ids: IntArray, payload: npt.NDArray[np.uint8],
                arena: npt.NDArray[np.uint8], slot_key: IntArray, last_use: IntArray, freq: IntArray,
-               free: IntArray, nfree: int, tick0: int) -> tuple[int, int, int] | None:
-    """An LRU cache's insert of sorted unique ``keys`` (no more than its capacity) in one native pass
-    (``fxc_insert``): ``(nfree after it, new keys, evictions)``, or ``None`` when the log fell short of
-    victims (not expected; the log was consumed: the caller relogs and inserts by itself)."""
-    n = int(keys.size)
+               free: IntArray, nfree: int, tick0: int, max_id: int) -> tuple[int, int, int] | int:
+    """An LRU cache's insert of contiguous int64 ``ids`` (keys ``key_base | id``; no more than its capacity) in
+    one native pass (``fxc_insert``): ``(nfree after it, new keys, evictions)``; :data:`NOT_SORTED` when the ids
+    are not strictly increasing within ``[0, max_id]`` (nothing changed: the caller inserts by itself), or ``-1``
+    when the log fell short of victims (not expected; the log was consumed: the caller relogs and inserts by
+    itself).  The long-lived arrays' pointers and the working space are kept between calls."""
+    n = int(ids.size)
     lru.room(n, slot_key, last_use)
     if index.used + n > index.size // 2:
         index._rehash(index.live + n)
-    keys = np.ascontiguousarray(keys, dtype=np.int64)
-    scratch = np.empty(2 * n, dtype=np.int64)
-    counts = np.zeros(3, dtype=np.int64)
-    head, tail, nf = _ffi.new("int64_t *", lru.head), _ffi.new("int64_t *", lru.tail), _ffi.new("int64_t *", nfree)
-    rc = _lib.fxc_insert(_p64(index.keys), _p64(index.vals), index.mask, index.shift, 0, _p64(keys), n,
-                         _p8(payload), int(payload.shape[1]), _p8(arena), int(arena.shape[1]), _p64(slot_key),
-                         _p64(last_use), _p64(freq), _p64(free), nf, tick0, _p64(lru.ticks), _p64(lru.slots),
-                         head, tail, _p8(lru.protect), _p64(scratch), _p64(counts))
-    lru.head = int(head[0])
+    if index._iscratch.size < 3 * n:
+        index._iscratch = np.empty(max(3 * n, 2 * index._iscratch.size), dtype=np.int64)
+    cells, ptrs, counts = index._cells, index.ptrs, index._counts
+    cells[0], cells[1], cells[2] = lru.head, lru.tail, nfree
+    rc = _lib.fxc_insert(ptrs("keys", index.keys), ptrs("vals", index.vals), index.mask, index.shift, key_base,
+                         _p64(ids), n, _p8(payload), int(payload.shape[1]), ptrs("arena", arena, "uint8_t[]"),
+                         int(arena.shape[1]), ptrs("slot_key", slot_key), ptrs("last_use", last_use),
+                         ptrs("freq", freq), ptrs("free", free), cells + 2, tick0, ptrs("ticks", lru.ticks),
+                         ptrs("slots", lru.slots), cells, cells + 1, ptrs("protect", lru.protect, "uint8_t[]"),
+                         max_id, ptrs("iscratch", index._iscratch), ptrs("counts", counts))
+    if rc == NOT_SORTED:
+        return NOT_SORTED
+    lru.head = int(cells[0])
     if rc < 0:
-        return None
-    lru.tail = int(tail[0])
-    new, evicted, took_empty = (int(x) for x in counts)
+        return -1
+    lru.tail = int(cells[1])
+    new, evicted, took_empty = counts[:3].tolist()
     index.live += new - evicted
     index.used += took_empty
-    return int(nf[0]), new, evicted
+    return int(cells[2]), new, evicted
 
 
 def probe_split(index: _HashIndex, lru: _LruLog | None, slot_key: IntArray, last_use: IntArray, freq: IntArray,
                 base: int, tick0: int, a64: IntArray, offs: IntArray, w: npt.NDArray[np.float32] | None,
-                admit: int) -> Split:
-    """:meth:`RowCache.probe_split <flexemr.core.cache.RowCache.probe_split>`'s native pass over checked
-    ids ``a64`` (keys ``base | id``), uses from tick ``tick0`` (the caller advances its clock by ``distinct``)."""
+                admit: int, max_id: int) -> Split:
+    """:meth:`RowCache.probe_split <flexemr.core.cache.RowCache.probe_split>`'s native pass over contiguous int64
+    ids ``a64`` (keys ``base | id``; each checked in ``[0, max_id]`` as it is read), uses from tick ``tick0`` (the
+    caller advances its clock by ``distinct``).  One native call; the long-lived arrays' pointers and the working
+    arrays are kept between calls, the results share one allocation."""
     n, nb = int(a64.size), int(offs.size) - 1
-    dkeys, didx, uslot, ucount, inv = index.scratch(n)
-    size = int(dkeys.size)
-    hit_slot, adm_pos = np.empty(n, np.int64), np.empty(n, np.int64)
-    hit_off, adm_off = np.empty(nb + 1, np.int64), np.empty(nb + 1, np.int64)
+    dkeys = index.scratch(n)[0]
+    pk, pd, pu, pc, pi = index._scratch_ptrs
+    out = np.empty(3 * n + 3 * nb + 3, np.int64)  # hit slots, admitted and rest positions; their bag offsets
+    po = _p64(out)
     here = np.empty(n, dtype=np.bool_)
     hit_w = None if w is None else np.empty(n, dtype=np.float32)
-    counts = np.zeros(4, dtype=np.int64)
-    if lru is not None:
+    counts, ptrs = index._counts, index.ptrs
+    if lru is None:
+        pt = pls = tail = _ffi.NULL
+    else:
         lru.room(n, slot_key, last_use)
-    tail = _ffi.new("int64_t *", 0 if lru is None else lru.tail)
+        pt, pls, tail = ptrs("ticks", lru.ticks), ptrs("slots", lru.slots), index._tail
+        tail[0] = lru.tail
     nh = _lib.fxc_probe_split(
-        _p64(index.keys), _p64(index.vals), index.mask, index.shift, base, tick0, _p64(last_use),
-        _p64(freq), _ffi.NULL if lru is None else _p64(lru.ticks),
-        _ffi.NULL if lru is None else _p64(lru.slots), _ffi.NULL if lru is None else tail, _p64(a64), n,
-        _p64(offs), nb, _pf(w), int(admit), _p64(dkeys), _p64(didx), size - 1, _p64(uslot), _p64(ucount),
-        _p64(inv), _p64(hit_slot), _p64(hit_off), _pf(hit_w), _p64(adm_pos), _p64(adm_off), _p8(here),
-        _p64(counts))
+        ptrs("keys", index.keys), ptrs("vals", index.vals), index.mask, index.shift, base, tick0,
+        ptrs("last_use", last_use), ptrs("freq", freq), pt, pls, tail, _p64(a64), n, _p64(offs), nb, _pf(w),
+        int(admit), max_id, pk, pd, int(dkeys.size) - 1, pu, pc, pi, po, po + 3 * n, _pf(hit_w), po + n,
+        po + 3 * n + nb + 1, po + 2 * n, po + 3 * n + 2 * nb + 2, _p8(here), ptrs("counts", counts))
     if nh < 0:
+        if nh == -2:
+            raise InputError(f"ids must be in [0, {max_id + 1}): ids[{int(counts[0])}] is not")
         raise InputError(f"offsets must be non-decreasing from 0 to {n}")
     if lru is not None:
         lru.tail = int(tail[0])
-    nu, uh, na, multi = (int(x) for x in counts)
-    return Split(hit_slot[:nh], hit_off, None if hit_w is None else hit_w[:nh], adm_pos[:na], adm_off, here,
-                 nu, uh, n - nh - na, multi)
-
+    nu, uh, na, multi = counts.tolist()
+    nr = n - nh - na
+    o = 3 * n + nb + 1
+    return Split(out[:nh], out[3 * n : o], None if hit_w is None else hit_w[:nh], out[n : n + na], out[o : o + nb + 1],
+                 here, nu, uh, nr, multi, out[2 * n : 2 * n + nr], out[o + nb + 1 :])

@@ -97,6 +97,10 @@ def test_probe_split_matches_a_model(cached: list[int], bags: list[list[int]], a
     assert r.hit_slots.tolist() == want[0] and r.hit_offsets.tolist() == want[1]
     assert r.admitted.tolist() == want[2] and r.admitted_offsets.tolist() == want[3]
     assert r.served.tolist() == want[4]
+    rest = [k for k, served in enumerate(want[4]) if not served]
+    assert r.rest_positions is not None and r.rest_offsets is not None
+    assert r.rest_positions.tolist() == rest and r.rest == len(rest)
+    assert r.rest_offsets.tolist() == [sum(1 for k in rest if k < e) for e in offsets.tolist()]
     assert r.distinct == len(set(ids))
     hits_distinct = [] if unknown else [i for i in dict.fromkeys(ids) if i in before]
     assert r.distinct_hits == len(hits_distinct)
@@ -229,3 +233,51 @@ def test_native_insert_falls_back_when_the_log_lost_slots() -> None:
     assert dict(vars(cache.stats)) == model.counters
     hit, out = cache.peek("t", np.array([2, 8, 9]))
     assert hit.all() and (out == 7.0).all()
+
+
+_BAD = st.sampled_from([-1, -(1 << 62), 1 << 40, (1 << 63) - 1])
+_EDGE = st.integers(0, 40) | st.sampled_from([(1 << 40) - 1, (1 << 40) - 2])
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(ids=st.lists(_EDGE | _BAD, max_size=12), sort=st.booleans(), weighted=st.booleans())
+def test_native_passes_check_the_ids_they_read(ids: list[int], sort: bool, weighted: bool) -> None:
+    """int64 ids go to the native probe and insert unchecked by numpy: an id outside [0, 2**40) raises
+    InputError before anything changes, ids at the bounds are served, and both agree with the checked path
+    (the same ids as a list)."""
+    if sort:
+        ids = sorted(set(ids))
+    bad = any(i < 0 or i >= 1 << 40 for i in ids)
+    a64 = np.array(ids, dtype=np.int64)
+    c, ref = RowCache(6), RowCache(6)
+    for x in (c, ref):
+        x.insert("t", np.array([0, 3, (1 << 40) - 1]), np.ones((3, 2), np.float32))
+    before = (c._clock, c._last_use.copy(), c._freq.copy(), dict(vars(c.stats)), c.entries("t"))
+    offs = np.array([0, len(ids) // 2, len(ids)], dtype=np.int64)
+    w = np.arange(len(ids), dtype=np.float32) if weighted else None
+    if bad:
+        with pytest.raises(InputError):
+            c.probe_split("t", a64, offs, w, 2)
+        with pytest.raises(InputError):
+            c.insert("t", a64, np.zeros((len(ids), 2), np.float32))
+        after = (c._clock, c._last_use, c._freq, dict(vars(c.stats)), c.entries("t"))
+        assert before[0] == after[0] and before[3] == after[3]
+        assert all((x == y).all() for x, y in zip((before[1], before[2], *before[4]), (after[1], after[2], *after[4])))
+        return
+    r, f = c.probe_split("t", a64, offs, w, 2), ref.probe_split("t", ids, offs.tolist(), w, 2)
+    assert r.hit_slots.tolist() == f.hit_slots.tolist() and r.served.tolist() == f.served.tolist()
+    assert r.admitted.tolist() == f.admitted.tolist() and r.admitted_offsets.tolist() == f.admitted_offsets.tolist()
+    assert (r.hit_weights is None) == (w is None) and (w is None or r.hit_weights.tolist() == f.hit_weights.tolist())
+    rows = np.arange(2 * len(ids), dtype=np.float32).reshape(-1, 2)
+    c.insert("t", a64, rows)
+    ref.insert("t", ids, rows)
+    assert all((x == y).all() for x, y in zip(c.entries("t"), ref.entries("t")))
+    assert dict(vars(c.stats)) == dict(vars(ref.stats)) and (c._last_use == ref._last_use).all()
+
+
+def test_probe_split_rejects_ill_shaped_weights_and_offsets() -> None:
+    c = RowCache(4)
+    with pytest.raises(InputError):
+        c.probe_split("t", np.array([1, 2]), np.array([[0, 2]]), None, 2)
+    with pytest.raises(InputError):
+        c.probe_split("t", np.array([1, 2]), np.array([0, 2]), np.ones((2, 1), np.float32), 2)
