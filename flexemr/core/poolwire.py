@@ -29,7 +29,7 @@ Framing
     :class:`~flexemr.client.pooled.PoolChannel`, the server's
     :class:`~flexemr.server.pooling.PoolService`).
 
-Request (little-endian, no pickle; every section starts at a multiple of 8)::
+Request (little-endian, no pickle; every section after the job headers is padded to a multiple of 8 bytes)::
 
     HEAD     "FXPQ" u8 version=2, u8 op (0 = sum, 1 = max), u16 jobs, u32 0
     JOB      u64 n (ids), u32 B (bags), u32 shard, u16 len(table), u8 id bytes (4|8),
@@ -87,6 +87,7 @@ __all__ = [
     "encode_response",
     "framed_layout",
     "frames",
+    "request_key",
     "response_layout",
 ]
 
@@ -227,6 +228,36 @@ def decode_request(data: Buffer) -> PoolRequest:
     if pos != size:
         raise InputError(f"pooling request of {size} bytes, its headers imply {pos}")
     return PoolRequest("max" if op == 1 else "sum", jobs)
+
+
+def request_key(data: Buffer) -> tuple[bytes, int] | None:
+    """``(kind, ids)`` of a request: its head (``HEAD``, the ``JOB`` headers, the names) with every job's id
+    count zeroed, and its ids over all jobs (as its headers say: modulo 2**64); ``None`` when too short for its head or not a request.
+
+    Requests of one kind ask for the same tables, shards, bags, id widths, weights and op: they differ only in
+    their ids and offsets (a server binds them to the same native jobs: :mod:`flexemr.core.poolbind`).
+    O(jobs), in numpy.
+
+    >>> a = RequestJob("t", 0, np.array([0, 1, 3]), np.array([5, 9, 2], np.int32), None)
+    >>> b = RequestJob("t", 0, np.array([0, 0, 1]), np.array([7], np.int32), None)
+    >>> ka, kb = (request_key(b"".join(bytes(p) for p in encode_request([j], "sum"))) for j in (a, b))
+    >>> ka[0] == kb[0], ka[1], kb[1]
+    (True, 3, 1)
+    """
+    buf = memoryview(data).cast("B")
+    if buf.nbytes < _HEAD.size or bytes(buf[:4]) != _REQ_MAGIC:
+        return None
+    n_jobs = _HEAD.unpack_from(buf, 0)[3]
+    end = _HEAD.size + n_jobs * _REQ_JOB.size
+    if buf.nbytes < end:
+        return None
+    words = np.frombuffer(buf, np.uint64, 3 * n_jobs, _HEAD.size)  # per job: n, (B, shard), (name_len, ...)
+    end += int((words[2::3] & 0xFFFF).sum())
+    if buf.nbytes < end:
+        return None
+    key = bytearray(buf[:end])
+    np.frombuffer(key, np.uint64, 3 * n_jobs, _HEAD.size)[0::3] = 0
+    return bytes(key), int(words[0::3].sum())
 
 
 # ----------------------------------------------------------------- responses
