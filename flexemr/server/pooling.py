@@ -334,10 +334,14 @@ class PoolService:
     async def submit(self, data: Buffer, payload: int | None = None) -> list[Buffer] | FramedAnswer:
         """The response to one request, pooled off the event loop (batched with other waiting requests);
         with ``payload`` (the channel's frame payload) it may be a :class:`FramedAnswer`."""
+        return await self._enqueue(data, payload)
+
+    def _enqueue(self, data: Buffer, payload: int | None) -> asyncio.Future[list[Buffer] | FramedAnswer]:
+        """:meth:`submit` without a task: the future of the response."""
         fut: asyncio.Future[list[Buffer] | FramedAnswer] = asyncio.get_running_loop().create_future()
         self._queue.append((data, payload, fut))
         self._kick()
-        return await fut
+        return fut
 
     def _kick(self) -> None:
         if self._busy or not self._queue:
@@ -378,7 +382,7 @@ class PoolService:
                     break
                 for msg in msgs:
                     if msg is not None:
-                        answers.put_nowait((msg[0], asyncio.ensure_future(self.submit(msg[1], payload))))
+                        answers.put_nowait((msg[0], self._enqueue(msg[1], payload)))
         except (rdmaio.RdmaioError, TransportError) as exc:
             log.debug("pooling channel ended: %s", exc)
         finally:
