@@ -177,7 +177,9 @@ int64_t fxk_runs(const int64_t *uniq, int64_t n, const int64_t *band_start, int6
  * read in place: jobs[i] becomes tmpl[i] (table, mode, fill, output layout)
  * with the ids, offsets and weights of the request's job i, and its output at
  * out_base + out_off[i].  The request's job i must ask for tmpl[i].num_bags
- * bags, and carry weights exactly when tmpl[i] has (non-NULL) weights.
+ * bags, and carry weights exactly when tmpl[i] has (non-NULL) weights; a job
+ * sent with one id per bag (no offsets on the wire) takes tmpl[i]'s offsets,
+ * which must then be 0 .. num_bags.
  * Returns FXK_OK, FXK_EOFFSETS when the layout does not fit (sizes, headers),
  * or FXK_EARG (NULL or negative arguments).  Ids and offsets are
  * checked by fxk_run. */

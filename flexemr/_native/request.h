@@ -3,8 +3,9 @@
  * The request format is flexemr.core.poolwire's (version 2):
  *     HEAD  12 bytes, then per job a 24-byte header
  *           u64 n, u32 B, u32 shard, u16 name_len, u8 id_bytes, u8 flags, 4 x 0,
- *     the names (padded to 8), then per job offsets (B + 1) x i64, ids n x
- *     id_bytes (padded), and with flags & 1 weights n x f32 (padded).
+ *     the names (padded to 8), then per job offsets (B + 1) x i64 (not with
+ *     flags & 2: one id per bag, n == B), ids n x id_bytes (padded), and with
+ *     flags & 1 weights n x f32 (padded).
  * Only the layout is checked here (sizes, widths, flags, bag counts against
  * the template); ids and offsets are checked by fxk_run like any job's.
  * The sections are 8-byte aligned relative to each other, not to the head
@@ -34,20 +35,22 @@ int fxk_bind_request(fxk_job *jobs, const fxk_job *tmpl, int64_t n_jobs, const u
         uint64_t n = rd64(h), nb = rd32(h + 8);
         uint32_t id_bytes = h[18], flags = h[19];
         const fxk_job *t = &tmpl[i];
-        if ((id_bytes != 4 && id_bytes != 8) || (flags & ~1u) || (int64_t)nb != t->num_bags || n > usize ||
-            (flags != 0) != (t->weights != NULL))
+        int one = (flags & 2) != 0;
+        if ((id_bytes != 4 && id_bytes != 8) || (flags & ~3u) || (int64_t)nb != t->num_bags || n > usize ||
+            ((flags & 1) != 0) != (t->weights != NULL) || (one && (n != nb || t->offsets == NULL)))
             return FXK_EOFFSETS;
         /* n <= size < 2^48 and nb < 2^32: no sum below overflows */
-        uint64_t offs = pos, ids = offs + 8 * (nb + 1), w = ids + pad8(n * id_bytes);
-        uint64_t end = flags ? w + pad8(4 * n) : w;
+        uint64_t offs = pos, ids = one ? pos : offs + 8 * (nb + 1), w = ids + pad8(n * id_bytes);
+        uint64_t end = (flags & 1) ? w + pad8(4 * n) : w;
         if (end > usize) return FXK_EOFFSETS;
         fxk_job *j = &jobs[i];
         *j = *t;
-        j->offsets = (const int64_t *)(req + offs);
+        /* one id per bag: the template's offsets (0 .. B: a request of its kind has the same B) */
+        j->offsets = one ? t->offsets : (const int64_t *)(req + offs);
         j->ids = req + ids;
         j->id_bytes = (int32_t)id_bytes;
         j->n_ids = (int64_t)n;
-        j->weights = flags ? (const float *)(req + w) : NULL;
+        j->weights = (flags & 1) ? (const float *)(req + w) : NULL;
         j->out = out_base + out_off[i];
         j->status = FXK_OK;
         j->bad_pos = -1;

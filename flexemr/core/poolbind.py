@@ -54,10 +54,13 @@ class RequestTemplate:
     them; their ids, offsets and weights are replaced by each bound request's);
     ``out_offsets``: where job ``i``'s output starts in the buffer a request is
     bound with (:meth:`BoundCall.bind`), which must have the layout of each
-    job's ``out`` (same strides, blocks, alignment) from there.
+    job's ``out`` (same strides, blocks, alignment) from there.  A job's offsets
+    that own their memory (:func:`~flexemr.core.poolwire.decode_request` makes
+    ``0 .. B`` for a job sent with one id per bag) are kept: requests of the kind
+    sent that way are bound with them.
     """
 
-    __slots__ = ("n_jobs", "_jobs", "_out_off", "_rows")
+    __slots__ = ("n_jobs", "_jobs", "_out_off", "_keep")
 
     def __init__(self, jobs: Sequence[kernel.PoolJob], out_offsets: Sequence[int]) -> None:
         if len(out_offsets) != len(jobs):
@@ -68,7 +71,10 @@ class RequestTemplate:
         self.n_jobs = len(jobs)
         self._jobs = call.jobs
         self._out_off = ffi.new("int64_t[]", [int(o) for o in out_offsets])
-        self._rows = [job.rows for job in jobs]  # the tables the jobs point into
+        # the tables the jobs point into, and the arrays of theirs that are not views of a request (e.g. the
+        # offsets of one id per bag, which every request of the kind is bound with)
+        self._keep = [job.rows for job in jobs] + [job.offsets for job in jobs if
+                                                   isinstance(job.offsets, np.ndarray) and job.offsets.flags.owndata]
 
 
 class BoundCall:

@@ -201,16 +201,20 @@ def fresh_service() -> PoolService:
     return PoolService(PLAN, SHARDS, {sh.region_name: MODEL[sh.table][sh.row_start:sh.row_end] for sh in SHARDS})
 
 
-def kind_request(counts: list[int], mode: str = "sum", weights: bool = False, id_dtype: type = np.int32,
-                 ) -> tuple[bytes, list[np.ndarray]]:
-    """One job per shard of s1, 3 bags, ``counts[i]`` ids in job i (bags of random sizes, empty ones too)."""
+def kind_request(counts: list[int | None], mode: str = "sum", weights: bool = False, id_dtype: type = np.int32,
+                 rng: np.random.Generator = RNG) -> tuple[bytes, list[np.ndarray]]:
+    """One job per shard of s1, 3 bags, ``counts[i]`` ids in job i (bags of random sizes, empty ones too; ``None``:
+    one id per bag)."""
     jobs, want = [], []
     for sh, n_ids in zip(SHARDS, counts):
         n = sh.row_end - sh.row_start
-        cuts = np.sort(RNG.integers(0, n_ids + 1, 2))
-        offs = np.array([0, cuts[0], cuts[1], n_ids])
-        ids = RNG.integers(0, n, n_ids).astype(id_dtype)
-        w = RNG.standard_normal(n_ids).astype(np.float32) if weights else None
+        if n_ids is None:
+            n_ids, offs = 3, np.arange(4)
+        else:
+            cuts = np.sort(rng.integers(0, n_ids + 1, 2))
+            offs = np.array([0, cuts[0], cuts[1], n_ids])
+        ids = rng.integers(0, n, n_ids).astype(id_dtype)
+        w = rng.standard_normal(n_ids).astype(np.float32) if weights else None
         jobs.append(RequestJob(sh.table, sh.index, offs, ids, w))
         want.append(pool(MODEL[sh.table][sh.row_start + ids.astype(np.int64)], offs, mode, w))
     return joined(encode_request(jobs, mode)), want
@@ -259,9 +263,12 @@ def test_corrupted_requests_of_a_known_kind_get_error_responses(data: st.DataObj
     pooled in the same native call stay exact."""
     svc = fresh_service()
     weights = data.draw(st.booleans())
-    good, want = kind_request([5, 3], "sum", weights)
+    rng = np.random.default_rng(data.draw(st.integers(0, 1 << 16)))
+    one = data.draw(st.booleans())  # the second job: one id per bag (no offsets on the wire)
+    good, want = kind_request([5, None if one else 3], "sum", weights, rng=rng)
     svc.handle(good)  # the kind is known from now on
-    buf = bytearray(kind_request([data.draw(st.integers(0, 9)), data.draw(st.integers(0, 9))], "sum", weights)[0])
+    buf = bytearray(kind_request([data.draw(st.integers(0, 9)), None if one else data.draw(st.integers(0, 9))], "sum",
+                                 weights, rng=rng)[0])
     head = 12 + 24 * len(SHARDS)
     for _ in range(data.draw(st.integers(0, 4))):  # the body
         buf[data.draw(st.integers(head, len(buf) - 1))] = data.draw(st.integers(0, 255))
@@ -280,3 +287,25 @@ def test_corrupted_requests_of_a_known_kind_get_error_responses(data: st.DataObj
     for i in (0, 2):
         for g, w in zip(decode_response(joined(answers[i]), [w.shape for w in want]), want):
             np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-5)
+
+
+def test_one_id_per_bag_travels_without_offsets() -> None:
+    """Bags of one id each (Criteo's categorical features) are sent without offsets (flags & 2): the request is
+    smaller by B + 1 int64s per job, decodes to offsets 0..B, and its kind pools exactly, batch after batch;
+    the same tables with other bags are another kind."""
+    svc = fresh_service()
+    ids = np.array([1, 0, 2], np.int32)
+    one, plain = (joined(encode_request([RequestJob(sh.table, sh.index, np.array(offs), ids, None) for sh in SHARDS],
+                                        "sum")) for offs in ([0, 1, 2, 3], [0, 2, 2, 3]))
+    assert len(plain) - len(one) == 2 * 4 * 8 and decode_request(one).jobs[0].offsets.tolist() == [0, 1, 2, 3]
+    for _ in range(3):
+        one, want = kind_request([None, None], "sum", True)
+        got = decode_response(joined(svc.handle(one)), [w.shape for w in want])
+        for g, w in zip(got, want):
+            np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-5)
+    assert len(svc._kinds) == 1
+    svc.handle(kind_request([4, 4], "sum", True)[0])
+    assert len(svc._kinds) == 2
+    bad = bytearray(one)
+    bad[12:20] = (2).to_bytes(8, "little")  # job 0 claims 2 ids for its 3 bags of one id
+    assert "bad job header" in error_of_service(svc, bytes(bad))
