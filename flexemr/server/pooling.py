@@ -134,8 +134,10 @@ def _layouts(shapes: _Shapes, payload: int | None) -> tuple[bytes, list[int], in
 
 
 _Answer = Union[npt.NDArray[np.uint8], FramedAnswer]
-#: Request kinds a service keeps the native jobs of (a ranker sends a few: one per set of tables it pools here).
+#: Request kinds a service keeps the native jobs of (a ranker sends a few: one per set of tables it pools here),
+#: and their jobs together (whatever kinds clients send, what is kept stays bounded).
 _MAX_KINDS = 64
+_MAX_KIND_JOBS = 1 << 15
 
 
 @dataclass(frozen=True)
@@ -188,6 +190,7 @@ class PoolService:
         self._arena = arena
         #: (request kind (poolwire.request_key), frame payload or None) -> how its requests are answered
         self._kinds: dict[tuple[bytes, int | None], _Kind] = {}
+        self._kind_jobs = 0
         #: requests answered, native calls made, rows (ids) pooled
         self.requests = 0
         self.calls = 0
@@ -209,9 +212,12 @@ class PoolService:
         kind = self._kinds.get((key, payload))
         if kind is None:
             kind = self._new_kind(data, payload)
-            if len(self._kinds) >= _MAX_KINDS:
-                del self._kinds[next(iter(self._kinds))]  # the oldest
-            self._kinds[(key, payload)] = kind
+            jobs = kind.plain.n_jobs
+            if jobs <= _MAX_KIND_JOBS:  # else answered, not kept
+                while self._kinds and (len(self._kinds) >= _MAX_KINDS or self._kind_jobs + jobs > _MAX_KIND_JOBS):
+                    self._kind_jobs -= self._kinds.pop(next(iter(self._kinds))).plain.n_jobs  # the oldest
+                self._kinds[(key, payload)] = kind
+                self._kind_jobs += jobs
         return kind, ids
 
     def _new_kind(self, data: Buffer, payload: int | None) -> _Kind:

@@ -265,7 +265,7 @@ def test_corrupted_requests_of_a_known_kind_get_error_responses(data: st.DataObj
     weights = data.draw(st.booleans())
     rng = np.random.default_rng(data.draw(st.integers(0, 1 << 16)))
     one = data.draw(st.booleans())  # the second job: one id per bag (no offsets on the wire)
-    good, want = kind_request([5, None if one else 3], "sum", weights, rng=rng)
+    good, want = kind_request([5, None if one else 4], "sum", weights, rng=rng)
     svc.handle(good)  # the kind is known from now on
     buf = bytearray(kind_request([data.draw(st.integers(0, 9)), None if one else data.draw(st.integers(0, 9))], "sum",
                                  weights, rng=rng)[0])
@@ -283,7 +283,7 @@ def test_corrupted_requests_of_a_known_kind_get_error_responses(data: st.DataObj
         msg += bytes(data.draw(st.sampled_from([4, 8, 16])))
     answers = svc.handle_many([good, msg, good])
     assert joined(answers[1])[:4] == b"FXPR"
-    assert len(svc._kinds) == 1
+    assert len(svc._kinds) <= 2  # the known kind, and the message's if it decodes to another (e.g. one id per bag)
     for i in (0, 2):
         for g, w in zip(decode_response(joined(answers[i]), [w.shape for w in want]), want):
             np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-5)
@@ -309,3 +309,27 @@ def test_one_id_per_bag_travels_without_offsets() -> None:
     bad = bytearray(one)
     bad[12:20] = (2).to_bytes(8, "little")  # job 0 claims 2 ids for its 3 bags of one id
     assert "bad job header" in error_of_service(svc, bytes(bad))
+
+
+def test_the_kinds_a_server_keeps_stay_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
+    """However many kinds of request clients send, a server keeps at most _MAX_KINDS of them and _MAX_KIND_JOBS
+    jobs in all (the oldest go first); a kind larger than that is answered, exactly, without being kept."""
+    from flexemr.server import pooling
+
+    monkeypatch.setattr(pooling, "_MAX_KINDS", 3)
+    monkeypatch.setattr(pooling, "_MAX_KIND_JOBS", 8)
+    svc = fresh_service()
+    sh = SHARDS[0]
+
+    def request(jobs: int, bags: int) -> tuple[bytes, np.ndarray]:
+        ids = np.arange(bags, dtype=np.int32) % (sh.row_end - sh.row_start)
+        offs = np.arange(bags + 1)
+        want = MODEL[sh.table][sh.row_start + ids.astype(np.int64)]
+        return joined(encode_request([RequestJob(sh.table, sh.index, offs, ids, None)] * jobs, "sum")), want
+
+    for jobs, bags in ((2, 1), (2, 2), (2, 3), (3, 4), (9, 5), (4, 6)):
+        data, want = request(jobs, bags)
+        for g in decode_response(joined(svc.handle(data)), [want.shape] * jobs):
+            np.testing.assert_allclose(g, want, rtol=1e-6)
+        assert len(svc._kinds) <= 3 and svc._kind_jobs == sum(k.plain.n_jobs for k in svc._kinds.values()) <= 8
+    assert [k.plain.n_jobs for k in svc._kinds.values()] == [3, 4]  # (9, 5) was not kept; (4, 6) evicted two
