@@ -565,6 +565,10 @@ int fxk_use_isa(const char *name) {
 
 #include "dedup.h"
 
+/* ------------------------------------------------------------- requests */
+
+#include "request.h"
+
 /* ------------------------------------------------------------ allocator */
 
 int fxk_tune_malloc(int64_t mmap_threshold, int64_t trim_threshold) {

@@ -170,6 +170,22 @@ int64_t fxk_unique(const void *ids, int32_t id_bytes, int64_t n, int64_t num_row
 int64_t fxk_runs(const int64_t *uniq, int64_t n, const int64_t *band_start, int64_t n_bands, int64_t *run_start,
                  int64_t *band_run, int64_t *band_pos);
 
+/* ------------------------------------------------------------ requests
+ *
+ * fxk_bind_request: the n_jobs pooling jobs of one pooling request (the
+ * bytes req[0 .. size) in flexemr.core.poolwire's format),
+ * read in place: jobs[i] becomes tmpl[i] (table, mode, fill, output layout)
+ * with the ids, offsets and weights of the request's job i, and its output at
+ * out_base + out_off[i].  The request's job i must ask for tmpl[i].num_bags
+ * bags, and carry weights exactly when tmpl[i] has (non-NULL) weights; a job
+ * sent with one id per bag (no offsets on the wire) takes tmpl[i]'s offsets,
+ * which must then be 0 .. num_bags.
+ * Returns FXK_OK, FXK_EOFFSETS when the layout does not fit (sizes, headers),
+ * or FXK_EARG (NULL or negative arguments).  Ids and offsets are
+ * checked by fxk_run. */
+int fxk_bind_request(fxk_job *jobs, const fxk_job *tmpl, int64_t n_jobs, const uint8_t *req, int64_t size,
+                     const int64_t *out_off, char *out_base);
+
 /* glibc's malloc: blocks up to mmap_threshold bytes come from the heap, and
  * the heap keeps up to trim_threshold free bytes instead of returning them
  * (mallopt M_MMAP_THRESHOLD, M_TRIM_THRESHOLD).  0, or -1 where that is not

@@ -29,15 +29,19 @@ Framing
     :class:`~flexemr.client.pooled.PoolChannel`, the server's
     :class:`~flexemr.server.pooling.PoolService`).
 
-Request (little-endian, no pickle; every section starts at a multiple of 8)::
+Request (little-endian, no pickle; every section after the job headers is padded to a multiple of 8 bytes)::
 
     HEAD     "FXPQ" u8 version=2, u8 op (0 = sum, 1 = max), u16 jobs, u32 0
     JOB      u64 n (ids), u32 B (bags), u32 shard, u16 len(table), u8 id bytes (4|8),
-             u8 flags (1: weights), 4 x 0                        -- once per job
+             u8 flags (1: weights, 2: one id per bag), 4 x 0     -- once per job
     names    the jobs' table names, utf-8, back to back, padded
-    per job  offsets  (B + 1) x i64      bag b: ids[offsets[b] .. offsets[b+1])
+    per job  offsets  (B + 1) x i64      bag b: ids[offsets[b] .. offsets[b+1]);
+                                         not sent with flags & 2 (n == B, bag b is ids[b])
              ids      n x (i32 | i64)    row - shard.row_start, padded
              weights  n x f32            only with flags & 1, padded
+
+One id per bag (e.g. Criteo's categorical features) is common enough that its
+offsets, two thirds of such a request with int32 ids, are left out.
 
 Response::
 
@@ -59,6 +63,7 @@ Mean pooling travels as sum (the ranker divides by the bag lengths it knows).
 
 from __future__ import annotations
 
+import functools
 import struct
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -87,6 +92,7 @@ __all__ = [
     "encode_response",
     "framed_layout",
     "frames",
+    "request_key",
     "response_layout",
 ]
 
@@ -105,6 +111,7 @@ _REQ_MAGIC = b"FXPQ"
 _RESP_MAGIC = b"FXPR"
 _VERSION = 2
 _F_WEIGHTS = 1
+_F_ONE = 2  # one id per bag: no offsets on the wire
 _OPS = {"sum": 0, "mean": 0, "max": 1}
 _DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 _I64 = np.dtype(np.int64)
@@ -161,7 +168,11 @@ def encode_request(jobs: Sequence[RequestJob], mode: str) -> list[Buffer]:
         ids = job.ids if job.ids.dtype in (np.int32, np.int64) else job.ids.astype(np.int64)
         ids = np.ascontiguousarray(ids)
         flags = 0
-        body += [offs.data.cast("B"), ids.data.cast("B"), _ZEROS[: _pad(ids.nbytes)]]
+        if ids.size == offs.size - 1 and np.array_equal(offs, _one_per_bag(ids.size)):
+            flags |= _F_ONE
+        else:
+            body.append(offs.data.cast("B"))
+        body += [ids.data.cast("B"), _ZEROS[: _pad(ids.nbytes)]]
         if job.weights is not None:
             flags |= _F_WEIGHTS
             w = np.ascontiguousarray(job.weights, dtype=_F32)
@@ -170,6 +181,14 @@ def encode_request(jobs: Sequence[RequestJob], mode: str) -> list[Buffer]:
         names.append(name)
     blob = b"".join(names)
     return [b"".join(heads), blob, _ZEROS[: _pad(len(blob))], *body]
+
+
+@functools.lru_cache(maxsize=8)
+def _one_per_bag(n: int) -> npt.NDArray[np.int64]:
+    """``0, 1, .., n``: the offsets of ``n`` bags of one id each (read only; shared)."""
+    out = np.arange(n + 1, dtype=_I64)
+    out.flags.writeable = False
+    return out
 
 
 def _view(buf: memoryview, dtype: np.dtype[Any], count: int, pos: int) -> npt.NDArray[Any]:
@@ -208,15 +227,19 @@ def decode_request(data: Buffer) -> PoolRequest:
         except UnicodeDecodeError:
             raise InputError("pooling request: a table name is not utf-8") from None
         npos += name_len
-        if id_bytes not in (4, 8) or flags & ~_F_WEIGHTS or nb > MAX_BAGS:
+        one = flags & _F_ONE
+        if id_bytes not in (4, 8) or flags & ~(_F_WEIGHTS | _F_ONE) or nb > MAX_BAGS or (one and n != nb):
             raise InputError(f"pooling request: bad job header for table {table!r}")
-        need = 8 * (nb + 1) + n * id_bytes + _pad(n * id_bytes)
+        need = (0 if one else 8 * (nb + 1)) + n * id_bytes + _pad(n * id_bytes)
         if flags & _F_WEIGHTS:
             need += 4 * n + _pad(4 * n)
         if size < pos + need:
             raise InputError(f"pooling request of {size} bytes, its headers imply more")
-        offs = _view(buf, _I64, nb + 1, pos)
-        pos += 8 * (nb + 1)
+        if one:  # a new array each time: a server keeps it with the native jobs of the request's kind
+            offs = np.arange(nb + 1, dtype=_I64)
+        else:
+            offs = _view(buf, _I64, nb + 1, pos)
+            pos += 8 * (nb + 1)
         ids = _view(buf, np.dtype(np.int32 if id_bytes == 4 else np.int64), n, pos)
         pos += n * id_bytes + _pad(n * id_bytes)
         w = None
@@ -227,6 +250,36 @@ def decode_request(data: Buffer) -> PoolRequest:
     if pos != size:
         raise InputError(f"pooling request of {size} bytes, its headers imply {pos}")
     return PoolRequest("max" if op == 1 else "sum", jobs)
+
+
+def request_key(data: Buffer) -> tuple[bytes, int] | None:
+    """``(kind, ids)`` of a request: its head (``HEAD``, the ``JOB`` headers, the names) with every job's id
+    count zeroed, and its ids over all jobs (as its headers say: modulo 2**64); ``None`` when too short for its head or not a request.
+
+    Requests of one kind ask for the same tables, shards, bags, id widths, weights and op: they differ only in
+    their ids and offsets (a server binds them to the same native jobs: :mod:`flexemr.core.poolbind`).
+    O(jobs), in numpy.
+
+    >>> a = RequestJob("t", 0, np.array([0, 1, 3]), np.array([5, 9, 2], np.int32), None)
+    >>> b = RequestJob("t", 0, np.array([0, 0, 1]), np.array([7], np.int32), None)
+    >>> ka, kb = (request_key(b"".join(bytes(p) for p in encode_request([j], "sum"))) for j in (a, b))
+    >>> ka[0] == kb[0], ka[1], kb[1]
+    (True, 3, 1)
+    """
+    buf = memoryview(data).cast("B")
+    if buf.nbytes < _HEAD.size or bytes(buf[:4]) != _REQ_MAGIC:
+        return None
+    n_jobs = _HEAD.unpack_from(buf, 0)[3]
+    end = _HEAD.size + n_jobs * _REQ_JOB.size
+    if buf.nbytes < end:
+        return None
+    words = np.frombuffer(buf, np.uint64, 3 * n_jobs, _HEAD.size)  # per job: n, (B, shard), (name_len, ...)
+    end += int((words[2::3] & 0xFFFF).sum())
+    if buf.nbytes < end:
+        return None
+    key = bytearray(buf[:end])
+    np.frombuffer(key, np.uint64, 3 * n_jobs, _HEAD.size)[0::3] = 0
+    return bytes(key), int(words[0::3].sum())
 
 
 # ----------------------------------------------------------------- responses

@@ -5,11 +5,17 @@ server holds that it wants pooled (wire format: :mod:`flexemr.core.poolwire`);
 the service answers with one dense ``[B, dim]`` partial sum (or max) per
 shard, which the ranker adds up (hierarchical pooling, ``docs/locality.md``).
 
-Hot path, per request: the header is decoded in Python (O(jobs), not
-O(rows)); the jobs are :class:`~flexemr.core.kernel.PoolJob` s on views of the
-received message (ids, offsets, weights: no copy) writing into the response
-buffer (the kernel's output *is* the response); one native call pools them,
-off the event loop, on a worker thread, with the GIL released.  Requests that
+Hot path, per request: no Python per job.  A ranker sends requests of a few
+*kinds* (:func:`~flexemr.core.poolwire.request_key`: the same tables, shards
+and bags, other ids); the first request of a kind is decoded and checked in
+Python, and the native jobs of its kind are kept
+(:class:`~flexemr.core.poolbind.RequestTemplate`: tables, modes, where each
+job's values go in the response).  Every request is then bound to copies of
+those jobs in one native call that checks its layout and points them at the
+received message's ids, offsets and weights (no copy), writing into the
+response buffer (the kernel's output *is* the response); one native call
+pools every request bound, off the event loop, on a worker thread, with the
+GIL released.  Requests that
 arrive while a call runs (from any ranker) are queued and go together into
 the next native call, so a busy server makes fewer, bigger calls.  The event
 loop meanwhile keeps serving channels, control messages and heartbeats (the
@@ -37,8 +43,9 @@ from ..core import kernel
 from ..core.errors import InputError, TransportError
 from ..core.plan import Shard, ShardingPlan
 from ..core.pooling import PoolMode, accumulation_dtype
+from ..core.poolbind import BoundCall, RequestTemplate
 from ..core.poolwire import (FRAME, Buffer, FrameAssembler, FramedLayout, decode_request, encode_error, framed_layout,
-                             frames, response_layout)
+                             frames, request_key, response_layout)
 
 __all__ = ["MAX_RESPONSE_BYTES", "RESPONSE_ARENA_BYTES", "FramedAnswer", "PoolService", "ResponseArena"]
 
@@ -127,6 +134,25 @@ def _layouts(shapes: _Shapes, payload: int | None) -> tuple[bytes, list[int], in
 
 
 _Answer = Union[npt.NDArray[np.uint8], FramedAnswer]
+#: Request kinds a service keeps the native jobs of (a ranker sends a few: one per set of tables it pools here),
+#: and their jobs together (whatever kinds clients send, what is kept stays bounded).
+_MAX_KINDS = 64
+_MAX_KIND_JOBS = 1 << 15
+
+
+@dataclass(frozen=True)
+class _Kind:
+    """What every request of one kind (:func:`~flexemr.core.poolwire.request_key`) is answered with: the head
+    and size of its ok response, the zero padding (``(at, bytes)``) and native jobs of the plain layout, and the
+    framed layout (``None`` without an arena, or when the head or a row is larger than a frame) and its jobs."""
+
+    head: npt.NDArray[np.uint8]
+    total: int
+    pads: list[tuple[int, int]]
+    plain: RequestTemplate
+    layout: FramedLayout | None
+    framed: RequestTemplate | None
+
 _Pending = tuple[Buffer, Optional[int], "asyncio.Future[list[Buffer] | FramedAnswer]"]
 _Answers = asyncio.Queue[Optional[tuple[int, "asyncio.Future[list[Buffer] | FramedAnswer]"]]]
 
@@ -162,6 +188,9 @@ class PoolService:
         self._queue: list[_Pending] = []
         self._busy = False
         self._arena = arena
+        #: (request kind (poolwire.request_key), frame payload or None) -> how its requests are answered
+        self._kinds: dict[tuple[bytes, int | None], _Kind] = {}
+        self._kind_jobs = 0
         #: requests answered, native calls made, rows (ids) pooled
         self.requests = 0
         self.calls = 0
@@ -169,12 +198,31 @@ class PoolService:
 
     # ------------------------------------------------------------ pooling
 
-    def _prepare(self, data: Buffer, payload: int | None = None) -> tuple[list[kernel.PoolJob], _Answer, int]:
-        """The kernel jobs of one request, writing into its response buffer (returned), and its rows.
+    def _kind(self, data: Buffer, payload: int | None) -> tuple[_Kind, int]:
+        """The :class:`_Kind` of request ``data`` come on a channel of frame payload ``payload`` (built at its
+        kind's first request, then cached) and its ids; :class:`InputError` for a malformed request (or one
+        this server cannot answer)."""
+        named = request_key(data)
+        if named is None:
+            decode_request(data)  # raises the precise error
+            raise InputError("not a flexemr pooling request")
+        key, ids = named
+        if self._arena is None:
+            payload = None
+        kind = self._kinds.get((key, payload))
+        if kind is None:
+            kind = self._new_kind(data, payload)
+            jobs = kind.plain.n_jobs
+            if jobs <= _MAX_KIND_JOBS:  # else answered, not kept
+                while self._kinds and (len(self._kinds) >= _MAX_KINDS or self._kind_jobs + jobs > _MAX_KIND_JOBS):
+                    self._kind_jobs -= self._kinds.pop(next(iter(self._kinds))).plain.n_jobs  # the oldest
+                self._kinds[(key, payload)] = kind
+                self._kind_jobs += jobs
+        return kind, ids
 
-        With ``payload`` (the channel's frame payload) and room in the arena, the response is laid out in
-        the arena as its frames (:func:`~flexemr.core.poolwire.framed_layout`): the kernel writes the
-        values where they are sent from."""
+    def _new_kind(self, data: Buffer, payload: int | None) -> _Kind:
+        """Decode one request (every check) and build the native jobs of its kind: for the plain response and,
+        with a frame ``payload``, for the framed one."""
         req = decode_request(data)
         fill = float("-inf") if req.op == "max" else 0.0
         found = []
@@ -186,38 +234,50 @@ class PoolService:
                 raise InputError("weights are only supported with sum pooling")
             found.append(entry)
         shapes = tuple((int(j.offsets.size) - 1, rows.shape[1], acc) for j, (rows, acc) in zip(req.jobs, found))
-        head, offsets, total, lay = _layouts(shapes, payload if self._arena is not None else None)
+        head, offsets, total, lay = _layouts(shapes, payload)
         mode: PoolMode = "max" if req.op == "max" else "sum"
-        rows_n = sum(int(j.ids.size) for j in req.jobs)
-        framed = self._framed(lay) if lay is not None else None
-        if framed is not None:
-            lay, base = framed
-            arena = self._arena
-            assert arena is not None
-            abuf = arena.buf
-            abuf[base + lay.head: base + lay.head + len(head)] = np.frombuffer(head, dtype=np.uint8)
-            for at, n in lay.pads:
-                abuf[base + at: base + at + n] = 0
-            jobs = []
-            for j, (rows, _), (row0, blocks) in zip(req.jobs, found, lay.rows):
-                jobs.append(kernel.PoolJob(rows, j.ids, j.offsets, mode, j.weights,
-                                           out=abuf[base + row0: base + lay.size], fill=fill, out_blocks=blocks))
-            return jobs, FramedAnswer(lay, base, arena.extent(lay.size), total), rows_n
         buf = np.empty(total, dtype=np.uint8)
-        buf[: len(head)] = np.frombuffer(head, dtype=np.uint8)
-        jobs = []
-        for j, (rows, acc), (nb, dim, _), off in zip(req.jobs, found, shapes, offsets):
-            n = nb * dim * acc.itemsize
-            buf[off + n : off + n + (-n % 8)] = 0
-            out = buf[off : off + n].view(acc).reshape(nb, dim)
-            jobs.append(kernel.PoolJob(rows, j.ids, j.offsets, mode, j.weights, out=out, fill=fill))
-        return jobs, buf, rows_n
+        plain = RequestTemplate(
+            [kernel.PoolJob(rows, j.ids, j.offsets, mode, j.weights, fill=fill,
+                            out=buf[off: off + nb * dim * acc.itemsize].view(acc).reshape(nb, dim))
+             for j, (rows, _), (nb, dim, acc), off in zip(req.jobs, found, shapes, offsets)], offsets)
+        pads = [(off + nb * dim * acc.itemsize, -(nb * dim * acc.itemsize) % 8)
+                for (nb, dim, acc), off in zip(shapes, offsets)]
+        framed = None
+        if lay is not None:
+            fbuf = np.empty(lay.size, dtype=np.uint8)
+            framed = RequestTemplate(
+                [kernel.PoolJob(rows, j.ids, j.offsets, mode, j.weights, out=fbuf[row0:], fill=fill, out_blocks=blocks)
+                 for j, (rows, _), (row0, blocks) in zip(req.jobs, found, lay.rows)], [r for r, _ in lay.rows])
+        return _Kind(np.frombuffer(head, dtype=np.uint8), total, [p for p in pads if p[1]], plain, lay, framed)
 
-    def _framed(self, lay: FramedLayout) -> tuple[FramedLayout, int] | None:
-        """The framed layout of the response and its place in the arena, or ``None`` (no room: copy it)."""
-        assert self._arena is not None
-        base = self._arena.take(lay.size)
-        return None if base is None else (lay, base)
+    def _bind(self, call: BoundCall, kind: _Kind, data: Buffer) -> _Answer:
+        """Bind one request to ``call``, writing into its response buffer (returned).
+
+        When its kind has a framed layout (it came with a frame payload) and the arena has room, the response
+        is laid out in the arena as its frames (:func:`~flexemr.core.poolwire.framed_layout`): the kernel
+        writes the values where they are sent from."""
+        lay, arena = kind.layout, self._arena
+        if lay is not None and kind.framed is not None and arena is not None:
+            base = arena.take(lay.size)
+            if base is not None:
+                abuf = arena.buf
+                abuf[base + lay.head: base + lay.head + kind.head.size] = kind.head
+                for at, n in lay.pads:
+                    abuf[base + at: base + at + n] = 0
+                answer = FramedAnswer(lay, base, arena.extent(lay.size), kind.total)
+                try:
+                    call.bind(kind.framed, data, abuf, base)
+                except BaseException:
+                    self.release(answer)
+                    raise
+                return answer
+        buf = np.empty(kind.total, dtype=np.uint8)
+        buf[: kind.head.size] = kind.head
+        for at, n in kind.pads:
+            buf[at: at + n] = 0
+        call.bind(kind.plain, data, buf)
+        return buf
 
     def handle_many(self, requests: Sequence[Buffer],
                     payloads: Sequence[int | None] | None = None) -> list[list[Buffer] | FramedAnswer]:
@@ -227,26 +287,27 @@ class PoolService:
         ``payloads``: per request, the frame payload of the channel it came on, or ``None``; a request
         with one may be answered by a :class:`FramedAnswer` (in the arena; :meth:`release` it once sent)."""
         answers: list[list[Buffer] | None] = [None] * len(requests)
-        jobs: list[kernel.PoolJob] = []
-        owner: list[int] = []
-        bufs: dict[int, tuple[_Answer, int]] = {}
+        kinds: list[tuple[_Kind, int] | None] = [None] * len(requests)
         for i, data in enumerate(requests):
             try:
-                req_jobs, buf, rows = self._prepare(data, None if payloads is None else payloads[i])
+                kinds[i] = self._kind(data, None if payloads is None else payloads[i])
             except (InputError, MemoryError) as exc:
                 answers[i] = encode_error(f"{type(exc).__name__}: {exc}")
+        call = BoundCall(sum(k[0].plain.n_jobs for k in kinds if k is not None))
+        bound: list[int] = []
+        bufs: dict[int, tuple[_Answer, int]] = {}
+        for i, k in enumerate(kinds):
+            if k is None:
                 continue
-            jobs += req_jobs
-            owner += [i] * len(req_jobs)
-            bufs[i] = buf, rows
-        results: list[npt.NDArray[Any] | BaseException]
-        try:
-            results = list(kernel.pool_each(jobs))
-        except (InputError, MemoryError) as exc:  # a job the kernel refused outright
-            results = [exc] * len(jobs)
-        for i, r in zip(owner, results):
-            if isinstance(r, BaseException) and answers[i] is None:
-                answers[i] = encode_error(f"{type(r).__name__}: {r}")
+            try:
+                bufs[i] = self._bind(call, k[0], requests[i]), k[1]
+                bound.append(i)
+            except (InputError, MemoryError) as exc:
+                answers[i] = encode_error(f"{type(exc).__name__}: {exc}")
+        errors = call.run()
+        for i, err in zip(bound, errors):
+            if err is not None:
+                answers[i] = encode_error(f"{type(err).__name__}: {err}")
         self.requests += len(requests)
         self.calls += 1
         out: list[list[Buffer] | FramedAnswer] = []
@@ -279,10 +340,14 @@ class PoolService:
     async def submit(self, data: Buffer, payload: int | None = None) -> list[Buffer] | FramedAnswer:
         """The response to one request, pooled off the event loop (batched with other waiting requests);
         with ``payload`` (the channel's frame payload) it may be a :class:`FramedAnswer`."""
+        return await self._enqueue(data, payload)
+
+    def _enqueue(self, data: Buffer, payload: int | None) -> asyncio.Future[list[Buffer] | FramedAnswer]:
+        """:meth:`submit` without a task: the future of the response."""
         fut: asyncio.Future[list[Buffer] | FramedAnswer] = asyncio.get_running_loop().create_future()
         self._queue.append((data, payload, fut))
         self._kick()
-        return await fut
+        return fut
 
     def _kick(self) -> None:
         if self._busy or not self._queue:
@@ -323,7 +388,7 @@ class PoolService:
                     break
                 for msg in msgs:
                     if msg is not None:
-                        answers.put_nowait((msg[0], asyncio.ensure_future(self.submit(msg[1], payload))))
+                        answers.put_nowait((msg[0], self._enqueue(msg[1], payload)))
         except (rdmaio.RdmaioError, TransportError) as exc:
             log.debug("pooling channel ended: %s", exc)
         finally:

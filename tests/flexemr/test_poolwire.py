@@ -197,21 +197,139 @@ def test_framed_answers_carry_the_plain_response_and_bad_requests_free_their_pla
     assert arena.free_bytes() == arena_buf.nbytes
 
 
-def test_response_layouts_are_computed_once_per_shape_and_oversized_answers_are_errors(
-        monkeypatch: pytest.MonkeyPatch) -> None:
-    """A ranker sends the same shapes batch after batch: the server lays the response out once per shape
-    (other ids, same layout, exact partials); a response over MAX_RESPONSE_BYTES is still an error response."""
+def fresh_service() -> PoolService:
+    return PoolService(PLAN, SHARDS, {sh.region_name: MODEL[sh.table][sh.row_start:sh.row_end] for sh in SHARDS})
+
+
+def kind_request(counts: list[int | None], mode: str = "sum", weights: bool = False, id_dtype: type = np.int32,
+                 rng: np.random.Generator = RNG) -> tuple[bytes, list[np.ndarray]]:
+    """One job per shard of s1, 3 bags, ``counts[i]`` ids in job i (bags of random sizes, empty ones too; ``None``:
+    one id per bag)."""
+    jobs, want = [], []
+    for sh, n_ids in zip(SHARDS, counts):
+        n = sh.row_end - sh.row_start
+        if n_ids is None:
+            n_ids, offs = 3, np.arange(4)
+        else:
+            cuts = np.sort(rng.integers(0, n_ids + 1, 2))
+            offs = np.array([0, cuts[0], cuts[1], n_ids])
+        ids = rng.integers(0, n, n_ids).astype(id_dtype)
+        w = rng.standard_normal(n_ids).astype(np.float32) if weights else None
+        jobs.append(RequestJob(sh.table, sh.index, offs, ids, w))
+        want.append(pool(MODEL[sh.table][sh.row_start + ids.astype(np.int64)], offs, mode, w))
+    return joined(encode_request(jobs, mode)), want
+
+
+def test_requests_of_one_kind_are_laid_out_once_and_bound_in_place(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A ranker sends requests of one kind batch after batch (same tables, shards, bags; other ids, other id
+    counts): the server decodes and lays out the first one only, binds the others to the same native jobs in
+    place, and their partials are exact; another kind (id width, weights, op) is a kind of its own; a response
+    over MAX_RESPONSE_BYTES is still an error response."""
     from flexemr.server import pooling
 
+    svc = fresh_service()
     pooling._layouts.cache_clear()
-    for _ in range(3):
-        data, want = good_request()
-        got = decode_response(joined(SERVICE.handle(data)), [w.shape for w in want])
+    for counts in ([7, 5], [0, 9], [12, 1]):
+        data, want = kind_request(counts)
+        got = decode_response(joined(svc.handle(data)), [w.shape for w in want])
         for g, w in zip(got, want):
             np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-5)
-    info = pooling._layouts.cache_info()
-    assert (info.misses, info.hits) == (1, 2)
+    assert len(svc._kinds) == 1 and pooling._layouts.cache_info().misses == 1
+    for mode, weights, id_dtype in (("sum", True, np.int32), ("sum", False, np.int64), ("max", False, np.int32)):
+        data, want = kind_request([4, 6], mode, weights, id_dtype)
+        got = decode_response(joined(svc.handle(data)), [w.shape for w in want])
+        for g, w in zip(got, want):
+            if mode == "max":
+                w = np.where(np.isneginf(g), g, w)  # empty bags: -inf from the server, 0 from the oracle
+            np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-5)
+    assert len(svc._kinds) == 4
     monkeypatch.setattr(pooling, "MAX_RESPONSE_BYTES", 64)
     pooling._layouts.cache_clear()
-    assert "more than 64" in error_of(data)
+    assert "more than 64" in error_of_service(fresh_service(), data)
     pooling._layouts.cache_clear()
+
+
+def error_of_service(svc: PoolService, data: bytes) -> str:
+    with pytest.raises(TransportError) as info:
+        decode_response(joined(svc.handle(data)), [(3, 8)])
+    return str(info.value)
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.data())
+def test_corrupted_requests_of_a_known_kind_get_error_responses(data: st.DataObject) -> None:
+    """Bytes past the head (and the id counts, which a kind leaves open) corrupted, cut or extended in a request
+    of a kind the server knows: an error response or exact partials, never an exception, and the good requests
+    pooled in the same native call stay exact."""
+    svc = fresh_service()
+    weights = data.draw(st.booleans())
+    rng = np.random.default_rng(data.draw(st.integers(0, 1 << 16)))
+    one = data.draw(st.booleans())  # the second job: one id per bag (no offsets on the wire)
+    good, want = kind_request([5, None if one else 4], "sum", weights, rng=rng)
+    svc.handle(good)  # the kind is known from now on
+    buf = bytearray(kind_request([data.draw(st.integers(0, 9)), None if one else data.draw(st.integers(0, 9))], "sum",
+                                 weights, rng=rng)[0])
+    head = 12 + 24 * len(SHARDS)
+    for _ in range(data.draw(st.integers(0, 4))):  # the body
+        buf[data.draw(st.integers(head, len(buf) - 1))] = data.draw(st.integers(0, 255))
+    for _ in range(data.draw(st.integers(0, 2))):  # an id count (u64 at the start of a job header)
+        at = 12 + 24 * data.draw(st.integers(0, len(SHARDS) - 1)) + data.draw(st.integers(0, 7))
+        buf[at] = data.draw(st.integers(0, 255))
+    msg = bytes(buf)
+    cut = data.draw(st.sampled_from(["none", "cut", "extend"]))
+    if cut == "cut":
+        msg = msg[: data.draw(st.integers(head, len(msg)))]
+    elif cut == "extend":
+        msg += bytes(data.draw(st.sampled_from([4, 8, 16])))
+    answers = svc.handle_many([good, msg, good])
+    assert joined(answers[1])[:4] == b"FXPR"
+    assert len(svc._kinds) <= 2  # the known kind, and the message's if it decodes to another (e.g. one id per bag)
+    for i in (0, 2):
+        for g, w in zip(decode_response(joined(answers[i]), [w.shape for w in want]), want):
+            np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-5)
+
+
+def test_one_id_per_bag_travels_without_offsets() -> None:
+    """Bags of one id each (Criteo's categorical features) are sent without offsets (flags & 2): the request is
+    smaller by B + 1 int64s per job, decodes to offsets 0..B, and its kind pools exactly, batch after batch;
+    the same tables with other bags are another kind."""
+    svc = fresh_service()
+    ids = np.array([1, 0, 2], np.int32)
+    one, plain = (joined(encode_request([RequestJob(sh.table, sh.index, np.array(offs), ids, None) for sh in SHARDS],
+                                        "sum")) for offs in ([0, 1, 2, 3], [0, 2, 2, 3]))
+    assert len(plain) - len(one) == 2 * 4 * 8 and decode_request(one).jobs[0].offsets.tolist() == [0, 1, 2, 3]
+    for _ in range(3):
+        one, want = kind_request([None, None], "sum", True)
+        got = decode_response(joined(svc.handle(one)), [w.shape for w in want])
+        for g, w in zip(got, want):
+            np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-5)
+    assert len(svc._kinds) == 1
+    svc.handle(kind_request([4, 4], "sum", True)[0])
+    assert len(svc._kinds) == 2
+    bad = bytearray(one)
+    bad[12:20] = (2).to_bytes(8, "little")  # job 0 claims 2 ids for its 3 bags of one id
+    assert "bad job header" in error_of_service(svc, bytes(bad))
+
+
+def test_the_kinds_a_server_keeps_stay_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
+    """However many kinds of request clients send, a server keeps at most _MAX_KINDS of them and _MAX_KIND_JOBS
+    jobs in all (the oldest go first); a kind larger than that is answered, exactly, without being kept."""
+    from flexemr.server import pooling
+
+    monkeypatch.setattr(pooling, "_MAX_KINDS", 3)
+    monkeypatch.setattr(pooling, "_MAX_KIND_JOBS", 8)
+    svc = fresh_service()
+    sh = SHARDS[0]
+
+    def request(jobs: int, bags: int) -> tuple[bytes, np.ndarray]:
+        ids = np.arange(bags, dtype=np.int32) % (sh.row_end - sh.row_start)
+        offs = np.arange(bags + 1)
+        want = MODEL[sh.table][sh.row_start + ids.astype(np.int64)]
+        return joined(encode_request([RequestJob(sh.table, sh.index, offs, ids, None)] * jobs, "sum")), want
+
+    for jobs, bags in ((2, 1), (2, 2), (2, 3), (3, 4), (9, 5), (4, 6)):
+        data, want = request(jobs, bags)
+        for g in decode_response(joined(svc.handle(data)), [want.shape] * jobs):
+            np.testing.assert_allclose(g, want, rtol=1e-6)
+        assert len(svc._kinds) <= 3 and svc._kind_jobs == sum(k.plain.n_jobs for k in svc._kinds.values()) <= 8
+    assert [k.plain.n_jobs for k in svc._kinds.values()] == [3, 4]  # (9, 5) was not kept; (4, 6) evicted two
