@@ -145,7 +145,7 @@ int64_t fxc_probe_split(const int64_t *tkeys, const int64_t *tvals, int64_t mask
                         int64_t *log_tail, const int64_t *ids, int64_t n, const int64_t *offsets, int64_t num_bags,
                         const float *w, int64_t admit, int64_t max_id, int64_t *dkeys, int64_t *didx, int64_t dmask,
                         int64_t *uslot, int64_t *ucount, int64_t *inv, int64_t *hit_slot, int64_t *hit_off,
-                        float *hit_w, int64_t *adm_pos, int64_t *adm_off, int64_t *rest_pos, int64_t *rest_off,
+                        float *hit_w, int64_t *adm_pos, int64_t *adm_off, int64_t *miss_pos, int64_t *miss_off,
                         uint8_t *here, int64_t *counts) {
     if (num_bags < 0 || offsets[0] != 0 || offsets[num_bags] != n)
         return -1;
@@ -206,10 +206,10 @@ int64_t fxc_probe_split(const int64_t *tkeys, const int64_t *tvals, int64_t mask
     }
     if (log_tail)
         *log_tail = tail;
-    int64_t nh = 0, na = 0, nr = 0;
+    int64_t nh = 0, na = 0, nm = 0;
     hit_off[0] = 0;
     adm_off[0] = 0;
-    rest_off[0] = 0;
+    miss_off[0] = 0;
     int64_t multi = 0, start = 0;
     for (int64_t b = 0; b < num_bags; b++) {
         int64_t rest = 0, end = offsets[b + 1];
@@ -226,9 +226,10 @@ int64_t fxc_probe_split(const int64_t *tkeys, const int64_t *tvals, int64_t mask
                 here[k] = 1;
             } else if (ucount[u] >= admit) {
                 adm_pos[na++] = k;
+                miss_pos[nm++] = k;
                 here[k] = 1;
             } else {
-                rest_pos[nr++] = k;
+                miss_pos[nm++] = k;
                 here[k] = 0;
                 rest++;
             }
@@ -238,7 +239,7 @@ int64_t fxc_probe_split(const int64_t *tkeys, const int64_t *tvals, int64_t mask
         start = end;
         hit_off[b + 1] = nh;
         adm_off[b + 1] = na;
-        rest_off[b + 1] = nr;
+        miss_off[b + 1] = nm;
     }
     counts[0] = nu;
     counts[1] = uhits;

@@ -61,8 +61,9 @@ int64_t fxc_lru_compact(int64_t *log_tick, int64_t *log_slot, int64_t head, int6
  * hit, logged as in fxc_probe).  A miss whose id occurs at least `admit`
  * times is admitted (read raw, then cached).  Out, in occurrence order and
  * grouped by bag: hit_slot[0..nh), hit_off[num_bags + 1], hit_w (weights,
- * when w != NULL); adm_pos[0..na) (positions k), adm_off[num_bags + 1]; the other occurrences ("the rest")
- * likewise in rest_pos[0..n - nh - na), rest_off[num_bags + 1];
+ * when w != NULL); adm_pos[0..na) (positions k), adm_off[num_bags + 1]; every miss (admitted or not)
+ * likewise in miss_pos[0..n - nh), miss_off[num_bags + 1] (what is read raw when the table is not pooled
+ * by servers: one read per table);
  * here[k] = 1 for hits and admitted occurrences, else 0; inv[k] the
  * distinct id's index.  uslot and ucount
  * are scratch of n entries.  counts[0] receives the distinct ids, counts[1]
@@ -76,7 +77,7 @@ int64_t fxc_probe_split(const int64_t *tkeys, const int64_t *tvals, int64_t mask
                         int64_t *log_tail, const int64_t *ids, int64_t n, const int64_t *offsets, int64_t num_bags,
                         const float *w, int64_t admit, int64_t max_id, int64_t *dkeys, int64_t *didx, int64_t dmask,
                         int64_t *uslot, int64_t *ucount, int64_t *inv, int64_t *hit_slot, int64_t *hit_off,
-                        float *hit_w, int64_t *adm_pos, int64_t *adm_off, int64_t *rest_pos, int64_t *rest_off,
+                        float *hit_w, int64_t *adm_pos, int64_t *adm_off, int64_t *miss_pos, int64_t *miss_off,
                         uint8_t *here, int64_t *counts);
 
 /* RowCache.insert of n sorted unique ids (keys key_base | ids[i]) with an LRU log, n <= capacity: row i

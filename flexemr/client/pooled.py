@@ -222,8 +222,10 @@ class _Table:
     filled: bool = False
     #: whether servers may pool it: not when the cache left mostly bags of one row (as many bytes either way)
     poolable: bool = True
-    #: what the cache's probe left (neither hit nor admitted): positions and bag offsets
-    rest: tuple[IntArray, IntArray] | None = None
+    #: the cache's probe: the admitted misses (read raw, then cached) and every miss, admitted or not (read raw
+    #: in one part when servers do not pool the table), as positions and bag offsets
+    admitted: tuple[IntArray, IntArray] | None = None
+    misses: tuple[IntArray, IntArray] | None = None
 
     @property
     def fill(self) -> float:
@@ -265,6 +267,13 @@ class _Local:
     weights: F32 | None
     uniq: IntArray = field(default_factory=lambda: np.zeros(0, np.int64))
     inverse: IntArray = field(default_factory=lambda: np.zeros(0, np.int64))
+
+
+def _add_local(tab: _Table, part: tuple[IntArray, IntArray] | None, local: list[_Local]) -> None:
+    """The occurrences of ``tab`` at positions ``part[0]`` (bags by ``part[1]``), if any, to raw reads pooled here."""
+    if part is not None and part[0].size:
+        pos, offs = part
+        local.append(_Local(tab, tab.ids[pos], offs, None if tab.weights is None else tab.weights[pos]))
 
 
 @dataclass(eq=False)
@@ -370,7 +379,9 @@ class Pooler:
             if pooled:
                 remote, parted = self._partition(tabs, skips, local)
             for tab, skip in zip(tabs, skips):
-                if tab.table not in parted:
+                if tab.table in parted:
+                    _add_local(tab, tab.admitted, local)
+                else:
                     self._keep_local(tab, skip, local)
             # a lookup that bypasses the cache does not fill it either (inserting every row read would
             # cost what bypassing saves); the cache keeps its rows for the next lookups that probe it
@@ -438,27 +449,26 @@ class Pooler:
                 hits.append(HitJob(cache.rows.rows_view(tab.table), r.hit_slots, r.hit_offsets, r.hit_weights,
                                    tab.kmode, out, tab.fill))
             self.metrics.local_pooled_rows += int(r.hit_slots.size)
-        if r.admitted.size:
-            local.append(_Local(tab, tab.ids[r.admitted], r.admitted_offsets,
-                                None if tab.weights is None else tab.weights[r.admitted]))
+        if r.admitted.size:  # read raw: alone if servers pool the table, else with the rest (_keep_local)
+            tab.admitted = (r.admitted, r.admitted_offsets)
         # PoolingCost.prior's rule for the whole table: servers pool bags of 2+ rows; a rest mostly in bags of
         # one row moves as many bytes pooled as raw, and would cost a partition and the servers' CPU
         tab.poolable = 2 * r.rest_in_multi >= r.rest
-        if r.rest_positions is not None and r.rest_offsets is not None:
-            tab.rest = (r.rest_positions, r.rest_offsets)
+        if r.miss_positions is not None and r.miss_offsets is not None:
+            tab.misses = (r.miss_positions, r.miss_offsets)
         return r.served
 
     def _keep_local(self, tab: _Table, skip: npt.NDArray[np.bool_] | None, local: list[_Local]) -> None:
-        """Every occurrence not served yet (``skip``) to raw reads pooled here."""
+        """Every occurrence not pooled yet to raw reads pooled here: those not served (``skip``) and the admitted
+        misses, in one part (one read and one fill per table; the probe's split gave them by bag)."""
         if skip is None:
             if tab.ids.size:
                 local.append(_Local(tab, tab.ids, tab.offsets, tab.weights))
             return
-        if tab.rest is not None:  # the probe's split gave them as positions by bag (~skip)
-            pos, offs = tab.rest
-            if pos.size:
-                local.append(_Local(tab, tab.ids[pos], offs, None if tab.weights is None else tab.weights[pos]))
+        if tab.misses is not None:
+            _add_local(tab, tab.misses, local)
             return
+        _add_local(tab, tab.admitted, local)
         rest = ~skip
         if rest.any():
             local.append(_Local(tab, tab.ids[rest], _sub_offsets(tab.offsets, rest),

@@ -12,7 +12,8 @@ array is numpy's, passed by pointer, and the calls release the GIL (cffi).
 * :func:`probe_split` -- a pooled lookup's occurrences deduplicated (hash, no
   sort), probed (each distinct id one use) and split into hits (pooled from
   the cache's arena), admitted misses (read, then cached) and the rest, in
-  one pass.
+  one pass; it also gives every miss (admitted or not) by bag, for one raw
+  read per table.
 """
 
 from __future__ import annotations
@@ -50,8 +51,8 @@ class Split(NamedTuple):
     distinct_hits: int                          #: distinct ids cached
     rest: int = 0                               #: occurrences neither hit nor admitted
     rest_in_multi: int = 0                      #: of those, the ones in bags holding 2 or more of them
-    rest_positions: IntArray | None = None      #: their positions, by bag (``~served`` as positions)
-    rest_offsets: IntArray | None = None        #: their bag offsets
+    miss_positions: IntArray | None = None      #: positions of every miss (admitted or not), by bag
+    miss_offsets: IntArray | None = None        #: their bag offsets (one raw read per table for all its misses)
 
 
 def _p64(a: npt.NDArray[Any]) -> Any:
@@ -311,7 +312,7 @@ def probe_split(index: _HashIndex, lru: _LruLog | None, slot_key: IntArray, last
     n, nb = int(a64.size), int(offs.size) - 1
     dkeys = index.scratch(n)[0]
     pk, pd, pu, pc, pi = index._scratch_ptrs
-    out = np.empty(3 * n + 3 * nb + 3, np.int64)  # hit slots, admitted and rest positions; their bag offsets
+    out = np.empty(3 * n + 3 * nb + 3, np.int64)  # hit slots, admitted and miss positions; their bag offsets
     po = _p64(out)
     here = np.empty(n, dtype=np.bool_)
     hit_w = None if w is None else np.empty(n, dtype=np.float32)
@@ -337,4 +338,4 @@ def probe_split(index: _HashIndex, lru: _LruLog | None, slot_key: IntArray, last
     nr = n - nh - na
     o = 3 * n + nb + 1
     return Split(out[:nh], out[3 * n : o], None if hit_w is None else hit_w[:nh], out[n : n + na], out[o : o + nb + 1],
-                 here, nu, uh, nr, multi, out[2 * n : 2 * n + nr], out[o + nb + 1 :])
+                 here, nu, uh, nr, multi, out[2 * n : 3 * n - nh], out[o + nb + 1 :])
