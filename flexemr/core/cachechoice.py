@@ -133,17 +133,20 @@ class CacheChoice:
                 float(np.median(self._challenger)) < (1.0 - self.margin) * float(np.median(mine)):
             self.probe = not self.probe
             self.switches += 1
-            self._interval = self.explore_every
             self._before = deque(self._challenger[-self.run:], maxlen=self.run)
+            self._next_in(self.explore_every)
         else:
-            self._interval = min(2 * self._interval, self.max_explore_every)
             if self._after:
                 self._before = deque(self._after[-self.run:], maxlen=self.run)
-        self._phase = 0
-        self._next_trial = self._lookups + self._interval
+            self._end_trial()
 
     def _end_trial(self) -> None:
-        """End a trial without a verdict (its challenger's lookups were not timed); the next one comes later."""
-        self._interval = min(2 * self._interval, self.max_explore_every)
+        """End a trial that keeps the current way (the challenger not faster, or its lookups not timed): the next
+        one comes later."""
+        self._next_in(min(2 * self._interval, self.max_explore_every))
+
+    def _next_in(self, interval: int) -> None:
+        """No trial running; the next one ``interval`` lookups from now."""
+        self._interval = interval
         self._phase = 0
-        self._next_trial = self._lookups + self._interval
+        self._next_trial = self._lookups + interval
