@@ -431,12 +431,9 @@ class RowCache:
             # contiguous int64 ids (what the client inserts, sorted unique) in one native pass that checks them
             n = int(ids.size)
             payload = self._rows_in(tidx, table, rows, n)
-            tick0 = self._clock
-            self._clock += n
-            done = insert_lru(self._index, lru, tidx << _ROW_BITS, ids, payload, self._arena,
-                              self._slot_key, self._last_use, self._freq, self._free, self._nfree, tick0, _MAX_ROW)
-            self._clock = tick0
-            if isinstance(done, tuple):
+            done = insert_lru(self._index, lru, tidx << _ROW_BITS, ids, payload, self._arena, self._slot_key,
+                              self._last_use, self._freq, self._free, self._nfree, self._clock, _MAX_ROW)
+            if isinstance(done, tuple):  # uses from tick self._clock on, one per id
                 self._clock += n
                 self._nfree, added, evicted = done
                 self.stats.inserts += added
