@@ -454,8 +454,7 @@ class Pooler:
         # PoolingCost.prior's rule for the whole table: servers pool bags of 2+ rows; a rest mostly in bags of
         # one row moves as many bytes pooled as raw, and would cost a partition and the servers' CPU
         tab.poolable = 2 * r.rest_in_multi >= r.rest
-        if r.miss_positions is not None and r.miss_offsets is not None:
-            tab.misses = (r.miss_positions, r.miss_offsets)
+        tab.misses = (r.miss_positions, r.miss_offsets)
         return r.served
 
     def _keep_local(self, tab: _Table, skip: npt.NDArray[np.bool_] | None, local: list[_Local]) -> None:
@@ -465,14 +464,8 @@ class Pooler:
             if tab.ids.size:
                 local.append(_Local(tab, tab.ids, tab.offsets, tab.weights))
             return
-        if tab.misses is not None:
-            _add_local(tab, tab.misses, local)
-            return
-        _add_local(tab, tab.admitted, local)
-        rest = ~skip
-        if rest.any():
-            local.append(_Local(tab, tab.ids[rest], _sub_offsets(tab.offsets, rest),
-                                None if tab.weights is None else tab.weights[rest]))
+        assert tab.misses is not None  # a probed table (skip: its served occurrences): the probe gave its misses
+        _add_local(tab, tab.misses, local)
 
     def _partition(self, tabs: list[_Table], skips: list[npt.NDArray[np.bool_] | None],
                    local: list[_Local]) -> tuple[dict[str, _Remote], set[str]]:

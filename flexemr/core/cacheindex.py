@@ -49,10 +49,10 @@ class Split(NamedTuple):
     served: BoolArray                           #: per occurrence: a hit or admitted
     distinct: int                               #: distinct ids
     distinct_hits: int                          #: distinct ids cached
-    rest: int = 0                               #: occurrences neither hit nor admitted
-    rest_in_multi: int = 0                      #: of those, the ones in bags holding 2 or more of them
-    miss_positions: IntArray | None = None      #: positions of every miss (admitted or not), by bag
-    miss_offsets: IntArray | None = None        #: their bag offsets (one raw read per table for all its misses)
+    rest: int                                   #: occurrences neither hit nor admitted
+    rest_in_multi: int                          #: of those, the ones in bags holding 2 or more of them
+    miss_positions: IntArray                    #: positions of every miss (admitted or not), by bag
+    miss_offsets: IntArray                      #: their bag offsets (one raw read per table for all its misses)
 
 
 def _p64(a: npt.NDArray[Any]) -> Any:
