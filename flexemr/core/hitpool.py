@@ -79,33 +79,20 @@ def pool_hits(jobs: Sequence[HitJob], threads: int | None = None) -> None:
     if n == 0:
         return
     arr = kernel.ffi.new("fxk_job[]", n)
-    from_buffer, ptr = kernel.ffi.from_buffer, kernel._ptr
-    keep = []
-    for i, h in enumerate(jobs):
+    ptr = kernel._ptr
+    for i, h in enumerate(jobs):  # the arrays stay alive in ``jobs`` until the call returns
         _check(h)
         rows, out = h.rows, h.out
         j = arr[i]
-        j.rows = p = ptr(rows)
-        keep.append(p)
-        j.row_stride = rows.strides[0]
-        j.num_rows = rows.shape[0]
-        j.dim = rows.shape[1]
-        j.dtype = kernel._DTYPES[rows.dtype]
+        kernel._Call._table(j, rows, kernel._DTYPES[rows.dtype], rows.shape[1], h.slots)
         j.mode = kernel._MODES[h.mode]
-        j.ids = p = from_buffer("int64_t[]", h.slots)
-        keep.append(p)
-        j.id_bytes = 8
-        j.n_ids = h.slots.size
-        j.offsets = p = from_buffer("int64_t[]", h.offsets)
-        keep.append(p)
+        j.offsets = ptr(h.offsets, "int64_t[]")
         j.num_bags = h.offsets.size - 1
         if h.weights is not None:
-            j.weights = p = from_buffer("float[]", h.weights)
-            keep.append(p)
+            j.weights = ptr(h.weights, "float[]")
         if h.fill:
             j.fill = float(h.fill)
-        j.out = p = ptr(out)
-        keep.append(p)
+        j.out = ptr(out)
         j.out_stride = out.strides[0]
     rc = kernel.lib.fxk_run(arr, n, kernel.get_threads() if threads is None else kernel._check_threads(threads))
     if rc != kernel.lib.FXK_OK:
