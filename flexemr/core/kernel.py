@@ -407,21 +407,25 @@ class _Call:
         return out
 
     def _raise(self, i: int, what: str) -> None:
-        j = self.jobs[i]
-        where = f"{what} {i}: " if what else ""
-        if j.status == lib.FXK_OK:
-            return
-        if j.status == lib.FXK_EBADID:
-            ids = self.ids[i]
-            pos = int(j.bad_pos)
-            raise InputError(f"{where}id {int(ids[pos])} at position {pos} is out of range for a table of "
-                             f"{int(j.num_rows)} rows")
-        if j.status == lib.FXK_EOFFSETS:
-            raise InputError(f"{where}offsets must start at 0, be non-decreasing and end at len(ids) = "
-                             f"{int(j.n_ids)}")
-        if j.status == lib.FXK_ENOMEM:
-            raise MemoryError("the embedding kernel could not allocate its task list")
-        raise InputError(f"{where}invalid arguments (kernel status {int(j.status)})")
+        exc = _job_error(self.jobs[i], f"{what} {i}: " if what else "")
+        if exc is not None:
+            raise exc
+
+
+def _job_error(j: Any, where: str = "") -> InputError | MemoryError | None:
+    """The error of native job ``j`` after ``fxk_run`` (``None``: it succeeded), its message prefixed by ``where``;
+    the bad id is read where the job read it."""
+    if j.status == lib.FXK_OK:
+        return None
+    if j.status == lib.FXK_EBADID:
+        pos = int(j.bad_pos)
+        bad = int(ffi.cast("int32_t *" if j.id_bytes == 4 else "int64_t *", j.ids)[pos])
+        return InputError(f"{where}id {bad} at position {pos} is out of range for a table of {int(j.num_rows)} rows")
+    if j.status == lib.FXK_EOFFSETS:
+        return InputError(f"{where}offsets must start at 0, be non-decreasing and end at len(ids) = {int(j.n_ids)}")
+    if j.status == lib.FXK_ENOMEM:
+        return MemoryError("the embedding kernel could not allocate its task list")
+    return InputError(f"{where}invalid arguments (kernel status {int(j.status)})")
 
 
 # ------------------------------------------------------------------ API

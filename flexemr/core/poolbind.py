@@ -43,9 +43,6 @@ from .poolwire import Buffer, decode_request
 
 __all__ = ["BoundCall", "RequestTemplate"]
 
-_ID_TYPES = {4: "int32_t *", 8: "int64_t *"}
-
-
 class RequestTemplate:
     """The native jobs of every pooling request of one kind (module docstring).
 
@@ -117,19 +114,7 @@ class BoundCall:
         for r, (first, n) in enumerate(self._spans):
             for i in range(first, first + n):
                 if self._jobs[i].status != lib.FXK_OK:
-                    out[r] = _error(self._jobs[i], i - first)
+                    out[r] = kernel._job_error(self._jobs[i], f"job {i - first}: ")
                     break
         return out
 
-
-def _error(j: Any, i: int) -> InputError | MemoryError:
-    """The error of native job ``j``, job ``i`` of its request (as :func:`flexemr.core.kernel.pool_each` words it)."""
-    if j.status == lib.FXK_EBADID:
-        pos = int(j.bad_pos)
-        bad = int(ffi.cast(_ID_TYPES[int(j.id_bytes)], j.ids)[pos])
-        return InputError(f"job {i}: id {bad} at position {pos} is out of range for a table of {int(j.num_rows)} rows")
-    if j.status == lib.FXK_EOFFSETS:
-        return InputError(f"job {i}: offsets must start at 0, be non-decreasing and end at len(ids) = {int(j.n_ids)}")
-    if j.status == lib.FXK_ENOMEM:
-        return MemoryError("the embedding kernel could not allocate its task list")
-    return InputError(f"job {i}: invalid arguments (kernel status {int(j.status)})")
