@@ -228,13 +228,12 @@ class Channel:
         credits), then every write is awaited together.  Messages already posted when an error is
         raised still complete.
         """
-        futs: list[asyncio.Future[Any]] = []
+        writes = _Writes(asyncio.get_running_loop())
         try:
             for buffers in messages:
-                futs.append(await self._start_send(buffers))
+                writes.add(await self._start_send(buffers))
         finally:
-            if futs:
-                await self._await_writes(futs)
+            await self._await_writes(writes)
 
     async def _stage(self, buffers: Iterable[Buffer]) -> tuple[int, int, int, int]:
         """Take a credit (waiting while there is none), copy one message into its slot behind the
@@ -244,6 +243,19 @@ class Channel:
         n = sum(p.nbytes for p in parts)
         if n > self.max_message:
             raise UsageError(f"message of {n} bytes exceeds this channel's {self.max_message}-byte slots")
+        slot = await self._take_slot()
+        base = slot * self.slot_size
+        ring = self._send_ring
+        imm = self._header(ring, base, n, slot)
+        pos = base + HEADER.size
+        for p in parts:
+            ring[pos:pos + p.nbytes] = np.frombuffer(p, dtype=np.uint8)
+            pos += p.nbytes
+        return base, base, HEADER.size + n, imm
+
+    async def _take_slot(self) -> int:
+        """Take a credit (waiting while there is none: :meth:`_check_send` after each wait) and the next
+        send slot."""
         self._check_send()
         while self._credits == 0:
             await self._wait()
@@ -251,16 +263,15 @@ class Channel:
         self._credits -= 1
         slot = self._tx_slot
         self._tx_slot = (slot + 1) % self.slots
-        base = slot * self.slot_size
-        ring = self._send_ring
-        HEADER.pack_into(ring, base, n, self._tx_seq)  # type: ignore[arg-type]
+        return slot
+
+    def _header(self, buf: Any, at: int, n: int, slot: int) -> int:
+        """Write the header of the next ``n``-byte message at ``buf[at]``; the immediate of its write to
+        ``slot`` (the credits owed to the peer go back with it)."""
+        HEADER.pack_into(buf, at, n, self._tx_seq)
         self._tx_seq = (self._tx_seq + 1) & 0xFFFFFFFF
-        pos = base + HEADER.size
-        for p in parts:
-            ring[pos:pos + p.nbytes] = np.frombuffer(p, dtype=np.uint8)
-            pos += p.nbytes
         owed, self._owed = min(self._owed, MAX_CREDITS), self._owed - min(self._owed, MAX_CREDITS)
-        return base, base, HEADER.size + n, pack_imm(self.id, owed, slot)
+        return pack_imm(self.id, owed, slot)
 
     async def _start_send(self, buffers: Iterable[Buffer]) -> asyncio.Future[Any]:
         """Copy one message into its slot and post its write; the write's future (not awaited)."""
@@ -298,18 +309,9 @@ class Channel:
                 if n > self.max_message:
                     raise UsageError(f"message of {n} bytes exceeds this channel's {self.max_message}-byte slots")
                 region._check_local(offset, HEADER.size + n)
-                self._check_send()
-                while self._credits == 0:
-                    await self._wait()
-                    self._check_send()
-                self._credits -= 1
-                slot = self._tx_slot
-                self._tx_slot = (slot + 1) % self.slots
-                HEADER.pack_into(view, offset, n, self._tx_seq)
-                self._tx_seq = (self._tx_seq + 1) & 0xFFFFFFFF
-                owed, self._owed = min(self._owed, MAX_CREDITS), self._owed - min(self._owed, MAX_CREDITS)
+                slot = await self._take_slot()
                 args = (region, region.addr + offset, slot * self.slot_size, HEADER.size + n,
-                        pack_imm(self.id, owed, slot))
+                        self._header(view, offset, n, slot))
                 try:
                     fut = self._post_from(*args, False)  # no task when the queue pair has a free slot
                 except (EndpointBrokenError, ClosedError) as exc:
@@ -319,22 +321,18 @@ class Channel:
                     fut = asyncio.ensure_future(self._post_from(*args, True))
                 writes.add(fut)
         finally:
-            writes.seal()
-            await asyncio.shield(writes.fut)  # a cancelled sender leaves the writes be
-            if writes.error is not None:
-                if isinstance(writes.error, (EndpointBrokenError, ClosedError)):
-                    self._fail(writes.error)
-                raise writes.error
+            await self._await_writes(writes)
 
-    async def _await_writes(self, futs: list[asyncio.Future[Any]]) -> None:
-        """Wait until every write in ``futs`` is done (shielded: a cancelled sender leaves them be), then
-        raise the first one's error, if any: the memory they read from is free again once this returns."""
-        results = await asyncio.shield(asyncio.gather(*futs, return_exceptions=True))
-        for r in results:
-            if isinstance(r, BaseException):
-                if isinstance(r, (EndpointBrokenError, ClosedError)):
-                    self._fail(r)
-                raise r
+    async def _await_writes(self, writes: _Writes) -> None:
+        """Wait until every write added to ``writes`` is done (shielded: a cancelled sender leaves them be),
+        then raise the first failed one's error, if any: the memory they read from is free again once this
+        returns."""
+        writes.seal()
+        await asyncio.shield(writes.fut)
+        if writes.error is not None:
+            if isinstance(writes.error, (EndpointBrokenError, ClosedError)):
+                self._fail(writes.error)
+            raise writes.error
 
     async def _write(self, local: int, remote: int, length: int, imm: int) -> None:
         fut = asyncio.ensure_future(self._post(local, remote, length, imm))
@@ -517,9 +515,9 @@ class Channel:
 
 
 class _Writes:
-    """Writes awaited together (:meth:`Channel.send_region`): ``fut`` is done once every write added is
-    and :meth:`seal` was called; ``error`` is the first write's error, if any.  One done-callback per
-    write, no gathering future."""
+    """Writes awaited together (:meth:`Channel.send_many`, :meth:`Channel.send_region`): ``fut`` is done
+    once every write added is and :meth:`seal` was called; ``error`` is the first failed write's error, if
+    any.  One done-callback per write, no gathering future."""
 
     __slots__ = ("fut", "left", "sealed", "error")
 
