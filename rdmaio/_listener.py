@@ -194,7 +194,7 @@ class Listener:
         if msg["t"] == "attach":
             session.link.attach(sock, msg["qp"])
         else:
-            session.link.attach_reverse(sock)
+            session.link.attach_reverse(sock, pull=msg.get("pull") is True)
 
     # -- the application: a session's requests ------------------------------------------------
     def _get_key(self, session: _Session, msg: dict[str, Any]) -> dict[str, Any]:

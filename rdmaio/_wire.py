@@ -13,7 +13,12 @@ Data (one queue pair = one stream connection after its ``attach`` handshake)
     Requests are a 48-byte header — ``u8 op, u8 flags, u16 0, u32 count,
     u64 wr_id, u64 key, u64 remote, u64 arg0, u64 arg1`` — followed, for batch
     ops, by ``count`` entries ``{u64 remote, u64 length}`` and, for writes, by
-    the payload.  ``arg0`` is the length (READ/WRITE), the addend (FETCH_ADD)
+    the payload.  A WRITE or WRITE_IMM with flag :data:`PULL` carries, instead
+    of its payload, ``{u64 source, u64 generation address, u64 generation}``:
+    same host only, the target copies the payload from the initiator's memory
+    at ``source`` (``process_vm_readv``) and fails the write (status
+    INVALID_REQUEST, no immediate) unless the ``u64`` at the generation address
+    holds the generation before and after the copy (see ``rio.c``).  ``arg0`` is the length (READ/WRITE), the addend (FETCH_ADD)
     or the expected value (CMP_SWAP); ``arg1`` is the swap value.  Responses
     are a 24-byte header — ``u8 op, u8 status, u16 0, u32 0, u64 wr_id,
     u64 value`` — followed, for successful reads, by ``value`` payload bytes.
@@ -43,6 +48,7 @@ __all__ = [
     "MAX_CONTROL_FRAME",
     "MAX_OP_BYTES",
     "PREAMBLE",
+    "PULL",
     "PROTOCOL_VERSION",
     "ControlCodec",
     "Op",
@@ -64,6 +70,9 @@ MAX_OP_BYTES = 1 << 30
 REQ_HDR = struct.Struct("<BBHIQQQQQ")
 RESP_HDR = struct.Struct("<BBHIQQ")
 ENTRY = struct.Struct("<QQ")
+#: request flag: the write's payload is pulled from the initiator's memory (same host)
+PULL = 1
+PULL_TRAILER = struct.Struct("<QQQ")
 _LEN = struct.Struct("<I")
 
 #: control message types and the keys each one must carry
@@ -84,7 +93,9 @@ CONTROL_TYPES: dict[str, tuple[str, ...]] = {
     "auth": ("nonce", "mac"),  # client -> listener: the answer
     "ping": (),  # client -> server on the control connection (heartbeat)
     "pong": (),  # server -> client
-    "attach_reverse": ("session",),  # client -> server: a queue pair on which the SERVER initiates (channels)
+    # client -> server: a queue pair on which the SERVER initiates (channels); tcp may add "pull": True (the
+    # client copies large writes' payloads from the server's memory itself, same host; see transports/tcp.py)
+    "attach_reverse": ("session",),
     "channel_open": ("id", "name", "slots", "slot_size", "ring"),  # client -> server; ring: client's key
     "channel": ("id", "chan", "ring"),  # server -> client: channel id and the server's ring key
 }
@@ -125,9 +136,13 @@ class Request:
     arg1: int = 0
     entries: tuple[tuple[int, int], ...] = ()  # batch ops: (remote, length)
     payload: bytes = b""  # writes
+    #: a pulled write (flag PULL): (source address, generation word address, generation), no payload
+    pull: tuple[int, int, int] | None = None
 
     @property
     def payload_length(self) -> int:
+        if self.pull is not None:
+            return 0
         if self.op in (Op.WRITE, Op.WRITE_IMM):
             return self.arg0
         if self.op == Op.WRITE_BATCH:
@@ -149,10 +164,13 @@ class Response:
 def encode_request(req: Request) -> list[Buffer]:
     """Buffers for ``req`` (header, entries, payload) — the payload is not copied."""
     count = len(req.entries) if req.op in (Op.READ_BATCH, Op.WRITE_BATCH) else 1
-    out: list[Buffer] = [REQ_HDR.pack(req.op, 0, 0, count, req.wr_id, req.key, req.remote, req.arg0, req.arg1)]
+    flags = 0 if req.pull is None else PULL
+    out: list[Buffer] = [REQ_HDR.pack(req.op, flags, 0, count, req.wr_id, req.key, req.remote, req.arg0, req.arg1)]
     if req.entries:
         out.append(b"".join(ENTRY.pack(r, n) for r, n in req.entries))
-    if req.payload:
+    if req.pull is not None:
+        out.append(PULL_TRAILER.pack(*req.pull))
+    elif req.payload:
         out.append(req.payload)
     return out
 
@@ -185,7 +203,7 @@ class RequestDecoder(_Decoder):
     >>> d = RequestDecoder()
     >>> d.receive_data(b"".join(encode_request(Request(Op.READ, 1, 99, 0, 8))))
     >>> d.next_events()
-    [Request(op=<Op.READ: 1>, wr_id=1, key=99, remote=0, arg0=8, arg1=0, entries=(), payload=b'')]
+    [Request(op=<Op.READ: 1>, wr_id=1, key=99, remote=0, arg0=8, arg1=0, entries=(), payload=b'', pull=None)]
     """
 
     def next_events(self) -> list[Request]:
@@ -195,10 +213,14 @@ class RequestDecoder(_Decoder):
                 raise self._error
             if len(self._buf) < REQ_HDR.size:
                 return events
-            op, _flags, _rsv, count, wr, key, remote, arg0, arg1 = REQ_HDR.unpack_from(self._buf)
+            op, flags, _rsv, count, wr, key, remote, arg0, arg1 = REQ_HDR.unpack_from(self._buf)
             if op not in Op._value2member_map_:
                 raise self._fail(f"unknown request opcode {op}")
             op = Op(op)
+            if flags & ~PULL:
+                raise self._fail(f"unknown request flags {flags:#x}")
+            if flags & PULL and op not in (Op.WRITE, Op.WRITE_IMM):
+                raise self._fail(f"flag PULL on a {op.name}")
             need = REQ_HDR.size
             entries: tuple[tuple[int, int], ...] = ()
             if op in (Op.READ_BATCH, Op.WRITE_BATCH):
@@ -216,7 +238,13 @@ class RequestDecoder(_Decoder):
                     raise self._fail(f"single operation with count {count}")
                 if op in (Op.READ, Op.WRITE, Op.WRITE_IMM) and arg0 > MAX_OP_BYTES:
                     raise self._fail(f"operation of {arg0} bytes exceeds MAX_OP_BYTES")
-            req = Request(op, wr, key, remote, arg0, arg1, entries)
+            pull = None
+            if flags & PULL:
+                need += PULL_TRAILER.size
+                if len(self._buf) < need:
+                    return events
+                pull = PULL_TRAILER.unpack_from(self._buf, REQ_HDR.size)
+            req = Request(op, wr, key, remote, arg0, arg1, entries, pull=pull)
             plen = req.payload_length
             if len(self._buf) < need + plen:
                 return events

@@ -34,11 +34,27 @@
  * - A closed conn is freed only after every worker that could see it has
  *   finished a round after the close (graveyard + reference count).
  *
+ * Same-host single copy ("pulled" writes).  On a UNIX-socket connection
+ * whose responder may read the initiator's memory (process_vm_readv; checked
+ * at attach time, see transports/tcp.py), a large WRITE / WRITE_IMM carries no
+ * payload: the responder validates it as usual, then copies the bytes from the
+ * initiator's buffer straight into region memory.  One copy instead of two
+ * (into the socket, out of it), and none by the initiator.  The buffer's
+ * lifetime is the initiator's usual contract (untouched until the
+ * completion); after the initiator closes the connection (and may release its
+ * memory) a pull still queued must not land, so each pulled request names a
+ * generation word in the initiator's memory and its value at posting time:
+ * the responder reads it before and after the copy, and a changed value turns
+ * the write into an error, without its immediate.  rio_conn_close bumps the
+ * word before the initiator can release anything.
+ *
  * Wire layout (little-endian; see rdmaio/_wire.py for the reference codec):
  *   request  48 B: u8 op, u8 flags, u16 0, u32 count, u64 wr_id, u64 key,
  *                  u64 remote, u64 arg0, u64 arg1
  *            batch ops append count x {u64 remote, u64 length};
- *            writes append the payload.
+ *            writes append the payload, or with flag PULL (1; WRITE and
+ *            WRITE_IMM only) 24 B {u64 source address, u64 generation word
+ *            address, u64 generation} in the initiator's memory.
  *   response 24 B: u8 op, u8 status, u16 0, u32 0, u64 wr_id, u64 value
  *            successful reads append `value` payload bytes.
  */
@@ -83,6 +99,10 @@
 #define RIO_PE_BAD_LEN 5
 #define RIO_PE_NOMEM 6
 #define RIO_PE_MISUSE 7
+
+#define RIO_F_PULL 1u /* request flag: the payload is pulled from the initiator's memory */
+#define PULL_TRAILER 24
+#define PULL_SLOTS 4096u /* initiators that post pulled writes at once (per process) */
 
 #define RIO_ACC_READ 1u
 #define RIO_ACC_WRITE 2u
@@ -230,7 +250,7 @@ typedef struct {
     uint64_t one_addr, one_len; /* inline sge for single reads */
 } slot_t;
 
-enum { IN_HDR = 0, IN_ENTRIES, IN_PAYLOAD };
+enum { IN_HDR = 0, IN_ENTRIES, IN_PAYLOAD, IN_PULL };
 
 struct rio_conn {
     int fd;
@@ -240,7 +260,11 @@ struct rio_conn {
     uint32_t sq_depth;
     uint64_t out_pending;
     uint64_t ops_served;
+    uint64_t ops_pulled;   /* responder: writes whose payload it pulled; initiator: pulled writes posted */
     /* private */
+    int32_t pull_pid;      /* responder: the initiator's pid, whose memory pulled writes read (0: refused) */
+    uint64_t pull_min;     /* initiator: writes of at least this many bytes are posted pulled (0: never) */
+    int32_t gen_slot;      /* initiator: its generation word in pull_gens (-1: none) */
     rio_rtable *rt;
     pthread_mutex_t in_lock;
     int closed;
@@ -256,6 +280,9 @@ struct rio_conn {
     uint8_t hdr[REQ_HDR];
     /* current request (responder) */
     int r_op;
+    int r_pull;
+    uint8_t r_trailer[PULL_TRAILER];
+    uint32_t r_trailer_have;
     uint32_t r_count;
     uint64_t r_wr, r_key, r_remote, r_arg0, r_arg1;
     uint8_t *ebuf;
@@ -374,9 +401,40 @@ static void mark_dead(rio_worker *w, rio_conn *c, int code) {
     c->p_region = NULL;
 }
 
+/* Generation words of initiators that post pulled writes: never freed (a
+ * responder may read one after its connection is gone); a slot is reused
+ * after its word was bumped, so requests posted under an old value fail. */
+static uint64_t pull_gens[PULL_SLOTS];
+static uint32_t pull_free[PULL_SLOTS];
+static uint32_t pull_nfree;
+static int pull_init;
+static pthread_mutex_t pull_lock = PTHREAD_MUTEX_INITIALIZER;
+
+static int32_t gen_slot_take(void) {
+    int32_t slot = -1;
+    pthread_mutex_lock(&pull_lock);
+    if (!pull_init) {
+        for (uint32_t i = 0; i < PULL_SLOTS; i++) pull_free[i] = PULL_SLOTS - 1 - i;
+        pull_nfree = PULL_SLOTS;
+        pull_init = 1;
+    }
+    if (pull_nfree) slot = (int32_t)pull_free[--pull_nfree];
+    pthread_mutex_unlock(&pull_lock);
+    return slot;
+}
+
+/* end every pull posted under the slot's current value, then give the slot back */
+static void gen_slot_give(int32_t slot) {
+    __atomic_add_fetch(&pull_gens[slot], 1, __ATOMIC_SEQ_CST);
+    pthread_mutex_lock(&pull_lock);
+    pull_free[pull_nfree++] = (uint32_t)slot;
+    pthread_mutex_unlock(&pull_lock);
+}
+
 rio_conn *rio_conn_new(int fd, uint32_t id, int kind, rio_rtable *t, uint32_t sq_depth) {
     rio_conn *c = calloc(1, sizeof(*c));
     if (!c) return NULL;
+    c->gen_slot = -1;
     c->fd = fd;
     c->id = id;
     c->kind = kind;
@@ -420,8 +478,28 @@ int rio_conn_attach(rio_conn *c, rio_worker *w) {
     return rc == 0 ? 0 : -errno;
 }
 
+int rio_conn_pull(rio_conn *c, int32_t pid, uint64_t min_bytes) {
+    if (c->closed) return -RIO_PE_MISUSE;
+    if (c->kind == KIND_RESPONDER) {
+        if (pid < 0) return -RIO_PE_MISUSE;
+        c->pull_pid = pid;
+        return 0;
+    }
+    if (c->gen_slot < 0 && min_bytes) {
+        c->gen_slot = gen_slot_take();
+        if (c->gen_slot < 0) return -RIO_PE_NOMEM;
+    }
+    c->pull_min = min_bytes;
+    return 0;
+}
+
 void rio_conn_close(rio_conn *c) {
     if (c->closed) return;
+    /* before the caller may release local memory: pulls still queued at the peer fail */
+    if (c->gen_slot >= 0) {
+        gen_slot_give(c->gen_slot);
+        c->gen_slot = -1;
+    }
     int n = c->nworkers;
     if (n == 0) {
         c->closed = 1;
@@ -727,6 +805,40 @@ static int materialize_reads(rio_conn *c) {
     return 0;
 }
 
+static int pull_range(pid_t pid, uint64_t dst, uint64_t src, uint64_t n) {
+    while (n > 0) {
+        struct iovec l = {(void *)(uintptr_t)dst, n}, r = {(void *)(uintptr_t)src, n};
+        ssize_t got = process_vm_readv(pid, &l, 1, &r, 1, 0);
+        if (got < 0 && errno == EINTR) continue;
+        if (got <= 0) return -1;
+        dst += (uint64_t)got;
+        src += (uint64_t)got;
+        n -= (uint64_t)got;
+    }
+    return 0;
+}
+
+int rio_pull_read(int32_t pid, uint64_t remote, uint8_t *out, uint64_t n) {
+    if (pid <= 0) return -EINVAL;
+    return pull_range((pid_t)pid, (uint64_t)(uintptr_t)out, remote, n) ? -errno : 0;
+}
+
+/* A pulled write's payload, copied from the initiator into region r (held
+ * busy): RIO_ST_OK, or RIO_ST_INV_REQ when this connection takes no pulls,
+ * the initiator's memory cannot be read, or its generation word moved (the
+ * initiator closed the connection: its memory may be reused). */
+static int pull_payload(rio_conn *c, rio_region *r) {
+    uint64_t src = ld64(c->r_trailer), gen_at = ld64(c->r_trailer + 8), gen = ld64(c->r_trailer + 16), now = 0;
+    pid_t pid = (pid_t)c->pull_pid;
+    if (pid <= 0) return RIO_ST_INV_REQ;
+    if (pull_range(pid, (uint64_t)(uintptr_t)&now, gen_at, 8) || now != gen) return RIO_ST_INV_REQ;
+    if (pull_range(pid, r->addr + c->r_remote, src, c->r_arg0)) return RIO_ST_INV_REQ;
+    __atomic_thread_fence(__ATOMIC_SEQ_CST);
+    if (pull_range(pid, (uint64_t)(uintptr_t)&now, gen_at, 8) || now != gen) return RIO_ST_INV_REQ;
+    c->ops_pulled++;
+    return RIO_ST_OK;
+}
+
 /* called once a request's header (and entries) are complete */
 static int responder_dispatch(rio_worker *w, rio_conn *c) {
     rio_region *r = NULL;
@@ -763,7 +875,8 @@ static int responder_dispatch(rio_worker *w, rio_conn *c) {
         uint64_t total = c->r_op == RIO_OP_WRITE_BATCH ? batch_total(c) : c->r_arg0;
         if (materialize_reads(c)) return -RIO_PE_NOMEM;
         st = validate(c, RIO_ACC_WRITE, &r);
-        if (total == 0) {
+        if (c->r_pull && st == RIO_ST_OK && total) st = pull_payload(c, r);
+        if (total == 0 || c->r_pull) {
             region_release(r);
             c->in_state = IN_HDR;
             if (c->r_op == RIO_OP_WRITE_IMM && st == RIO_ST_OK && record_rx(w, c->id, (uint32_t)c->r_arg1))
@@ -892,6 +1005,8 @@ static int initiator_header(rio_worker *w, rio_conn *c, const uint8_t *h) {
 
 static int responder_header(rio_worker *w, rio_conn *c, const uint8_t *h) {
     c->r_op = h[0];
+    if (h[1] & ~RIO_F_PULL) return -RIO_PE_BAD_OP;
+    c->r_pull = h[1] & RIO_F_PULL;
     c->r_count = ld32(h + 4);
     c->r_wr = ld64(h + 8);
     c->r_key = ld64(h + 16);
@@ -915,6 +1030,12 @@ static int responder_header(rio_worker *w, rio_conn *c, const uint8_t *h) {
     if (c->r_count != 1) return -RIO_PE_BAD_COUNT;
     if ((c->r_op == RIO_OP_READ || c->r_op == RIO_OP_WRITE || c->r_op == RIO_OP_WRITE_IMM) && c->r_arg0 > MAX_OP_BYTES)
         return -RIO_PE_TOO_BIG;
+    if (c->r_pull) {
+        if (c->r_op != RIO_OP_WRITE && c->r_op != RIO_OP_WRITE_IMM) return -RIO_PE_BAD_OP;
+        c->r_trailer_have = 0;
+        c->in_state = IN_PULL;
+        return 0;
+    }
     return responder_dispatch(w, c);
 }
 
@@ -939,6 +1060,18 @@ static int64_t process(rio_worker *w, rio_conn *c, const uint8_t *p, uint64_t n)
             int rc = payload_consume(w, c, p + used, k);
             if (rc) return rc;
             used += k;
+            continue;
+        }
+        if (c->in_state == IN_PULL) {
+            uint32_t need = PULL_TRAILER - c->r_trailer_have;
+            uint64_t k = n - used < need ? n - used : need;
+            memcpy(c->r_trailer + c->r_trailer_have, p + used, k);
+            c->r_trailer_have += (uint32_t)k;
+            used += k;
+            if (c->r_trailer_have == PULL_TRAILER) {
+                int rc = responder_dispatch(w, c);
+                if (rc) return rc;
+            }
             continue;
         }
         if (c->in_state == IN_ENTRIES) {
@@ -1230,10 +1363,11 @@ int rio_worker_poll(rio_worker *w, int timeout_ms) {
 
 /* ---- posting (event-loop thread) --------------------------------------------- */
 
-static int post_header(rio_conn *c, int op, uint32_t count, uint64_t wr, uint64_t key, uint64_t remote,
+static int post_header(rio_conn *c, int op, int flags, uint32_t count, uint64_t wr, uint64_t key, uint64_t remote,
                        uint64_t arg0, uint64_t arg1) {
     uint8_t h[REQ_HDR] = {0};
     h[0] = (uint8_t)op;
+    h[1] = (uint8_t)flags;
     st32(h + 4, count);
     st64(h + 8, wr);
     st64(h + 16, key);
@@ -1270,8 +1404,18 @@ int rio_post_single(rio_conn *c, uint32_t slot, uint64_t wr_id, int op, uint64_t
         s->nsge = 1;
         s->expect = arg0;
     }
-    if (post_header(c, op, 1, wr_id, key, remote, arg0, arg1)) return -RIO_PE_NOMEM;
-    if (op == RIO_OP_WRITE || op == RIO_OP_WRITE_IMM) {
+    int pull = (op == RIO_OP_WRITE || op == RIO_OP_WRITE_IMM) && c->pull_min && arg0 >= c->pull_min &&
+               c->gen_slot >= 0;
+    if (post_header(c, op, pull ? RIO_F_PULL : 0, 1, wr_id, key, remote, arg0, arg1)) return -RIO_PE_NOMEM;
+    if (pull) {
+        uint8_t t[PULL_TRAILER];
+        uint64_t *word = &pull_gens[c->gen_slot];
+        st64(t, local);
+        st64(t + 8, (uint64_t)(uintptr_t)word);
+        st64(t + 16, __atomic_load_n(word, __ATOMIC_SEQ_CST));
+        if (out_bytes(c, t, PULL_TRAILER)) return -RIO_PE_NOMEM;
+        c->ops_pulled++;
+    } else if (op == RIO_OP_WRITE || op == RIO_OP_WRITE_IMM) {
         if (arg0 <= SMALL_COPY ? out_bytes(c, (void *)(uintptr_t)local, arg0)
                                : seg_push(c, local, arg0, NULL, 0))
             return -RIO_PE_NOMEM;
@@ -1300,7 +1444,7 @@ int rio_post_batch(rio_conn *c, uint32_t slot, uint64_t wr_id, int op, uint64_t 
         s->nsge = count;
         s->expect = total;
     }
-    if (post_header(c, op, count, wr_id, key, 0, 0, 0)) return -RIO_PE_NOMEM;
+    if (post_header(c, op, 0, count, wr_id, key, 0, 0, 0)) return -RIO_PE_NOMEM;
     if (ob_reserve(c, (uint64_t)count * ENTRY)) return -RIO_PE_NOMEM;
     uint8_t *e = c->obuf + c->ob_len;
     for (uint32_t i = 0; i < count; i++) {

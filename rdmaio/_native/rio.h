@@ -63,12 +63,19 @@ struct rio_conn {
     uint32_t sq_depth;
     uint64_t out_pending;  /* bytes queued for output, not yet sent */
     uint64_t ops_served;   /* responder: requests executed */
+    uint64_t ops_pulled;   /* responder: writes whose payload it pulled; initiator: pulled writes posted */
     ...;
 };
 
 rio_conn *rio_conn_new(int fd, uint32_t id, int kind, rio_rtable *t, uint32_t sq_depth);
 /* add to a worker's epoll set (a conn may be shared by several workers) */
 int rio_conn_attach(rio_conn *c, rio_worker *w);
+/* Same-host single copy (see rio.c).  Responder: take pulled writes from the
+ * process pid (0: refuse them).  Initiator: post writes of at least min_bytes
+ * pulled (0: never).  Returns 0, or -RIO_PE_* (no generation word free). */
+int rio_conn_pull(rio_conn *c, int32_t pid, uint64_t min_bytes);
+/* copy n bytes at remote in process pid into out (process_vm_readv): 0 or -errno */
+int rio_pull_read(int32_t pid, uint64_t remote, uint8_t *out, uint64_t n);
 /* detach from every worker and free once no worker can still see it;
  * the fd is not closed (the Python socket object owns it) */
 void rio_conn_close(rio_conn *c);

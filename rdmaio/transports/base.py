@@ -377,8 +377,9 @@ class ServerLink(abc.ABC):
         """Take over ``sock``, a data connection for queue pair ``qp`` (ProtocolError if unexpected)."""
         raise ProtocolError("this session has no data connections to attach")
 
-    def attach_reverse(self, sock: socket.socket) -> None:
-        """Take over ``sock`` as the queue pair on which this side writes to the client."""
+    def attach_reverse(self, sock: socket.socket, pull: bool = False) -> None:
+        """Take over ``sock`` as the queue pair on which this side writes to the client (``pull``: the
+        client asked to copy large writes' payloads from this process itself, same host)."""
         raise ProtocolError("this session has no reverse queue pair to attach")
 
     def reset(self, msg: dict[str, Any]) -> dict[str, Any]:

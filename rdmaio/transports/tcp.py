@@ -14,6 +14,20 @@ payloads straight into the local buffers and records completions.
 The target side (:class:`TcpResponder`) needs no Python per request: the
 worker's native round parses requests, checks key, bounds and access against
 the region table and executes them on registered memory.
+
+Same host, one copy.  Over a UNIX socket, the channels' reverse queue pair
+(the server writes messages into the client's ring) carries writes of at
+least :attr:`TcpTransport.PULL_MIN_BYTES` without their payload: the client's
+worker copies the bytes from the server's memory straight into the ring
+(``process_vm_readv``), after the usual key, bounds and access checks.  That
+is one copy instead of two (into the socket, out of it), none of them on the
+server.  The client asks for it when attaching the reverse queue pair, only
+after it read the listener's probe (a random token at an address the welcome
+names) from the process at the other end of its data sockets
+(``SO_PEERCRED``): a host where it may not read that process's memory
+(another user, a ptrace policy) keeps plain writes.  Writes that the server
+gave up on (its connection closed, its memory perhaps reused) do not land:
+see ``rio.c``.
 """
 
 from __future__ import annotations
@@ -23,6 +37,7 @@ import logging
 import os
 import secrets
 import socket
+import struct
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -52,8 +67,8 @@ from .base import (
 if TYPE_CHECKING:
     from .._region import MemoryRegion
 
-__all__ = ["TcpClientLink", "TcpQueuePair", "TcpResponder", "TcpServerLink", "TcpTransport", "describe_death",
-           "host_identity"]
+__all__ = ["TcpClientLink", "TcpQueuePair", "TcpResponder", "TcpServerLink", "TcpTransport", "can_pull",
+           "describe_death", "host_identity", "peer_pid"]
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +93,27 @@ def describe_death(code: int) -> str:
     if code > 0:
         return f"connection error: {os.strerror(code)}"
     return f"protocol error from peer: {_PROTOCOL_ERRORS.get(-code, str(code))}"
+
+
+def peer_pid(sock: socket.socket) -> int:
+    """The pid of the process at the other end of UNIX socket ``sock`` (0 when unknown)."""
+    if sock.family != socket.AF_UNIX or not hasattr(socket, "SO_PEERCRED"):
+        return 0
+    try:
+        pid, _uid, _gid = struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
+                                                              struct.calcsize("3i")))
+    except OSError:
+        return 0
+    return max(pid, 0)
+
+
+def can_pull(pid: int, probe: Any) -> bool:
+    """Whether this process reads ``probe`` (``[address, token]`` from a welcome) in process ``pid``."""
+    if pid <= 0 or not (isinstance(probe, list) and len(probe) == 2 and isinstance(probe[0], int)
+                        and isinstance(probe[1], bytes) and 0 < len(probe[1]) <= 64 and 0 < probe[0] < 2**64):
+        return False
+    out = ffi.new("uint8_t[]", len(probe[1]))
+    return lib.rio_pull_read(pid, probe[0], out, len(probe[1])) == 0 and bytes(out) == probe[1]
 
 
 class TcpQueuePair(QueuePair):
@@ -106,6 +142,15 @@ class TcpQueuePair(QueuePair):
 
     def __repr__(self) -> str:
         return f"<TcpQueuePair conn={self.conn_id} in_flight={len(self._pending)}>"
+
+    def pull_writes(self, min_bytes: int) -> bool:
+        """Post writes of at least ``min_bytes`` pulled (the peer copies the payload from this process)."""
+        return self._c is not None and lib.rio_conn_pull(self._c, 0, min_bytes) == 0
+
+    @property
+    def pulled(self) -> int:
+        """Writes posted pulled so far."""
+        return int(self._c.ops_pulled) if self._c is not None else 0
 
     # -- posting ---------------------------------------------------------------
     def _refused(self, slot: int, rc: int, what: str) -> None:
@@ -215,7 +260,8 @@ class TcpResponder:
     __slots__ = ("_sock", "conn_id", "_on_dead_cb", "on_imm", "_c")
 
     def __init__(self, sock: socket.socket, conn_id: int, rtable: Any, worker: Worker,
-                 on_dead: Callable[[TcpResponder, int], None], on_imm: ImmHook | None = None) -> None:
+                 on_dead: Callable[[TcpResponder, int], None], on_imm: ImmHook | None = None,
+                 pull_pid: int = 0) -> None:
         self._sock = sock
         self.conn_id = conn_id
         self._on_dead_cb = on_dead
@@ -224,10 +270,17 @@ class TcpResponder:
         self._c = lib.rio_conn_new(sock.fileno(), conn_id, KIND_RESPONDER, rtable, 0)
         if self._c == ffi.NULL:
             raise MemoryError("could not allocate a native connection")
+        if pull_pid:  # before the worker sees it: the peer may post pulled writes at once
+            lib.rio_conn_pull(self._c, pull_pid, 0)
         rc = lib.rio_conn_attach(self._c, worker.c)
         if rc:
             lib.rio_conn_close(self._c)
             raise OSError(-rc, os.strerror(-rc))
+
+    @property
+    def pulled(self) -> int:
+        """Writes whose payload this responder copied from the peer's memory."""
+        return int(self._c.ops_pulled) if self._c is not None else 0
 
     def _complete(self, wr: int, status: int, value: int) -> None:  # responders have no completions
         pass
@@ -263,6 +316,9 @@ class TcpTransport(Transport):
     """Stream sockets; the region table the native responders check requests against."""
 
     name = "tcp"
+    #: same host: writes of at least this many bytes on a reverse queue pair are pulled by the client
+    #: (module docstring); 0 turns pulling off.  Below it, a plain write costs less than a pull.
+    PULL_MIN_BYTES = 32 << 10
 
     def __init__(self, options: TransportOptions) -> None:
         self._rt = lib.rio_rtable_new(options.max_regions)
@@ -271,6 +327,8 @@ class TcpTransport(Transport):
         self._max_regions = options.max_regions
         self._spin_us = options.poll_spin_us
         self._same_host = options.same_host_fast_path
+        #: what a same-host client reads from this process to learn that it may pull (see listen)
+        self._probe = ffi.new("uint8_t[]", secrets.token_bytes(16))
 
     def worker(self, index: int, router: Router, mode: str, loop: asyncio.AbstractEventLoop, group: int = 0,
                cpus: frozenset[int] | None = None) -> Worker:
@@ -314,6 +372,9 @@ class TcpTransport(Transport):
         try:
             for i in range(opts.nqp):
                 sock = await peer.attach({"t": "attach", "session": link.session, "qp": i}, link.unix)
+                if i == 0 and local and self.PULL_MIN_BYTES:
+                    pid = peer_pid(sock)
+                    link.pull_pid = pid if can_pull(pid, welcome.get("probe")) else 0
                 link.add_qp(sock, i)
         except BaseException:
             link.close()
@@ -337,7 +398,8 @@ class TcpTransport(Transport):
             u.close()
             log.debug("no UNIX fast path: %s", exc)
             return ListenSide([], {})
-        return ListenSide([u], {"unix": name, "host": host_identity()})
+        probe = [int(ffi.cast("uintptr_t", self._probe)), bytes(ffi.buffer(self._probe))]
+        return ListenSide([u], {"unix": name, "host": host_identity(), "probe": probe})
 
     def close(self) -> None:
         if self._rt is not None:
@@ -356,6 +418,8 @@ class TcpClientLink(ClientLink):
         self._hooks = hooks
         self.session = session
         self.unix = unix
+        #: the server's pid when this client may copy from its memory (same host, probed), else 0
+        self.pull_pid = 0
         self._reverse: TcpResponder | None = None
         self._reverse_lock = asyncio.Lock()
         self._closed = False
@@ -376,11 +440,16 @@ class TcpClientLink(ClientLink):
         async with self._reverse_lock:
             if self._reverse is not None or self._closed:
                 return
-            sock = await peer.attach({"t": "attach_reverse", "session": self.session}, self.unix)
+            msg: dict[str, Any] = {"t": "attach_reverse", "session": self.session}
+            if self.pull_pid:
+                msg["pull"] = True
+            sock = await peer.attach(msg, self.unix)
             o = self._opts
+            pid = self.pull_pid if self.pull_pid and peer_pid(sock) == self.pull_pid else 0
             try:
                 self._reverse = o.router.open(lambda cid: TcpResponder(sock, cid, self._t._rt, o.workers[0],
-                                                                       self._reverse_dead, self._hooks.on_imm))
+                                                                       self._reverse_dead, self._hooks.on_imm,
+                                                                       pull_pid=pid))
             except BaseException:
                 sock.close()
                 raise
@@ -422,14 +491,18 @@ class TcpServerLink(ServerLink):
         self.attached.add(qp)
         self.responders.append(r)
 
-    def attach_reverse(self, sock: socket.socket) -> None:
+    def attach_reverse(self, sock: socket.socket, pull: bool = False) -> None:
         if self.reverse is not None:
             raise ProtocolError("the session already has a reverse queue pair")
         o = self._opts
         if o.socket_buffer:  # channel messages (e.g. pooling responses) leave in large bursts too
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, o.socket_buffer)
-        self.reverse = o.router.open(lambda cid: TcpQueuePair(o.loop, sock, cid, [o.workers[0]], o.depth,
-                                                              o.op_timeout, self._reverse_broken))
+        qp = o.router.open(lambda cid: TcpQueuePair(o.loop, sock, cid, [o.workers[0]], o.depth,
+                                                    o.op_timeout, self._reverse_broken))
+        self.reverse = qp
+        if pull and sock.family == socket.AF_UNIX and self._t.PULL_MIN_BYTES and \
+                not qp.pull_writes(self._t.PULL_MIN_BYTES):
+            log.debug("reverse queue pair %d: no generation word free, writes stay plain", qp.conn_id)
 
     def _reverse_broken(self, exc: BaseException) -> None:
         self._hooks.on_broken(exc, None)

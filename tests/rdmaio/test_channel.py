@@ -520,3 +520,57 @@ async def test_a_sender_waiting_for_credits_ends_when_close_begins(
     assert got == [b"\x07" * 100]
     release.set()
     await ep.aclose()
+
+
+@pytest.mark.parametrize("pull_min", [32 << 10, 0])
+async def test_tcp_same_host_messages_are_pulled_by_the_receiver(monkeypatch: pytest.MonkeyPatch,
+                                                                 pull_min: int) -> None:
+    """Same host over tcp: the server's large channel messages reach the client's ring by one copy that the
+    client makes from the server's memory (pulled writes); small ones, and everything with pulling off
+    (``PULL_MIN_BYTES = 0``), travel in the stream.  Every message arrives intact and in order either way."""
+    from rdmaio.transports.tcp import TcpTransport
+
+    monkeypatch.setattr(TcpTransport, "PULL_MIN_BYTES", pull_min)
+    rng = np.random.default_rng(3)
+    sizes = [100, 40 << 10, 200 << 10, 5, 511 << 10, 64 << 10]
+    msgs = [rng.integers(0, 256, n, dtype=np.uint8).tobytes() for n in sizes]
+
+    async def echo(ch: rdmaio.Channel) -> None:
+        async for m in ch:
+            await ch.send([m])
+
+    async with rdmaio.Engine(transport="tcp") as server, rdmaio.Engine(transport="tcp") as client:
+        lst = await server.listen()
+        server.serve_channel("echo", echo)
+        ep = await client.connect("127.0.0.1", lst.port)
+        async with await ep.channel("echo", slots=4, slot_size=512 << 10) as ch:
+            for m in msgs * 3:
+                await ch.send([m])
+                assert await ch.recv() == m
+            (session,) = lst._sessions.values()
+            sent = session.link.reverse.pulled
+            got = ep._link._reverse.pulled  # type: ignore[union-attr]
+        await ep.aclose()
+    big = sum(n >= 32 << 10 for n in sizes) * 3
+    assert (sent, got) == ((big, big) if pull_min else (0, 0))
+
+
+async def test_tcp_pulls_need_the_same_host_fast_path() -> None:
+    """Without the UNIX-socket fast path (TCP between the engines) nothing is pulled."""
+    async with rdmaio.Engine(transport="tcp", same_host_fast_path=False) as server, \
+            rdmaio.Engine(transport="tcp", same_host_fast_path=False) as client:
+        lst = await server.listen()
+
+        async def echo(ch: rdmaio.Channel) -> None:
+            async for m in ch:
+                await ch.send([m])
+
+        server.serve_channel("echo", echo)
+        ep = await client.connect("127.0.0.1", lst.port)
+        async with await ep.channel("echo", slots=2, slot_size=256 << 10) as ch:
+            payload = bytes(range(256)) * 800
+            await ch.send([payload])
+            assert await ch.recv() == payload
+            (session,) = lst._sessions.values()
+            assert session.link.reverse.pulled == 0
+        await ep.aclose()

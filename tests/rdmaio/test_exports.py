@@ -31,7 +31,7 @@ INTERNAL = {
     "rdmaio.transports.base": {"ClientLink", "LinkHooks", "ListenSide", "Peer", "Pending", "QpOptions", "QueuePair",
                                "ServerLink", "SessionHooks", "Transport", "TransportOptions"},
     "rdmaio.transports.tcp": {"TcpClientLink", "TcpQueuePair", "TcpResponder", "TcpServerLink", "TcpTransport",
-                              "describe_death", "host_identity"},
+                              "can_pull", "describe_death", "host_identity", "peer_pid"},
     "rdmaio.transports._ibv": {"VerbsContext", "VerbsWorker", "as_int", "check_device_args", "check_remote",
                                "check_remote_batch", "parse_qp_attrs", "unavailable_reason"},
     "rdmaio.transports.verbs": {"VerbsClientLink", "VerbsQueuePair", "VerbsServerLink", "VerbsTransport"},

@@ -8,6 +8,7 @@ responder never touches memory outside a registered region.
 from __future__ import annotations
 
 import dataclasses
+import os
 import struct
 
 import msgpack
@@ -60,6 +61,8 @@ def requests(draw: st.DrawFn, max_len: int = 64) -> Request:
         n = draw(st.integers(0, max_len))
         payload = draw(st.binary(min_size=n, max_size=n)) if op != Op.READ else b""
         imm = draw(st.integers(0, 2**32 - 1)) if op == Op.WRITE_IMM else 0
+        if op != Op.READ and draw(st.booleans()):  # pulled: the payload stays at the initiator
+            return Request(op, wr, key, draw(u64), n, imm, pull=(draw(u64), draw(u64), draw(u64)))
         return Request(op, wr, key, draw(u64), n, imm, payload=payload)
     return Request(op, wr, key, draw(u64), draw(u64), draw(u64))
 
@@ -93,6 +96,23 @@ def test_responses_round_trip_split_anywhere(items: list[tuple[Op, Status, bytes
         dec.receive_data(piece)
         got += dec.next_events()
     assert got == resps
+
+
+@pytest.mark.parametrize(("op", "flags"), [(Op.WRITE, 2), (Op.WRITE, 0x81), (Op.READ, 1), (Op.WRITE_BATCH, 1),
+                                           (Op.FETCH_ADD, 1)])
+def test_unknown_flags_and_pulls_of_other_ops_are_protocol_errors(op: Op, flags: int) -> None:
+    count = 1 if op != Op.WRITE_BATCH else 1
+    head = struct.pack("<BBHIQQQQQ", op, flags, 0, count, 1, 2, 0, 8, 0) + bytes(64)
+    dec = RequestDecoder()
+    dec.receive_data(head)
+    with pytest.raises(ProtocolError, match="flag"):
+        dec.next_events()
+    r = NativeResponder()
+    try:
+        assert r.feed(head) < 0  # the native responder refuses the stream too
+        assert r.guards_intact()
+    finally:
+        r.close()
 
 
 @settings(suppress_health_check=[HealthCheck.too_slow])
@@ -179,7 +199,7 @@ class NativeResponder:
 
     KEY = 0x1234_5678_9ABC_DEF1
 
-    def __init__(self, access: int = 7) -> None:
+    def __init__(self, access: int = 7, pull_pid: int = 0) -> None:
         self.mem = np.random.default_rng(0).integers(0, 256, REGION + 2 * GUARD, dtype=np.uint8)
         self.region = self.mem[GUARD:GUARD + REGION]
         self.guard_before = self.mem.copy()
@@ -188,6 +208,7 @@ class NativeResponder:
         lib.rio_rtable_insert(self.rt, self.KEY, int(ffi.cast("uintptr_t", self._cbuf)), REGION, access)
         self.w = lib.rio_worker_new(64)
         self.c = lib.rio_conn_new(-1, 1, 1, self.rt, 0)
+        assert lib.rio_conn_pull(self.c, pull_pid, 0) == 0
 
     def feed(self, data: bytes) -> int:
         return int(lib.rio_feed(self.w, self.c, data, len(data)))
@@ -292,6 +313,69 @@ def test_native_responder_matches_reference_model(reqs: list[Request], cuts: lis
                [(e.status, e.value, e.payload) for e in expected]
         assert np.array_equal(r.region, model)
         assert r.guards_intact()
+    finally:
+        r.close()
+
+
+#: how a write is pulled in the tests below: from a live buffer, under a generation that moved since it was
+#: posted (the initiator closed), or from memory this process cannot read
+PULLS = ("live", "stale", "unreadable")
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(st.tuples(region_requests(), st.sampled_from((None,) + PULLS)), min_size=1, max_size=8),
+       st.lists(st.integers(0, 50_000), max_size=6), st.booleans())
+def test_native_responder_pulls_writes_as_the_model_says(items: list[tuple[Request, str | None]], cuts: list[int],
+                                                          takes_pulls: bool) -> None:
+    """Pulled writes (the payload read from the initiator's memory; here this very process) land exactly as
+    streamed ones would, after the same checks; a stale generation or unreadable source is an error with no
+    immediate that leaves the region unchanged; a responder that takes no pulls refuses every one."""
+    gen = np.array([41], dtype=np.uint64)
+    sources: dict[int, np.ndarray] = {}  # wr_id -> the payload, kept alive until the responder has read it
+    reqs: list[Request] = []
+    kinds: list[str | None] = []
+    for i, (q, how) in enumerate(items):
+        q = dataclasses.replace(q, wr_id=i)
+        if how is not None and q.op in (Op.WRITE, Op.WRITE_IMM):
+            src = sources[i] = np.frombuffer(q.payload, dtype=np.uint8).copy()
+            at = 4096 * 3 if how == "unreadable" else src.ctypes.data  # page 3: never mapped
+            q = dataclasses.replace(q, payload=b"", pull=(at, gen.ctypes.data, 40 if how == "stale" else 41))
+        else:
+            how = None
+        reqs.append(q)
+        kinds.append(how)
+    r = NativeResponder(pull_pid=os.getpid() if takes_pulls else 0)
+    try:
+        model = r.region.copy()
+        expected = []
+        for q, how in zip(reqs, kinds):
+            if how is None:
+                expected.append(model_execute(model, q, NativeResponder.KEY))
+                continue
+            streamed = dataclasses.replace(q, pull=None, payload=sources[q.wr_id].tobytes())
+            checked = model_execute(model.copy(), streamed, NativeResponder.KEY)
+            if checked.status != Status.OK or q.arg0 == 0 or (how == "live" and takes_pulls):
+                expected.append(model_execute(model, streamed, NativeResponder.KEY))  # as if streamed
+            else:
+                expected.append(Response(q.op, Status.INVALID_REQUEST, q.wr_id))  # checked, then not pulled
+        data = b"".join(bytes(b) for q in reqs for b in encode_request(q))
+        out = b""
+        imms: list[int] = []
+        for piece in splits(data, cuts):
+            assert r.feed(piece) == 0
+            out += r.output()
+            imms += [int(r.w.rx_imm[i]) for i in range(r.w.nrx)]
+            r.w.nrx = 0
+        assert imms == [q.arg1 for q, e in zip(reqs, expected) if q.op == Op.WRITE_IMM and e.status == Status.OK]
+        dec = ResponseDecoder()
+        for q in reqs:
+            dec.expect(q.wr_id, q.op, sum(n for _, n in q.entries) if q.entries else q.arg0)
+        dec.receive_data(out)
+        assert [(g.status, g.value) for g in dec.next_events()] == [(e.status, e.value) for e in expected]
+        assert np.array_equal(r.region, model)
+        assert r.guards_intact()
+        pulled = sum(1 for q, how, e in zip(reqs, kinds, expected) if how == "live" and e.status == Status.OK and q.arg0)
+        assert r.c.ops_pulled == (pulled if takes_pulls else 0)
     finally:
         r.close()
 
