@@ -281,6 +281,7 @@ struct rio_conn {
     /* current request (responder) */
     int r_op;
     int r_pull;
+    uint64_t round_pulled; /* bytes pulled since the round (or feed) began: counts against ROUND_BYTES */
     uint8_t r_trailer[PULL_TRAILER];
     uint32_t r_trailer_have;
     uint32_t r_count;
@@ -832,6 +833,7 @@ static int pull_payload(rio_conn *c, rio_region *r) {
     pid_t pid = (pid_t)c->pull_pid;
     if (pid <= 0) return RIO_ST_INV_REQ;
     if (pull_range(pid, (uint64_t)(uintptr_t)&now, gen_at, 8) || now != gen) return RIO_ST_INV_REQ;
+    c->round_pulled += c->r_arg0;
     if (pull_range(pid, r->addr + c->r_remote, src, c->r_arg0)) return RIO_ST_INV_REQ;
     __atomic_thread_fence(__ATOMIC_SEQ_CST);
     if (pull_range(pid, (uint64_t)(uintptr_t)&now, gen_at, 8) || now != gen) return RIO_ST_INV_REQ;
@@ -1007,6 +1009,7 @@ static int responder_header(rio_worker *w, rio_conn *c, const uint8_t *h) {
     c->r_op = h[0];
     if (h[1] & ~RIO_F_PULL) return -RIO_PE_BAD_OP;
     c->r_pull = h[1] & RIO_F_PULL;
+    if (c->r_pull && c->r_op != RIO_OP_WRITE && c->r_op != RIO_OP_WRITE_IMM) return -RIO_PE_BAD_OP;
     c->r_count = ld32(h + 4);
     c->r_wr = ld64(h + 8);
     c->r_key = ld64(h + 16);
@@ -1031,7 +1034,6 @@ static int responder_header(rio_worker *w, rio_conn *c, const uint8_t *h) {
     if ((c->r_op == RIO_OP_READ || c->r_op == RIO_OP_WRITE || c->r_op == RIO_OP_WRITE_IMM) && c->r_arg0 > MAX_OP_BYTES)
         return -RIO_PE_TOO_BIG;
     if (c->r_pull) {
-        if (c->r_op != RIO_OP_WRITE && c->r_op != RIO_OP_WRITE_IMM) return -RIO_PE_BAD_OP;
         c->r_trailer_have = 0;
         c->in_state = IN_PULL;
         return 0;
@@ -1090,6 +1092,8 @@ static int64_t process(rio_worker *w, rio_conn *c, const uint8_t *p, uint64_t n)
         if (n - used < hsz) break;
         if (c->kind == KIND_INITIATOR && w->ncq >= w->cq_cap) break;
         if (c->kind == KIND_RESPONDER && c->out_pending > OUT_HIGH) break;
+        /* pulled writes copy many bytes per request: they share the round's budget */
+        if (c->kind == KIND_RESPONDER && c->round_pulled >= ROUND_BYTES) break;
         int rc = c->kind == KIND_RESPONDER ? responder_header(w, c, p + used) : initiator_header(w, c, p + used);
         if (rc) return rc;
         used += hsz;
@@ -1116,6 +1120,7 @@ int rio_feed(rio_worker *w, rio_conn *c, const uint8_t *data, uint64_t n) {
         c->in_len += (uint32_t)k;
         data += k;
         n -= k;
+        c->round_pulled = 0; /* no rounds here: every call may pull a round's worth */
         int64_t used = process(w, c, c->in + c->in_pos, c->in_len - c->in_pos);
         if (used < 0) {
             c->dead = (int)used;
@@ -1132,6 +1137,7 @@ int rio_feed(rio_worker *w, rio_conn *c, const uint8_t *data, uint64_t n) {
  * (dead; code already recorded). */
 static int pump(rio_worker *w, rio_conn *c) {
     uint64_t budget = ROUND_BYTES;
+    c->round_pulled = 0;
     for (;;) {
         /* first, whatever is buffered */
         if (c->in_pos < c->in_len) {

@@ -107,10 +107,14 @@ def peer_pid(sock: socket.socket) -> int:
     return max(pid, 0)
 
 
-def can_pull(pid: int, probe: Any) -> bool:
-    """Whether this process reads ``probe`` (``[address, token]`` from a welcome) in process ``pid``."""
-    if pid <= 0 or not (isinstance(probe, list) and len(probe) == 2 and isinstance(probe[0], int)
-                        and isinstance(probe[1], bytes) and 0 < len(probe[1]) <= 64 and 0 < probe[0] < 2**64):
+def can_pull(pid: int, welcome: dict[str, Any]) -> bool:
+    """Whether this process may pull from process ``pid`` (the peer of its UNIX data sockets): ``pid`` is the
+    process that answered the ``welcome`` (not, say, a parent it was forked from after listening, which shares
+    the probe), and this process reads the welcome's probe (``[address, token]``) there."""
+    probe = welcome.get("probe")
+    if pid <= 0 or welcome.get("pid") != pid or not (
+            isinstance(probe, list) and len(probe) == 2 and isinstance(probe[0], int) and isinstance(probe[1], bytes)
+            and 0 < len(probe[1]) <= 64 and 0 < probe[0] < 2**64):
         return False
     out = ffi.new("uint8_t[]", len(probe[1]))
     return lib.rio_pull_read(pid, probe[0], out, len(probe[1])) == 0 and bytes(out) == probe[1]
@@ -374,7 +378,7 @@ class TcpTransport(Transport):
                 sock = await peer.attach({"t": "attach", "session": link.session, "qp": i}, link.unix)
                 if i == 0 and local and self.PULL_MIN_BYTES:
                     pid = peer_pid(sock)
-                    link.pull_pid = pid if can_pull(pid, welcome.get("probe")) else 0
+                    link.pull_pid = pid if can_pull(pid, welcome) else 0
                 link.add_qp(sock, i)
         except BaseException:
             link.close()
@@ -478,6 +482,9 @@ class TcpServerLink(ServerLink):
         self.responders: list[TcpResponder] = []
         self.attached: set[int] = set()
         self.reverse: TcpQueuePair | None = None
+
+    def welcome(self) -> dict[str, Any]:
+        return {"pid": os.getpid()}  # the process serving this session (see can_pull)
 
     def attach(self, sock: socket.socket, qp: int) -> None:
         if not isinstance(qp, int) or isinstance(qp, bool) or not 0 <= qp < self._nqp or qp in self.attached:

@@ -574,3 +574,22 @@ async def test_tcp_pulls_need_the_same_host_fast_path() -> None:
             (session,) = lst._sessions.values()
             assert session.link.reverse.pulled == 0
         await ep.aclose()
+
+
+async def test_tcp_pulls_cross_processes() -> None:
+    """A server in another process: its large messages are pulled from that process's memory (when this host
+    lets a process read its peer's memory at all: the client probes before it asks)."""
+    with peer_process("channel_peer.py", "tcp", "thread") as (_proc, port):
+        async with rdmaio.Engine(transport="tcp", workers=1) as client:
+            ep = await client.connect("127.0.0.1", port)
+            link = ep._link
+            assert link is not None
+            if not link.pull_pid:  # type: ignore[attr-defined]
+                pytest.skip("this host does not let a process read its peer's memory (process_vm_readv refused)")
+            async with await ep.channel("echo", slots=2, slot_size=256 << 10) as ch:
+                msgs = [bytes([i]) * (100 << 10) + b"end" for i in range(6)]
+                for m in msgs:
+                    await ch.send([m])
+                    assert await ch.recv() == m
+                assert link._reverse.pulled == len(msgs)  # type: ignore[attr-defined]
+            await ep.aclose()

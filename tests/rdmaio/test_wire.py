@@ -99,18 +99,51 @@ def test_responses_round_trip_split_anywhere(items: list[tuple[Op, Status, bytes
 
 
 @pytest.mark.parametrize(("op", "flags"), [(Op.WRITE, 2), (Op.WRITE, 0x81), (Op.READ, 1), (Op.WRITE_BATCH, 1),
-                                           (Op.FETCH_ADD, 1)])
+                                           (Op.READ_BATCH, 1), (Op.FETCH_ADD, 1)])
 def test_unknown_flags_and_pulls_of_other_ops_are_protocol_errors(op: Op, flags: int) -> None:
-    count = 1 if op != Op.WRITE_BATCH else 1
-    head = struct.pack("<BBHIQQQQQ", op, flags, 0, count, 1, 2, 0, 8, 0) + bytes(64)
+    """Refused at the header, by a responder that takes pulls: nothing that follows it is read, executed or
+    written (a batch with PULL would otherwise copy to its header's unchecked offset)."""
+    src = np.full(64, 0xAB, dtype=np.uint8)
+    gen = np.zeros(1, dtype=np.uint64)
+    batch = op in (Op.READ_BATCH, Op.WRITE_BATCH)
+    data = struct.pack("<BBHIQQQQQ", op, flags, 0, 1, 1, NativeResponder.KEY, REGION + 8, 32, 0)
+    if batch:
+        data += struct.pack("<QQ", 0, 8)  # one valid entry
+    data += struct.pack("<QQQ", src.ctypes.data, gen.ctypes.data, 0)  # what a pull would read
     dec = RequestDecoder()
-    dec.receive_data(head)
+    dec.receive_data(data)
     with pytest.raises(ProtocolError, match="flag"):
         dec.next_events()
-    r = NativeResponder()
+    r = NativeResponder(pull_pid=os.getpid())
     try:
-        assert r.feed(head) < 0  # the native responder refuses the stream too
-        assert r.guards_intact()
+        before = r.region.copy()
+        assert r.feed(data) < 0
+        assert r.output() == b"" and r.w.nrx == 0 and r.c.ops_pulled == 0
+        assert np.array_equal(r.region, before) and r.guards_intact()
+    finally:
+        r.close()
+
+
+def test_a_pull_whose_generation_moves_during_the_copy_fails_without_its_immediate() -> None:
+    """The generation word is read again after the copy: here the copy itself overwrites it (the word lies in
+    the region the write lands in), as a close racing the copy would move it.  The write fails (no immediate);
+    the bytes that landed are the payload (a failed write's range is undefined, as on a NIC)."""
+    r = NativeResponder(pull_pid=os.getpid())
+    try:
+        word_at = 256
+        word = r.region[word_at:word_at + 8].view(np.uint64)
+        src = np.arange(64, dtype=np.uint8)  # differs from the word's value at [word_at, word_at + 8)
+        expect = int(word[0])
+        assert src[:8].view(np.uint64)[0] != expect
+        req = Request(Op.WRITE_IMM, 9, NativeResponder.KEY, word_at, 64, 77,
+                      pull=(src.ctypes.data, word.ctypes.data, expect))
+        assert r.feed(b"".join(bytes(b) for b in encode_request(req))) == 0
+        dec = ResponseDecoder()
+        dec.expect(9, Op.WRITE_IMM)
+        dec.receive_data(r.output())
+        assert [e.status for e in dec.next_events()] == [Status.INVALID_REQUEST]
+        assert r.w.nrx == 0 and r.c.ops_pulled == 0
+        assert np.array_equal(r.region[word_at:word_at + 64], src) and r.guards_intact()
     finally:
         r.close()
 
@@ -378,6 +411,32 @@ def test_native_responder_pulls_writes_as_the_model_says(items: list[tuple[Reque
         assert r.c.ops_pulled == (pulled if takes_pulls else 0)
     finally:
         r.close()
+
+
+def test_closing_an_initiator_ends_its_queued_pulls() -> None:
+    """An initiator posts large writes pulled (source, generation word, generation); small ones carry their
+    payload.  Closing it moves its generation word before it returns: a pull still queued at the peer fails."""
+    rt = lib.rio_rtable_new(4)
+    c = lib.rio_conn_new(-1, 1, 2, rt, 8)
+    try:
+        assert lib.rio_conn_pull(c, 0, 1024) == 0
+        big, small = np.arange(4096, dtype=np.uint8), b"tiny"
+        assert lib.rio_post_single(c, 0, 0, Op.WRITE_IMM, 7, 0, big.nbytes, 5, big.ctypes.data) == 0
+        assert lib.rio_post_single(c, 1, 1, Op.WRITE, 7, 0, len(small), 0, ffi.cast("uintptr_t", ffi.from_buffer(small))) == 0
+        out = bytearray(1 << 16)
+        n = lib.rio_take_output(c, ffi.from_buffer(out), len(out))
+        dec = RequestDecoder()
+        dec.receive_data(bytes(out[:n]))
+        pulled, plain = dec.next_events()
+        assert pulled.pull is not None and pulled.pull[0] == big.ctypes.data and pulled.payload == b""
+        assert (plain.pull, plain.payload) == (None, small)
+        assert c.ops_pulled == 1
+        word = ffi.cast("uint64_t *", pulled.pull[1])
+        assert word[0] == pulled.pull[2]
+    finally:
+        lib.rio_conn_close(c)
+        lib.rio_rtable_free(rt)
+    assert word[0] != pulled.pull[2]  # the word outlives the connection; its value moved
 
 
 @settings(max_examples=300, deadline=None)
