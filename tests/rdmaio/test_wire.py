@@ -137,12 +137,8 @@ def test_a_pull_whose_generation_moves_during_the_copy_fails_without_its_immedia
         assert src[:8].view(np.uint64)[0] != expect
         req = Request(Op.WRITE_IMM, 9, NativeResponder.KEY, word_at, 64, 77,
                       pull=(src.ctypes.data, word.ctypes.data, expect))
-        assert r.feed(b"".join(bytes(b) for b in encode_request(req))) == 0
-        dec = ResponseDecoder()
-        dec.expect(9, Op.WRITE_IMM)
-        dec.receive_data(r.output())
-        assert [e.status for e in dec.next_events()] == [Status.INVALID_REQUEST]
-        assert r.w.nrx == 0 and r.c.ops_pulled == 0
+        got, imms = r.run([req], [])
+        assert [e.status for e in got] == [Status.INVALID_REQUEST] and imms == [] and r.c.ops_pulled == 0
         assert np.array_equal(r.region[word_at:word_at + 64], src) and r.guards_intact()
     finally:
         r.close()
@@ -246,6 +242,22 @@ class NativeResponder:
     def feed(self, data: bytes) -> int:
         return int(lib.rio_feed(self.w, self.c, data, len(data)))
 
+    def run(self, reqs: list[Request], cuts: list[int]) -> tuple[list[Response], list[int]]:
+        """Feed ``reqs`` (their bytes split at ``cuts``); their responses, and the immediates delivered."""
+        data = b"".join(bytes(b) for q in reqs for b in encode_request(q))
+        out = b""
+        imms: list[int] = []
+        for piece in splits(data, cuts):
+            assert self.feed(piece) == 0
+            out += self.output()
+            imms += [int(self.w.rx_imm[i]) for i in range(self.w.nrx)]
+            self.w.nrx = 0  # what a poll round does before the next batch
+        dec = ResponseDecoder()
+        for q in reqs:
+            dec.expect(q.wr_id, q.op, sum(n for _, n in q.entries) if q.entries else q.arg0)
+        dec.receive_data(out)
+        return dec.next_events(), imms
+
     def output(self) -> bytes:
         out = bytearray(1 << 20)
         n = lib.rio_take_output(self.c, ffi.from_buffer(out), len(out))
@@ -327,21 +339,9 @@ def test_native_responder_matches_reference_model(reqs: list[Request], cuts: lis
     try:
         model = r.region.copy()
         expected = [model_execute(model, q, NativeResponder.KEY) for q in reqs]
-        data = b"".join(bytes(b) for q in reqs for b in encode_request(q))
-        out = b""
-        imms: list[int] = []
-        for piece in splits(data, cuts):
-            assert r.feed(piece) == 0
-            out += r.output()
-            imms += [int(r.w.rx_imm[i]) for i in range(r.w.nrx)]
-            r.w.nrx = 0  # what a poll round does before the next batch
+        got, imms = r.run(reqs, cuts)
         # every WRITE_IMM that succeeded, and only those, notified the target, in order
         assert imms == [q.arg1 for q, e in zip(reqs, expected) if q.op == Op.WRITE_IMM and e.status == Status.OK]
-        dec = ResponseDecoder()
-        for q in reqs:
-            dec.expect(q.wr_id, q.op, sum(n for _, n in q.entries) if q.entries else q.arg0)
-        dec.receive_data(out)
-        got = dec.next_events()
         assert [(g.status, g.value, g.payload) for g in got] == \
                [(e.status, e.value, e.payload) for e in expected]
         assert np.array_equal(r.region, model)
@@ -391,20 +391,9 @@ def test_native_responder_pulls_writes_as_the_model_says(items: list[tuple[Reque
                 expected.append(model_execute(model, streamed, NativeResponder.KEY))  # as if streamed
             else:
                 expected.append(Response(q.op, Status.INVALID_REQUEST, q.wr_id))  # checked, then not pulled
-        data = b"".join(bytes(b) for q in reqs for b in encode_request(q))
-        out = b""
-        imms: list[int] = []
-        for piece in splits(data, cuts):
-            assert r.feed(piece) == 0
-            out += r.output()
-            imms += [int(r.w.rx_imm[i]) for i in range(r.w.nrx)]
-            r.w.nrx = 0
+        got, imms = r.run(reqs, cuts)
         assert imms == [q.arg1 for q, e in zip(reqs, expected) if q.op == Op.WRITE_IMM and e.status == Status.OK]
-        dec = ResponseDecoder()
-        for q in reqs:
-            dec.expect(q.wr_id, q.op, sum(n for _, n in q.entries) if q.entries else q.arg0)
-        dec.receive_data(out)
-        assert [(g.status, g.value) for g in dec.next_events()] == [(e.status, e.value) for e in expected]
+        assert [(g.status, g.value) for g in got] == [(e.status, e.value) for e in expected]
         assert np.array_equal(r.region, model)
         assert r.guards_intact()
         pulled = sum(1 for q, how, e in zip(reqs, kinds, expected) if how == "live" and e.status == Status.OK and q.arg0)
