@@ -449,7 +449,7 @@ class TcpClientLink(ClientLink):
                 msg["pull"] = True
             sock = await peer.attach(msg, self.unix)
             o = self._opts
-            pid = self.pull_pid if self.pull_pid and peer_pid(sock) == self.pull_pid else 0
+            pid = self.pull_pid  # the reverse socket reaches the same listener as the probed data sockets
             try:
                 self._reverse = o.router.open(lambda cid: TcpResponder(sock, cid, self._t._rt, o.workers[0],
                                                                        self._reverse_dead, self._hooks.on_imm,
