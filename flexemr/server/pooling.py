@@ -133,6 +133,11 @@ def _layouts(shapes: _Shapes, payload: int | None) -> tuple[bytes, list[int], in
     return head, offsets, total, None if payload is None else framed_layout(len(head), shapes, payload)
 
 
+def _error_answer(exc: BaseException) -> list[Buffer]:
+    """The error response a request gets for ``exc`` (its type and message)."""
+    return encode_error(f"{type(exc).__name__}: {exc}")
+
+
 _Answer = Union[npt.NDArray[np.uint8], FramedAnswer]
 #: Request kinds a service keeps the native jobs of (a ranker sends a few: one per set of tables it pools here),
 #: and their jobs together (whatever kinds clients send, what is kept stays bounded).
@@ -292,7 +297,7 @@ class PoolService:
             try:
                 kinds[i] = self._kind(data, None if payloads is None else payloads[i])
             except (InputError, MemoryError) as exc:
-                answers[i] = encode_error(f"{type(exc).__name__}: {exc}")
+                answers[i] = _error_answer(exc)
         call = BoundCall(sum(k[0].plain.n_jobs for k in kinds if k is not None))
         bound: list[int] = []
         bufs: dict[int, tuple[_Answer, int]] = {}
@@ -303,11 +308,11 @@ class PoolService:
                 bufs[i] = self._bind(call, k[0], requests[i]), k[1]
                 bound.append(i)
             except (InputError, MemoryError) as exc:
-                answers[i] = encode_error(f"{type(exc).__name__}: {exc}")
+                answers[i] = _error_answer(exc)
         errors = call.run()
         for i, err in zip(bound, errors):
             if err is not None:
-                answers[i] = encode_error(f"{type(err).__name__}: {err}")
+                answers[i] = _error_answer(err)
         self.requests += len(requests)
         self.calls += 1
         out: list[list[Buffer] | FramedAnswer] = []
@@ -364,7 +369,7 @@ class PoolService:
             results = f.result()
         except BaseException as exc:  # noqa: BLE001 - a bug: every waiting request gets the error
             log.exception("pooling failed")
-            results = [encode_error(f"{type(exc).__name__}: {exc}")] * len(batch)
+            results = [_error_answer(exc)] * len(batch)
         for (_, _, fut), r in zip(batch, results):
             if not fut.done():
                 fut.set_result(r)
