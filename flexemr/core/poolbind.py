@@ -43,6 +43,7 @@ from .poolwire import Buffer, decode_request
 
 __all__ = ["BoundCall", "RequestTemplate"]
 
+
 class RequestTemplate:
     """The native jobs of every pooling request of one kind (module docstring).
 
@@ -117,4 +118,3 @@ class BoundCall:
                     out[r] = kernel._job_error(self._jobs[i], f"job {i - first}: ")
                     break
         return out
-
