@@ -86,6 +86,10 @@ ChannelHandler = Callable[["Channel"], Awaitable[None]]
 _T = TypeVar("_T")
 
 
+def _no_cork(more: bool) -> None:
+    pass
+
+
 def pack_imm(chan: int, credits: int, slot: int) -> int:
     return (chan << 24) | (credits << 12) | slot
 
@@ -112,7 +116,8 @@ class Channel:
 
     def __init__(self, name: str, chan_id: int, slots: int, slot_size: int, recv_ring: np.ndarray,
                  send_ring: np.ndarray, post: PostFn, release: Callable[[], None],
-                 post_now: PostNowFn | None = None, post_from: PostFromFn | None = None) -> None:
+                 post_now: PostNowFn | None = None, post_from: PostFromFn | None = None,
+                 cork: Callable[[bool], None] | None = None) -> None:
         self.name = name
         self.id = chan_id
         self.slots = slots
@@ -122,6 +127,8 @@ class Channel:
         self._post = post
         self._post_now = post_now
         self._post_from = post_from
+        #: the queue pair's doorbell batching (QueuePair.cork): the messages of one call leave together
+        self._cork = cork if cork is not None else _no_cork
         self._release = release
         self._credits = slots
         self._tx_slot = 0
@@ -226,13 +233,16 @@ class Channel:
         The same as awaiting :meth:`send` for each message concurrently, without a task per message:
         each is copied into its slot and posted as soon as a credit allows (waiting while out of
         credits), then every write is awaited together.  Messages already posted when an error is
-        raised still complete.
+        raised still complete.  The writes of one call leave together when they can (doorbell batching:
+        :meth:`~rdmaio.transports.base.QueuePair.cork`).
         """
         writes = _Writes(asyncio.get_running_loop())
+        self._cork(True)
         try:
             for buffers in messages:
                 writes.add(await self._start_send(buffers))
         finally:
+            self._cork(False)
             await self._await_writes(writes)
 
     async def _stage(self, buffers: Iterable[Buffer]) -> tuple[int, int, int, int]:
@@ -304,6 +314,7 @@ class Channel:
         writes = _Writes(asyncio.get_running_loop())
         self._inflight.add(writes.fut)
         writes.fut.add_done_callback(self._inflight.discard)
+        self._cork(True)
         try:
             for offset, n in spans:
                 if n > self.max_message:
@@ -321,6 +332,7 @@ class Channel:
                     fut = asyncio.ensure_future(self._post_from(*args, True))
                 writes.add(fut)
         finally:
+            self._cork(False)
             await self._await_writes(writes)
 
     async def _await_writes(self, writes: _Writes) -> None:
@@ -587,7 +599,7 @@ def bind_channel(name: str, chan: int, slots: int, slot_size: int, rings: tuple[
         if on_release is not None:
             on_release()
 
-    ch = Channel(name, chan, slots, slot_size, rings[0], rings[1], post, release, post_now, post_from)
+    ch = Channel(name, chan, slots, slot_size, rings[0], rings[1], post, release, post_now, post_from, qp.cork)
     ch._close_handshake = close_handshake
     registry[chan] = ch
     return ch

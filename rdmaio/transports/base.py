@@ -137,6 +137,13 @@ class QueuePair:
         """Post one batch request (``uint64`` arrays, kept alive until the operation ends)."""
         raise NotImplementedError
 
+    def cork(self, more: bool) -> None:
+        """Doorbell batching across calls: ``cork(True)`` before posting several operations in a row, and
+        ``cork(False)`` after them (pairs nest).  While corked, a transport that sends a post at once when it
+        is alone in flight (tcp) holds it until the last ``cork(False)`` or the end of the event loop's
+        iteration, whichever comes first, so that the operations leave together.  The base class sends
+        nothing late: a no-op."""
+
     def _on_dead(self, code: int) -> None:
         """The worker reports the connection dead (``code`` is transport-specific)."""
         raise NotImplementedError

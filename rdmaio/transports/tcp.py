@@ -123,7 +123,7 @@ def can_pull(pid: int, welcome: dict[str, Any]) -> bool:
 class TcpQueuePair(QueuePair):
     """Initiator side of one queue pair (one stream connection, one owning worker)."""
 
-    __slots__ = ("_sock", "_fd", "_c", "_gen", "_flush_scheduled", "_writer")
+    __slots__ = ("_sock", "_fd", "_c", "_gen", "_flush_scheduled", "_writer", "_corked")
 
     def __init__(self, loop: asyncio.AbstractEventLoop, sock: socket.socket, conn_id: int,
                  workers: list[Worker], depth: int, op_timeout: float | None,
@@ -137,6 +137,7 @@ class TcpQueuePair(QueuePair):
         self._gen = 0
         self._flush_scheduled = False
         self._writer = False
+        self._corked = 0
         for w in workers:
             rc = lib.rio_conn_attach(self._c, w.c)
             if rc:  # detach from the workers attached so far and free the native connection
@@ -178,8 +179,9 @@ class TcpQueuePair(QueuePair):
         if rc != 0:
             self._refused(slot, rc, what)
         fut = self._track(wr, Pending(self._loop.create_future(), mr, None, what))
-        # doorbell batching: flush now only when alone in flight, else at the end of this loop iteration
-        if len(self._pending) == 1 and not self._writer:
+        # doorbell batching: flush now only when alone in flight (and not corked), else at the end of this
+        # loop iteration (or at cork(False))
+        if len(self._pending) == 1 and not self._writer and not self._corked:
             self._flush()
         elif not self._flush_scheduled:
             self._flush_scheduled = True
@@ -205,12 +207,20 @@ class TcpQueuePair(QueuePair):
         if rc != 0:
             self._refused(slot, rc, what)
         fut = self._track(wr, Pending(self._loop.create_future(), mr, (remote, lengths, local), what))
-        if len(self._pending) == 1 and not self._writer:
+        if len(self._pending) == 1 and not self._writer and not self._corked:
             self._flush()
         elif not self._flush_scheduled:
             self._flush_scheduled = True
             self._loop.call_soon(self._flush)
         return fut
+
+    def cork(self, more: bool) -> None:
+        if more:
+            self._corked += 1
+            return
+        self._corked -= 1
+        if not self._corked and self._flush_scheduled:  # the posts held meanwhile leave now, together
+            self._flush()
 
     def _flush(self) -> None:
         self._flush_scheduled = False

@@ -77,6 +77,44 @@ async def test_slots_bound_what_is_in_flight(kind: str) -> None:
         assert np.array_equal(h.buf[:256], h.table[:256])
 
 
+async def test_corked_posts_leave_together_and_never_wait_for_the_cork(kind: str) -> None:
+    """cork(True)/cork(False) only batches the doorbell: corked operations complete in order, also when
+    the poster awaits them before uncorking (the end of the loop iteration sends them); pairs nest."""
+    async with harness(kind, depth=4) as h:
+        qp = h.qp
+        sent: list[int] = []
+        if kind == "tcp":  # count the flushes (each one a sendmsg of whatever is queued)
+            real = type(qp)._flush
+
+            def counted(self: object) -> None:
+                sent.append(qp.in_flight)
+                real(self)  # type: ignore[arg-type]
+
+            type(qp)._flush = counted  # type: ignore[method-assign]
+        try:
+            qp.cork(True)
+            qp.cork(True)
+            futs = [read(h, i * 64, 64, i * 64) for i in range(3)]
+            assert sent == []                      # corked: the first post did not go out alone
+            qp.cork(False)
+            assert sent == []                      # still corked once
+            qp.cork(False)
+            if kind == "tcp":
+                assert sent == [3]                 # all three in one flush, at the last cork(False)
+            await asyncio.wait_for(asyncio.gather(*futs), 10)
+            assert np.array_equal(h.buf[:192], h.table[:192])
+            qp.cork(True)                          # awaited while corked: the loop's turn sends it
+            await asyncio.wait_for(read(h, 640, 64, 640), 10)
+            qp.cork(False)
+            assert np.array_equal(h.buf[640:704], h.table[640:704])
+            sent.clear()
+            await asyncio.wait_for(read(h, 0, 64), 10)  # uncorked: alone in flight, sent at once
+            assert kind != "tcp" or sent[:1] == [1]
+        finally:
+            if kind == "tcp":
+                type(qp)._flush = real  # type: ignore[method-assign]
+
+
 async def test_slot_waiters_are_served_in_order(kind: str) -> None:
     async with harness(kind, depth=1) as h:
         qp = h.qp
