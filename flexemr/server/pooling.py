@@ -28,10 +28,12 @@ from __future__ import annotations
 
 import asyncio
 import bisect
+import collections
 import functools
 import logging
+import os
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Optional, Union
 
@@ -162,6 +164,72 @@ _Pending = tuple[Buffer, Optional[int], "asyncio.Future[list[Buffer] | FramedAns
 _Answers = asyncio.Queue[Optional[tuple[int, "asyncio.Future[list[Buffer] | FramedAnswer]"]]]
 
 
+_Batch = list[_Pending]
+_Results = Union[list[Union[list[Buffer], FramedAnswer]], BaseException]
+
+
+class _PoolThread:
+    """The thread a :class:`PoolService` runs its native calls on, one batch at a time, and the way back.
+
+    A batch goes over, and its results come back, through two eventfds: the thread blocks reading one,
+    the event loop watches the other (``add_reader``).  Python makes those wake-up writes without the
+    GIL; ``run_in_executor`` wakes its worker, and ``call_soon_threadsafe`` the loop, while holding it,
+    so that on a 2-vCPU machine the woken thread then waits for the GIL (``docs/performance.md``).
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, run: Callable[[_Batch], Any],
+                 done: Callable[[_Batch, _Results], None]) -> None:
+        self.loop = loop
+        self._run = run
+        self._done = done
+        self._todo: collections.deque[_Batch | None] = collections.deque()
+        self._results: collections.deque[tuple[_Batch, _Results]] = collections.deque()
+        self._in = os.eventfd(0, os.EFD_CLOEXEC)                       # the thread waits on it
+        self._out = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)    # the loop watches it
+        loop.add_reader(self._out, self._collect)
+        self._thread = threading.Thread(target=self._main, name="flexemr-pool", daemon=True)
+        self._thread.start()
+
+    def submit(self, batch: _Batch) -> None:
+        self._todo.append(batch)
+        os.eventfd_write(self._in, 1)
+
+    def _main(self) -> None:
+        while True:
+            os.eventfd_read(self._in)
+            while self._todo:
+                batch = self._todo.popleft()
+                if batch is None:
+                    return
+                try:
+                    out: _Results = self._run(batch)
+                except BaseException as exc:  # noqa: BLE001 - handed to the loop
+                    out = exc
+                self._results.append((batch, out))
+                os.eventfd_write(self._out, 1)
+
+    def _collect(self) -> None:
+        try:
+            os.eventfd_read(self._out)
+        except BlockingIOError:
+            pass
+        while self._results:
+            self._done(*self._results.popleft())
+
+    def close(self) -> None:
+        """Stop after the batch being run (results not collected yet are dropped); idempotent."""
+        if self._in < 0:
+            return
+        if not self.loop.is_closed():
+            self.loop.remove_reader(self._out)
+        self._todo.append(None)
+        os.eventfd_write(self._in, 1)
+        self._thread.join()
+        os.close(self._in)
+        os.close(self._out)
+        self._in = self._out = -1
+
+
 class PoolService:
     """Server side: answers pooling requests from the shard arrays a server holds.
 
@@ -192,6 +260,7 @@ class PoolService:
                 self._shards[(sh.table, sh.index)] = (arrays[sh.region_name], accumulation_dtype(spec.np_dtype))
         self._queue: list[_Pending] = []
         self._busy = False
+        self._thread: _PoolThread | None = None
         self._arena = arena
         #: (request kind (poolwire.request_key), frame payload or None) -> how its requests are answered
         self._kinds: dict[tuple[bytes, int | None], _Kind] = {}
@@ -360,16 +429,22 @@ class PoolService:
         batch, self._queue = self._queue, []
         self._busy = True
         loop = asyncio.get_running_loop()
-        cf = loop.run_in_executor(None, self.handle_many, [d for d, _, _ in batch], [p for _, p, _ in batch])
-        cf.add_done_callback(lambda f: self._finish(batch, f))
+        thread = self._thread
+        if thread is None or thread.loop is not loop:  # first use, or a new event loop (the old one is gone)
+            if thread is not None:
+                thread.close()
+            self._thread = thread = _PoolThread(loop, self._run_batch, self._finish)
+        thread.submit(batch)
 
-    def _finish(self, batch: list[_Pending], f: asyncio.Future[list[list[Buffer] | FramedAnswer]]) -> None:
+    def _run_batch(self, batch: list[_Pending]) -> list[list[Buffer] | FramedAnswer]:
+        """On the pooling thread: one native call for ``batch``."""
+        return self.handle_many([d for d, _, _ in batch], [p for _, p, _ in batch])
+
+    def _finish(self, batch: list[_Pending], results: list[list[Buffer] | FramedAnswer] | BaseException) -> None:
         self._busy = False
-        try:
-            results = f.result()
-        except BaseException as exc:  # noqa: BLE001 - a bug: every waiting request gets the error
-            log.exception("pooling failed")
-            results = [_error_answer(exc)] * len(batch)
+        if isinstance(results, BaseException):  # a bug: every waiting request gets the error
+            log.error("pooling failed", exc_info=results)
+            results = [_error_answer(results)] * len(batch)
         for (_, _, fut), r in zip(batch, results):
             if not fut.done():
                 fut.set_result(r)
@@ -377,6 +452,13 @@ class PoolService:
                 self.release(r)
         if self._queue:
             self._kick()
+
+    def close(self) -> None:
+        """Stop the pooling thread (after the call it runs, if any); requests submitted later start a new one."""
+        thread, self._thread = self._thread, None
+        if thread is not None:
+            thread.close()
+        self._busy = False
 
     async def serve(self, ch: rdmaio.Channel) -> None:
         """The channel handler: requests in, responses out (in request order), until the peer closes."""

@@ -588,6 +588,8 @@ class EmbeddingServer:
                 self._pool_served = False
             for mr in self._regions:
                 mr.close()
+        if self.pool_service is not None:  # its thread ends (after a native call it may be running)
+            self.pool_service.close()
         self._listener = None
         self._exposed.clear()
         self._regions.clear()

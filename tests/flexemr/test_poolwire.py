@@ -7,6 +7,9 @@ response, and the good requests pooled in the same native call are exact.
 
 from __future__ import annotations
 
+import asyncio
+import threading
+
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -333,3 +336,41 @@ def test_the_kinds_a_server_keeps_stay_bounded(monkeypatch: pytest.MonkeyPatch) 
             np.testing.assert_allclose(g, want, rtol=1e-6)
         assert len(svc._kinds) <= 3 and svc._kind_jobs == sum(k.plain.n_jobs for k in svc._kinds.values()) <= 8
     assert [k.plain.n_jobs for k in svc._kinds.values()] == [3, 4]  # (9, 5) was not kept; (4, 6) evicted two
+
+
+async def test_submitted_requests_pool_on_the_service_thread_in_batches() -> None:
+    """submit: requests waiting while a native call runs go together into the next; the calls run on the
+    service's own thread (not the event loop's); a call that raises answers each of its requests with the
+    error; close() ends the thread, and a later submit starts a new one."""
+    svc = PoolService(PLAN, SHARDS, {sh.region_name: MODEL[sh.table][sh.row_start:sh.row_end] for sh in SHARDS})
+    data, want = good_request()
+    ran_on: list[str] = []
+    real = svc.handle_many
+
+    def spy(requests: list[bytes], payloads: list[object]) -> list[object]:
+        ran_on.append(threading.current_thread().name)
+        return real(requests, payloads)  # type: ignore[arg-type]
+
+    svc.handle_many = spy  # type: ignore[method-assign, assignment]
+    answers = await asyncio.gather(*(svc.submit(data) for _ in range(5)))
+    for a in answers:
+        for g, w in zip(decode_response(joined(a), [w.shape for w in want]), want):  # type: ignore[arg-type]
+            np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-5)
+    assert svc.requests == 5 and svc.calls == 2          # the first alone, the four that waited together
+    assert ran_on == ["flexemr-pool"] * 2
+
+    def boom(requests: list[bytes], payloads: list[object]) -> list[object]:
+        raise RuntimeError("injected")
+
+    svc.handle_many = boom  # type: ignore[method-assign, assignment]
+    for a in await asyncio.gather(svc.submit(data), svc.submit(data)):
+        with pytest.raises(TransportError, match="RuntimeError: injected"):
+            decode_response(joined(a), [w.shape for w in want])  # type: ignore[arg-type]
+    svc.close()
+    assert not any(t.name == "flexemr-pool" for t in threading.enumerate())
+    svc.handle_many = spy  # type: ignore[method-assign, assignment]
+    assert decode_response(joined(await svc.submit(data)), [w.shape for w in want])  # type: ignore[arg-type]
+    assert [t.name for t in threading.enumerate()].count("flexemr-pool") == 1
+    svc.close()
+    svc.close()                                          # idempotent
+    assert not any(t.name == "flexemr-pool" for t in threading.enumerate())
