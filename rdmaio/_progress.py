@@ -162,9 +162,15 @@ class Worker:
         self._qlock = threading.Lock()
         self._reader = False
         self._free_on_exit = False
+        #: thread mode: the eventfd the thread wakes the loop through (-1: none)
+        self._notify = -1
 
     def start(self) -> None:
         if self._mode == "thread":
+            # the thread wakes the loop by writing an eventfd the loop watches: Python makes that system call
+            # without the GIL (call_soon_threadsafe makes it holding the GIL, which the woken loop then waits for)
+            self._notify = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+            self._loop.add_reader(self._notify, self._on_notify)
             self._thread = threading.Thread(target=self._run, name=f"rdmaio-worker-{self.index}", daemon=True)
             self._thread.start()
         else:
@@ -220,6 +226,9 @@ class Worker:
             if self._free_on_exit:  # freed from this very thread (by a finalizer GC ran here)
                 self._native_free()
                 self.c = None
+                if self._notify >= 0:
+                    os.close(self._notify)
+                    self._notify = -1
 
     def _rounds(self) -> None:
         poll, release = self._native_poll, self._native_release
@@ -237,12 +246,10 @@ class Worker:
             finally:
                 release()
             if queued:
-                if not wake:
-                    continue
-                try:
-                    self._loop.call_soon_threadsafe(self._drain)
-                except RuntimeError:  # loop closed under us: nobody is left to deliver to
-                    return
+                if wake:
+                    if self._loop.is_closed():  # nobody is left to deliver to
+                        return
+                    os.eventfd_write(self._notify, 1)
             elif n < 0:
                 log.error("worker %d: poll failed with errno %d", self.index, -n)
                 try:  # fail what it owned instead of leaving it pending forever
@@ -250,6 +257,13 @@ class Worker:
                 except RuntimeError:
                     pass
                 return
+
+    def _on_notify(self) -> None:
+        try:
+            os.eventfd_read(self._notify)
+        except BlockingIOError:  # a drain already took what the wake-up was for
+            pass
+        self._drain()
 
     def _drain(self) -> None:
         with self._qlock:
@@ -283,6 +297,14 @@ class Worker:
             if t is not threading.current_thread():  # on it (a finalizer run by GC there): it exits by itself
                 t.join()
                 self._thread = None
+        if self._notify >= 0:
+            try:
+                self._loop.remove_reader(self._notify)
+            except Exception:  # loop already closed
+                pass
+            if self._thread is None:  # joined: nothing writes it any more (else free() closes it)
+                os.close(self._notify)
+                self._notify = -1
         if self._reader:
             try:
                 self._loop.remove_reader(self._fd())
