@@ -452,6 +452,7 @@ class EmbeddingServer:
             self._expose(META_REGION, meta_mr)
             # responses are pooled into registered memory and sent from there (no copy into the channel)
             resp = np.empty(RESPONSE_ARENA_BYTES, dtype=np.uint8)
+            resp.fill(0)  # resident now (on verbs registering pins it): the first answers pay no page faults
             resp_mr = engine.register(resp, access=rdmaio.Access.NONE)
             self._regions.append(resp_mr)
             self.pool_service = _CountedPoolService(self.plan, self.shards, self._arrays, self.stats,
