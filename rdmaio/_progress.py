@@ -8,8 +8,9 @@ services every ready connection in C and collects completions into arrays.
     A thread per worker blocks in the round (GIL released; no spinning unless
     ``Engine(poll_spin_us=...)`` asks for a bounded poll after busy rounds),
     copies the batch out and hands it to the event loop with at most one
-    ``call_soon_threadsafe`` per batch (batches that arrive while one is
-    queued ride along: one loop wake-up per poll round at most).
+    wake-up per batch: a write to an eventfd the loop watches, made without
+    the GIL (batches that arrive while one is queued ride along: one loop
+    wake-up per poll round at most).
 ``progress="loop"``
     No thread: the worker's epoll fd is registered with ``loop.add_reader``
     and rounds run on the loop thread with a zero timeout.
