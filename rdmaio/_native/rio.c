@@ -333,8 +333,12 @@ struct rio_worker {
     uint32_t rx_cap;
     uint32_t *rx_conn;
     uint32_t *rx_imm;
+    uint64_t spins;
+    uint64_t spin_hits;
+    uint64_t spin_skips;
     /* private */
     int did_work;
+    uint32_t spin_misses;  /* waits in a row after a busy round longer than 8 x spin_us (at most 4) */
     pthread_mutex_t lock;
     grave_t *graves;
     rio_conn **backlog;
@@ -1313,14 +1317,24 @@ int rio_worker_poll(rio_worker *w, int timeout_ms) {
     struct epoll_event evs[64];
     if (p->nbacklog) timeout_ms = 0;
     int n = 0;
-    if (w->spin_us && w->did_work && timeout_ms != 0) {
-        /* Adaptive poll-before-block: right after a round that did work, the
-         * next request usually follows within a round trip.  Polling for a
-         * bounded time avoids a sleep/wake-up (very costly on virtual CPUs);
-         * sched_yield hands the CPU to any runnable thread meanwhile.  Idle
-         * workers never spin: did_work is cleared by an empty round. */
-        struct timespec t0, t;
-        clock_gettime(CLOCK_MONOTONIC, &t0);
+    /* Adaptive poll-before-block: right after a round that did work, the
+     * next request usually follows within a round trip.  Polling for a
+     * bounded time avoids a sleep/wake-up (very costly on virtual CPUs);
+     * sched_yield hands the CPU to any runnable thread meanwhile.  Idle
+     * workers never spin: did_work is cleared by an empty round.  Where the
+     * next request does not come that soon (a server whose requests each
+     * take milliseconds of work elsewhere), spinning only burns the CPU: the
+     * worker times how long it then waits, and after four waits in a row
+     * longer than 8 x spin_us it stops spinning until a wait is shorter
+     * (a depth-1 stream whose round trip is about the spin misses now and
+     * then by a little, and keeps spinning). */
+    int learn = w->spin_us && w->did_work && timeout_ms != 0;
+    struct timespec t0, t;
+    if (learn) clock_gettime(CLOCK_MONOTONIC, &t0);
+    if (learn && w->spin_misses >= 4) {
+        w->spin_skips++;
+    } else if (learn) {
+        w->spins++;
         for (;;) {
             n = epoll_wait(w->epfd, evs, 64, 0);
             if (n != 0) break;
@@ -1329,8 +1343,23 @@ int rio_worker_poll(rio_worker *w, int timeout_ms) {
             if (us >= (int64_t)w->spin_us) break;
             sched_yield();
         }
+        if (n != 0) {
+            w->spin_hits++;
+            w->spin_misses = 0;
+        }
     }
-    if (n == 0) n = epoll_wait(w->epfd, evs, 64, timeout_ms);
+    if (n == 0) {
+        n = epoll_wait(w->epfd, evs, 64, timeout_ms);
+        if (learn) {
+            clock_gettime(CLOCK_MONOTONIC, &t);
+            int64_t us = (t.tv_sec - t0.tv_sec) * 1000000LL + (t.tv_nsec - t0.tv_nsec) / 1000;
+            if (us > 8 * (int64_t)w->spin_us) {
+                if (w->spin_misses < 4) w->spin_misses++;
+            } else {
+                w->spin_misses = 0;
+            }
+        }
+    }
     w->did_work = 0;
     if (n < 0 && errno != EINTR) return -errno;
     if (n < 0) n = 0;

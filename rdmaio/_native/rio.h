@@ -40,6 +40,9 @@ struct rio_worker {
     uint32_t rx_cap;
     uint32_t *rx_conn;
     uint32_t *rx_imm;
+    uint64_t spins;        /* polls before blocking made (spin_us > 0) */
+    uint64_t spin_hits;    /* ... that found work before spin_us ran out */
+    uint64_t spin_skips;   /* chances to spin skipped: the last waits after busy rounds were long */
     ...;
 };
 

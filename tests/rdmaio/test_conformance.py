@@ -540,3 +540,33 @@ async def test_same_host_fast_path_choice(fast_path: bool) -> None:
         mr = client.register(out)
         await asyncio.gather(*(ep.read(mr, i << 16, key, i << 16, 1 << 16) for i in range(16)))
         assert np.array_equal(out, table)
+
+
+async def test_a_tcp_worker_spins_while_spinning_finds_work_and_backs_off_when_it_does_not() -> None:
+    """poll_spin_us: a target's worker that got a request polls before it blocks.  Back to back depth-1
+    reads keep finding the next request there (hits); reads spaced 5 ms apart never do, so after four waits
+    in a row longer than 8 x poll_spin_us the worker stops spinning (it skips its chances) instead of
+    burning the CPU, until a wait is short again."""
+    async with rdmaio.Engine(transport="tcp", workers=1, poll_spin_us=200) as server, \
+            rdmaio.Engine(transport="tcp", workers=1) as client:
+        table = pattern(1 << 16, seed=3)
+        server.expose("t", server.register(table))
+        lst = await server.listen()
+        ep = await client.connect("127.0.0.1", lst.port)
+        key = await ep.remote_key("t")
+        mr = client.register(np.zeros(64, dtype=np.uint8))
+        w = server._core.workers[0].c
+        for i in range(300):  # depth 1, back to back
+            await ep.read(mr, 0, key, (i * 64) % (1 << 16), 64)
+        hits, spins, skips = w.spin_hits, w.spins, w.spin_skips
+        assert spins > 50 and 3 * hits > spins, (spins, hits, skips)  # most find the next request (a loaded
+        # machine delays some clients past the spin)
+        for i in range(60):  # spaced: the next request never comes within the spin
+            await ep.read(mr, 0, key, 0, 64)
+            await asyncio.sleep(0.005)
+        spins2, hits2, skips2 = w.spins - spins, w.spin_hits - hits, w.spin_skips - skips
+        assert skips2 > spins2 > 0 and 2 * hits2 <= spins2, (spins2, hits2, skips2)
+        for i in range(300):  # back to back again: short waits, spinning again
+            await ep.read(mr, 0, key, 0, 64)
+        assert w.spin_hits - hits - hits2 > 50
+        assert bytes(mr.buffer) == table[:64].tobytes()
