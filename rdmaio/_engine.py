@@ -161,8 +161,10 @@ class Engine:
         otherwise pay for waking a sleeping CPU (on VMs, tens of µs; see
         ``docs/performance.md``).  At most ``poll_spin_us`` of CPU per round, but
         a worker that gets a request at least every ``poll_spin_us`` never
-        sleeps: under such a steady stream it keeps its core busy.  Use 0 where
-        CPU time matters more than depth-1 latency.
+        sleeps: under such a steady stream it keeps its core busy.  A worker
+        whose next request keeps coming much later (four waits in a row longer
+        than 8 x ``poll_spin_us`` after busy rounds) stops spinning until a wait
+        is short again.  Use 0 where CPU time matters more than depth-1 latency.
     """
 
     def __init__(self, transport: TransportName = "auto", workers: int = 2, progress: ProgressMode = "thread", *,
