@@ -179,13 +179,7 @@ class TcpQueuePair(QueuePair):
         if rc != 0:
             self._refused(slot, rc, what)
         fut = self._track(wr, Pending(self._loop.create_future(), mr, None, what))
-        # doorbell batching: flush now only when alone in flight (and not corked), else at the end of this
-        # loop iteration (or at cork(False))
-        if len(self._pending) == 1 and not self._writer and not self._corked:
-            self._flush()
-        elif not self._flush_scheduled:
-            self._flush_scheduled = True
-            self._loop.call_soon(self._flush)
+        self._doorbell()
         return fut
 
     def post_batch(self, op: Op, key: RemoteKey, remote: np.ndarray, lengths: np.ndarray, local: np.ndarray,
@@ -207,12 +201,17 @@ class TcpQueuePair(QueuePair):
         if rc != 0:
             self._refused(slot, rc, what)
         fut = self._track(wr, Pending(self._loop.create_future(), mr, (remote, lengths, local), what))
+        self._doorbell()
+        return fut
+
+    def _doorbell(self) -> None:
+        """After a post: flush now only when alone in flight (and not corked), else at the end of this loop
+        iteration (or at cork(False)), so that posts made together leave in one ``sendmsg``."""
         if len(self._pending) == 1 and not self._writer and not self._corked:
             self._flush()
         elif not self._flush_scheduled:
             self._flush_scheduled = True
             self._loop.call_soon(self._flush)
-        return fut
 
     def cork(self, more: bool) -> None:
         if more:
