@@ -227,9 +227,7 @@ class Worker:
             if self._free_on_exit:  # freed from this very thread (by a finalizer GC ran here)
                 self._native_free()
                 self.c = None
-                if self._notify >= 0:
-                    os.close(self._notify)
-                    self._notify = -1
+                self._close_notify()
 
     def _rounds(self) -> None:
         poll, release = self._native_poll, self._native_release
@@ -258,6 +256,11 @@ class Worker:
                 except RuntimeError:
                     pass
                 return
+
+    def _close_notify(self) -> None:
+        if self._notify >= 0:
+            os.close(self._notify)
+            self._notify = -1
 
     def _on_notify(self) -> None:
         try:
@@ -303,9 +306,8 @@ class Worker:
                 self._loop.remove_reader(self._notify)
             except Exception:  # loop already closed
                 pass
-            if self._thread is None:  # joined: nothing writes it any more (else free() closes it)
-                os.close(self._notify)
-                self._notify = -1
+            if self._thread is None:  # joined: nothing writes it any more (else the thread, freed there, closes it)
+                self._close_notify()
         if self._reader:
             try:
                 self._loop.remove_reader(self._fd())
