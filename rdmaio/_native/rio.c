@@ -832,15 +832,21 @@ int rio_pull_read(int32_t pid, uint64_t remote, uint8_t *out, uint64_t n) {
  * busy): RIO_ST_OK, or RIO_ST_INV_REQ when this connection takes no pulls,
  * the initiator's memory cannot be read, or its generation word moved (the
  * initiator closed the connection: its memory may be reused). */
+/* the initiator's generation word at gen_at still holds gen (it can be read, and did not move) */
+static int gen_holds(pid_t pid, uint64_t gen_at, uint64_t gen) {
+    uint64_t now = 0;
+    return pull_range(pid, (uint64_t)(uintptr_t)&now, gen_at, 8) == 0 && now == gen;
+}
+
 static int pull_payload(rio_conn *c, rio_region *r) {
-    uint64_t src = ld64(c->r_trailer), gen_at = ld64(c->r_trailer + 8), gen = ld64(c->r_trailer + 16), now = 0;
+    uint64_t src = ld64(c->r_trailer), gen_at = ld64(c->r_trailer + 8), gen = ld64(c->r_trailer + 16);
     pid_t pid = (pid_t)c->pull_pid;
     if (pid <= 0) return RIO_ST_INV_REQ;
-    if (pull_range(pid, (uint64_t)(uintptr_t)&now, gen_at, 8) || now != gen) return RIO_ST_INV_REQ;
+    if (!gen_holds(pid, gen_at, gen)) return RIO_ST_INV_REQ;
     c->round_pulled += c->r_arg0;
     if (pull_range(pid, r->addr + c->r_remote, src, c->r_arg0)) return RIO_ST_INV_REQ;
     __atomic_thread_fence(__ATOMIC_SEQ_CST);
-    if (pull_range(pid, (uint64_t)(uintptr_t)&now, gen_at, 8) || now != gen) return RIO_ST_INV_REQ;
+    if (!gen_holds(pid, gen_at, gen)) return RIO_ST_INV_REQ;
     c->ops_pulled++;
     return RIO_ST_OK;
 }
@@ -1312,6 +1318,13 @@ int rio_worker_wake(rio_worker *w) {
     return n == 8 ? 0 : -errno;
 }
 
+/* microseconds since t0 (CLOCK_MONOTONIC) */
+static int64_t us_since(const struct timespec *t0) {
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    return (t.tv_sec - t0->tv_sec) * 1000000LL + (t.tv_nsec - t0->tv_nsec) / 1000;
+}
+
 int rio_worker_poll(rio_worker *w, int timeout_ms) {
     rio_worker *p = w;
     struct epoll_event evs[64];
@@ -1329,7 +1342,7 @@ int rio_worker_poll(rio_worker *w, int timeout_ms) {
      * (a depth-1 stream whose round trip is about the spin misses now and
      * then by a little, and keeps spinning). */
     int learn = w->spin_us && w->did_work && timeout_ms != 0;
-    struct timespec t0, t;
+    struct timespec t0;
     if (learn) clock_gettime(CLOCK_MONOTONIC, &t0);
     if (learn && w->spin_misses >= 4) {
         w->spin_skips++;
@@ -1338,9 +1351,7 @@ int rio_worker_poll(rio_worker *w, int timeout_ms) {
         for (;;) {
             n = epoll_wait(w->epfd, evs, 64, 0);
             if (n != 0) break;
-            clock_gettime(CLOCK_MONOTONIC, &t);
-            int64_t us = (t.tv_sec - t0.tv_sec) * 1000000LL + (t.tv_nsec - t0.tv_nsec) / 1000;
-            if (us >= (int64_t)w->spin_us) break;
+            if (us_since(&t0) >= (int64_t)w->spin_us) break;
             sched_yield();
         }
         if (n != 0) {
@@ -1351,9 +1362,7 @@ int rio_worker_poll(rio_worker *w, int timeout_ms) {
     if (n == 0) {
         n = epoll_wait(w->epfd, evs, 64, timeout_ms);
         if (learn) {
-            clock_gettime(CLOCK_MONOTONIC, &t);
-            int64_t us = (t.tv_sec - t0.tv_sec) * 1000000LL + (t.tv_nsec - t0.tv_nsec) / 1000;
-            if (us > 8 * (int64_t)w->spin_us) {
+            if (us_since(&t0) > 8 * (int64_t)w->spin_us) {
                 if (w->spin_misses < 4) w->spin_misses++;
             } else {
                 w->spin_misses = 0;
