@@ -180,8 +180,9 @@ async def _run_shape(cfg: ServerPoolConfig, shape: str) -> dict[str, Any]:
                 c0, t0 = time.process_time(), time.perf_counter()
                 _local(model, jobs, threads)
                 local_wall += time.perf_counter() - t0
-                local_cpu += time.process_time() - c0
-                local_req.append(time.process_time() - c0)
+                dc = time.process_time() - c0
+                local_cpu += dc
+                local_req.append(dc)
                 parts = [encode_request(jobs, "sum") for _ in range(cfg.inflight)]
                 s0, t0 = process_cpu_s(pid), time.perf_counter()
                 await asyncio.gather(*(pc.call(p) for p in parts))
@@ -193,6 +194,7 @@ async def _run_shape(cfg: ServerPoolConfig, shape: str) -> dict[str, Any]:
         finally:
             await pc.aclose()
             await ep.aclose()
+    local_median = statistics.median(local_req)
     return {
         "shape": shape, "tables": len(specs), "rows": specs[0].num_rows, "dim": specs[0].dim, "transport": transport,
         "ids_per_request": rows / len(timed), "requests": len(timed) * cfg.inflight, "threads": threads,
@@ -201,8 +203,7 @@ async def _run_shape(cfg: ServerPoolConfig, shape: str) -> dict[str, Any]:
         "ratio": (server_cpu / server_rows) / (local_cpu / rows) if local_cpu > 0 else None,
         "local_ms_per_request": local_wall / len(timed) * 1e3,
         "server_ms_per_request": server_wall / len(timed) * 1e3,
-        "median_ratio": (statistics.median(per_req) / statistics.median(local_req)
-                         if statistics.median(local_req) > 0 else None),
+        "median_ratio": statistics.median(per_req) / local_median if local_median > 0 else None,
         "server_cpu_ms_per_request": [x * 1e3 for x in per_req],
         "local_cpu_ms_per_request": [x * 1e3 for x in local_req],
     }
