@@ -197,7 +197,8 @@ def detect_support(options_cls: type[Any] = ClientOptions, client_cls: type[Any]
 def configure(p: argparse.ArgumentParser) -> None:
     """Arguments of ``flexemr demo`` (every one has a default)."""
     p.add_argument("--servers", type=int, default=2, help="embedding server processes (default 2)")
-    p.add_argument("--batches", type=int, default=50, help="timed batches per configuration (default 50)")
+    p.add_argument("--batches", type=int, default=200,
+                   help="timed batches per configuration (default 200)")
     p.add_argument("--batch-size", type=int, default=512, help="samples per batch (default 512)")
     p.add_argument("--pooling", type=float, default=8.0, help="mean ids per sample and table (default 8)")
     p.add_argument("--seconds", type=float, default=6.0,

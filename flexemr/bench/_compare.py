@@ -5,7 +5,7 @@ Workload: :func:`flexemr.apps.workload.generate` with
 ``dlrm_datasets`` traces): ``--tables`` (8) float32 tables of ``--rows``
 (500,000) rows x ``--dim`` (64); batches of ``--batch`` (2048) samples with
 Poisson bags of mean ``--pooling`` (32) ids per table; ``sum`` pooling.
-``--warmup`` (2) warm-up batches, then ``--batches`` (5) timed ones (seeds
+``--warmup`` (2) warm-up batches, then ``--batches`` (20) timed ones (seeds
 0, 1, ...: a stream over the same hot rows).  Every path answers the same
 batches and is checked against ``local`` before it is timed.  The
 ``flexemr`` and ``flexemr-torch`` clients cycle through the warm-up batches
@@ -108,7 +108,7 @@ class CompareConfig:
     batch: int = 2048
     pooling: float = 32.0
     warmup: int = 2
-    batches: int = 5
+    batches: int = 20
     naive_ids: int = 20_000
     servers: int = 2
     transport: str = "auto"
