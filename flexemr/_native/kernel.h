@@ -167,6 +167,25 @@ int fxk_partition(fxk_part *parts, int64_t n, int threads);
  * increasing). */
 int64_t fxk_unique(const void *ids, int32_t id_bytes, int64_t n, int64_t num_rows, int64_t *uniq, int64_t *inverse,
                    int64_t *bad_pos);
+
+/* One table's dedup for fxk_unique_many: the arguments of fxk_unique, and
+ * its result in count (distinct ids, or -FXK_*) and bad_pos. */
+typedef struct {
+    const void *ids;
+    int32_t id_bytes;
+    int32_t _pad;
+    int64_t n;
+    int64_t num_rows;
+    int64_t *uniq;
+    int64_t *inverse;
+    int64_t count;
+    int64_t bad_pos;
+} fxk_uniq;
+
+/* fxk_unique for each of n tables, spread over up to `threads` threads (a
+ * table per task); returns FXK_OK, or FXK_EARG for bad arguments: each
+ * table's own outcome is in its count. */
+int fxk_unique_many(fxk_uniq *jobs, int64_t n, int threads);
 int64_t fxk_runs(const int64_t *uniq, int64_t n, const int64_t *band_start, int64_t n_bands, int64_t *run_start,
                  int64_t *band_run, int64_t *band_pos);
 

@@ -57,7 +57,7 @@ import numpy as np
 import numpy.typing as npt
 import rdmaio
 
-from ..core import kernel
+from ..core import dedup, kernel
 from ..core.errors import ClosedError, FlexEMRError, TransportError
 from ..core.metrics import LocalityMetrics, ReliabilityMetrics
 from ..core.plan import ShardingPlan
@@ -289,14 +289,11 @@ class Batcher:
         """
         m = self.metrics
         m.lookups += 1
-        live: list[tuple[int, IntArray, IntArray]] = []
-        outs: list[npt.NDArray[Any]] = []
-        for i, (table, spec, ids) in enumerate(reqs):
-            outs.append(np.empty((ids.size, spec.dim), dtype=spec.np_dtype))
-            if ids.size:
-                uniq, inverse = kernel.unique_inverse(ids, spec.num_rows)
-                m.ids_requested += int(ids.size)
-                live.append((i, uniq, inverse))
+        outs: list[npt.NDArray[Any]] = [np.empty((ids.size, spec.dim), dtype=spec.np_dtype) for _, spec, ids in reqs]
+        wanted = [i for i, (_, _, ids) in enumerate(reqs) if ids.size]
+        found = dedup.unique_inverse_many([(reqs[i][2], reqs[i][1].num_rows) for i in wanted])  # tables in parallel
+        live: list[tuple[int, IntArray, IntArray]] = [(i, u, inv) for i, (u, inv) in zip(wanted, found)]
+        m.ids_requested += sum(int(reqs[i][2].size) for i in wanted)
 
         def put(k: int, rows: npt.NDArray[Any], idx: IntArray | None) -> None:
             i, _, inverse = live[k]

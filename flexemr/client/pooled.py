@@ -47,7 +47,7 @@ import numpy as np
 import numpy.typing as npt
 import rdmaio
 
-from ..core import kernel
+from ..core import dedup, kernel
 from ..core.cachechoice import CacheChoice
 from ..core.errors import ClosedError, InputError, TransportError, UnknownTableError
 from ..core.hitpool import HitJob, pool_hits
@@ -523,13 +523,11 @@ class Pooler:
         (``fill``: insert them into the cache)."""
         m = self.metrics
         reqs: list[Request] = []
-        live = []
-        for lp in parts:
-            if lp.ids.size == 0:
-                continue
-            lp.uniq, lp.inverse = kernel.unique_inverse(lp.ids, lp.tab.spec.num_rows)
-            reqs.append((lp.tab.table, lp.tab.spec, lp.uniq))
-            live.append(lp)
+        live = [lp for lp in parts if lp.ids.size]
+        found = dedup.unique_inverse_many([(lp.ids, lp.tab.spec.num_rows) for lp in live])  # tables in parallel
+        for lp, (uniq, inverse) in zip(live, found):
+            lp.uniq, lp.inverse = uniq, inverse
+            reqs.append((lp.tab.table, lp.tab.spec, uniq))
             m.local_pooled_rows += int(lp.ids.size)
             m.raw_subrequests += len(self._servers_of(lp.tab.table, lp.uniq))
         if not reqs:

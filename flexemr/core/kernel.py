@@ -77,11 +77,9 @@ __all__ = [
     "pool",
     "pool_each",
     "pool_many",
-    "runs",
     "set_isa",
     "set_threads",
     "tune_allocator",
-    "unique_inverse",
 ]
 
 #: Cap of the default thread count (the CPUs this process may run on, at most this many).
@@ -724,68 +722,3 @@ def partition_many(jobs: Sequence[PartitionJob], threads: int | None = None) -> 
         except InputError as exc:
             raise InputError(f"job {i}: {exc}") from None
     return parts.run(threads)
-
-
-# ------------------------------------------------------------------ dedup, runs
-
-
-def unique_inverse(ids: object, num_rows: int) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]]:
-    """``np.unique(ids, return_inverse=True)`` (int64 results) for ids of a table of ``num_rows`` rows, checked.
-
-    Dense ids (``num_rows`` at most 256 per id) are deduplicated natively, in
-    two passes over ``ids`` with a bitmap of the table's rows (no sort);
-    others by ``np.unique``.  An id outside ``[0, num_rows)`` raises
-    :class:`~flexemr.core.errors.InputError`.
-
-    >>> [a.tolist() for a in unique_inverse([7, 3, 7], 10)]
-    [[3, 7], [1, 0, 1]]
-    """
-    arr = _ids(ids)
-    n = int(arr.size)
-    if n and num_rows > 256 * n:
-        uniq, inv = np.unique(arr, return_inverse=True)
-        if int(uniq[0]) < 0 or int(uniq[-1]) >= num_rows:
-            bad = int(uniq[0]) if int(uniq[0]) < 0 else int(uniq[-1])
-            raise InputError(f"id {bad} is out of range for a table of {num_rows} rows")
-        return uniq.astype(np.int64, copy=False), inv.reshape(-1).astype(np.int64, copy=False)
-    uniq = np.empty(n, dtype=np.int64)
-    inverse = np.empty(n, dtype=np.int64)
-    bad_pos = ffi.new("int64_t *")
-    c = lib.fxk_unique(_ptr(arr), arr.itemsize, n, int(num_rows), _ptr(uniq, "int64_t[]"),
-                       _ptr(inverse, "int64_t[]"), bad_pos)
-    if c < 0:
-        if c == -lib.FXK_EBADID:
-            raise InputError(f"id {int(arr[bad_pos[0]])} at position {int(bad_pos[0])} is out of range for a table "
-                             f"of {num_rows} rows")
-        if c == -lib.FXK_ECHANGED:
-            raise InputError(f"the ids changed while unique_inverse ran (position {int(bad_pos[0])}): another thread "
-                             "wrote to the array")
-        if c == -lib.FXK_ENOMEM:
-            raise MemoryError("unique_inverse could not allocate its bitmap")
-        raise InputError(f"invalid arguments to unique_inverse (num_rows={num_rows})")
-    return uniq[:c], inverse
-
-
-def runs(uniq: npt.NDArray[np.int64], band_start: npt.NDArray[np.int64]) -> tuple[
-        npt.NDArray[np.int64], npt.NDArray[np.int64], npt.NDArray[np.int64]]:
-    """Runs of consecutive ids inside one band of sorted unique int64 ``uniq``, in one native pass.
-
-    Returns ``(run_start, band_run, band_pos)``: run ``r`` is
-    ``uniq[run_start[r]:run_start[r+1]]`` (``run_start`` ends with
-    ``len(uniq)``), band ``b`` (rows from ``band_start[b]``) holds runs
-    ``band_run[b]:band_run[b+1]`` and ids ``uniq[band_pos[b]:band_pos[b+1]]``.
-
-    >>> [a.tolist() for a in runs(np.array([1, 2, 3, 5, 6]), np.array([0, 3]))]
-    [[0, 2, 3, 5], [0, 1, 3], [0, 2, 5]]
-    """
-    u = np.ascontiguousarray(uniq, dtype=np.int64)
-    st = np.ascontiguousarray(band_start, dtype=np.int64)
-    n, nb = int(u.size), int(st.size)
-    run_start = np.empty(n + 1, dtype=np.int64)
-    band_run = np.empty(nb + 1, dtype=np.int64)
-    band_pos = np.empty(nb + 1, dtype=np.int64)
-    c = lib.fxk_runs(_ptr(u, "int64_t[]"), n, _ptr(st, "int64_t[]"), nb, _ptr(run_start, "int64_t[]"),
-                     _ptr(band_run, "int64_t[]"), _ptr(band_pos, "int64_t[]"))
-    if c < 0:
-        raise InputError("runs needs sorted unique ids and at least one band")
-    return run_start[: c + 1], band_run, band_pos

@@ -14,7 +14,7 @@ Algorithm (all numpy, no per-id Python loop):
    with ``sorted_unique=True``, where the caller's ids already are ``uniq``;
 2. route ``uniq`` to row bands (the range table) and cut it into *runs* of
    consecutive ids inside one band, in one native pass
-   (:func:`flexemr.core.kernel.runs`); since ``uniq`` is sorted each band owns
+   (:func:`flexemr.core.dedup.runs`); since ``uniq`` is sorted each band owns
    a contiguous slice of it, and each run is a single
    ``(remote_offset, length)`` read per column shard of the band.
 
@@ -48,7 +48,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from . import kernel
+from . import dedup
 from .errors import InputError, LookupIdError
 from .plan import ShardingPlan, validate_ids
 from .spec import TableSpec
@@ -305,7 +305,7 @@ def split_lookup(
     local = 0
     if n:
         # runs of consecutive ids inside one band, the runs and the slice of uniq of every band: one native pass
-        run_start, run_bounds, bounds = kernel.runs(uniq, rt.starts)
+        run_start, run_bounds, bounds = dedup.runs(uniq, rt.starts)
         run_rows = np.diff(run_start)
         run_start = run_start[:-1]
         for b in np.flatnonzero(bounds[1:] > bounds[:-1]).tolist():

@@ -1,4 +1,4 @@
-"""The native dedup and runs (flexemr.core.kernel.unique_inverse, runs) against numpy oracles.
+"""The native dedup and runs (flexemr.core.dedup.unique_inverse, runs) against numpy oracles.
 
 Property tests draw ids of int32/int64 over tables of one row to a million
 (dense ids take the bitmap, sparse ones np.unique), with duplicates and ids at
@@ -14,7 +14,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from flexemr.core import kernel
+from flexemr.core import dedup
 from flexemr.core.errors import InputError
 
 SETTINGS = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -34,7 +34,7 @@ def id_cases(draw: st.DrawFn) -> tuple[np.ndarray, int]:
 @given(id_cases())
 def test_unique_inverse_matches_numpy(case: tuple[np.ndarray, int]) -> None:
     ids, num_rows = case
-    uniq, inv = kernel.unique_inverse(ids, num_rows)
+    uniq, inv = dedup.unique_inverse(ids, num_rows)
     want_u, want_i = np.unique(ids.astype(np.int64), return_inverse=True)
     assert uniq.dtype == np.int64 and inv.dtype == np.int64
     assert uniq.tolist() == want_u.tolist()
@@ -44,7 +44,7 @@ def test_unique_inverse_matches_numpy(case: tuple[np.ndarray, int]) -> None:
 def test_dense_ids_take_the_bitmap_and_match_numpy() -> None:
     rng = np.random.default_rng(1)
     ids = rng.integers(0, 500_000, 65_536)
-    uniq, inv = kernel.unique_inverse(ids, 500_000)
+    uniq, inv = dedup.unique_inverse(ids, 500_000)
     want_u, want_i = np.unique(ids, return_inverse=True)
     assert np.array_equal(uniq, want_u) and np.array_equal(inv, want_i)
     assert np.array_equal(uniq[inv], ids)
@@ -55,12 +55,43 @@ def test_dense_ids_take_the_bitmap_and_match_numpy() -> None:
 def test_unique_inverse_rejects_ids_out_of_range(num_rows: int, bad: int) -> None:
     ids = np.array([3, 4, bad, 5], dtype=np.int64)
     with pytest.raises(InputError, match=f"id {bad}"):
-        kernel.unique_inverse(ids, num_rows)
+        dedup.unique_inverse(ids, num_rows)
 
 
 def test_unique_inverse_rejects_non_integer_ids() -> None:
     with pytest.raises(InputError, match="integer"):
-        kernel.unique_inverse(np.array([1.5, 2.0]), 10)
+        dedup.unique_inverse(np.array([1.5, 2.0]), 10)
+
+
+@SETTINGS
+@given(st.lists(id_cases(), min_size=0, max_size=6), st.sampled_from([1, 2, 4]))
+def test_unique_inverse_many_matches_numpy_per_table(cases: list[tuple[np.ndarray, int]], threads: int) -> None:
+    got = dedup.unique_inverse_many(cases, threads=threads)
+    assert len(got) == len(cases)
+    for (ids, _), (uniq, inv) in zip(cases, got):
+        want_u, want_i = np.unique(ids.astype(np.int64), return_inverse=True)
+        assert uniq.tolist() == want_u.tolist() and inv.tolist() == want_i.reshape(-1).tolist()
+
+
+def test_unique_inverse_many_spreads_tables_over_threads_and_matches_numpy() -> None:
+    """Enough ids that the tables are spread over the kernel's threads (each a task); dense and sparse tables
+    mixed (the sparse one goes through np.unique), int32 and int64 ids."""
+    rng = np.random.default_rng(2)
+    cases = [(rng.integers(0, 500_000, 65_536, dtype=dt), 500_000) for dt in (np.int64, np.int32) * 4]
+    cases.append((rng.integers(0, 1 << 40, 1000), 1 << 40))
+    for (ids, _), (uniq, inv) in zip(cases, dedup.unique_inverse_many(cases, threads=2)):
+        want_u, want_i = np.unique(ids, return_inverse=True)
+        assert np.array_equal(uniq, want_u) and np.array_equal(inv, want_i)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_unique_inverse_many_names_the_table_with_an_id_out_of_range(threads: int) -> None:
+    good = np.arange(70_000, dtype=np.int64)
+    with pytest.raises(InputError, match=r"tables\[2\]: id 100 at position 3 is out of range"):
+        dedup.unique_inverse_many([(good, 70_000), (good, 70_000), (np.array([0, 1, 2, 100]), 100)],
+                                  threads=threads)
+    with pytest.raises(InputError, match=r"tables\[1\]: ids must be a 1-D integer array"):
+        dedup.unique_inverse_many([(good, 70_000), (np.array([0.5]), 10)])
 
 
 @st.composite
@@ -75,7 +106,7 @@ def run_cases(draw: st.DrawFn) -> tuple[np.ndarray, np.ndarray]:
 @given(run_cases())
 def test_runs_match_oracle(case: tuple[np.ndarray, np.ndarray]) -> None:
     uniq, starts = case
-    run_start, band_run, band_pos = kernel.runs(uniq, starts)
+    run_start, band_run, band_pos = dedup.runs(uniq, starts)
     n = uniq.size
     band = np.searchsorted(starts, uniq, side="right") - 1
     brk = np.flatnonzero((np.diff(uniq) != 1) | (np.diff(band) != 0)) + 1
@@ -108,7 +139,7 @@ def test_ids_written_by_another_thread_meanwhile_raise_input_error_never_crash()
         while calls < 50 or (errors == 0 and calls < 5000):  # until the race was exercised
             calls += 1
             try:
-                uniq, inv = kernel.unique_inverse(ids, n)
+                uniq, inv = dedup.unique_inverse(ids, n)
             except InputError as exc:
                 assert "out of range" in str(exc) or "changed" in str(exc)
                 errors += 1
@@ -123,4 +154,4 @@ def test_ids_written_by_another_thread_meanwhile_raise_input_error_never_crash()
 def test_runs_reject_ids_not_sorted_and_unique() -> None:
     for bad in ([3, 2, 5], [1, 1, 2]):
         with pytest.raises(InputError, match="sorted unique"):
-            kernel.runs(np.array(bad, dtype=np.int64), np.array([0], dtype=np.int64))
+            dedup.runs(np.array(bad, dtype=np.int64), np.array([0], dtype=np.int64))
