@@ -43,7 +43,11 @@ Paths, in report order:
     with a reason when ``redis-server`` or the ``redis`` client is missing;
 ``torchrec``
     TorchRec's FBGEMM table-batched embedding on the local CPU
-    (:mod:`flexemr.bench._peers`); skipped with a reason when torchrec is not
+    (:class:`flexemr.bench._peers.TorchRecPeer`), in this process while the
+    cluster runs: it takes turns with ``flexemr`` batch by batch, as
+    ``flexemr-torch`` does, so the ratio of the two is measured over the same
+    stretch of time (timed apart, load that came and went between the two
+    windows moved it by a third); skipped with a reason when torchrec is not
     installed.
 
 Every path is checked against the numpy reference on one batch, then runs
@@ -130,10 +134,12 @@ def _local(model: Model, jb: JaggedBatch) -> Pooled:
 
 
 async def _cluster_paths(cfg: CompareConfig, specs: list[TableSpec], model: Model, warm: list[JaggedBatch],
-                         timed: list[JaggedBatch], ref: Pooled) -> tuple[dict[str, PathResult], str, float]:
-    """``naive``, ``flexemr`` and ``flexemr-torch`` against a :class:`LocalCluster`; returns (results, transport,
-    start-up s).  ``flexemr`` and ``flexemr-torch`` take turns batch by batch, so that whatever else loads the
-    machine meanwhile weighs on both alike."""
+                         timed: list[JaggedBatch], ref: Pooled,
+                         tr: _peers.TorchRecPeer | PathResult) -> tuple[dict[str, PathResult], str, float]:
+    """``naive``, ``flexemr``, ``flexemr-torch`` and ``torchrec`` (``tr``, built and warmed) against a
+    :class:`LocalCluster`; returns (results, transport, start-up s).  ``flexemr``, ``flexemr-torch`` and
+    ``torchrec`` take turns batch by batch, so that whatever else loads the machine meanwhile weighs on them
+    alike."""
     t0 = time.perf_counter()
     async with LocalCluster(specs, servers=cfg.servers, seed=cfg.seed, transport=cfg.transport) as cluster:
         startup_s = time.perf_counter() - t0
@@ -149,8 +155,8 @@ async def _cluster_paths(cfg: CompareConfig, specs: list[TableSpec], model: Mode
         try:
             client.metrics.reset()
             settle()
-            dt = torch_dt = 0.0
-            cpu, torch_cpu = CpuClock(pids), CpuClock(pids)
+            dt = torch_dt = tr_dt = 0.0
+            cpu, torch_cpu, tr_cpu = CpuClock(pids), CpuClock(pids), CpuClock()
             for i, jb in enumerate(timed):
                 with cpu:
                     t0 = time.perf_counter()
@@ -159,6 +165,9 @@ async def _cluster_paths(cfg: CompareConfig, specs: list[TableSpec], model: Mode
                 if isinstance(tp, _TorchPath):
                     with torch_cpu:
                         torch_dt += await asyncio.to_thread(tp.batch, i)
+                if isinstance(tr, _peers.TorchRecPeer):  # on this thread: the servers have nothing to do meanwhile
+                    with tr_cpu:
+                        tr_dt += tr.batch(i)
             m = client.metrics
             samples = sum(jb.batch_size for jb in timed)
             flex = measured("flexemr", timed, dt, m.network_bytes / samples,
@@ -179,7 +188,10 @@ async def _cluster_paths(cfg: CompareConfig, specs: list[TableSpec], model: Mode
                        per_id * ids_per_sample * cfg.batch * 1e3, True, None,
                        f"1 read/id, timed on {naive_n:,} ids, extrapolated",
                        naive_cpu.ranker_s / naive_n * ids_per_sample, naive_cpu.server_s / naive_n * ids_per_sample)
-    return {"naive": naive, "flexemr": flex, FLEXEMR_TORCH: flex_torch}, transport, startup_s
+    torchrec = (tr.result(tr_dt, tr_cpu, ", in turns with flexemr") if isinstance(tr, _peers.TorchRecPeer)
+                else tr)
+    paths = {"naive": naive, "flexemr": flex, FLEXEMR_TORCH: flex_torch, _peers.TORCHREC: torchrec}
+    return paths, transport, startup_s
 
 
 #: Lookups a client's cost model (:class:`~flexemr.core.pooling.PoolingCost`) makes before it chooses between
@@ -309,12 +321,12 @@ def measure(cfg: CompareConfig) -> dict[str, Any]:
                             f"native kernel pool_many, {kernel.get_threads()} threads ({kernel.isa()}), in memory",
                             cpu=cpu)
 
-    cluster_res, transport, startup_s = rdmaio.run(_cluster_paths(cfg, specs, model, warm, timed, ref))
+    tr = (_peers.TorchRecPeer.start(model, warm, timed, ref) if cfg.torchrec
+          else _peers.skipped(_peers.TORCHREC, "disabled (--no-torchrec)"))
+    cluster_res, transport, startup_s = rdmaio.run(_cluster_paths(cfg, specs, model, warm, timed, ref, tr))
     res.update(cluster_res)
     res[_peers.REDIS] = (_peers.bench_redis(model, warm, timed, ref) if cfg.redis
                          else _peers.skipped(_peers.REDIS, "disabled (--no-redis)"))
-    res[_peers.TORCHREC] = (_peers.bench_torchrec(model, warm, timed, ref) if cfg.torchrec
-                            else _peers.skipped(_peers.TORCHREC, "disabled (--no-torchrec)"))
 
     flex = res["flexemr"].samples_per_s
     local = res["local"].samples_per_s

@@ -64,6 +64,7 @@ __all__ = [
     "CpuClock",
     "TORCHREC",
     "TORCHREC_NOT_INSTALLED",
+    "TorchRecPeer",
     "PathResult",
     "bench_redis",
     "bench_torchrec",
@@ -438,39 +439,67 @@ def _torchrec_module(model: Model) -> tuple[Any, str]:
     return qebc, f"{type(qebc).__name__} ({', '.join(kernels) or 'FBGEMM TBE'})"
 
 
+class TorchRecPeer:
+    """TorchRec's pooled lookups on the local CPU, built, checked against the reference and warmed up
+    (:meth:`start`); :meth:`batch` times one timed batch, so that a caller can take turns with other paths."""
+
+    def __init__(self, torch: Any, kjt_cls: Any, module: Any, kernel: str, timed: Sequence[JaggedBatch]) -> None:
+        self.torch, self.kjt_cls, self.module, self.kernel, self.timed = torch, kjt_cls, module, kernel, timed
+
+    @classmethod
+    def start(cls, model: Model, warm: Sequence[JaggedBatch], timed: Sequence[JaggedBatch],
+              ref: Pooled) -> TorchRecPeer | PathResult:
+        """The peer, checked on ``timed[0]`` and run on ``warm``; or the skipped result saying why not."""
+        missing = torchrec_missing()
+        if missing:
+            return skipped(TORCHREC, missing)
+        if any(a.dtype != np.float32 for a in model.values()):
+            return skipped(TORCHREC, "the comparison builds FP32 TorchRec tables; the model is not float32")
+        try:
+            import torch
+            from torchrec import KeyedJaggedTensor
+
+            module, kernel = _torchrec_module(model)
+        except Exception as exc:  # a broken install is an environment problem, not a bench failure
+            return skipped(TORCHREC, f"torchrec unusable: {type(exc).__name__}: {exc}")
+        peer = cls(torch, KeyedJaggedTensor, module, kernel, timed)
+        # torchrec's forward asks torch.fx whether it is tracing, which logs a deprecation notice once
+        with _quiet_logger("torch.fx._symbolic_trace"):
+            check_pooled(TORCHREC, peer.run(timed[0]), ref)
+            for jb in warm:
+                peer.run(jb)
+        return peer
+
+    def run(self, jb: JaggedBatch) -> Pooled:
+        """One batch's pooled embeddings (the KeyedJaggedTensor built from ``jb`` inside)."""
+        torch = self.torch
+        with torch.inference_mode():
+            kjt = self.kjt_cls(keys=list(jb.keys), values=torch.from_numpy(jb.values.copy()),
+                               lengths=torch.from_numpy(jb.lengths.copy()))
+            return {t: v.numpy() for t, v in self.module(kjt).to_dict().items()}
+
+    def batch(self, i: int) -> float:
+        """Seconds taken by timed batch ``i``."""
+        t0 = time.perf_counter()
+        self.run(self.timed[i])
+        return time.perf_counter() - t0
+
+    def result(self, seconds: float, cpu: CpuClock, how: str = "") -> PathResult:
+        """The path's result for the timed batches, answered in ``seconds`` in all (``cpu``: their CPU time)."""
+        import torchrec
+
+        note = (f"torchrec {torchrec.__version__}, {self.kernel} on CPU, {self.torch.get_num_threads()} threads, "
+                f"FP32{how}")
+        return measured(TORCHREC, self.timed, seconds, 0.0, note, cpu=cpu)
+
+
 def bench_torchrec(model: Model, warm: Sequence[JaggedBatch], timed: Sequence[JaggedBatch],
                    ref: Pooled) -> PathResult:
-    """Pooled lookups with TorchRec/FBGEMM on the local CPU (module docstring)."""
-    missing = torchrec_missing()
-    if missing:
-        return skipped(TORCHREC, missing)
-    if any(a.dtype != np.float32 for a in model.values()):
-        return skipped(TORCHREC, "the comparison builds FP32 TorchRec tables; the model is not float32")
-    try:
-        import torch
-        from torchrec import KeyedJaggedTensor
-
-        module, kernel = _torchrec_module(model)
-    except Exception as exc:  # a broken install is an environment problem, not a bench failure
-        return skipped(TORCHREC, f"torchrec unusable: {type(exc).__name__}: {exc}")
-
-    def run(jb: JaggedBatch) -> Pooled:
-        kjt = KeyedJaggedTensor(keys=list(jb.keys), values=torch.from_numpy(jb.values.copy()),
-                                lengths=torch.from_numpy(jb.lengths.copy()))
-        return {t: v.numpy() for t, v in module(kjt).to_dict().items()}
-
-    # torchrec's forward asks torch.fx whether it is tracing, which logs a deprecation notice once
-    with torch.inference_mode(), _quiet_logger("torch.fx._symbolic_trace"):
-        check_pooled(TORCHREC, run(timed[0]), ref)
-        for jb in warm:
-            run(jb)
-        settle()
-        with CpuClock() as cpu:
-            t0 = time.perf_counter()
-            for jb in timed:
-                run(jb)
-            dt = time.perf_counter() - t0
-    import torchrec
-
-    note = f"torchrec {torchrec.__version__}, {kernel} on CPU, {torch.get_num_threads()} threads, FP32"
-    return measured(TORCHREC, timed, dt, 0.0, note, cpu=cpu)
+    """Pooled lookups with TorchRec/FBGEMM on the local CPU (module docstring), the timed batches back to back."""
+    peer = TorchRecPeer.start(model, warm, timed, ref)
+    if isinstance(peer, PathResult):
+        return peer
+    settle()
+    with CpuClock() as cpu:
+        dt = sum(peer.batch(i) for i in range(len(timed)))
+    return peer.result(dt, cpu)
