@@ -9,12 +9,14 @@ What it does:
    RDMA device is up, else tcp);
 3. generates a request stream with the calibrated workload generator
    (:func:`flexemr.apps.trace.generate_trace`);
-4. ranks it once per *configuration* of the lookup techniques (the table
+4. ranks it per *configuration* of the lookup techniques (the table
    :data:`CONFIGURATIONS`), checking CTRs of a sample of every batch against
-   the local reference model; with ``--rounds N`` the configurations run N
-   times in turn and each is reported by its median run (on a machine shared
-   with other jobs, load swings between configurations otherwise decide the
-   comparison);
+   the local reference model; the configurations run ``--rounds`` (3) times
+   in turn, each round for at most ``--seconds`` / ``--rounds``, and each is
+   reported by its median run (on a machine shared with other jobs, load
+   swings between configurations otherwise decide the comparison: with the
+   model taking ~80% of a batch's time on two cores, the best
+   configurations lie within that noise of each other);
 5. prints a table and writes ``report.json``, ``report.png`` and
    ``report.svg`` (:func:`flexemr.apps.report.plot_configurations`: throughput,
    bytes per sample and p50/p99 latency per configuration, with a caption
@@ -202,7 +204,8 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=512, help="samples per batch (default 512)")
     p.add_argument("--pooling", type=float, default=8.0, help="mean ids per sample and table (default 8)")
     p.add_argument("--seconds", type=float, default=6.0,
-                   help="at most this long per configuration; at least one batch runs (default 6)")
+                   help="at most this long per configuration, its rounds together (each round SECONDS / ROUNDS); "
+                        "at least one batch runs per round (default 6)")
     p.add_argument("--scale", type=float, default=None,
                    help="table rows = Criteo Kaggle cardinality x SCALE (default: all tables ~128 MiB)")
     p.add_argument("--dim", type=int, default=16, choices=[16, 32, 64], help="embedding dimension (default 16)")
@@ -214,9 +217,9 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default=".", help="directory for report.json and report.png (default: cwd)")
     p.add_argument("--only", action="append", default=[], metavar="NAME",
                    help="run only this configuration (repeatable); names as printed")
-    p.add_argument("--rounds", type=int, default=1,
+    p.add_argument("--rounds", type=int, default=3,
                    help="run the configurations this many times in turn and report each one's median run "
-                        "(default 1): on a machine shared with other jobs, load swings between configurations "
+                        "(default 3): on a machine shared with other jobs, load swings between configurations "
                         "otherwise decide the comparison")
     add_progress_option(p)
     add_blas_option(p)
@@ -374,7 +377,8 @@ async def _run_configuration(cfg: Configuration, args: argparse.Namespace, suppo
                         client_prefetch=prefetch and callable(getattr(client, "prefetch", None)))
         ranker.prepare_reference(batches)   # once: the next runs share reference_ctrs
         with bars.bar(desc=cfg.name, unit="batch", delay=0) as bar:
-            res = await ranker.run(batches, name=cfg.name, seconds=args.seconds, progress=as_callback(bar))
+            res = await ranker.run(batches, name=cfg.name, seconds=args.seconds / getattr(args, "rounds", 1),
+                                    progress=as_callback(bar))
     row.update(res.to_dict())
     row["usage"] = _usage(client)
     _say(f"{cfg.name}{label}: {res.samples_per_s:,.0f} samples/s over {res.batches} batches")
