@@ -188,8 +188,7 @@ async def _cluster_paths(cfg: CompareConfig, specs: list[TableSpec], model: Mode
                        per_id * ids_per_sample * cfg.batch * 1e3, True, None,
                        f"1 read/id, timed on {naive_n:,} ids, extrapolated",
                        naive_cpu.ranker_s / naive_n * ids_per_sample, naive_cpu.server_s / naive_n * ids_per_sample)
-    torchrec = (tr.result(tr_dt, tr_cpu, ", in turns with flexemr") if isinstance(tr, _peers.TorchRecPeer)
-                else tr)
+    torchrec = tr.result(tr_dt, tr_cpu) if isinstance(tr, _peers.TorchRecPeer) else tr
     paths = {"naive": naive, "flexemr": flex, FLEXEMR_TORCH: flex_torch, _peers.TORCHREC: torchrec}
     return paths, transport, startup_s
 

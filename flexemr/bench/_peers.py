@@ -67,7 +67,6 @@ __all__ = [
     "TorchRecPeer",
     "PathResult",
     "bench_redis",
-    "bench_torchrec",
     "check_pooled",
     "settle",
     "process_cpu_s",
@@ -484,22 +483,10 @@ class TorchRecPeer:
         self.run(self.timed[i])
         return time.perf_counter() - t0
 
-    def result(self, seconds: float, cpu: CpuClock, how: str = "") -> PathResult:
+    def result(self, seconds: float, cpu: CpuClock) -> PathResult:
         """The path's result for the timed batches, answered in ``seconds`` in all (``cpu``: their CPU time)."""
         import torchrec
 
         note = (f"torchrec {torchrec.__version__}, {self.kernel} on CPU, {self.torch.get_num_threads()} threads, "
-                f"FP32{how}")
+                "FP32, in turns with flexemr")
         return measured(TORCHREC, self.timed, seconds, 0.0, note, cpu=cpu)
-
-
-def bench_torchrec(model: Model, warm: Sequence[JaggedBatch], timed: Sequence[JaggedBatch],
-                   ref: Pooled) -> PathResult:
-    """Pooled lookups with TorchRec/FBGEMM on the local CPU (module docstring), the timed batches back to back."""
-    peer = TorchRecPeer.start(model, warm, timed, ref)
-    if isinstance(peer, PathResult):
-        return peer
-    settle()
-    with CpuClock() as cpu:
-        dt = sum(peer.batch(i) for i in range(len(timed)))
-    return peer.result(dt, cpu)
