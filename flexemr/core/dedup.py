@@ -77,7 +77,7 @@ def _dedup(tables: Sequence[tuple[object, int]], threads: int, prefix: str) -> l
             dense.append((i, arr, rows, np.empty(n, dtype=np.int64), np.empty(n, dtype=np.int64)))
     if dense:
         jobs = ffi.new("fxk_uniq[]", len(dense))
-        keep = []
+        keep = []  # the from_buffer pointers: they keep the arrays alive until the call returns
         for j, (_, arr, rows, uniq, inverse) in zip(jobs, dense):
             ptrs = (_ptr(arr), _ptr(uniq, "int64_t[]"), _ptr(inverse, "int64_t[]"))
             keep.append(ptrs)
