@@ -17,7 +17,7 @@ Two workload shapes, each in its own cluster (``--shapes``):
     as large as the rows it read.
 
 The server holds every table whole (one server, one shard per table).  For
-each of ``--batches`` (8) timed batches (after ``--warmup`` (2)) the same
+each of ``--batches`` (48) timed batches (after ``--warmup`` (2)) the same
 jobs are pooled twice, in turns: by the local kernel in this process
 (:func:`flexemr.core.kernel.pool_each` on a copy of the same tables, with the
 server's thread count, :func:`~flexemr.core.kernel.get_threads`), and by
@@ -30,8 +30,13 @@ the native call only), both per pooled row, and their ratio (the target:
 at most 1.5); plus wall time per request of both.  On a shared 2-vCPU
 machine single requests of either side are sometimes preempted or slowed
 (the same work varies by 2x), and a sum follows those outliers: the JSON
-also keeps every request's CPU of both sides and their medians' ratio
-(``median_ratio``, the table's "median" column).
+also keeps every request's CPU of both sides, their medians' ratio
+(``median_ratio``, the table's "median" column) and the median of the
+ratios of each pair (``paired_median_ratio``, "paired": the server's
+request over the local call made just before it).  The machine's speed
+comes in spells (a shape's calls of either side cluster around two
+values, e.g. 1.7 and 2.9 ms), so the medians of the two sides may come
+from different spells; a pair shares its spell.
 
 ``--callgrind`` counts instructions instead (repeatable on a noisy,
 shared machine): the server runs under ``valgrind --tool=callgrind`` (tables
@@ -105,7 +110,7 @@ class ServerPoolConfig:
     criteo_rows: int = 100_000
     criteo_dim: int = 16
     warmup: int = 2
-    batches: int = 8
+    batches: int = 48
     inflight: int = 1
     pool_slots: int = _DEFAULTS.pool_slots
     pool_slot_kb: int = _DEFAULTS.pool_slot_size >> 10
@@ -195,6 +200,7 @@ async def _run_shape(cfg: ServerPoolConfig, shape: str) -> dict[str, Any]:
             await pc.aclose()
             await ep.aclose()
     local_median = statistics.median(local_req)
+    pairs = [(s, loc) for s, loc in zip(per_req, local_req) if loc > 0]
     return {
         "shape": shape, "tables": len(specs), "rows": specs[0].num_rows, "dim": specs[0].dim, "transport": transport,
         "ids_per_request": rows / len(timed), "requests": len(timed) * cfg.inflight, "threads": threads,
@@ -204,6 +210,7 @@ async def _run_shape(cfg: ServerPoolConfig, shape: str) -> dict[str, Any]:
         "local_ms_per_request": local_wall / len(timed) * 1e3,
         "server_ms_per_request": server_wall / len(timed) * 1e3,
         "median_ratio": statistics.median(per_req) / local_median if local_median > 0 else None,
+        "paired_median_ratio": statistics.median(s / loc for s, loc in pairs) if pairs else None,
         "server_cpu_ms_per_request": [x * 1e3 for x in per_req],
         "local_cpu_ms_per_request": [x * 1e3 for x in local_req],
     }
@@ -365,14 +372,17 @@ def format_table(res: dict[str, Any]) -> str:
          f"{mach['loadavg_start'][0]:.2f} -> {mach['loadavg_end'][0]:.2f}; wall {res['wall_s']:.0f} s"),
         "",
         (f"{'shape':<9}{'tables':>7}{'dim':>5}{'ids/req':>10}{'local ns/row':>14}{'server ns/row':>15}"
-         f"{'ratio':>8}{'median':>8}{'local ms':>10}{'server ms':>11}"
-         "  (CPU per pooled row, summed; median: of per-request CPU; ms: wall per request)"),
+         f"{'ratio':>8}{'median':>8}{'paired':>8}{'local ms':>10}{'server ms':>11}"
+         "  (CPU per pooled row, summed; median: of per-request CPU; paired: median of the pairs' ratios; "
+         "ms: wall per request)"),
     ]
     for r in res["results"]:
         ratio = "-" if r["ratio"] is None else f"{r['ratio']:.2f}x"
         med = "-" if r["median_ratio"] is None else f"{r['median_ratio']:.2f}x"
+        paired = "-" if r.get("paired_median_ratio") is None else f"{r['paired_median_ratio']:.2f}x"
         lines.append(f"{r['shape']:<9}{r['tables']:>7}{r['dim']:>5}{r['ids_per_request']:>10,.0f}"
                      f"{r['local_cpu_ns_per_row']:>14.2f}{r['server_cpu_ns_per_row']:>15.2f}{ratio:>8}{med:>8}"
+                     f"{paired:>8}"
                      f"{r['local_ms_per_request']:>10.2f}{r['server_ms_per_request']:>11.2f}")
     lines.append(f"target: server CPU per pooled row <= {res['target_ratio']}x the local kernel's "
                  f"({res['results'][0]['threads'] if res['results'] else '-'} kernel threads, transport "

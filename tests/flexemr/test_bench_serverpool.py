@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from flexemr.bench._serverpool import SHAPES, ServerPoolConfig, format_table, measure
 
 
@@ -23,5 +25,7 @@ def test_serverpool_reports_both_shapes_per_request_and_their_ratios() -> None:
         assert len(r["server_cpu_ms_per_request"]) == len(r["local_cpu_ms_per_request"]) == 3
         assert r["server_cpu_ns_per_row"] > 0 and r["local_cpu_ns_per_row"] > 0
         assert r["ratio"] > 0 and r["median_ratio"] > 0
+        pairs = sorted(s / loc for s, loc in zip(r["server_cpu_ms_per_request"], r["local_cpu_ms_per_request"]))
+        assert r["paired_median_ratio"] == pytest.approx(pairs[1])  # the median of the 3 pairs' ratios
     table = format_table(res)
-    assert "median" in table and all(f"\n{s} " in table for s in SHAPES)
+    assert "median" in table and "paired" in table and all(f"\n{s} " in table for s in SHAPES)
