@@ -828,16 +828,16 @@ int rio_pull_read(int32_t pid, uint64_t remote, uint8_t *out, uint64_t n) {
     return pull_range((pid_t)pid, (uint64_t)(uintptr_t)out, remote, n) ? -errno : 0;
 }
 
-/* A pulled write's payload, copied from the initiator into region r (held
- * busy): RIO_ST_OK, or RIO_ST_INV_REQ when this connection takes no pulls,
- * the initiator's memory cannot be read, or its generation word moved (the
- * initiator closed the connection: its memory may be reused). */
 /* the initiator's generation word at gen_at still holds gen (it can be read, and did not move) */
 static int gen_holds(pid_t pid, uint64_t gen_at, uint64_t gen) {
     uint64_t now = 0;
     return pull_range(pid, (uint64_t)(uintptr_t)&now, gen_at, 8) == 0 && now == gen;
 }
 
+/* A pulled write's payload, copied from the initiator into region r (held
+ * busy): RIO_ST_OK, or RIO_ST_INV_REQ when this connection takes no pulls,
+ * the initiator's memory cannot be read, or its generation word moved (the
+ * initiator closed the connection: its memory may be reused). */
 static int pull_payload(rio_conn *c, rio_region *r) {
     uint64_t src = ld64(c->r_trailer), gen_at = ld64(c->r_trailer + 8), gen = ld64(c->r_trailer + 16);
     pid_t pid = (pid_t)c->pull_pid;
