@@ -88,25 +88,17 @@ done:
     return c;
 }
 
-static void uniq_run(fxk_uniq *u) {
+static void run_uniq_task(batch_t *b, int64_t t) {
+    fxk_uniq *u = (fxk_uniq *)b->ctx + t;
     u->count = fxk_unique(u->ids, u->id_bytes, u->n, u->num_rows, u->uniq, u->inverse, &u->bad_pos);
 }
-
-static void run_uniq_task(batch_t *b, int64_t t) { uniq_run((fxk_uniq *)b->ctx + t); }
 
 int fxk_unique_many(fxk_uniq *jobs, int64_t n, int threads) {
     if (n < 0 || (n > 0 && jobs == NULL)) return FXK_EARG;
     int64_t total = 0;
     for (int64_t i = 0; i < n; i++) total += jobs[i].n > 0 ? jobs[i].n : 0;
-    /* a few ns per id: below inline_work / 16 ids a worker's wake-up costs more than it saves */
-    if (threads <= 1 || n == 1 || total < fxk_inline_work() / 16) {
-        for (int64_t i = 0; i < n; i++) uniq_run(&jobs[i]);
-    } else {
-        batch_t b = {NULL, NULL, n, 0, NULL, run_uniq_task, jobs};
-        int workers = threads - 1;
-        if ((int64_t)workers > n - 1) workers = (int)(n - 1);
-        run_parallel(&b, workers);
-    }
+    batch_t b = {NULL, NULL, n, 0, NULL, run_uniq_task, jobs};
+    run_tables(&b, threads, total);
     return FXK_OK;
 }
 

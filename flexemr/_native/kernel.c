@@ -477,6 +477,19 @@ static void run_parallel(batch_t *b, int workers) {
     pthread_mutex_unlock(&P.mu);
 }
 
+/* Run b's tasks, one per table of about `ids` ids in all (a few ns per id):
+ * on the caller's thread when few (below inline_work / 16 ids a worker's
+ * wake-up costs more than it saves), else over up to `threads` threads. */
+static void run_tables(batch_t *b, int threads, int64_t ids) {
+    if (threads <= 1 || b->n_tasks == 1 || ids < __atomic_load_n(&inline_work, __ATOMIC_RELAXED) / 16) {
+        for (int64_t t = 0; t < b->n_tasks; t++) b->run(b, t);
+        return;
+    }
+    int workers = threads - 1;
+    if ((int64_t)workers > b->n_tasks - 1) workers = (int)(b->n_tasks - 1);
+    run_parallel(b, workers);
+}
+
 /* ------------------------------------------------------------------ API */
 
 int fxk_run(fxk_job *jobs, int64_t n_jobs, int threads) {

@@ -128,15 +128,8 @@ int fxk_partition(fxk_part *parts, int64_t n, int threads) {
     if (n < 0 || (n > 0 && parts == NULL)) return FXK_EARG;
     int64_t total = 0;
     for (int64_t i = 0; i < n; i++) total += parts[i].n_ids > 0 ? parts[i].n_ids : 0;
-    /* about 2 ns per id: below inline_work / 16 ids a worker's wake-up costs more than it saves */
-    if (threads <= 1 || n == 1 || total < fxk_inline_work() / 16) {
-        for (int64_t i = 0; i < n; i++) parts[i].status = part_run(&parts[i]);
-    } else {
-        batch_t b = {NULL, NULL, n, 0, NULL, run_part_task, parts};
-        int workers = threads - 1;
-        if ((int64_t)workers > n - 1) workers = (int)(n - 1);
-        run_parallel(&b, workers);
-    }
+    batch_t b = {NULL, NULL, n, 0, NULL, run_part_task, parts};
+    run_tables(&b, threads, total);
     for (int64_t i = 0; i < n; i++)
         if (parts[i].status != FXK_OK) return parts[i].status;
     return FXK_OK;
